@@ -1,0 +1,417 @@
+"""Run configuration: frozen dataclasses that validate themselves and serialize.
+
+Every section is a frozen dataclass whose ``__post_init__`` checks its values and
+raises :class:`pqd.errors.ConfigError` naming the key and the valid choices. A whole
+run is a :class:`RunConfig`; ``RunConfig.from_dict`` rejects unknown keys (suggesting
+the closest valid name) and ``to_dict`` gives back plain data for YAML/JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pqd.errors import ConfigError
+
+STAGES = ("prune", "quantize", "distill")
+_STAGE_ALIASES = {"p": "prune", "q": "quantize", "d": "distill", "prune": "prune", "quantize": "quantize", "distill": "distill"}
+DATASETS = ("digits", "cifar10", "cifar100", "folder")
+
+
+def _fail(key: str, msg: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(key: str, value: Any, choices: typing.Sequence[str]) -> None:
+    if value not in choices:
+        _fail(key, f"{value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def _range(key: str, value: float, lo: float | None = None, hi: float | None = None, *, hi_open: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(key, f"{value!r} is not a finite number")
+    if lo is not None and value < lo:
+        _fail(key, f"{value!r} is below the minimum {lo}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        _fail(key, f"{value!r} must be {'<' if hi_open else '<='} {hi}")
+
+
+class _Section:
+    """Mixin: dict round-trip with validation of keys and types."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, *, prefix: str = ""):
+        data = {} if data is None else data
+        if not isinstance(data, Mapping):
+            _fail(prefix.rstrip(".") or "config", f"expected a mapping, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in data.items():
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), list(fields), n=1)
+                hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+                _fail(f"{prefix}{key}", f"unknown key.{hint} Valid keys: {', '.join(fields)}")
+            kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            if prefix and not str(exc).startswith(prefix):
+                raise ConfigError(f"{prefix}{exc}") from None
+            raise
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, _Section):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = [x.to_dict() if isinstance(x, _Section) else x for x in v]
+            out[f.name] = v
+        return out
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a type hint, converting only where it is lossless."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        _fail(key, f"{value!r} has the wrong type ({' / '.join(e.split(': ', 1)[-1] for e in errors)})")
+    if isinstance(hint, type) and issubclass(hint, _Section):
+        return value if isinstance(value, hint) else hint.from_dict(value, prefix=f"{key}.")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"expected a list, got {type(value).__name__} {value!r}")
+        (arg, *_) = typing.get_args(hint)
+        return tuple(_coerce(f"{key}[{i}]", v, arg) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(key, f"expected a string, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a pqd bug, not user input
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """Backbone: a registry name (``pqd.list_models()``) or ``package.module:factory``."""
+
+    name: str = "resnet18"
+    width: float = 1.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if ":" not in self.name:
+            from pqd.registry import list_models
+
+            _choice("model.name", self.name, list_models())
+        _range("model.width", self.width, 0.0625, 4.0)
+        _range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Dataset. ``root`` is a directory or archive; for CIFAR it may hold the standard
+    python archive, its extracted folder, or an image-folder copy (dir or ``.tar.gz``)."""
+
+    dataset: str = "digits"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = 0.0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    augment: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        _choice("data.dataset", self.dataset, DATASETS)
+        if self.dataset == "folder" and not self.root:
+            _fail("data.root", "dataset 'folder' needs data.root: a directory or .tar.gz with train/<class>/* and test/<class>/*")
+        _range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=True)
+        for k in ("train_subset", "test_subset"):
+            v = getattr(self, k)
+            if v is not None:
+                _range(f"data.{k}", v, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Optimiser and loop settings shared by every stage (each stage sets its own lr/epochs)."""
+
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    channels_last: bool = True
+    amp: bool = True
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        _range("train.batch_size", self.batch_size, 1)
+        _range("train.eval_batch_size", self.eval_batch_size, 1)
+        _range("train.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _range("train.weight_decay", self.weight_decay, 0.0)
+        _range("train.warmup_epochs", self.warmup_epochs, 0.0)
+        _range("train.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        if self.threads is not None:
+            _range("train.threads", self.threads, 1)
+
+
+@dataclass(frozen=True)
+class TeacherConfig(_Section):
+    """The dense FP32 teacher: trained for ``epochs`` or loaded from ``weights`` (safetensors)."""
+
+    epochs: int = 30
+    lr: float = 0.1
+    weights: str | None = None
+
+    def __post_init__(self):
+        _range("teacher.epochs", self.epochs, 0)
+        _range("teacher.lr", self.lr, 0.0)
+        if self.weights is None and self.epochs == 0:
+            _fail("teacher.epochs", "is 0 and teacher.weights is not set: give the teacher epochs to train or a weights file to load")
+
+
+@dataclass(frozen=True)
+class PruneConfig(_Section):
+    """Global unstructured pruning of conv/linear weights.
+
+    ``schedule``: 'gradual' (cubic AGP over the stage's epochs) or 'oneshot'.
+    ``criterion``: 'magnitude' or 'random' (baseline). ``exclude``: module-name globs;
+    '@first' / '@last' name the first / last prunable layer.
+    """
+
+    sparsity: float = 0.9
+    schedule: str = "gradual"
+    criterion: str = "magnitude"
+    exclude: tuple[str, ...] = ("@first",)
+    lr: float = 0.01
+    prune_fraction: float = 0.75
+
+    def __post_init__(self):
+        _range("prune.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        _choice("prune.schedule", self.schedule, ("gradual", "oneshot"))
+        _choice("prune.criterion", self.criterion, ("magnitude", "random"))
+        _range("prune.lr", self.lr, 0.0)
+        _range("prune.prune_fraction", self.prune_fraction, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(_Section):
+    """INT8 quantization for x86: per-channel symmetric weights, per-tensor affine
+    activations, BN folded. ``mode``: 'qat' (train) or 'ptq' (static calibration only).
+    Observers and BN statistics freeze for the last ``freeze_fraction`` of QAT epochs."""
+
+    mode: str = "qat"
+    lr: float = 0.005
+    freeze_fraction: float = 0.25
+    calibration_batches: int = 16
+
+    def __post_init__(self):
+        _choice("quantize.mode", self.mode, ("qat", "ptq"))
+        _range("quantize.lr", self.lr, 0.0)
+        _range("quantize.freeze_fraction", self.freeze_fraction, 0.0, 1.0)
+        _range("quantize.calibration_batches", self.calibration_batches, 1)
+
+
+@dataclass(frozen=True)
+class DistillConfig(_Section):
+    """Response-based KD: ``T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``."""
+
+    temperature: float = 4.0
+    alpha: float = 0.5
+    lr: float = 0.005
+
+    def __post_init__(self):
+        _range("distill.temperature", self.temperature, 0.1, 100.0)
+        _range("distill.alpha", self.alpha, 0.0)
+        _range("distill.lr", self.lr, 0.0)
+
+
+@dataclass(frozen=True)
+class StageSpec(_Section):
+    stage: str = "prune"
+    epochs: int = 0
+
+    def __post_init__(self):
+        _choice("stages[].stage", self.stage, STAGES)
+        _range(f"stages.{self.stage}.epochs", self.epochs, 0)
+
+
+def parse_stages(spec: str | typing.Sequence[Any]) -> tuple[StageSpec, ...]:
+    """``"P:20,Q:40,D:40"`` or a list of ``{stage, epochs}`` mappings → StageSpecs."""
+    if isinstance(spec, str):
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+        out = []
+        for item in items:
+            name, _, epochs = item.partition(":")
+            full = _STAGE_ALIASES.get(name.strip().lower())
+            if full is None:
+                _fail("stages", f"unknown stage {name!r} in {spec!r}; use P/prune, Q/quantize, D/distill, e.g. 'P:20,Q:40,D:40'")
+            try:
+                n = int(epochs) if epochs.strip() else 0
+            except ValueError:
+                _fail("stages", f"epochs for {name!r} must be an integer, got {epochs!r} in {spec!r}")
+            out.append(StageSpec(full, n))
+        return tuple(out)
+    if not isinstance(spec, (list, tuple)):
+        _fail("stages", f"expected a string like 'P:20,Q:40,D:40' or a list, got {spec!r}")
+    return tuple(s if isinstance(s, StageSpec) else StageSpec.from_dict(s, prefix="stages[].") for s in spec)
+
+
+@dataclass(frozen=True)
+class MeasureConfig(_Section):
+    """Latency measurement: fixed threads, warm-up, many interleaved runs."""
+
+    threads: int = 2
+    warmup: int = 20
+    runs: int = 200
+    batch_sizes: tuple[int, ...] = (1, 64)
+    large_batch_runs: int = 20
+
+    def __post_init__(self):
+        _range("measure.threads", self.threads, 1)
+        _range("measure.warmup", self.warmup, 0)
+        _range("measure.runs", self.runs, 1)
+        _range("measure.large_batch_runs", self.large_batch_runs, 1)
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            _fail("measure.batch_sizes", f"needs positive batch sizes, got {list(self.batch_sizes)}")
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    """A whole compression run. ``stages`` is the ordered pipeline, e.g. 'P:20,Q:40,D:40'."""
+
+    seed: int = 0
+    stages: tuple[StageSpec, ...] = field(default_factory=lambda: parse_stages("P:20,Q:40,D:40"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def __post_init__(self):
+        if isinstance(self.stages, str) or (self.stages and not isinstance(self.stages[0], StageSpec)):
+            object.__setattr__(self, "stages", parse_stages(self.stages))
+        names = [s.stage for s in self.stages]
+        if not names:
+            _fail("stages", "is empty; give at least one of prune/quantize/distill, e.g. 'P:20,Q:40,D:40'")
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            _fail("stages", f"stage {sorted(dup)[0]!r} appears twice in {self.stage_string()}; each stage runs at most once")
+        if self.quantize.mode == "ptq" and "quantize" in names:
+            if names[-1] != "quantize":
+                _fail("quantize.mode", "'ptq' calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing")
+            if self.stage_epochs("quantize"):
+                _fail("stages", "quantize.mode 'ptq' takes no epochs; write 'Q:0' (or 'Q') or use mode 'qat'")
+        for s in self.stages:
+            if s.stage != "quantize" and s.epochs == 0 and s.stage == "distill":
+                _fail("stages", "distill needs at least one epoch, e.g. 'D:10'")
+        if self.prune.schedule == "gradual" and "prune" in names and self.stage_epochs("prune") == 0:
+            _fail("prune.schedule", "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning")
+        if self.quantize.mode == "qat" and "quantize" in names and self.stage_epochs("quantize") == 0:
+            _fail("stages", "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only")
+
+    @classmethod
+    def from_dict(cls, data, *, prefix: str = ""):
+        data = dict(data or {})
+        if "stages" in data:
+            data["stages"] = parse_stages(data["stages"])
+        return super().from_dict(data, prefix=prefix)
+
+    def to_dict(self):
+        d = super().to_dict()
+        d["stages"] = self.stage_string()
+        return d
+
+    def stage_string(self) -> str:
+        return ",".join(f"{s.stage[0].upper()}:{s.epochs}" for s in self.stages)
+
+    def stage_epochs(self, name: str) -> int:
+        return next((s.epochs for s in self.stages if s.stage == name), 0)
+
+
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a config dict."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.8")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node[leaf] = _parse_scalar(raw)
+    return out
+
+
+def _deep_copy(d):
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config file (or the defaults when ``path`` is None), apply overrides, validate."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return RunConfig.from_dict(apply_overrides(data, overrides))

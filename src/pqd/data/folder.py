@@ -1,0 +1,176 @@
+"""Image folders ``train/<class>/*`` + ``test/<class>/*``, from a directory or a (streamed) tar archive."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zlib
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from pqd.data.base import Raw
+from pqd.errors import DataError
+
+SPLITS = ("train", "test")
+LAYOUT = "train/<class>/* and test/<class>/*"
+
+# split -> class -> [(display name, bytes or path)]
+_Files = dict[str, dict[str, list[tuple[str, "bytes | Path"]]]]
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode one image file to a uint8 ``[H, W, 3]`` RGB array (grey/RGBA/palette are converted)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {name}: {exc}. Replace or delete that file.") from None
+
+
+def iter_tar(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bool, bytes | None]]:
+    """Stream ``path`` (tar, tar.gz, ...): yield ``(member name, is_dir, bytes if want(name) else None)``."""
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for m in tf:
+                if m.isdir():
+                    yield m.name, True, None
+                elif m.isfile():
+                    data = tf.extractfile(m).read() if want(m.name) else None  # type: ignore[union-attr]
+                    yield m.name, False, data
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"archive {path} is corrupt or truncated ({exc}); download or create it again") from None
+
+
+def is_archive(path: Path) -> bool:
+    try:
+        return path.is_file() and tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def read_image_folder(path: Path) -> Raw:
+    """Decode every image under ``path`` (a directory or a tar archive) into uint8 NCHW arrays."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist; set data.root to a directory or .tar.gz with {LAYOUT}")
+    if path.is_dir():
+        files, dirs = _scan_dir(path)
+    elif is_archive(path):
+        files, dirs = _scan_tar(path)
+    else:
+        raise DataError(f"{path} is neither a directory nor a tar/.tar.gz archive; data.root needs {LAYOUT}")
+    return _assemble(path, files, dirs)
+
+
+def _find_base(path: Path) -> Path:
+    """``path`` itself or its single sub-directory that holds train/ and test/ (a wrapper folder)."""
+    if any((path / s).is_dir() for s in SPLITS):
+        return path
+    subs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and any((d / s).is_dir() for s in SPLITS)]
+    return subs[0] if len(subs) == 1 else path
+
+
+def _scan_dir(path: Path) -> tuple[_Files, dict[str, set[str]]]:
+    base = _find_base(path)
+    files: _Files = {s: defaultdict(list) for s in SPLITS}
+    dirs: dict[str, set[str]] = {s: set() for s in SPLITS}
+    for split in SPLITS:
+        if not (base / split).is_dir():
+            continue
+        for cdir in sorted((base / split).iterdir()):
+            if not cdir.is_dir() or cdir.name.startswith("."):
+                continue
+            dirs[split].add(cdir.name)
+            for dirpath, dirnames, filenames in os.walk(cdir):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for fn in filenames:
+                    if not fn.startswith("."):
+                        p = Path(dirpath, fn)
+                        files[split][cdir.name].append((str(p), p))
+    return files, dirs
+
+
+def _scan_tar(path: Path) -> tuple[_Files, dict[str, set[str]]]:
+    files: _Files = {s: defaultdict(list) for s in SPLITS}
+    dirs: dict[str, set[str]] = {s: set() for s in SPLITS}
+    prefix: tuple[str, ...] | None = None
+
+    def locate(name: str) -> tuple[str, ...] | None:
+        """Parts below the split root (``split, class, ...``), or None for members outside it."""
+        nonlocal prefix
+        parts = tuple(p for p in PurePosixPath(name).parts if p not in (".", "/"))
+        if _hidden(parts):
+            return None
+        if prefix is None:  # the first member under train/ or test/ fixes an optional wrapper folder
+            k = 0 if parts[:1] and parts[0] in SPLITS else 1 if len(parts) > 1 and parts[1] in SPLITS else None
+            if k is None:
+                return None
+            prefix = parts[:k]
+        if parts[: len(prefix)] != prefix or len(parts) <= len(prefix) or parts[len(prefix)] not in SPLITS:
+            return None
+        return parts[len(prefix):]
+
+    def want(name: str) -> bool:
+        rest = locate(name)
+        return rest is not None and len(rest) >= 3
+
+    for name, is_dir, data in iter_tar(path, want):
+        rest = locate(name)
+        if rest is None or len(rest) < 2:
+            continue
+        split, cls = rest[0], rest[1]
+        if is_dir or len(rest) >= 3:  # a file right under train/ is not a class
+            dirs[split].add(cls)
+        if data is not None:
+            files[split][cls].append((f"{path}:{name}", data))
+    return files, dirs
+
+
+def _assemble(path: Path, files: _Files, dirs: dict[str, set[str]]) -> Raw:
+    for split in SPLITS:
+        if not dirs[split]:
+            raise DataError(f"{path} has no {split}/ folder with class sub-folders; expected {LAYOUT}")
+        for cls in sorted(dirs[split]):
+            if not files[split].get(cls):
+                raise DataError(f"class folder {split}/{cls} in {path} is empty; add images or remove the folder from both train/ and test/")
+    train_cls, test_cls = set(dirs["train"]), set(dirs["test"])
+    if train_cls != test_cls:
+        diff = []
+        if train_cls - test_cls:
+            diff.append(f"only in train/: {', '.join(sorted(train_cls - test_cls))}")
+        if test_cls - train_cls:
+            diff.append(f"only in test/: {', '.join(sorted(test_cls - train_cls))}")
+        raise DataError(f"train/ and test/ in {path} have different classes ({'; '.join(diff)}); both need the same class folders")
+    classes = tuple(sorted(train_cls))
+    first: tuple[str, tuple[int, ...]] | None = None
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in SPLITS:
+        images: list[np.ndarray] = []
+        labels: list[int] = []
+        for label, cls in enumerate(classes):
+            for name, src in sorted(files[split][cls], key=lambda t: t[0]):
+                if isinstance(src, Path):
+                    try:
+                        src = src.read_bytes()
+                    except OSError as exc:
+                        raise DataError(f"cannot read image {name}: {exc}. Check its permissions or delete it.") from None
+                img = decode_image(src, name)
+                if first is None:
+                    first = (name, img.shape)
+                elif img.shape != first[1]:
+                    (h, w, _), (fh, fw, _) = img.shape, first[1]
+                    raise DataError(f"image {name} is {w}x{h} but {first[0]} is {fw}x{fh}; all images must share one size, resize them first")
+                images.append(img)
+                labels.append(label)
+        out[split] = (np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)), np.asarray(labels, dtype=np.int64))
+    return Raw(*out["train"], *out["test"], classes)

@@ -1,0 +1,8 @@
+"""Measurement: accuracy, bytes on disk, wall-clock CPU latency, and the environment."""
+
+from pqd.measure.accuracy import agreement, predict, top1
+from pqd.measure.env import environment
+from pqd.measure.latency import measure_latency
+from pqd.measure.size import file_bytes
+
+__all__ = ["agreement", "environment", "file_bytes", "measure_latency", "predict", "top1"]

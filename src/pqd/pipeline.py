@@ -1,0 +1,241 @@
+"""The ordered pipeline: teacher → any order of {prune, quantize, distill} → INT8 → measure.
+
+Every step leaves a file in RUN_DIR, so re-running the same command after a kill resumes
+at the stage and epoch where it stopped:
+
+    RUN_DIR/config.yaml                 resolved config (a different config is refused)
+    RUN_DIR/env.json                    CPU, flags, threads, versions, git commit
+    RUN_DIR/teacher.safetensors         dense FP32 teacher weights (also the size baseline)
+    RUN_DIR/stages/N_<stage>/epoch.safetensors    last finished epoch of a running stage
+    RUN_DIR/stages/N_<stage>/student.safetensors  the stage's output (weights + masks)
+    RUN_DIR/model_int8.pt               final deployable model (TorchScript, frozen, INT8)
+      or model_fp32.safetensors         when the pipeline has no quantize stage
+    RUN_DIR/metrics.json                accuracy, sparsity, bytes on disk, latency
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from pqd.config import RunConfig
+from pqd.data import Splits, load_data
+from pqd.errors import CheckpointError, ConfigError, ModelError
+from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
+from pqd.registry import create_model
+from pqd.stages import Student, convert, distill, global_sparsity, prepare, prunable_layers, prune, quantize, to_torchscript
+from pqd.train import load_checkpoint, save_checkpoint, train
+from pqd.train.checkpoint import atomic_write_bytes, load_weights
+from pqd.train.loop import default_device
+
+log = logging.getLogger("pqd")
+METRICS_SCHEMA = 1
+
+
+def build_model(config: RunConfig, num_classes: int) -> nn.Module:
+    kw: dict[str, Any] = {}
+    if config.model.width != 1.0:
+        kw["width"] = config.model.width
+    if config.model.dropout:
+        kw["dropout"] = config.model.dropout
+    return create_model(config.model.name, num_classes=num_classes, **kw)
+
+
+def _check_run_dir(out: Path, config: RunConfig) -> None:
+    saved = out / "config.yaml"
+    want = config.to_dict()
+    if saved.exists():
+        have = yaml.safe_load(saved.read_text())
+        if have != want:
+            diff = sorted(_diff_keys(have, want))
+            raise ConfigError(
+                f"{out} holds a run with a different config (differs at: {', '.join(diff) or '?'}); "
+                "re-run with the same config to resume, or choose a new --out directory"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(saved, yaml.safe_dump(want, sort_keys=False).encode())
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _teacher(config: RunConfig, data: Splits, out: Path, device: torch.device) -> tuple[nn.Module, Path]:
+    model = build_model(config, data.num_classes).to(device)
+    path = out / "teacher.safetensors"
+    if path.exists():
+        tensors, _ = load_checkpoint(path)
+        model.load_state_dict(tensors)
+        log.info("teacher: loaded %s", path)
+        return model, path
+    if config.teacher.weights:
+        state = load_weights(config.teacher.weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"teacher.weights {config.teacher.weights!r} does not fit model {config.model.name!r} "
+                                  f"with {data.num_classes} classes: {str(exc)[:400]}") from None
+    else:
+        train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
+              checkpoint=out / "teacher.epoch.safetensors", seed=config.seed, tag="teacher", amp=True, augment=config.data.augment)
+    save_checkpoint(path, model.state_dict(), {"model": config.model.name, "num_classes": data.num_classes})
+    (out / "teacher.epoch.safetensors").unlink(missing_ok=True)
+    return model, path
+
+
+def _stage_dir(out: Path, i: int, name: str) -> Path:
+    return out / "stages" / f"{i + 1}_{name}"
+
+
+def _restore_student(config: RunConfig, data: Splits, upto: int, out: Path, device: torch.device) -> Student:
+    """Rebuild the student as it was after stage ``upto`` from that stage's output file."""
+    names = [s.stage for s in config.stages[: upto + 1]]
+    model = build_model(config, data.num_classes)
+    form = "fp32"
+    if "quantize" in names:
+        form = config.quantize.mode
+        model = prepare(model, torch.zeros(2, *data.image_shape), mode=form)
+    tensors, _ = load_checkpoint(_stage_dir(out, upto, names[-1]) / "student.safetensors")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    masks = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
+    return Student(model.to(device), masks, form)
+
+
+def _save_student(path: Path, student: Student) -> None:
+    tensors = {f"model.{k}": v for k, v in student.model.state_dict().items()}
+    tensors.update({f"mask.{k}": v for k, v in student.masks.items()})
+    save_checkpoint(path, tensors, {"form": student.form})
+
+
+def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict:
+    """Run (or resume) a whole compression run into ``out_dir``; return the metrics."""
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    _check_run_dir(out, config)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.seed)
+    device = default_device()
+    atomic_write_bytes(out / "env.json", json.dumps(environment(config.measure.threads), indent=2).encode())
+
+    data = load_data(config.data, seed=config.seed)
+    log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
+    teacher, teacher_path = _teacher(config, data, out, device)
+
+    done = [i for i, s in enumerate(config.stages) if (_stage_dir(out, i, s.stage) / "student.safetensors").exists()]
+    first = 0
+    if done:
+        first = max(done) + 1
+        student = _restore_student(config, data, max(done), out, device)
+        log.info("resuming after stage %d (%s)", first, config.stages[first - 1].stage)
+    else:
+        student = Student(build_model(config, data.num_classes).to(device))
+        student.model.load_state_dict(teacher.state_dict())
+
+    common = dict(data=data, train_config=config.train, seed=config.seed, augment=config.data.augment)
+    for i in range(first, len(config.stages)):
+        spec = config.stages[i]
+        sdir = _stage_dir(out, i, spec.stage)
+        ckpt = sdir / "epoch.safetensors"
+        log.info("stage %d/%d: %s for %d epochs", i + 1, len(config.stages), spec.stage, spec.epochs)
+        if spec.stage == "prune":
+            student = prune(student, config.prune, epochs=spec.epochs, checkpoint=ckpt, **common)
+        elif spec.stage == "quantize":
+            student = quantize(student, config.quantize, epochs=spec.epochs, checkpoint=ckpt, **common)
+            student.model.to(device)
+        else:
+            student = distill(student, config.distill, teacher=teacher, epochs=spec.epochs, checkpoint=ckpt, **common)
+        _save_student(sdir / "student.safetensors", student)
+        ckpt.unlink(missing_ok=True)
+
+    metrics = finalize(config, data, teacher, teacher_path, student, out)
+    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    return metrics
+
+
+def finalize(config: RunConfig, data: Splits, teacher: nn.Module, teacher_path: Path, student: Student, out: Path) -> dict:
+    """Export the deployable model, then measure accuracy, sparsity, size and latency."""
+    teacher = teacher.cpu().eval()
+    student.model.cpu().eval()
+    mean, std, ebs = data.mean, data.std, config.train.eval_batch_size
+    example = torch.zeros(1, *data.image_shape)
+    t_logits = predict(teacher, data.test, mean=mean, std=std, batch_size=ebs)
+    s_logits = predict(student.model, data.test, mean=mean, std=std, batch_size=ebs)
+    acc: dict[str, float] = {"teacher_top1": top1(t_logits, data.test.y)}
+    if student.quantized:
+        int8 = convert(student)
+        deployed_path = out / "model_int8.pt"
+        scripted = to_torchscript(int8, example)
+        buf = _jit_bytes(scripted)
+        atomic_write_bytes(deployed_path, buf)
+        deployed = torch.jit.load(str(deployed_path), map_location="cpu")
+        d_logits = predict(deployed, data.test, mean=mean, std=std, batch_size=ebs)
+        acc["fake_quant_top1"] = top1(s_logits, data.test.y)
+        acc["int8_vs_fake_quant_agreement"] = agreement(d_logits, s_logits)
+        final_name, measured = "final_int8", int8_sparsity(int8, student)
+    else:
+        deployed_path = out / "model_fp32.safetensors"
+        save_checkpoint(deployed_path, student.model.state_dict(), {"form": "fp32"})
+        deployed, d_logits, final_name = student.model, s_logits, "final_fp32"
+        measured = None
+    acc["final_top1"] = top1(d_logits, data.test.y)
+    acc["final_vs_teacher_agreement"] = agreement(d_logits, t_logits)
+
+    layers = list(student.masks) or prunable_layers(student.model, config.prune.exclude)
+    sparsity = {
+        "target": config.prune.sparsity if "prune" in [s.stage for s in config.stages] else 0.0,
+        "achieved": global_sparsity(student.model, layers),
+        "achieved_int8": measured,
+        "prunable_layers": len(layers),
+    }
+    m = config.measure
+    lat = measure_latency({"teacher_fp32": teacher, final_name: deployed}, input_shape=data.image_shape, batch_sizes=m.batch_sizes,
+                          threads=m.threads, warmup=m.warmup, runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed)
+    return {
+        "schema": METRICS_SCHEMA,
+        "model": config.model.name,
+        "width": config.model.width,
+        "dataset": data.name,
+        "num_classes": data.num_classes,
+        "stages": config.stage_string(),
+        "stage_order": [s.stage for s in config.stages],
+        "epochs": {"teacher": config.teacher.epochs, **{s.stage: s.epochs for s in config.stages}},
+        "final_form": "int8" if student.quantized else "fp32",
+        "accuracy": acc,
+        "sparsity": sparsity,
+        "size_bytes": {"teacher_fp32": file_bytes(teacher_path), "final": file_bytes(deployed_path), "final_file": deployed_path.name},
+        "latency": lat,
+    }
+
+
+def int8_sparsity(int8: nn.Module, student: Student) -> float | None:
+    """Fraction of exactly-zero int8 values at the masked layers of the converted model."""
+    zeros = total = 0
+    for path in student.masks:
+        w = int8.get_submodule(path).weight()
+        q = w.int_repr() if w.is_quantized else w
+        zeros += int((q == 0).sum())
+        total += q.numel()
+    return zeros / total if total else None
+
+
+def _jit_bytes(module: torch.jit.ScriptModule) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.jit.save(module, buf)
+    return buf.getvalue()

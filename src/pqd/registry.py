@@ -1,0 +1,67 @@
+"""Model registry in the spirit of timm: ``@register_model`` + ``create_model(name, **kw)``.
+
+Besides the registered names, ``create_model`` accepts an import path
+``package.module:factory`` for a user's own ``nn.Module`` factory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable
+
+from torch import nn
+
+from pqd.errors import ModelError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its ``__name__``; it must accept ``num_classes`` and ``width``."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    import pqd.models  # noqa: F401  (registers the built-in architectures)
+
+    return sorted(_MODELS)
+
+
+def _resolve(name: str) -> Callable[..., nn.Module]:
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {exc}") from exc
+        try:
+            return getattr(module, attr)
+        except AttributeError:
+            raise ModelError(f"module {module_name!r} has no attribute {attr!r} (model {name!r})") from None
+    names = list_models()
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ModelError(
+            f"unknown model {name!r}.{hint} Valid choices: {', '.join(names)}, "
+            "or an import path 'package.module:factory'."
+        )
+    return _MODELS[name]
+
+
+def create_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
+    """Build a model by registry name or ``package.module:factory`` import path.
+
+    Keyword arguments (``width``, ``dropout``...) are passed to the factory; for a user
+    factory only ``num_classes`` and explicitly given keywords are passed.
+    """
+    factory = _resolve(name)
+    try:
+        model = factory(num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"model {name!r} rejected its arguments {kwargs | {'num_classes': num_classes}}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,109 @@
+"""Atomic, self-verifying checkpoints in safetensors (no pickle anywhere).
+
+A checkpoint is one ``.safetensors`` file: tensors plus a JSON metadata record that
+carries a SHA-256 of the tensor payload. It is written to a temporary file, fsynced,
+then renamed over the target, so a kill at any moment leaves either the old file or
+the new one, never half of one; a file whose checksum does not match is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save, save_file
+
+from pqd.errors import CheckpointError
+
+_META_KEY = "pqd"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha256(save(tensors)).hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> Path:
+    """Save ``tensors`` (made contiguous, on CPU) and JSON-able ``meta`` atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    record = {"meta": meta or {}, "sha256": _digest(tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(record)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc}); delete it to recompute") from None
+    if raw is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no pqd metadata; it was not written by pqd")
+    record = json.loads(raw)
+    if record.get("sha256") != _digest(tensors):
+        raise CheckpointError(f"checkpoint {str(path)!r} fails its checksum (corrupt file); delete it to recompute")
+    return tensors, record.get("meta", {})
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a plain weights file: ``.safetensors`` (preferred) or a ``torch.save`` state_dict
+    read with ``weights_only=True`` so that it cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"weights file {str(path)!r} is not valid safetensors: {exc}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError/RuntimeError for unsafe or corrupt files
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it is not a plain tensor state_dict ({type(exc).__name__}: {str(exc)[:200]}). "
+            "pqd loads weights only with weights_only=True; convert it to .safetensors."
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"weights file {str(path)!r} does not hold a state_dict of tensors")
+    return obj

@@ -1,0 +1,36 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pqd.config import DistillConfig, TrainConfig
+from pqd.measure import agreement, predict
+from pqd.registry import create_model
+from pqd.stages import Student, distill, kd_loss
+from pqd.train import train
+
+CFG = TrainConfig(batch_size=32, progress=False)
+
+
+def test_kd_loss_formula():
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    T, a = 3.0, 0.7
+    p_t = F.softmax(t / T, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / T, 1))).sum(1).mean()
+    assert kd_loss(s, t, y, temperature=T, alpha=a).item() == pytest.approx((T * T * kl + a * F.cross_entropy(s, y)).item(), rel=1e-5)
+    assert kd_loss(t, t, y, temperature=T, alpha=0.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_moves_student_towards_teacher(tiny_data):
+    torch.manual_seed(0)
+    teacher = train(create_model("resnet18", num_classes=4, width=0.125), tiny_data, epochs=3, lr=0.05, config=CFG)
+    torch.manual_seed(1)
+    student = create_model("resnet18", num_classes=4, width=0.125)
+    t_logits = predict(teacher, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std)
+    before = agreement(predict(student, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std), t_logits)
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    out = distill(Student(student), DistillConfig(alpha=0.0, lr=0.05), teacher=teacher, data=tiny_data, epochs=3, train_config=CFG)
+    after = agreement(predict(out.model, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std), t_logits)
+    assert after > max(before, 0.6)
+    assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items()), "teacher must stay frozen"

@@ -1,0 +1,70 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pqd.cli import main
+
+
+def test_models_and_config_commands(capsys, tmp_path):
+    assert main(["models"]) == 0
+    assert "resnet18" in capsys.readouterr().out.split()
+    assert main(["config", "--set", "prune.sparsity=0.8"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["prune"]["sparsity"] == 0.8
+
+
+def test_bad_config_is_a_clear_error_not_a_traceback(capsys, tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("prune: {sparsity: 1.5}\n")
+    assert main(["run", str(p), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "pqd: error: prune.sparsity" in err and "Traceback" not in err
+    assert main(["run", str(p), "--out", str(tmp_path / "r"), "--set", "prune.sparsty=0.5"]) == 2
+    assert "Did you mean 'prune.sparsity'" in capsys.readouterr().err
+
+
+def _pqd(*args):
+    return [sys.executable, "-m", "pqd.cli", *args]
+
+
+@pytest.mark.slow
+def test_kill_mid_stage_then_resume(tiny_config, tmp_path):
+    """SIGKILL `pqd run` once a stage has checkpointed an epoch; the same command resumes."""
+    cfg = tiny_config | {"stages": "P:3,Q:3,D:3"}
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(_pqd("run", str(cfg_path), "--out", str(out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = out / "stages" / "2_quantize" / "epoch.safetensors"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert target.exists(), "the run never reached the quantize stage"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    teacher_mtime = (out / "teacher.safetensors").stat().st_mtime_ns
+    prune_mtime = (out / "stages" / "1_prune" / "student.safetensors").stat().st_mtime_ns
+    assert not (out / "metrics.json").exists()
+
+    r = subprocess.run(_pqd("run", str(cfg_path), "--out", str(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming after stage 1 (prune)" in r.stderr
+    assert "quantize: resumed from" in r.stderr
+    assert "teacher epoch" not in r.stderr and "prune epoch" not in r.stderr, "finished work was recomputed"
+    assert (out / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
+    assert (out / "stages" / "1_prune" / "student.safetensors").stat().st_mtime_ns == prune_mtime
+    resumed = json.loads((out / "metrics.json").read_text())
+
+    fresh = tmp_path / "fresh"
+    r = subprocess.run(_pqd("run", str(cfg_path), "--out", str(fresh)), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    clean = json.loads((fresh / "metrics.json").read_text())
+    assert resumed["accuracy"] == clean["accuracy"], "an interrupted run must end where an uninterrupted one does"
+    assert resumed["sparsity"] == clean["sparsity"]
