@@ -33,9 +33,9 @@ def tiny_config():
         "seed": 0,
         "stages": "P:2,Q:2,D:2",
         "model": {"name": "resnet18", "width": 0.125},
-        "data": {"dataset": "digits", "train_subset": 200, "test_subset": 100},
+        "data": {"dataset": "digits", "train_subset": 600, "test_subset": 200},
         "train": {"batch_size": 32, "progress": False, "threads": 2},
-        "teacher": {"epochs": 2, "lr": 0.05},
+        "teacher": {"epochs": 4, "lr": 0.05},
         "prune": {"sparsity": 0.5},
         "measure": {"threads": 1, "warmup": 2, "runs": 5, "batch_sizes": [1], "large_batch_runs": 2},
     }

@@ -30,7 +30,8 @@ def test_every_stage_order_runs(order, tiny_config, tmp_path):
     assert (tmp_path / "model_int8.pt").is_file()
     assert m["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
     assert m["sparsity"]["achieved_int8"] >= 0.5 - 0.01
-    assert m["accuracy"]["int8_vs_fake_quant_agreement"] >= 0.97
+    assert m["accuracy"]["int8_vs_fake_quant_agreement"] >= 0.98
+    assert m["accuracy"]["teacher_top1"] > 0.8 and m["accuracy"]["final_top1"] > 0.8
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
     assert {p.name for p in (tmp_path / "stages").iterdir()} == {f"{i + 1}_{s.stage}" for i, s in enumerate(cfg.stages)}
     assert not list(tmp_path.rglob("epoch.safetensors")), "per-epoch checkpoints are removed once a stage is done"

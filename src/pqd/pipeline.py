@@ -31,6 +31,7 @@ from pqd.errors import CheckpointError, ConfigError, ModelError
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
 from pqd.registry import create_model
 from pqd.stages import Student, convert, distill, global_sparsity, prepare, prunable_layers, prune, quantize, to_torchscript
+from pqd.stages.quantize import freeze
 from pqd.train import load_checkpoint, save_checkpoint, train
 from pqd.train.checkpoint import atomic_write_bytes, load_weights
 from pqd.train.loop import default_device
@@ -111,7 +112,9 @@ def _restore_student(config: RunConfig, data: Splits, upto: int, out: Path, devi
     tensors, _ = load_checkpoint(_stage_dir(out, upto, names[-1]) / "student.safetensors")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     masks = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
-    return Student(model.to(device), masks, form)
+    if form == "qat":
+        freeze(model)  # every stage ends frozen; BN freezing is module state, not in the state_dict
+    return Student(model.to(device), masks, form, config.quantize.freeze_fraction)
 
 
 def _save_student(path: Path, student: Student) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import numpy as np
 import pytest

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from pqd.config import DataConfig
-from pqd.data import load_data, restricted_loads
-from pqd.data import cifar
+from pqd.data import cifar, load_data, restricted_loads
 from pqd.errors import DataError
 
 

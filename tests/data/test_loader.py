@@ -49,7 +49,7 @@ def test_drop_last_and_channels_last():
 
 def test_shuffle_augment_deterministic_per_seed():
     ds = _ds()
-    run = lambda seed: _run(ds, shuffle=True, augment=True, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    run = lambda seed: _run(ds, shuffle=True, augment=True, generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
     assert not torch.equal(a[0][0], c[0][0])

@@ -22,8 +22,18 @@ from pqd.data.loader import batches, epoch_order, num_batches
 from pqd.errors import DataError
 
 __all__ = [
-    "Dataset", "Splits", "load_data", "batches", "num_batches", "epoch_order", "channel_stats",
-    "stratified_subset", "stratified_split", "cache_root", "RestrictedUnpickler", "restricted_loads",
+    "Dataset",
+    "RestrictedUnpickler",
+    "Splits",
+    "batches",
+    "cache_root",
+    "channel_stats",
+    "epoch_order",
+    "load_data",
+    "num_batches",
+    "restricted_loads",
+    "stratified_split",
+    "stratified_subset",
 ]
 
 # independent random streams derived from the seed

@@ -7,8 +7,8 @@ import os
 import tarfile
 import zlib
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image

@@ -3,7 +3,7 @@ move uint8 to the device, then convert to float and normalise there."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

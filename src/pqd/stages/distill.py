@@ -11,7 +11,8 @@ from torch import nn
 
 from pqd.config import DistillConfig, TrainConfig
 from pqd.data import Splits
-from pqd.stages.common import Student
+from pqd.stages.common import Student, chain
+from pqd.stages.quantize import freeze, qat_epoch_hook
 from pqd.train.loop import train
 
 
@@ -37,5 +38,8 @@ def distill(
         return kd_loss(logits, t_logits, y, temperature=config.temperature, alpha=config.alpha)
 
     train(student.model, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
-          checkpoint=checkpoint, seed=seed, tag="distill", amp=not student.quantized, augment=augment)
+          before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill",
+          amp=not student.quantized, augment=augment)
+    if student.quantized:
+        freeze(student.model)
     return student

@@ -13,7 +13,8 @@ from torch import nn
 from pqd.config import PruneConfig, TrainConfig
 from pqd.data import Splits
 from pqd.errors import ConfigError, ModelError
-from pqd.stages.common import Student
+from pqd.stages.common import Student, chain
+from pqd.stages.quantize import freeze, qat_epoch_hook
 from pqd.train.loop import apply_masks, epoch_seed, train
 
 log = logging.getLogger("pqd.prune")
@@ -112,6 +113,9 @@ def prune(
         before_epoch(0)
         apply_masks(model, masks)
     else:
-        train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=before_epoch,
+        train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks,
+              before_epoch=chain(qat_epoch_hook(student, epochs), before_epoch),
               checkpoint=checkpoint, seed=seed, tag="prune", amp=not student.quantized, augment=augment)
-    return Student(model, masks, student.form)
+    if student.quantized:
+        freeze(model)
+    return Student(model, masks, student.form, student.freeze_fraction)

@@ -61,10 +61,34 @@ def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat") -> nn
         ) from None
 
 
-def _freeze(model: nn.Module) -> None:
+def freeze(model: nn.Module) -> None:
+    """Stop observers and BN statistics: the model then trains and evaluates exactly as it converts."""
     tq, _ = _fx()
     model.apply(tq.disable_observer)
     model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+
+
+def unfreeze(model: nn.Module) -> None:
+    tq, _ = _fx()
+    model.apply(tq.enable_observer)
+    model.apply(torch.ao.nn.intrinsic.qat.update_bn_stats)
+
+
+def qat_epoch_hook(student: Student, epochs: int):
+    """``before_epoch`` hook for any stage that trains a fake-quant student: observers and BN
+    statistics update until the last ``student.freeze_fraction`` of the epochs, then freeze.
+
+    Frozen BN removes the scale invariance that BN gives the weights, so training with it
+    frozen tolerates only a small learning rate; the cosine schedule's tail provides one.
+    """
+    if student.form != "qat":
+        return None
+    freeze_from = epochs - int(round(student.freeze_fraction * epochs))
+
+    def hook(epoch: int) -> None:
+        (freeze if epoch >= freeze_from else unfreeze)(student.model)
+
+    return hook
 
 
 def quantize(
@@ -82,18 +106,13 @@ def quantize(
         calibrate(model, data, config.calibration_batches, train_config.batch_size)
         model.apply(_fx()[0].disable_observer)
         return Student(model, masks, "ptq")
-    freeze_from = epochs - int(round(config.freeze_fraction * epochs))
-
-    def before_epoch(epoch: int) -> None:
-        if epoch >= freeze_from:
-            _freeze(model)
-
-    train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=before_epoch,
+    out = Student(model, masks, "qat", config.freeze_fraction)
+    train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs),
           checkpoint=checkpoint, seed=seed, tag="quantize", amp=False, augment=augment)
     # Observers left on would keep re-estimating ranges on every later forward, evaluation
-    # included, so the model would drift from what conversion sees: freeze them for good.
-    _freeze(model)
-    return Student(model, masks, "qat")
+    # included, so the model would drift from what conversion sees: a stage ends frozen.
+    freeze(model)
+    return out
 
 
 def calibrate(model: nn.Module, data: Splits, n_batches: int, batch_size: int) -> None:

@@ -44,10 +44,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two entries sharing storage (safetensors refuses aliases,
+    e.g. one observer registered under two names in a quantized graph)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            v = v.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = v
+    return out
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> Path:
     """Save ``tensors`` (made contiguous, on CPU) and JSON-able ``meta`` atomically."""
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = _unshare(tensors)
     record = {"meta": meta or {}, "sha256": _digest(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
