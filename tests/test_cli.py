@@ -68,3 +68,31 @@ def test_kill_mid_stage_then_resume(tiny_config, tmp_path):
     clean = json.loads((fresh / "metrics.json").read_text())
     assert resumed["accuracy"] == clean["accuracy"], "an interrupted run must end where an uninterrupted one does"
     assert resumed["sparsity"] == clean["sparsity"]
+
+
+@pytest.mark.slow
+def test_demo_meets_its_promises(tmp_path, capsys):
+    """The README's demo: sparsity on target, accuracy kept, INT8 agreeing with fake-quant."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "measure.runs=50"]) == 0
+    assert "top-1 accuracy" in capsys.readouterr().out
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert m["stages"] == "P:4,Q:4,D:4" and m["final_form"] == "int8"
+    assert abs(m["sparsity"]["achieved"] - m["sparsity"]["target"]) <= 0.01
+    assert m["sparsity"]["achieved_int8"] >= m["sparsity"]["target"] - 0.01, "pruned zeros must survive conversion"
+    assert m["accuracy"]["final_top1"] >= m["accuracy"]["teacher_top1"] - 0.02
+    assert m["accuracy"]["int8_vs_fake_quant_agreement"] >= 0.99
+    assert m["size_bytes"]["final"] < m["size_bytes"]["teacher_fp32"]
+
+
+@pytest.mark.slow
+def test_pqd_run_under_torchrun_two_gloo_processes(tiny_config, tmp_path):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config | {"stages": "P:1,Q:1,D:1"}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pqd.cli",
+           "run", str(cfg_path), "--out", str(tmp_path / "run"), "--quiet"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["final_form"] == "int8" and m["accuracy"]["final_top1"] > 0.5
+    assert r.stdout.count("top-1 accuracy") == 1, "only rank 0 reports"

@@ -42,9 +42,12 @@ def format_table(metrics: dict) -> str:
 
 
 def _run(config, out: Path) -> int:
-    from pqd.pipeline import run_pipeline
+    from pqd.pipeline import init_distributed, run_pipeline
 
+    init_distributed()
     metrics = run_pipeline(config, out)
+    if not metrics:  # a non-zero rank under torchrun
+        return 0
     print(format_table(metrics))
     print(f"\nrun directory: {out}  (metrics.json, model files, config.yaml, env.json)")
     return 0

@@ -92,8 +92,10 @@ def _teacher(config: RunConfig, data: Splits, out: Path, device: torch.device) -
     else:
         train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
               checkpoint=out / "teacher.epoch.safetensors", seed=config.seed, tag="teacher", amp=True, augment=config.data.augment)
-    save_checkpoint(path, model.state_dict(), {"model": config.model.name, "num_classes": data.num_classes})
-    (out / "teacher.epoch.safetensors").unlink(missing_ok=True)
+    if _rank() == 0:
+        save_checkpoint(path, model.state_dict(), {"model": config.model.name, "num_classes": data.num_classes})
+        (out / "teacher.epoch.safetensors").unlink(missing_ok=True)
+    _barrier()
     return model, path
 
 
@@ -123,16 +125,44 @@ def _save_student(path: Path, student: Student) -> None:
     save_checkpoint(path, tensors, {"form": student.form})
 
 
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def init_distributed() -> None:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict:
-    """Run (or resume) a whole compression run into ``out_dir``; return the metrics."""
+    """Run (or resume) a whole compression run into ``out_dir``; return the metrics.
+
+    Under ``torchrun`` every rank trains (DistributedDataParallel) and rank 0 alone writes
+    files and measures; the other ranks return an empty dict.
+    """
     t_start = time.perf_counter()
     out = Path(out_dir)
-    _check_run_dir(out, config)
+    main = _rank() == 0
+    if main:
+        _check_run_dir(out, config)
+    _barrier()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
     device = default_device()
-    atomic_write_bytes(out / "env.json", json.dumps(environment(config.measure.threads), indent=2).encode())
+    if main:
+        atomic_write_bytes(out / "env.json", json.dumps(environment(config.measure.threads), indent=2).encode())
 
     data = load_data(config.data, seed=config.seed)
     log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
@@ -161,9 +191,13 @@ def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict:
             student.model.to(device)
         else:
             student = distill(student, config.distill, teacher=teacher, epochs=spec.epochs, checkpoint=ckpt, **common)
-        _save_student(sdir / "student.safetensors", student)
-        ckpt.unlink(missing_ok=True)
+        if main:
+            _save_student(sdir / "student.safetensors", student)
+            ckpt.unlink(missing_ok=True)
+        _barrier()
 
+    if not main:
+        return {}
     metrics = finalize(config, data, teacher, teacher_path, student, out)
     metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())

@@ -40,6 +40,7 @@ def _fx():
     torch.backends.quantized.engine = BACKEND
     warnings.filterwarnings("ignore", message=".*migrate to use torchao.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
     from torch.ao import quantization as tq
     from torch.ao.quantization import quantize_fx
 
