@@ -9,14 +9,19 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from pqd.errors import PqdError
+from pqd.errors import ConfigError, PqdError
 
 
 def _setup_logging(out: Path | None, quiet: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(out / "log.txt"))
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a file, not a directory; choose a directory for the run")
+        try:  # a missing parent we cannot create, no permission, a read-only file system...
+            out.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(out / "log.txt"))
+        except OSError as exc:
+            raise ConfigError(f"--out {str(out)!r} cannot be used as the run directory: {exc.strerror or exc}") from None
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", handlers=handlers, force=True)
 
@@ -53,6 +58,98 @@ def _run(config, out: Path) -> int:
     return 0
 
 
+def _add_sweep_parsers(sub) -> None:
+    p = sub.add_parser("sweep", help="run a sweep file (base config x variants x grid) into one results table; resumable")
+    p.add_argument("sweep", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="sweep directory (re-run the same command to resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the sweep's base config, e.g. --set data.root=PATH (repeatable)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="local: one run after another (default)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--cpus-per-run", type=float, default=None, help="Ray CPUs per run (default: max of measure/train threads)")
+    p.add_argument("--only", action="append", default=None, metavar="VARIANT", help="run only these variants (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the expanded runs and exit")
+    p.add_argument("--quiet", action="store_true")
+    r = sub.add_parser("report", help="Markdown + self-contained HTML report of a sweep directory")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--out", type=Path, default=None, help="where to write report.md/html and plots/ (default: DIR)")
+
+
+def _sweep_or_report(args) -> int:
+    if args.cmd == "report":
+        from pqd.report import build_report
+
+        paths = build_report(args.dir, args.out)
+        print(f"wrote {paths['markdown']} and {paths['html']}")
+        return 0
+    from pqd.sweep import expand, load_sweep, run_sweep
+
+    spec = load_sweep(args.sweep, args.overrides)
+    if args.dry_run:
+        sweep = expand(spec)
+        for r in sweep.ordered():
+            print(f"{r.run_id:40s} {r.kind:8s} {r.config_dict()['stages'] or 'dense':16s} teacher {r.teacher_id}")
+        print(f"{len(sweep.runs)} runs ({len(sweep.teachers())} teachers)")
+        return 0
+    _setup_logging(args.out, args.quiet)
+    rows = run_sweep(spec, args.out, executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
+                     only=args.only, progress=not args.quiet)
+    print(f"{len(rows)} runs in {args.out / 'results.sqlite'}; next: pqd report {args.out}")
+    return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _add_bench_parsers(sub) -> None:
+    p = sub.add_parser("bench", help="time a finished run's models in PyTorch, ONNX Runtime and OpenVINO (interleaved)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--threads", type=_int_list, default=None, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
+    p.add_argument("--batch-sizes", type=_int_list, default=(1, 64), help="default: 1,64")
+    p.add_argument("--runs", type=int, default=200, help="timed runs per variant at batch 1 (default 200)")
+    p.add_argument("--large-batch-runs", type=int, default=20, help="timed runs per variant at larger batches (default 20)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--runtimes", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
+                   help="subset of pytorch,onnxruntime,openvino (default: every installed one)")
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--force-export", action="store_true", help="re-export the ONNX files even if up to date")
+    p.add_argument("--quiet", action="store_true")
+    e = sub.add_parser("export", help="export a finished run to ONNX (INT8 QDQ + FP32 teacher) and check it in each runtime")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--force", action="store_true", help="re-export even if the ONNX files are up to date")
+    e.add_argument("--quiet", action="store_true")
+
+
+def _bench_or_export(args) -> int:
+    _setup_logging(None, args.quiet)
+    if args.cmd == "export":
+        from pqd.export import export_run
+
+        rec = export_run(args.run_dir, force=args.force)
+        for k, a in rec["artefacts"].items():
+            print(f"{k}: {args.run_dir / a['file']} ({a['bytes'] / 1e6:.2f} MB, opset {a['opset']})")
+        for k, c in rec["checks"].items():
+            print(f"{k}: {100 * c['agreement']:.2f}% top-1 agreement with {c['reference']} on {c['n']} test images")
+        for k, v in rec.get("skipped", {}).items():
+            print(f"skipped {k}: {v}")
+        return 0
+    from pqd.bench import bench_run, format_markdown
+
+    result = bench_run(args.run_dir, threads=args.threads, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
+                       large_batch_runs=args.large_batch_runs, runtimes=args.runtimes, rss=not args.no_rss,
+                       force_export=args.force_export)
+    print(format_markdown(result))
+    print(f"\nwritten: {args.run_dir / 'bench.json'}, {args.run_dir / 'bench.md'}, metrics.json['bench']")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pqd", description="Prune -> INT8 QAT -> Distill for CPU deployment, measured.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -70,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p_cfg = sub.add_parser("config", help="print the fully resolved config (defaults filled in) as YAML")
     p_cfg.add_argument("config", type=Path, nargs="?")
     p_cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_sweep_parsers(sub)
+    _add_bench_parsers(sub)
     args = parser.parse_args(argv)
 
     from pqd.config import load_config
@@ -85,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
             return 0
+        if args.cmd in ("sweep", "report"):
+            return _sweep_or_report(args)
+        if args.cmd in ("bench", "export"):
+            return _bench_or_export(args)
         if args.cmd == "demo":
             with resources.as_file(resources.files("pqd.recipes") / "demo.yaml") as path:
                 config = load_config(path, args.overrides)

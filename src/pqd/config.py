@@ -62,7 +62,7 @@ class _Section:
         try:
             return cls(**kwargs)
         except ConfigError as exc:
-            if prefix and not str(exc).startswith(prefix):
+            if prefix and not str(exc).startswith(prefix.split("[")[0].rstrip(".")):  # 'stages[].' vs 'stages.prune.epochs'
                 raise ConfigError(f"{prefix}{exc}") from None
             raise
 
@@ -114,7 +114,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            _fail(key, f"{value!r} is too large")
     if hint is str:
         if not isinstance(value, str):
             _fail(key, f"expected a string, got {value!r}")
@@ -137,6 +140,10 @@ class ModelConfig(_Section):
             from pqd.registry import list_models
 
             _choice("model.name", self.name, list_models())
+        else:
+            module, _, attr = self.name.partition(":")
+            if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
+                _fail("model.name", f"{self.name!r} is not an import path 'package.module:factory'")
         _range("model.width", self.width, 0.0625, 4.0)
         _range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
@@ -190,7 +197,7 @@ class TrainConfig(_Section):
         _range("train.warmup_epochs", self.warmup_epochs, 0.0)
         _range("train.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         if self.threads is not None:
-            _range("train.threads", self.threads, 1)
+            _range("train.threads", self.threads, 1, 4096)
 
 
 @dataclass(frozen=True)
@@ -236,12 +243,14 @@ class PruneConfig(_Section):
 class QuantizeConfig(_Section):
     """INT8 quantization for x86: per-channel symmetric weights, per-tensor affine
     activations, BN folded. ``mode``: 'qat' (train) or 'ptq' (static calibration only).
-    Observers and BN statistics freeze for the last ``freeze_fraction`` of QAT epochs."""
+    Observers and BN statistics freeze for the last ``freeze_fraction`` of QAT epochs.
+    ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI."""
 
     mode: str = "qat"
     lr: float = 0.005
     freeze_fraction: float = 0.25
     calibration_batches: int = 16
+    reduce_range: bool = False
 
     def __post_init__(self):
         _choice("quantize.mode", self.mode, ("qat", "ptq"))
@@ -306,7 +315,7 @@ class MeasureConfig(_Section):
     large_batch_runs: int = 20
 
     def __post_init__(self):
-        _range("measure.threads", self.threads, 1)
+        _range("measure.threads", self.threads, 1, 4096)
         _range("measure.warmup", self.warmup, 0)
         _range("measure.runs", self.runs, 1)
         _range("measure.large_batch_runs", self.large_batch_runs, 1)
@@ -330,6 +339,7 @@ class RunConfig(_Section):
     measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def __post_init__(self):
+        _range("seed", self.seed, 0, 2**63 - 1)  # torch.manual_seed overflows beyond 64 bits
         if isinstance(self.stages, str) or (self.stages and not isinstance(self.stages[0], StageSpec)):
             object.__setattr__(self, "stages", parse_stages(self.stages))
         names = [s.stage for s in self.stages]
@@ -353,6 +363,8 @@ class RunConfig(_Section):
 
     @classmethod
     def from_dict(cls, data, *, prefix: str = ""):
+        if data is not None and not isinstance(data, Mapping):
+            _fail("config", f"expected a mapping of sections (seed, stages, model, ...), got {type(data).__name__}")
         data = dict(data or {})
         if "stages" in data:
             data["stages"] = parse_stages(data["stages"])
@@ -380,6 +392,8 @@ def _parse_scalar(text: str) -> Any:
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a config dict."""
+    import yaml
+
     out = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -391,7 +405,10 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-        node[leaf] = _parse_scalar(raw)
+        try:
+            node[leaf] = _parse_scalar(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: {key}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return out
 
 
@@ -407,11 +424,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(p)!r} cannot be read as text: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return RunConfig.from_dict(apply_overrides(data, overrides))

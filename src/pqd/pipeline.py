@@ -9,6 +9,7 @@ at the stage and epoch where it stopped:
     RUN_DIR/stages/N_<stage>/epoch.safetensors    last finished epoch of a running stage
     RUN_DIR/stages/N_<stage>/student.safetensors  the stage's output (weights + masks)
     RUN_DIR/model_int8.pt               final deployable model (TorchScript, frozen, INT8)
+    RUN_DIR/model_int8.pqdz             the same INT8 weights, compact sparse format (pqd.compact)
       or model_fp32.safetensors         when the pipeline has no quantize stage
     RUN_DIR/metrics.json                accuracy, sparsity, bytes on disk, latency
 """
@@ -25,16 +26,18 @@ import torch
 import yaml
 from torch import nn
 
+from pqd.compact import FILE_NAME as COMPACT_FILE, save_compact, verify_compact
 from pqd.config import RunConfig
 from pqd.data import Splits, load_data
 from pqd.errors import CheckpointError, ConfigError, ModelError
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
+from pqd.measure.faithfulness import faithfulness
 from pqd.registry import create_model
 from pqd.stages import Student, convert, distill, global_sparsity, prepare, prunable_layers, prune, quantize, to_torchscript
-from pqd.stages.quantize import freeze
+from pqd.stages.quantize import float_modules, freeze
 from pqd.train import load_checkpoint, save_checkpoint, train
 from pqd.train.checkpoint import atomic_write_bytes, load_weights
-from pqd.train.loop import default_device
+from pqd.train.loop import default_device, masked_weight
 
 log = logging.getLogger("pqd")
 METRICS_SCHEMA = 1
@@ -53,8 +56,16 @@ def _check_run_dir(out: Path, config: RunConfig) -> None:
     saved = out / "config.yaml"
     want = config.to_dict()
     if saved.exists():
-        have = yaml.safe_load(saved.read_text())
-        if have != want:
+        try:
+            have = yaml.safe_load(saved.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{saved} cannot be read ({exc}); restore it or choose a new --out directory") from None
+        if have != want and not _has_results(out):
+            # an earlier attempt stopped before computing anything (e.g. on a config or data
+            # error): there is nothing to resume, so the corrected config takes over
+            log.info("%s holds no results yet; replacing its config.yaml", out)
+            atomic_write_bytes(saved, yaml.safe_dump(want, sort_keys=False).encode())
+        elif have != want:
             diff = sorted(_diff_keys(have, want))
             raise ConfigError(
                 f"{out} holds a run with a different config (differs at: {', '.join(diff) or '?'}); "
@@ -63,6 +74,42 @@ def _check_run_dir(out: Path, config: RunConfig) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(saved, yaml.safe_dump(want, sort_keys=False).encode())
+
+
+def _has_results(out: Path) -> bool:
+    return any((out / name).exists() for name in ("teacher.safetensors", "teacher.epoch.safetensors", "stages", "metrics.json"))
+
+
+def preflight(config: RunConfig, data: Splits) -> None:
+    """Fail in seconds rather than after hours of training: the model builds and maps a batch to
+    ``num_classes`` logits, prune.exclude matches its layers, torch.fx can trace it for the
+    quantize stage, and every training epoch gets at least one batch. Leaves the RNG untouched."""
+    trains = (config.teacher.epochs > 0 and not config.teacher.weights) or any(s.epochs > 0 for s in config.stages)
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    if trains and len(data.train) // world < config.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size: {config.train.batch_size} is more than the {len(data.train)} training images"
+            f"{f' split over {world} processes' if world > 1 else ''}, so no training step would run "
+            "(incomplete batches are dropped); lower train.batch_size or use more data"
+        )
+    names = [s.stage for s in config.stages]
+    example = torch.zeros(2, *data.image_shape)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config, data.num_classes)
+        try:
+            with torch.no_grad():
+                y = model.eval()(example)
+        except Exception as exc:
+            raise ModelError(f"model {config.model.name!r} fails on a batch of {tuple(example.shape)} images: "
+                             f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (2, data.num_classes):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ModelError(f"model {config.model.name!r} returns {got} for a batch of 2 images; expected logits of shape "
+                             f"(2, {data.num_classes}) for the {data.num_classes} classes of {data.name}")
+        if "prune" in names:
+            prunable_layers(model, config.prune.exclude)
+        if "quantize" in names:
+            prepare(model, example, mode=config.quantize.mode, reduce_range=config.quantize.reduce_range)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -84,6 +131,13 @@ def _teacher(config: RunConfig, data: Splits, out: Path, device: torch.device) -
         return model, path
     if config.teacher.weights:
         state = load_weights(config.teacher.weights)
+        head = f"{prunable_layers(model)[-1]}.weight"  # the classifier: the last conv/linear layer
+        if head in state and state[head].shape[:1] != model.get_submodule(head[:-7]).weight.shape[:1]:
+            shown = ", ".join(data.train.classes[:8]) + (", ..." if data.num_classes > 8 else "")
+            raise CheckpointError(
+                f"teacher.weights {config.teacher.weights!r} has {state[head].shape[0]} outputs at {head!r}, but dataset "
+                f"{data.name} has {data.num_classes} classes ({shown}); give weights trained on these classes, or leave "
+                "teacher.weights unset to train the teacher")
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
@@ -110,7 +164,7 @@ def _restore_student(config: RunConfig, data: Splits, upto: int, out: Path, devi
     form = "fp32"
     if "quantize" in names:
         form = config.quantize.mode
-        model = prepare(model, torch.zeros(2, *data.image_shape), mode=form)
+        model = prepare(model, torch.zeros(2, *data.image_shape), mode=form, reduce_range=config.quantize.reduce_range)
     tensors, _ = load_checkpoint(_stage_dir(out, upto, names[-1]) / "student.safetensors")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     masks = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
@@ -166,6 +220,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict:
 
     data = load_data(config.data, seed=config.seed)
     log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
+    preflight(config, data)
     teacher, teacher_path = _teacher(config, data, out, device)
 
     done = [i for i, s in enumerate(config.stages) if (_stage_dir(out, i, s.stage) / "student.safetensors").exists()]
@@ -210,20 +265,39 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, teacher_path: 
     student.model.cpu().eval()
     mean, std, ebs = data.mean, data.std, config.train.eval_batch_size
     example = torch.zeros(1, *data.image_shape)
+    # Convert before evaluating: a PTQ student's observers have no off switch, so running it on
+    # the test set first would re-calibrate it on test data (and a resumed run would differ).
+    int8 = convert(student) if student.quantized else None
     t_logits = predict(teacher, data.test, mean=mean, std=std, batch_size=ebs)
     s_logits = predict(student.model, data.test, mean=mean, std=std, batch_size=ebs)
     acc: dict[str, float] = {"teacher_top1": top1(t_logits, data.test.y)}
-    if student.quantized:
-        int8 = convert(student)
+    quantization = None
+    compact_sizes: dict[str, Any] = {}
+    if int8 is not None:
         deployed_path = out / "model_int8.pt"
         scripted = to_torchscript(int8, example)
         buf = _jit_bytes(scripted)
         atomic_write_bytes(deployed_path, buf)
         deployed = torch.jit.load(str(deployed_path), map_location="cpu")
         d_logits = predict(deployed, data.test, mean=mean, std=std, batch_size=ebs)
-        acc["fake_quant_top1"] = top1(s_logits, data.test.y)
-        acc["int8_vs_fake_quant_agreement"] = agreement(d_logits, s_logits)
+        if student.form == "qat":
+            acc["fake_quant_top1"] = top1(s_logits, data.test.y)
+            acc["int8_vs_fake_quant_agreement"] = agreement(d_logits, s_logits)
+        else:  # PTQ: the pre-conversion model is the calibrated FP32 model, not a fake-quant one
+            acc["pre_conversion_fp32_top1"] = top1(s_logits, data.test.y)
+            acc["int8_vs_fp32_agreement"] = agreement(d_logits, s_logits)
         final_name, measured = "final_int8", int8_sparsity(int8, student)
+        compact_path = out / COMPACT_FILE
+        save_compact(int8, compact_path, meta={
+            "model": config.model.name, "width": config.model.width, "num_classes": data.num_classes,
+            "image_shape": list(data.image_shape), "quantize_mode": student.form, "dataset": data.name,
+            "mean": list(data.mean), "std": list(data.std)})
+        verify_compact(compact_path, int8)  # decodes it and compares bit for bit
+        compact_sizes = {"compact_int8": file_bytes(compact_path), "compact_file": compact_path.name}
+        quantization = {"backend": "x86", "float_modules": float_modules(int8)}
+        if quantization["float_modules"]:
+            log.warning("quantize: %d operation(s) stay FP32 in the INT8 model (no x86 integer kernel; dequantized around): %s",
+                        len(quantization["float_modules"]), ", ".join(f"{f['name']} ({f['type']})" for f in quantization["float_modules"]))
     else:
         deployed_path = out / "model_fp32.safetensors"
         save_checkpoint(deployed_path, student.model.state_dict(), {"form": "fp32"})
@@ -250,12 +324,16 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, teacher_path: 
         "num_classes": data.num_classes,
         "stages": config.stage_string(),
         "stage_order": [s.stage for s in config.stages],
-        "epochs": {"teacher": config.teacher.epochs, **{s.stage: s.epochs for s in config.stages}},
+        "epochs": {"teacher": 0 if config.teacher.weights else config.teacher.epochs, **{s.stage: s.epochs for s in config.stages}},
+        "teacher_source": f"weights:{config.teacher.weights}" if config.teacher.weights else "trained",
         "final_form": "int8" if student.quantized else "fp32",
         "accuracy": acc,
         "sparsity": sparsity,
-        "size_bytes": {"teacher_fp32": file_bytes(teacher_path), "final": file_bytes(deployed_path), "final_file": deployed_path.name},
+        "quantization": quantization,
+        "size_bytes": {"teacher_fp32": file_bytes(teacher_path), "final": file_bytes(deployed_path), "final_file": deployed_path.name,
+                       **compact_sizes},
         "latency": lat,
+        "faithfulness": faithfulness(t_logits, d_logits, data.test.y, class_names=data.test.classes),
     }
 
 
@@ -263,7 +341,8 @@ def int8_sparsity(int8: nn.Module, student: Student) -> float | None:
     """Fraction of exactly-zero int8 values at the masked layers of the converted model."""
     zeros = total = 0
     for path in student.masks:
-        w = int8.get_submodule(path).weight()
+        mod = int8.get_submodule(path)
+        w = mod.weight() if callable(getattr(mod, "weight", None)) else masked_weight(int8, path).detach()  # a layer left FP32
         q = w.int_repr() if w.is_quantized else w
         zeros += int((q == 0).sum())
         total += q.numel()

@@ -34,8 +34,8 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
         module_name, _, attr = name.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {exc}") from exc
+        except Exception as exc:  # ImportError, or any error raised by the module's own code while importing
+            raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {type(exc).__name__}: {exc}") from exc
         try:
             return getattr(module, attr)
         except AttributeError:
@@ -62,6 +62,8 @@ def create_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
         model = factory(num_classes=num_classes, **kwargs)
     except TypeError as exc:
         raise ModelError(f"model {name!r} rejected its arguments {kwargs | {'num_classes': num_classes}}: {exc}") from exc
+    except Exception as exc:  # a user factory's own failure: name the model rather than show a traceback
+        raise ModelError(f"model factory {name!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

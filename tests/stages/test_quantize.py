@@ -89,3 +89,13 @@ class _Untraceable(torch.nn.Module):
 def test_untraceable_model_gets_a_clear_error(tiny_data):
     with pytest.raises(ModelError, match="_Untraceable.*torch.fx could not trace"):
         quantize(Student(_Untraceable()), QuantizeConfig(), data=tiny_data, epochs=1, train_config=CFG)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg16_bn", "wrn_28_10"])
+def test_builtin_models_quantize_completely(name):
+    """Every op of the built-in backbones runs on integer kernels: nothing is left in float."""
+    from pqd.stages.quantize import float_modules, prepare
+
+    m = prepare(create_model(name, width=0.125), torch.zeros(2, 3, 32, 32), mode="ptq")
+    m(torch.randn(4, 3, 32, 32))
+    assert float_modules(convert(Student(m, form="ptq"))) == []

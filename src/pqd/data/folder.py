@@ -27,6 +27,9 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one image file to a uint8 ``[H, W, 3]`` RGB array (grey/RGBA/palette are converted)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert("RGB") would clip these to 0/255
+                raise DataError(f"image {name} has {im.mode} pixels (16-bit or floating point); pqd reads 8-bit images "
+                                "and would clip it. Convert it to 8-bit RGB (or grey) first.")
             if im.mode != "RGB":
                 im = im.convert("RGB")
             return np.asarray(im)

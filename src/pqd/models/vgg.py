@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from pqd.registry import register_model
@@ -22,11 +23,10 @@ class VGG(nn.Module):
                 cin = cout
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
         self.classifier = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        return self.classifier(self.flatten(self.pool(self.features(x))))
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
 @register_model

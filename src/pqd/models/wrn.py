@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from pqd.registry import register_model
@@ -45,12 +46,11 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
         x = self.relu(self.bn(self.blocks(self.conv1(x))))
-        return self.fc(self.flatten(self.pool(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
 
 
 @register_model

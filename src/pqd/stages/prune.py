@@ -15,7 +15,7 @@ from pqd.data import Splits
 from pqd.errors import ConfigError, ModelError
 from pqd.stages.common import Student, chain
 from pqd.stages.quantize import freeze, qat_epoch_hook
-from pqd.train.loop import apply_masks, epoch_seed, train
+from pqd.train.loop import apply_masks, epoch_seed, masked_weight, train
 
 log = logging.getLogger("pqd.prune")
 
@@ -66,7 +66,7 @@ def compute_masks(
     weights is pruned. Weights pruned before (``old``) stay pruned."""
     scores = []
     for path in layers:
-        w = model.get_submodule(path).weight.detach()
+        w = masked_weight(model, path).detach()
         s = w.abs().float().cpu() if criterion == "magnitude" else torch.rand(w.shape, generator=generator)
         if old and path in old:
             s = torch.where(old[path].cpu(), s, torch.full_like(s, -1.0))
@@ -78,7 +78,7 @@ def compute_masks(
         keep[torch.topk(flat, n_prune, largest=False, sorted=False).indices] = False
     masks, offset = {}, 0
     for path, s in zip(layers, scores):
-        w = model.get_submodule(path).weight
+        w = masked_weight(model, path)
         masks[path] = keep[offset : offset + s.numel()].view(w.shape).to(w.device)
         offset += s.numel()
     return masks
@@ -88,7 +88,7 @@ def global_sparsity(model: nn.Module, layers: list[str]) -> float:
     """Fraction of exactly-zero weights over ``layers`` (measured on the weights themselves)."""
     zeros = total = 0
     for path in layers:
-        w = model.get_submodule(path).weight.detach()
+        w = masked_weight(model, path).detach()
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / max(total, 1)

@@ -1,7 +1,7 @@
 """INT8 quantization for x86 CPUs: QAT or static PTQ, then conversion to integer kernels.
 
-Scheme: per-channel symmetric int8 weights, per-tensor affine uint8 activations (7-bit range,
-``reduce_range``, as PyTorch's x86 backend prescribes), Conv+BN(+ReLU) fused with BN folded
+Scheme: per-channel symmetric int8 weights, per-tensor affine uint8 activations (full 8-bit
+range by default; ``reduce_range`` for CPUs without VNNI), Conv+BN(+ReLU) fused with BN folded
 (simulated during QAT, real at conversion). Observers and BN statistics are frozen for the
 last ``freeze_fraction`` of QAT epochs. Pruning masks stay enforced: the fake-quantized
 weight of a zero is exactly zero (symmetric scheme, zero point 0), so pruned positions are
@@ -47,19 +47,60 @@ def _fx():
     return tq, quantize_fx
 
 
-def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat") -> nn.Module:
+def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False):
+    """PyTorch's x86 mapping with the global activation range set by ``reduce_range``.
+
+    PyTorch's default (``reduce_range=True``) simulates 7-bit activations so that u8×s8
+    pairs cannot saturate 16-bit accumulators on CPUs without VNNI; the integer kernels
+    then still produce full 8-bit outputs, so the fake-quant model and the INT8 model
+    clamp differently and disagree on a few percent of predictions. With VNNI (32-bit
+    accumulation) the full range is safe, so pqd's default is ``False``.
+    """
+    tq, _ = _fx()
+    from torch.ao.quantization import fake_quantize as fq
+    from torch.ao.quantization import observer as ob
+
+    if mode == "qat":
+        mapping = tq.get_default_qat_qconfig_mapping(BACKEND)
+        act = fq.FusedMovingAvgObsFakeQuantize.with_args(
+            observer=ob.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=reduce_range)
+        weight = fq.default_fused_per_channel_wt_fake_quant
+    else:
+        mapping = tq.get_default_qconfig_mapping(BACKEND)
+        act = ob.HistogramObserver.with_args(reduce_range=reduce_range)
+        weight = ob.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    return mapping.set_global(tq.QConfig(activation=act, weight=weight))
+
+
+def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduce_range: bool = False) -> nn.Module:
     """Return a fake-quant (``qat``) or observer (``ptq``) copy of ``model``; the input is untouched."""
     tq, qfx = _fx()
     model = copy.deepcopy(model).cpu()
+    mapping = qconfig_mapping(mode, reduce_range=reduce_range)
     try:
         if mode == "qat":
-            return qfx.prepare_qat_fx(model.train(), tq.get_default_qat_qconfig_mapping(BACKEND), (example,))
-        return qfx.prepare_fx(model.eval(), tq.get_default_qconfig_mapping(BACKEND), (example,))
+            return qfx.prepare_qat_fx(model.train(), mapping, (example,))
+        return qfx.prepare_fx(model.eval(), mapping, (example,))
     except Exception as exc:  # torch.fx raises many types for untraceable code
+        culprit = _untraceable_submodule(model)
+        where = f" The first module that cannot be traced on its own is {culprit[0]!r} ({culprit[1]})." if culprit else ""
         raise ModelError(
-            f"cannot quantize {type(model).__name__}: torch.fx could not trace it ({type(exc).__name__}: {str(exc)[:300]}). "
+            f"cannot quantize {type(model).__name__}: torch.fx could not trace it ({type(exc).__name__}: {str(exc)[:300]}).{where} "
             "Make forward() free of data-dependent Python control flow, or wrap the offending submodule in a leaf module."
         ) from None
+
+
+def _untraceable_submodule(model: nn.Module) -> tuple[str, str] | None:
+    """``(path, class name)`` of the innermost user-defined submodule torch.fx fails to trace alone."""
+    failing = []
+    for name, sub in model.named_modules():
+        if name and not type(sub).__module__.startswith("torch."):
+            try:
+                torch.fx.symbolic_trace(sub)
+            except Exception:
+                failing.append((name, type(sub).__name__))
+    innermost = [f for f in failing if not any(g[0].startswith(f[0] + ".") for g in failing)]
+    return innermost[0] if innermost else None
 
 
 def freeze(model: nn.Module) -> None:
@@ -100,12 +141,12 @@ def quantize(
     if student.quantized:
         raise ModelError("the student is already quantized; quantize runs once per pipeline")
     example = torch.zeros(2, *data.image_shape)
-    model = prepare(student.model, example, mode=config.mode)
+    model = prepare(student.model, example, mode=config.mode, reduce_range=config.reduce_range)
     masks = dict(student.masks)
     apply_masks(model, masks)
     if config.mode == "ptq":
         calibrate(model, data, config.calibration_batches, train_config.batch_size)
-        model.apply(_fx()[0].disable_observer)
+        # PTQ observers have no off switch: convert before running it on anything else.
         return Student(model, masks, "ptq")
     out = Student(model, masks, "qat", config.freeze_fraction)
     train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs),
@@ -139,3 +180,34 @@ def to_torchscript(int8_model: nn.Module, example: torch.Tensor) -> torch.jit.Sc
     """Trace and freeze for deployment: freezing is worth 1.1-1.45x over the eager graph."""
     with torch.no_grad():
         return torch.jit.freeze(torch.jit.trace(int8_model.eval(), example))
+
+
+_DEQUANTIZE = {"dequantize", torch.dequantize}
+_QUANTIZE = {torch.quantize_per_tensor, torch.quantize_per_channel, torch.quantize_per_tensor_dynamic}
+_SHAPE_ONLY = {"size", "dim"}
+
+
+def float_modules(int8_model: nn.Module) -> list[dict[str, str]]:
+    """Operations that stay FP32 inside a converted model: the x86 backend has no integer kernel
+    (or no quantization pattern) for them, so FX dequantizes before and quantizes after them.
+
+    Returns ``[{"name": module path or graph node name, "type": module class or function name}]``
+    in graph order. The final dequantize that hands float logits to the caller is not counted.
+    """
+    graph = getattr(int8_model, "graph", None)
+    if graph is None:
+        return []
+    modules = dict(int8_model.named_modules())
+    floating, out = set(), []
+    for node in graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.target in _DEQUANTIZE:
+            floating.add(node)
+        elif node.target not in _QUANTIZE and node.target not in _SHAPE_ONLY and any(a in floating for a in node.all_input_nodes):
+            floating.add(node)
+            if node.op == "call_module":
+                out.append({"name": str(node.target), "type": type(modules[node.target]).__name__})
+            else:
+                out.append({"name": node.name, "type": getattr(node.target, "__name__", str(node.target))})
+    return out

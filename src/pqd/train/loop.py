@@ -30,11 +30,23 @@ Masks = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def masked_weight(model: nn.Module, path: str) -> torch.Tensor:
+    """The weight tensor of the module at ``path``. PTQ's eval-mode fusion replaces Conv+BN+ReLU
+    by a fused wrapper (e.g. ``ConvReLU2d``) at the conv's path; its weight is in its first child."""
+    m = model.get_submodule(path)
+    w = getattr(m, "weight", None)
+    if w is None and isinstance(m, nn.Sequential) and len(m):
+        w = getattr(m[0], "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise AttributeError(f"module {path!r} ({type(m).__name__}) has no weight tensor")
+    return w
+
+
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     """Zero the pruned weights: ``masks`` maps a module path to a bool mask of its weight."""
     with torch.no_grad():
         for path, mask in masks.items():
-            w = model.get_submodule(path).weight
+            w = masked_weight(model, path)
             w.mul_(mask.to(device=w.device, dtype=w.dtype))
 
 

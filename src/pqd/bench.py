@@ -1,0 +1,389 @@
+"""``pqd bench RUN_DIR``: a finished run's models timed in every installed CPU runtime.
+
+    pqd bench RUN_DIR [--threads 1,2] [--batch-sizes 1,64] [--runs 200]
+
+Variants (teacher = dense FP32 model, final = the run's deployable INT8 model):
+
+    pytorch_fp32_eager        the teacher, eager PyTorch (the baseline of every ratio)
+    pytorch_int8              RUN_DIR/model_int8.pt (FX-converted, TorchScript-frozen)
+    onnxruntime_fp32 / _int8  RUN_DIR/teacher_fp32.onnx / model_int8.onnx in ONNX Runtime (CPU EP)
+    openvino_fp32 / _int8     the same ONNX files in OpenVINO (CPU, precision hint f32), if installed
+
+Method: per thread count, every variant is built with that many threads, warmed up, then
+timed round-robin in one process (:func:`pqd.measure.measure_latency`: the order rotates
+every round, so drift hits all alike); ``runs`` timed calls at batch 1 and
+``large_batch_runs`` at larger batches; median, p90, mean and std, each also as
+"x faster than PyTorch FP32 eager" (FP32-eager time / this time, same threads, same
+batch, same run). ONNX Runtime runs with thread spinning off so that its idle pool does
+not steal cores from the variant being timed. Peak resident memory is measured apart:
+each variant runs alone in a fresh subprocess (load, then every batch size at the
+largest thread count) that reports its ``VmHWM`` (Linux's ``ru_maxrss`` would carry the
+parent's high-water mark across fork + exec); the ONNX Runtime and OpenVINO children
+never import torch, as a deployment would not. Proxies (parameters, MACs, MACs on
+non-zero weights; :mod:`pqd.measure.proxies`) sit beside the latencies: unstructured
+zeros cut the proxy but not the dense kernels' work.
+
+Results: ``RUN_DIR/bench.json``, ``RUN_DIR/bench.md``, and ``metrics.json["bench"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pqd.errors import ConfigError, PqdError
+
+log = logging.getLogger("pqd.bench")
+
+BENCH_SCHEMA = 1
+RUNTIMES = ("pytorch", "onnxruntime", "openvino")
+BASELINE = "pytorch_fp32_eager"
+
+
+def default_threads() -> tuple[int, ...]:
+    """(1, N) with N the cores this process may use."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return (1, n) if n > 1 else (1,)
+
+
+@dataclass
+class Variant:
+    name: str
+    runtime: str
+    precision: str  # fp32 | int8
+    model: str  # teacher | final (which model's proxies apply)
+    make: Callable[[int], Callable]  # threads -> callable
+    child: dict  # spec for the peak-RSS subprocess
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("onnx", "onnxscript", "onnxruntime", "openvino"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int]) -> list[Variant]:
+    from pqd.export import FINAL_FP32_ONNX, INT8_ONNX, TEACHER_ONNX, OpenVinoRunner, OrtRunner
+
+    cfg = run.config.model
+    kwargs: dict[str, Any] = {}
+    if cfg.width != 1.0:
+        kwargs["width"] = cfg.width
+    if cfg.dropout:
+        kwargs["dropout"] = cfg.dropout
+    shape = list(run.input_shape)
+    base = {"input_shape": shape, "batch_sizes": list(batch_sizes)}
+    fin = "int8" if run.quantized else "fp32"
+    fin_name = "int8" if run.quantized else "fp32_final"
+    final_onnx = out / (INT8_ONNX if run.quantized else FINAL_FP32_ONNX)
+    vs = [Variant(BASELINE, "pytorch", "fp32", "teacher", lambda t: run.teacher,
+                  base | {"kind": "eager", "model": cfg.name, "kwargs": kwargs, "num_classes": run.data.num_classes,
+                          "weights": str(out / "teacher.safetensors")})]
+    if "pytorch" in runtimes:
+        if run.quantized:
+            vs.append(Variant("pytorch_int8", "pytorch", "int8", "final", lambda t: run.deployed,
+                              base | {"kind": "torchscript", "path": str(run.deployed_file)}))
+        else:
+            vs.append(Variant("pytorch_fp32_final", "pytorch", "fp32", "final", lambda t: run.deployed,
+                              base | {"kind": "eager_student", "run_dir": str(out)}))
+    for rt, cls in (("onnxruntime", OrtRunner), ("openvino", OpenVinoRunner)):
+        if rt not in runtimes:
+            continue
+        extra = {"batch_sizes": batch_sizes} if rt == "openvino" else {}
+        vs.append(Variant(f"{rt}_fp32", rt, "fp32", "teacher", lambda t, c=cls, e=extra: c(out / TEACHER_ONNX, threads=t, **e),
+                          base | {"kind": rt, "path": str(out / TEACHER_ONNX)}))
+        vs.append(Variant(f"{rt}_{fin_name}", rt, fin, "final", lambda t, c=cls, e=extra: c(final_onnx, threads=t, **e),
+                          base | {"kind": rt, "path": str(final_onnx)}))
+    return vs
+
+
+def _resolve_runtimes(runtimes: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    from pqd.export import available
+
+    explicit = runtimes is not None
+    wanted = list(RUNTIMES) if runtimes is None else list(runtimes)
+    bad = [r for r in wanted if r not in RUNTIMES]
+    if bad:
+        raise ConfigError(f"bench: unknown runtime(s) {', '.join(map(repr, bad))}; choose from {', '.join(RUNTIMES)}")
+    skipped: dict[str, str] = {}
+    need = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino")}
+    extra = {"onnxruntime": "onnx", "openvino": "openvino"}
+    for rt in [r for r in wanted if r in need]:
+        missing = [m for m in need[rt] if not available(m)]
+        if missing:
+            msg = f"{', '.join(missing)} not installed: pip install 'pqd[{extra[rt]}]'"
+            if explicit:
+                raise PqdError(f"bench: runtime {rt!r} requested but {msg}")
+            skipped[rt] = msg
+            wanted.remove(rt)
+    return wanted, skipped
+
+
+_CHILD = r"""
+import json, resource, sys, time
+spec = json.loads(sys.argv[1])
+
+def status_mb(key):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+def rss_mb():
+    return status_mb("VmRSS")
+
+import numpy as np
+kind, threads = spec["kind"], spec["threads"]
+if kind in ("eager", "eager_student", "torchscript"):
+    import torch
+    torch.set_num_threads(threads)
+    torch.backends.quantized.engine = "x86"
+    if kind == "eager":
+        from pqd.registry import create_model
+        from pqd.train.checkpoint import load_checkpoint
+        base = rss_mb()
+        model = create_model(spec["model"], num_classes=spec["num_classes"], **spec["kwargs"])
+        model.load_state_dict(load_checkpoint(spec["weights"])[0])
+        model.eval()
+    elif kind == "eager_student":
+        from pqd.export import load_run
+        base = rss_mb()
+        model = load_run(spec["run_dir"]).student.model.eval()
+    else:
+        base = rss_mb()
+        model = torch.jit.load(spec["path"], map_location="cpu")
+    def call(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+elif kind == "onnxruntime":
+    import onnxruntime as ort
+    base = rss_mb()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(spec["path"], so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    def call(x):
+        return sess.run(None, {name: x})[0]
+elif kind == "openvino":
+    import openvino as ov
+    base = rss_mb()
+    core = ov.Core()
+    reqs = {}
+    cfg = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    for bs in spec["batch_sizes"]:
+        m = core.read_model(spec["path"])
+        m.reshape({m.inputs[0]: [bs, *spec["input_shape"]]})
+        reqs[bs] = core.compile_model(m, "CPU", cfg).create_infer_request()
+    def call(x):
+        r = reqs[x.shape[0]]
+        r.infer([x])
+        return r.get_output_tensor(0).data
+else:
+    raise SystemExit(f"unknown kind {kind}")
+loaded = rss_mb()
+rng = np.random.default_rng(0)
+for bs in spec["batch_sizes"]:
+    x = rng.standard_normal((bs, *spec["input_shape"]), dtype=np.float32)
+    for _ in range(spec["runs"]):
+        call(x)
+# VmHWM: this process's own high-water mark. ru_maxrss is no good here: Linux carries the
+# parent's high-water mark across fork + exec, so every child would report the parent's.
+peak = status_mb("VmHWM")
+if peak is None:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+print(json.dumps({"after_import_mb": base, "after_load_mb": loaded, "peak_rss_mb": peak}))
+"""
+
+
+def peak_rss(spec: dict, *, threads: int, runs: int = 5, timeout: float = 600) -> dict:
+    """Run one variant alone in a fresh Python process; return its RSS figures in MiB."""
+    import pqd
+
+    src_root = str(Path(pqd.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([src_root, *filter(None, [env.get("PYTHONPATH")])])
+    spec = spec | {"threads": threads, "runs": runs}
+    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rec.items()} | {"threads": threads, "runs_per_batch": runs}
+
+
+def _ratio(base: float, x: float) -> float | None:
+    return base / x if x > 0 else None
+
+
+def bench_run(
+    run_dir: str | Path, *, threads: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1, 64), warmup: int = 20,
+    runs: int = 200, large_batch_runs: int = 20, runtimes: Sequence[str] | None = None, rss: bool = True,
+    write: bool = True, force_export: bool = False, seed: int = 0,
+) -> dict:
+    """Benchmark a finished run in every installed runtime; see the module docstring.
+
+    ``runtimes``: None = every installed one (missing ones are listed under ``skipped``);
+    naming one that is not installed is an error. Returns the result dict and, with
+    ``write``, writes bench.json, bench.md and the ``bench`` key of metrics.json.
+    """
+    from pqd.export import export_run, load_run
+    from pqd.measure import environment, measure_latency
+    from pqd.measure.proxies import proxies
+
+    threads = tuple(threads) if threads else default_threads()
+    if any(t < 1 for t in threads) or any(b < 1 for b in batch_sizes) or runs < 1 or large_batch_runs < 1 or warmup < 0:
+        raise ConfigError("bench: threads, batch sizes, runs and large-batch runs must be >= 1 and warm-up >= 0")
+    out = Path(run_dir)
+    wanted, skipped = _resolve_runtimes(runtimes)
+    run = load_run(out)
+    export = None
+    if "onnxruntime" in wanted or "openvino" in wanted:
+        export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted)
+    variants = _variants(run, out, wanted, batch_sizes)
+    records: list[dict] = []
+    settings: dict[str, dict] = {}
+    for t in threads:
+        models = {}
+        for v in variants:
+            fn = v.make(t)
+            models[v.name] = fn
+            settings.setdefault(v.name, {"runtime": v.runtime, "precision": v.precision, "model": v.model, "by_threads": {}})
+            settings[v.name]["by_threads"][str(t)] = getattr(fn, "settings", {"runtime": "pytorch", "version": torch.__version__})
+        log.info("bench: %d threads, %s", t, ", ".join(models))
+        recs = measure_latency(models, input_shape=run.input_shape, batch_sizes=tuple(batch_sizes), threads=t,
+                               warmup=warmup, runs=runs, large_batch_runs=large_batch_runs, seed=seed)
+        for bs in batch_sizes:
+            base = next(r for r in recs if r["batch"] == bs and r["model"] == BASELINE)
+            for r in recs:
+                if r["batch"] == bs:
+                    v = next(v for v in variants if v.name == r["model"])
+                    r["runtime"], r["precision"], r["proxy_model"] = v.runtime, v.precision, v.model
+                    r["x_vs_fp32_eager"] = {k: _ratio(base[f"{k}_ms"], r[f"{k}_ms"]) for k in ("median", "p90", "mean")}
+        records += recs
+        del models
+    # on a copy: a PTQ student's observers record every forward pass, and proxies runs one
+    prox = {"teacher": proxies(run.teacher, run.input_shape), "final": proxies(copy.deepcopy(run.student.model), run.input_shape)}
+    rss_rec: dict[str, dict] = {}
+    if rss:
+        for v in variants:
+            log.info("bench: peak RSS of %s (fresh process)", v.name)
+            rss_rec[v.name] = peak_rss(v.child, threads=max(threads))
+    env = environment(max(threads)) | {"runtimes": _versions()}
+    result = {
+        "schema": BENCH_SCHEMA,
+        "run_dir": str(out),
+        "model": run.config.model.name, "width": run.config.model.width, "stages": run.config.stage_string(),
+        "final_form": "int8" if run.quantized else "fp32",
+        "input_shape": list(run.input_shape),
+        "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes), "warmup": warmup, "runs_batch1": runs,
+                     "runs_large_batch": large_batch_runs, "interleaved": "round-robin, rotating order, one process per thread count",
+                     "ratio": "x_vs_fp32_eager = PyTorch FP32 eager time / this time (same threads, batch, run); >1 is faster",
+                     "peak_rss": "each variant alone in a fresh subprocess, all batch sizes, max threads; VmHWM" if rss else None},
+        "variants": settings,
+        "skipped": skipped | ((export or {}).get("skipped") or {}),
+        "latency": records,
+        "proxies": prox,
+        "peak_rss_mb": rss_rec,
+        "export": {"route": export.get("route"), "artefacts": export.get("artefacts"),
+                   "checks": {k: v for k, v in export.get("checks", {}).items() if k.split("_")[0] in wanted}} if export else None,
+        "env": env,
+    }
+    if write:
+        _write(out, result)
+    return result
+
+
+def _write(out: Path, result: dict) -> None:
+    from pqd.train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(out / "bench.json", json.dumps(result, indent=2).encode())
+    atomic_write_bytes(out / "bench.md", (format_markdown(result) + "\n").encode())
+    mpath = out / "metrics.json"
+    if mpath.is_file():
+        try:
+            metrics = json.loads(mpath.read_text())
+        except ValueError:
+            log.warning("bench: %s is not valid JSON; not merging", mpath)
+            return
+        metrics["bench"] = result
+        atomic_write_bytes(mpath, json.dumps(metrics, indent=2).encode())
+
+
+def _fmt_int(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(n) for x, n in zip(r, w)) + " |"  # noqa: E731
+    return [line(header), "|" + "|".join("-" * (n + 2) for n in w) + "|", *map(line, rows)]
+
+
+def format_markdown(result: dict) -> str:
+    """The bench result as markdown tables (also what ``pqd bench`` prints)."""
+    env, s, prox = result["env"], result["settings"], result["proxies"]
+    lines = [f"# pqd bench: {result['model']} (width {result['width']}, {result['stages']}, final {result['final_form'].upper()})", ""]
+    lines.append(f"CPU: {env['cpu_model']} ({env['logical_cpus']} logical CPUs; flags: {', '.join(env['cpu_flags']) or '-'}); "
+                 f"torch {env['torch']}, " + ", ".join(f"{k} {v}" for k, v in env["runtimes"].items() if v))
+    lines.append(f"Median / p90 / std of {s['runs_batch1']} timed runs at batch 1 ({s['runs_large_batch']} at larger batches) "
+                 f"after {s['warmup']} warm-up runs, variants interleaved round-robin in one process. "
+                 "\"x FP32\" = PyTorch FP32 eager time / this time, same threads and batch (>1 is faster).")
+    lines.append("")
+    rss = result.get("peak_rss_mb") or {}
+    rows = []
+    for r in result["latency"]:
+        p = prox[r["proxy_model"]]
+        x = r["x_vs_fp32_eager"]
+        peak = rss.get(r["model"], {}).get("peak_rss_mb")
+        rows.append([str(r["threads"]), str(r["batch"]), r["model"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['std_ms']:.3f}",
+                     f"{r['images_per_s']:.0f}", f"{x['median']:.2f}x", f"{x['p90']:.2f}x", _fmt_int(p["nonzero_macs"]),
+                     f"{peak:.0f}" if peak else "-"])
+    lines += _table(["threads", "batch", "variant", "median ms", "p90 ms", "std ms", "img/s", "x FP32 (median)", "x FP32 (p90)",
+                     "MACs on non-zero w", "peak RSS MiB"], rows)
+    lines += ["", "Proxies (per image; Conv/Linear only): unstructured zeros cut the MACs on non-zero weights, "
+              "not the work of dense kernels."]
+    lines += _table(["model", "params", "non-zero params", "MACs", "MACs on non-zero weights"],
+                    [[k, _fmt_int(v["params"]), _fmt_int(v["nonzero_params"]), _fmt_int(v["macs"]),
+                      f"{_fmt_int(v['nonzero_macs'])} ({100 * (v['nonzero_mac_fraction'] or 0):.0f}%)"] for k, v in prox.items()])
+    exp = result.get("export") or {}
+    if exp.get("checks"):
+        lines += ["", "Exports checked on the test split (top-1 agreement with the PyTorch model they came from):"]
+        lines += _table(["runtime / artefact", "reference", "agreement", "top-1", "reference top-1"],
+                        [[k, c["reference"], f"{100 * c['agreement']:.2f}%", f"{100 * c['top1']:.2f}%", f"{100 * c['reference_top1']:.2f}%"]
+                         for k, c in exp["checks"].items()])
+    ov = [v["by_threads"] for k, v in result["variants"].items() if v["runtime"] == "openvino"]
+    if ov:
+        hint = next(iter(ov[0].values())).get("inference_precision_hint")
+        lines += ["", f"OpenVINO inference precision hint: {hint} (set explicitly)."]
+    if rss:
+        lines += ["", "Peak RSS: each variant alone in a fresh process (interpreter + runtime + model + inference at every batch size); "
+                  "ONNX Runtime / OpenVINO processes do not import torch."]
+    if result.get("skipped"):
+        lines += [""] + [f"Skipped {k}: {v}" for k, v in result["skipped"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,507 @@
+"""Export a run's deployable model to ONNX and run it in ONNX Runtime and OpenVINO.
+
+    pqd export RUN_DIR            # writes RUN_DIR/model_int8.onnx, teacher_fp32.onnx, export.json
+
+The INT8 model is exported in QDQ form: QuantizeLinear/DequantizeLinear pairs around
+float operators, which ONNX Runtime and OpenVINO fuse into integer kernels.
+
+Route, and why (torch 2.13): the converted model (``convert_fx``) cannot go through
+``torch.export`` (its packed ``Conv2dPackedParamsBase`` weights are TorchScript classes),
+and the TorchScript-based ``torch.onnx.export(dynamo=False)`` that still handles it is
+deprecated. So the *same* prepared fake-quant student is converted a second way, to FX's
+reference representation with decomposed quantize/dequantize ops
+(``_convert_to_reference_decomposed_fx``: BN folded, same scales, zero points and int8
+weights as ``convert_fx``), which ``torch.onnx.export(dynamo=True)`` translates op by op
+into QuantizeLinear/DequantizeLinear. The exporter leaves each weight as an FP32 tensor
+quantized at run time (QuantizeLinear -> Clip -> DequantizeLinear); :func:`fold_weights`
+replaces that with an int8 initializer feeding DequantizeLinear, so the file holds int8
+weights (a quarter of the bytes) and every pruned weight is an exact int8 zero in it.
+Biases stay FP32 (both runtimes quantize them when fusing).
+
+Every export is checked against PyTorch on the run's test split: top-1 agreement of the
+ONNX INT8 model with the TorchScript INT8 model (``model_int8.pt``), in each runtime, and
+of the FP32 export with the FP32 teacher. The model input is the normalised image batch
+``(x / 255 - mean) / std`` (float32 NCHW, dynamic batch); mean/std are in the metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pqd.errors import CheckpointError, ModelError, PqdError
+
+log = logging.getLogger("pqd.export")
+
+EXPORT_SCHEMA = 1
+INT8_ONNX = "model_int8.onnx"
+TEACHER_ONNX = "teacher_fp32.onnx"
+FINAL_FP32_ONNX = "model_fp32.onnx"
+EXPORT_JSON = "export.json"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+OPENVINO_PRECISION = "f32"  # OpenVINO's CPU plugin picks bf16 on AVX-512-BF16/AMX CPUs unless told; slower here
+
+_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "openvino": "openvino"}
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional dependency or raise a :class:`PqdError` naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = _EXTRAS.get(module, module)
+        raise PqdError(f"{module} is not installed ({exc}); install it with: pip install 'pqd[{extra}]'") from None
+
+
+def available(module: str) -> bool:
+    try:
+        require(module)
+    except PqdError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- run loading
+
+
+@dataclass
+class LoadedRun:
+    """A finished run, rebuilt: FP32 teacher, final student (fake-quant or FP32), deployed model."""
+
+    run_dir: Path
+    config: Any  # RunConfig
+    data: Any  # Splits
+    teacher: nn.Module
+    student: Any  # Student
+    deployed: Callable[[torch.Tensor], torch.Tensor]  # TorchScript INT8 or the FP32 student
+    deployed_file: Path
+    student_file: Path
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.student.quantized)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.data.image_shape
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a finished run from ``run_dir`` (config.yaml, teacher, last stage's student, deployed file)."""
+    from pqd.config import load_config
+    from pqd.data import load_data
+    from pqd.pipeline import _restore_student, _stage_dir, build_model
+    from pqd.stages.quantize import _fx
+    from pqd.train import load_checkpoint
+
+    out = Path(run_dir)
+    if not (out / "config.yaml").is_file():
+        raise CheckpointError(f"{out} is not a pqd run directory (no config.yaml); make one with 'pqd run' or 'pqd demo'")
+    config = load_config(out / "config.yaml")
+    if not config.stages:
+        raise CheckpointError(f"{out}: the run has no stages, so there is no compressed model to export")
+    last = len(config.stages) - 1
+    student_file = _stage_dir(out, last, config.stages[last].stage) / "student.safetensors"
+    int8_file, fp32_file = out / "model_int8.pt", out / "model_fp32.safetensors"
+    deployed_file = int8_file if int8_file.is_file() else fp32_file
+    for need in (out / "teacher.safetensors", student_file, deployed_file):
+        if not need.is_file():
+            raise CheckpointError(f"{out} is not a finished run: {need.name} is missing; finish it with the same 'pqd run' command")
+    _fx()  # sets the x86 quantized engine before any INT8 model is loaded
+    data = load_data(config.data, seed=config.seed)
+    teacher = build_model(config, data.num_classes)
+    teacher.load_state_dict(load_checkpoint(out / "teacher.safetensors")[0])
+    teacher.eval()
+    student = _restore_student(config, data, last, out, torch.device("cpu"))
+    student.model.eval()
+    if deployed_file == int8_file:
+        if not student.quantized:
+            raise CheckpointError(f"{out}: model_int8.pt exists but the last stage's student is not quantized")
+        deployed = torch.jit.load(str(int8_file), map_location="cpu")
+    else:
+        deployed = student.model
+    return LoadedRun(out, config, data, teacher, student, deployed, deployed_file, student_file)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def reference_int8(student) -> nn.Module:
+    """The student converted to FX's reference INT8 form with decomposed quantize/dequantize ops.
+
+    Same conversion as :func:`pqd.stages.convert` (masks re-applied, BN folded, same qparams),
+    but every quantized op is spelled as ``dequantize -> float op -> quantize``.
+    """
+    from pqd.stages.quantize import _fx
+    from pqd.train.loop import apply_masks
+
+    if not student.quantized:
+        raise ModelError("reference_int8 needs a quantized student (a run with a quantize stage)")
+    _, qfx = _fx()
+    fn = getattr(qfx, "_convert_to_reference_decomposed_fx", None)
+    if fn is None:
+        raise ModelError(f"torch {torch.__version__} has no torch.ao.quantization.quantize_fx._convert_to_reference_decomposed_fx, "
+                         "which the ONNX INT8 export needs")
+    model = copy.deepcopy(student.model).cpu().eval()
+    apply_masks(model, student.masks)
+    return fn(model)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints progress to stdout and warns about torchvision ops."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, old):
+            lg.setLevel(level)
+
+
+def _constants(graph) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+    return out
+
+
+def fold_weights(model) -> int:
+    """Replace ``float weight -> QuantizeLinear [-> Clip] -> DequantizeLinear`` by an int8 initializer.
+
+    The int8 values are computed the way PyTorch quantizes weights at conversion,
+    ``round_half_even(w * float32(1 / scale)) + zero_point`` clamped to ``quant_min``/
+    ``quant_max``, so they are bit-identical to the weights inside ``model_int8.pt`` (ONNX's
+    QuantizeLinear divides instead, which differs by one step on about 2 in 10,000 weights).
+    Returns the number of folded weights.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    consts = _constants(g)
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    drop, new_inits, folded = set(), [], 0
+    for q in list(g.node):
+        if q.op_type != "QuantizeLinear" or q.input[0] not in inits or len(q.input) < 3:
+            continue
+        if q.input[1] not in consts or q.input[2] not in consts:
+            continue
+        w, scale, zp = consts[q.input[0]].astype(np.float32), consts[q.input[1]].astype(np.float32), consts[q.input[2]]
+        axis = next((helper.get_attribute_value(a) for a in q.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            scale, zpf = scale.reshape(shape), zp.astype(np.float32).reshape(shape)
+        else:
+            zpf = zp.astype(np.float32)
+        info = np.iinfo(zp.dtype)
+        qv = np.clip(np.rint(w * (np.float32(1.0) / scale)) + zpf, info.min, info.max)
+        tail, out_name = q, q.output[0]
+        nxt = consumers.get(out_name, [])
+        if len(nxt) == 1 and nxt[0].op_type == "Clip" and all(x in consts for x in nxt[0].input[1:3]):
+            clip = nxt[0]
+            qv = np.clip(qv, consts[clip.input[1]], consts[clip.input[2]])
+            tail, out_name = clip, clip.output[0]
+        users = consumers.get(out_name, [])
+        if not users or any(u.op_type != "DequantizeLinear" for u in users):
+            continue
+        new_name = f"{q.input[0]}_quantized"
+        new_inits.append(numpy_helper.from_array(qv.astype(zp.dtype), new_name))
+        for u in users:
+            u.input[0] = new_name
+        drop.update({id(q), id(tail)})
+        if all(id(c) in drop for c in consumers.get(q.input[0], [])):
+            g.initializer.remove(inits.pop(q.input[0]))
+        folded += 1
+    keep = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(keep)
+    g.initializer.extend(new_inits)
+    return folded
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, str] | None = None,
+                fold: bool = True) -> dict:
+    """Export ``model`` (FP32 or FX reference INT8) to ONNX with a dynamic batch dimension.
+
+    Returns a small record: file name, bytes on disk, opset, node counts by type and, for a
+    QDQ model, the number of weights folded to int8 initializers.
+    """
+    onnx = require("onnx")
+    require("onnxscript")  # torch.onnx's dynamo exporter translates through onnxscript
+    path = Path(path)
+    example = torch.randn(2, *input_shape)  # batch 2: a batch-1 example would be specialised to 1
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            prog = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                     dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+    except Exception as exc:  # the exporter raises many types
+        raise ModelError(f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}): {str(exc)[:600]}") from None
+    proto = prog.model_proto
+    folded = fold_weights(proto) if fold else 0
+    for n in proto.graph.node:  # the exporter's per-node provenance (stack traces...) doubles a small file
+        del n.metadata_props[:]
+        n.doc_string = ""
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    ops: dict[str, int] = {}
+    for n in proto.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"file": path.name, "bytes": path.stat().st_size, "opset": opset, "ops": dict(sorted(ops.items())), "int8_weights": folded}
+
+
+def int8_initializer_zeros(path: str | Path) -> dict[str, tuple[int, int]]:
+    """(exact zeros, size) of every int8 initializer of an ONNX file, by name."""
+    onnx = require("onnx")
+    from onnx import TensorProto, numpy_helper
+
+    out = {}
+    for init in onnx.load(str(path)).graph.initializer:
+        if init.data_type == TensorProto.INT8:
+            a = numpy_helper.to_array(init)
+            out[init.name] = (int((a == 0).sum()), int(a.size))
+    return out
+
+
+# --------------------------------------------------------------------------- runtimes
+
+
+class OrtRunner:
+    """An ONNX Runtime CPU session as a callable on a torch tensor (or numpy array).
+
+    ``spinning=False`` turns intra-op thread spinning off: a spinning ORT pool would keep
+    burning cores while another runtime of the same process runs (interleaved timing).
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, threads: int, spinning: bool = False):
+        ort = require("onnxruntime")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.settings = {"runtime": "onnxruntime", "version": ort.__version__, "file": Path(path).name,
+                         "providers": self.session.get_providers(), "intra_op_num_threads": threads,
+                         "inter_op_num_threads": 1, "allow_spinning": spinning, "graph_optimization_level": "ORT_ENABLE_ALL"}
+
+    def __call__(self, x) -> np.ndarray:
+        arr = x.numpy() if isinstance(x, torch.Tensor) else x
+        return self.session.run(None, {self.input: arr})[0]
+
+
+class OpenVinoRunner:
+    """An OpenVINO CPU compiled model as a callable; one static-shape compilation per batch size.
+
+    The inference precision hint is set explicitly (f32 by default): left alone, the CPU
+    plugin runs FP32 layers in bf16 on CPUs with AVX-512-BF16/AMX, which changes results
+    and was slower on this project's machine. The hint read back from the compiled model is
+    recorded in ``settings``; ``int8_layers`` counts layers the plugin runs in u8/i8.
+    """
+
+    runtime = "openvino"
+
+    def __init__(self, path: str | Path, *, threads: int, batch_sizes: Iterable[int] = (), precision: str = OPENVINO_PRECISION):
+        ov = require("openvino")
+        self._ov, self.path, self.core = ov, str(path), ov.Core()
+        self.config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
+                       "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+        self._requests: dict[tuple, Any] = {}
+        self.settings = {"runtime": "openvino", "version": ov.get_version(), "file": Path(path).name, "device": "CPU",
+                         "config": {k: str(v) for k, v in self.config.items()}}
+        for bs in batch_sizes:
+            self._request((bs,))
+
+    def _request(self, key: tuple):
+        req = self._requests.get(key)
+        if req is None:
+            model = self.core.read_model(self.path)
+            shape = list(model.inputs[0].get_partial_shape())
+            model.reshape({model.inputs[0]: [key[0], *[d.get_length() for d in shape[1:]]]})
+            compiled = self.core.compile_model(model, "CPU", self.config)
+            req = self._requests[key] = compiled.create_infer_request()
+            if "inference_precision_hint" not in self.settings:
+                hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+                self.settings["inference_precision_hint"] = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+                self.settings["int8_layers"] = _ov_int8_layers(compiled)
+        return req
+
+    def __call__(self, x) -> np.ndarray:
+        arr = x.numpy() if isinstance(x, torch.Tensor) else x
+        req = self._request((arr.shape[0],))
+        req.infer([arr])
+        return req.get_output_tensor(0).data
+
+
+def _ov_int8_layers(compiled) -> int | None:
+    """Compute layers (not constants, inputs, reorders) the CPU plugin runs in u8/i8."""
+    try:
+        n = 0
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            keys = set(rt.keys())
+            kind = rt["layerType"].astype(str) if "layerType" in keys else ""
+            prec = rt["runtimePrecision"].astype(str) if "runtimePrecision" in keys else ""
+            n += kind not in ("Const", "Input", "Output", "Parameter", "Result", "Reorder") and prec.lower() in ("u8", "i8")
+        return n
+    except Exception:  # runtime-model rt_info is not a stable API
+        return None
+
+
+def run_logits(fn: Callable, ds, *, mean, std, batch_size: int = 256) -> torch.Tensor:
+    """Logits of any callable (torch module, TorchScript, runner) on every image of ``ds``."""
+    from pqd.data import batches
+
+    out = []
+    with torch.inference_mode():
+        for x, _ in batches(ds, batch_size=batch_size, mean=mean, std=std):
+            y = fn(x)
+            out.append(torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).float().clone())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- a run's export
+
+
+def _fingerprint(paths: Iterable[Path]) -> dict[str, list[int]]:
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
+
+
+def _metadata(run: LoadedRun, form: str) -> dict[str, str]:
+    d = run.data
+    return {"pqd_form": form, "pqd_model": run.config.model.name, "pqd_stages": run.config.stage_string(),
+            "input": "float32 NCHW (x/255 - mean)/std", "mean": json.dumps(list(d.mean)), "std": json.dumps(list(d.std)),
+            "classes": json.dumps(list(d.test.classes))}
+
+
+def _check(runner: Callable, reference: torch.Tensor, reference_name: str, run: LoadedRun) -> dict:
+    d = run.data
+    logits = run_logits(runner, d.test, mean=d.mean, std=d.std)
+    return {"reference": reference_name, "n": int(len(d.test)),
+            "agreement": (logits.argmax(1) == reference.argmax(1)).float().mean().item(),
+            "top1": (logits.argmax(1) == d.test.y).float().mean().item(),
+            "reference_top1": (reference.argmax(1) == d.test.y).float().mean().item(),
+            "max_abs_logit_diff": (logits - reference).abs().max().item()}
+
+
+def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, openvino: bool | None = None,
+               run: LoadedRun | None = None) -> dict:
+    """Export a finished run to ONNX (INT8 QDQ and the FP32 teacher) and check the exports.
+
+    Writes ``RUN_DIR/model_int8.onnx`` (or ``model_fp32.onnx`` for a run without a quantize
+    stage), ``RUN_DIR/teacher_fp32.onnx`` and ``RUN_DIR/export.json``; returns the record.
+    Files already exported from the same run files are reused unless ``force``. ``check``
+    runs every export on the test split in ONNX Runtime and (``openvino``: None = when
+    installed) OpenVINO and records top-1 agreement with the PyTorch model it came from.
+    """
+    require("onnx"), require("onnxscript"), require("onnxruntime")
+    out = Path(run_dir)
+    run = run or load_run(out)
+    sources = [run.deployed_file, run.student_file, out / "teacher.safetensors"]
+    final_name = INT8_ONNX if run.quantized else FINAL_FP32_ONNX
+    record_path = out / EXPORT_JSON
+    old: dict = {}
+    if record_path.is_file() and not force:
+        with contextlib.suppress(ValueError):
+            old = json.loads(record_path.read_text())
+    fresh = (old.get("schema") == EXPORT_SCHEMA and old.get("sources") == _fingerprint(sources)
+             and (out / final_name).is_file() and (out / TEACHER_ONNX).is_file())
+    if fresh:
+        record = old
+    else:
+        shape = run.input_shape
+        final_model = reference_int8(run.student) if run.quantized else copy.deepcopy(run.student.model).eval()
+        final_form = "int8_qdq" if run.quantized else "fp32"
+        log.info("export: %s -> %s", run.student_file.name, final_name)
+        final_rec = export_onnx(final_model, out / final_name, shape, metadata=_metadata(run, final_form), fold=run.quantized)
+        final_rec.update(form=final_form, source=str(run.student_file.relative_to(out)))
+        if run.quantized:
+            zeros = int8_initializer_zeros(out / final_name)
+            z, n = sum(v[0] for v in zeros.values()), sum(v[1] for v in zeros.values())
+            final_rec["int8_weight_zero_fraction"] = z / n if n else None
+        log.info("export: teacher -> %s", TEACHER_ONNX)
+        teacher_rec = export_onnx(run.teacher, out / TEACHER_ONNX, shape, metadata=_metadata(run, "fp32"), fold=False)
+        teacher_rec.update(form="fp32", source="teacher.safetensors")
+        record = {
+            "schema": EXPORT_SCHEMA,
+            "route": ("prepared fake-quant student -> FX reference-decomposed INT8 graph -> torch.onnx.export(dynamo=True) "
+                      "-> QDQ ONNX; weight QuantizeLinear folded into int8 initializers") if run.quantized
+                     else "FP32 student -> torch.onnx.export(dynamo=True)",
+            "input": {"name": INPUT_NAME, "shape": ["batch", *shape], "normalize": {"mean": list(run.data.mean), "std": list(run.data.std)}},
+            "artefacts": {"final": final_rec, "teacher_fp32": teacher_rec},
+            "sources": _fingerprint(sources),
+            "torch": torch.__version__, "onnx": require("onnx").__version__,
+            "checks": {}, "skipped": {},
+        }
+    if check:
+        _run_checks(record, run, out, final_name, openvino)
+    from pqd.train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())
+    return record
+
+
+def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None) -> None:
+    checks, skipped = record.setdefault("checks", {}), record.setdefault("skipped", {})
+    want_ov = available("openvino") if openvino is None else openvino
+    if not want_ov and not any(k.startswith("openvino_") for k in checks):
+        skipped["openvino"] = ("not requested" if openvino is False else "openvino is not installed: pip install 'pqd[openvino]'")
+    d = run.data
+    form = "int8" if run.quantized else "fp32_final"
+    todo = [("onnxruntime", OrtRunner)] + ([("openvino", OpenVinoRunner)] if want_ov else [])
+    if all(f"{rt}_{k}" in checks for rt, _ in todo for k in (form, "fp32")):
+        return
+    ref_final = run_logits(run.deployed, d.test, mean=d.mean, std=d.std)
+    ref_teacher = run_logits(run.teacher, d.test, mean=d.mean, std=d.std)
+    final_ref_name = "pytorch_int8 (model_int8.pt)" if run.quantized else "pytorch_fp32 (final student)"
+    threads = max(1, torch.get_num_threads())
+    for rt, cls in todo:
+        skipped.pop(rt, None)
+        if f"{rt}_{form}" in checks and f"{rt}_fp32" in checks:
+            continue
+        checks[f"{rt}_{form}"] = _check(cls(out / final_name, threads=threads), ref_final, final_ref_name, run)
+        checks[f"{rt}_fp32"] = _check(cls(out / TEACHER_ONNX, threads=threads), ref_teacher, "pytorch_fp32_eager (teacher)", run)
+        for k in (form, "fp32"):
+            c = checks[f"{rt}_{k}"]
+            log.info("export check: %s_%s agrees with %s on %.2f%% of %d test images", rt, k, c["reference"], 100 * c["agreement"], c["n"])

@@ -1,0 +1,628 @@
+"""Sweeps: one YAML file → many runs → one results table.
+
+A sweep file holds a base config, named variants (overrides of the base) and grid axes::
+
+    base: {...}                 # a RunConfig mapping, or a path to a config YAML (relative to the sweep file)
+    grid: {seed: [0, 1]}        # axes applied to every variant (cartesian product); dotted keys
+    variants:
+      dense: {stages: ""}       # empty stages = the FP32 dense teacher alone (see below)
+      pqd: {stages: "P:1,Q:2,D:2"}
+      ptq: {stages: "Q:0", quantize.mode: ptq}     # dotted keys or nested mappings
+      sparsity:
+        stages: "P:1,Q:2,D:2"
+        grid: {prune.sparsity: [0.5, 0.9], seed: [0]}   # per-variant axes replace global ones of the same name
+
+Expansion: every variant × the cartesian product of its axes is one run (a :class:`RunConfig`).
+Values are applied in this order: base (with ``--set`` overrides) ← variant ← axis values.
+
+Teachers are trained once and shared. A run's *teacher identity* is its seed and its model,
+data, train and teacher sections (``train.progress`` aside). Each distinct identity becomes a
+*teacher run* (``runs/teacher-<hash>``) that trains (or loads) the teacher and measures it as the
+dense FP32 baseline; every pipeline run of that identity gets ``teacher.weights`` pointed at the
+teacher run's ``teacher.safetensors``. A variant with empty ``stages`` does not add a run: it names
+the teacher run of its identity (``RunConfig`` itself needs at least one stage, so "dense only"
+lives in the sweep layer). Teacher runs record ``stages: ""`` and ``final = teacher``; their
+latency table times the teacher twice, interleaved, which shows the measurement's noise floor.
+
+Layout of ``--out DIR``::
+
+    DIR/sweep.yaml          the expanded sweep (for the record)
+    DIR/runs/<run_id>/      one pqd run directory each (config.yaml, metrics.json, log.txt, ...)
+    DIR/results.sqlite      table ``runs``: flat key columns + full config and metrics as JSON
+
+A run counts as finished when its ``metrics.json`` exists (and its config matches); finished
+runs are skipped, unfinished ones resume where they stopped (``run_pipeline`` is resumable),
+so re-running the same command after a kill finishes only what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+
+from pqd.config import RunConfig, apply_overrides
+from pqd.errors import ConfigError, PqdError
+
+log = logging.getLogger("pqd.sweep")
+
+DENSE = ""  # the stage string of a teacher / dense run
+_TOP_KEYS = {"name", "base", "grid", "variants", "description"}
+_TEACHER_TRAIN_IGNORED = ("progress",)
+
+
+# --------------------------------------------------------------------------------------------
+# sweep file → runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a sweep. ``kind`` is 'pipeline' or 'teacher' (dense FP32 teacher only)."""
+
+    run_id: str
+    variant: str
+    kind: str
+    config: RunConfig  # for a teacher run the stages are a placeholder; see config_dict()
+    axes: tuple[tuple[str, Any], ...]
+    teacher_id: str
+
+    def config_dict(self) -> dict:
+        d = self.config.to_dict()
+        if self.kind == "teacher":
+            d["stages"] = DENSE
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    name: str
+    runs: tuple[Run, ...]
+
+    def teachers(self) -> list[Run]:
+        return [r for r in self.runs if r.kind == "teacher"]
+
+    def pipelines(self) -> list[Run]:
+        return [r for r in self.runs if r.kind == "pipeline"]
+
+    def ordered(self) -> list[Run]:
+        """Execution order: each teacher, then the runs that use it (sweep-file order)."""
+        out = []
+        for t in self.teachers():
+            out.append(t)
+            out += [r for r in self.pipelines() if r.teacher_id == t.teacher_id]
+        return out
+
+
+def _dotted_to_nested(d: Mapping[str, Any], where: str) -> dict:
+    """``{'prune.sparsity': 0.5, 'quantize': {'mode': 'ptq'}}`` → nested dict (deep-merged)."""
+    out: dict = {}
+    for key, value in d.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{where}: keys must be non-empty strings, got {key!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: {key!r} sets inside {p!r}, which is not a section")
+        if isinstance(value, Mapping):
+            _merge_into(node.setdefault(leaf, {}), _dotted_to_nested(value, f"{where}.{key}"))
+        else:
+            node[leaf] = value
+    return out
+
+
+def _merge_into(dst: dict, src: Mapping) -> dict:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _merge_into(dst[k], v)
+        else:
+            dst[k] = json.loads(json.dumps(v)) if isinstance(v, (Mapping, list)) else v
+    return dst
+
+
+def _is_dense(stages: Any) -> bool:
+    return stages is None or stages == [] or (isinstance(stages, str) and stages.strip().lower() in ("", "dense", "none"))
+
+
+def _fmt_axis(key: str, value: Any) -> str:
+    leaf = key.split(".")[-1]
+    v = json.dumps(value) if not isinstance(value, str) else value
+    return f"{leaf}{v}".replace("/", "_").replace(" ", "")
+
+
+def teacher_identity(cfg: Mapping[str, Any]) -> str:
+    """Hash of what determines the teacher's weights: seed, model, data, train, teacher."""
+    train = {k: v for k, v in cfg["train"].items() if k not in _TEACHER_TRAIN_IGNORED}
+    key = {"seed": cfg["seed"], "model": cfg["model"], "data": cfg["data"], "train": train, "teacher": cfg["teacher"]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _validated(data: dict, where: str) -> RunConfig:
+    try:
+        return RunConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Read a sweep YAML file; ``base`` may be a path (relative to the sweep file). ``overrides`` apply to the base."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file {str(p)!r} does not exist")
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file {str(p)!r} is not valid YAML: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {str(p)!r} must hold a mapping with 'base' and 'variants'")
+    base = spec.get("base") or {}
+    if isinstance(base, str):
+        bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not bp.is_file():
+            raise ConfigError(f"sweep base config {str(bp)!r} does not exist")
+        base = yaml.safe_load(bp.read_text()) or {}
+    spec = dict(spec, base=apply_overrides(_dotted_to_nested(base, "base"), overrides))
+    spec.setdefault("name", p.stem)
+    return spec
+
+
+def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
+    """Expand a sweep spec (see module doc) into teacher runs and pipeline runs.
+
+    With ``out_dir`` the pipeline runs' ``teacher.weights`` point at the teacher runs' files
+    under ``out_dir/runs``; without it they are left as in the spec (for inspection).
+    """
+    unknown = set(spec) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"sweep: unknown top-level key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
+    base = spec.get("base") or {}
+    if not isinstance(base, Mapping):
+        raise ConfigError("sweep.base must be a mapping (a RunConfig) or a path to a config YAML")
+    base = _dotted_to_nested(base, "base")
+    global_grid = _grid(spec.get("grid") or {}, "grid")
+    variants = spec.get("variants")
+    if not isinstance(variants, Mapping) or not variants:
+        raise ConfigError("sweep.variants must be a non-empty mapping of name -> overrides, e.g. {pqd: {stages: 'P:1,Q:2,D:2'}}")
+
+    expanded: list[tuple[str, tuple, dict]] = []  # (variant, axes, config dict)
+    for vname, over in variants.items():
+        if not isinstance(vname, str) or not vname.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"sweep.variants: name {vname!r} must be letters, digits, '_' or '-'")
+        if over is not None and not isinstance(over, Mapping):
+            raise ConfigError(f"sweep.variants.{vname}: expected a mapping of overrides, e.g. {{stages: 'P:1,Q:2,D:2'}}, got {over!r}")
+        over = dict(over or {})
+        vgrid = dict(global_grid)
+        vgrid.update(_grid(over.pop("grid", None) or {}, f"variants.{vname}.grid"))
+        merged = _merge_into(json.loads(json.dumps(base)), _dotted_to_nested(over, f"variants.{vname}"))
+        keys = list(vgrid)
+        for values in itertools.product(*(vgrid[k] for k in keys)):
+            axes = tuple(zip(keys, values))
+            cfg = _merge_into(json.loads(json.dumps(merged)), _dotted_to_nested(dict(axes), f"variants.{vname}.grid"))
+            expanded.append((vname, axes, cfg))
+
+    runs: list[Run] = []
+    teachers: dict[str, Run] = {}
+    dense_names: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for vname, axes, cfg in expanded:
+        where = f"variant {vname!r}" + (f" ({', '.join(f'{k}={v}' for k, v in axes)})" if axes else "")
+        dense = _is_dense(cfg.get("stages", "x"))
+        if dense:
+            cfg = dict(cfg, stages="D:1")  # placeholder: RunConfig needs a stage; teacher runs ignore it
+        rc = _validated(cfg, where)
+        full = rc.to_dict()
+        tid = teacher_identity(full)
+        if tid not in teachers:
+            teachers[tid] = Run(f"teacher-{tid}", "teacher", "teacher", _teacher_config(rc), axes, tid)
+        if dense:
+            dense_names.setdefault(tid, vname)
+            continue
+        run_id = "__".join([vname] + [_fmt_axis(k, v) for k, v in axes])
+        fp = json.dumps(full, sort_keys=True)
+        if fp in seen:
+            raise ConfigError(f"sweep: {where} expands to the same config as run {seen[fp]!r}; drop one of them")
+        seen[fp] = run_id
+        if any(r.run_id == run_id for r in runs):
+            raise ConfigError(f"sweep: two runs are both named {run_id!r}; rename a variant")
+        runs.append(Run(run_id, vname, "pipeline", rc, axes, tid))
+
+    teacher_runs = []
+    for tid, t in teachers.items():
+        name = dense_names.get(tid, "teacher")
+        teacher_runs.append(dataclasses.replace(t, variant=name))
+    if out_dir is not None:
+        runs = [_share_teacher(r, Path(out_dir)) for r in runs]
+    return Sweep(str(spec.get("name") or "sweep"), tuple(teacher_runs + runs))
+
+
+def _teacher_config(rc: RunConfig) -> RunConfig:
+    """The teacher run's config: the identity sections and ``measure``; stage settings at defaults."""
+    return RunConfig(seed=rc.seed, stages="D:1", model=rc.model, data=rc.data, train=rc.train, teacher=rc.teacher, measure=rc.measure)
+
+
+def _grid(grid: Any, where: str) -> dict[str, list]:
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"sweep.{where} must map dotted keys to lists of values, e.g. {{seed: [0, 1]}}")
+    out = {}
+    for k, vals in grid.items():
+        if not isinstance(vals, list) or not vals:
+            raise ConfigError(f"sweep.{where}.{k}: expected a non-empty list of values, got {vals!r}")
+        out[str(k)] = vals
+    return out
+
+
+def _share_teacher(run: Run, out: Path) -> Run:
+    weights = str((out / "runs" / f"teacher-{run.teacher_id}" / "teacher.safetensors").resolve())
+    cfg = dataclasses.replace(run.config, teacher=dataclasses.replace(run.config.teacher, weights=weights))
+    return dataclasses.replace(run, config=cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# executing one run (top-level functions: picklable for Ray workers)
+
+
+def run_dir(sweep_dir: str | Path, run: Run) -> Path:
+    return Path(sweep_dir) / "runs" / run.run_id
+
+
+def _normalized(saved: dict) -> dict:
+    """A stored config dict with defaults filled in (so fields added to pqd later still match)."""
+    d = dict(saved)
+    dense = _is_dense(d.get("stages"))
+    if dense:
+        d["stages"] = "D:1"
+    try:
+        d = RunConfig.from_dict(d).to_dict()
+    except ConfigError:
+        return saved
+    if dense:
+        d["stages"] = DENSE
+    return d
+
+
+def finished_metrics(sweep_dir: str | Path, run: Run) -> dict | None:
+    """The run's metrics if it finished with this config; None if it has not finished."""
+    d = run_dir(sweep_dir, run)
+    mpath = d / "metrics.json"
+    if not mpath.is_file():
+        return None
+    cpath = d / "config.yaml"
+    saved = yaml.safe_load(cpath.read_text()) if cpath.is_file() else None
+    if saved is None or _normalized(saved) != run.config_dict():
+        raise ConfigError(f"{d} holds a finished run with a different config; the sweep file changed. "
+                          "Use a new --out directory, or delete that run directory to redo it")
+    return json.loads(mpath.read_text())
+
+
+def execute(run: Run, sweep_dir: str) -> dict:
+    """Run (or resume, or skip) one run; return its metrics. Logs go to the run's log.txt."""
+    done = finished_metrics(sweep_dir, run)
+    if done is not None:
+        return done
+    out = run_dir(sweep_dir, run)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("pqd")
+    old = root.level, root.propagate
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False  # a run's log goes to its log.txt, not to the console under the progress bar
+    try:
+        if run.kind == "teacher":
+            return run_dense(run.config, out)
+        from pqd.pipeline import run_pipeline
+
+        return run_pipeline(run.config, out)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(old[0])
+        root.propagate = old[1]
+
+
+def run_dense(config: RunConfig, out_dir: str | Path) -> dict:
+    """Train (or load) the dense FP32 teacher into ``out_dir`` and measure it like a final model.
+
+    The metrics have the schema of :func:`pqd.pipeline.run_pipeline` with ``stages: ""`` and
+    ``final = teacher``; latency times the teacher twice (interleaved) as ``teacher_fp32`` and
+    ``final_fp32``, so the ratio shows the measurement's noise floor.
+    """
+    import torch
+
+    from pqd.data import load_data
+    from pqd.measure import environment, file_bytes, measure_latency, predict, top1
+    from pqd.pipeline import METRICS_SCHEMA, _teacher  # the pipeline's own teacher step (resumable)
+    from pqd.stages import global_sparsity, prunable_layers
+    from pqd.train.checkpoint import atomic_write_bytes
+    from pqd.train.loop import default_device
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    want = config.to_dict() | {"stages": DENSE}
+    saved = out / "config.yaml"
+    if saved.exists():
+        if _normalized(yaml.safe_load(saved.read_text())) != want:
+            raise ConfigError(f"{out} holds a teacher run with a different config; choose a new --out directory")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(saved, yaml.safe_dump(want, sort_keys=False).encode())
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.seed)
+    atomic_write_bytes(out / "env.json", json.dumps(environment(config.measure.threads), indent=2).encode())
+    data = load_data(config.data, seed=config.seed)
+    teacher, teacher_path = _teacher(config, data, out, default_device())
+    teacher = teacher.cpu().eval()
+    logits = predict(teacher, data.test, mean=data.mean, std=data.std, batch_size=config.train.eval_batch_size)
+    acc = top1(logits, data.test.y)
+    layers = prunable_layers(teacher, config.prune.exclude)
+    m = config.measure
+    lat = measure_latency({"teacher_fp32": teacher, "final_fp32": teacher}, input_shape=data.image_shape, batch_sizes=m.batch_sizes,
+                          threads=m.threads, warmup=m.warmup, runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed)
+    size = file_bytes(teacher_path)
+    metrics = {
+        "schema": METRICS_SCHEMA,
+        "model": config.model.name,
+        "width": config.model.width,
+        "dataset": data.name,
+        "num_classes": data.num_classes,
+        "stages": DENSE,
+        "stage_order": [],
+        "epochs": {"teacher": config.teacher.epochs},
+        "final_form": "fp32",
+        "accuracy": {"teacher_top1": acc, "final_top1": acc, "final_vs_teacher_agreement": 1.0},
+        "sparsity": {"target": 0.0, "achieved": global_sparsity(teacher, layers), "achieved_int8": None, "prunable_layers": len(layers)},
+        "size_bytes": {"teacher_fp32": size, "final": size, "final_file": teacher_path.name},
+        "latency": lat,
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# results table
+
+
+TIMING_COLUMNS = ("lat_b1_teacher_ms", "lat_b1_final_ms", "lat_b1_speedup", "lat_bmax_teacher_ms", "lat_bmax_final_ms",
+                  "lat_bmax_speedup", "wall_time_s", "recorded_at", "metrics_json")
+COLUMNS = (
+    ("run_id", "TEXT PRIMARY KEY"), ("variant", "TEXT"), ("kind", "TEXT"), ("teacher_id", "TEXT"),
+    ("model", "TEXT"), ("width", "REAL"), ("dataset", "TEXT"), ("stages", "TEXT"), ("stage_order", "TEXT"),
+    ("seed", "INTEGER"), ("sparsity_target", "REAL"), ("sparsity_achieved", "REAL"), ("prune_criterion", "TEXT"),
+    ("quantize_mode", "TEXT"), ("final_form", "TEXT"), ("teacher_epochs", "INTEGER"),
+    ("teacher_top1", "REAL"), ("final_top1", "REAL"), ("size_teacher_bytes", "INTEGER"), ("size_final_bytes", "INTEGER"),
+    ("size_compact_bytes", "INTEGER"),
+    ("lat_b1_teacher_ms", "REAL"), ("lat_b1_final_ms", "REAL"), ("lat_b1_speedup", "REAL"),
+    ("lat_bmax", "INTEGER"), ("lat_bmax_teacher_ms", "REAL"), ("lat_bmax_final_ms", "REAL"), ("lat_bmax_speedup", "REAL"),
+    ("wall_time_s", "REAL"), ("axes_json", "TEXT"), ("config_json", "TEXT"), ("metrics_json", "TEXT"),
+    ("run_dir", "TEXT"), ("recorded_at", "TEXT"),
+)
+
+
+def stage_order_label(stages: str) -> str:
+    """'P:1,Q:2,D:2' → 'P>Q>D'; '' → 'dense'."""
+    if not stages:
+        return "dense"
+    return ">".join(s.split(":")[0] for s in stages.split(","))
+
+
+def row_for(run: Run, metrics: Mapping[str, Any], sweep_dir: str | Path) -> dict:
+    cfg = run.config_dict()
+    lat = metrics.get("latency") or []
+    final = f"final_{metrics.get('final_form', 'fp32')}"
+
+    def med(model: str, bs: int) -> float | None:
+        return next((r["median_ms"] for r in lat if r["model"] == model and r["batch"] == bs), None)
+
+    bmax = max((r["batch"] for r in lat), default=None)
+    b1t, b1f = med("teacher_fp32", 1), med(final, 1)
+    bmt, bmf = (med("teacher_fp32", bmax), med(final, bmax)) if bmax and bmax != 1 else (None, None)
+    acc, size, sp = metrics.get("accuracy", {}), metrics.get("size_bytes", {}), metrics.get("sparsity", {})
+    return {
+        "run_id": run.run_id, "variant": run.variant, "kind": run.kind, "teacher_id": run.teacher_id,
+        "model": cfg["model"]["name"], "width": cfg["model"]["width"], "dataset": metrics.get("dataset", cfg["data"]["dataset"]),
+        "stages": cfg["stages"], "stage_order": stage_order_label(cfg["stages"]), "seed": cfg["seed"],
+        "sparsity_target": sp.get("target"), "sparsity_achieved": sp.get("achieved"),
+        "prune_criterion": cfg["prune"]["criterion"] if "P" in cfg["stages"] else None,
+        "quantize_mode": cfg["quantize"]["mode"] if "Q" in cfg["stages"] else None,
+        "final_form": metrics.get("final_form"), "teacher_epochs": cfg["teacher"]["epochs"],
+        "teacher_top1": acc.get("teacher_top1"), "final_top1": acc.get("final_top1"),
+        "size_teacher_bytes": size.get("teacher_fp32"), "size_final_bytes": size.get("final"),
+        "size_compact_bytes": size.get("compact_int8"),
+        "lat_b1_teacher_ms": b1t, "lat_b1_final_ms": b1f, "lat_b1_speedup": (b1t / b1f) if b1t and b1f else None,
+        "lat_bmax": bmax if bmt is not None else None, "lat_bmax_teacher_ms": bmt, "lat_bmax_final_ms": bmf,
+        "lat_bmax_speedup": (bmt / bmf) if bmt and bmf else None,
+        "wall_time_s": metrics.get("wall_time_s"),
+        "axes_json": json.dumps(dict(run.axes)), "config_json": json.dumps(cfg, sort_keys=True),
+        "metrics_json": json.dumps(metrics, sort_keys=True),
+        "run_dir": str(Path("runs") / run.run_id), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+class ResultTable:
+    """SQLite table ``runs`` in ``DIR/results.sqlite`` (stdlib only)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{n} {t}' for n, t in COLUMNS)})")
+            have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+            for n, t in COLUMNS:  # a table written by an older pqd: add the new columns
+                if n not in have:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {n} {t}")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def upsert(self, row: Mapping[str, Any]) -> None:
+        names = [n for n, _ in COLUMNS]
+        with self._connect() as db:
+            db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                       [row.get(n) for n in names])
+
+    def rows(self) -> list[dict]:
+        return read_table(self.path)
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """All rows of a results table as dicts (ordered by run_id)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.sqlite"
+    if not p.is_file():
+        raise PqdError(f"no results table at {p}; run 'pqd sweep SWEEP.yaml --out DIR' first")
+    db = sqlite3.connect(p)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY run_id")]
+    finally:
+        db.close()
+
+
+# --------------------------------------------------------------------------------------------
+# executors
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="sweep runs", unit="run", disable=not enabled, dynamic_ncols=True)
+
+
+def _local(todo: list[Run], sweep_dir: str, on_done: Callable[[Run, dict], None], on_fail: Callable[[Run, BaseException], None]) -> None:
+    failed_teachers: set[str] = set()
+    for run in todo:
+        if run.kind == "pipeline" and run.teacher_id in failed_teachers:
+            on_fail(run, PqdError(f"its teacher run teacher-{run.teacher_id} failed"))
+            continue
+        try:
+            metrics = execute(run, sweep_dir)
+        except Exception as exc:  # one failed run does not stop the sweep; KeyboardInterrupt does
+            if run.kind == "teacher":
+                failed_teachers.add(run.teacher_id)
+            on_fail(run, exc)
+            continue
+        on_done(run, metrics)
+
+
+def _ray(todo: list[Run], sweep_dir: str, on_done: Callable[[Run, dict], None], on_fail: Callable[[Run, BaseException], None], *,
+         address: str | None, cpus_per_run: float | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise PqdError("--executor ray needs Ray: pip install 'pqd[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+        started = True
+    try:
+        remote = ray.remote(_ray_execute)
+        refs: dict[Any, Run] = {}
+        teacher_refs: dict[str, Any] = {}
+        for run in todo:  # teachers first: pipeline runs depend on their teacher's task
+            cpus = cpus_per_run or float(max(run.config.measure.threads, run.config.train.threads or 1))
+            if run.kind == "teacher":
+                ref = remote.options(num_cpus=cpus).remote(run, sweep_dir, None)
+                teacher_refs[run.teacher_id] = ref
+            else:
+                ref = remote.options(num_cpus=cpus).remote(run, sweep_dir, teacher_refs.get(run.teacher_id))
+            refs[ref] = run
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    metrics = ray.get(ref)
+                except Exception as exc:  # the task (or the teacher task it waited for) raised
+                    on_fail(refs[ref], exc)
+                else:
+                    on_done(refs[ref], metrics)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_execute(run: Run, sweep_dir: str, teacher_done: Any) -> dict:
+    # teacher_done: the teacher task's result; Ray resolves it first, which orders the tasks.
+    return execute(run, sweep_dir)
+
+
+def run_sweep(
+    spec: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_run: float | None = None,
+    only: Iterable[str] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Expand ``spec`` and run everything not yet finished into ``out_dir``; return the table rows.
+
+    ``executor``: 'local' (one run after another in this process) or 'ray' (tasks on a Ray
+    cluster at ``address``, or a local Ray instance; ``out_dir`` must be on a filesystem every
+    node sees). ``only``: variant names to restrict to (their teachers run too).
+    """
+    out = Path(out_dir).resolve()
+    sweep = expand(spec, out)
+    runs = sweep.ordered()
+    if only is not None:
+        keep = set(only)
+        unknown = keep - {r.variant for r in runs}
+        if unknown:
+            raise ConfigError(f"--only: no variant named {sorted(unknown)}; variants: {sorted({r.variant for r in runs})}")
+        tids = {r.teacher_id for r in runs if r.variant in keep}
+        runs = [r for r in runs if r.variant in keep or (r.kind == "teacher" and r.teacher_id in tids)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(dict(spec))), sort_keys=False))
+    table = ResultTable(out / "results.sqlite")
+    todo = []
+    for run in runs:
+        m = finished_metrics(out, run)
+        if m is None:
+            todo.append(run)
+        else:
+            table.upsert(row_for(run, m, out))
+    log.info("sweep %s: %d runs, %d finished, %d to do", sweep.name, len(runs), len(runs) - len(todo), len(todo))
+    bar = _progress(len(runs), len(runs) - len(todo), progress)
+
+    def on_done(run: Run, metrics: dict) -> None:
+        table.upsert(row_for(run, metrics, out))
+        bar.set_postfix_str(f"{run.run_id}: top1 {100 * metrics['accuracy']['final_top1']:.1f}%", refresh=False)
+        bar.update(1)
+
+    failures: list[tuple[str, str]] = []
+
+    def on_fail(run: Run, exc: BaseException) -> None:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        log.error("run %s failed: %s", run.run_id, msg)
+        failures.append((run.run_id, msg))
+        bar.update(1)
+
+    try:
+        if executor == "local":
+            _local(todo, str(out), on_done, on_fail)
+        elif executor == "ray":
+            _ray(todo, str(out), on_done, on_fail, address=address, cpus_per_run=cpus_per_run)
+        else:
+            raise ConfigError(f"executor {executor!r} is not valid; choose 'local' or 'ray'")
+    finally:
+        bar.close()
+    if failures:
+        listing = "; ".join(f"{rid}: {msg[:200]}" for rid, msg in failures)
+        raise PqdError(f"{len(failures)} of {len(runs)} runs failed ({listing}). The others are in {out / 'results.sqlite'}; "
+                       f"see each failed run's log.txt, fix the cause and re-run the same command to finish them")
+    ids = {r.run_id for r in runs}
+    return [r for r in table.rows() if r["run_id"] in ids]

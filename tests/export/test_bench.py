@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from pqd.bench import BASELINE, bench_run  # noqa: E402
+from pqd.cli import main  # noqa: E402
+from pqd.export import available  # noqa: E402
+
+
+@pytest.mark.slow
+def test_bench_schema_runs_every_installed_runtime(int8_run):
+    r = bench_run(int8_run, threads=(1,), batch_sizes=(1, 4), warmup=1, runs=3, large_batch_runs=2)
+    want = {BASELINE, "pytorch_int8", "onnxruntime_fp32", "onnxruntime_int8"}
+    if available("openvino"):
+        want |= {"openvino_fp32", "openvino_int8"}
+    else:
+        assert "openvino" in r["skipped"]
+    assert set(r["variants"]) == want
+    lat = {(x["model"], x["batch"], x["threads"]): x for x in r["latency"]}
+    assert set(lat) == {(v, b, 1) for v in want for b in (1, 4)}
+    for (v, b, _), x in lat.items():
+        assert x["runs"] == (3 if b == 1 else 2)
+        assert 0 < x["median_ms"] <= x["p90_ms"] and x["std_ms"] >= 0
+        assert set(x["x_vs_fp32_eager"]) == {"median", "p90", "mean"}
+        assert x["proxy_model"] == ("teacher" if x["precision"] == "fp32" else "final")
+        if v == BASELINE:
+            assert x["x_vs_fp32_eager"]["median"] == 1.0
+    # proxies: the pruned final model touches fewer non-zero weights than the dense teacher
+    p = r["proxies"]
+    assert p["teacher"]["macs"] == p["final"]["macs"] and p["final"]["nonzero_macs"] < p["teacher"]["nonzero_macs"]
+    assert p["final"]["nonzero_params"] < p["final"]["params"] == p["teacher"]["params"]
+    # peak memory, one fresh process per variant; ONNX Runtime's never imports torch
+    rss = r["peak_rss_mb"]
+    assert set(rss) == want
+    for v, m in rss.items():
+        assert "error" not in m, (v, m)
+        assert m["peak_rss_mb"] >= m["after_load_mb"] >= m["after_import_mb"] > 0
+    assert rss["onnxruntime_int8"]["peak_rss_mb"] < rss["pytorch_int8"]["peak_rss_mb"]
+    assert r["env"]["cpu_flags"] is not None and "onnxruntime" in r["env"]["runtimes"]
+    if available("openvino"):
+        ov = r["variants"]["openvino_int8"]["by_threads"]["1"]
+        assert ov["inference_precision_hint"] == "f32"
+    ort = r["variants"]["onnxruntime_int8"]["by_threads"]["1"]
+    assert ort["intra_op_num_threads"] == 1 and ort["allow_spinning"] is False
+    # written out, and merged into metrics.json
+    assert json.loads((int8_run / "bench.json").read_text()) == json.loads(json.dumps(r))
+    md = (int8_run / "bench.md").read_text()
+    assert all(v in md for v in want) and "MACs on non-zero" in md
+    metrics = json.loads((int8_run / "metrics.json").read_text())
+    assert metrics["bench"]["latency"] == json.loads(json.dumps(r["latency"]))
+    assert "accuracy" in metrics, "merging keeps the run's own metrics"
+
+
+@pytest.mark.slow
+def test_pipeline_metrics_carry_faithfulness(int8_run):
+    f = json.loads((int8_run / "metrics.json").read_text())["faithfulness"]
+    assert f["n"] == 360 and f["k"] == 5
+    assert set(f["final"]["per_class"]) == {str(i) for i in range(10)}
+    c = f["contingency"]
+    assert sum(c.values()) == 360
+    assert f["mcnemar"]["b"] == c["teacher_only"] and f["mcnemar"]["c"] == c["final_only"]
+    assert 0.0 <= f["mcnemar"]["p_value"] <= 1.0
+
+
+@pytest.mark.slow
+def test_cli_bench(int8_run, capsys, tmp_path):
+    args = ["bench", str(int8_run), "--threads", "1", "--batch-sizes", "1", "--runs", "2", "--warmup", "0",
+            "--no-rss", "--runtimes", "pytorch,onnxruntime", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime_int8" in out and "pytorch_fp32_eager" in out and "openvino_int8" not in out
+    assert main(["bench", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pqd: error:" in err and "not a pqd run directory" in err and "Traceback" not in err
+    assert main(["bench", str(int8_run), "--runtimes", "tensorrt", "--quiet"]) == 2
+    assert "unknown runtime" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+
+from pqd.errors import PqdError  # noqa: E402
+from pqd.export import INT8_ONNX, TEACHER_ONNX, export_run, load_run, require  # noqa: E402
+
+
+def test_missing_runtime_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
+    with pytest.raises(PqdError, match=r"pip install 'pqd\[openvino\]'"):
+        require("openvino")
+    from pqd.bench import _resolve_runtimes
+
+    with pytest.raises(PqdError, match=r"pqd\[openvino\]"):
+        _resolve_runtimes(["pytorch", "openvino"])
+    wanted, skipped = _resolve_runtimes(None)  # not asked for by name: skipped, with the reason
+    assert "openvino" not in wanted and "pqd[openvino]" in skipped["openvino"]
+
+
+@pytest.mark.slow
+def test_onnx_int8_agrees_with_pytorch_int8(int8_run):
+    rec = export_run(int8_run, openvino=False)
+    final, teacher = rec["artefacts"]["final"], rec["artefacts"]["teacher_fp32"]
+    assert (int8_run / INT8_ONNX).is_file() and (int8_run / TEACHER_ONNX).is_file()
+    assert final["ops"]["QuantizeLinear"] > 0 and final["ops"]["DequantizeLinear"] > 0 and final["int8_weights"] == 21
+    assert final["bytes"] < teacher["bytes"] / 2, "INT8 weights should take a quarter of the FP32 bytes"
+    ort_int8, ort_fp32 = rec["checks"]["onnxruntime_int8"], rec["checks"]["onnxruntime_fp32"]
+    assert ort_int8["n"] == 360
+    assert ort_int8["agreement"] >= 0.99, ort_int8
+    assert ort_fp32["agreement"] >= 0.99 and ort_fp32["max_abs_logit_diff"] < 1e-3, ort_fp32
+    # the runtime really is INT8: ONNX Runtime fuses the QDQ pairs into integer operators
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(int8_run / "optimized.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(int8_run / INT8_ONNX), so, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(int8_run / "optimized.onnx")).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops
+    # a second call reuses the files (same sources) instead of exporting again
+    mtime = (int8_run / INT8_ONNX).stat().st_mtime_ns
+    assert export_run(int8_run, openvino=False)["artefacts"] == rec["artefacts"]
+    assert (int8_run / INT8_ONNX).stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_int8_initializers_equal_the_pytorch_int8_weights_and_keep_pruned_zeros(int8_run):
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    from pqd.stages import convert
+
+    export_run(int8_run, check=False)
+    run = load_run(int8_run)
+    inits = {i.name: i for i in onnx.load(str(int8_run / INT8_ONNX)).graph.initializer}
+    int8 = convert(run.student)
+    assert run.student.masks, "the run was pruned"
+    checked = 0
+    for path, mask in run.student.masks.items():
+        name = next((n for n in (f"{path}.weight_quantized", f"{path}.0.weight_quantized") if n in inits), None)
+        assert name is not None, f"no int8 initializer for {path}"
+        assert inits[name].data_type == TensorProto.INT8
+        q = numpy_helper.to_array(inits[name])
+        want = int8.get_submodule(path).weight().int_repr().numpy()
+        np.testing.assert_array_equal(q, want)  # bit-identical to model_int8.pt's weights
+        assert (q[~mask.cpu().numpy()] == 0).all(), f"{path}: a pruned weight is not zero in the ONNX file"
+        checked += 1
+    assert checked == len(run.student.masks)
+    zeros = sum(int((numpy_helper.to_array(i) == 0).sum()) for i in inits.values() if i.data_type == TensorProto.INT8)
+    total = sum(int(np.prod(i.dims)) for i in inits.values() if i.data_type == TensorProto.INT8)
+    assert zeros / total >= 0.6 - 0.01
+    # no FP32 copy of a conv/linear weight is left behind
+    assert not [n for n, i in inits.items() if n.endswith(".weight") and i.data_type == TensorProto.FLOAT]
+
+
+@pytest.mark.slow
+def test_openvino_runs_the_export_in_int8_with_an_f32_hint(int8_run):
+    pytest.importorskip("openvino")
+    from pqd.export import OpenVinoRunner
+
+    rec = export_run(int8_run, openvino=True)
+    assert rec["checks"]["openvino_int8"]["agreement"] >= 0.99, rec["checks"]["openvino_int8"]
+    assert rec["checks"]["openvino_fp32"]["agreement"] >= 0.99
+    r = OpenVinoRunner(int8_run / INT8_ONNX, threads=1, batch_sizes=(1,))
+    assert r.settings["inference_precision_hint"] == "f32"
+    assert r.settings["int8_layers"] and r.settings["int8_layers"] >= 21  # every conv and the classifier run in u8/i8
+    assert r(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # another batch size compiles on first use

@@ -1,0 +1,131 @@
+"""pqd report: Pareto frontier on known points; report files with embedded plots from a synthetic table."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import sys
+
+import pytest
+
+from pqd.config import RunConfig
+from pqd.errors import PqdError
+from pqd.report import build_report, dominators, pareto_front
+from pqd.sweep import ResultTable, Run, row_for
+
+MAX_MIN_MIN = ("max", "min", "min")  # accuracy up, size down, latency down
+
+
+def test_pareto_front_on_known_points():
+    pts = [
+        (90.0, 10.0, 5.0),  # 0 front
+        (85.0, 5.0, 5.0),   # 1 front (smaller)
+        (80.0, 20.0, 10.0),  # 2 dominated by 0 and 1
+        (90.0, 10.0, 5.0),  # 3 duplicate of 0: neither dominates the other -> front
+        (95.0, 30.0, 1.0),  # 4 front (most accurate, fastest)
+        (89.0, 10.0, 5.0),  # 5 dominated by 0 and 3 only (1 is less accurate)
+        (85.0, 5.0, 6.0),   # 6 dominated by 1 (equal but slower)
+    ]
+    assert pareto_front(pts, MAX_MIN_MIN) == [0, 1, 3, 4]
+    assert dominators(pts, MAX_MIN_MIN) == {2: [0, 1, 3, 5, 6], 5: [0, 3], 6: [1]}
+    # the senses matter: maximising size instead flips who wins
+    assert pareto_front(pts, ("max", "max", "min")) == [4]
+    assert pareto_front([], MAX_MIN_MIN) == []
+    with pytest.raises(ValueError, match="sense"):
+        pareto_front(pts, ("max", "min", "fast"))
+    with pytest.raises(ValueError, match="non-finite"):
+        pareto_front([(1.0, float("nan"), 1.0)], MAX_MIN_MIN)
+
+
+def _metrics(stages: str, acc: float, size: int, lat: float, sparsity: float, proxy: float | None):
+    form = "int8" if "Q" in stages else "fp32"
+    m = {
+        "schema": 1, "model": "resnet18", "width": 0.25, "dataset": "cifar10", "num_classes": 10, "stages": stages,
+        "final_form": form, "accuracy": {"teacher_top1": 0.80, "final_top1": acc},
+        "sparsity": {"target": sparsity, "achieved": sparsity, "achieved_int8": None, "prunable_layers": 20},
+        "size_bytes": {"teacher_fp32": 2_800_000, "final": size, "final_file": "x"} | ({"compact_int8": int(size * (1 - sparsity) / 2)} if form == "int8" else {}),
+        "latency": [
+            {"model": "teacher_fp32", "batch": 1, "median_ms": 4.0}, {"model": f"final_{form}", "batch": 1, "median_ms": lat},
+            {"model": "teacher_fp32", "batch": 64, "median_ms": 100.0}, {"model": f"final_{form}", "batch": 64, "median_ms": lat * 20},
+        ],
+        "wall_time_s": 1.0,
+    }
+    if proxy is not None:  # as `pqd bench` merges them into metrics.json
+        m["bench"] = {"proxies": {"teacher": {"macs": 5e7}, "final": {"macs": proxy, "nonzero_macs": proxy * (1 - sparsity)}}}
+    return m
+
+
+@pytest.fixture()
+def synthetic_sweep(tmp_path):
+    """A results table as `pqd sweep` writes it: dense, single techniques, 6 orders x 2 seeds, a sparsity sweep."""
+    table = ResultTable(tmp_path / "results.sqlite")
+    base = {"model": {"name": "resnet18", "width": 0.25}, "data": {"dataset": "cifar10"}, "teacher": {"epochs": 8}}
+    entries = [("dense", "", 0.80, 2_800_000, 4.0, 0.0, "PQD")]
+    entries += [("qat_only", "Q:2", 0.78, 760_000, 1.4, 0.0, None), ("prune_only", "P:1", 0.76, 2_800_000, 4.1, 0.7, None),
+                ("kd_only", "D:2", 0.81, 2_800_000, 4.0, 0.0, None)]
+    for i, perm in enumerate(itertools.permutations("PQD")):
+        stages = ",".join({"P": "P:1", "Q": "Q:2", "D": "D:2"}[s] for s in perm)
+        entries.append(("".join(perm), stages, 0.79 - 0.01 * i, 700_000, 1.3, 0.7, "PQD"))
+    rows = []
+    for name, stages, acc, size, lat, sp, _ in entries:
+        for seed in (0, 1):
+            cfg = RunConfig.from_dict(base | {"seed": seed, "stages": stages or "D:1", "prune": {"sparsity": sp or 0.7}})
+            kind = "teacher" if not stages else "pipeline"
+            rid = f"teacher-{seed}" if kind == "teacher" else f"{name}__seed{seed}"
+            run = Run(rid, name, kind, cfg, (("seed", seed),), f"t{seed}")
+            rows.append((run, _metrics(stages, acc + 0.002 * seed, size, lat, sp, 1e6 * lat if stages else None)))
+    for sp in (0.0, 0.5, 0.9, 0.95):
+        cfg = RunConfig.from_dict(base | {"seed": 0, "stages": "P:1,Q:2,D:2", "prune": {"sparsity": sp}})
+        run = Run(f"sparsity__seed0__sparsity{sp}", "sparsity", "pipeline", cfg, (("seed", 0), ("prune.sparsity", sp)), "t0")
+        rows.append((run, _metrics("P:1,Q:2,D:2", 0.785 - 0.1 * sp, 700_000, 1.3, sp, None)))
+    for run, m in rows:
+        table.upsert(row_for(run, m, tmp_path))
+    return tmp_path
+
+
+def test_report_files_with_tables_and_embedded_plots(synthetic_sweep):
+    paths = build_report(synthetic_sweep)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    pngs = sorted(p.name for p in paths["plots"].glob("*.png"))
+    assert pngs == ["sparsity_cifar10_resnet18_w0p25.png", "tradeoffs_cifar10_resnet18_w0p25.png"]
+    for name in pngs:
+        data = (paths["plots"] / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"![" in md and f"(plots/{name})" in md
+        assert base64.b64encode(data).decode()[:200] in page  # embedded, self-contained
+    assert page.count("data:image/png;base64,") == 2 and "plots/" not in page.replace("data:image", "")
+    assert "## cifar10 · resnet18 (width 0.25)" in md
+    # ordering ablation: all 6 orders, mean ± std over 2 seeds, sorted by accuracy (P>Q>D first here)
+    abl = md.split("Stage order ablation")[1].split("###")[0]
+    orders = [line.split("|")[1].strip() for line in abl.splitlines() if line.startswith("| ") and ">" in line.split("|")[1]]
+    assert orders == ["P>Q>D", "P>D>Q", "Q>P>D", "Q>D>P", "D>P>Q", "D>Q>P"]
+    assert "79.10 ± 0.14" in abl
+    # frontier: the fastest/smallest accurate config and the most accurate one; dominated list names the dominator
+    front = md.split("On the frontier: ")[1].splitlines()[0]
+    assert "`PQD`" in front and "`kd_only`" in front and "`QPD`" not in front
+    assert "| QPD | 77.10 | 0.700 | 0.325 | PDQ, PQD, sparsity__sparsity0.0 |" in md
+    assert "Sparsity sweep" in md and "95%" in md
+    assert "| sparsity__sparsity0.95 | P:1,Q:2,D:2 | 1 | 95% | 69.00 | 0.700 | 4.0x | 0.018 |" in md  # compact size column
+    assert "Proxies vs measured" in md
+    assert "| proxies.macs | 18 | 1.00 |" in md  # MACs proxy ranks the runs as the measured latency does
+
+
+def test_report_without_proxies_says_so(synthetic_sweep):
+    import sqlite3
+    import json
+
+    with sqlite3.connect(synthetic_sweep / "results.sqlite") as db:
+        for rid, mj in db.execute("SELECT run_id, metrics_json FROM runs").fetchall():
+            m = json.loads(mj)
+            m.pop("bench", None)
+            db.execute("UPDATE runs SET metrics_json=? WHERE run_id=?", (json.dumps(m), rid))
+    md = build_report(synthetic_sweep)["markdown"].read_text()
+    assert "Proxies vs measured" not in md and "No proxy fields" in md
+
+
+def test_report_needs_matplotlib_and_a_table(synthetic_sweep, tmp_path, monkeypatch):
+    with pytest.raises(PqdError, match="no results table"):
+        build_report(tmp_path / "nowhere")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(PqdError, match=r"pip install 'pqd\[report\]'"):
+        build_report(synthetic_sweep)

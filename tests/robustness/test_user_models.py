@@ -1,0 +1,70 @@
+"""User models given by import path: they compress to INT8 with the integer model agreeing with its
+fake-quant simulation, or fail early with a ModelError naming the module; layers the x86 quantizer
+leaves in float are listed in metrics.json["quantization"]["float_modules"] and logged."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from rbhelpers import tiny
+
+from pqd.config import RunConfig
+from pqd.errors import ModelError
+from pqd.pipeline import run_pipeline
+
+
+def _config(factory: str, stages: str = "P:1,Q:1,D:1", teacher_epochs: int = 6) -> RunConfig:
+    return RunConfig.from_dict(tiny(
+        stages=stages,
+        model={"name": f"pqd_user_models:{factory}", "width": 1.0},
+        data={"train_subset": 512, "test_subset": 256},
+        teacher={"epochs": teacher_epochs, "lr": 0.1},
+    ))
+
+
+@pytest.mark.parametrize(
+    "factory, float_ops",
+    [
+        ("mobilenet", []),  # depthwise-separable convs, ReLU6
+        ("densenet", []),  # torch.cat skips
+        ("functional", ["flatten"]),  # F.relu / F.hardswish / x.relu(); Tensor.flatten has no x86 pattern
+        ("float_layers", ["act", "silu"]),  # nn.GELU and F.silu stay float; LayerNorm is quantized
+    ],
+)
+def test_user_architecture_compresses_to_a_faithful_int8_model(factory, float_ops, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pqd")
+    m = run_pipeline(_config(factory), tmp_path)
+    acc = m["accuracy"]
+    assert m["final_form"] == "int8" and (tmp_path / "model_int8.pt").is_file()
+    assert acc["final_top1"] >= 0.4, "the model must have learned something (chance is 0.1) for agreement to mean anything"
+    assert acc["int8_vs_fake_quant_agreement"] >= 0.93, acc
+    assert abs(acc["final_top1"] - acc["fake_quant_top1"]) <= 0.03, acc
+    assert m["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
+    assert m["sparsity"]["achieved_int8"] >= 0.49, "pruned zeros must survive conversion"
+    assert [f["name"] for f in m["quantization"]["float_modules"]] == float_ops
+    warned = [r.getMessage() for r in caplog.records if "stay FP32" in r.getMessage()]
+    if float_ops:
+        assert len(warned) == 1 and all(name in warned[0] for name in float_ops)
+    else:
+        assert not warned
+
+
+def test_untraceable_model_fails_before_training_naming_the_module(tmp_path):
+    with pytest.raises(ModelError, match=r"torch.fx could not trace it.*'gate' \(Gate\)"):
+        run_pipeline(_config("untraceable"), tmp_path)
+    assert not (tmp_path / "teacher.safetensors").exists() and not (tmp_path / "teacher.epoch.safetensors").exists(), \
+        "the trace error must come before the teacher trains"
+
+
+def test_untraceable_model_without_quantize_stage_runs_in_fp32(tmp_path):
+    m = run_pipeline(_config("untraceable", stages="P:1", teacher_epochs=1), tmp_path)
+    assert m["final_form"] == "fp32" and m["quantization"] is None
+    assert m["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_model_with_wrong_output_shape_is_refused_before_training(tmp_path):
+    cfg = RunConfig.from_dict(tiny(model={"name": "pqd_user_models:fixed_1000_classes", "width": 1.0}))
+    with pytest.raises(ModelError, match=r"returns \(2, 1000\).*expected logits of shape \(2, 10\)"):
+        run_pipeline(cfg, tmp_path)
+    assert not (tmp_path / "teacher.epoch.safetensors").exists()

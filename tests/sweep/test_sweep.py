@@ -1,0 +1,293 @@
+"""pqd sweep: expansion, teacher sharing, skip/resume, results table, executors."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+
+import pytest
+
+import pqd.pipeline
+from pqd.config import RunConfig
+from pqd.errors import ConfigError, PqdError
+from pqd.sweep import TIMING_COLUMNS, expand, finished_metrics, read_table, run_sweep, teacher_identity
+
+
+def _base():
+    return {
+        "seed": 0,
+        "model": {"name": "resnet18", "width": 0.125},
+        "data": {"dataset": "digits", "train_subset": 256, "test_subset": 128},
+        "train": {"batch_size": 64, "progress": False, "threads": 2},
+        "teacher": {"epochs": 2, "lr": 0.05},
+        "prune": {"sparsity": 0.5},
+        "measure": {"threads": 1, "warmup": 1, "runs": 3, "batch_sizes": [1], "large_batch_runs": 1},
+    }
+
+
+SPEC = {
+    "name": "tiny",
+    "base": _base(),
+    "grid": {"seed": [0]},
+    "variants": {
+        "dense": {"stages": ""},
+        "prune": {"stages": "P:1"},
+        "qat": {"stages": "Q:1"},
+        "pd": {"stages": "P:1,D:1"},
+    },
+}
+
+
+# ---------------------------------------------------------------------------- expansion (no training)
+
+
+def test_expand_variants_times_seeds_and_variant_grids(tmp_path):
+    spec = {
+        "base": _base(),
+        "grid": {"seed": [0, 1, 2]},
+        "variants": {
+            "dense": {"stages": ""},
+            "pqd": {"stages": "P:1,Q:1,D:1"},
+            "ptq": {"stages": "Q:0", "quantize.mode": "ptq", "quantize": {"calibration_batches": 2}},
+            "sp": {"stages": "P:1", "grid": {"prune.sparsity": [0.3, 0.6], "seed": [5]}},
+        },
+    }
+    sweep = expand(spec, tmp_path)
+    ids = [r.run_id for r in sweep.pipelines()]
+    assert ids == ["pqd__seed0", "pqd__seed1", "pqd__seed2", "ptq__seed0", "ptq__seed1", "ptq__seed2",
+                   "sp__seed5__sparsity0.3", "sp__seed5__sparsity0.6"]
+    # one teacher per seed (the teacher identity does not depend on stages / prune / quantize settings)
+    teachers = sweep.teachers()
+    assert sorted(t.config.seed for t in teachers) == [0, 1, 2, 5]
+    assert {t.variant for t in teachers if t.config.seed != 5} == {"dense"}  # the dense variant names its teacher run
+    assert next(t for t in teachers if t.config.seed == 5).variant == "teacher"
+    by_id = {r.run_id: r for r in sweep.runs}
+    ptq = by_id["ptq__seed1"].config
+    assert (ptq.quantize.mode, ptq.quantize.calibration_batches, ptq.seed) == ("ptq", 2, 1)
+    assert by_id["sp__seed5__sparsity0.6"].config.prune.sparsity == 0.6
+    assert by_id["pqd__seed1"].teacher_id == by_id["ptq__seed1"].teacher_id != by_id["pqd__seed0"].teacher_id
+    # pipeline runs load the shared teacher from the teacher run's directory
+    w = by_id["pqd__seed1"].config.teacher.weights
+    assert w == str((tmp_path / "runs" / f"teacher-{by_id['pqd__seed1'].teacher_id}" / "teacher.safetensors").resolve())
+    assert all(r.config_dict()["stages"] == "" for r in teachers)
+    # execution order: each teacher right before the runs that use it
+    order = [r.run_id for r in sweep.ordered()]
+    assert order.index(f"teacher-{by_id['pqd__seed1'].teacher_id}") < order.index("pqd__seed1") < order.index(f"teacher-{by_id['pqd__seed2'].teacher_id}")
+
+
+def test_teacher_identity_ignores_stage_settings_but_not_training():
+    a = RunConfig.from_dict(_base() | {"stages": "P:1"}).to_dict()
+    b = RunConfig.from_dict(_base() | {"stages": "Q:3", "prune": {"sparsity": 0.9}}).to_dict()
+    c = RunConfig.from_dict(_base() | {"stages": "P:1", "teacher": {"epochs": 3, "lr": 0.05}}).to_dict()
+    d = RunConfig.from_dict(_base() | {"stages": "P:1", "seed": 1}).to_dict()
+    assert teacher_identity(a) == teacher_identity(b)
+    assert len({teacher_identity(x) for x in (a, c, d)}) == 3
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"variants": {"a": {"stages": "P:1"}, "b": {"stages": "P:1"}}}, "same config"),
+        ({"variants": {"a": {"stages": "P:1", "prune.sparsty": 0.5}}}, "sparsity"),
+        ({"variants": {}}, "non-empty"),
+        ({"variants": {"a": {"stages": "P:1"}}, "grid": {"seed": 3}}, "list"),
+        ({"variants": {"a": {"stages": "P:1"}}, "extra": 1}, "unknown top-level"),
+        ({"variants": {"a": "P:1"}}, "expected a mapping"),
+    ],
+)
+def test_bad_sweeps_are_refused(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        expand({"base": _base()} | spec)
+
+
+# ---------------------------------------------------------------------------- running (one tiny sweep, shared)
+
+
+class _Killed(BaseException):  # like KeyboardInterrupt / SystemExit: stops the whole sweep
+    pass
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Run SPEC three times: killed during 'pd''s distill stage, resumed, then again (all finished).
+
+    Records how often the teacher was trained and the stages ran in each attempt.
+    """
+    out = tmp_path_factory.mktemp("sweep")
+    real = {n: getattr(pqd.pipeline, n) for n in ("train", "prune", "quantize", "distill")}
+    calls = []
+
+    def spy(name, die=False):
+        def f(*a, **k):
+            calls[-1][name] += 1
+            if die:
+                raise _Killed("simulated kill")
+            return real[name](*a, **k)
+        return f
+
+    rows = []
+    for attempt in range(3):
+        calls.append({n: 0 for n in real})
+        with pytest.MonkeyPatch.context() as mp:
+            for n in real:
+                mp.setattr(pqd.pipeline, n, spy(n, die=(attempt == 0 and n == "distill")))
+            if attempt == 0:
+                with pytest.raises(_Killed):
+                    run_sweep(SPEC, out, progress=False)
+                rows.append(read_table(out))
+                pd_dir = out / "runs" / "pd__seed0"
+                killed_state = {"prune_done": (pd_dir / "stages" / "1_prune" / "student.safetensors").is_file(),
+                                "metrics": (pd_dir / "metrics.json").exists()}
+            else:
+                rows.append(run_sweep(SPEC, out, progress=False))
+    return out, calls, rows, killed_state
+
+
+def test_teacher_trained_once_and_shared(swept):
+    out, calls, rows, killed_state = swept
+    assert calls[0]["train"] == 1, "one teacher for 3 pipeline runs: trained exactly once"
+    final = {r["run_id"]: r for r in rows[-1]}
+    teacher = next(r for r in final.values() if r["kind"] == "teacher")
+    for rid in ("prune__seed0", "qat__seed0", "pd__seed0"):
+        assert final[rid]["teacher_top1"] == teacher["final_top1"] == teacher["teacher_top1"]
+        cfg = json.loads(final[rid]["config_json"])
+        assert cfg["teacher"]["weights"].endswith(f"runs/{teacher['run_id']}/teacher.safetensors")
+    assert (out / "runs" / teacher["run_id"] / "teacher.safetensors").is_file()
+
+
+def test_resume_after_kill_finishes_only_what_is_missing(swept):
+    out, calls, rows, killed_state = swept
+    assert sorted(r["variant"] for r in rows[0]) == ["dense", "prune", "qat"]  # pd was killed
+    assert killed_state == {"prune_done": True, "metrics": False}  # killed inside its second stage
+    # attempt 2: no teacher training, pd's finished prune stage restored, only its distill stage runs
+    assert calls[1] == {"train": 0, "prune": 0, "quantize": 0, "distill": 1}
+    assert len(rows[1]) == 4
+    # attempt 3: everything finished -> nothing recomputed
+    assert calls[2] == {"train": 0, "prune": 0, "quantize": 0, "distill": 0}
+
+
+def test_finished_runs_are_skipped_without_touching_the_pipeline(swept, monkeypatch):
+    out, _, rows, _ = swept
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was executed again")
+
+    monkeypatch.setattr(pqd.pipeline, "run_pipeline", boom)
+    monkeypatch.setattr("pqd.sweep.run_dense", boom)
+    again = run_sweep(SPEC, out, progress=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "recorded_at"} for r in rs]  # noqa: E731
+    assert strip(again) == strip(rows[-1])
+
+
+def test_result_table_holds_flat_keys_full_config_and_metrics(swept):
+    out, _, rows, _ = swept
+    table = {r["run_id"]: r for r in rows[-1]}
+    assert len(table) == 4
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 4
+    for rid, r in table.items():
+        m = json.loads((out / r["run_dir"] / "metrics.json").read_text())
+        assert json.loads(r["metrics_json"]) == m
+        cfg = json.loads(r["config_json"])
+        assert (r["model"], r["width"], r["dataset"], r["seed"]) == ("resnet18", 0.125, "digits", 0)
+        assert r["stages"] == cfg["stages"] == m["stages"]
+        assert r["final_top1"] == m["accuracy"]["final_top1"] and r["size_final_bytes"] == m["size_bytes"]["final"]
+        lat = {(x["model"], x["batch"]): x["median_ms"] for x in m["latency"]}
+        assert r["lat_b1_teacher_ms"] == lat[("teacher_fp32", 1)]
+        assert r["lat_b1_final_ms"] == lat[(f"final_{m['final_form']}", 1)]
+    assert table["pd__seed0"]["stage_order"] == "P>D" and table["pd__seed0"]["sparsity_target"] == 0.5
+    assert table["pd__seed0"]["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
+    assert table["qat__seed0"]["final_form"] == "int8" and table["qat__seed0"]["quantize_mode"] == "qat"
+    dense = next(r for r in table.values() if r["kind"] == "teacher")
+    assert (dense["variant"], dense["stages"], dense["stage_order"], dense["final_form"]) == ("dense", "", "dense", "fp32")
+    assert dense["size_final_bytes"] == dense["size_teacher_bytes"]
+    assert table["qat__seed0"]["size_final_bytes"] < dense["size_final_bytes"]
+
+
+def test_finished_run_with_changed_config_is_refused(swept):
+    out, _, _, _ = swept
+    changed = {**SPEC, "variants": {**SPEC["variants"], "qat": {"stages": "Q:1", "quantize.lr": 0.001}}}
+    run = next(r for r in expand(changed, out).runs if r.run_id == "qat__seed0")
+    with pytest.raises(ConfigError, match="different config"):
+        finished_metrics(out, run)
+
+
+def test_missing_ray_names_the_extra(swept, monkeypatch):
+    out, _, _, _ = swept
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes 'import ray' raise ImportError
+    with pytest.raises(PqdError, match=r"pip install 'pqd\[ray\]'"):
+        run_sweep(SPEC, out, executor="ray", progress=False)
+
+
+def _comparable(rows, root):
+    """Rows minus timings. A TorchScript file's size depends by a few hundred bytes on how many modules
+    the process scripted before (mangled class names such as ___torch_mangle_12), so sizes are rounded."""
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if k not in TIMING_COLUMNS}
+        r["size_final_bytes"] = round(r["size_final_bytes"], -4)
+        cfg = json.loads(r.pop("config_json"))
+        if cfg["teacher"]["weights"]:
+            cfg["teacher"]["weights"] = cfg["teacher"]["weights"].replace(str(root.resolve()), "ROOT")
+        r["config"] = cfg
+        out.append(r)
+    return out
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_table(swept, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import os
+    from pathlib import Path
+
+    out, _, rows, _ = swept
+    src = str(Path(pqd.pipeline.__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray_rows = run_sweep(SPEC, tmp_path, executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert _comparable(ray_rows, tmp_path) == _comparable(rows[-1], out)
+    for r in ray_rows:  # metrics equal too, apart from timings
+        m = json.loads(r["metrics_json"].replace(str(tmp_path.resolve()), "ROOT"))
+        local = json.loads(next(x for x in rows[-1] if x["run_id"] == r["run_id"])["metrics_json"].replace(str(out.resolve()), "ROOT"))
+        for k in ("latency", "wall_time_s"):
+            m.pop(k), local.pop(k)
+        assert m["size_bytes"].pop("final") == pytest.approx(local["size_bytes"].pop("final"), rel=0.01)
+        assert m == local
+
+
+def test_cli_sweep_dry_run_and_errors_exit_2(tmp_path, capsys):
+    import yaml
+
+    from pqd.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--dry-run", "--set", "prune.sparsity=0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "pd__seed0" in out and "4 runs (1 teachers)" in out
+    assert not (tmp_path / "o").exists()
+    assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--set", "prune.sparsity=2"]) == 2
+    assert "prune.sparsity" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no results table" in capsys.readouterr().err
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
+    spec = {**SPEC, "base": _base() | {"teacher": {"epochs": 1, "lr": 0.05}},
+            "variants": {"qat": {"stages": "Q:1"}, "bad": {"stages": "D:1"}, "prune": {"stages": "P:1"}}}
+    real = pqd.pipeline.distill
+
+    def broken(*a, **k):
+        raise RuntimeError("distill exploded")
+
+    monkeypatch.setattr(pqd.pipeline, "distill", broken)
+    with pytest.raises(PqdError, match=r"1 of 4 runs failed \(bad__seed0: distill exploded\)"):
+        run_sweep(spec, tmp_path, progress=False)
+    assert sorted(r["variant"] for r in read_table(tmp_path)) == ["prune", "qat", "teacher"]  # the run after 'bad' ran too
+    monkeypatch.setattr(pqd.pipeline, "distill", real)
+    assert len(run_sweep(spec, tmp_path, progress=False)) == 4
