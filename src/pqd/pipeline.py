@@ -255,7 +255,14 @@ def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict:
         return {}
     metrics = finalize(config, data, teacher, teacher_path, student, out)
     metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
-    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    old = out / "metrics.json"
+    if old.exists():  # keep what other commands added (e.g. `pqd bench`) when a finished run is re-measured
+        try:
+            previous = json.loads(old.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        metrics.update({k: v for k, v in previous.items() if k not in metrics})
+    atomic_write_bytes(old, json.dumps(metrics, indent=2).encode())
     return metrics
 
 

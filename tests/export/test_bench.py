@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
