@@ -196,6 +196,7 @@ def plot_tradeoffs(aggs: list[dict], front: set[int], title: str) -> bytes:
     """Accuracy vs relative latency and vs size; frontier points ringed and labelled."""
     plt = _mpl()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    keys: list[str] = []
     for ax, key, xlabel in ((axes[0], "rel_lat", "batch-1 latency relative to the FP32 teacher (lower is faster)"),
                             (axes[1], "size_mb", "file size on disk, MB (log scale)")):
         for n in sorted({_n_stages(a) for a in aggs}):
@@ -203,12 +204,15 @@ def plot_tradeoffs(aggs: list[dict], front: set[int], title: str) -> bytes:
             if pts:
                 name = {0: "dense FP32", 1: "one technique", 2: "two stages", 3: "three stages"}[n]
                 ax.scatter(*zip(*pts), s=28, color=_COLORS[n], alpha=0.75, label=name, zorder=2)
-        fr = sorted((aggs[i][key], aggs[i]["acc"], aggs[i]["label"]) for i in front if aggs[i][key] is not None)
+        # frontier: ringed, numbered by accuracy; the numbers are keyed in a box (labels never overlap the points)
+        fr = sorted(((aggs[i][key], aggs[i]["acc"], aggs[i]["label"]) for i in front if aggs[i][key] is not None), key=lambda t: -t[1])
         if fr:
             ax.scatter([x for x, _, _ in fr], [y for _, y, _ in fr], s=130, facecolors="none", edgecolors="red", linewidths=1.6,
                        label="Pareto frontier (acc↑ size↓ latency↓)", zorder=3)
-            for x, y, lab in fr:
-                ax.annotate(lab.replace("__", " "), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7.5, color="darkred")
+            for k, (x, y, _) in enumerate(fr, 1):
+                ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(-4 - 7 * (k % 2), 6 if k % 2 else -12),
+                            fontsize=8, color="darkred", weight="bold")
+            keys.append("   ".join(f"{k}: {lab.replace('__', ' ')}" for k, (_, _, lab) in enumerate(fr, 1)))
         if key == "size_mb":
             from matplotlib.ticker import FuncFormatter
 
@@ -219,7 +223,10 @@ def plot_tradeoffs(aggs: list[dict], front: set[int], title: str) -> bytes:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("top-1 accuracy, % (mean over seeds)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.04), frameon=False)
+    if keys:
+        fig.text(0.5, -0.09, "frontier (numbered by accuracy): " + keys[0], ha="center", fontsize=8, color="darkred", wrap=True)
     fig.suptitle(title)
     return _png(fig)
 
