@@ -52,12 +52,13 @@ def main() -> None:
     import torch._inductor.config as inductor_config
 
     t = time.perf_counter()
-    exported = torch.export.export(model, (torch.randn(2, 3, 32, 32),)).module()
+    batch = torch.export.Dim("batch", max=4096)
+    exported = torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: batch},)).module()
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     pt = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for c in calib:
-            pt(c[:2])
+            pt(c)
     pt = convert_pt2e(pt)
     pt2e_prep_s = time.perf_counter() - t
     inductor_config.freezing = True
