@@ -3,6 +3,12 @@
     PYTHONPATH=src python benchmarks/compact_size.py [--models resnet18,vgg16_bn,wrn_28_10]
         [--sparsities 0,0.5,0.9,0.95] [--weights init,laplace] [--codecs-at 0.9] [--threads 2]
         [--out benchmarks/results/compact_size]
+    PYTHONPATH=src python benchmarks/compact_size.py --run-dir RUN_DIR [--out ...]
+
+``--run-dir`` measures a finished pipeline run instead (trained weights): the bytes of its
+``teacher.safetensors``, ``model_int8.pt``, that file through zstd-19, and
+``model_int8.pqdz`` (decoded through ``pqd.compact.load_run`` and checked to predict exactly
+as ``model_int8.pt`` on random inputs), with the entropy bound of its int8 weights.
 
 For every model, weight source and sparsity: global magnitude pruning
 (``pqd.stages.prune.compute_masks`` + ``pqd.train.apply_masks``) of an untrained model, PTQ
@@ -169,6 +175,30 @@ def markdown(result: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def run_dir_sizes(run_dir: Path, seed: int = 0) -> dict:
+    """Bytes of a finished run's files and the compact checkpoint's ratios (see the module docstring)."""
+    ts_bytes = (run_dir / "model_int8.pt").read_bytes()
+    ts_z = len(zstandard.ZstdCompressor(level=19).compress(ts_bytes))
+    fp32 = (run_dir / "teacher.safetensors").stat().st_size
+    pqdz = (run_dir / compact.FILE_NAME).stat().st_size
+    model = compact.load_run(run_dir)  # decodes and rebuilds; must predict exactly as the TorchScript file
+    jit = torch.jit.load(str(run_dir / "model_int8.pt"))
+    x = torch.randn(32, *model_input_shape(run_dir), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        same = bool(torch.equal(model(x), jit(x)))
+    bound = compact.entropy_bound(model)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"run_dir": str(run_dir), "model": metrics["model"], "width": metrics["width"], "stages": metrics["stages"],
+            "sparsity_int8": metrics["sparsity"]["achieved_int8"], "final_top1": metrics["accuracy"]["final_top1"],
+            "fp32_safetensors": fp32, "int8_ts": len(ts_bytes), "int8_ts_zstd19": ts_z, "compact": pqdz,
+            "bound_per_tensor": round(bound["per_tensor"]), "fp32_over_compact": fp32 / pqdz, "ts_zstd19_over_compact": ts_z / pqdz,
+            "fp32_over_ts_zstd19": fp32 / ts_z, "compact_predicts_as_torchscript": same}
+
+
+def model_input_shape(run_dir: Path) -> tuple[int, ...]:
+    return tuple(json.loads((run_dir / "bench.json").read_text())["input_shape"]) if (run_dir / "bench.json").is_file() else (3, 32, 32)
+
+
 def main() -> None:
     import sys
 
@@ -180,8 +210,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compact_size"))
+    ap.add_argument("--run-dir", type=Path, default=None, help="measure a finished run's files instead")
     args = ap.parse_args()
     args.command = "python benchmarks/compact_size.py " + " ".join(sys.argv[1:])
+    if args.run_dir:
+        r = run_dir_sizes(args.run_dir, args.seed) | {"command": args.command, "env": environment(args.threads)}
+        md = ("| run | sparsity (int8) | FP32 safetensors | INT8 TorchScript | TS + zstd-19 | compact | bound | FP32 ÷ compact "
+              "| TS.zst ÷ compact | compact predicts as TS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+              f"| {r['model']} ×{r['width']} {r['stages']} | {r['sparsity_int8']:.1%} | {r['fp32_safetensors']:,} | {r['int8_ts']:,} "
+              f"| {r['int8_ts_zstd19']:,} | **{r['compact']:,}** | {r['bound_per_tensor']:,} | {r['fp32_over_compact']:.1f}× "
+              f"| {r['ts_zstd19_over_compact']:.2f}× | {r['compact_predicts_as_torchscript']} |\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(r, indent=2))
+        args.out.with_suffix(".md").write_text(md)
+        print(md)
+        return
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))

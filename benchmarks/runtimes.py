@@ -10,11 +10,13 @@ sparsity: global magnitude pruning (``compute_masks`` + ``apply_masks``) of ever
 linear layer, PTQ calibration on 4 random batches of 16 (``prepare(mode="ptq")`` +
 ``convert``), TorchScript freezing, and ONNX export of the FP32 model and of the INT8 model
 (QDQ, int8 initializers; :mod:`pqd.export`). Then all variants of one model, both
-sparsities, are timed interleaved round-robin in one process
-(:func:`pqd.measure.measure_latency`) at a fixed thread count:
+sparsities, are timed at a fixed thread count, each variant in a worker process of its
+own (:mod:`pqd._worker`; ONNX Runtime and OpenVINO workers never import torch), interleaved
+in rotating rounds of one block per variant (50 ms untimed, then 25 timed calls at batch
+1; :func:`pqd.measure.latency.interleave`, the harness of ``pqd bench``):
 
     pytorch_fp32_eager, pytorch_int8 (FX-converted, TorchScript-frozen),
-    onnxruntime_fp32 / _int8 (CPU EP, spinning off), openvino_fp32 / _int8 (precision hint f32)
+    onnxruntime_fp32 / _int8 (CPU EP, ORT defaults but threads), openvino_fp32 / _int8 (precision hint f32)
 
 Ratios: "x FP32" = PyTorch FP32 eager of the same model and sparsity / this (>1 faster);
 "x dense FP32" = the dense model's PyTorch FP32 eager / this. The proxy column is the MACs
@@ -41,12 +43,15 @@ from pathlib import Path
 import torch
 
 from pqd.export import OpenVinoRunner, OrtRunner, available, export_onnx, reference_int8
-from pqd.measure import environment, measure_latency
+from pqd.measure import environment
+from pqd.measure.latency import interleave
+from pqd.measure.workers import start_workers
 from pqd.measure.proxies import proxies
 from pqd.registry import create_model
 from pqd.stages import Student, convert, prunable_layers, to_torchscript
 from pqd.stages.prune import compute_masks
 from pqd.stages.quantize import _fx, prepare
+from pqd.train.checkpoint import save_checkpoint
 from pqd.train.loop import apply_masks
 
 DEFAULT_MODELS = ("resnet18", "vgg16_bn", "wrn_28_10")
@@ -55,8 +60,9 @@ SHAPE = (3, 32, 32)
 BEGIN, END = "<!-- runtimes:begin -->", "<!-- runtimes:end -->"
 
 
-def build(name: str, width: float, sparsity: float, work: Path, runtimes: list[str], seed: int = 0) -> tuple[dict, dict]:
-    """(variants name -> callable factory(threads), info) for one model at one sparsity."""
+def build(name: str, width: float, sparsity: float, work: Path, runtimes: list[str], batch_sizes: list[int],
+          seed: int = 0) -> tuple[dict, dict]:
+    """(variants name -> worker spec without threads, info) for one model at one sparsity; files go to ``work``."""
     torch.manual_seed(seed)
     kw = {"width": width} if width != 1.0 else {}
     model = create_model(name, num_classes=10, **kw).eval()
@@ -75,28 +81,30 @@ def build(name: str, width: float, sparsity: float, work: Path, runtimes: list[s
     int8 = to_torchscript(convert(student), torch.zeros(1, *SHAPE))
     quant_s = time.perf_counter() - t0
     info = {"model": name, "width": width, "sparsity": sparsity, "proxies": proxies(model, SHAPE), "quantize_s": round(quant_s, 1)}
-    variants = {"pytorch_fp32_eager": lambda t: model, "pytorch_int8": lambda t: int8}
+    tag = f"{name}_w{width}_s{int(round(sparsity * 100))}"
+    save_checkpoint(work / f"{tag}_fp32.safetensors", model.state_dict(), {})
+    torch.jit.save(int8, str(work / f"{tag}_int8.pt"))
+    base = {"input_shape": list(SHAPE), "batch_sizes": list(batch_sizes), "seed": seed}
+    variants = {"pytorch_fp32_eager": base | {"kind": "eager", "model": name, "kwargs": kw, "num_classes": 10,
+                                              "weights": str(work / f"{tag}_fp32.safetensors")},
+                "pytorch_int8": base | {"kind": "torchscript", "path": str(work / f"{tag}_int8.pt")}}
     if "onnxruntime" in runtimes or "openvino" in runtimes:
-        tag = f"{name}_w{width}_s{int(round(sparsity * 100))}"
         t0 = time.perf_counter()
         fp32_rec = export_onnx(model, work / f"{tag}_fp32.onnx", SHAPE, fold=False)
         int8_rec = export_onnx(reference_int8(student), work / f"{tag}_int8.onnx", SHAPE)
         info["export_s"] = round(time.perf_counter() - t0, 1)
         info["onnx_bytes"] = {"fp32": fp32_rec["bytes"], "int8": int8_rec["bytes"]}
-        for rt, cls, extra in (("onnxruntime", OrtRunner, {}), ("openvino", OpenVinoRunner, {"batch_sizes": (1,)})):
-            if rt in runtimes:
-                variants[f"{rt}_fp32"] = lambda t, c=cls, e=extra, p=work / f"{tag}_fp32.onnx": c(p, threads=t, **e)
-                variants[f"{rt}_int8"] = lambda t, c=cls, e=extra, p=work / f"{tag}_int8.onnx": c(p, threads=t, **e)
         # sanity: the exports compute what PyTorch computes (random inputs, untrained weights)
         x = torch.randn(32, *SHAPE, generator=g)
         with torch.inference_mode():
             ref = {"fp32": model(x), "int8": int8(x)}
         info["agreement_vs_pytorch"] = {}
-        for k, make in variants.items():
-            if k.startswith("pytorch"):
-                continue
-            y = torch.as_tensor(make(1)(x))
-            info["agreement_vs_pytorch"][k] = (y.argmax(1) == ref[k.rsplit("_", 1)[1]].argmax(1)).float().mean().item()
+        for rt, cls in (("onnxruntime", OrtRunner), ("openvino", OpenVinoRunner)):
+            if rt in runtimes:
+                for prec in ("fp32", "int8"):
+                    variants[f"{rt}_{prec}"] = base | {"kind": rt, "path": str(work / f"{tag}_{prec}.onnx")}
+                    y = torch.as_tensor(cls(work / f"{tag}_{prec}.onnx", threads=1)(x))
+                    info["agreement_vs_pytorch"][f"{rt}_{prec}"] = (y.argmax(1) == ref[prec].argmax(1)).float().mean().item()
     return variants, info
 
 
@@ -104,16 +112,16 @@ def bench_model(name: str, width: float, sparsities: list[float], args, work: Pa
     all_variants, infos = {}, []
     for s in sparsities:
         print(f"[{time.strftime('%H:%M:%S')}] {name} width {width} sparsity {s:.0%}: prune, PTQ, export", flush=True)
-        variants, info = build(name, width, s, work, runtimes)
+        variants, info = build(name, width, s, work, runtimes, args.batch_sizes)
         infos.append(info)
-        for k, make in variants.items():
-            all_variants[f"{k}@{s}"] = make
+        for k, spec in variants.items():
+            all_variants[f"{k}@{s}"] = spec
     rows = []
     for t in args.threads:
-        models = {k: make(t) for k, make in all_variants.items()}
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: timing {len(models)} variants, {t} threads", flush=True)
-        recs = measure_latency(models, input_shape=SHAPE, batch_sizes=tuple(args.batch_sizes), threads=t, warmup=args.warmup,
-                               runs=args.runs, large_batch_runs=args.large_batch_runs)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: timing {len(all_variants)} variants, {t} threads, one worker process each", flush=True)
+        with start_workers({k: spec | {"threads": t} for k, spec in all_variants.items()}) as workers:
+            recs = interleave(workers, batch_sizes=tuple(args.batch_sizes), threads=t, warmup=args.warmup, runs=args.runs,
+                              large_batch_runs=args.large_batch_runs)
         for r in recs:
             variant, s = r["model"].split("@")
             s = float(s)
@@ -124,8 +132,6 @@ def bench_model(name: str, width: float, sparsities: list[float], args, work: Pa
                              "x_vs_fp32_eager": same["median_ms"] / r["median_ms"],
                              "x_vs_dense_fp32_eager": dense["median_ms"] / r["median_ms"],
                              "nonzero_macs": info["proxies"]["nonzero_macs"], "macs": info["proxies"]["macs"]})
-        del models
-        gc.collect()
     return rows, infos
 
 
@@ -146,7 +152,7 @@ def markdown(result: dict) -> str:
         "",
         f"Median / p90 of {a['runs']} timed batch-1 runs per variant"
         + (f" ({a['large_batch_runs']} at larger batches)" if any(b > 1 for b in a["batch_sizes"]) else "") + " after "
-        f"{a['warmup']} warm-up runs; all variants of one model (both sparsities) interleaved round-robin in one process; "
+        f"{a['warmup']} warm-up runs; all variants of one model (both sparsities) each in its own worker process, interleaved in rotating rounds of one block per variant (50 ms of untimed calls, then consecutive timed calls); "
         "untrained weights, CIFAR 32x32, 10 classes. *x FP32*: PyTorch FP32 eager of the same model and sparsity ÷ this "
         "(>1 is faster); *x dense*: the dense model's PyTorch FP32 eager ÷ this. *MACs (non-zero)*: multiply-accumulates "
         "per image that touch a non-zero weight (conv/linear).",

@@ -77,3 +77,30 @@ def test_rerun_of_finished_run_recomputes_nothing(tiny_config, tmp_path, monkeyp
         monkeypatch.setattr(pl, name, no_training)
     m2 = run_pipeline(cfg, tmp_path)
     assert m2["accuracy"] == m1["accuracy"] and m2["sparsity"] == m1["sparsity"]
+
+
+def test_latency_is_timed_in_worker_processes(tiny_config, tmp_path):
+    cfg = RunConfig.from_dict(tiny_config | {"stages": "Q:1"})
+    m = run_pipeline(cfg, tmp_path)
+    assert {r["harness"] for r in m["latency"]} == {"worker processes"}
+    assert {r["model"] for r in m["latency"]} == {"teacher_fp32", "final_int8"}
+    assert all(r["runs"] == 5 and r["blocks"]["rounds"] >= 1 for r in m["latency"])
+
+
+def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(tiny_config, tmp_path, monkeypatch, caplog):
+    """A model registered at run time exists only in this process: the worker cannot build
+    the teacher, so the run falls back to in-process timing, says so, and loses nothing."""
+    from pqd import registry
+    from pqd.models.resnet import resnet18
+
+    def only_here_resnet(num_classes=10, width=1.0, **kw):
+        return resnet18(num_classes=num_classes, width=width, **kw)
+
+    monkeypatch.setitem(registry._MODELS, "only_here_resnet", only_here_resnet)
+    cfg = RunConfig.from_dict(tiny_config | {"stages": "Q:1", "model": {"name": "only_here_resnet", "width": 0.125}})
+    with caplog.at_level("WARNING", logger="pqd"):
+        m = run_pipeline(cfg, tmp_path)
+    assert {r["harness"] for r in m["latency"]} == {"in-process"}
+    assert all(r["median_ms"] > 0 for r in m["latency"])
+    assert any("timing in this process instead of worker processes" in r.getMessage() and "only_here_resnet" in r.getMessage()
+               for r in caplog.records)

@@ -9,19 +9,28 @@ Variants (teacher = dense FP32 model, final = the run's deployable INT8 model):
     onnxruntime_fp32 / _int8  RUN_DIR/teacher_fp32.onnx / model_int8.onnx in ONNX Runtime (CPU EP)
     openvino_fp32 / _int8     the same ONNX files in OpenVINO (CPU, precision hint f32), if installed
 
-Method: per thread count, every variant is built with that many threads, warmed up, then
-timed round-robin in one process (:func:`pqd.measure.measure_latency`: the order rotates
-every round, so drift hits all alike); ``runs`` timed calls at batch 1 and
-``large_batch_runs`` at larger batches; median, p90, mean and std, each also as
-"x faster than PyTorch FP32 eager" (FP32-eager time / this time, same threads, same
-batch, same run). ONNX Runtime runs with thread spinning off so that its idle pool does
-not steal cores from the variant being timed. Peak resident memory is measured apart:
-each variant runs alone in a fresh subprocess (load, then every batch size at the
-largest thread count) that reports its ``VmHWM`` (Linux's ``ru_maxrss`` would carry the
-parent's high-water mark across fork + exec); the ONNX Runtime and OpenVINO children
-never import torch, as a deployment would not. Proxies (parameters, MACs, MACs on
-non-zero weights; :mod:`pqd.measure.proxies`) sit beside the latencies: unstructured
-zeros cut the proxy but not the dense kernels' work.
+Method: per thread count, every variant is loaded in a worker process of its own
+(:mod:`pqd._worker`; the ONNX Runtime and OpenVINO workers never import torch, as a
+deployment would not), all with that many threads. After a warm-up the coordinator
+interleaves them (:func:`pqd.measure.latency.interleave`): rounds in rotating order, one
+block per variant per round, only one worker busy at a time. A block is 50 ms of untimed
+calls (the hand-over from the previous variant) and then consecutive timed calls, so a
+figure is the steady-state latency a serving loop sees, and machine drift hits every
+variant alike. ``runs`` timed calls at batch 1 and ``large_batch_runs`` at larger
+batches; median, p90, mean and std, each also as "x faster than PyTorch FP32 eager"
+(FP32-eager time / this time, same threads, same batch, same run). Every runtime runs with
+its own defaults but the thread count (ONNX Runtime's thread spinning stays on; OpenVINO's
+precision hint is set to f32, see :mod:`pqd.runtimes`). Peak resident memory is each
+worker's ``VmHWM`` after all its timed calls at the largest thread count (Linux's
+``ru_maxrss`` would carry the parent's high-water mark across fork + exec). Proxies
+(parameters, MACs, MACs on non-zero weights; :mod:`pqd.measure.proxies`) sit beside the
+latencies: unstructured zeros cut the proxy but not the dense kernels' work.
+
+Why workers (docs/BENCHMARKS.md, benchmarks/independent_check.py): in one shared process
+the runtimes disturb each other. Timing one call per variant per round measured each
+runtime competing with the previous one's spinning pool (PyTorch INT8 on the demo model:
+1.08 ms against 0.26 ms back to back), and once an ONNX Runtime session had run, OpenVINO
+stayed 5-10% slower for the life of the process.
 
 Results: ``RUN_DIR/bench.json``, ``RUN_DIR/bench.md``, and ``metrics.json["bench"]``.
 """
@@ -32,13 +41,10 @@ import copy
 import json
 import logging
 import os
-import subprocess
-import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
 
 from pqd.errors import ConfigError, PqdError
 
@@ -64,8 +70,7 @@ class Variant:
     runtime: str
     precision: str  # fp32 | int8
     model: str  # teacher | final (which model's proxies apply)
-    make: Callable[[int], Callable]  # threads -> callable
-    child: dict  # spec for the peak-RSS subprocess
+    spec: dict  # how a worker process builds it (pqd._worker)
 
 
 def _versions() -> dict[str, str | None]:
@@ -80,8 +85,8 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int]) -> list[Variant]:
-    from pqd.export import FINAL_FP32_ONNX, INT8_ONNX, TEACHER_ONNX, OpenVinoRunner, OrtRunner
+def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int], seed: int) -> list[Variant]:
+    from pqd.export import FINAL_FP32_ONNX, INT8_ONNX, TEACHER_ONNX
 
     cfg = run.config.model
     kwargs: dict[str, Any] = {}
@@ -89,29 +94,22 @@ def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int
         kwargs["width"] = cfg.width
     if cfg.dropout:
         kwargs["dropout"] = cfg.dropout
-    shape = list(run.input_shape)
-    base = {"input_shape": shape, "batch_sizes": list(batch_sizes)}
+    base = {"input_shape": list(run.input_shape), "batch_sizes": list(batch_sizes), "seed": seed}
     fin = "int8" if run.quantized else "fp32"
     fin_name = "int8" if run.quantized else "fp32_final"
     final_onnx = out / (INT8_ONNX if run.quantized else FINAL_FP32_ONNX)
-    vs = [Variant(BASELINE, "pytorch", "fp32", "teacher", lambda t: run.teacher,
+    vs = [Variant(BASELINE, "pytorch", "fp32", "teacher",
                   base | {"kind": "eager", "model": cfg.name, "kwargs": kwargs, "num_classes": run.data.num_classes,
                           "weights": str(out / "teacher.safetensors")})]
     if "pytorch" in runtimes:
         if run.quantized:
-            vs.append(Variant("pytorch_int8", "pytorch", "int8", "final", lambda t: run.deployed,
-                              base | {"kind": "torchscript", "path": str(run.deployed_file)}))
+            vs.append(Variant("pytorch_int8", "pytorch", "int8", "final", base | {"kind": "torchscript", "path": str(run.deployed_file)}))
         else:
-            vs.append(Variant("pytorch_fp32_final", "pytorch", "fp32", "final", lambda t: run.deployed,
-                              base | {"kind": "eager_student", "run_dir": str(out)}))
-    for rt, cls in (("onnxruntime", OrtRunner), ("openvino", OpenVinoRunner)):
-        if rt not in runtimes:
-            continue
-        extra = {"batch_sizes": batch_sizes} if rt == "openvino" else {}
-        vs.append(Variant(f"{rt}_fp32", rt, "fp32", "teacher", lambda t, c=cls, e=extra: c(out / TEACHER_ONNX, threads=t, **e),
-                          base | {"kind": rt, "path": str(out / TEACHER_ONNX)}))
-        vs.append(Variant(f"{rt}_{fin_name}", rt, fin, "final", lambda t, c=cls, e=extra: c(final_onnx, threads=t, **e),
-                          base | {"kind": rt, "path": str(final_onnx)}))
+            vs.append(Variant("pytorch_fp32_final", "pytorch", "fp32", "final", base | {"kind": "eager_student", "run_dir": str(out)}))
+    for rt in ("onnxruntime", "openvino"):
+        if rt in runtimes:
+            vs.append(Variant(f"{rt}_fp32", rt, "fp32", "teacher", base | {"kind": rt, "path": str(out / TEACHER_ONNX)}))
+            vs.append(Variant(f"{rt}_{fin_name}", rt, fin, "final", base | {"kind": rt, "path": str(final_onnx)}))
     return vs
 
 
@@ -137,101 +135,6 @@ def _resolve_runtimes(runtimes: Sequence[str] | None) -> tuple[list[str], dict[s
     return wanted, skipped
 
 
-_CHILD = r"""
-import json, resource, sys, time
-spec = json.loads(sys.argv[1])
-
-def status_mb(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-def rss_mb():
-    return status_mb("VmRSS")
-
-import numpy as np
-kind, threads = spec["kind"], spec["threads"]
-if kind in ("eager", "eager_student", "torchscript"):
-    import torch
-    torch.set_num_threads(threads)
-    torch.backends.quantized.engine = "x86"
-    if kind == "eager":
-        from pqd.registry import create_model
-        from pqd.train.checkpoint import load_checkpoint
-        base = rss_mb()
-        model = create_model(spec["model"], num_classes=spec["num_classes"], **spec["kwargs"])
-        model.load_state_dict(load_checkpoint(spec["weights"])[0])
-        model.eval()
-    elif kind == "eager_student":
-        from pqd.export import load_run
-        base = rss_mb()
-        model = load_run(spec["run_dir"]).student.model.eval()
-    else:
-        base = rss_mb()
-        model = torch.jit.load(spec["path"], map_location="cpu")
-    def call(x):
-        with torch.inference_mode():
-            return model(torch.from_numpy(x))
-elif kind == "onnxruntime":
-    import onnxruntime as ort
-    base = rss_mb()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(spec["path"], so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    def call(x):
-        return sess.run(None, {name: x})[0]
-elif kind == "openvino":
-    import openvino as ov
-    base = rss_mb()
-    core = ov.Core()
-    reqs = {}
-    cfg = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    for bs in spec["batch_sizes"]:
-        m = core.read_model(spec["path"])
-        m.reshape({m.inputs[0]: [bs, *spec["input_shape"]]})
-        reqs[bs] = core.compile_model(m, "CPU", cfg).create_infer_request()
-    def call(x):
-        r = reqs[x.shape[0]]
-        r.infer([x])
-        return r.get_output_tensor(0).data
-else:
-    raise SystemExit(f"unknown kind {kind}")
-loaded = rss_mb()
-rng = np.random.default_rng(0)
-for bs in spec["batch_sizes"]:
-    x = rng.standard_normal((bs, *spec["input_shape"]), dtype=np.float32)
-    for _ in range(spec["runs"]):
-        call(x)
-# VmHWM: this process's own high-water mark. ru_maxrss is no good here: Linux carries the
-# parent's high-water mark across fork + exec, so every child would report the parent's.
-peak = status_mb("VmHWM")
-if peak is None:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-print(json.dumps({"after_import_mb": base, "after_load_mb": loaded, "peak_rss_mb": peak}))
-"""
-
-
-def peak_rss(spec: dict, *, threads: int, runs: int = 5, timeout: float = 600) -> dict:
-    """Run one variant alone in a fresh Python process; return its RSS figures in MiB."""
-    import pqd
-
-    src_root = str(Path(pqd.__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([src_root, *filter(None, [env.get("PYTHONPATH")])])
-    spec = spec | {"threads": threads, "runs": runs}
-    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env)
-    if r.returncode != 0:
-        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    rec = json.loads(r.stdout.strip().splitlines()[-1])
-    return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in rec.items()} | {"threads": threads, "runs_per_batch": runs}
-
-
 def _ratio(base: float, x: float) -> float | None:
     return base / x if x > 0 else None
 
@@ -248,7 +151,9 @@ def bench_run(
     ``write``, writes bench.json, bench.md and the ``bench`` key of metrics.json.
     """
     from pqd.export import export_run, load_run
-    from pqd.measure import environment, measure_latency
+    from pqd.measure import environment
+    from pqd.measure.latency import LARGE_BATCH_BLOCKS, SMALL_BATCH_BLOCKS, interleave
+    from pqd.measure.workers import start_workers
     from pqd.measure.proxies import proxies
 
     threads = tuple(threads) if threads else default_threads()
@@ -260,19 +165,25 @@ def bench_run(
     export = None
     if "onnxruntime" in wanted or "openvino" in wanted:
         export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted)
-    variants = _variants(run, out, wanted, batch_sizes)
+    variants = _variants(run, out, wanted, batch_sizes, seed)
     records: list[dict] = []
     settings: dict[str, dict] = {}
+    rss_rec: dict[str, dict] = {}
     for t in threads:
-        models = {}
-        for v in variants:
-            fn = v.make(t)
-            models[v.name] = fn
-            settings.setdefault(v.name, {"runtime": v.runtime, "precision": v.precision, "model": v.model, "by_threads": {}})
-            settings[v.name]["by_threads"][str(t)] = getattr(fn, "settings", {"runtime": "pytorch", "version": torch.__version__})
-        log.info("bench: %d threads, %s", t, ", ".join(models))
-        recs = measure_latency(models, input_shape=run.input_shape, batch_sizes=tuple(batch_sizes), threads=t,
-                               warmup=warmup, runs=runs, large_batch_runs=large_batch_runs, seed=seed)
+        log.info("bench: %d threads, %s (one worker process each)", t, ", ".join(v.name for v in variants))
+        with start_workers({v.name: v.spec | {"threads": t} for v in variants}) as workers:
+            for v in variants:
+                info = workers[v.name].info
+                settings.setdefault(v.name, {"runtime": v.runtime, "precision": v.precision, "model": v.model, "by_threads": {}})
+                settings[v.name]["by_threads"][str(t)] = info["settings"] | {"worker_imports_torch": info["imports_torch"]}
+            recs = interleave(workers, batch_sizes=tuple(batch_sizes), threads=t, warmup=warmup, runs=runs,
+                              large_batch_runs=large_batch_runs)
+            if rss and t == max(threads):
+                for v in variants:
+                    info = workers[v.name].info
+                    rss_rec[v.name] = {"after_import_mb": info["after_import_mb"], "after_load_mb": info["after_load_mb"],
+                                       "peak_rss_mb": workers[v.name].rss()["peak_rss_mb"], "threads": t}
+                    rss_rec[v.name] = {k: (round(x, 1) if isinstance(x, float) else x) for k, x in rss_rec[v.name].items()}
         for bs in batch_sizes:
             base = next(r for r in recs if r["batch"] == bs and r["model"] == BASELINE)
             for r in recs:
@@ -281,14 +192,8 @@ def bench_run(
                     r["runtime"], r["precision"], r["proxy_model"] = v.runtime, v.precision, v.model
                     r["x_vs_fp32_eager"] = {k: _ratio(base[f"{k}_ms"], r[f"{k}_ms"]) for k in ("median", "p90", "mean")}
         records += recs
-        del models
     # on a copy: a PTQ student's observers record every forward pass, and proxies runs one
     prox = {"teacher": proxies(run.teacher, run.input_shape), "final": proxies(copy.deepcopy(run.student.model), run.input_shape)}
-    rss_rec: dict[str, dict] = {}
-    if rss:
-        for v in variants:
-            log.info("bench: peak RSS of %s (fresh process)", v.name)
-            rss_rec[v.name] = peak_rss(v.child, threads=max(threads))
     env = environment(max(threads)) | {"runtimes": _versions()}
     result = {
         "schema": BENCH_SCHEMA,
@@ -297,9 +202,12 @@ def bench_run(
         "final_form": "int8" if run.quantized else "fp32",
         "input_shape": list(run.input_shape),
         "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes), "warmup": warmup, "runs_batch1": runs,
-                     "runs_large_batch": large_batch_runs, "interleaved": "round-robin, rotating order, one process per thread count",
+                     "runs_large_batch": large_batch_runs,
+                     "interleaved": "one worker process per variant; rounds in rotating order, one block of consecutive "
+                                    "calls per variant per round, each block starting with settle_ms of untimed calls",
+                     "blocks_batch1": asdict(SMALL_BATCH_BLOCKS), "blocks_large_batch": asdict(LARGE_BATCH_BLOCKS),
                      "ratio": "x_vs_fp32_eager = PyTorch FP32 eager time / this time (same threads, batch, run); >1 is faster",
-                     "peak_rss": "each variant alone in a fresh subprocess, all batch sizes, max threads; VmHWM" if rss else None},
+                     "peak_rss": "VmHWM of each variant's worker process after all its timed calls at the largest thread count" if rss else None},
         "variants": settings,
         "skipped": skipped | ((export or {}).get("skipped") or {}),
         "latency": records,
@@ -351,8 +259,11 @@ def format_markdown(result: dict) -> str:
     lines = [f"# pqd bench: {result['model']} (width {result['width']}, {result['stages']}, final {result['final_form'].upper()})", ""]
     lines.append(f"CPU: {env['cpu_model']} ({env['logical_cpus']} logical CPUs; flags: {', '.join(env['cpu_flags']) or '-'}); "
                  f"torch {env['torch']}, " + ", ".join(f"{k} {v}" for k, v in env["runtimes"].items() if v))
+    b1, bl = s.get("blocks_batch1"), s.get("blocks_large_batch")
+    how = (f"in rotating rounds of one block per variant ({b1['settle_ms']:g} ms of untimed calls, then {b1['timed']} timed "
+           f"calls at batch 1, {bl['timed']} at larger batches)" if b1 and bl else "round-robin")
     lines.append(f"Median / p90 / std of {s['runs_batch1']} timed runs at batch 1 ({s['runs_large_batch']} at larger batches) "
-                 f"after {s['warmup']} warm-up runs, variants interleaved round-robin in one process. "
+                 f"after {s['warmup']} warm-up runs, each variant in its own worker process, interleaved {how}. "
                  "\"x FP32\" = PyTorch FP32 eager time / this time, same threads and batch (>1 is faster).")
     lines.append("")
     rss = result.get("peak_rss_mb") or {}
@@ -382,8 +293,8 @@ def format_markdown(result: dict) -> str:
         hint = next(iter(ov[0].values())).get("inference_precision_hint")
         lines += ["", f"OpenVINO inference precision hint: {hint} (set explicitly)."]
     if rss:
-        lines += ["", "Peak RSS: each variant alone in a fresh process (interpreter + runtime + model + inference at every batch size); "
-                  "ONNX Runtime / OpenVINO processes do not import torch."]
+        lines += ["", "Peak RSS: each variant's own worker process (interpreter + runtime + model + every timed call); "
+                  "ONNX Runtime / OpenVINO workers do not import torch."]
     if result.get("skipped"):
         lines += [""] + [f"Skipped {k}: {v}" for k, v in result["skipped"].items()]
     return "\n".join(lines)

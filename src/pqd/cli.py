@@ -42,7 +42,7 @@ def format_table(metrics: dict) -> str:
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
     thr = metrics["latency"][0]["threads"]
-    lines.append(f"(latency: {thr} threads, variants interleaved in one process; sizes are bytes of the files on disk)")
+    lines.append(f"(latency: {thr} threads, each model in its own worker process, timed interleaved; sizes are bytes of the files on disk)")
     return "\n".join(lines)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import io
 import json
 import logging
@@ -36,14 +35,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from pqd.errors import CheckpointError, ModelError, PqdError
+from pqd.errors import CheckpointError, ModelError
+from pqd.runtimes import OPENVINO_PRECISION, OpenVinoRunner, OrtRunner, available, require  # noqa: F401 (re-exported)
 
 log = logging.getLogger("pqd.export")
 
@@ -53,28 +52,6 @@ TEACHER_ONNX = "teacher_fp32.onnx"
 FINAL_FP32_ONNX = "model_fp32.onnx"
 EXPORT_JSON = "export.json"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-OPENVINO_PRECISION = "f32"  # OpenVINO's CPU plugin picks bf16 on AVX-512-BF16/AMX CPUs unless told; slower here
-
-_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "openvino": "openvino"}
-
-
-def require(module: str) -> ModuleType:
-    """Import an optional dependency or raise a :class:`PqdError` naming the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        extra = _EXTRAS.get(module, module)
-        raise PqdError(f"{module} is not installed ({exc}); install it with: pip install 'pqd[{extra}]'") from None
-
-
-def available(module: str) -> bool:
-    try:
-        require(module)
-    except PqdError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- run loading
 
 
@@ -299,94 +276,6 @@ def int8_initializer_zeros(path: str | Path) -> dict[str, tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- runtimes
-
-
-class OrtRunner:
-    """An ONNX Runtime CPU session as a callable on a torch tensor (or numpy array).
-
-    ``spinning=False`` turns intra-op thread spinning off: a spinning ORT pool would keep
-    burning cores while another runtime of the same process runs (interleaved timing).
-    """
-
-    runtime = "onnxruntime"
-
-    def __init__(self, path: str | Path, *, threads: int, spinning: bool = False):
-        ort = require("onnxruntime")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-        self.settings = {"runtime": "onnxruntime", "version": ort.__version__, "file": Path(path).name,
-                         "providers": self.session.get_providers(), "intra_op_num_threads": threads,
-                         "inter_op_num_threads": 1, "allow_spinning": spinning, "graph_optimization_level": "ORT_ENABLE_ALL"}
-
-    def __call__(self, x) -> np.ndarray:
-        arr = x.numpy() if isinstance(x, torch.Tensor) else x
-        return self.session.run(None, {self.input: arr})[0]
-
-
-class OpenVinoRunner:
-    """An OpenVINO CPU compiled model as a callable; one static-shape compilation per batch size.
-
-    The inference precision hint is set explicitly (f32 by default): left alone, the CPU
-    plugin runs FP32 layers in bf16 on CPUs with AVX-512-BF16/AMX, which changes results
-    and was slower on this project's machine. The hint read back from the compiled model is
-    recorded in ``settings``; ``int8_layers`` counts layers the plugin runs in u8/i8.
-    """
-
-    runtime = "openvino"
-
-    def __init__(self, path: str | Path, *, threads: int, batch_sizes: Iterable[int] = (), precision: str = OPENVINO_PRECISION):
-        ov = require("openvino")
-        self._ov, self.path, self.core = ov, str(path), ov.Core()
-        self.config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
-                       "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
-        self._requests: dict[tuple, Any] = {}
-        self.settings = {"runtime": "openvino", "version": ov.get_version(), "file": Path(path).name, "device": "CPU",
-                         "config": {k: str(v) for k, v in self.config.items()}}
-        for bs in batch_sizes:
-            self._request((bs,))
-
-    def _request(self, key: tuple):
-        req = self._requests.get(key)
-        if req is None:
-            model = self.core.read_model(self.path)
-            shape = list(model.inputs[0].get_partial_shape())
-            model.reshape({model.inputs[0]: [key[0], *[d.get_length() for d in shape[1:]]]})
-            compiled = self.core.compile_model(model, "CPU", self.config)
-            req = self._requests[key] = compiled.create_infer_request()
-            if "inference_precision_hint" not in self.settings:
-                hint = compiled.get_property("INFERENCE_PRECISION_HINT")
-                self.settings["inference_precision_hint"] = hint.to_string() if hasattr(hint, "to_string") else str(hint)
-                self.settings["int8_layers"] = _ov_int8_layers(compiled)
-        return req
-
-    def __call__(self, x) -> np.ndarray:
-        arr = x.numpy() if isinstance(x, torch.Tensor) else x
-        req = self._request((arr.shape[0],))
-        req.infer([arr])
-        return req.get_output_tensor(0).data
-
-
-def _ov_int8_layers(compiled) -> int | None:
-    """Compute layers (not constants, inputs, reorders) the CPU plugin runs in u8/i8."""
-    try:
-        n = 0
-        for op in compiled.get_runtime_model().get_ordered_ops():
-            rt = op.get_rt_info()
-            keys = set(rt.keys())
-            kind = rt["layerType"].astype(str) if "layerType" in keys else ""
-            prec = rt["runtimePrecision"].astype(str) if "runtimePrecision" in keys else ""
-            n += kind not in ("Const", "Input", "Output", "Parameter", "Result", "Reorder") and prec.lower() in ("u8", "i8")
-        return n
-    except Exception:  # runtime-model rt_info is not a stable API
-        return None
 
 
 def run_logits(fn: Callable, ds, *, mean, std, batch_size: int = 256) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Points in the plots and the frontier are *configurations* (a variant with its grid values),
 averaged over seeds. Latency is compared as the ratio final / teacher of batch-1 medians,
-because both are timed interleaved in the same process; that ratio survives a busy machine
+because both are timed interleaved in the same run; that ratio survives a busy machine
 far better than absolute milliseconds (which the tables also list).
 """
 
@@ -325,7 +325,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
           f"engine {env.get('quantized_engine', '?')}, git {str(env.get('git_commit'))[:10]}.")
     doc.p("Accuracy is top-1 of the deployed model (INT8 TorchScript or FP32) on the test split. Size is bytes of the "
           "deployable file on disk (Pareto size axis); **compact** is the compact INT8 checkpoint where pqd wrote one. Latency is the batch-1 median; **rel. latency** = final / teacher median, both timed "
-          "interleaved in the same process (robust to machine load). ± is the std over seeds; n = seeds. Points in plots "
+          "interleaved in the same run (robust to machine load). ± is the std over seeds; n = seeds. Points in plots "
           "and the Pareto frontier are configurations averaged over seeds.")
 
     aggs_all = aggregate(rows)
