@@ -46,6 +46,25 @@ def status_mb(key: str) -> float | None:
     return None
 
 
+def time_block(call, x, *, settle_ms: float, timed: int) -> tuple[list[float], int]:
+    """One block: ``settle_ms`` of untimed calls (at least one), then ``timed`` timed calls.
+
+    Returns (seconds per timed call, number of settle calls). Shared by the worker and by
+    :class:`pqd.measure.latency.InProcess`, so both time exactly the same way.
+    """
+    perf = time.perf_counter
+    t_end, settle = perf() + settle_ms / 1e3, 0
+    while settle == 0 or perf() < t_end:
+        call(x)
+        settle += 1
+    ts = []
+    for _ in range(timed):
+        t0 = perf()
+        call(x)
+        ts.append(perf() - t0)
+    return ts, settle
+
+
 def build(spec: dict):
     """(call, to_input, settings, inference context) for the variant ``spec`` describes."""
     kind, threads = spec["kind"], spec["threads"]
@@ -99,7 +118,6 @@ def serve(spec: dict, proto) -> None:
     inputs = {bs: to_input(rng.standard_normal((bs, *spec["input_shape"]), dtype=np.float32)) for bs in spec["batch_sizes"]}
     send({"ready": True, "settings": settings, "pid": os.getpid(), "imports_torch": "torch" in sys.modules,
           "after_import_mb": after_import, "after_load_mb": status_mb("VmRSS")})
-    perf = time.perf_counter
     with ctx:
         for line in sys.stdin:
             cmd = json.loads(line)
@@ -115,15 +133,7 @@ def serve(spec: dict, proto) -> None:
                     call(x)
                 send({"ok": True})
             elif op == "block":
-                t_end, settle = perf() + cmd["settle_ms"] / 1e3, 0
-                while settle == 0 or perf() < t_end:
-                    call(x)
-                    settle += 1
-                ts = []
-                for _ in range(cmd["timed"]):
-                    t0 = perf()
-                    call(x)
-                    ts.append(perf() - t0)
+                ts, settle = time_block(call, x, settle_ms=cmd["settle_ms"], timed=cmd["timed"])
                 send({"times": ts, "settle_calls": settle})
             else:
                 send({"error": f"unknown op {op!r}"})

@@ -181,9 +181,9 @@ def bench_run(
             if rss and t == max(threads):
                 for v in variants:
                     info = workers[v.name].info
-                    rss_rec[v.name] = {"after_import_mb": info["after_import_mb"], "after_load_mb": info["after_load_mb"],
-                                       "peak_rss_mb": workers[v.name].rss()["peak_rss_mb"], "threads": t}
-                    rss_rec[v.name] = {k: (round(x, 1) if isinstance(x, float) else x) for k, x in rss_rec[v.name].items()}
+                    mb = {"after_import_mb": info["after_import_mb"], "after_load_mb": info["after_load_mb"],
+                          "peak_rss_mb": workers[v.name].rss()["peak_rss_mb"]}
+                    rss_rec[v.name] = {k: (round(x, 1) if x is not None else None) for k, x in mb.items()} | {"threads": t}
         for bs in batch_sizes:
             base = next(r for r in recs if r["batch"] == bs and r["model"] == BASELINE)
             for r in recs:

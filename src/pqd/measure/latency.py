@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Protocol
 
 import torch
+
+from pqd._worker import time_block
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,7 @@ class InProcess:
             self.fn(x)
 
     def block(self, batch: int, *, settle_ms: float, timed: int) -> tuple[list[float], int]:
-        f, x, perf = self.fn, self.inputs[batch], time.perf_counter
-        t_end, settle = perf() + settle_ms / 1e3, 0
-        while settle == 0 or perf() < t_end:
-            f(x)
-            settle += 1
-        ts = []
-        for _ in range(timed):
-            t0 = perf()
-            f(x)
-            ts.append(perf() - t0)
-        return ts, settle
+        return time_block(self.fn, self.inputs[batch], settle_ms=settle_ms, timed=timed)
 
 
 def interleave(
