@@ -12,7 +12,7 @@ ORDERS = [",".join(f"{s}:2" for s in perm) for perm in itertools.permutations("P
 
 
 def _check_common(m, cfg):
-    assert m["schema"] == 1 and m["stages"] == cfg.stage_string()
+    assert m["schema"] == 2 and m["stages"] == cfg.stage_string()
     assert m["stage_order"] == [s.stage for s in cfg.stages]
     assert 0.0 <= m["accuracy"]["final_top1"] <= 1.0
     assert m["size_bytes"]["teacher_fp32"] > 0 and m["size_bytes"]["final"] > 0
@@ -68,13 +68,15 @@ def test_teacher_from_weights_file_and_changed_config_refused(tiny_config, tmp_p
 def test_rerun_of_finished_run_recomputes_nothing(tiny_config, tmp_path, monkeypatch):
     cfg = RunConfig.from_dict(tiny_config)
     m1 = run_pipeline(cfg, tmp_path)
-    import pqd.pipeline as pl
+    import sys
 
     def no_training(*a, **k):
         raise AssertionError("a finished stage was recomputed")
 
-    for name in ("train", "prune", "quantize", "distill"):
-        monkeypatch.setattr(pl, name, no_training)
+    # the functions the stage adapters and the teacher step call (looked up at call time)
+    for module, name in (("pqd.pipeline", "train"), ("pqd.stages.prune", "prune"), ("pqd.stages.quantize", "quantize"),
+                         ("pqd.stages.distill", "distill"), ("pqd.train.loop", "train")):
+        monkeypatch.setattr(sys.modules[module], name, no_training)
     m2 = run_pipeline(cfg, tmp_path)
     assert m2["accuracy"] == m1["accuracy"] and m2["sparsity"] == m1["sparsity"]
 
@@ -104,3 +106,110 @@ def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(tiny_co
     assert all(r["median_ms"] > 0 for r in m["latency"])
     assert any("timing in this process instead of worker processes" in r.getMessage() and "only_here_resnet" in r.getMessage()
                for r in caplog.records)
+
+
+def test_rerun_guard_catches_a_recomputed_stage(tiny_config, tmp_path, monkeypatch):
+    """The guard of the test above can fail: a stage whose output was deleted is recomputed and trips it."""
+    import shutil
+    import sys
+
+    cfg = RunConfig.from_dict(tiny_config | {"stages": "P:1"})
+    run_pipeline(cfg, tmp_path)
+    shutil.rmtree(tmp_path / "stages")
+
+    def no_training(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(sys.modules["pqd.stages.prune"], "prune", no_training)
+    with pytest.raises(AssertionError, match="recomputed"):
+        run_pipeline(cfg, tmp_path)
+
+
+def test_repeated_stages_and_typed_stage_records(tiny_config, tmp_path):
+    cfg = RunConfig.from_dict(tiny_config | {"stages": "P:1,P:1", "prune": {"sparsity": 0.5, "schedule": "oneshot"}})
+    m = run_pipeline(cfg, tmp_path)
+    assert m["stages"] == "P:1,P:1" and m["stage_order"] == ["prune", "prune"]
+    assert {p.name for p in (tmp_path / "stages").iterdir()} == {"1_prune", "2_prune"}
+    assert [(r["index"], r["stage"], r["letter"]) for r in m["stage_records"]] == [(0, "prune", "P"), (1, "prune", "P")]
+    assert m["pruned"] and m["prune_criterion"] == "magnitude" and m["quantize_mode"] is None
+    assert m["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
+    from pqd.metrics import Metrics
+
+    assert Metrics.from_dict(m).to_dict() == m
+
+
+def test_dense_run_goes_through_the_same_pipeline(tiny_config, tmp_path):
+    cfg = RunConfig.from_dict(tiny_config | {"stages": ""})
+    m = run_pipeline(cfg, tmp_path)
+    assert m["stages"] == "" and m["stage_order"] == [] and m["final_form"] == "fp32" and not m["pruned"]
+    assert m["accuracy"]["final_top1"] == m["accuracy"]["teacher_top1"]
+    assert m["accuracy"]["final_vs_teacher_agreement"] == 1.0
+    assert {r["model"] for r in m["latency"]} == {"teacher_fp32", "final_fp32"}
+    assert {r["harness"] for r in m["latency"]} == {"worker processes"}  # the harness of every other run
+    assert not (tmp_path / "stages").exists() and (tmp_path / "model_fp32.safetensors").is_file()
+
+
+def test_a_new_stage_is_one_registration(tiny_config, tmp_path):
+    """A stage defined here, registered once, runs in the pipeline by letter; its records reach metrics.json."""
+    from dataclasses import dataclass
+
+    from pqd.stages.registry import register_stage, unregister_stage
+
+    calls = []
+
+    @dataclass(frozen=True)
+    class Identity:
+        name: str = "identity"
+        letter: str = "I"
+        section: str | None = None
+        quantizes: bool = False
+        structural: bool = False
+
+        def run(self, student, ctx, *, epochs, checkpoint, index):
+            calls.append((index, epochs, str(ctx.device)))
+            if hasattr(student, "records"):
+                student.records[f"{index + 1}_identity"] = {"seen": True}
+            return student
+
+    register_stage(Identity())
+    try:
+        cfg = RunConfig.from_dict(tiny_config | {"stages": "I:0,Q:1,I:3"})
+        assert cfg.stage_string() == "I:0,Q:1,I:3"
+        m = run_pipeline(cfg, tmp_path)
+    finally:
+        unregister_stage("identity")
+    assert calls == [(0, 0, "cpu"), (2, 3, "cpu")]
+    assert m["stage_order"] == ["identity", "quantize", "identity"] and m["final_form"] == "int8"
+    assert (tmp_path / "stages" / "3_identity" / "student.safetensors").is_file()
+    with pytest.raises(ConfigError, match="unknown stage 'I'"):
+        RunConfig.from_dict(tiny_config | {"stages": "I:0"})
+
+
+def test_stage_list_validation():
+    from pqd.stages.registry import register_stage, unregister_stage
+    from dataclasses import dataclass
+
+    with pytest.raises(ConfigError, match="quantizes 2 times"):
+        RunConfig.from_dict({"stages": "Q:1,D:1,Q:1"})
+
+    @dataclass(frozen=True)
+    class Shrink:
+        name: str = "shrink"
+        letter: str = "S"
+        section: str | None = None
+        quantizes: bool = False
+        structural: bool = True
+
+        def run(self, student, ctx, *, epochs, checkpoint, index):
+            return student
+
+    register_stage(Shrink())
+    try:
+        with pytest.raises(ConfigError, match="structural stages must come before any quantizing stage, e.g. S:1,Q:1,D:1"):
+            RunConfig.from_dict({"stages": "Q:1,S:1,D:1"})
+        assert RunConfig.from_dict({"stages": "S:1,Q:1,D:1"}).stage_string() == "S:1,Q:1,D:1"
+    finally:
+        unregister_stage("shrink")
+    assert RunConfig.from_dict({"stages": []}).stages == ()
+    assert [s.stage for s in RunConfig.from_dict({"stages": [{"stage": "P", "epochs": 1}, {"stage": "kd", "epochs": 1}]}).stages] \
+        == ["prune", "distill"]

@@ -19,8 +19,6 @@ from typing import Any, Mapping
 
 from pqd.errors import ConfigError
 
-STAGES = ("prune", "quantize", "distill")
-_STAGE_ALIASES = {"p": "prune", "q": "quantize", "d": "distill", "prune": "prune", "quantize": "quantize", "distill": "distill"}
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
 
 
@@ -273,26 +271,56 @@ class DistillConfig(_Section):
         _range("distill.lr", self.lr, 0.0)
 
 
+def _stage_registry():
+    # imported at call time: pqd.stages.registry sits in pqd.stages, whose modules import this one
+    from pqd.stages import registry
+
+    return registry
+
+
 @dataclass(frozen=True)
 class StageSpec(_Section):
+    """One entry of the stage list: a registered stage (:mod:`pqd.stages.registry`) and its epochs."""
+
     stage: str = "prune"
     epochs: int = 0
 
     def __post_init__(self):
-        _choice("stages[].stage", self.stage, STAGES)
+        try:
+            canonical = _stage_registry().get_stage(self.stage).name
+        except ConfigError:
+            _choice("stages[].stage", self.stage, [s.name for s in _stage_registry().list_stages()])
+        object.__setattr__(self, "stage", canonical)
         _range(f"stages.{self.stage}.epochs", self.epochs, 0)
 
+    @property
+    def letter(self) -> str:
+        return _stage_registry().get_stage(self.stage).letter
 
-def parse_stages(spec: str | typing.Sequence[Any]) -> tuple[StageSpec, ...]:
-    """``"P:20,Q:40,D:40"`` or a list of ``{stage, epochs}`` mappings → StageSpecs."""
+
+def _stage_help() -> str:
+    return "/".join(f"{s.letter}/{s.name}" for s in _stage_registry().list_stages())
+
+
+def parse_stages(spec: str | typing.Sequence[Any] | None) -> tuple[StageSpec, ...]:
+    """``"P:20,Q:40,D:40"`` or a list of ``{stage, epochs}`` mappings → StageSpecs.
+
+    Names, letters and aliases come from the stage registry; stages may repeat ("P:2,P:2");
+    an empty string or list (or "dense"/"none") is a dense run: the teacher alone.
+    """
+    if spec is None:
+        return ()
     if isinstance(spec, str):
+        if spec.strip().lower() in ("dense", "none"):
+            return ()
         items = [s.strip() for s in spec.split(",") if s.strip()]
         out = []
         for item in items:
             name, _, epochs = item.partition(":")
-            full = _STAGE_ALIASES.get(name.strip().lower())
-            if full is None:
-                _fail("stages", f"unknown stage {name!r} in {spec!r}; use P/prune, Q/quantize, D/distill, e.g. 'P:20,Q:40,D:40'")
+            try:
+                full = _stage_registry().get_stage(name.strip()).name
+            except ConfigError:
+                _fail("stages", f"unknown stage {name!r} in {spec!r}; use {_stage_help()}, e.g. 'P:20,Q:40,D:40'")
             try:
                 n = int(epochs) if epochs.strip() else 0
             except ValueError:
@@ -325,7 +353,8 @@ class MeasureConfig(_Section):
 
 @dataclass(frozen=True)
 class RunConfig(_Section):
-    """A whole compression run. ``stages`` is the ordered pipeline, e.g. 'P:20,Q:40,D:40'."""
+    """A whole compression run. ``stages`` is the ordered pipeline, e.g. 'P:20,Q:40,D:40'; stages
+    may repeat ('P:2,P:2'); an empty list is a dense run (the teacher alone)."""
 
     seed: int = 0
     stages: tuple[StageSpec, ...] = field(default_factory=lambda: parse_stages("P:20,Q:40,D:40"))
@@ -343,21 +372,27 @@ class RunConfig(_Section):
         if isinstance(self.stages, str) or (self.stages and not isinstance(self.stages[0], StageSpec)):
             object.__setattr__(self, "stages", parse_stages(self.stages))
         names = [s.stage for s in self.stages]
-        if not names:
-            _fail("stages", "is empty; give at least one of prune/quantize/distill, e.g. 'P:20,Q:40,D:40'")
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            _fail("stages", f"stage {sorted(dup)[0]!r} appears twice in {self.stage_string()}; each stage runs at most once")
+        reg = _stage_registry()
+        kinds = [reg.get_stage(n) for n in names]
+        quantizing = [i for i, k in enumerate(kinds) if k.quantizes]
+        if len(quantizing) > 1:
+            _fail("stages", f"{self.stage_string()} quantizes {len(quantizing)} times; a student is quantized once, "
+                            "so keep one quantizing stage")
+        structural = [i for i, k in enumerate(kinds) if k.structural]
+        if quantizing and structural and max(structural) > quantizing[0]:
+            works = [s for s, k in zip(self.stages, kinds) if k.structural] + [s for s, k in zip(self.stages, kinds) if not k.structural]
+            _fail("stages", f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
+                            f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}")
         if self.quantize.mode == "ptq" and "quantize" in names:
             if names[-1] != "quantize":
                 _fail("quantize.mode", "'ptq' calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing")
             if self.stage_epochs("quantize"):
                 _fail("stages", "quantize.mode 'ptq' takes no epochs; write 'Q:0' (or 'Q') or use mode 'qat'")
         for s in self.stages:
-            if s.stage != "quantize" and s.epochs == 0 and s.stage == "distill":
+            if s.epochs == 0 and s.stage == "distill":
                 _fail("stages", "distill needs at least one epoch, e.g. 'D:10'")
-        if self.prune.schedule == "gradual" and "prune" in names and self.stage_epochs("prune") == 0:
-            _fail("prune.schedule", "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning")
+            if s.epochs == 0 and s.stage == "prune" and self.prune.schedule == "gradual":
+                _fail("prune.schedule", "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning")
         if self.quantize.mode == "qat" and "quantize" in names and self.stage_epochs("quantize") == 0:
             _fail("stages", "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only")
 
@@ -376,10 +411,18 @@ class RunConfig(_Section):
         return d
 
     def stage_string(self) -> str:
-        return ",".join(f"{s.stage[0].upper()}:{s.epochs}" for s in self.stages)
+        """'P:20,Q:40,D:40' (letters from the stage registry); '' for a dense run."""
+        return ",".join(f"{s.letter}:{s.epochs}" for s in self.stages)
 
     def stage_epochs(self, name: str) -> int:
+        """Epochs of the first ``name`` stage (0 if the run has none)."""
         return next((s.epochs for s in self.stages if s.stage == name), 0)
+
+    @property
+    def quantizes(self) -> bool:
+        """True if a stage of the run turns the student quantized (the final model is INT8)."""
+        reg = _stage_registry()
+        return any(reg.get_stage(s.stage).quantizes for s in self.stages)
 
 
 

@@ -1,60 +1,41 @@
-"""The ordered pipeline: teacher → any order of {prune, quantize, distill} → INT8 → measure.
+"""The ordered pipeline: teacher → the run's stages, in order, from the stage registry → INT8
+(or FP32) export → measure.
 
-Every step leaves a file in RUN_DIR, so re-running the same command after a kill resumes
-at the stage and epoch where it stopped:
-
-    RUN_DIR/config.yaml                 resolved config (a different config is refused)
-    RUN_DIR/env.json                    CPU, flags, threads, versions, git commit
-    RUN_DIR/teacher.safetensors         dense FP32 teacher weights (also the size baseline)
-    RUN_DIR/stages/N_<stage>/epoch.safetensors    last finished epoch of a running stage
-    RUN_DIR/stages/N_<stage>/student.safetensors  the stage's output (weights + masks)
-    RUN_DIR/model_int8.pt               final deployable model (TorchScript, frozen, INT8)
-    RUN_DIR/model_int8.pqdz             the same INT8 weights, compact sparse format (pqd.compact)
-      or model_fp32.safetensors         when the pipeline has no quantize stage
-    RUN_DIR/metrics.json                accuracy, sparsity, bytes on disk, latency
+Every step leaves a file in the run directory (:class:`pqd.rundir.RunDir` owns the layout), so
+re-running the same command after a kill resumes at the stage and epoch where it stopped. The
+pipeline knows no stage by name: each entry of ``config.stages`` is looked up in
+:mod:`pqd.stages.registry` and run through the :class:`~pqd.stages.registry.Stage` protocol.
+An empty stage list is a dense run: the teacher alone, finalized and timed like any other run.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from pqd.compact import FILE_NAME as COMPACT_FILE, save_compact, verify_compact
+from pqd.compact import save_compact, verify_compact
 from pqd.config import RunConfig
 from pqd.data import Splits, load_data
 from pqd.errors import CheckpointError, ConfigError, ModelError
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
 from pqd.measure.faithfulness import faithfulness
-from pqd.registry import create_model
-from pqd.stages import Student, convert, distill, global_sparsity, prepare, prunable_layers, prune, quantize, to_torchscript
-from pqd.stages.quantize import float_modules, freeze
-from pqd.train import load_checkpoint, save_checkpoint, train
-from pqd.train.checkpoint import atomic_write_bytes, load_weights
+from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
+from pqd.rundir import RunDir, build_model, model_kwargs
+from pqd.stages import Student, convert, global_sparsity, prunable_layers, to_torchscript
+from pqd.stages.quantize import float_modules
+from pqd.stages.registry import StageContext, get_stage
+from pqd.train import train
+from pqd.train.checkpoint import atomic_write_bytes, load_weights, save_checkpoint
 from pqd.train.loop import default_device, masked_weight
 
 log = logging.getLogger("pqd")
-METRICS_SCHEMA = 1
 
-
-def model_kwargs(config: RunConfig) -> dict[str, Any]:
-    """The keyword arguments ``create_model`` gets for this run's model (beyond num_classes)."""
-    kw: dict[str, Any] = {}
-    if config.model.width != 1.0:
-        kw["width"] = config.model.width
-    if config.model.dropout:
-        kw["dropout"] = config.model.dropout
-    return kw
-
-
-def build_model(config: RunConfig, num_classes: int) -> nn.Module:
-    return create_model(config.model.name, num_classes=num_classes, **model_kwargs(config))
+__all__ = ["build_model", "finalize", "init_distributed", "measure_run_latency", "model_kwargs", "preflight", "run_pipeline"]
 
 
 def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, teacher_path: Path, deployed: nn.Module,
@@ -88,38 +69,11 @@ def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, 
     return [r | {"harness": "in-process"} for r in recs]
 
 
-def _check_run_dir(out: Path, config: RunConfig) -> None:
-    saved = out / "config.yaml"
-    want = config.to_dict()
-    if saved.exists():
-        try:
-            have = yaml.safe_load(saved.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{saved} cannot be read ({exc}); restore it or choose a new --out directory") from None
-        if have != want and not _has_results(out):
-            # an earlier attempt stopped before computing anything (e.g. on a config or data
-            # error): there is nothing to resume, so the corrected config takes over
-            log.info("%s holds no results yet; replacing its config.yaml", out)
-            atomic_write_bytes(saved, yaml.safe_dump(want, sort_keys=False).encode())
-        elif have != want:
-            diff = sorted(_diff_keys(have, want))
-            raise ConfigError(
-                f"{out} holds a run with a different config (differs at: {', '.join(diff) or '?'}); "
-                "re-run with the same config to resume, or choose a new --out directory"
-            )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(saved, yaml.safe_dump(want, sort_keys=False).encode())
-
-
-def _has_results(out: Path) -> bool:
-    return any((out / name).exists() for name in ("teacher.safetensors", "teacher.epoch.safetensors", "stages", "metrics.json"))
-
-
 def preflight(config: RunConfig, data: Splits) -> None:
     """Fail in seconds rather than after hours of training: the model builds and maps a batch to
-    ``num_classes`` logits, prune.exclude matches its layers, torch.fx can trace it for the
-    quantize stage, and every training epoch gets at least one batch. Leaves the RNG untouched."""
+    ``num_classes`` logits, each stage's own checks pass (a stage may define
+    ``preflight(model, config, example)``: prune.exclude matches layers, torch.fx traces the
+    model, ...), and every training epoch gets at least one batch. Leaves the RNG untouched."""
     trains = (config.teacher.epochs > 0 and not config.teacher.weights) or any(s.epochs > 0 for s in config.stages)
     world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
     if trains and len(data.train) // world < config.train.batch_size:
@@ -128,7 +82,6 @@ def preflight(config: RunConfig, data: Splits) -> None:
             f"{f' split over {world} processes' if world > 1 else ''}, so no training step would run "
             "(incomplete batches are dropped); lower train.batch_size or use more data"
         )
-    names = [s.stage for s in config.stages]
     example = torch.zeros(2, *data.image_shape)
     with torch.random.fork_rng(devices=[]):
         model = build_model(config, data.num_classes)
@@ -142,29 +95,22 @@ def preflight(config: RunConfig, data: Splits) -> None:
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ModelError(f"model {config.model.name!r} returns {got} for a batch of 2 images; expected logits of shape "
                              f"(2, {data.num_classes}) for the {data.num_classes} classes of {data.name}")
-        if "prune" in names:
-            prunable_layers(model, config.prune.exclude)
-        if "quantize" in names:
-            prepare(model, example, mode=config.quantize.mode, reduce_range=config.quantize.reduce_range)
+        checked = set()
+        for spec in config.stages:
+            stage = get_stage(spec.stage)
+            check = getattr(stage, "preflight", None)
+            if check is not None and stage.name not in checked:
+                checked.add(stage.name)
+                check(model, config, example)
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in set(a) | set(b):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _teacher(config: RunConfig, data: Splits, out: Path, device: torch.device) -> tuple[nn.Module, Path]:
+def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device) -> nn.Module:
+    """The dense FP32 teacher: loaded from the run, loaded from ``teacher.weights``, or trained (resumably)."""
+    if run.teacher_path.exists():
+        model = run.load_teacher(config, data.num_classes, device)
+        log.info("teacher: loaded %s", run.teacher_path)
+        return model
     model = build_model(config, data.num_classes).to(device)
-    path = out / "teacher.safetensors"
-    if path.exists():
-        tensors, _ = load_checkpoint(path)
-        model.load_state_dict(tensors)
-        log.info("teacher: loaded %s", path)
-        return model, path
     if config.teacher.weights:
         state = load_weights(config.teacher.weights)
         head = f"{prunable_layers(model)[-1]}.weight"  # the classifier: the last conv/linear layer
@@ -181,38 +127,11 @@ def _teacher(config: RunConfig, data: Splits, out: Path, device: torch.device) -
                                   f"with {data.num_classes} classes: {str(exc)[:400]}") from None
     else:
         train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
-              checkpoint=out / "teacher.epoch.safetensors", seed=config.seed, tag="teacher", amp=True, augment=config.data.augment)
+              checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", amp=True, augment=config.data.augment)
     if _rank() == 0:
-        save_checkpoint(path, model.state_dict(), {"model": config.model.name, "num_classes": data.num_classes})
-        (out / "teacher.epoch.safetensors").unlink(missing_ok=True)
+        run.save_teacher(model, model_name=config.model.name, num_classes=data.num_classes)
     _barrier()
-    return model, path
-
-
-def _stage_dir(out: Path, i: int, name: str) -> Path:
-    return out / "stages" / f"{i + 1}_{name}"
-
-
-def _restore_student(config: RunConfig, data: Splits, upto: int, out: Path, device: torch.device) -> Student:
-    """Rebuild the student as it was after stage ``upto`` from that stage's output file."""
-    names = [s.stage for s in config.stages[: upto + 1]]
-    model = build_model(config, data.num_classes)
-    form = "fp32"
-    if "quantize" in names:
-        form = config.quantize.mode
-        model = prepare(model, torch.zeros(2, *data.image_shape), mode=form, reduce_range=config.quantize.reduce_range)
-    tensors, _ = load_checkpoint(_stage_dir(out, upto, names[-1]) / "student.safetensors")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    masks = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
-    if form == "qat":
-        freeze(model)  # every stage ends frozen; BN freezing is module state, not in the state_dict
-    return Student(model.to(device), masks, form, config.quantize.freeze_fraction)
-
-
-def _save_student(path: Path, student: Student) -> None:
-    tensors = {f"model.{k}": v for k, v in student.model.state_dict().items()}
-    tensors.update({f"mask.{k}": v for k, v in student.masks.items()})
-    save_checkpoint(path, tensors, {"form": student.form})
+    return model
 
 
 def _rank() -> int:
@@ -235,148 +154,152 @@ def init_distributed() -> None:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict:
-    """Run (or resume) a whole compression run into ``out_dir``; return the metrics.
+def _on_device(student: Student, device: torch.device) -> Student:
+    student.model.to(device)
+    student.masks = {k: v.to(device) for k, v in student.masks.items()}
+    return student
 
-    Under ``torchrun`` every rank trains (DistributedDataParallel) and rank 0 alone writes
-    files and measures; the other ranks return an empty dict.
+
+def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device | str | None = None) -> dict:
+    """Run (or resume) a whole compression run into ``out_dir``; return the metrics (as a dict).
+
+    ``device``: where teacher and student train (default: CUDA if available, else CPU); every
+    stage's output is kept there. Under ``torchrun`` every rank trains (DistributedDataParallel)
+    and rank 0 alone writes files and measures; the other ranks return an empty dict.
     """
     t_start = time.perf_counter()
-    out = Path(out_dir)
+    run = RunDir(out_dir)
     main = _rank() == 0
     if main:
-        _check_run_dir(out, config)
+        run.check_config(config)
     _barrier()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
-    device = default_device()
+    device = torch.device(device) if device is not None else default_device()
     if main:
-        atomic_write_bytes(out / "env.json", json.dumps(environment(config.measure.threads), indent=2).encode())
+        run.write_env(environment(config.measure.threads))
 
     data = load_data(config.data, seed=config.seed)
     log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
     preflight(config, data)
-    teacher, teacher_path = _teacher(config, data, out, device)
+    teacher = _teacher(config, data, run, device)
 
-    done = [i for i, s in enumerate(config.stages) if (_stage_dir(out, i, s.stage) / "student.safetensors").exists()]
-    first = 0
-    if done:
-        first = max(done) + 1
-        student = _restore_student(config, data, max(done), out, device)
-        log.info("resuming after stage %d (%s)", first, config.stages[first - 1].stage)
+    last = run.last_finished_stage(config)
+    if last >= 0:
+        student = run.restore_student(config, last, num_classes=data.num_classes, image_shape=data.image_shape, device=device)
+        log.info("resuming after stage %d (%s)", last + 1, config.stages[last].stage)
     else:
         student = Student(build_model(config, data.num_classes).to(device))
         student.model.load_state_dict(teacher.state_dict())
 
-    common = dict(data=data, train_config=config.train, seed=config.seed, augment=config.data.augment)
-    for i in range(first, len(config.stages)):
+    ctx = StageContext(data=data, teacher=teacher, config=config, train_config=config.train, seed=config.seed,
+                       augment=config.data.augment, device=device)
+    times: dict[int, float] = {}
+    for i in range(last + 1, len(config.stages)):
         spec = config.stages[i]
-        sdir = _stage_dir(out, i, spec.stage)
-        ckpt = sdir / "epoch.safetensors"
-        log.info("stage %d/%d: %s for %d epochs", i + 1, len(config.stages), spec.stage, spec.epochs)
-        if spec.stage == "prune":
-            student = prune(student, config.prune, epochs=spec.epochs, checkpoint=ckpt, **common)
-        elif spec.stage == "quantize":
-            student = quantize(student, config.quantize, epochs=spec.epochs, checkpoint=ckpt, **common)
-            student.model.to(device)
-        else:
-            student = distill(student, config.distill, teacher=teacher, epochs=spec.epochs, checkpoint=ckpt, **common)
+        stage = get_stage(spec.stage)
+        log.info("stage %d/%d: %s for %d epochs", i + 1, len(config.stages), stage.name, spec.epochs)
+        t0 = time.perf_counter()
+        student = _on_device(stage.run(student, ctx, epochs=spec.epochs, checkpoint=run.stage_epoch_path(i, stage.name), index=i),
+                             device)
+        times[i] = round(time.perf_counter() - t0, 2)
         if main:
-            _save_student(sdir / "student.safetensors", student)
-            ckpt.unlink(missing_ok=True)
+            run.save_student(i, stage.name, student)
         _barrier()
 
     if not main:
         return {}
-    metrics = finalize(config, data, teacher, teacher_path, student, out)
-    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 2)
-    old = out / "metrics.json"
-    if old.exists():  # keep what other commands added (e.g. `pqd bench`) when a finished run is re-measured
-        try:
-            previous = json.loads(old.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        metrics.update({k: v for k, v in previous.items() if k not in metrics})
-    atomic_write_bytes(old, json.dumps(metrics, indent=2).encode())
-    return metrics
+    metrics = finalize(config, data, teacher, student, run, stage_times=times)
+    metrics.wall_time_s = round(time.perf_counter() - t_start, 2)
+    # keep what other commands added (e.g. `pqd bench`) when a finished run is re-measured
+    return run.write_metrics(metrics)
 
 
-def finalize(config: RunConfig, data: Splits, teacher: nn.Module, teacher_path: Path, student: Student, out: Path) -> dict:
-    """Export the deployable model, then measure accuracy, sparsity, size and latency."""
-    teacher = teacher.cpu().eval()
-    student.model.cpu().eval()
+def _stage_records(config: RunConfig, student: Student, stage_times: dict[int, float]) -> list[StageRecord]:
+    records = getattr(student, "records", None) or {}
+    out = []
+    for i, spec in enumerate(config.stages):
+        stage = get_stage(spec.stage)
+        label = f"{i + 1}_{stage.name}"
+        rec = dict(records.get(label) or records.get(stage.name) or {})
+        if i in stage_times:
+            rec.setdefault("wall_time_s", stage_times[i])
+        out.append(StageRecord(index=i, stage=stage.name, letter=stage.letter, epochs=spec.epochs, quantizes=stage.quantizes,
+                               structural=stage.structural, records=rec))
+    return out
+
+
+def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Student, run: RunDir, *,
+             stage_times: dict[int, float] | None = None) -> Metrics:
+    """Export the deployable model, then measure accuracy, sparsity, size and latency.
+
+    Works on CPU copies: the live teacher and student stay on their device.
+    """
+    teacher = copy.deepcopy(teacher).cpu().eval()
+    final = Student(copy.deepcopy(student.model).cpu().eval(), {k: v.cpu() for k, v in student.masks.items()}, student.form,
+                    student.freeze_fraction)
     mean, std, ebs = data.mean, data.std, config.train.eval_batch_size
     example = torch.zeros(1, *data.image_shape)
     # Convert before evaluating: a PTQ student's observers have no off switch, so running it on
     # the test set first would re-calibrate it on test data (and a resumed run would differ).
-    int8 = convert(student) if student.quantized else None
+    int8 = convert(final) if final.quantized else None
     t_logits = predict(teacher, data.test, mean=mean, std=std, batch_size=ebs)
-    s_logits = predict(student.model, data.test, mean=mean, std=std, batch_size=ebs)
-    acc: dict[str, float] = {"teacher_top1": top1(t_logits, data.test.y)}
+    s_logits = predict(final.model, data.test, mean=mean, std=std, batch_size=ebs)
     quantization = None
-    compact_sizes: dict[str, Any] = {}
+    compact: dict = {}
+    extra_acc: dict = {}
     if int8 is not None:
-        deployed_path = out / "model_int8.pt"
-        scripted = to_torchscript(int8, example)
-        buf = _jit_bytes(scripted)
-        atomic_write_bytes(deployed_path, buf)
+        deployed_path = run.int8_path
+        atomic_write_bytes(deployed_path, _jit_bytes(to_torchscript(int8, example)))
         deployed = torch.jit.load(str(deployed_path), map_location="cpu")
         d_logits = predict(deployed, data.test, mean=mean, std=std, batch_size=ebs)
-        if student.form == "qat":
-            acc["fake_quant_top1"] = top1(s_logits, data.test.y)
-            acc["int8_vs_fake_quant_agreement"] = agreement(d_logits, s_logits)
+        if final.form == "qat":
+            extra_acc = {"fake_quant_top1": top1(s_logits, data.test.y), "int8_vs_fake_quant_agreement": agreement(d_logits, s_logits)}
         else:  # PTQ: the pre-conversion model is the calibrated FP32 model, not a fake-quant one
-            acc["pre_conversion_fp32_top1"] = top1(s_logits, data.test.y)
-            acc["int8_vs_fp32_agreement"] = agreement(d_logits, s_logits)
-        final_name, measured = "final_int8", int8_sparsity(int8, student)
-        compact_path = out / COMPACT_FILE
-        save_compact(int8, compact_path, meta={
+            extra_acc = {"pre_conversion_fp32_top1": top1(s_logits, data.test.y), "int8_vs_fp32_agreement": agreement(d_logits, s_logits)}
+        final_name, measured = "final_int8", int8_sparsity(int8, final)
+        save_compact(int8, run.compact_path, meta={
             "model": config.model.name, "width": config.model.width, "num_classes": data.num_classes,
-            "image_shape": list(data.image_shape), "quantize_mode": student.form, "dataset": data.name,
+            "image_shape": list(data.image_shape), "quantize_mode": final.form, "dataset": data.name,
             "mean": list(data.mean), "std": list(data.std)})
-        verify_compact(compact_path, int8)  # decodes it and compares bit for bit
-        compact_sizes = {"compact_int8": file_bytes(compact_path), "compact_file": compact_path.name}
-        quantization = {"backend": "x86", "float_modules": float_modules(int8)}
-        if quantization["float_modules"]:
+        verify_compact(run.compact_path, int8)  # decodes it and compares bit for bit
+        compact = {"compact_int8": file_bytes(run.compact_path), "compact_file": run.compact_path.name}
+        quantization = Quantization(backend="x86", float_modules=float_modules(int8))
+        if quantization.float_modules:
             log.warning("quantize: %d operation(s) stay FP32 in the INT8 model (no x86 integer kernel; dequantized around): %s",
-                        len(quantization["float_modules"]), ", ".join(f"{f['name']} ({f['type']})" for f in quantization["float_modules"]))
+                        len(quantization.float_modules), ", ".join(f"{f['name']} ({f['type']})" for f in quantization.float_modules))
     else:
-        deployed_path = out / "model_fp32.safetensors"
-        save_checkpoint(deployed_path, student.model.state_dict(), {"form": "fp32"})
-        deployed, d_logits, final_name = student.model, s_logits, "final_fp32"
+        deployed_path = run.fp32_path
+        save_checkpoint(deployed_path, final.model.state_dict(), {"form": "fp32"})
+        deployed, d_logits, final_name = final.model, s_logits, "final_fp32"
         measured = None
-    acc["final_top1"] = top1(d_logits, data.test.y)
-    acc["final_vs_teacher_agreement"] = agreement(d_logits, t_logits)
+    accuracy = Accuracy(teacher_top1=top1(t_logits, data.test.y), final_top1=top1(d_logits, data.test.y),
+                        final_vs_teacher_agreement=agreement(d_logits, t_logits), **extra_acc)
 
-    layers = list(student.masks) or prunable_layers(student.model, config.prune.exclude)
-    sparsity = {
-        "target": config.prune.sparsity if "prune" in [s.stage for s in config.stages] else 0.0,
-        "achieved": global_sparsity(student.model, layers),
-        "achieved_int8": measured,
-        "prunable_layers": len(layers),
-    }
-    lat = measure_run_latency(config, data, teacher=teacher, teacher_path=teacher_path, deployed=deployed,
+    sections = {get_stage(s.stage).section for s in config.stages}
+    pruned_by_config = "prune" in sections  # the prune section's options were used by a stage
+    layers = list(final.masks) or prunable_layers(final.model, config.prune.exclude)
+    sparsity = Sparsity(target=config.prune.sparsity if pruned_by_config else 0.0, achieved=global_sparsity(final.model, layers),
+                        achieved_int8=measured, prunable_layers=len(layers))
+    lat = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
                               deployed_path=deployed_path, final_name=final_name)
-    return {
-        "schema": METRICS_SCHEMA,
-        "model": config.model.name,
-        "width": config.model.width,
-        "dataset": data.name,
-        "num_classes": data.num_classes,
-        "stages": config.stage_string(),
-        "stage_order": [s.stage for s in config.stages],
-        "epochs": {"teacher": 0 if config.teacher.weights else config.teacher.epochs, **{s.stage: s.epochs for s in config.stages}},
-        "teacher_source": f"weights:{config.teacher.weights}" if config.teacher.weights else "trained",
-        "final_form": "int8" if student.quantized else "fp32",
-        "accuracy": acc,
-        "sparsity": sparsity,
-        "quantization": quantization,
-        "size_bytes": {"teacher_fp32": file_bytes(teacher_path), "final": file_bytes(deployed_path), "final_file": deployed_path.name,
-                       **compact_sizes},
-        "latency": lat,
-        "faithfulness": faithfulness(t_logits, d_logits, data.test.y, class_names=data.test.classes),
-    }
+    epochs = {"teacher": 0 if config.teacher.weights else config.teacher.epochs}
+    for s in config.stages:
+        epochs[s.stage] = epochs.get(s.stage, 0) + s.epochs
+    return Metrics(
+        model=config.model.name, width=config.model.width, dataset=data.name, num_classes=data.num_classes,
+        stages=config.stage_string(), stage_order=[s.stage for s in config.stages], epochs=epochs,
+        teacher_source=f"weights:{config.teacher.weights}" if config.teacher.weights else "trained",
+        final_form="int8" if final.quantized else "fp32", accuracy=accuracy, sparsity=sparsity,
+        size_bytes=Sizes(teacher_fp32=file_bytes(run.teacher_path), final=file_bytes(deployed_path), final_file=deployed_path.name,
+                         **compact),
+        latency=[LatencyRecord.from_dict(r) for r in lat],
+        pruned=bool(final.masks), quantize_mode=final.form if final.quantized else None,
+        prune_criterion=config.prune.criterion if pruned_by_config else None, image_shape=list(data.image_shape),
+        quantization=quantization, faithfulness=faithfulness(t_logits, d_logits, data.test.y, class_names=data.test.classes),
+        stage_records=_stage_records(config, student, stage_times or {}),
+    )
 
 
 def int8_sparsity(int8: nn.Module, student: Student) -> float | None:

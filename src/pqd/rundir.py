@@ -1,0 +1,338 @@
+"""A run directory: the one place that knows its layout, checks its config, saves and restores
+students, rebuilds a finished run and reads/merges its metrics.
+
+    RUN_DIR/config.yaml                           resolved config (a different config is refused)
+    RUN_DIR/env.json                              CPU, flags, threads, versions, git commit
+    RUN_DIR/log.txt                               the run's log when run by a sweep
+    RUN_DIR/teacher.safetensors                   dense FP32 teacher weights (also the size baseline)
+    RUN_DIR/teacher.epoch.safetensors             last finished teacher epoch while it trains
+    RUN_DIR/stages/N_<stage>/epoch.safetensors    last finished epoch of a running stage (N = 1-based index)
+    RUN_DIR/stages/N_<stage>/student.safetensors  the stage's output (weights + masks + form + records)
+    RUN_DIR/model_int8.pt                         final deployable model (TorchScript, frozen, INT8)
+    RUN_DIR/model_int8.pqdz                       the same INT8 weights, compact sparse format (pqd.compact)
+      or RUN_DIR/model_fp32.safetensors           when no stage quantizes (a dense run: the teacher's weights)
+    RUN_DIR/metrics.json                          typed metrics (pqd.metrics)
+    RUN_DIR/{model_int8,model_fp32,teacher_fp32}.onnx, export.json   written by `pqd export`
+    RUN_DIR/bench.json, bench.md                  written by `pqd bench`
+
+Every other module asks :class:`RunDir` for these paths; no file name of a run is spelled
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import yaml
+from torch import nn
+
+from pqd.config import RunConfig, load_config
+from pqd.errors import CheckpointError, ConfigError
+from pqd.metrics import Metrics
+from pqd.registry import create_model
+from pqd.stages.common import Student
+from pqd.stages.quantize import BACKEND, convert, freeze, prepare
+from pqd.stages.structural import fit_to_state_dict
+from pqd.train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("pqd")
+
+_IMAGE_SHAPES = {"digits": (3, 32, 32), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+
+
+def model_kwargs(config: RunConfig) -> dict[str, Any]:
+    """The keyword arguments ``create_model`` gets for this run's model (beyond num_classes)."""
+    kw: dict[str, Any] = {}
+    if config.model.width != 1.0:
+        kw["width"] = config.model.width
+    if config.model.dropout:
+        kw["dropout"] = config.model.dropout
+    return kw
+
+
+def build_model(config: RunConfig, num_classes: int) -> nn.Module:
+    """The run's architecture, freshly initialised."""
+    return create_model(config.model.name, num_classes=num_classes, **model_kwargs(config))
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+@dataclass
+class LoadedRun:
+    """A finished run, rebuilt: FP32 teacher, final student (fake-quant or FP32), deployed model."""
+
+    run_dir: Path
+    config: RunConfig
+    data: Any  # pqd.data.Splits
+    teacher: nn.Module
+    student: Student
+    deployed: Callable[[torch.Tensor], torch.Tensor]  # TorchScript INT8 or the FP32 student
+    deployed_file: Path
+    student_file: Path | None  # None for a dense run (the student is the teacher)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.student.quantized)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.data.image_shape
+
+
+class RunDir:
+    """A pqd run directory (see the module docstring for its layout)."""
+
+    CONFIG = "config.yaml"
+    ENV = "env.json"
+    LOG = "log.txt"
+    TEACHER = "teacher.safetensors"
+    TEACHER_EPOCH = "teacher.epoch.safetensors"
+    STAGES = "stages"
+    STAGE_EPOCH = "epoch.safetensors"
+    STAGE_STUDENT = "student.safetensors"
+    INT8 = "model_int8.pt"
+    COMPACT = "model_int8.pqdz"
+    FP32 = "model_fp32.safetensors"
+    METRICS = "metrics.json"
+    INT8_ONNX = "model_int8.onnx"
+    FP32_ONNX = "model_fp32.onnx"
+    TEACHER_ONNX = "teacher_fp32.onnx"
+    EXPORT_JSON = "export.json"
+    BENCH_JSON = "bench.json"
+    BENCH_MD = "bench.md"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # ------------------------------------------------------------------ paths
+    config_path = property(lambda self: self.path / self.CONFIG)
+    env_path = property(lambda self: self.path / self.ENV)
+    log_path = property(lambda self: self.path / self.LOG)
+    teacher_path = property(lambda self: self.path / self.TEACHER)
+    teacher_epoch_path = property(lambda self: self.path / self.TEACHER_EPOCH)
+    int8_path = property(lambda self: self.path / self.INT8)
+    compact_path = property(lambda self: self.path / self.COMPACT)
+    fp32_path = property(lambda self: self.path / self.FP32)
+    metrics_path = property(lambda self: self.path / self.METRICS)
+
+    def stage_dir(self, index: int, name: str) -> Path:
+        """Checkpoint folder of the stage at ``index`` (0-based) of the stage list: index-based, so repeats work."""
+        return self.path / self.STAGES / f"{index + 1}_{name}"
+
+    def stage_epoch_path(self, index: int, name: str) -> Path:
+        return self.stage_dir(index, name) / self.STAGE_EPOCH
+
+    def student_path(self, index: int, name: str) -> Path:
+        return self.stage_dir(index, name) / self.STAGE_STUDENT
+
+    def deployed_path(self, quantized: bool) -> Path:
+        return self.int8_path if quantized else self.fp32_path
+
+    # ------------------------------------------------------------------ config
+    def has_results(self) -> bool:
+        return any(p.exists() for p in (self.teacher_path, self.teacher_epoch_path, self.path / self.STAGES, self.metrics_path))
+
+    def saved_config_dict(self) -> dict | None:
+        if not self.config_path.exists():
+            return None
+        try:
+            return yaml.safe_load(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{self.config_path} cannot be read ({exc}); restore it or choose a new --out directory") from None
+
+    def check_config(self, config: RunConfig) -> None:
+        """Claim the directory for ``config``: write config.yaml, or check the saved one.
+
+        A saved config that differs is refused (naming the differing keys), unless the directory
+        holds no results yet (an earlier attempt stopped before computing anything): then the new
+        config takes over.
+        """
+        want = config.to_dict()
+        have = self.saved_config_dict()
+        if have is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif have != want and self.has_results():
+            diff = sorted(_diff_keys(have, want))
+            raise ConfigError(
+                f"{self.path} holds a run with a different config (differs at: {', '.join(diff) or '?'}); "
+                "re-run with the same config to resume, or choose a new --out directory")
+        elif have != want:
+            log.info("%s holds no results yet; replacing its config.yaml", self.path)
+        else:
+            return
+        atomic_write_bytes(self.config_path, yaml.safe_dump(want, sort_keys=False).encode())
+
+    def read_config(self) -> RunConfig:
+        if not self.config_path.is_file():
+            raise CheckpointError(f"{self.path} is not a pqd run directory (no {self.CONFIG}); make one with 'pqd run' or 'pqd demo'")
+        return load_config(self.config_path)
+
+    def write_env(self, env: Mapping[str, Any]) -> None:
+        atomic_write_bytes(self.env_path, json.dumps(env, indent=2).encode())
+
+    # ------------------------------------------------------------------ teacher and students
+    def load_teacher(self, config: RunConfig, num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
+        model = build_model(config, num_classes)
+        model.load_state_dict(load_checkpoint(self.teacher_path)[0])
+        return model.to(device)
+
+    def save_teacher(self, model: nn.Module, *, model_name: str, num_classes: int) -> None:
+        save_checkpoint(self.teacher_path, model.state_dict(), {"model": model_name, "num_classes": num_classes})
+        self.teacher_epoch_path.unlink(missing_ok=True)
+
+    def save_student(self, index: int, name: str, student: Student) -> None:
+        """The output of stage ``index``: weights, masks, form and the student's records."""
+        tensors = {f"model.{k}": v for k, v in student.model.state_dict().items()}
+        tensors.update({f"mask.{k}": v for k, v in student.masks.items()})
+        save_checkpoint(self.student_path(index, name), tensors,
+                        {"form": student.form, "records": dict(getattr(student, "records", {}) or {})})
+        self.stage_epoch_path(index, name).unlink(missing_ok=True)
+
+    def last_finished_stage(self, config: RunConfig) -> int:
+        """Index of the last stage whose output exists (-1 if none)."""
+        done = [i for i, s in enumerate(config.stages) if self.student_path(i, s.stage).exists()]
+        return max(done, default=-1)
+
+    def rebuild_model(self, config: RunConfig, *, num_classes: int, image_shape: tuple[int, ...], form: str = "fp32",
+                      state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """The run's model in ``form`` (untrained): build → fit layer shapes to ``state`` → prepare (FX)
+        if quantized. The one rebuild path of students, skeletons and restores."""
+        model = build_model(config, num_classes)
+        if state is not None:
+            fit_to_state_dict(model, state)
+        if form != "fp32":
+            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range)
+        return model
+
+    def restore_student(self, config: RunConfig, index: int, *, num_classes: int, image_shape: tuple[int, ...],
+                        device: torch.device | str = "cpu") -> Student:
+        """The student as it was after stage ``index``, rebuilt from that stage's output file."""
+        tensors, meta = load_checkpoint(self.student_path(index, config.stages[index].stage))
+        state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        form = meta.get("form", "fp32")
+        model = self.rebuild_model(config, num_classes=num_classes, image_shape=image_shape, form=form,
+                                   state=state if form == "fp32" else None)
+        model.load_state_dict(state)
+        masks = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
+        if form == "qat":
+            freeze(model)  # every stage ends frozen; BN freezing is module state, not in the state_dict
+        student = Student(model.to(device), masks, form, config.quantize.freeze_fraction)
+        records = meta.get("records") or {}
+        if records and isinstance(getattr(student, "records", None), dict):
+            student.records.update(records)
+        return student
+
+    # ------------------------------------------------------------------ rebuilding a finished run
+    def load(self, *, data: Any = None) -> LoadedRun:
+        """Rebuild a finished run (config.yaml, teacher, last stage's student, deployed file).
+
+        The one function that rebuilds a run from disk: export, bench, workers and compact use it.
+        """
+        from pqd.data import load_data
+
+        config = self.read_config()
+        last = len(config.stages) - 1
+        student_file = self.student_path(last, config.stages[last].stage) if config.stages else None
+        deployed_file = self.int8_path if self.int8_path.is_file() else self.fp32_path
+        for need in (self.teacher_path, student_file, deployed_file):
+            if need is not None and not need.is_file():
+                raise CheckpointError(f"{self.path} is not a finished run: {need.name} is missing; finish it with the same 'pqd run' command")
+        torch.backends.quantized.engine = BACKEND  # before any INT8 model is loaded
+        data = data if data is not None else load_data(config.data, seed=config.seed)
+        teacher = self.load_teacher(config, data.num_classes).eval()
+        if config.stages:
+            student = self.restore_student(config, last, num_classes=data.num_classes, image_shape=data.image_shape)
+        else:
+            student = Student(self.load_teacher(config, data.num_classes))
+        student.model.eval()
+        if deployed_file == self.int8_path:
+            if not student.quantized:
+                raise CheckpointError(f"{self.path}: {self.INT8} exists but the last stage's student is not quantized")
+            deployed = torch.jit.load(str(self.int8_path), map_location="cpu")
+        else:
+            deployed = student.model
+        return LoadedRun(self.path, config, data, teacher, student, deployed, deployed_file, student_file)
+
+    def run_facts(self, meta: Mapping[str, Any] | None = None) -> tuple[int, tuple[int, ...]]:
+        """num_classes and image shape without loading data: ``meta`` (e.g. a compact file's), then
+        metrics.json, then the teacher checkpoint's metadata, then the dataset's known shape."""
+        facts = dict(meta or {})
+        m = self.read_metrics()
+        if m:
+            facts = {**{k: m[k] for k in ("num_classes", "image_shape") if m.get(k)}, **facts}
+        if not facts.get("num_classes") and self.teacher_path.is_file():
+            facts["num_classes"] = load_checkpoint(self.teacher_path)[1].get("num_classes")
+        if not facts.get("num_classes"):
+            raise CheckpointError(f"{self.path}: cannot tell the number of classes (no compact meta, metrics.json or teacher metadata)")
+        shape = tuple(facts.get("image_shape") or ())
+        if not shape:
+            dataset = self.read_config().data.dataset
+            if dataset not in _IMAGE_SHAPES:
+                raise CheckpointError(f"{self.path}: cannot tell the image shape of dataset {dataset!r}; pass meta={{'image_shape': ...}}")
+            shape = _IMAGE_SHAPES[dataset]
+        return int(facts["num_classes"]), shape
+
+    def int8_skeleton(self, meta: Mapping[str, Any] | None = None) -> nn.Module:
+        """A converted INT8 model of the run's architecture (untrained, uncalibrated), ready for
+        :func:`pqd.compact.load_compact`."""
+        config = self.read_config()
+        if not config.quantizes:
+            raise CheckpointError(f"{self.path}: no stage of the run quantizes, so it has no INT8 model")
+        num_classes, shape = self.run_facts(meta)
+        mode = config.quantize.mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = self.rebuild_model(config, num_classes=num_classes, image_shape=shape, form=mode)
+            return convert(Student(model, {}, mode)).eval()
+
+    # ------------------------------------------------------------------ metrics
+    def read_metrics(self) -> dict | None:
+        """metrics.json as a dict (None if absent or unreadable)."""
+        if not self.metrics_path.is_file():
+            return None
+        try:
+            return json.loads(self.metrics_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def metrics(self) -> Metrics:
+        """metrics.json, typed."""
+        d = self.read_metrics()
+        if d is None:
+            raise CheckpointError(f"{self.path} has no readable {self.METRICS}; finish the run with the same 'pqd run' command")
+        return Metrics.from_dict(d)
+
+    def write_metrics(self, metrics: Metrics) -> dict:
+        """Write ``metrics``, keeping keys other commands added (e.g. ``bench``) to an earlier file."""
+        previous = self.read_metrics() or {}
+        out = metrics.to_dict()
+        out.update({k: v for k, v in previous.items() if k not in out})
+        atomic_write_bytes(self.metrics_path, json.dumps(out, indent=2).encode())
+        return out
+
+    def merge_metrics(self, **entries: Any) -> None:
+        """Set top-level keys of an existing metrics.json (e.g. ``bench=...``); a no-op without one."""
+        current = self.read_metrics()
+        if current is None:
+            return
+        current.update(entries)
+        atomic_write_bytes(self.metrics_path, json.dumps(current, indent=2).encode())
