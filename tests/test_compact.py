@@ -16,6 +16,7 @@ from pqd import compact
 from pqd.config import RunConfig
 from pqd.errors import CheckpointError
 from pqd.registry import create_model
+from pqd.rundir import RunDir
 from pqd.stages import Student, convert, prunable_layers
 from pqd.stages.prune import compute_masks
 from pqd.stages.quantize import prepare
@@ -281,7 +282,7 @@ def test_skeleton_from_run_dir(models, tmp_path):
                                "quantize": {"mode": "ptq"}, "data": {"dataset": "digits"}})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     int8 = models[0.9]
-    compact.save_compact(int8, tmp_path / compact.FILE_NAME)  # no meta: facts come from metrics.json
+    compact.save_compact(int8, tmp_path / RunDir.COMPACT)  # no meta: facts come from metrics.json
     with pytest.raises(CheckpointError, match="number of classes"):
         compact.load_run(tmp_path)
     (tmp_path / "metrics.json").write_text(json.dumps({"num_classes": 10}))

@@ -146,7 +146,8 @@ def test_dense_run_goes_through_the_same_pipeline(tiny_config, tmp_path):
     assert m["accuracy"]["final_vs_teacher_agreement"] == 1.0
     assert {r["model"] for r in m["latency"]} == {"teacher_fp32", "final_fp32"}
     assert {r["harness"] for r in m["latency"]} == {"worker processes"}  # the harness of every other run
-    assert not (tmp_path / "stages").exists() and (tmp_path / "model_fp32.safetensors").is_file()
+    assert m["size_bytes"]["final_file"] == "teacher.safetensors"  # the dense model is the teacher's own file
+    assert not (tmp_path / "stages").exists() and not (tmp_path / "model_fp32.safetensors").exists()
 
 
 def test_a_new_stage_is_one_registration(tiny_config, tmp_path):

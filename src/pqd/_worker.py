@@ -81,9 +81,9 @@ def build(spec: dict):
             model = create_model(spec["model"], num_classes=spec["num_classes"], **spec["kwargs"])
             model.load_state_dict(load_checkpoint(spec["weights"])[0])
         elif kind == "eager_student":
-            from pqd.export import load_run
+            from pqd.rundir import RunDir
 
-            model = load_run(spec["run_dir"]).student.model
+            model = RunDir(spec["run_dir"]).load().student.model
         else:
             model = torch.jit.load(spec["path"], map_location="cpu")
         model.eval()

@@ -86,21 +86,18 @@ def _versions() -> dict[str, str | None]:
 
 
 def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int], seed: int) -> list[Variant]:
-    from pqd.export import FINAL_FP32_ONNX, INT8_ONNX, TEACHER_ONNX
+    from pqd.rundir import RunDir, model_kwargs
 
+    rd = RunDir(out)
     cfg = run.config.model
-    kwargs: dict[str, Any] = {}
-    if cfg.width != 1.0:
-        kwargs["width"] = cfg.width
-    if cfg.dropout:
-        kwargs["dropout"] = cfg.dropout
+    kwargs = model_kwargs(run.config)
     base = {"input_shape": list(run.input_shape), "batch_sizes": list(batch_sizes), "seed": seed}
     fin = "int8" if run.quantized else "fp32"
     fin_name = "int8" if run.quantized else "fp32_final"
-    final_onnx = out / (INT8_ONNX if run.quantized else FINAL_FP32_ONNX)
+    final_onnx = rd.file(rd.INT8_ONNX if run.quantized else rd.FP32_ONNX)
     vs = [Variant(BASELINE, "pytorch", "fp32", "teacher",
                   base | {"kind": "eager", "model": cfg.name, "kwargs": kwargs, "num_classes": run.data.num_classes,
-                          "weights": str(out / "teacher.safetensors")})]
+                          "weights": str(rd.teacher_path)})]
     if "pytorch" in runtimes:
         if run.quantized:
             vs.append(Variant("pytorch_int8", "pytorch", "int8", "final", base | {"kind": "torchscript", "path": str(run.deployed_file)}))
@@ -108,7 +105,7 @@ def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int
             vs.append(Variant("pytorch_fp32_final", "pytorch", "fp32", "final", base | {"kind": "eager_student", "run_dir": str(out)}))
     for rt in ("onnxruntime", "openvino"):
         if rt in runtimes:
-            vs.append(Variant(f"{rt}_fp32", rt, "fp32", "teacher", base | {"kind": rt, "path": str(out / TEACHER_ONNX)}))
+            vs.append(Variant(f"{rt}_fp32", rt, "fp32", "teacher", base | {"kind": rt, "path": str(rd.file(rd.TEACHER_ONNX))}))
             vs.append(Variant(f"{rt}_{fin_name}", rt, fin, "final", base | {"kind": rt, "path": str(final_onnx)}))
     return vs
 
@@ -150,7 +147,8 @@ def bench_run(
     naming one that is not installed is an error. Returns the result dict and, with
     ``write``, writes bench.json, bench.md and the ``bench`` key of metrics.json.
     """
-    from pqd.export import export_run, load_run
+    from pqd.export import export_run
+    from pqd.rundir import RunDir
     from pqd.measure import environment
     from pqd.measure.latency import LARGE_BATCH_BLOCKS, SMALL_BATCH_BLOCKS, interleave
     from pqd.measure.workers import start_workers
@@ -161,7 +159,7 @@ def bench_run(
         raise ConfigError("bench: threads, batch sizes, runs and large-batch runs must be >= 1 and warm-up >= 0")
     out = Path(run_dir)
     wanted, skipped = _resolve_runtimes(runtimes)
-    run = load_run(out)
+    run = RunDir(out).load()
     export = None
     if "onnxruntime" in wanted or "openvino" in wanted:
         export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted)
@@ -223,19 +221,16 @@ def bench_run(
 
 
 def _write(out: Path, result: dict) -> None:
+    from pqd.rundir import RunDir
     from pqd.train.checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(out / "bench.json", json.dumps(result, indent=2).encode())
-    atomic_write_bytes(out / "bench.md", (format_markdown(result) + "\n").encode())
-    mpath = out / "metrics.json"
-    if mpath.is_file():
-        try:
-            metrics = json.loads(mpath.read_text())
-        except ValueError:
-            log.warning("bench: %s is not valid JSON; not merging", mpath)
-            return
-        metrics["bench"] = result
-        atomic_write_bytes(mpath, json.dumps(metrics, indent=2).encode())
+    rd = RunDir(out)
+    atomic_write_bytes(rd.file(rd.BENCH_JSON), json.dumps(result, indent=2).encode())
+    atomic_write_bytes(rd.file(rd.BENCH_MD), (format_markdown(result) + "\n").encode())
+    if rd.metrics_path.is_file() and rd.read_metrics() is None:
+        log.warning("bench: %s is not valid JSON; not merging", rd.metrics_path)
+        return
+    rd.merge_metrics(bench=result)
 
 
 def _fmt_int(n: int | None) -> str:

@@ -17,9 +17,11 @@ def _setup_logging(out: Path | None, quiet: bool) -> None:
     if out is not None:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} is a file, not a directory; choose a directory for the run")
+        from pqd.rundir import RunDir
+
         try:  # a missing parent we cannot create, no permission, a read-only file system...
             out.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(out / "log.txt"))
+            handlers.append(logging.FileHandler(RunDir(out).log_path))
         except OSError as exc:
             raise ConfigError(f"--out {str(out)!r} cannot be used as the run directory: {exc.strerror or exc}") from None
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -27,34 +29,38 @@ def _setup_logging(out: Path | None, quiet: bool) -> None:
 
 
 def format_table(metrics: dict) -> str:
-    """A small human table: FP32 teacher vs final, accuracy / size / latency."""
-    acc, size = metrics["accuracy"], metrics["size_bytes"]
-    final = f"final_{metrics['final_form']}"
-    rows = [("", "teacher (FP32)", f"final ({metrics['final_form'].upper()}, {metrics['stages']})")]
-    rows.append(("top-1 accuracy", f"{100 * acc['teacher_top1']:.2f}%", f"{100 * acc['final_top1']:.2f}%"))
-    rows.append(("sparsity", "0%", f"{100 * metrics['sparsity']['achieved']:.1f}%"))
-    rows.append(("file size", f"{size['teacher_fp32'] / 1e6:.2f} MB", f"{size['final'] / 1e6:.2f} MB ({size['teacher_fp32'] / size['final']:.1f}x smaller)"))
-    for bs in sorted({r["batch"] for r in metrics["latency"]}):
-        recs = {r["model"]: r for r in metrics["latency"] if r["batch"] == bs}
-        t, f = recs["teacher_fp32"], recs[final]
-        rows.append((f"latency b={bs} median (p90)", f"{t['median_ms']:.2f} ms ({t['p90_ms']:.2f})",
-                     f"{f['median_ms']:.2f} ms ({f['p90_ms']:.2f}), {f['ratio_to_baseline']:.2f}x faster"))
+    """A small human table: FP32 teacher vs final, accuracy / size / latency (from the typed metrics)."""
+    from pqd.metrics import Metrics
+
+    m = Metrics.from_dict(metrics)
+    acc, size = m.accuracy, m.size_bytes
+    rows = [("", "teacher (FP32)", f"final ({m.final_form.upper()}, {m.stages or 'dense'})")]
+    rows.append(("top-1 accuracy", f"{100 * acc.teacher_top1:.2f}%", f"{100 * acc.final_top1:.2f}%"))
+    rows.append(("sparsity", "0%", f"{100 * m.sparsity.achieved:.1f}%"))
+    rows.append(("file size", f"{size.teacher_fp32 / 1e6:.2f} MB", f"{size.final / 1e6:.2f} MB ({size.teacher_fp32 / size.final:.1f}x smaller)"))
+    for bs in sorted({r.batch for r in m.latency}):
+        recs = {r.model: r for r in m.latency if r.batch == bs}
+        t, f = recs["teacher_fp32"], recs[m.final_model_name]
+        ratio = f.extra.get("ratio_to_baseline") or t.median_ms / f.median_ms
+        rows.append((f"latency b={bs} median (p90)", f"{t.median_ms:.2f} ms ({t.p90_ms:.2f})",
+                     f"{f.median_ms:.2f} ms ({f.p90_ms:.2f}), {ratio:.2f}x faster"))
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
-    thr = metrics["latency"][0]["threads"]
+    thr = m.latency[0].extra.get("threads") if m.latency else "?"
     lines.append(f"(latency: {thr} threads, each model in its own worker process, timed interleaved; sizes are bytes of the files on disk)")
     return "\n".join(lines)
 
 
 def _run(config, out: Path) -> int:
     from pqd.pipeline import init_distributed, run_pipeline
+    from pqd.rundir import RunDir
 
     init_distributed()
     metrics = run_pipeline(config, out)
     if not metrics:  # a non-zero rank under torchrun
         return 0
     print(format_table(metrics))
-    print(f"\nrun directory: {out}  (metrics.json, model files, config.yaml, env.json)")
+    print(f"\nrun directory: {out}  ({RunDir.METRICS}, model files, {RunDir.CONFIG}, {RunDir.ENV})")
     return 0
 
 
@@ -146,7 +152,10 @@ def _bench_or_export(args) -> int:
                        large_batch_runs=args.large_batch_runs, runtimes=args.runtimes, rss=not args.no_rss,
                        force_export=args.force_export)
     print(format_markdown(result))
-    print(f"\nwritten: {args.run_dir / 'bench.json'}, {args.run_dir / 'bench.md'}, metrics.json['bench']")
+    from pqd.rundir import RunDir
+
+    rd = RunDir(args.run_dir)
+    print(f"\nwritten: {rd.file(rd.BENCH_JSON)}, {rd.file(rd.BENCH_MD)}, {rd.METRICS}['bench']")
     return 0
 
 

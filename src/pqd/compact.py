@@ -76,7 +76,6 @@ from pqd.errors import CheckpointError, ModelError
 FORMAT = "pqd-compact"
 VERSION = 1
 SUFFIX = ".pqdz"
-FILE_NAME = "model_int8.pqdz"
 MAGIC = b"PQDZ"
 _PRELUDE = struct.Struct("<4sHBBIIQ")
 _DIGEST = 32
@@ -689,60 +688,24 @@ def load_compact(path: str | Path, skeleton: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- runs
 
 
-_IMAGE_SHAPES = {"digits": (3, 32, 32), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
-
-
-def _run_facts(run: Path, meta: Mapping[str, Any]) -> tuple[int, tuple[int, ...]]:
-    """num_classes and image shape: compact meta, then metrics.json, then the teacher's metadata."""
-    facts = dict(meta)
-    if "num_classes" not in facts or "image_shape" not in facts:
-        metrics = run / "metrics.json"
-        if metrics.is_file():
-            m = json.loads(metrics.read_text())
-            facts = {**{k: m[k] for k in ("num_classes", "image_shape") if k in m}, **facts}
-    if "num_classes" not in facts and (run / "teacher.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(run / "teacher.safetensors"), framework="pt") as f:
-            raw = (f.metadata() or {}).get("pqd")
-        if raw:
-            facts.setdefault("num_classes", json.loads(raw).get("meta", {}).get("num_classes"))
-    if not facts.get("num_classes"):
-        raise CheckpointError(f"{run}: cannot tell the number of classes (no compact meta, metrics.json or teacher metadata)")
-    return int(facts["num_classes"]), tuple(facts.get("image_shape") or ())
-
-
 def skeleton_from_run(run_dir: str | Path, meta: Mapping[str, Any] | None = None) -> nn.Module:
     """A converted INT8 model of the run's architecture (untrained, uncalibrated), ready for
-    :func:`load_compact`. Built from ``config.yaml``; classes and image shape from ``meta``
-    (the compact file's), ``metrics.json`` or the teacher checkpoint's metadata."""
-    from pqd.config import load_config
-    from pqd.pipeline import build_model
-    from pqd.stages import Student, convert, prepare
+    :func:`load_compact`: :meth:`pqd.rundir.RunDir.int8_skeleton` (classes and image shape from
+    ``meta``, the run's metrics.json or its teacher checkpoint)."""
+    from pqd.rundir import RunDir
 
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"{run} has no config.yaml; is it a pqd run directory?")
-    config = load_config(run / "config.yaml")
-    if "quantize" not in [s.stage for s in config.stages]:
-        raise CheckpointError(f"{run}: the run has no quantize stage, so it has no INT8 model")
-    num_classes, shape = _run_facts(run, meta or {})
-    if not shape:
-        if config.data.dataset not in _IMAGE_SHAPES:
-            raise CheckpointError(f"{run}: cannot tell the image shape of dataset {config.data.dataset!r}; pass meta={{'image_shape': ...}}")
-        shape = _IMAGE_SHAPES[config.data.dataset]
-    mode = config.quantize.mode
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = prepare(build_model(config, num_classes), torch.zeros(2, *shape), mode=mode)
-        return convert(Student(model, {}, mode)).eval()
+    return RunDir(run_dir).int8_skeleton(meta)
 
 
-def load_run(run_dir: str | Path, name: str = FILE_NAME) -> nn.Module:
-    """The INT8 model of a finished run, rebuilt from its compact checkpoint."""
-    path = Path(run_dir) / name
+def load_run(run_dir: str | Path, name: str | None = None) -> nn.Module:
+    """The INT8 model of a finished run, rebuilt from its compact checkpoint (``name`` in the run
+    directory; default ``model_int8.pqdz``)."""
+    from pqd.rundir import RunDir
+
+    run = RunDir(run_dir)
+    path = run.file(name) if name else run.compact_path
     _, meta = read_compact(path)
-    return load_compact(path, skeleton_from_run(run_dir, meta))
+    return load_compact(path, run.int8_skeleton(meta))
 
 
 # --------------------------------------------------------------------------- entropy bound
@@ -788,3 +751,11 @@ def entropy_bound(model: nn.Module | Mapping[str, Any]) -> dict[str, float]:
     return {"numel": n_all, "nnz": nnz_all, "density": nnz_all / max(n_all, 1), "value_entropy_bits": _h(hist),
             "per_tensor": mask_t + val_t, "per_tensor_mask": mask_t, "per_tensor_values": val_t,
             "global": mask_g + val_g, "global_mask": mask_g, "global_values": val_g}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FILE_NAME":  # the run's compact file name; pqd.rundir.RunDir.COMPACT owns it
+        from pqd.rundir import RunDir
+
+        return RunDir.COMPACT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -41,77 +40,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from pqd.errors import CheckpointError, ModelError
+from pqd.errors import ModelError
+from pqd.rundir import LoadedRun, RunDir
 from pqd.runtimes import OPENVINO_PRECISION, OpenVinoRunner, OrtRunner, available, require  # noqa: F401 (re-exported)
 
 log = logging.getLogger("pqd.export")
 
 EXPORT_SCHEMA = 1
-INT8_ONNX = "model_int8.onnx"
-TEACHER_ONNX = "teacher_fp32.onnx"
-FINAL_FP32_ONNX = "model_fp32.onnx"
-EXPORT_JSON = "export.json"
+INT8_ONNX = RunDir.INT8_ONNX
+TEACHER_ONNX = RunDir.TEACHER_ONNX
+FINAL_FP32_ONNX = RunDir.FP32_ONNX
+EXPORT_JSON = RunDir.EXPORT_JSON
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # --------------------------------------------------------------------------- run loading
 
 
-@dataclass
-class LoadedRun:
-    """A finished run, rebuilt: FP32 teacher, final student (fake-quant or FP32), deployed model."""
-
-    run_dir: Path
-    config: Any  # RunConfig
-    data: Any  # Splits
-    teacher: nn.Module
-    student: Any  # Student
-    deployed: Callable[[torch.Tensor], torch.Tensor]  # TorchScript INT8 or the FP32 student
-    deployed_file: Path
-    student_file: Path
-
-    @property
-    def quantized(self) -> bool:
-        return bool(self.student.quantized)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.data.image_shape
-
-
 def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a finished run from ``run_dir`` (config.yaml, teacher, last stage's student, deployed file)."""
-    from pqd.config import load_config
-    from pqd.data import load_data
-    from pqd.pipeline import _restore_student, _stage_dir, build_model
-    from pqd.stages.quantize import _fx
-    from pqd.train import load_checkpoint
-
-    out = Path(run_dir)
-    if not (out / "config.yaml").is_file():
-        raise CheckpointError(f"{out} is not a pqd run directory (no config.yaml); make one with 'pqd run' or 'pqd demo'")
-    config = load_config(out / "config.yaml")
-    if not config.stages:
-        raise CheckpointError(f"{out}: the run has no stages, so there is no compressed model to export")
-    last = len(config.stages) - 1
-    student_file = _stage_dir(out, last, config.stages[last].stage) / "student.safetensors"
-    int8_file, fp32_file = out / "model_int8.pt", out / "model_fp32.safetensors"
-    deployed_file = int8_file if int8_file.is_file() else fp32_file
-    for need in (out / "teacher.safetensors", student_file, deployed_file):
-        if not need.is_file():
-            raise CheckpointError(f"{out} is not a finished run: {need.name} is missing; finish it with the same 'pqd run' command")
-    _fx()  # sets the x86 quantized engine before any INT8 model is loaded
-    data = load_data(config.data, seed=config.seed)
-    teacher = build_model(config, data.num_classes)
-    teacher.load_state_dict(load_checkpoint(out / "teacher.safetensors")[0])
-    teacher.eval()
-    student = _restore_student(config, data, last, out, torch.device("cpu"))
-    student.model.eval()
-    if deployed_file == int8_file:
-        if not student.quantized:
-            raise CheckpointError(f"{out}: model_int8.pt exists but the last stage's student is not quantized")
-        deployed = torch.jit.load(str(int8_file), map_location="cpu")
-    else:
-        deployed = student.model
-    return LoadedRun(out, config, data, teacher, student, deployed, deployed_file, student_file)
+    """Rebuild a finished run from ``run_dir``: :meth:`pqd.rundir.RunDir.load` (the one rebuild path)."""
+    return RunDir(run_dir).load()
 
 
 # --------------------------------------------------------------------------- export
@@ -123,12 +69,14 @@ def reference_int8(student) -> nn.Module:
     Same conversion as :func:`pqd.stages.convert` (masks re-applied, BN folded, same qparams),
     but every quantized op is spelled as ``dequantize -> float op -> quantize``.
     """
-    from pqd.stages.quantize import _fx
+    from pqd.stages.quantize import qconfig_mapping
     from pqd.train.loop import apply_masks
 
     if not student.quantized:
         raise ModelError("reference_int8 needs a quantized student (a run with a quantize stage)")
-    _, qfx = _fx()
+    qconfig_mapping()  # sets the x86 quantized engine and quiets FX's deprecation warnings
+    from torch.ao.quantization import quantize_fx as qfx
+
     fn = getattr(qfx, "_convert_to_reference_decomposed_fx", None)
     if fn is None:
         raise ModelError(f"torch {torch.__version__} has no torch.ao.quantization.quantize_fx._convert_to_reference_decomposed_fx, "
@@ -326,8 +274,10 @@ def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, 
     """
     require("onnx"), require("onnxscript"), require("onnxruntime")
     out = Path(run_dir)
-    run = run or load_run(out)
-    sources = [run.deployed_file, run.student_file, out / "teacher.safetensors"]
+    rd = RunDir(out)
+    run = run or rd.load()
+    student_file = run.student_file or run.deployed_file  # a dense run's final model is its FP32 file
+    sources = [run.deployed_file, student_file, rd.teacher_path]
     final_name = INT8_ONNX if run.quantized else FINAL_FP32_ONNX
     record_path = out / EXPORT_JSON
     old: dict = {}
@@ -342,16 +292,16 @@ def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, 
         shape = run.input_shape
         final_model = reference_int8(run.student) if run.quantized else copy.deepcopy(run.student.model).eval()
         final_form = "int8_qdq" if run.quantized else "fp32"
-        log.info("export: %s -> %s", run.student_file.name, final_name)
+        log.info("export: %s -> %s", student_file.name, final_name)
         final_rec = export_onnx(final_model, out / final_name, shape, metadata=_metadata(run, final_form), fold=run.quantized)
-        final_rec.update(form=final_form, source=str(run.student_file.relative_to(out)))
+        final_rec.update(form=final_form, source=str(student_file.relative_to(out)))
         if run.quantized:
             zeros = int8_initializer_zeros(out / final_name)
             z, n = sum(v[0] for v in zeros.values()), sum(v[1] for v in zeros.values())
             final_rec["int8_weight_zero_fraction"] = z / n if n else None
         log.info("export: teacher -> %s", TEACHER_ONNX)
         teacher_rec = export_onnx(run.teacher, out / TEACHER_ONNX, shape, metadata=_metadata(run, "fp32"), fold=False)
-        teacher_rec.update(form="fp32", source="teacher.safetensors")
+        teacher_rec.update(form="fp32", source=rd.TEACHER)
         record = {
             "schema": EXPORT_SCHEMA,
             "route": ("prepared fake-quant student -> FX reference-decomposed INT8 graph -> torch.onnx.export(dynamo=True) "

@@ -174,6 +174,13 @@ class Metrics:
         return not self.stage_order
 
     @property
+    def stage_label(self) -> str:
+        """'P>Q>D' (stage letters in order); 'dense' for a run without stages."""
+        if self.stage_records:
+            return ">".join(r.letter for r in self.stage_records)
+        return ">".join(s.split(":")[0] for s in self.stages.split(",") if s) or "dense"
+
+    @property
     def final_model_name(self) -> str:
         """The latency records' name of the final model: 'final_int8' or 'final_fp32'."""
         return f"final_{self.final_form}"

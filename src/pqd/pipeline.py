@@ -250,7 +250,7 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     compact: dict = {}
     extra_acc: dict = {}
     if int8 is not None:
-        deployed_path = run.int8_path
+        deployed_path = run.deployed_path(config)
         atomic_write_bytes(deployed_path, _jit_bytes(to_torchscript(int8, example)))
         deployed = torch.jit.load(str(deployed_path), map_location="cpu")
         d_logits = predict(deployed, data.test, mean=mean, std=std, batch_size=ebs)
@@ -270,8 +270,9 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
             log.warning("quantize: %d operation(s) stay FP32 in the INT8 model (no x86 integer kernel; dequantized around): %s",
                         len(quantization.float_modules), ", ".join(f"{f['name']} ({f['type']})" for f in quantization.float_modules))
     else:
-        deployed_path = run.fp32_path
-        save_checkpoint(deployed_path, final.model.state_dict(), {"form": "fp32"})
+        deployed_path = run.deployed_path(config)
+        if deployed_path != run.teacher_path:  # a dense run deploys the teacher's own file
+            save_checkpoint(deployed_path, final.model.state_dict(), {"form": "fp32"})
         deployed, d_logits, final_name = final.model, s_logits, "final_fp32"
         measured = None
     accuracy = Accuracy(teacher_top1=top1(t_logits, data.test.y), final_top1=top1(d_logits, data.test.y),

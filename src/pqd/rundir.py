@@ -10,7 +10,7 @@ students, rebuilds a finished run and reads/merges its metrics.
     RUN_DIR/stages/N_<stage>/student.safetensors  the stage's output (weights + masks + form + records)
     RUN_DIR/model_int8.pt                         final deployable model (TorchScript, frozen, INT8)
     RUN_DIR/model_int8.pqdz                       the same INT8 weights, compact sparse format (pqd.compact)
-      or RUN_DIR/model_fp32.safetensors           when no stage quantizes (a dense run: the teacher's weights)
+      or RUN_DIR/model_fp32.safetensors           when no stage quantizes (a dense run deploys teacher.safetensors)
     RUN_DIR/metrics.json                          typed metrics (pqd.metrics)
     RUN_DIR/{model_int8,model_fp32,teacher_fp32}.onnx, export.json   written by `pqd export`
     RUN_DIR/bench.json, bench.md                  written by `pqd bench`
@@ -144,8 +144,12 @@ class RunDir:
     def student_path(self, index: int, name: str) -> Path:
         return self.stage_dir(index, name) / self.STAGE_STUDENT
 
-    def deployed_path(self, quantized: bool) -> Path:
-        return self.int8_path if quantized else self.fp32_path
+    def deployed_path(self, config: RunConfig) -> Path:
+        """The final deployable model's file: INT8 TorchScript if a stage quantizes, else the FP32
+        student; a dense run deploys the teacher's own file."""
+        if config.quantizes:
+            return self.int8_path
+        return self.fp32_path if config.stages else self.teacher_path
 
     # ------------------------------------------------------------------ config
     def has_results(self) -> bool:
@@ -252,7 +256,7 @@ class RunDir:
         config = self.read_config()
         last = len(config.stages) - 1
         student_file = self.student_path(last, config.stages[last].stage) if config.stages else None
-        deployed_file = self.int8_path if self.int8_path.is_file() else self.fp32_path
+        deployed_file = self.deployed_path(config)
         for need in (self.teacher_path, student_file, deployed_file):
             if need is not None and not need.is_file():
                 raise CheckpointError(f"{self.path} is not a finished run: {need.name} is missing; finish it with the same 'pqd run' command")
@@ -266,7 +270,7 @@ class RunDir:
         student.model.eval()
         if deployed_file == self.int8_path:
             if not student.quantized:
-                raise CheckpointError(f"{self.path}: {self.INT8} exists but the last stage's student is not quantized")
+                raise CheckpointError(f"{self.path}: the run quantizes but the last stage's student is not quantized")
             deployed = torch.jit.load(str(self.int8_path), map_location="cpu")
         else:
             deployed = student.model

@@ -20,9 +20,10 @@ data, train and teacher sections (``train.progress`` aside). Each distinct ident
 *teacher run* (``runs/teacher-<hash>``) that trains (or loads) the teacher and measures it as the
 dense FP32 baseline; every pipeline run of that identity gets ``teacher.weights`` pointed at the
 teacher run's ``teacher.safetensors``. A variant with empty ``stages`` does not add a run: it names
-the teacher run of its identity (``RunConfig`` itself needs at least one stage, so "dense only"
-lives in the sweep layer). Teacher runs record ``stages: ""`` and ``final = teacher``; their
-latency table times the teacher twice, interleaved, which shows the measurement's noise floor.
+the teacher run of its identity. Teacher runs are dense runs (``stages: ""``) of the ordinary
+pipeline (:func:`pqd.pipeline.run_pipeline`), finalized and timed by the same harness as every
+other run; their final model is the teacher's weights, so their latency table times the teacher
+against itself, interleaved, which shows the measurement's noise floor.
 
 Layout of ``--out DIR``::
 
@@ -51,6 +52,8 @@ import yaml
 
 from pqd.config import RunConfig, apply_overrides
 from pqd.errors import ConfigError, PqdError
+from pqd.metrics import Metrics
+from pqd.rundir import RunDir
 
 log = logging.getLogger("pqd.sweep")
 
@@ -70,15 +73,12 @@ class Run:
     run_id: str
     variant: str
     kind: str
-    config: RunConfig  # for a teacher run the stages are a placeholder; see config_dict()
+    config: RunConfig  # a teacher run's config has no stages (a dense run)
     axes: tuple[tuple[str, Any], ...]
     teacher_id: str
 
     def config_dict(self) -> dict:
-        d = self.config.to_dict()
-        if self.kind == "teacher":
-            d["stages"] = DENSE
-        return d
+        return self.config.to_dict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +216,6 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
     for vname, axes, cfg in expanded:
         where = f"variant {vname!r}" + (f" ({', '.join(f'{k}={v}' for k, v in axes)})" if axes else "")
         dense = _is_dense(cfg.get("stages", "x"))
-        if dense:
-            cfg = dict(cfg, stages="D:1")  # placeholder: RunConfig needs a stage; teacher runs ignore it
         rc = _validated(cfg, where)
         full = rc.to_dict()
         tid = teacher_identity(full)
@@ -246,7 +244,7 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
 
 def _teacher_config(rc: RunConfig) -> RunConfig:
     """The teacher run's config: the identity sections and ``measure``; stage settings at defaults."""
-    return RunConfig(seed=rc.seed, stages="D:1", model=rc.model, data=rc.data, train=rc.train, teacher=rc.teacher, measure=rc.measure)
+    return RunConfig(seed=rc.seed, stages=(), model=rc.model, data=rc.data, train=rc.train, teacher=rc.teacher, measure=rc.measure)
 
 
 def _grid(grid: Any, where: str) -> dict[str, list]:
@@ -276,31 +274,22 @@ def run_dir(sweep_dir: str | Path, run: Run) -> Path:
 
 def _normalized(saved: dict) -> dict:
     """A stored config dict with defaults filled in (so fields added to pqd later still match)."""
-    d = dict(saved)
-    dense = _is_dense(d.get("stages"))
-    if dense:
-        d["stages"] = "D:1"
     try:
-        d = RunConfig.from_dict(d).to_dict()
+        return RunConfig.from_dict(dict(saved)).to_dict()
     except ConfigError:
         return saved
-    if dense:
-        d["stages"] = DENSE
-    return d
 
 
 def finished_metrics(sweep_dir: str | Path, run: Run) -> dict | None:
     """The run's metrics if it finished with this config; None if it has not finished."""
-    d = run_dir(sweep_dir, run)
-    mpath = d / "metrics.json"
-    if not mpath.is_file():
+    d = RunDir(run_dir(sweep_dir, run))
+    if not d.metrics_path.is_file():
         return None
-    cpath = d / "config.yaml"
-    saved = yaml.safe_load(cpath.read_text()) if cpath.is_file() else None
+    saved = d.saved_config_dict()
     if saved is None or _normalized(saved) != run.config_dict():
-        raise ConfigError(f"{d} holds a finished run with a different config; the sweep file changed. "
+        raise ConfigError(f"{d.path} holds a finished run with a different config; the sweep file changed. "
                           "Use a new --out directory, or delete that run directory to redo it")
-    return json.loads(mpath.read_text())
+    return d.read_metrics()
 
 
 def execute(run: Run, sweep_dir: str) -> dict:
@@ -310,7 +299,7 @@ def execute(run: Run, sweep_dir: str) -> dict:
         return done
     out = run_dir(sweep_dir, run)
     out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "log.txt")
+    handler = logging.FileHandler(RunDir(out).log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("pqd")
     old = root.level, root.propagate
@@ -318,9 +307,7 @@ def execute(run: Run, sweep_dir: str) -> dict:
     root.setLevel(logging.INFO)
     root.propagate = False  # a run's log goes to its log.txt, not to the console under the progress bar
     try:
-        if run.kind == "teacher":
-            return run_dense(run.config, out)
-        from pqd.pipeline import run_pipeline
+        from pqd.pipeline import run_pipeline  # teacher runs too: a dense run of the same pipeline
 
         return run_pipeline(run.config, out)
     finally:
@@ -328,66 +315,6 @@ def execute(run: Run, sweep_dir: str) -> dict:
         handler.close()
         root.setLevel(old[0])
         root.propagate = old[1]
-
-
-def run_dense(config: RunConfig, out_dir: str | Path) -> dict:
-    """Train (or load) the dense FP32 teacher into ``out_dir`` and measure it like a final model.
-
-    The metrics have the schema of :func:`pqd.pipeline.run_pipeline` with ``stages: ""`` and
-    ``final = teacher``; latency times the teacher twice (interleaved) as ``teacher_fp32`` and
-    ``final_fp32``, so the ratio shows the measurement's noise floor.
-    """
-    import torch
-
-    from pqd.data import load_data
-    from pqd.measure import environment, file_bytes, measure_latency, predict, top1
-    from pqd.pipeline import METRICS_SCHEMA, _teacher  # the pipeline's own teacher step (resumable)
-    from pqd.stages import global_sparsity, prunable_layers
-    from pqd.train.checkpoint import atomic_write_bytes
-    from pqd.train.loop import default_device
-
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    want = config.to_dict() | {"stages": DENSE}
-    saved = out / "config.yaml"
-    if saved.exists():
-        if _normalized(yaml.safe_load(saved.read_text())) != want:
-            raise ConfigError(f"{out} holds a teacher run with a different config; choose a new --out directory")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(saved, yaml.safe_dump(want, sort_keys=False).encode())
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    torch.manual_seed(config.seed)
-    atomic_write_bytes(out / "env.json", json.dumps(environment(config.measure.threads), indent=2).encode())
-    data = load_data(config.data, seed=config.seed)
-    teacher, teacher_path = _teacher(config, data, out, default_device())
-    teacher = teacher.cpu().eval()
-    logits = predict(teacher, data.test, mean=data.mean, std=data.std, batch_size=config.train.eval_batch_size)
-    acc = top1(logits, data.test.y)
-    layers = prunable_layers(teacher, config.prune.exclude)
-    m = config.measure
-    lat = measure_latency({"teacher_fp32": teacher, "final_fp32": teacher}, input_shape=data.image_shape, batch_sizes=m.batch_sizes,
-                          threads=m.threads, warmup=m.warmup, runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed)
-    size = file_bytes(teacher_path)
-    metrics = {
-        "schema": METRICS_SCHEMA,
-        "model": config.model.name,
-        "width": config.model.width,
-        "dataset": data.name,
-        "num_classes": data.num_classes,
-        "stages": DENSE,
-        "stage_order": [],
-        "epochs": {"teacher": config.teacher.epochs},
-        "final_form": "fp32",
-        "accuracy": {"teacher_top1": acc, "final_top1": acc, "final_vs_teacher_agreement": 1.0},
-        "sparsity": {"target": 0.0, "achieved": global_sparsity(teacher, layers), "achieved_int8": None, "prunable_layers": len(layers)},
-        "size_bytes": {"teacher_fp32": size, "final": size, "final_file": teacher_path.name},
-        "latency": lat,
-        "wall_time_s": round(time.perf_counter() - t0, 2),
-    }
-    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,40 +337,31 @@ COLUMNS = (
 )
 
 
-def stage_order_label(stages: str) -> str:
-    """'P:1,Q:2,D:2' → 'P>Q>D'; '' → 'dense'."""
-    if not stages:
-        return "dense"
-    return ">".join(s.split(":")[0] for s in stages.split(","))
-
-
 def row_for(run: Run, metrics: Mapping[str, Any], sweep_dir: str | Path) -> dict:
+    """One table row, read from the typed metrics (:class:`pqd.metrics.Metrics`) and the run's config."""
     cfg = run.config_dict()
-    lat = metrics.get("latency") or []
-    final = f"final_{metrics.get('final_form', 'fp32')}"
-
-    def med(model: str, bs: int) -> float | None:
-        return next((r["median_ms"] for r in lat if r["model"] == model and r["batch"] == bs), None)
-
-    bmax = max((r["batch"] for r in lat), default=None)
-    b1t, b1f = med("teacher_fp32", 1), med(final, 1)
-    bmt, bmf = (med("teacher_fp32", bmax), med(final, bmax)) if bmax and bmax != 1 else (None, None)
-    acc, size, sp = metrics.get("accuracy", {}), metrics.get("size_bytes", {}), metrics.get("sparsity", {})
+    m = Metrics.from_dict(metrics)
+    final = m.final_model_name
+    bmax = max((r.batch for r in m.latency), default=None)
+    b1t, b1f = m.median_ms("teacher_fp32", 1), m.median_ms(final, 1)
+    bmt, bmf = (m.median_ms("teacher_fp32", bmax), m.median_ms(final, bmax)) if bmax and bmax != 1 else (None, None)
+    criterion = m.prune_criterion
+    if criterion is None and m.schema < 2 and m.pruned:  # schema-1 metrics did not record it
+        criterion = cfg["prune"]["criterion"]
     return {
         "run_id": run.run_id, "variant": run.variant, "kind": run.kind, "teacher_id": run.teacher_id,
-        "model": cfg["model"]["name"], "width": cfg["model"]["width"], "dataset": metrics.get("dataset", cfg["data"]["dataset"]),
-        "stages": cfg["stages"], "stage_order": stage_order_label(cfg["stages"]), "seed": cfg["seed"],
-        "sparsity_target": sp.get("target"), "sparsity_achieved": sp.get("achieved"),
-        "prune_criterion": cfg["prune"]["criterion"] if "P" in cfg["stages"] else None,
-        "quantize_mode": cfg["quantize"]["mode"] if "Q" in cfg["stages"] else None,
-        "final_form": metrics.get("final_form"), "teacher_epochs": cfg["teacher"]["epochs"],
-        "teacher_top1": acc.get("teacher_top1"), "final_top1": acc.get("final_top1"),
-        "size_teacher_bytes": size.get("teacher_fp32"), "size_final_bytes": size.get("final"),
-        "size_compact_bytes": size.get("compact_int8"),
+        "model": m.model, "width": m.width, "dataset": m.dataset,
+        "stages": m.stages, "stage_order": m.stage_label, "seed": cfg["seed"],
+        "sparsity_target": m.sparsity.target, "sparsity_achieved": m.sparsity.achieved,
+        "prune_criterion": criterion, "quantize_mode": m.quantize_mode,
+        "final_form": m.final_form, "teacher_epochs": cfg["teacher"]["epochs"],
+        "teacher_top1": m.accuracy.teacher_top1, "final_top1": m.accuracy.final_top1,
+        "size_teacher_bytes": m.size_bytes.teacher_fp32, "size_final_bytes": m.size_bytes.final,
+        "size_compact_bytes": m.size_bytes.compact_int8,
         "lat_b1_teacher_ms": b1t, "lat_b1_final_ms": b1f, "lat_b1_speedup": (b1t / b1f) if b1t and b1f else None,
         "lat_bmax": bmax if bmt is not None else None, "lat_bmax_teacher_ms": bmt, "lat_bmax_final_ms": bmf,
         "lat_bmax_speedup": (bmt / bmf) if bmt and bmf else None,
-        "wall_time_s": metrics.get("wall_time_s"),
+        "wall_time_s": m.wall_time_s,
         "axes_json": json.dumps(dict(run.axes)), "config_json": json.dumps(cfg, sort_keys=True),
         "metrics_json": json.dumps(metrics, sort_keys=True),
         "run_dir": str(Path("runs") / run.run_id), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import pqd.pipeline
+import pqd.stages.registry  # noqa: F401 (loads the stage modules the spies patch)
 from pqd.config import RunConfig
 from pqd.errors import ConfigError, PqdError
 from pqd.sweep import TIMING_COLUMNS, expand, finished_metrics, read_table, run_sweep, teacher_identity
@@ -115,7 +116,9 @@ def swept(tmp_path_factory):
     Records how often the teacher was trained and the stages ran in each attempt.
     """
     out = tmp_path_factory.mktemp("sweep")
-    real = {n: getattr(pqd.pipeline, n) for n in ("train", "prune", "quantize", "distill")}
+    # teacher training (pqd.pipeline.train) and the stage functions the registry's adapters call
+    where = {"train": pqd.pipeline, **{n: sys.modules[f"pqd.stages.{n}"] for n in ("prune", "quantize", "distill")}}
+    real = {n: getattr(where[n], n) for n in where}
     calls = []
 
     def spy(name, die=False):
@@ -131,7 +134,7 @@ def swept(tmp_path_factory):
         calls.append({n: 0 for n in real})
         with pytest.MonkeyPatch.context() as mp:
             for n in real:
-                mp.setattr(pqd.pipeline, n, spy(n, die=(attempt == 0 and n == "distill")))
+                mp.setattr(where[n], n, spy(n, die=(attempt == 0 and n == "distill")))
             if attempt == 0:
                 with pytest.raises(_Killed):
                     run_sweep(SPEC, out, progress=False)
@@ -173,8 +176,7 @@ def test_finished_runs_are_skipped_without_touching_the_pipeline(swept, monkeypa
     def boom(*a, **k):
         raise AssertionError("a finished run was executed again")
 
-    monkeypatch.setattr(pqd.pipeline, "run_pipeline", boom)
-    monkeypatch.setattr("pqd.sweep.run_dense", boom)
+    monkeypatch.setattr(pqd.pipeline, "run_pipeline", boom)  # the one path for teacher (dense) and pipeline runs
     again = run_sweep(SPEC, out, progress=False)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "recorded_at"} for r in rs]  # noqa: E731
     assert strip(again) == strip(rows[-1])
@@ -280,14 +282,15 @@ def test_cli_sweep_dry_run_and_errors_exit_2(tmp_path, capsys):
 def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
     spec = {**SPEC, "base": _base() | {"teacher": {"epochs": 1, "lr": 0.05}},
             "variants": {"qat": {"stages": "Q:1"}, "bad": {"stages": "D:1"}, "prune": {"stages": "P:1"}}}
-    real = pqd.pipeline.distill
+    distill_module = sys.modules["pqd.stages.distill"]
+    real = distill_module.distill
 
     def broken(*a, **k):
         raise RuntimeError("distill exploded")
 
-    monkeypatch.setattr(pqd.pipeline, "distill", broken)
+    monkeypatch.setattr(distill_module, "distill", broken)
     with pytest.raises(PqdError, match=r"1 of 4 runs failed \(bad__seed0: distill exploded\)"):
         run_sweep(spec, tmp_path, progress=False)
     assert sorted(r["variant"] for r in read_table(tmp_path)) == ["prune", "qat", "teacher"]  # the run after 'bad' ran too
-    monkeypatch.setattr(pqd.pipeline, "distill", real)
+    monkeypatch.setattr(distill_module, "distill", real)
     assert len(run_sweep(spec, tmp_path, progress=False)) == 4

@@ -386,10 +386,10 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 
 def _fresh_metrics(row: dict, sweep_dir: Path) -> dict:
     """The run's metrics.json as it is now (``pqd bench`` adds to it after the sweep), else the table's copy."""
-    try:
-        return json.loads((sweep_dir / row["run_dir"] / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return json.loads(row["metrics_json"])
+    from pqd.rundir import RunDir
+
+    current = RunDir(sweep_dir / row["run_dir"]).read_metrics()
+    return current if current is not None else json.loads(row["metrics_json"])
 
 
 def _env(sweep_dir: Path, rows: list[dict]) -> dict:
