@@ -26,7 +26,8 @@ _TOLERANCE = 1.0 / 512  # float images off [0, 1] by less than half a uint8 step
 
 def _to_uint8(x: torch.Tensor, normalized_with: tuple[Sequence[float], Sequence[float]] | None) -> torch.Tensor:
     if x.dim() != 4:
-        raise DataError(f"images must be [N, C, H, W] batches (or [C, H, W] samples), got shape {tuple(x.shape)}")
+        hint = " (grayscale images need a channel dimension: [N, 1, H, W])" if x.dim() == 3 else ""
+        raise DataError(f"image batches must be [N, C, H, W], got shape {tuple(x.shape)}{hint}")
     if x.dtype == torch.uint8:
         return x
     if not x.is_floating_point():
@@ -108,8 +109,6 @@ def as_dataset(
     for x, y in pairs:
         if not isinstance(x, torch.Tensor):
             raise DataError(f"images must be tensors, got {type(x).__name__}; add transforms.PILToTensor() or ToTensor()")
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
         xs.append(_to_uint8(x, normalized_with))
         ys.append(_labels(y, len(x)))
     x, y = torch.cat(xs), torch.cat(ys)
