@@ -1,26 +1,24 @@
-"""Response-based knowledge distillation (Hinton et al. 2015) from the dense FP32 teacher.
-The student trains in whatever form it has (sparse and/or fake-quant)."""
+"""The distill stage: response-based knowledge distillation (Hinton et al. 2015) from the dense
+FP32 teacher with :class:`pqd.kd.KDLoss`. The student trains in whatever form it has (sparse
+and/or fake-quant), on its own device; the teacher runs on its own device."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pqd.config import DistillConfig, TrainConfig
 from pqd.data import Splits
-from pqd.stages.common import Student, chain
-from pqd.stages.quantize import freeze, qat_epoch_hook
+from pqd.data.adapters import as_splits
+from pqd.kd import KDLoss, kd_loss
+from pqd.qat import freeze, model_device
+from pqd.stages.common import Student
+from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.loop import train
 
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *, temperature: float, alpha: float) -> torch.Tensor:
-    """``T² · KL(softmax(t/T) ‖ softmax(s/T)) + alpha · CE(s, y)``."""
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True)
-    return kl * t * t + alpha * F.cross_entropy(student_logits, target)
+__all__ = ["distill", "kd_loss"]
 
 
 def distill(
@@ -31,13 +29,15 @@ def distill(
     teacher.eval()
     if train_config.channels_last:
         teacher.to(memory_format=torch.channels_last)
+    kd = KDLoss(temperature=config.temperature, alpha=config.alpha)
+    teacher_device = model_device(teacher)
 
     def loss(logits, x, y):
         with torch.no_grad():
-            t_logits = teacher(x).float()
-        return kd_loss(logits, t_logits, y, temperature=config.temperature, alpha=config.alpha)
+            t_logits = teacher(x.to(teacher_device))
+        return kd(logits, t_logits, y)
 
-    train(student.model, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
+    train(student.model, as_splits(data), epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
           before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill",
           amp=not student.quantized, augment=augment)
     if student.quantized:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,33 +21,20 @@ from tqdm.auto import tqdm
 
 from pqd.config import TrainConfig
 from pqd.data import Splits, batches
+from pqd.sparsity import Masks, as_masks, masked_weight
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.schedule import lr_at
 
 log = logging.getLogger("pqd.train")
 
-Masks = dict[str, torch.Tensor]
+__all__ = ["apply_masks", "cross_entropy", "default_device", "epoch_seed", "masked_weight", "train"]
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def masked_weight(model: nn.Module, path: str) -> torch.Tensor:
-    """The weight tensor of the module at ``path``. PTQ's eval-mode fusion replaces Conv+BN+ReLU
-    by a fused wrapper (e.g. ``ConvReLU2d``) at the conv's path; its weight is in its first child."""
-    m = model.get_submodule(path)
-    w = getattr(m, "weight", None)
-    if w is None and isinstance(m, nn.Sequential) and len(m):
-        w = getattr(m[0], "weight", None)
-    if not isinstance(w, torch.Tensor):
-        raise AttributeError(f"module {path!r} ({type(m).__name__}) has no weight tensor")
-    return w
-
-
-def apply_masks(model: nn.Module, masks: Masks) -> None:
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the pruned weights: ``masks`` maps a module path to a bool mask of its weight."""
-    with torch.no_grad():
-        for path, mask in masks.items():
-            w = masked_weight(model, path)
-            w.mul_(mask.to(device=w.device, dtype=w.dtype))
+    as_masks(model, masks).apply(model)
 
 
 def epoch_seed(seed: int, tag: str, epoch: int) -> int:
@@ -91,7 +78,7 @@ def train(
     lr: float,
     config: TrainConfig = TrainConfig(),
     loss_fn: LossFn | None = None,
-    masks: Masks | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
     before_epoch: Callable[[int], None] | None = None,
     checkpoint: str | Path | None = None,
     seed: int = 0,
@@ -102,16 +89,19 @@ def train(
     """Train ``model`` in place for ``epochs`` epochs and return it.
 
     ``before_epoch(epoch)`` runs at the start of every epoch (pruning schedules, QAT
-    freezing); it may update ``masks`` in place. ``amp`` enables bf16 autocast on CUDA
-    only (use it for FP32 phases, never under fake quantization).
+    freezing); it may update ``masks`` in place. The masks are bound to the optimizer
+    (:meth:`pqd.sparsity.Masks.attach`), so pruned weights are zero after every step.
+    ``amp`` enables bf16 autocast on CUDA only (use it for FP32 phases, never under fake quantization).
     """
-    masks = {} if masks is None else masks
+    caller_masks = {} if masks is None else masks
+    masks = as_masks(model, caller_masks)
     loss_fn = loss_fn or cross_entropy(config.label_smoothing)
     device = next(model.parameters()).device
     rank, world = _dist()
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=lr, momentum=config.momentum, nesterov=config.nesterov)
+    hook = masks.attach(opt)
     steps_per_epoch = max(1, len(data.train) // (config.batch_size * world))
     total = steps_per_epoch * epochs
     warmup = int(round(config.warmup_epochs * steps_per_epoch)) if epochs > 1 else 0
@@ -122,6 +112,7 @@ def train(
     if ckpt is not None and ckpt.exists():
         tensors, meta = load_checkpoint(ckpt)
         _restore(model, opt, masks, tensors, names)
+        _sync(caller_masks, masks)
         start = int(meta["epoch"]) + 1
         log.info("%s: resumed from %s after epoch %d/%d", tag, ckpt, start, epochs)
 
@@ -135,7 +126,8 @@ def train(
         gen = torch.Generator().manual_seed(s)
         if before_epoch is not None:
             before_epoch(epoch)
-        apply_masks(model, masks)
+            _sync(masks, caller_masks)
+        masks.apply()
         model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
         it = batches(
@@ -153,8 +145,7 @@ def train(
                 loss = loss_fn(logits.float(), x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            apply_masks(model, masks)
+            opt.step()  # the masks' step hook zeroes the pruned weights again
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -172,9 +163,17 @@ def train(
             save_checkpoint(ckpt, _snapshot(model, opt, masks, names), {"epoch": epoch, "tag": tag})
         if world > 1:
             torch.distributed.barrier()
+    hook.remove()
     if config.channels_last:
         model.to(memory_format=torch.contiguous_format)
     return model
+
+
+def _sync(dst: Mapping[str, torch.Tensor], src: Mapping[str, torch.Tensor]) -> None:
+    """Make ``dst`` hold ``src``'s masks (no-op when they are the same object)."""
+    if dst is not src:
+        dst.clear()
+        dst.update(src)
 
 
 def _snapshot(model: nn.Module, opt: torch.optim.Optimizer, masks: Masks, names: dict) -> dict[str, torch.Tensor]:

@@ -1,0 +1,3 @@
+"""Integrations with tools people already use: experiment trackers (:mod:`pqd.integrations.tracking`)
+and PyTorch Lightning (:mod:`pqd.integrations.lightning`, needs the ``lightning`` extra).
+Submodules are imported on use, so an absent optional dependency costs nothing."""

@@ -1,0 +1,40 @@
+"""Response-based knowledge distillation (Hinton et al. 2015) as a loss module."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pqd.errors import ConfigError
+
+__all__ = ["KDLoss", "kd_loss"]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *, temperature: float, alpha: float) -> torch.Tensor:
+    """``T² · KL(softmax(t/T) ‖ softmax(s/T)) + alpha · CE(s, y)``."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True)
+    return kl * t * t + alpha * F.cross_entropy(student_logits, target)
+
+
+class KDLoss(nn.Module):
+    """``loss = KDLoss(temperature=4.0, alpha=0.5)``; ``loss(student_logits, teacher_logits, labels)``
+    is ``T² · KL(softmax(t/T) ‖ softmax(s/T)) + alpha · CE(s, labels)``. Teacher logits are
+    detached and brought to the student's device."""
+
+    def __init__(self, *, temperature: float = 4.0, alpha: float = 0.5):
+        super().__init__()
+        if not 0.1 <= temperature <= 100.0:
+            raise ConfigError(f"KDLoss temperature must be in [0.1, 100], got {temperature}")
+        if alpha < 0:
+            raise ConfigError(f"KDLoss alpha must be >= 0, got {alpha}")
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        teacher_logits = teacher_logits.detach().to(device=student_logits.device, dtype=torch.float32)
+        return kd_loss(student_logits.float(), teacher_logits, target, temperature=self.temperature, alpha=self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}"

@@ -1,0 +1,228 @@
+"""INT8 quantization primitives for x86 CPUs: FX graph-mode QAT / PTQ that keep the model's device.
+
+Scheme: per-channel symmetric int8 weights, per-tensor affine uint8 activations (full 8-bit
+range by default; ``reduce_range`` for CPUs without VNNI), Conv+BN(+ReLU) fused with BN folded
+(simulated during QAT, real at conversion). The fake-quantized weight of a zero is exactly
+zero (symmetric scheme, zero point 0), so pruned positions stay zero in the INT8 weights.
+
+* :func:`prepare_qat` / :func:`prepare_ptq` return a fake-quant / observer copy of the model
+  **on the model's own device** (the input model is untouched, and never moved);
+* :func:`calibrate` runs PTQ observers over any iterable of images or ``(images, labels)``;
+* :func:`freeze` / :func:`unfreeze` stop / restart observers and BN statistics;
+* :func:`convert` turns a prepared model into a real INT8 ``GraphModule`` on the CPU (the
+  x86 integer kernels run there); :func:`to_torchscript` traces and freezes it for deployment.
+
+Why the FX flow and not torchao's PT2E flow: see docs/BENCHMARKS.md (``benchmarks/quant_flow.py``);
+the FX-converted model runs on fbgemm/oneDNN integer kernels directly, with no compilation at load.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from pqd.errors import ModelError
+from pqd.sparsity import as_masks
+
+__all__ = [
+    "BACKEND", "calibrate", "convert", "float_modules", "freeze", "fx_modules", "model_device", "prepare",
+    "prepare_ptq", "prepare_qat", "qconfig_mapping", "to_torchscript", "unfreeze",
+]
+
+BACKEND = "x86"
+
+
+def fx_modules():
+    """``(torch.ao.quantization, torch.ao.quantization.quantize_fx)`` with the x86 engine selected
+    and torch's migration warnings silenced."""
+    torch.backends.quantized.engine = BACKEND
+    warnings.filterwarnings("ignore", message=".*migrate to use torchao.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+    from torch.ao import quantization as tq
+    from torch.ao.quantization import quantize_fx
+
+    return tq, quantize_fx
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); CPU for a model without tensors."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False):
+    """PyTorch's x86 mapping with the global activation range set by ``reduce_range``.
+
+    PyTorch's default (``reduce_range=True``) simulates 7-bit activations so that u8×s8
+    pairs cannot saturate 16-bit accumulators on CPUs without VNNI; the integer kernels
+    then still produce full 8-bit outputs, so the fake-quant model and the INT8 model
+    clamp differently and disagree on a few percent of predictions. With VNNI (32-bit
+    accumulation) the full range is safe, so pqd's default is ``False``.
+    """
+    if mode not in ("qat", "ptq"):
+        raise ModelError(f"quantization mode must be 'qat' or 'ptq', got {mode!r}")
+    tq, _ = fx_modules()
+    from torch.ao.quantization import fake_quantize as fq
+    from torch.ao.quantization import observer as ob
+
+    if mode == "qat":
+        mapping = tq.get_default_qat_qconfig_mapping(BACKEND)
+        act = fq.FusedMovingAvgObsFakeQuantize.with_args(
+            observer=ob.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=reduce_range)
+        weight = fq.default_fused_per_channel_wt_fake_quant
+    else:
+        mapping = tq.get_default_qconfig_mapping(BACKEND)
+        act = ob.HistogramObserver.with_args(reduce_range=reduce_range)
+        weight = ob.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    return mapping.set_global(tq.QConfig(activation=act, weight=weight))
+
+
+def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduce_range: bool = False) -> nn.Module:
+    """A fake-quant (``qat``, train mode) or observer (``ptq``, eval mode) copy of ``model`` on
+    ``model``'s device. ``model`` itself is neither changed nor moved."""
+    _, qfx = fx_modules()
+    device = model_device(model)
+    mapping = qconfig_mapping(mode, reduce_range=reduce_range)
+    model = copy.deepcopy(model)  # FX fusion shares parameters with its input: keep the caller's model intact
+    example = example.to(device)
+    try:
+        if mode == "qat":
+            prepared = qfx.prepare_qat_fx(model.train(), mapping, (example,))
+        else:
+            prepared = qfx.prepare_fx(model.eval(), mapping, (example,))
+    except Exception as exc:  # torch.fx raises many types for untraceable code
+        culprit = _untraceable_submodule(model)
+        where = f" The first module that cannot be traced on its own is {culprit[0]!r} ({culprit[1]})." if culprit else ""
+        raise ModelError(
+            f"cannot quantize {type(model).__name__}: torch.fx could not trace it ({type(exc).__name__}: {str(exc)[:300]}).{where} "
+            "Make forward() free of data-dependent Python control flow, or wrap the offending submodule in a leaf module."
+        ) from None
+    # FX creates the observers / fake-quant modules it inserts on the CPU: bring them to the model.
+    return prepared.to(device)
+
+
+def prepare_qat(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False) -> nn.Module:
+    """A trainable fake-quant copy of ``model`` on the same device (observers on)."""
+    return prepare(model, example, mode="qat", reduce_range=reduce_range)
+
+
+def prepare_ptq(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False) -> nn.Module:
+    """An observer copy of ``model`` on the same device, to :func:`calibrate` then :func:`convert`."""
+    return prepare(model, example, mode="ptq", reduce_range=reduce_range)
+
+
+def _untraceable_submodule(model: nn.Module) -> tuple[str, str] | None:
+    """``(path, class name)`` of the innermost user-defined submodule torch.fx fails to trace alone."""
+    failing = []
+    for name, sub in model.named_modules():
+        if name and not type(sub).__module__.startswith("torch."):
+            try:
+                torch.fx.symbolic_trace(sub)
+            except Exception:
+                failing.append((name, type(sub).__name__))
+    innermost = [f for f in failing if not any(g[0].startswith(f[0] + ".") for g in failing)]
+    return innermost[0] if innermost else None
+
+
+def calibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = None) -> nn.Module:
+    """Run ``model`` (eval mode, no grad) over ``data`` so its PTQ observers see real activations.
+
+    ``data`` is any iterable of image batches or ``(images, labels, ...)`` tuples/lists, e.g. a
+    ``torch.utils.data.DataLoader`` yielding normalised float images; each batch is moved to the
+    model's device. Stops after ``num_batches`` batches when given.
+    """
+    device = model_device(model)
+    model.eval()
+    n = 0
+    with torch.no_grad():
+        for batch in data:
+            if num_batches is not None and n >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a {x.dtype} tensor"
+                raise ModelError(f"calibrate needs batches of float image tensors (normalised as in training), got {got}")
+            model(x.to(device))
+            n += 1
+    if n == 0:
+        raise ModelError("calibrate got no batches: the data iterable is empty")
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Stop observers and BN statistics: the model then trains and evaluates exactly as it converts."""
+    tq, _ = fx_modules()
+    model.apply(tq.disable_observer)
+    model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Restart observers and BN statistics."""
+    tq, _ = fx_modules()
+    model.apply(tq.enable_observer)
+    model.apply(torch.ao.nn.intrinsic.qat.update_bn_stats)
+    return model
+
+
+def convert(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A real INT8 copy of a prepared (QAT or calibrated PTQ) model, on the CPU where the x86
+    integer kernels run; ``masks`` are re-applied first. ``model`` is neither changed nor moved."""
+    if not hasattr(model, "graph") or not any(_is_fake_quant_or_observer(m) for m in model.modules()):
+        raise ModelError("convert needs a model from prepare_qat/prepare_ptq (run the quantize stage first)")
+    _, qfx = fx_modules()
+    copy_ = copy.deepcopy(model).cpu().eval()
+    if masks:
+        as_masks(copy_, {k: v.cpu() for k, v in masks.items()}).apply()
+    return qfx.convert_fx(copy_)
+
+
+def _is_fake_quant_or_observer(m: nn.Module) -> bool:
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+    return isinstance(m, (FakeQuantizeBase, ObserverBase))
+
+
+def to_torchscript(int8_model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """Trace and freeze for deployment (freezing folds constants and inlines the integer ops)."""
+    with torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(int8_model.eval(), example))
+
+
+_DEQUANTIZE = {"dequantize", torch.dequantize}
+_QUANTIZE = {torch.quantize_per_tensor, torch.quantize_per_channel, torch.quantize_per_tensor_dynamic}
+_SHAPE_ONLY = {"size", "dim"}
+
+
+def float_modules(int8_model: nn.Module) -> list[dict[str, str]]:
+    """Operations that stay FP32 inside a converted model: the x86 backend has no integer kernel
+    (or no quantization pattern) for them, so FX dequantizes before and quantizes after them.
+
+    Returns ``[{"name": module path or graph node name, "type": module class or function name}]``
+    in graph order. The final dequantize that hands float logits to the caller is not counted.
+    """
+    graph = getattr(int8_model, "graph", None)
+    if graph is None:
+        return []
+    modules = dict(int8_model.named_modules())
+    floating, out = set(), []
+    for node in graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.target in _DEQUANTIZE:
+            floating.add(node)
+        elif node.target not in _QUANTIZE and node.target not in _SHAPE_ONLY and any(a in floating for a in node.all_input_nodes):
+            floating.add(node)
+            if node.op == "call_module":
+                out.append({"name": str(node.target), "type": type(modules[node.target]).__name__})
+            else:
+                out.append({"name": node.name, "type": getattr(node.target, "__name__", str(node.target))})
+    return out
