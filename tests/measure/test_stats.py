@@ -124,3 +124,36 @@ def test_top1_records():
     assert rb == top1_record(x, method="bootstrap", seed=1, resamples=500)
     with pytest.raises(ValueError):
         top1_record(x, method="wald")
+
+
+def test_mcnemar_pooled_sums_strata():
+    from pqd.measure.stats import mcnemar_pooled
+
+    r = mcnemar_pooled([(3, 1), (2, 2), (5, 0)])
+    assert (r["b"], r["c"]) == (10, 3) and r["p_value"] == mcnemar(10, 3)["p_value"]
+    assert r["strata_a_better"] == 2 and r["strata_b_better"] == 0
+    with pytest.raises(ValueError):
+        mcnemar_pooled([])
+
+
+def test_paired_difference_interval():
+    from pqd.measure.stats import paired_difference_interval
+
+    # 100 images: 10 only A right, 4 only B right, 60 both, 26 neither
+    a = np.array([1] * 10 + [0] * 4 + [1] * 60 + [0] * 26, dtype=bool)
+    b = np.array([0] * 10 + [1] * 4 + [1] * 60 + [0] * 26, dtype=bool)
+    r = paired_difference_interval(a, b)
+    half = 1.959963984540054 * math.sqrt(14 - 36 / 100) / 100  # = 0.0724
+    assert r["difference"] == pytest.approx(0.06) and (r["ci_low"], r["ci_high"]) == pytest.approx((0.06 - half, 0.06 + half))
+    rb = paired_difference_interval(a, b, method="bootstrap", seed=0)
+    assert rb["ci_low"] == pytest.approx(r["ci_low"], abs=0.02) and rb["ci_high"] == pytest.approx(r["ci_high"], abs=0.02)
+    with pytest.raises(ValueError):
+        paired_difference_interval(a, b, method="exact")
+
+
+def test_holm():
+    from pqd.measure.stats import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert holm([]) == []

@@ -182,3 +182,57 @@ def top1_record(correct: Any, *, method: str = "wilson", confidence: float = 0.9
     low, high = bootstrap_interval(x, confidence=confidence, resamples=resamples, seed=seed)
     return {"top1": float(x.mean()), "ci_low": low, "ci_high": high, "n": int(len(x)), "method": "bootstrap",
             "confidence": confidence, "resamples": resamples, "seed": seed}
+
+
+def mcnemar_pooled(tables: Any, *, exact: bool | None = None, mid_p: bool = False) -> dict:
+    """McNemar's test on discordant counts summed over strata (e.g. seeds): ``[(b, c), ...]``.
+
+    The Mantel-Haenszel form of McNemar's test for stratified matched pairs: the same test
+    on ``sum(b), sum(c)``. Each stratum is one seed's pair of models on the same test images;
+    the record keeps the per-stratum counts and their signs, so a reader sees whether every
+    seed points the same way.
+    """
+    pairs = [(int(b), int(c)) for b, c in tables]
+    if not pairs:
+        raise ValueError("mcnemar_pooled needs at least one (b, c) table")
+    rec = mcnemar(sum(b for b, _ in pairs), sum(c for _, c in pairs), exact=exact, mid_p=mid_p)
+    return rec | {"strata": [{"b": b, "c": c} for b, c in pairs],
+                  "strata_a_better": sum(b > c for b, c in pairs), "strata_b_better": sum(c > b for b, c in pairs)}
+
+
+def paired_difference_interval(correct_a: Any, correct_b: Any, *, confidence: float = 0.95, method: str = "wald",
+                               resamples: int = 2000, seed: int = 0) -> dict:
+    """Interval for ``top1_a - top1_b`` of two models on the same images.
+
+    'wald': ``d ± z · sqrt(b + c - (b - c)² / n) / n`` (the paired-proportions normal
+    interval, ``b``/``c`` the discordant counts); 'bootstrap': percentile bootstrap over
+    images (seeded). Returns ``{difference, ci_low, ci_high, n, method, confidence}``.
+    """
+    a, b_ = _bool_vector(correct_a, "correct_a"), _bool_vector(correct_b, "correct_b")
+    if a.shape != b_.shape or len(a) == 0:
+        raise ValueError(f"paired vectors must be non-empty and of the same length, got {len(a)} and {len(b_)}")
+    n = len(a)
+    d = float(a.mean() - b_.mean())
+    if method == "wald":
+        b, c = int((a & ~b_).sum()), int((~a & b_).sum())
+        half = _z(confidence) * math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
+        low, high = d - half, d + half
+    elif method == "bootstrap":
+        low, high = bootstrap_interval(a.astype(np.int8) - b_.astype(np.int8), confidence=confidence, resamples=resamples, seed=seed)
+    else:
+        raise ValueError(f"method {method!r} is not valid; choose 'wald' or 'bootstrap'")
+    return {"difference": d, "ci_low": low, "ci_high": high, "n": n, "method": method, "confidence": confidence}
+
+
+def holm(p_values: Any) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given): for a family of comparisons
+    decided together, e.g. P->Q->D against each single technique."""
+    ps = [float(p) for p in p_values]
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
