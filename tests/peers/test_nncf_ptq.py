@@ -93,3 +93,25 @@ def test_nncf_ptq_onnx_backend_and_calibration_iterable(digits_teacher, tmp_path
     ops = {n.op_type for n in onnx.load(str(tmp_path / ARTEFACTS["onnx"])).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert rec["evaluation"]["agreement_with_teacher"] >= 0.9
+
+
+@needs
+def test_peer_run_writes_metrics(digits_teacher, tmp_path):
+    from pqd.peers import peer_run
+    from pqd.train.checkpoint import save_checkpoint
+
+    teacher, _ = digits_teacher
+    w = save_checkpoint(tmp_path / "teacher.safetensors", teacher.state_dict())
+    cfg = pqd.RunConfig.from_dict({
+        "seed": 0, "stages": "Q:0", "quantize": {"mode": "ptq"}, "model": {"name": "resnet18", "width": 0.125},
+        "data": {"dataset": "digits", "train_subset": 300, "test_subset": 100}, "train": {"threads": 2, "progress": False},
+        "teacher": {"epochs": 4, "weights": str(w)},
+        "measure": {"threads": 1, "warmup": 2, "runs": 5, "batch_sizes": [1], "large_batch_runs": 2}})
+    m = peer_run(cfg, tmp_path / "run", nncf=NncfPtqConfig(calibration_size=32, threads=2))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["kind"] == "peer" and saved["final_form"] == "int8" and saved["accuracy"]["test_n"] == 100
+    assert m["accuracy"]["final_top1_ci"]["ci_low"] <= m["accuracy"]["final_top1"] <= m["accuracy"]["final_top1_ci"]["ci_high"]
+    same = m["speedup"]["same_runtime"]
+    assert len(same) == 1 and same[0]["numerator"] == "teacher FP32 @ OpenVINO" and same[0]["denominator"] == "NNCF PTQ INT8 @ OpenVINO"
+    with pytest.raises(PqdError, match="teacher weights"):
+        peer_run(cfg, tmp_path / "x", teacher_weights=tmp_path / "missing.safetensors")
