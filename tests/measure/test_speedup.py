@@ -90,3 +90,10 @@ def test_summary_and_format():
     assert line == "2.00x faster: pqd INT8 @ OpenVINO vs teacher FP32 @ OpenVINO (batch 1, 2 threads, median 0.800 vs 1.600 ms)"
     lines = format_summary(s)
     assert lines[0].startswith("Same runtime") and any(ln.startswith("Extra") for ln in lines)
+
+
+def test_a_peer_variant_in_bench_is_named_by_its_variant():
+    # bench's proxy_model for a peer file would be "teacher" (its proxies): the name decides
+    recs = [_rec("openvino_fp32", "openvino", "fp32", "teacher", 2.0), _rec("nncf_ptq_int8", "openvino", "int8", "teacher", 1.0)]
+    assert [d.label for d in deployments(recs)] == ["teacher FP32 @ OpenVINO", "NNCF PTQ INT8 @ OpenVINO"]
+

@@ -66,7 +66,7 @@ def _infer(rec: Mapping[str, Any]) -> tuple[str, str, str]:
     name = str(rec["model"])
     runtime = rec.get("runtime")
     precision = rec.get("precision")
-    source = rec.get("source_model") or rec.get("proxy_model")
+    source = rec.get("source_model") or ("nncf_ptq" if name.startswith("nncf") else rec.get("proxy_model"))
     if runtime is None:  # a pipeline run's records: teacher_fp32 / final_int8 / final_fp32, all PyTorch
         runtime = "pytorch"
     if precision is None:

@@ -19,10 +19,9 @@ generator, fed one image per item (NNCF's ``subset_size`` counts items), normali
 like pqd's own inputs (``(x / 255 - mean) / std``, NCHW float32). Or any iterable of
 normalised batches (a DataLoader yielding ``x`` or ``(x, y)``), split into single images.
 
-NNCF is an optional extra: ``pip install 'pqd[peers]'`` (``nncf>=3.4``, which pulls in
-OpenVINO's Python package only where the openvino backend is used: also install
-``pqd[openvino]``). Without it :func:`nncf_ptq` raises a :class:`pqd.errors.PqdError`
-naming the extra.
+NNCF is an optional extra: ``pip install 'pqd[peers]'`` (``nncf>=3.4`` plus what the route
+needs: OpenVINO, onnx, onnxscript and ONNX Runtime). Without it :func:`nncf_ptq` raises a
+:class:`pqd.errors.PqdError` naming the extra.
 """
 
 from __future__ import annotations
@@ -154,7 +153,7 @@ def _quantize(onnx_path: Path, images: list[np.ndarray], out: Path, cfg: NncfPtq
     preset = nncf.QuantizationPreset(cfg.preset)
     kwargs = dict(preset=preset, subset_size=len(images), fast_bias_correction=cfg.fast_bias_correction)
     if cfg.backend == "openvino":
-        ov = _require("openvino", "openvino")
+        ov = _require("openvino", "peers")
         model = ov.Core().read_model(str(onnx_path))
         with _quiet():
             q = nncf.quantize(model, nncf.Dataset(images), **kwargs)
@@ -162,7 +161,7 @@ def _quantize(onnx_path: Path, images: list[np.ndarray], out: Path, cfg: NncfPtq
         ov.save_model(q, str(dest))  # compresses FP32 constants to FP16 by default; INT8 weights stay INT8
         versions = {"openvino": ov.get_version()}
     else:
-        onnx = _require("onnx", "onnx")
+        onnx = _require("onnx", "peers")
         model = onnx.load(str(onnx_path))
         name = model.graph.input[0].name
         with _quiet():
