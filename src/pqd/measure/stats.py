@@ -85,10 +85,6 @@ def bootstrap_interval(values: Any, *, confidence: float = 0.95, resamples: int 
     return float(low), float(high)
 
 
-def _binom_pmf_half(i: int, n: int) -> float:
-    return math.comb(n, i) / 2**n
-
-
 def _binom_two_sided(k: int, n: int, *, mid_p: bool = False) -> float:
     """Two-sided exact p-value of ``k`` successes out of ``n`` under Binomial(n, 1/2).
 
