@@ -7,48 +7,20 @@ test on the 2x2 table of teacher-right / compressed-right counts, i.e. whether t
 differ in accuracy by more than chance on this test set (a paired test: only the images
 on which exactly one of them is right count).
 
-McNemar's p-value is exact (two-sided binomial, p = 0.5) when there are fewer than
-``EXACT_BELOW`` discordant images and chi-squared with Yates' continuity correction
-(1 degree of freedom), ``(|b - c| - 1)^2 / (b + c)`` with ``|b - c| - 1`` floored at 0 (so
-equal discordant counts give p = 1), otherwise. Plain ``math``: no scipy needed.
+McNemar's test (exact binomial below ``EXACT_BELOW`` discordant images, chi-squared with
+continuity correction above) lives in :mod:`pqd.measure.stats`, with the accuracy
+intervals; it is re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
-EXACT_BELOW = 25  # discordant pairs below which the chi-squared approximation is poor
+from pqd.measure.stats import EXACT_BELOW, mcnemar
 
-
-def _binom_two_sided(k: int, n: int) -> float:
-    """Two-sided exact p-value of ``k`` successes out of ``n`` under Binomial(n, 1/2)."""
-    if n == 0:
-        return 1.0
-    k = min(k, n - k)
-    # sum_{i<=k} C(n, i) / 2^n, in exact integer arithmetic (n is small on this path)
-    tail = sum(math.comb(n, i) for i in range(k + 1))
-    return min(1.0, 2.0 * tail / 2**n)
-
-
-def mcnemar(b: int, c: int, *, exact: bool | None = None) -> dict:
-    """McNemar's test from the discordant counts of a paired 2x2 table.
-
-    ``b``: images model A gets right and model B wrong; ``c``: the reverse. ``exact``:
-    None picks the exact binomial test when ``b + c < EXACT_BELOW``, else chi-squared with
-    continuity correction. Returns the counts, the method, the statistic and the p-value.
-    """
-    if b < 0 or c < 0:
-        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
-    n = b + c
-    use_exact = n < EXACT_BELOW if exact is None else exact
-    if use_exact:
-        return {"b": b, "c": c, "method": "exact_binomial", "statistic": float(min(b, c)), "p_value": _binom_two_sided(min(b, c), n)}
-    stat = 0.0 if n == 0 else max(abs(b - c) - 1, 0) ** 2 / n
-    # chi-squared with 1 degree of freedom: P(X > s) = erfc(sqrt(s / 2))
-    return {"b": b, "c": c, "method": "chi2_continuity_corrected", "statistic": stat, "p_value": math.erfc(math.sqrt(stat / 2))}
+__all__ = ["EXACT_BELOW", "faithfulness", "mcnemar"]
 
 
 def _topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
