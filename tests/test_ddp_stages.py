@@ -51,16 +51,21 @@ def _worker(out: Path) -> None:
     torch.manual_seed(0)
     teacher = create_model("resnet18", num_classes=4, width=0.125)
     train(teacher, data, epochs=1, lr=0.05, config=cfg, seed=0, tag="teacher", amp=True)
-    states = {"teacher": (teacher.state_dict(), {})}
+    def snap(model, masks):  # state_dict() aliases the live tensors: copy them before the next stage trains
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in masks.items()}
+
+    states = {"teacher": snap(teacher, {})}
     student = prune(Student(copy.deepcopy(teacher)), PruneConfig(sparsity=0.5), epochs=1, **common)
-    states["prune"] = (student.model.state_dict(), student.masks)
+    states["prune"] = snap(student.model, student.masks)
     # freeze_fraction 0.5 of 2 epochs: observers and BN statistics update in epoch 1, frozen in epoch 2
     student = quantize(student, QuantizeConfig(freeze_fraction=0.5), epochs=2, **common)
-    states["quantize"] = (student.model.state_dict(), student.masks)
+    states["quantize"] = snap(student.model, student.masks)
+    # KD with observers live to the last step (no frozen epoch): only the loop's buffer sync keeps them equal
+    student.freeze_fraction = 0.0
     student = distill(student, DistillConfig(), teacher=teacher, epochs=2, **common)
-    states["distill"] = (student.model.state_dict(), student.masks)
-    flat = {f"{stage}/model/{k}": v.detach().cpu().clone() for stage, (sd, _) in states.items() for k, v in sd.items()}
-    flat.update({f"{stage}/mask/{k}": v.cpu().clone() for stage, (_, m) in states.items() for k, v in m.items()})
+    states["distill"] = snap(student.model, student.masks)
+    flat = {f"{stage}/model/{k}": v.cpu() for stage, (sd, _) in states.items() for k, v in sd.items()}
+    flat.update({f"{stage}/mask/{k}": v.cpu() for stage, (_, m) in states.items() for k, v in m.items()})
     torch.save(flat, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
