@@ -311,6 +311,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         p["fraction_of_ceiling"] = fraction(p["loop"], p["ceiling"])
         print(f"{name:<10} loop {p['loop'].get('images_per_s', float('nan')):9.0f} img/s   "
               f"ceiling {p['ceiling'].get('images_per_s', float('nan')):9.0f} img/s   {p['fraction_of_ceiling']}", flush=True)
+        write(res | {"partial": True, "optimisation_ideas": IDEAS}, a.out_dir)  # a run cut off keeps what it measured
 
     # FP32 phase, bf16 autocast (the loop autocasts on CUDA only)
     P["fp32_bf16"] = {"loop_autocast": cuda and cfg.amp}
@@ -400,6 +401,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         res["qat_bf16_int8_agreement"] = bf16_agreement(qat_start, masks, data, a, device, cfg)
         print("bf16 QAT agreement:", json.dumps(res["qat_bf16_int8_agreement"]), flush=True)
     res["optimisation_ideas"] = IDEAS
+    res["partial"] = False
     return res
 
 
@@ -498,13 +500,17 @@ def to_markdown(res: dict[str, Any]) -> str:
         "| phase | loop images/s | ceiling images/s | loop / ceiling |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for name in PHASES:
+    if res.get("partial"):
+        lines.insert(5, "**Partial: the run stopped before every phase was measured.**  ")
+    for name in (n for n in PHASES if n in res["phases"]):
         p = res["phases"][name]
         frac = p.get("fraction_of_ceiling")
         lines.append(f"| {name} | {_ips(p['loop'])} | {_ips(p['ceiling'])} | {'' if frac is None else f'{100 * frac:.1f}%'} |")
-    f = res["phases"]["fp32_bf16"]
+    f = res["phases"].get("fp32_bf16", {})
     if "loop_host_data" in f:
         lines += ["", f"FP32 (bf16) loop with the host data path: {_ips(f['loop_host_data'])} images/s."]
+    if "prune" not in res["phases"]:
+        return "\n".join(lines) + "\n"
     pr = res["phases"]["prune"]
     lines += ["", "## Prune phase", "", "| step | images/s |", "| --- | ---: |"]
     lines += [f"| {k} | {_ips(v)} |" for k, v in pr["breakdown"].items()]
@@ -513,7 +519,9 @@ def to_markdown(res: dict[str, Any]) -> str:
               f"{pr['loop'].get('epoch_s')}.  ",
               f"One compute_masks call: pqd (CPU top-k) {cm['pqd_cpu_topk_s']} s, on the device (kthvalue) "
               f"{cm['device_kthvalue_s (idea)']} s; masks equal on {100 * cm['device_masks_equal_fraction']:.4f}% of weights."]
-    q = res["phases"]["qat"]
+    q = res["phases"].get("qat")
+    if q is None:
+        return "\n".join(lines) + "\n"
     lines += ["", "## QAT ceilings", "", "| variant | images/s |", "| --- | ---: |"]
     lines += [f"| {k} | {_ips(q[k])} |" for k in ("ceiling", "ceiling_tf32", "ceiling_bf16_autocast",
                                                   "ceiling_bf16_autocast_fp32_fake_quant", "ceiling_contiguous_format")]

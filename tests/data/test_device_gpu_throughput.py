@@ -20,7 +20,7 @@ def test_quick_run_writes_every_phase(tmp_path):
     bench = _load()
     assert bench.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu_throughput.json").read_text())
-    assert res["schema"] == bench.SCHEMA and res["quick"] is True and res["batch_size"] == 16
+    assert res["schema"] == bench.SCHEMA and res["quick"] is True and res["partial"] is False and res["batch_size"] == 16
     assert set(res["phases"]) == set(bench.PHASES)
     for name in bench.PHASES:
         p = res["phases"][name]
