@@ -96,7 +96,8 @@ def unpack(root: Path, name: str, parts_dir: Path) -> bool:
             target = (root / m.name).resolve()
             if not m.isfile() or not str(target).startswith(str(root.resolve()) + "/") or not m.name.startswith(f"{name}/"):
                 raise SystemExit(f"gpu_study_state: refusing archive member {m.name!r}")
-        tf.extractall(root, members=members)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tf.extractall(root, members=members, **safe)
     print(f"unpacked {len(members)} files of {name} into {root}")
     return True
 
