@@ -10,6 +10,7 @@
 # gpu_teacher_gpu_cifar10_s0.json (first chunk only), gpu_cifar10_s0-results.json and the
 # gpu_cifar10_s0.tar.zst.NN parts to put in runs/gpu_carry/state for the next chunk
 # (STATE_FROM=<files_at> bash benchmarks/gpu_prepare.sh).
+# Later sessions that only continue the study: STUDY_ONLY=1 bash benchmarks/gpu_session.sh (skips 1 and 2).
 # SESSION_S (default 560) is the whole script's budget; DATASET / SEED choose the study chunk; PY, THROUGHPUT_ARGS
 # and gpu_study.sh's SWEEP / RECIPE / EXTRA_SETS let the script be tried on a CPU with tiny settings.
 set -uo pipefail
@@ -41,12 +42,14 @@ from pqd.config import DataConfig; from pqd.data import load_data
 s = load_data(DataConfig(dataset='$DATASET', root='$DATA')); print('[session] data', s.name, len(s.train), len(s.test))
 " || echo "[session] data decode failed"
 
-echo "[session] device-data tests on CUDA ($(elapsed)s)"
-timeout 90 $PY -m pytest -q -x -p no:cacheprovider tests/data/test_device_data.py 2>&1 | tail -3
+if [ -z "${STUDY_ONLY:-}" ]; then
+  echo "[session] device-data tests on CUDA ($(elapsed)s)"
+  timeout 90 $PY -m pytest -q -x -p no:cacheprovider tests/data/test_device_data.py 2>&1 | tail -3
 
-echo "[session] throughput ($(elapsed)s)"
-timeout 210 $PY benchmarks/gpu_throughput.py $THROUGHPUT_ARGS --out-dir "$OUT" \
-  || echo "[session] throughput stopped early (exit $?); $OUT/gpu_throughput.json holds the phases measured so far"
+  echo "[session] throughput ($(elapsed)s)"
+  timeout 240 $PY benchmarks/gpu_throughput.py $THROUGHPUT_ARGS --out-dir "$OUT" \
+    || echo "[session] throughput stopped early (exit $?); $OUT/gpu_throughput.json holds the phases measured so far"
+fi
 
 echo "[session] study chunk ($(elapsed)s)"
 DATASET=$DATASET SEED=$SEED DATA_ROOT=$DATA STATE_IN=$CARRY/state OUT=$OUT PY=$PY \

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 STAGES = ("teacher", "prune", "quantize", "distill")
@@ -42,14 +43,18 @@ def _worker(out: Path) -> None:
     from pqd.train import train
 
     warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo")
+    backend = os.environ.get("PQD_TEST_DDP_BACKEND", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)
     rank = dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     data = Splits(name="blobs", train=_blobs(128, 4, 16, 0), val=None, test=_blobs(32, 4, 16, 1), mean=(0.5,) * 3,
                   std=(0.25,) * 3, hflip=True)
     cfg = TrainConfig(batch_size=16, progress=False)
     common = dict(data=data, train_config=cfg, seed=0)
     torch.manual_seed(0)
-    teacher = create_model("resnet18", num_classes=4, width=0.125)
+    teacher = create_model("resnet18", num_classes=4, width=0.125).to(device)
     train(teacher, data, epochs=1, lr=0.05, config=cfg, seed=0, tag="teacher", amp=True)
     def snap(model, masks):  # state_dict() aliases the live tensors: copy them before the next stage trains
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in masks.items()}
@@ -59,6 +64,7 @@ def _worker(out: Path) -> None:
     states["prune"] = snap(student.model, student.masks)
     # freeze_fraction 0.5 of 2 epochs: observers and BN statistics update in epoch 1, frozen in epoch 2
     student = quantize(student, QuantizeConfig(freeze_fraction=0.5), epochs=2, **common)
+    assert next(student.model.parameters()).device == device, "the QAT student must stay on the training device"
     states["quantize"] = snap(student.model, student.masks)
     # KD with observers live to the last step (no frozen epoch): only the loop's buffer sync keeps them equal
     student.freeze_fraction = 0.0
@@ -70,12 +76,24 @@ def _worker(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_stages_keep_every_buffer_identical_across_ranks(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+def _run(tmp_path, backend: str) -> tuple[dict, dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path), PQD_TEST_DDP_BACKEND=backend)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    s0, s1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    return tuple(torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+
+
+def test_ddp_stages_keep_every_buffer_identical_across_ranks(tmp_path):
+    _check(*_run(tmp_path, "gloo"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_ddp_stages_on_nccl(tmp_path):
+    _check(*_run(tmp_path, "nccl"))
+
+
+def _check(s0: dict, s1: dict) -> None:
     assert s0.keys() == s1.keys()
     differ = [k for k in s0 if not torch.equal(s0[k], s1[k])]
     assert not differ, f"{len(differ)} tensors differ between ranks, e.g. {differ[:5]}"
