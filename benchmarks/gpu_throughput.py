@@ -190,6 +190,8 @@ def time_loop(model: nn.Module, data: Splits, cfg: TrainConfig, *, epochs: int, 
 def time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn, amp: bool, steps: int, warmup: int,
                device: torch.device, cfg: TrainConfig, after_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Bare steps on one batch already on the device: forward, loss, backward, SGD step (+ ``after_step``)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        model.to(memory_format=torch.channels_last)  # as the loop does (it hands the model back contiguous)
     opt = sgd(model, 1e-3, cfg)
     model.train()
     try:

@@ -108,6 +108,12 @@ def test_defaults_cpu_stays_on_host_and_limits(monkeypatch):
     assert device_data_limit("meta") == 0 and not resident_default(ds, "meta")
     monkeypatch.setenv(DEVICE_DATA_ENV, str(ds.nbytes / 1e6))
     assert resident_default(ds, "meta")
+    ds.on_device("meta")  # a copy already there is used whatever the size ...
+    monkeypatch.setenv(DEVICE_DATA_ENV, "0.000001")
+    assert ds.has_device_copy("meta") and resident_default(ds, "meta")
+    monkeypatch.setenv(DEVICE_DATA_ENV, "0")  # ... unless the device path is turned off
+    assert not resident_default(ds, "meta")
+    ds.drop_device_copies()
     monkeypatch.setenv(DEVICE_DATA_ENV, "lots")
     with pytest.raises(ValueError, match=DEVICE_DATA_ENV):
         device_data_limit("meta")

@@ -36,15 +36,7 @@ DEFAULT_DEVICE_DATA_MB = 4096
 FREE_MEMORY_SHARE = 0.25  # and at most this share of the device's free memory
 
 
-def device_data_limit(device: torch.device | str, *, max_mb: float | None = None) -> int:
-    """Most bytes a dataset may occupy to be kept on ``device`` (0 for the CPU).
-
-    ``max_mb`` (default: ``$PQD_DEVICE_DATA_MB`` or 4096) caps it; on CUDA it is also at most a
-    quarter of the memory free on the device when asked.
-    """
-    device = torch.device(device)
-    if device.type == "cpu":
-        return 0
+def _cap_mb(max_mb: float | None) -> float:
     if max_mb is None:
         raw = os.environ.get(DEVICE_DATA_ENV, "")
         try:
@@ -53,8 +45,20 @@ def device_data_limit(device: torch.device | str, *, max_mb: float | None = None
             raise ValueError(f"${DEVICE_DATA_ENV}={raw!r}: expected a number of megabytes (0 turns the device data path off)") from None
     if max_mb < 0:
         raise ValueError(f"the device data limit must be >= 0 MB, got {max_mb}")
-    limit = int(max_mb * 1e6)
-    if device.type == "cuda" and torch.cuda.is_available():
+    return max_mb
+
+
+def device_data_limit(device: torch.device | str, *, max_mb: float | None = None) -> int:
+    """Most bytes a dataset may occupy to be kept on ``device`` (0 for the CPU).
+
+    ``max_mb`` (default: ``$PQD_DEVICE_DATA_MB`` or 4096) caps it; on CUDA it is also at most a
+    quarter of the memory free on the device when asked.
+    """
+    device = torch.device(device)
+    limit = int(_cap_mb(max_mb) * 1e6)
+    if device.type == "cpu":
+        return 0
+    if device.type == "cuda" and limit > 0 and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(device)
         limit = min(limit, int(free * FREE_MEMORY_SHARE))
     return limit
@@ -62,13 +66,14 @@ def device_data_limit(device: torch.device | str, *, max_mb: float | None = None
 
 def resident_default(ds: Dataset, device: torch.device | str, *, max_mb: float | None = None) -> bool:
     """Whether :func:`batches` keeps ``ds`` on ``device`` when not told: an accelerator and a dataset
-    within :func:`device_data_limit` (already resident counts as fitting)."""
+    within :func:`device_data_limit` (a copy already there counts as fitting, unless the cap is 0)."""
     device = torch.device(device)
-    if device.type == "cpu":
+    cap = _cap_mb(max_mb)
+    if device.type == "cpu" or cap == 0:
         return False
     if ds.has_device_copy(device):  # already paid for
         return True
-    return ds.nbytes <= device_data_limit(device, max_mb=max_mb)
+    return ds.nbytes <= device_data_limit(device, max_mb=cap)
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
