@@ -10,7 +10,7 @@ Two paths give the same batches:
 
 RNG semantics (both paths): every random number comes from the CPU ``generator``, drawn in the same
 order: the epoch's permutation first (``torch.randperm(n)``), then per batch, lazily as the batch is
-produced, the crop offsets ``dy`` then ``dx`` (``torch.randint(-4, 5, (b, 1))`` each) and, with
+produced, the crop offsets ``dy`` then ``dx`` (``torch.randint(-4, 5, (b, 1))`` each; the 4 clipped to side - 1 for tiny images) and, with
 ``hflip``, the flip draw (``torch.rand(b, 1) < 0.5``). The device path copies those few numbers per
 batch to the device and builds the same gather indices there. Gathering, the uint8→float conversion
 and the two elementwise ops of the normalisation are exact or identically rounded on every device,
@@ -20,7 +20,6 @@ same state. The accelerator's own RNG is never used.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -28,7 +27,6 @@ import torch
 
 from pqd.data.base import Dataset
 
-log = logging.getLogger("pqd.data")
 
 PAD = 4  # random-crop padding, reflect mode (mirror without repeating the edge pixel)
 DEVICE_DATA_ENV = "PQD_DEVICE_DATA_MB"  # cap (MB) on a device-resident dataset; 0 turns the device path off
