@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--agree-steps", type=int, default=None, help="QAT steps per run for the bf16 agreement (default 200; 4 quick)")
     ap.add_argument("--agree-images", type=int, default=None, help="test images the agreement is counted on (default 10000; 64 quick)")
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd bare steps (FP32 bf16 and QAT); "
+                    "costs about a minute of compilation each")
     ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     a = ap.parse_args(argv)
     q = a.quick
@@ -323,6 +325,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         with env(DEVICE_DATA_ENV, "0"):
             P["fp32_bf16"]["loop_host_data"] = time_loop(copy.deepcopy(model), data, cfg, epochs=a.epochs, lr=0.05, amp=True,
                                                          device=device)
+    if a.compile:
+        P["fp32_bf16"]["ceiling_compiled"] = time_steps(torch.compile(copy.deepcopy(model)), xb, yb, loss_fn=ce, amp=cuda, **steps)
     report("fp32_bf16")
     teacher = copy.deepcopy(model).eval()
 
@@ -385,6 +389,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         q["ceiling_bf16_autocast_fp32_fake_quant"] = time_steps(copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb,
                                                                 loss_fn=ce, amp=True, **steps)
     q["ceiling_contiguous_format"] = time_steps(copy.deepcopy(qat_start), xb.contiguous(), yb, loss_fn=ce, amp=False, **steps)
+    if a.compile:
+        q["ceiling_compiled"] = time_steps(torch.compile(copy.deepcopy(qat_start).to(memory_format=torch.channels_last)), xb, yb,
+                                           loss_fn=ce, amp=False, **steps)
     q["loop"] = time_loop(qat_model, data, cfg, epochs=a.epochs, lr=0.005, amp=False, device=device, masks=student.masks,
                           hook=qat_epoch_hook(student, a.epochs))
     report("qat")
@@ -526,7 +533,10 @@ def to_markdown(res: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     lines += ["", "## QAT ceilings", "", "| variant | images/s |", "| --- | ---: |"]
     lines += [f"| {k} | {_ips(q[k])} |" for k in ("ceiling", "ceiling_tf32", "ceiling_bf16_autocast",
-                                                  "ceiling_bf16_autocast_fp32_fake_quant", "ceiling_contiguous_format")]
+                                                  "ceiling_bf16_autocast_fp32_fake_quant", "ceiling_contiguous_format",
+                                                  "ceiling_compiled") if k in q]
+    if "ceiling_compiled" in f:
+        lines += ["", f"FP32 (bf16) bare step under torch.compile: {_ips(f['ceiling_compiled'])} images/s."]
     ag = res.get("qat_bf16_int8_agreement")
     if ag:
         lines += ["", "## bf16 QAT: INT8 agreement", "", "```", json.dumps(ag, indent=2), "```"]
