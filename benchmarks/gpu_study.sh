@@ -37,9 +37,10 @@ echo "[gpu_study] $NAME: budget ${BUDGET_S}s, sweep $SWEEP, data $DATA_ROOT"
 
 $PY benchmarks/gpu_study_state.py unpack --root "$STUDY_ROOT" --name "$NAME" --parts "$STATE_IN" || exit 1
 
+QAT_OK=1
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   # the quantize stage must train on the GPU (main at 12249db prepared the QAT model on the CPU and trained it there)
-  $PY - <<'PYEOF' || { echo "[gpu_study] QAT would train on the CPU: merge the QAT device fix first"; exit 2; }
+  $PY - <<'PYEOF' || { QAT_OK=0; echo "[gpu_study] QAT would train on the CPU: merge the QAT device fix first; teacher only, no sweep"; }
 import torch, warnings
 warnings.filterwarnings("ignore")
 from pqd.config import QuantizeConfig, TrainConfig
@@ -62,7 +63,7 @@ if [ ! -f "$STUDY/teacher.safetensors" ] && ! ls "$STUDY"/sweep/runs/teacher-*/m
     --json "$OUT/gpu_teacher_${NAME}.json" --save "$STUDY/teacher.safetensors" || echo "[gpu_study] teacher step failed or ran out of time"
 fi
 
-if [ "$(left)" -gt 20 ] && { [ -f "$STUDY/teacher.safetensors" ] || ls "$STUDY"/sweep/runs/teacher-*/metrics.json >/dev/null 2>&1; }; then
+if [ "$QAT_OK" = 1 ] && [ "$(left)" -gt 20 ] && { [ -f "$STUDY/teacher.safetensors" ] || ls "$STUDY"/sweep/runs/teacher-*/metrics.json >/dev/null 2>&1; }; then
   echo "[gpu_study] sweep, $(left)s left"
   timeout --signal=TERM "$(left)" $PY -m pqd.cli sweep "$SWEEP" --out "$STUDY/sweep" "${sets[@]}" \
     --set "teacher.weights=$STUDY/teacher.safetensors" --quiet
