@@ -1,7 +1,8 @@
 """Datasets held in memory as one uint8 tensor, with airbench-style batching.
 
 ``load_data(cfg, seed=...)`` gives :class:`Splits`; ``batches(...)`` iterates normalised (optionally
-augmented) batches. Decoded CIFAR / image-folder data is cached as ``.npy`` under ``data.cache_dir``,
+augmented) batches, gathered on the training device from a copy kept there when the dataset fits
+(``$PQD_DEVICE_DATA_MB`` caps it), else on the CPU; both give the same batches. Decoded CIFAR / image-folder data is cached as ``.npy`` under ``data.cache_dir``,
 ``$PQD_CACHE`` or ``~/.cache/pqd``.
 """
 
@@ -18,19 +19,22 @@ from pqd.data.cache import cache_root, cached
 from pqd.data.cifar import SPECS, RestrictedUnpickler, locate, read_cifar, restricted_loads
 from pqd.data.digits import read_digits
 from pqd.data.folder import read_image_folder
-from pqd.data.loader import batches, epoch_order, num_batches
+from pqd.data.loader import DEVICE_DATA_ENV, batches, device_data_limit, epoch_order, num_batches, resident_default
 from pqd.errors import DataError
 
 __all__ = [
+    "DEVICE_DATA_ENV",
     "Dataset",
     "RestrictedUnpickler",
     "Splits",
     "batches",
     "cache_root",
     "channel_stats",
+    "device_data_limit",
     "epoch_order",
     "load_data",
     "num_batches",
+    "resident_default",
     "restricted_loads",
     "stratified_split",
     "stratified_subset",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -14,11 +14,16 @@ log = logging.getLogger("pqd.data")
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images ``x`` (uint8 ``[N, C, H, W]``, contiguous), labels ``y`` (int64 ``[N]``), class names."""
+    """Images ``x`` (uint8 ``[N, C, H, W]``, contiguous), labels ``y`` (int64 ``[N]``), class names.
+
+    ``x`` and ``y`` stay on the CPU; :meth:`on_device` keeps one copy per accelerator for
+    device-resident batching (:func:`pqd.data.batches`), freed with the Dataset.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     classes: tuple[str, ...]
+    _device_copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
@@ -33,6 +38,30 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of images plus labels (what a device-resident copy occupies)."""
+        return self.x.numel() * self.x.element_size() + self.y.numel() * self.y.element_size()
+
+    def on_device(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` on ``device``: copied once per device and kept (the CPU tensors themselves on CPU)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.x, self.y
+        key = _device_key(device)
+        if key not in self._device_copies:
+            log.debug("copying %d images (%.1f MB) to %s once", len(self), self.nbytes / 1e6, key)
+            self._device_copies[key] = (self.x.to(device), self.y.to(device))
+        return self._device_copies[key]
+
+    def has_device_copy(self, device: torch.device | str) -> bool:
+        """Whether :meth:`on_device` already holds a copy on ``device``."""
+        return _device_key(torch.device(device)) in self._device_copies
+
+    def drop_device_copies(self) -> None:
+        """Free the copies :meth:`on_device` made."""
+        self._device_copies.clear()
+
     def subset(self, index: torch.Tensor | np.ndarray) -> Dataset:
         """The images at ``index`` (in that order), as a new contiguous Dataset."""
         index = torch.as_tensor(index, dtype=torch.int64)
@@ -40,6 +69,12 @@ class Dataset:
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.y, minlength=len(self.classes)).tolist()
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
 
 
 @dataclass(frozen=True)
