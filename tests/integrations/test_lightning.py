@@ -13,14 +13,15 @@ from pqd.qat import prepare_qat  # noqa: E402
 from pqd.registry import create_model  # noqa: E402
 from pqd.stages import Student, convert  # noqa: E402
 
-DOC = Path(__file__).parents[2] / "docs" / "LIGHTNING.md"
+ROOT = Path(__file__).parents[2]
+DOC = ROOT / "docs" / "LIGHTNING.md"
 
 
 def test_lightning_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (code,) = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    code, source = example_block(DOC)
     ns: dict = {"__name__": "lightning_example"}
-    exec(compile(code, str(DOC), "exec"), ns)
+    exec(compile(code, source, "exec"), ns)
 
     cb, module, int8 = ns["pqd_callback"], ns["module"], ns["int8"]
     assert cb.quantized and type(module.model).__name__ == "GraphModule"
@@ -78,3 +79,14 @@ def test_kd_changes_the_loss_and_trains_the_teacher_not():
     assert losses[0] != pytest.approx(losses[1])
     assert losses[1] == pytest.approx(expected, rel=1e-4)
     assert all(torch.equal(state[k], v) for k, v in teacher.state_dict().items())
+
+
+def example_block(doc: Path, marker: str = "PQDCallback(") -> tuple[str, str]:
+    """``(code, source)``: the README's python block holding ``marker`` once it has been moved there,
+    else the one in ``doc``."""
+    for path in (ROOT / "README.md", doc):
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S) if marker in b]
+        if blocks:
+            assert len(blocks) == 1, f"{path} has several examples with {marker}"
+            return blocks[0], str(path)
+    raise AssertionError(f"no python block with {marker} in README.md or {doc}")
