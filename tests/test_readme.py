@@ -14,7 +14,8 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-def test_python_snippets_run():
+def test_python_snippets_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may save files (e.g. model_int8.pt)
     blocks = _blocks("python")
     assert blocks, "README lost its Python example"
     for code in blocks:

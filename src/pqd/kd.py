@@ -32,6 +32,14 @@ class KDLoss(nn.Module):
         self.temperature = float(temperature)
         self.alpha = float(alpha)
 
+    def soft(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The distillation term alone: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``."""
+        t = self.temperature
+        teacher_logits = teacher_logits.detach().to(device=student_logits.device, dtype=torch.float32)
+        kl = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                      reduction="batchmean", log_target=True)
+        return kl * t * t
+
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         teacher_logits = teacher_logits.detach().to(device=student_logits.device, dtype=torch.float32)
         return kd_loss(student_logits.float(), teacher_logits, target, temperature=self.temperature, alpha=self.alpha)

@@ -85,13 +85,18 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False):
     return mapping.set_global(tq.QConfig(activation=act, weight=weight))
 
 
-def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduce_range: bool = False) -> nn.Module:
+def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduce_range: bool = False, inplace: bool = False) -> nn.Module:
     """A fake-quant (``qat``, train mode) or observer (``ptq``, eval mode) copy of ``model`` on
-    ``model``'s device. ``model`` itself is neither changed nor moved."""
+    ``model``'s device. ``model`` itself is neither changed nor moved.
+
+    ``inplace=True`` skips the copy: the result then shares ``model``'s parameter objects, so an
+    optimizer built on ``model`` keeps training the prepared model (use the result, not ``model``).
+    """
     _, qfx = fx_modules()
     device = model_device(model)
     mapping = qconfig_mapping(mode, reduce_range=reduce_range)
-    model = copy.deepcopy(model)  # FX fusion shares parameters with its input: keep the caller's model intact
+    if not inplace:
+        model = copy.deepcopy(model)  # FX fusion shares parameters with its input: keep the caller's model intact
     example = example.to(device)
     try:
         if mode == "qat":
@@ -109,9 +114,9 @@ def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduc
     return prepared.to(device)
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False) -> nn.Module:
-    """A trainable fake-quant copy of ``model`` on the same device (observers on)."""
-    return prepare(model, example, mode="qat", reduce_range=reduce_range)
+def prepare_qat(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False, inplace: bool = False) -> nn.Module:
+    """A trainable fake-quant copy of ``model`` on the same device (observers on); see :func:`prepare`."""
+    return prepare(model, example, mode="qat", reduce_range=reduce_range, inplace=inplace)
 
 
 def prepare_ptq(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False) -> nn.Module:

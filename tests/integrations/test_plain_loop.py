@@ -10,11 +10,8 @@ from pqd.registry import create_model
 from pqd.sparsity import global_sparsity
 from pqd.stages import Student, convert
 
-DOC = Path(__file__).parents[2] / "docs" / "PLAIN_LOOP.md"
-
-
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+ROOT = Path(__file__).parents[2]
+DOC = ROOT / "docs" / "PLAIN_LOOP.md"
 
 
 def pipeline_form(num_classes: int, shape: tuple[int, ...]) -> dict[str, str]:
@@ -26,9 +23,9 @@ def pipeline_form(num_classes: int, shape: tuple[int, ...]) -> dict[str, str]:
 
 def test_plain_loop_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (code,) = python_blocks(DOC)
+    code, source = example_block(DOC)
     ns: dict = {"__name__": "plain_loop_example"}
-    exec(compile(code, str(DOC), "exec"), ns)
+    exec(compile(code, source, "exec"), ns)
 
     int8, scripted, masks = ns["int8"], ns["scripted"], ns["masks"]
     assert isinstance(int8, torch.fx.GraphModule)
@@ -45,3 +42,14 @@ def test_plain_loop_example_runs(tmp_path, monkeypatch):
     deployed = torch.jit.load(str(tmp_path / "model_int8.pt"))
     x = torch.rand(4, 3, 32, 32)
     assert torch.equal(deployed(x), scripted(x))
+
+
+def example_block(doc: Path, marker: str = "GlobalPruner(") -> tuple[str, str]:
+    """``(code, source)``: the README's python block holding ``marker`` once it has been moved there,
+    else the one in ``doc``."""
+    for path in (ROOT / "README.md", doc):
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S) if marker in b]
+        if blocks:
+            assert len(blocks) == 1, f"{path} has several examples with {marker}"
+            return blocks[0], str(path)
+    raise AssertionError(f"no python block with {marker} in README.md or {doc}")

@@ -73,3 +73,21 @@ def test_distributed_two_gloo_processes(tmp_path):
     acc = float((tmp_path / "acc.txt").read_text())
     assert acc > 0.5
     assert (tmp_path / "epoch.safetensors").exists(), "rank 0 must write the checkpoint"
+
+
+def test_tracker_gets_per_epoch_metrics(tiny_data):
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append((step, dict(metrics)))
+
+        def close(self):
+            pass
+
+    rec = Recorder()
+    train(_model(), tiny_data, epochs=2, lr=0.05, config=CFG, tag="prune", tracker=rec)
+    assert [s for s, _ in rec.calls] == [0, 1]
+    assert set(rec.calls[0][1]) == {"prune.loss", "prune.train_top1", "prune.images_per_s", "prune.lr"}
+    assert all(0 <= m["prune.train_top1"] <= 1 and m["prune.loss"] > 0 for _, m in rec.calls)

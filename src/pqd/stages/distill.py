@@ -12,6 +12,7 @@ from torch import nn
 from pqd.config import DistillConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
+from pqd.integrations.tracking import Tracker
 from pqd.kd import KDLoss, kd_loss
 from pqd.qat import freeze, model_device
 from pqd.stages.common import Student
@@ -24,6 +25,7 @@ __all__ = ["distill", "kd_loss"]
 def distill(
     student: Student, config: DistillConfig, *, teacher: nn.Module, data: Splits, epochs: int,
     train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
+    tracker: Tracker | None = None,
 ) -> Student:
     """Train ``student`` for ``epochs`` against the frozen ``teacher``'s soft targets."""
     teacher.eval()
@@ -38,7 +40,7 @@ def distill(
         return kd(logits, t_logits, y)
 
     train(student.model, as_splits(data), epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
-          before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill",
+          before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill", tracker=tracker,
           amp=not student.quantized, augment=augment)
     if student.quantized:
         freeze(student.model)

@@ -14,6 +14,7 @@ from torch import nn
 from pqd.config import PruneConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
+from pqd.integrations.tracking import Tracker
 from pqd.qat import freeze
 from pqd.sparsity import GlobalPruner, global_sparsity, importance, prunable_layers, sparsity_at
 from pqd.stages.common import Student, chain
@@ -37,7 +38,7 @@ def compute_masks(
 
 def prune(
     student: Student, config: PruneConfig, *, data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(),
-    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
+    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
 ) -> Student:
     """Prune ``student`` to ``config.sparsity`` (global, unstructured) while fine-tuning for
     ``epochs`` on the student's device. Works in any form (FP32 or fake-quant); returns the
@@ -55,7 +56,7 @@ def prune(
     else:
         train(model, as_splits(data), epochs=epochs, lr=config.lr, config=train_config, masks=pruner.masks,
               before_epoch=chain(qat_epoch_hook(student, epochs), before_epoch),
-              checkpoint=checkpoint, seed=seed, tag="prune", amp=not student.quantized, augment=augment)
+              checkpoint=checkpoint, seed=seed, tag="prune", tracker=tracker, amp=not student.quantized, augment=augment)
     if student.quantized:
         freeze(model)
     return replace(student, model=model, masks=dict(pruner.masks))

@@ -16,6 +16,7 @@ from pqd import qat
 from pqd.config import QuantizeConfig, TrainConfig
 from pqd.data import Splits, batches
 from pqd.data.adapters import as_splits
+from pqd.integrations.tracking import Tracker
 from pqd.errors import ModelError
 from pqd.qat import BACKEND, float_modules, freeze, prepare, qconfig_mapping, to_torchscript, unfreeze
 from pqd.sparsity import Masks
@@ -52,7 +53,7 @@ def qat_epoch_hook(student: Student, epochs: int):
 
 def quantize(
     student: Student, config: QuantizeConfig, *, data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(),
-    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
+    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
 ) -> Student:
     """QAT for ``epochs`` (``config.mode == 'qat'``) or static calibration (``'ptq'``), on the
     device the student's model is on. The input model is not modified."""
@@ -68,7 +69,7 @@ def quantize(
         return replace(student, model=model, masks=dict(masks), form="ptq")
     out = replace(student, model=model, masks=dict(masks), form="qat", freeze_fraction=config.freeze_fraction)
     train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs),
-          checkpoint=checkpoint, seed=seed, tag="quantize", amp=False, augment=augment)
+          checkpoint=checkpoint, seed=seed, tag="quantize", tracker=tracker, amp=False, augment=augment)
     # Observers left on would keep re-estimating ranges on every later forward, evaluation
     # included, so the model would drift from what conversion sees: a stage ends frozen.
     freeze(model)

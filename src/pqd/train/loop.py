@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pqd.config import TrainConfig
 from pqd.data import Splits, batches
+from pqd.integrations.tracking import Tracker
 from pqd.sparsity import Masks, as_masks, masked_weight
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.schedule import lr_at
@@ -85,6 +86,7 @@ def train(
     tag: str = "train",
     amp: bool = False,
     augment: bool = True,
+    tracker: Tracker | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for ``epochs`` epochs and return it.
 
@@ -92,6 +94,8 @@ def train(
     freezing); it may update ``masks`` in place. The masks are bound to the optimizer
     (:meth:`pqd.sparsity.Masks.attach`), so pruned weights are zero after every step.
     ``amp`` enables bf16 autocast on CUDA only (use it for FP32 phases, never under fake quantization).
+    ``tracker`` (:mod:`pqd.integrations.tracking`) receives ``<tag>.loss``, ``<tag>.train_top1``,
+    ``<tag>.images_per_s`` and ``<tag>.lr`` after every epoch, with the epoch as step.
     """
     caller_masks = {} if masks is None else masks
     masks = as_masks(model, caller_masks)
@@ -152,10 +156,11 @@ def train(
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step_lr:.4f}")
         dt = time.perf_counter() - t0
-        log.info(
-            "%s epoch %d/%d: loss %.4f, train acc %.2f%%, %.0f img/s",
-            tag, epoch + 1, epochs, (loss_sum / max(seen, 1)).item(), 100 * (correct / max(seen, 1)).item(), seen * world / dt,
-        )
+        epoch_loss, epoch_acc, speed = (loss_sum / max(seen, 1)).item(), (correct / max(seen, 1)).item(), seen * world / dt
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, %.0f img/s", tag, epoch + 1, epochs, epoch_loss, 100 * epoch_acc, speed)
+        if tracker is not None and rank == 0:
+            tracker.log_metrics({f"{tag}.loss": epoch_loss, f"{tag}.train_top1": epoch_acc, f"{tag}.images_per_s": speed,
+                                 f"{tag}.lr": opt.param_groups[0]["lr"]}, step=epoch)
         if world > 1:  # DDP syncs buffers at each forward; make BN statistics identical after the last one
             for b in model.buffers():
                 torch.distributed.broadcast(b, 0)
