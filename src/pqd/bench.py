@@ -43,7 +43,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 
 from pqd.errors import ConfigError, PqdError
