@@ -30,8 +30,8 @@ def test_stage_string_parsing_all_orders():
         ({"train": {"nesterov": "yes"}}, "train.nesterov", "true or false"),
         ({"teacher": {"epochs": -1}}, "teacher.epochs", "minimum"),
         ({"teacher": {"epochs": 0}}, "teacher.epochs", "weights"),
-        ({"stages": ""}, "stages", "empty"),
-        ({"stages": "P:2,Q:2,P:1"}, "stages", "twice"),
+        ({"stages": "Q:2,P:2,Q:1"}, "stages", "quantizes 2 times"),
+        ({"stages": "P:2,P:0"}, "prune.schedule", "oneshot"),  # each repeat is checked
         ({"stages": "X:2"}, "stages", "P/prune"),
         ({"stages": "P:x"}, "stages", "integer"),
         ({"stages": "Q:0,D:2", "quantize": {"mode": "ptq"}}, "quantize.mode", "last stage"),
@@ -73,3 +73,11 @@ def test_configs_are_frozen():
     c = RunConfig()
     with pytest.raises(AttributeError):
         c.seed = 3
+
+
+def test_stage_lists_may_repeat_or_be_empty():
+    assert RunConfig.from_dict({"stages": "P:2,P:2,Q:1"}).stage_string() == "P:2,P:2,Q:1"
+    for dense in ("", "dense", [], None):
+        cfg = RunConfig.from_dict({"stages": dense})
+        assert cfg.stages == () and cfg.stage_string() == "" and not cfg.quantizes
+    assert RunConfig.from_dict(RunConfig.from_dict({"stages": ""}).to_dict()).stages == ()

@@ -28,9 +28,9 @@ latencies: unstructured zeros cut the proxy but not the dense kernels' work.
 
 Why workers (docs/BENCHMARKS.md, benchmarks/independent_check.py): in one shared process
 the runtimes disturb each other. Timing one call per variant per round measured each
-runtime competing with the previous one's spinning pool (PyTorch INT8 on the demo model:
-1.08 ms against 0.26 ms back to back), and once an ONNX Runtime session had run, OpenVINO
-stayed 5-10% slower for the life of the process.
+runtime competing with the previous one's spinning pool, and once an ONNX Runtime session
+had run, OpenVINO stayed slower for the life of the process (figures and the commands that
+measured them: docs/BENCHMARKS.md, "How pqd times, and an independent check").
 
 Results: ``RUN_DIR/bench.json``, ``RUN_DIR/bench.md``, and ``metrics.json["bench"]``.
 """
@@ -43,7 +43,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 
 from pqd.errors import ConfigError, PqdError

@@ -25,18 +25,13 @@ weights (:func:`skeleton_from_run` builds one from a run directory). What is sto
   quantize node's scale / zero point, FP32 layers left unquantized, ``torch.dtype``
   entries and tuples such as ``Linear``'s packed params) in a raw little-endian section.
 
-Entropy coder: **zstd level 19** per stream. Measured against lzma (raw LZMA2, preset 9e,
-``lc=lp=pb=0``, which suits i.i.d. bytes better than the default ``lc=3``) and zstd-22 with
-``benchmarks/compact_size.py`` on ResNet-18 CIFAR at 90% global sparsity, whole files:
-1,301,151 B (zstd-19) / 1,310,596 B (lzma) / 1,301,139 B (zstd-22) with PyTorch-init
-weights, 1,540,700 / 1,550,574 / 1,540,696 B with He-scaled Laplace weights. Per stream,
-lzma's adaptive binary coder wins only on raw value streams; zstd wins on bitmasks, gap
-streams and ``chshift`` values; zstd compresses ~6x faster and decompresses ~100x faster
-(2.5 MB of ResNet-18 streams: 1.5 ms against 206 ms), and level 22 buys 4-12 bytes for
-larger decoder windows, so 19 it is. ``codec="lzma"`` stays
-available. A stream that does not shrink is stored raw. How close this gets: the int8
-streams come to 1.013x the per-tensor order-0 entropy bound (init weights) and 0.982x of
-it (Laplace weights, where ``chshift`` models what an order-0 coder cannot).
+Entropy coder: **zstd level 19** per stream, chosen against lzma (raw LZMA2, preset 9e,
+``lc=lp=pb=0``) and zstd-22 with ``benchmarks/compact_size.py``: file sizes within a percent
+of each other, zstd much faster to compress and to decode, level 22 no better in practice
+(figures: docs/BENCHMARKS.md, "Compact sparse INT8 checkpoint"). ``codec="lzma"`` stays
+available. A stream that does not shrink is stored raw. How close this gets to the
+per-tensor order-0 entropy bound (``chshift`` models what an order-0 coder cannot) is
+measured there too.
 
 File layout (no pickle anywhere; loading parses JSON and copies bytes, nothing else)::
 

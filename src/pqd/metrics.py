@@ -23,6 +23,21 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
+def _legacy_order(stages: str) -> list[str]:
+    """Stage names from a stage string, for metrics written before ``stage_order`` existed."""
+    from pqd.stages.registry import get_stage  # only for old files; the schema itself needs no torch
+
+    out = []
+    for item in stages.split(","):
+        letter = item.split(":")[0].strip()
+        if letter:
+            try:
+                out.append(get_stage(letter).name)
+            except Exception:  # a stage this installation does not have: keep its letter
+                out.append(letter)
+    return out
+
+
 def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in d.items() if k in names}
@@ -34,7 +49,7 @@ class Accuracy:
 
     teacher_top1: float
     final_top1: float
-    final_vs_teacher_agreement: float
+    final_vs_teacher_agreement: float | None = None  # None only in metrics older than schema 1's final form
     fake_quant_top1: float | None = None  # QAT: the fake-quant student before conversion
     int8_vs_fake_quant_agreement: float | None = None
     pre_conversion_fp32_top1: float | None = None  # PTQ: the calibrated FP32 model before conversion
@@ -91,16 +106,16 @@ class LatencyRecord:
     model: str
     batch: int
     median_ms: float
-    p90_ms: float
+    p90_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "batch": self.batch, "median_ms": self.median_ms, "p90_ms": self.p90_ms, **self.extra}
+        return _drop_none({"model": self.model, "batch": self.batch, "median_ms": self.median_ms, "p90_ms": self.p90_ms}) | self.extra
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LatencyRecord:
         core = ("model", "batch", "median_ms", "p90_ms")
-        return cls(*(d[k] for k in core), extra={k: v for k, v in d.items() if k not in core})
+        return cls(d["model"], d["batch"], d["median_ms"], d.get("p90_ms"), extra={k: v for k, v in d.items() if k not in core})
 
 
 @dataclass
@@ -128,6 +143,7 @@ class StageRecord:
     quantizes: bool = False
     structural: bool = False
     records: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float | None = None  # None when the stage ran in an earlier (interrupted) invocation
 
     @property
     def label(self) -> str:
@@ -205,7 +221,7 @@ class Metrics:
     def from_dict(cls, d: Mapping[str, Any]) -> Metrics:
         """Read schema 2 (and the untyped schema 1, filling the new fields from the old ones)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        order = list(d.get("stage_order") or [])
+        order = list(d.get("stage_order") or []) or _legacy_order(d.get("stages") or "")
         acc = d.get("accuracy") or {}
         return cls(
             model=d["model"], width=d.get("width", 1.0), dataset=d["dataset"], num_classes=d.get("num_classes", 0),

@@ -43,8 +43,8 @@ def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, 
     """Teacher vs deployed model latency, each timed from its file in a worker process of its own.
 
     The harness of ``pqd bench`` (:mod:`pqd.measure.workers`): a long training process is a
-    poor place to time inference (its heap and thread pools are not a deployment's; the
-    demo's INT8 model timed 0.60 ms there against 0.27 ms in a fresh process). If a worker
+    poor place to time inference (its heap and thread pools are not a deployment's; figures in
+    docs/BENCHMARKS.md, "How pqd times, and an independent check"). If a worker
     cannot load the model (a user model not importable in a fresh interpreter, say), the
     models are timed in this process instead, with a warning; each record says which.
     """
@@ -223,10 +223,8 @@ def _stage_records(config: RunConfig, student: Student, stage_times: dict[int, f
         stage = get_stage(spec.stage)
         label = f"{i + 1}_{stage.name}"
         rec = dict(records.get(label) or records.get(stage.name) or {})
-        if i in stage_times:
-            rec.setdefault("wall_time_s", stage_times[i])
         out.append(StageRecord(index=i, stage=stage.name, letter=stage.letter, epochs=spec.epochs, quantizes=stage.quantizes,
-                               structural=stage.structural, records=rec))
+                               structural=stage.structural, records=rec, wall_time_s=stage_times.get(i)))
     return out
 
 

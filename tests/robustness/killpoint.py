@@ -53,6 +53,7 @@ def die() -> None:
 import torch  # noqa: E402
 
 import pqd.pipeline as pl  # noqa: E402
+import pqd.rundir as rd  # noqa: E402
 import pqd.train.checkpoint as ck  # noqa: E402
 
 
@@ -67,8 +68,10 @@ def _phase(name, fn):
 
 
 pl.train = _phase("teacher", pl.train)  # the pipeline's own `train` trains only the teacher
-for _name_ in ("prune", "quantize", "distill", "finalize"):
-    setattr(pl, _name_, _phase(_name_, getattr(pl, _name_)))
+for _name_ in ("prune", "quantize", "distill"):  # the functions the registry's stage adapters call
+    _mod_ = sys.modules[f"pqd.stages.{_name_}"]
+    setattr(_mod_, _name_, _phase(_name_, getattr(_mod_, _name_)))
+pl.finalize = _phase("finalize", pl.finalize)
 
 _step = torch.optim.SGD.step
 
@@ -111,7 +114,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
     _atomic(path, data)
 
 
-ck.atomic_write_bytes = pl.atomic_write_bytes = atomic_write_bytes
+ck.atomic_write_bytes = pl.atomic_write_bytes = rd.atomic_write_bytes = atomic_write_bytes
 
 _replace = os.replace
 

@@ -191,8 +191,8 @@ def _cli_error(capsys, argv: list[str]) -> str:
         ("prune: {sparsty: 0.5}\n", [], "Did you mean 'prune.sparsity'"),
         ("model: {name: resnet81}\n", [], "resnet18"),
         ("data: {dataset: imagenet}\n", [], "'cifar10'"),
-        ("stages: ''\n", [], "stages: is empty"),
-        ("stages: P:2,Q:2,P:1\n", [], "appears twice"),
+        ("stages: X:2\n", [], "unknown stage 'X'"),
+        ("stages: Q:2,D:2,Q:1\n", [], "quantizes 2 times"),
         ("teacher: {epochs: 0}\n", [], "teacher.weights"),  # KD (and every stage) needs a teacher source
         ("teacher: {epochs: -3}\n", [], "teacher.epochs"),
         ("- a\n- b\n", [], "must hold a mapping"),
