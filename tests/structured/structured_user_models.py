@@ -37,3 +37,19 @@ class SENet(nn.Module):
         for b in self.blocks:
             x = x + b(x)
         return self.fc(self.head(x).mean((2, 3)))
+
+
+class Plain(nn.Module):
+    """Few wide convs at full resolution: latency dominated by compute, cheap to convert."""
+
+    def __init__(self, num_classes: int = 10, c: int = 64):
+        super().__init__()
+        layers, cin = [], 3
+        for _ in range(3):
+            layers += [nn.Conv2d(cin, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))

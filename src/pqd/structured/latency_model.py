@@ -68,7 +68,7 @@ class Target:
 # --------------------------------------------------------------------------- measuring
 
 
-def _int8_artifact(model: nn.Module, example: torch.Tensor, runtime: str, path: Path) -> dict:
+def export_int8(model: nn.Module, example: torch.Tensor, runtime: str, path: Path) -> dict:
     """Quantize ``model`` (static INT8, random calibration) and write what ``runtime`` runs; returns a worker spec part."""
     from pqd.stages.common import Student
     from pqd.stages.quantize import convert, prepare, to_torchscript
@@ -99,16 +99,34 @@ def measure_int8(
     runs: int = 100,
     warmup: int = 10,
     workdir: str | Path | None = None,
+    in_process: bool = False,
 ) -> dict[str, float]:
-    """Median INT8 latency (ms) of each model on ``target``, timed interleaved in worker processes."""
+    """Median INT8 latency (ms) of each model on ``target``, timed interleaved in worker processes.
+
+    ``in_process=True`` (PyTorch runtime only) times the TorchScript INT8 modules in this
+    process instead: no worker start-up, for quick checks and tests.
+    """
     from pqd.measure.latency import interleave
-    from pqd.measure.workers import start_workers
 
     example = torch.zeros(2, *input_shape)
+    if in_process:
+        if target.runtime != "pytorch":
+            raise ConfigError(f"in-process timing is for the PyTorch runtime only, not {target.runtime!r}")
+        from pqd.measure.latency import measure_latency
+
+        fns = {}
+        with tempfile.TemporaryDirectory(prefix="pqd_lat_", dir=workdir) as tmp:
+            for i, (name, m) in enumerate(models.items()):
+                fns[name] = torch.jit.load(export_int8(m, example, "pytorch", Path(tmp) / f"m{i}")["path"])
+        recs = measure_latency(fns, input_shape=tuple(input_shape), batch_sizes=(target.batch,), threads=target.threads,
+                               warmup=warmup, runs=runs, large_batch_runs=max(3, runs // 5))
+        return {r["model"]: r["median_ms"] for r in recs}
+    from pqd.measure.workers import start_workers
+
     with tempfile.TemporaryDirectory(prefix="pqd_lat_", dir=workdir) as tmp:
         specs = {}
         for i, (name, m) in enumerate(models.items()):
-            part = _int8_artifact(m, example, target.runtime, Path(tmp) / f"m{i}")
+            part = export_int8(m, example, target.runtime, Path(tmp) / f"m{i}")
             specs[name] = part | {"threads": target.threads, "input_shape": list(input_shape), "batch_sizes": [target.batch], "seed": 0}
         with start_workers(specs) as workers:
             recs = interleave(workers, batch_sizes=(target.batch,), threads=target.threads, warmup=warmup, runs=runs,
@@ -277,6 +295,7 @@ def build(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     seed: int = 0,
+    in_process: bool = False,
 ) -> LatencyModel:
     """The fitted latency model of ``model``'s widths on ``target``: cached samples, else measured now."""
     from pqd.structured.graph import prune_to_widths
@@ -290,7 +309,7 @@ def build(
     example = torch.zeros(2, *input_shape)
     todo = sample_widths(graph, samples, round_to=round_to, min_keep=min_keep, seed=seed + len(lm.samples))[len(lm.samples):]
     models = {f"s{i}": prune_to_widths(model, w, example=example, round_to=1) for i, w in enumerate(todo)}
-    ms = measure_int8(models, target=target, input_shape=input_shape, runs=runs)
+    ms = measure_int8(models, target=target, input_shape=input_shape, runs=runs, in_process=in_process)
     for i, w in enumerate(todo):
         lm.add(w, ms[f"s{i}"], "calibration")
     lm.fit(graph)

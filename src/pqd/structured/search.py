@@ -130,6 +130,7 @@ def search(
     runs: int = 100,
     cache_dir=None,
     use_cache: bool = True,
+    in_process: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Choose widths under the budget, measure, correct; returns (pruned model, JSON-able record)."""
     if (budget_ms is None) == (budget_fraction is None):
@@ -139,7 +140,7 @@ def search(
     example = torch.zeros(2, *input_shape)
     if budget_ms is None:
         if dense_ms is None:
-            dense_ms = measure_int8({"dense": model}, target=target, input_shape=input_shape, runs=runs)["dense"]
+            dense_ms = measure_int8({"dense": model}, target=target, input_shape=input_shape, runs=runs, in_process=in_process)["dense"]
             lm.add(graph.widths(), dense_ms, "dense")
             lm.fit(graph)
         budget_ms = budget_fraction * dense_ms
@@ -151,7 +152,8 @@ def search(
         widths = greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
         pred = lm.predict(graph, widths)
         pruned = prune_to_widths(model, widths, example=example, round_to=1, scores=scores)
-        measured = measure_int8({"chosen": pruned}, target=target, input_shape=input_shape, runs=runs)["chosen"]
+        measured = measure_int8({"chosen": pruned}, target=target, input_shape=input_shape, runs=runs,
+                                in_process=in_process)["chosen"]
         iterations.append({"iteration": it, "target_ms": target_ms, "predicted_ms": pred, "measured_ms": measured,
                            "widths": dict(widths), "prediction_error": pred / measured - 1})
         log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms)",
