@@ -9,7 +9,7 @@ from pqd.structured.graph import ChannelGraph, prune_to_widths
 from pqd.structured.importance import uniform_widths
 from pqd.structured.latency_model import export_int8
 
-from test_graph import MODELS, X, _trained_bn
+from test_graph import MODELS, X, trained_bn
 
 pytestmark = pytest.mark.skipif(not (available("onnx") and available("onnxscript") and available("onnxruntime")),
                                 reason="needs pqd[onnx]")
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not (available("onnx") and available("onnxscript
 def test_pruned_model_exports_int8_and_runs(tmp_path, name):
     from pqd.runtimes import OpenVinoRunner, OrtRunner
 
-    model = _trained_bn(MODELS[name]())
+    model = trained_bn(MODELS[name]())
     graph = ChannelGraph(model, X)
     pruned = prune_to_widths(model, uniform_widths(graph.widths(), 0.5, round_to=8), example=X)
     spec = export_int8(pruned, X, "onnxruntime", tmp_path / "m")

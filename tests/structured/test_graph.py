@@ -24,7 +24,7 @@ MODELS = {
 }
 
 
-def _trained_bn(model):
+def trained_bn(model):
     """Random BN statistics, so that pruning really changes outputs."""
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
@@ -36,7 +36,7 @@ def _trained_bn(model):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_prune_keeps_output_shape_and_predicts_layer_shapes(name):
-    model = _trained_bn(MODELS[name]())
+    model = trained_bn(MODELS[name]())
     graph = ChannelGraph(model, X)
     assert graph.groups, "no prunable group found"
     keep = uniform_widths(graph.widths(), 0.5, round_to=8)
@@ -55,7 +55,7 @@ def test_prune_keeps_output_shape_and_predicts_layer_shapes(name):
 
 
 def test_keeps_the_most_important_channels():
-    model = _trained_bn(create_model("vgg16_bn", num_classes=10, width=0.125))
+    model = trained_bn(create_model("vgg16_bn", num_classes=10, width=0.125))
     graph = ChannelGraph(model, X)
     first = graph.groups[0]
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_round_to():
 
 
 def test_global_ranking_keeps_requested_fraction():
-    model = _trained_bn(create_model("resnet18", num_classes=10, width=0.25))
+    model = trained_bn(create_model("resnet18", num_classes=10, width=0.25))
     graph = ChannelGraph(model, X)
     scores = group_scores(graph, "l2")
     widths = global_widths(scores, 0.5, round_to=1, min_keep=0.0)
@@ -86,7 +86,7 @@ def test_global_ranking_keeps_requested_fraction():
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "random"])
 def test_criteria_score_every_channel(criterion):
-    model = _trained_bn(create_model("resnet18", num_classes=10, width=0.125))
+    model = trained_bn(create_model("resnet18", num_classes=10, width=0.125))
     graph = ChannelGraph(model, X)
     scores = group_scores(graph, criterion)
     assert {g: s.numel() for g, s in scores.items()} == graph.widths()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -40,7 +41,7 @@ def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkey
     torch.manual_seed(0)
     model = Plain(num_classes=4, c=32)
     cfg = StructuredConfig(budget_fraction=0.9, runtime="pytorch", threads=1, samples=3, runs=10, max_iters=4, cache_dir=str(tmp_path))
-    ctx = SimpleNamespace(data=tiny_data, teacher=None, config=SimpleNamespace(structured=cfg),
+    ctx = SimpleNamespace(data=tiny_data, teacher=copy.deepcopy(model).eval(), config=SimpleNamespace(structured=cfg),
                           train_config=TrainConfig(batch_size=32, progress=False), seed=0, augment=True, device=torch.device("cpu"))
     import pqd.structured.latency_model as L
     import pqd.structured.search as S

@@ -14,6 +14,9 @@ from torch import nn
 
 from pqd.errors import CheckpointError
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 
 def _new(like: torch.Tensor | None, shape) -> torch.Tensor:
     if like is None:
@@ -38,12 +41,12 @@ def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn
         prefix = f"{name}." if name else ""
         w = state.get(prefix + "weight")
         if w is None:
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (prefix + "running_mean") in state:
+            if isinstance(m, BATCHNORMS) and (prefix + "running_mean") in state:
                 w = state[prefix + "running_mean"]
             else:
                 continue
         shape = tuple(w.shape)
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, CONVS):
             if tuple(m.weight.shape) == shape:
                 continue
             if len(shape) != m.weight.dim() or tuple(shape[2:]) != tuple(m.weight.shape[2:]):
@@ -69,7 +72,7 @@ def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn
             m.weight = _param(m.weight, shape)
             if m.bias is not None:
                 m.bias = _param(m.bias, (shape[0],))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, BATCHNORMS):
             n = shape[0]
             if n == m.num_features:
                 continue

@@ -4,7 +4,8 @@ Runs on an FP32 student before unstructured pruning and quantization (``S:5,P:20
 it builds the latency model of the student's widths on the deployment target
 (:mod:`pqd.structured.latency_model`), chooses per-group channel counts under the budget
 and corrects them until the measured INT8 latency meets it (:mod:`pqd.structured.search`),
-then fine-tunes the physically smaller model for the stage's epochs. The search record
+then fine-tunes the physically smaller model for the stage's epochs (with KD from the dense
+teacher unless ``structured.distill`` is false). The search record
 (widths, predicted and measured latency, iterations, latency-model error) goes into
 ``student.records``.
 
@@ -47,7 +48,7 @@ def _with_record(student: Student, model, key: str, record: dict) -> Student:
 
 
 def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
-                     augment: bool = True, device: torch.device | None = None) -> tuple[Student, dict]:
+                     augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None) -> tuple[Student, dict]:
     """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record)."""
     from pqd.structured.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
     from pqd.structured.importance import group_scores
@@ -94,8 +95,21 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
     if device is not None:
         pruned.to(device)
     if epochs > 0:
-        train(pruned, data, epochs=epochs, lr=cfg.lr, config=train_config, checkpoint=checkpoint, seed=seed, tag="structured",
-              amp=True, augment=augment)
+        loss_fn = None
+        if cfg.distill and teacher is not None:
+            from pqd.config import DistillConfig
+            from pqd.stages.distill import kd_loss
+
+            dc = distill_config or DistillConfig()
+            teacher.eval()
+
+            def loss_fn(logits, x, y):
+                with torch.no_grad():
+                    t = teacher(x).float()
+                return kd_loss(logits, t, y, temperature=dc.temperature, alpha=dc.alpha)
+
+        train(pruned, data, epochs=epochs, lr=cfg.lr, config=train_config, loss_fn=loss_fn, checkpoint=checkpoint, seed=seed,
+              tag="structured", amp=True, augment=augment)
     pruned.eval()
     return Student(pruned, {}, student.form, student.freeze_fraction), record
 
@@ -111,7 +125,8 @@ class StructuredStage:
 
     def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         out, record = structured_prune(student, _config(ctx), data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                                       checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device)
+                                       checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
+                                       teacher=ctx.teacher, distill_config=getattr(ctx.config, "distill", None))
         return _with_record(student, out.model, f"structured_{index}", record)
 
 

@@ -52,7 +52,9 @@ class StructuredConfig(Section):
     keeps at least ``min_keep`` of its channels. ``samples``: measured width configurations
     for the latency model (cached per machine and target); ``runs``: timed calls per
     measurement; ``max_iters``: measure-and-correct rounds. The stage then fine-tunes for
-    its epochs at ``lr``.
+    its epochs at ``lr``, against the dense teacher's soft targets when ``distill`` is true
+    (temperature and alpha of the ``distill`` section), else with cross-entropy. ``ignore``:
+    module paths whose output channels are never pruned.
     """
 
     budget_fraction: float | None = 0.5
@@ -69,6 +71,7 @@ class StructuredConfig(Section):
     runs: int = 100
     max_iters: int = 4
     lr: float = 0.01
+    distill: bool = True
     ignore: tuple[str, ...] = ()
     cache_dir: str | None = None
 

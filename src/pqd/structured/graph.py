@@ -26,10 +26,12 @@ from torch import nn
 
 from pqd.errors import ModelError
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
 ORDER_HINT = "structured pruning must come before quantize, e.g. S:5,P:20,Q:40,D:40"
 
 
-def _tp():
+def require_torch_pruning():
     try:
         import torch_pruning as tp
     except ImportError:
@@ -102,7 +104,7 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> list[Layer]:
                               math.prod(out.shape[2:])))
 
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        if isinstance(m, (nn.Linear, *CONVS)):
             hooks.append(m.register_forward_hook(hook))
     was = model.training
     try:
@@ -164,7 +166,7 @@ class ChannelGraph:
 
     def __post_init__(self):
         check_prunable(self.model)
-        tp = _tp()
+        tp = require_torch_pruning()
         self.layers = trace_layers(self.model, self.example)
         if not self.layers:
             raise ModelError(f"{type(self.model).__name__} has no Conv or Linear layer to prune")
@@ -176,7 +178,7 @@ class ChannelGraph:
             raise ModelError(f"structured ignore: no module named {', '.join(map(repr, unknown))}")
         try:
             self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example[:1])
-            raw = list(self.dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
+            raw = list(self.dg.get_all_groups(ignored_layers=ignored, root_module_types=[*CONVS, nn.Linear]))
         except Exception as exc:  # the tracer raises many types
             raise ModelError(f"cannot build the channel dependency graph of {type(self.model).__name__} "
                              f"({type(exc).__name__}: {str(exc)[:300]})") from None

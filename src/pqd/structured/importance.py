@@ -29,9 +29,9 @@ CRITERIA = ("l1", "l2", "bn", "taylor", "random")
 
 def get_importance(name: str):
     """A Torch-Pruning importance object: ``imp(group) -> Tensor[channels]`` (mean-normalised)."""
-    from pqd.structured.graph import _tp
+    from pqd.structured.graph import require_torch_pruning
 
-    tp = _tp()
+    tp = require_torch_pruning()
     if name == "l1":
         return tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean")
     if name == "l2":
