@@ -3,17 +3,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pqd.registry import create_model
 from pqd.structured.graph import ChannelGraph, trace_layers
 from pqd.structured.sensitivity import analyze, analyze_main, read_csv, write
 from pqd.train.loop import train
+
+from structured_user_models import Plain
 
 
 def test_rows_per_group_and_per_layer(tiny_data, tmp_path):
     from pqd.config import TrainConfig
 
     torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=4, width=0.125)
+    model = Plain(num_classes=4, c=16)
     train(model, tiny_data, epochs=1, lr=0.05, config=TrainConfig(batch_size=32, progress=False))
     rows = analyze(model, tiny_data, keep_ratios=(0.5,), calib_batches=1, batch_size=64)
     x = torch.zeros(2, 3, 16, 16)
@@ -42,7 +43,7 @@ def test_rows_per_group_and_per_layer(tiny_data, tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    rc = analyze_main(["--model", "resnet18", "--width", "0.125", "--dataset", "digits", "--train-subset", "200",
+    rc = analyze_main(["--model", "structured_user_models:Plain", "--dataset", "digits", "--train-subset", "200",
                        "--test-subset", "100", "--keep-ratios", "0.5", "--no-quantize", "--out", str(tmp_path / "s")])
     assert rc == 0
     assert (tmp_path / "s" / "sensitivity.csv").exists()

@@ -161,6 +161,9 @@ def search(
         lm.add(widths, measured, "search")
         if measured <= budget_ms:
             break
+        if pred > target_ms:  # every group is at its floor: tightening the target cannot change the widths
+            iterations[-1]["stopped"] = "every group at its floor (min_keep / round_to); the budget is below what channel pruning reaches"
+            break
         target_ms = target_ms * budget_ms / measured * 0.98  # tighten by the miss plus a 2% margin
     if use_cache:
         save(lm, cache_dir)
