@@ -78,7 +78,9 @@ def test_search_meets_a_measured_budget(tmp_path):
     dense = lm.samples[0]["ms"]
     pruned, rec = search(model, lm, graph, target=target, input_shape=(3, 32, 32), budget_fraction=0.6, dense_ms=dense,
                          scores=group_scores(graph, "l1"), runs=20, max_iters=4, cache_dir=tmp_path, in_process=True)
-    assert rec["met"] and rec["measured_ms"] <= rec["budget_ms"] == pytest.approx(0.6 * dense)
+    assert rec["budget_ms"] == pytest.approx(0.6 * dense)
+    # met = measured <= 0.6 x the dense model timed side by side in the same run
+    assert rec["met"] and rec["measured_ms"] <= rec["budget_ms_same_run"] == pytest.approx(0.6 * rec["dense_ms_same_run"])
     assert pruned(X).shape == (2, 10)
     assert ChannelGraph(pruned, X).widths() == rec["widths"]
     assert rec["macs"] < rec["dense_macs"]
