@@ -1,10 +1,8 @@
-"""Fit a freshly built model to a saved state_dict whose layer shapes differ (after structured
-pruning): the generic restore path (:meth:`pqd.rundir.RunDir.restore_student`) calls
-:func:`fit_to_state_dict` before ``load_state_dict``.
+"""Restore a structurally pruned model without pickling: resize layers to saved tensor shapes.
 
-Minimal version (the structured-pruning work may extend it): Conv2d, Linear and BatchNorm2d
-modules whose saved tensors have other shapes are replaced by modules of the saved shapes;
-depthwise convolutions (groups == in == out channels) stay depthwise.
+A student saved after structured pruning has thinner conv/linear/norm layers than the
+model its factory builds. :func:`fit_to_state_dict` rebuilds those layers in place with the
+shapes found in a state dict (safetensors), so that ``load_state_dict`` then succeeds.
 """
 
 from __future__ import annotations
@@ -14,34 +12,91 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from pqd.errors import CheckpointError
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Resize ``model``'s Conv2d/Linear/BatchNorm2d layers in place to the shapes in ``state``;
-    return the paths of the resized modules (empty when every shape already fits)."""
-    changed = []
-    for path, mod in list(model.named_modules()):
-        w = state.get(f"{path}.weight")
-        if type(mod) is nn.Conv2d and w is not None and tuple(w.shape) != tuple(mod.weight.shape):
-            out_c = w.shape[0]
-            depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
-            groups = out_c if depthwise else mod.groups
-            new = nn.Conv2d(w.shape[1] * groups, out_c, mod.kernel_size, stride=mod.stride, padding=mod.padding,
-                            dilation=mod.dilation, groups=groups, bias=mod.bias is not None, padding_mode=mod.padding_mode)
-        elif type(mod) is nn.Linear and w is not None and tuple(w.shape) != tuple(mod.weight.shape):
-            new = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None)
-        elif type(mod) is nn.BatchNorm2d and (rm := state.get(f"{path}.running_mean")) is not None and rm.numel() != mod.num_features:
-            new = nn.BatchNorm2d(rm.numel(), eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
-                                 track_running_stats=mod.track_running_stats)
-        else:
-            continue
-        ref = next(iter(mod.parameters()), None)
-        if ref is not None:
-            new = new.to(device=ref.device, dtype=ref.dtype)
-        _replace(model, path, new)
-        changed.append(path)
-    return changed
+def _new(like: torch.Tensor | None, shape) -> torch.Tensor:
+    if like is None:
+        return torch.empty(shape)
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def _param(old: nn.Parameter | None, shape) -> nn.Parameter | None:
+    if old is None:
+        return None
+    return nn.Parameter(_new(old.data, shape), requires_grad=old.requires_grad)
+
+
+def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Resize Conv/Linear/BatchNorm/LayerNorm/GroupNorm modules of ``model`` (in place) to ``state``'s shapes.
+
+    Only layers whose saved weight shape differs are touched; values are left for
+    ``load_state_dict``. A depthwise conv (``groups == in == out``) stays depthwise;
+    another grouped conv keeps its group count. Returns ``model``.
+    """
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        w = state.get(prefix + "weight")
+        if w is None:
+            if isinstance(m, BATCHNORMS) and (prefix + "running_mean") in state:
+                w = state[prefix + "running_mean"]
+            else:
+                continue
+        shape = tuple(w.shape)
+        if isinstance(m, CONVS):
+            if tuple(m.weight.shape) == shape:
+                continue
+            if len(shape) != m.weight.dim() or tuple(shape[2:]) != tuple(m.weight.shape[2:]):
+                raise CheckpointError(f"{prefix}weight: saved shape {shape} does not fit {type(m).__name__} {tuple(m.weight.shape)}")
+            transposed = getattr(m, "transposed", False)
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            if transposed:
+                cin, cout_g = shape[0], shape[1]
+                groups = cin if depthwise else m.groups
+                cout = cout_g * groups
+            else:
+                cout, cin_g = shape[0], shape[1]
+                groups = cout if depthwise else m.groups
+                cin = cin_g * groups
+            m.in_channels, m.out_channels, m.groups = cin, cout, groups
+            m.weight = _param(m.weight, shape)
+            if m.bias is not None:
+                m.bias = _param(m.bias, (cout,))
+        elif isinstance(m, nn.Linear):
+            if tuple(m.weight.shape) == shape:
+                continue
+            m.out_features, m.in_features = shape
+            m.weight = _param(m.weight, shape)
+            if m.bias is not None:
+                m.bias = _param(m.bias, (shape[0],))
+        elif isinstance(m, BATCHNORMS):
+            n = shape[0]
+            if n == m.num_features:
+                continue
+            m.num_features = n
+            if m.affine:
+                m.weight, m.bias = _param(m.weight, (n,)), _param(m.bias, (n,))
+            if m.track_running_stats:
+                m.running_mean = _new(m.running_mean, (n,))
+                m.running_var = _new(m.running_var, (n,))
+        elif isinstance(m, nn.GroupNorm):
+            n = shape[0]
+            if n == m.num_channels:
+                continue
+            if n % m.num_groups:
+                raise CheckpointError(f"{prefix}weight: {n} channels do not divide into GroupNorm's {m.num_groups} groups")
+            m.num_channels = n
+            if m.affine:
+                m.weight, m.bias = _param(m.weight, (n,)), _param(m.bias, (n,))
+        elif isinstance(m, nn.LayerNorm):
+            if tuple(m.normalized_shape) == shape:
+                continue
+            m.normalized_shape = shape
+            if m.elementwise_affine:
+                m.weight = _param(m.weight, shape)
+                if m.bias is not None:
+                    m.bias = _param(m.bias, shape)
+    return model

@@ -1,0 +1,214 @@
+"""Structured pruning under measured INT8 latency budgets vs uniform width scaling and MACs-chosen pruning.
+
+    python benchmarks/structured.py --data ../shared/data/cifar10-jpeg.tar.gz            # the full study (hours on 2 cores)
+    python benchmarks/structured.py --data ../shared/data/cifar10-jpeg.tar.gz --quick    # minutes: plumbing check
+
+For each model (ResNet-18, VGG-16-BN): a dense FP32 teacher is trained (or loaded with
+``--teacher-weights``); the latency model of its widths is measured on the target (OpenVINO
+INT8, batch 1, 2 threads by default); for each budget (0.75 / 0.5 / 0.35 × the dense INT8
+latency) the search chooses widths and corrects them until the measured latency meets the
+budget. Two baselines get the same training: (a) uniform width scaling (every group keeps
+the same ratio) chosen to predict the structured model's measured latency; (b) widths
+chosen by MACs alone, at the structured model's MACs. Every architecture's INT8 latency is
+then measured in one interleaved run, and every variant (dense included) is trained the
+same way from the teacher: KD fine-tuning in FP32, QAT, KD under fake quantization; top-1
+is of the converted INT8 model on the test split.
+
+Results: benchmarks/results/structured.{json,md} (``--quick`` writes structured_quick.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from pqd.config import DataConfig, DistillConfig, QuantizeConfig, TrainConfig  # noqa: E402
+from pqd.data import load_data  # noqa: E402
+from pqd.measure.accuracy import predict, top1  # noqa: E402
+from pqd.measure.env import environment  # noqa: E402
+from pqd.registry import create_model  # noqa: E402
+from pqd.stages import Student, convert, distill, quantize  # noqa: E402
+from pqd.structured import latency_model as L  # noqa: E402
+from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
+from pqd.structured.importance import group_scores, uniform_widths  # noqa: E402
+from pqd.structured.search import cost_function, greedy_widths, search  # noqa: E402
+from pqd.train.loop import train  # noqa: E402
+
+log = logging.getLogger("bench.structured")
+
+
+def macs_model() -> L.LatencyModel:
+    lm = L.LatencyModel(key={"proxy": "macs"}, pad=1)
+    lm.coef = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])  # features are MACs in millions
+    return lm
+
+
+def uniform_at(graph, lm, ms: float, round_to: int, min_keep: float) -> dict[str, int]:
+    """Uniform keep ratio whose predicted latency is closest to ``ms`` (bisection)."""
+    lo, hi = min_keep, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if lm.predict(graph, uniform_widths(graph.widths(), mid, round_to=round_to)) > ms:
+            hi = mid
+        else:
+            lo = mid
+    return uniform_widths(graph.widths(), lo, round_to=round_to)
+
+
+def finetune_and_quantize(model, teacher, data, args, seed: int) -> float:
+    """KD fine-tune (FP32) -> QAT -> KD (fake quant); top-1 of the converted INT8 model on the test split."""
+    tc = TrainConfig(batch_size=args.batch_size, progress=False, threads=args.threads_train)
+    st = Student(copy.deepcopy(model))
+    dcfg = DistillConfig(lr=args.ft_lr)
+    if args.ft_epochs:
+        st = distill(st, dcfg, teacher=teacher, data=data, epochs=args.ft_epochs, train_config=tc, seed=seed)
+    st = quantize(st, QuantizeConfig(), data=data, epochs=args.qat_epochs, train_config=tc, seed=seed)
+    if args.kd_epochs:
+        st = distill(st, DistillConfig(), teacher=teacher, data=data, epochs=args.kd_epochs, train_config=tc, seed=seed)
+    int8 = convert(st)
+    return top1(predict(int8, data.test, mean=data.mean, std=data.std), data.test.y)
+
+
+def run_model(name: str, data, args) -> dict:
+    t0 = time.time()
+    kwargs = {"width": args.width} if args.width != 1.0 else {}
+    torch.manual_seed(0)
+    teacher = create_model(name, num_classes=data.num_classes, **kwargs)
+    if args.teacher_weights:
+        from pqd.train.checkpoint import load_checkpoint
+
+        teacher.load_state_dict(load_checkpoint(args.teacher_weights)[0])
+    else:
+        train(teacher, data, epochs=args.teacher_epochs, lr=0.1,
+              config=TrainConfig(batch_size=args.batch_size, progress=False, threads=args.threads_train), tag="teacher")
+    teacher.eval()
+    teacher_top1 = top1(predict(teacher, data.test, mean=data.mean, std=data.std), data.test.y)
+    shape = data.image_shape
+    example = torch.zeros(2, *shape)
+    graph = ChannelGraph(copy.deepcopy(teacher), example)
+    scores = group_scores(graph, "l1")
+    target = L.Target(args.runtime, args.batch, args.threads)
+    lm = L.build(teacher, graph, target=target, input_shape=shape, samples=args.samples, runs=args.runs, round_to=args.round_to,
+                 cache_dir=args.cache_dir)
+    calib_loo = L.report(lm, graph)
+    dense_ms = next(s["ms"] for s in lm.samples if s["widths"] == graph.widths())
+    variants = {"dense": (graph.widths(), {})}
+    searches = {}
+    for b in args.budgets:
+        pruned, rec = search(teacher, lm, graph, target=target, input_shape=shape, budget_fraction=b, dense_ms=dense_ms, scores=scores,
+                             round_to=args.round_to, max_iters=args.max_iters, runs=args.runs, cache_dir=args.cache_dir)
+        searches[b] = rec
+        variants[f"structured@{b}"] = (rec["widths"], {"budget": b})
+        cost = cost_function(graph, scores, None)
+        variants[f"macs@{b}"] = (greedy_widths(graph, macs_model(), cost, rec["macs"] / 1e6, round_to=args.round_to), {"budget": b})
+        variants[f"uniform@{b}"] = (uniform_at(graph, lm, rec["measured_ms"], args.round_to, 0.1), {"budget": b})
+    models = {k: prune_to_widths(teacher, w, example=example, round_to=1, scores=scores) for k, (w, _) in variants.items()}
+    measured = L.measure_int8(models, target=target, input_shape=shape, runs=args.final_runs)
+    rows = []
+    for k, (w, extra) in variants.items():
+        pred = lm.predict(graph, w)
+        row = {"model": name, "variant": k, **extra, "measured_ms": measured[k], "predicted_ms": pred,
+               "prediction_error": pred / measured[k] - 1, "ratio_to_dense": measured[k] / measured["dense"],
+               "macs": sum(r.macs for r in graph.layer_shapes(w)), "dense_macs": sum(r.macs for r in graph.layers),
+               "params": sum(p.numel() for p in models[k].parameters()), "widths": w}
+        if "budget" in extra:
+            row["budget_ms_search"] = searches[extra["budget"]]["budget_ms"]
+            row["meets_budget_final"] = measured[k] <= extra["budget"] * measured["dense"]
+        accs = [finetune_and_quantize(models[k], teacher, data, args, seed) for seed in args.seeds] if not args.no_train else []
+        row["int8_top1"] = accs
+        row["int8_top1_mean"] = float(np.mean(accs)) if accs else None
+        rows.append(row)
+        log.info("%s %s: %.3f ms (pred %.3f), top1 %s", name, k, measured[k], pred, accs)
+    return {"model": name, "width": args.width, "teacher_top1": teacher_top1, "dense_int8_ms_calibration": dense_ms,
+            "latency_model": calib_loo, "searches": {str(b): r for b, r in searches.items()}, "rows": rows, "seconds": time.time() - t0}
+
+
+def to_markdown(result: dict) -> str:
+    a = result["args"]
+    out = [f"# Structured pruning under measured INT8 latency budgets ({'quick' if a['quick'] else 'full'})", "",
+           f"Command: `{result['command']}`", "",
+           f"Target: {a['runtime']} INT8, batch {a['batch']}, {a['threads']} threads; CPU {result['env']['cpu_model']}; "
+           f"train subset {a['train_subset']}, test subset {a['test_subset']}, teacher {a['teacher_epochs']} ep, "
+           f"KD fine-tune {a['ft_epochs']} + QAT {a['qat_epochs']} + KD {a['kd_epochs']} ep; seeds {a['seeds']}.", ""]
+    for m in result["models"]:
+        lm = m["latency_model"]
+        out += [f"## {m['model']} (width {m['width']}), teacher FP32 top-1 {m['teacher_top1']:.4f}", "",
+                f"Latency model: {lm['samples']} samples, leave-one-out |error| mean {lm['loo_abs_error_mean']:.3f}, "
+                f"max {lm['loo_abs_error_max']:.3f}.", "",
+                "| variant | measured ms | predicted ms | pred. error | × dense | meets budget | MACs (M) | INT8 top-1 |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            acc = f"{r['int8_top1_mean']:.4f}" if r["int8_top1_mean"] is not None else "-"
+            meets = {True: "yes", False: "no"}.get(r.get("meets_budget_final"), "")
+            out.append(f"| {r['variant']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | {r['prediction_error']:+.3f} | "
+                       f"{r['ratio_to_dense']:.3f} | {meets} | {r['macs'] / 1e6:.1f} | {acc} |")
+        out += ["", "Search iterations (target → predicted / measured ms):", ""]
+        for b, s in m["searches"].items():
+            its = "; ".join(f"{i['target_ms']:.3f} → {i['predicted_ms']:.3f} / {i['measured_ms']:.3f}" for i in s["iterations"])
+            out.append(f"- budget {b} × dense = {s['budget_ms']:.3f} ms: met={s['met']}; {its}")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+    p.add_argument("--models", nargs="+", default=["resnet18", "vgg16_bn"])
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.35])
+    p.add_argument("--runtime", default="openvino", choices=L.RUNTIMES)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads-train", type=int, default=2)
+    p.add_argument("--train-subset", type=int, default=10000)
+    p.add_argument("--test-subset", type=int, default=None, help="default: the full 10,000-image test split")
+    p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--teacher-weights")
+    p.add_argument("--ft-epochs", type=int, default=3)
+    p.add_argument("--ft-lr", type=float, default=0.01)
+    p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--kd-epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--final-runs", type=int, default=300)
+    p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--max-iters", type=int, default=4)
+    p.add_argument("--cache-dir")
+    p.add_argument("--no-train", action="store_true", help="latency only: skip fine-tuning and accuracy")
+    p.add_argument("--quick", action="store_true", help="tiny: ResNet-18 x0.25, 400 train / 200 test images, 1 epoch each, 6 samples")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args(argv)
+    if a.quick:
+        a.models, a.width, a.train_subset, a.test_subset = ["resnet18"], 0.25, 400, 200
+        a.teacher_epochs, a.ft_epochs, a.qat_epochs, a.kd_epochs, a.seeds = 1, 1, 1, 0, [0]
+        a.samples, a.runs, a.final_runs, a.budgets = 6, 40, 60, [0.75, 0.5]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(a.threads_train)
+    data = load_data(DataConfig(dataset="cifar10", root=a.data, train_subset=a.train_subset, test_subset=a.test_subset))
+    result = {"command": "python benchmarks/structured.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "args": vars(a), "env": {k: v for k, v in environment(a.threads).items() if k != "cpu_flags"},
+              "models": [run_model(m, data, a) for m in a.models]}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "structured_quick" if a.quick else "structured"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / f"{stem}.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The structured-pruning stage (letter ``S``): channels removed under a measured latency budget, then fine-tuning.
+
+Runs on an FP32 student before unstructured pruning and quantization (``S:5,P:20,Q:40,D:40``):
+it builds the latency model of the student's widths on the deployment target
+(:mod:`pqd.structured.latency_model`), chooses per-group channel counts under the budget
+and corrects them until the measured INT8 latency meets it (:mod:`pqd.structured.search`),
+then fine-tunes the physically smaller model for the stage's epochs (with KD from the dense
+teacher unless ``structured.distill`` is false). The search record
+(widths, predicted and measured latency, iterations, latency-model error) goes into
+``student.records``.
+
+Resuming: the chosen widths are written next to the stage's checkpoint
+(``<checkpoint>.structured.json``), so a resumed stage rebuilds the same architecture
+without searching again and the training loop restores its weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pqd.errors import ModelError
+from pqd.stages.common import Student
+
+log = logging.getLogger("pqd.structured")
+
+
+def _config(ctx):
+    from pqd.structured.config import StructuredConfig
+
+    cfg = getattr(ctx.config, "structured", None)
+    return cfg if cfg is not None else StructuredConfig()
+
+
+def _with_record(student: Student, model, key: str, record: dict) -> Student:
+    records = dict(getattr(student, "records", None) or {})
+    records[key] = record
+    try:
+        return Student(model, {}, student.form, student.freeze_fraction, records=records)
+    except TypeError:  # a Student without the records field (before the redesign lands)
+        out = Student(model, {}, student.form, student.freeze_fraction)
+        out.records = records  # type: ignore[attr-defined]
+        return out
+
+
+def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
+                     augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None) -> tuple[Student, dict]:
+    """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record)."""
+    from pqd.structured.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
+    from pqd.structured.importance import group_scores
+    from pqd.structured.latency_model import Target, build
+    from pqd.structured.search import search
+    from pqd.train.loop import train
+
+    if student.quantized:
+        raise ModelError(f"the student is already quantized ({student.form}): {ORDER_HINT}")
+    if student.masks:
+        raise ModelError("the student has unstructured pruning masks: structured pruning must come before prune, e.g. S:5,P:20,Q:40,D:40")
+    check_prunable(student.model)
+    model = copy.deepcopy(student.model).cpu().eval()
+    input_shape = data.image_shape
+    example = torch.zeros(2, *input_shape)
+    graph = ChannelGraph(copy.deepcopy(model), example, tuple(cfg.ignore))
+    scores = group_scores(graph, cfg.importance, data=data, seed=seed)
+    state = Path(str(checkpoint) + ".structured.json") if checkpoint else None
+    if state is not None and state.exists():
+        record = json.loads(state.read_text())
+        pruned = prune_to_widths(model, record["widths"], example=example, round_to=1, scores=scores, ignore=cfg.ignore)
+        log.info("structured: resumed widths from %s", state)
+    else:
+        target = Target(cfg.runtime, cfg.batch, cfg.threads)
+        lm = build(model, graph, target=target, input_shape=input_shape, samples=cfg.samples, runs=cfg.runs,
+                   round_to=cfg.round_to, cache_dir=cfg.cache_dir, seed=seed)
+        sens = None
+        if cfg.sensitivity:
+            from pqd.structured.sensitivity import read_csv
+
+            sens = read_csv(cfg.sensitivity)
+        dense_ms = next((s["ms"] for s in lm.samples if s["widths"] == graph.widths()), None)
+        pruned, record = search(model, lm, graph, target=target, input_shape=input_shape, budget_ms=cfg.budget_ms,
+                                budget_fraction=cfg.budget_fraction, dense_ms=dense_ms, size_budget_mb=cfg.size_budget_mb,
+                                scores=scores, sensitivity=sens, round_to=cfg.round_to, min_keep=cfg.min_keep,
+                                max_iters=cfg.max_iters, runs=cfg.runs, cache_dir=cfg.cache_dir)
+        record["importance"] = cfg.importance
+        if state is not None:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text(json.dumps(record, indent=1))
+    if not record.get("met", True):
+        log.warning("structured: measured %.3f ms misses the budget %.3f ms after %d iterations",
+                    record["measured_ms"], record["budget_ms"], len(record["iterations"]))
+    if device is not None:
+        pruned.to(device)
+    if epochs > 0:
+        loss_fn = None
+        if cfg.distill and teacher is not None:
+            from pqd.config import DistillConfig
+            from pqd.stages.distill import kd_loss
+
+            dc = distill_config or DistillConfig()
+            teacher.eval()
+
+            def loss_fn(logits, x, y):
+                with torch.no_grad():
+                    t = teacher(x).float()
+                return kd_loss(logits, t, y, temperature=dc.temperature, alpha=dc.alpha)
+
+        train(pruned, data, epochs=epochs, lr=cfg.lr, config=train_config, loss_fn=loss_fn, checkpoint=checkpoint, seed=seed,
+              tag="structured", amp=True, augment=augment)
+    pruned.eval()
+    return Student(pruned, {}, student.form, student.freeze_fraction), record
+
+
+class StructuredStage:
+    """Stage-registry adapter (``S`` in a stage string)."""
+
+    name = "structured"
+    letter = "S"
+    section = "structured"
+    quantizes = False
+    structural = True
+
+    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
+        out, record = structured_prune(student, _config(ctx), data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+                                       checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
+                                       teacher=ctx.teacher, distill_config=getattr(ctx.config, "distill", None))
+        return _with_record(student, out.model, f"structured_{index}", record)
+
+
+STAGE = StructuredStage()

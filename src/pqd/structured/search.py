@@ -1,0 +1,195 @@
+"""Per-group channel counts under a latency budget, with the hardware in the loop.
+
+1. The budget: ``budget_ms``, or ``budget_fraction`` × the dense model's INT8 latency
+   measured on the target (runtime, batch, threads); optionally ``size_budget_mb`` for the
+   INT8 weights (1 byte per weight).
+2. Greedy choice on the fitted latency model (:mod:`pqd.structured.latency_model`): from
+   full width, repeatedly take one ``round_to`` step off the group whose step costs the least
+   per millisecond saved — cost = lost importance (sum of the dropped channels'
+   mean-normalised scores, divided by the model's channel count), or, given a sensitivity
+   table, the predicted accuracy drop interpolated from it — until the prediction meets the
+   (corrected) target.
+3. The chosen model is built and **measured** (for a fractional budget, side by side with
+   the dense model in one interleaved run, and the fraction is checked on that pair, so
+   drift of the machine between runs does not decide). If it misses the budget, the measurement
+   joins the latency model's samples, the fit is redone, the target is tightened by the
+   miss, and step 2 repeats, up to ``max_iters`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pqd.errors import ConfigError, ModelError
+from pqd.structured.graph import ChannelGraph, prune_to_widths, round_width
+from pqd.structured.latency_model import LatencyModel, Target, measure_int8, report, save
+
+log = logging.getLogger("pqd.structured")
+
+
+def _interp(points: Sequence[tuple[float, float]], r: float) -> float:
+    """Piecewise-linear drop at keep ratio ``r`` from (ratio, drop) points; (1, 0) is implied."""
+    pts = sorted(set(points) | {(1.0, 0.0)})
+    if r <= pts[0][0]:
+        (r0, d0), (r1, d1) = pts[0], pts[1] if len(pts) > 1 else (1.0, 0.0)
+        slope = (d1 - d0) / (r1 - r0) if r1 != r0 else 0.0
+        return d0 + (r - r0) * slope
+    for (r0, d0), (r1, d1) in zip(pts, pts[1:]):
+        if r0 <= r <= r1:
+            return d0 + (d1 - d0) * (r - r0) / (r1 - r0)
+    return 0.0
+
+
+def cost_function(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None, sensitivity: Sequence[dict] | None):
+    """``cost(group_id, k) -> float``: predicted loss of keeping ``k`` channels of a group."""
+    chans = graph.widths()
+    if sensitivity:
+        table: dict[str, list[tuple[float, float]]] = {}
+        for row in sensitivity:
+            if row.get("kind") == "prune":
+                table.setdefault(row["group"], []).append((float(row["keep_ratio"]), max(0.0, float(row["drop"]))))
+        missing = [g for g in chans if g not in table]
+        if missing:
+            raise ModelError(f"the sensitivity table has no rows for group(s) {', '.join(missing[:5])}; re-run the analysis on this model")
+        return lambda g, k: _interp(table[g], k / chans[g])
+    if scores is None:
+        raise ModelError("search needs importance scores or a sensitivity table")
+    total = sum(chans.values())
+    sorted_scores = {g: torch.sort(s, descending=True).values for g, s in scores.items()}
+    cums = {g: torch.cat([torch.zeros(1), torch.cumsum(s, 0)]) for g, s in sorted_scores.items()}
+    full = {g: float(c[-1]) for g, c in cums.items()}
+    return lambda g, k: (full[g] - float(cums[g][k])) / total
+
+
+def greedy_widths(
+    graph: ChannelGraph,
+    lm: LatencyModel,
+    cost,
+    target_ms: float,
+    *,
+    round_to: int = 8,
+    min_keep: float = 0.1,
+    size_budget_params: int | None = None,
+    start: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Greedy: cheapest step per predicted millisecond until the prediction is <= ``target_ms``."""
+    chans = graph.widths()
+    widths = dict(start or chans)
+    floor = {g: round_width(max(1, math.ceil(min_keep * c)), c, round_to) for g, c in chans.items()}
+
+    def params(w):
+        return sum(r.cin // r.groups * r.cout * r.kernel for r in graph.layer_shapes(w))
+
+    pred = lm.predict(graph, widths)
+    while pred > target_ms or (size_budget_params is not None and params(widths) > size_budget_params):
+        best, best_score, best_pred = None, math.inf, pred
+        fallback, fallback_cost = None, math.inf  # when no step lowers the prediction: the cheapest step
+        for g, k in widths.items():
+            nk = max(k - round_to if k % round_to == 0 else (k // round_to) * round_to, floor[g])
+            if nk >= k:
+                continue
+            trial = dict(widths)
+            trial[g] = nk
+            p = lm.predict(graph, trial)
+            dc = cost(g, nk) - cost(g, k)
+            saved = pred - p if pred > target_ms else params(widths) - params(trial)  # else only the size budget is left
+            if saved > 1e-12 and dc / saved < best_score:
+                best, best_score, best_pred = (g, nk), dc / saved, p
+            if dc < fallback_cost:
+                fallback, fallback_cost, fallback_pred = (g, nk), dc, p
+        if best is None and fallback is not None:
+            best, best_pred = fallback, fallback_pred
+        if best is None:
+            log.warning("structured search: every group is at its floor (min_keep %.2f); predicted %.3f ms > target %.3f ms",
+                        min_keep, pred, target_ms)
+            break
+        widths[best[0]] = best[1]
+        pred = best_pred
+    return widths
+
+
+def search(
+    model: nn.Module,
+    lm: LatencyModel,
+    graph: ChannelGraph,
+    *,
+    target: Target,
+    input_shape: Sequence[int],
+    budget_ms: float | None = None,
+    budget_fraction: float | None = None,
+    dense_ms: float | None = None,
+    size_budget_mb: float | None = None,
+    scores: Mapping[str, torch.Tensor] | None = None,
+    sensitivity: Sequence[dict] | None = None,
+    round_to: int = 8,
+    min_keep: float = 0.1,
+    max_iters: int = 4,
+    runs: int = 100,
+    cache_dir=None,
+    use_cache: bool = True,
+    in_process: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Choose widths under the budget, measure, correct; returns (pruned model, JSON-able record)."""
+    if (budget_ms is None) == (budget_fraction is None):
+        raise ConfigError("structured: give exactly one of budget_ms and budget_fraction")
+    if budget_fraction is not None and not 0 < budget_fraction <= 1:
+        raise ConfigError(f"structured.budget_fraction: {budget_fraction} must be in (0, 1]")
+    example = torch.zeros(2, *input_shape)
+    if budget_ms is None:
+        if dense_ms is None:
+            dense_ms = measure_int8({"dense": model}, target=target, input_shape=input_shape, runs=runs, in_process=in_process)["dense"]
+            lm.add(graph.widths(), dense_ms, "dense")
+            lm.fit(graph)
+        budget_ms = budget_fraction * dense_ms
+    size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
+    cost = cost_function(graph, scores, sensitivity)
+    target_ms, iterations, widths, pruned = budget_ms, [], None, None
+    chans = graph.widths()
+    for it in range(max_iters):
+        lm.fit(graph)
+        widths = greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
+        pred = lm.predict(graph, widths)
+        pruned = prune_to_widths(model, widths, example=example, round_to=1, scores=scores)
+        if budget_fraction is not None:
+            # a fraction is checked against the dense model timed in the same interleaved run:
+            # a ratio measured side by side survives machine drift between runs; absolute ms do not
+            ms = measure_int8({"dense": model, "chosen": pruned}, target=target, input_shape=input_shape, runs=runs,
+                              in_process=in_process)
+            measured, run_dense = ms["chosen"], ms["dense"]
+            run_budget = budget_fraction * run_dense
+            lm.add(chans, run_dense, "search_dense")
+        else:
+            measured = measure_int8({"chosen": pruned}, target=target, input_shape=input_shape, runs=runs,
+                                    in_process=in_process)["chosen"]
+            run_dense, run_budget = None, budget_ms
+        iterations.append({"iteration": it, "target_ms": target_ms, "predicted_ms": pred, "measured_ms": measured,
+                           "dense_ms_same_run": run_dense, "budget_ms_same_run": run_budget, "met": measured <= run_budget,
+                           "widths": dict(widths), "prediction_error": pred / measured - 1})
+        log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms%s)",
+                 it, target_ms, pred, measured, run_budget, "" if run_dense is None else f", dense {run_dense:.3f} ms in the same run")
+        lm.add(widths, measured, "search")
+        if measured <= run_budget:
+            break
+        if pred > target_ms:  # every group is at its floor: tightening the target cannot change the widths
+            iterations[-1]["stopped"] = "every group at its floor (min_keep / round_to); the budget is below what channel pruning reaches"
+            break
+        target_ms = target_ms * run_budget / measured * 0.98  # tighten by the miss plus a 2% margin
+    if use_cache:
+        save(lm, cache_dir)
+    last = iterations[-1]
+    record = {
+        "target": {"runtime": target.runtime, "batch": target.batch, "threads": target.threads},
+        "budget_ms": budget_ms, "budget_fraction": budget_fraction, "dense_ms": dense_ms, "size_budget_mb": size_budget_mb,
+        "met": last["met"], "budget_ms_same_run": last["budget_ms_same_run"], "dense_ms_same_run": last["dense_ms_same_run"], "predicted_ms": last["predicted_ms"], "measured_ms": last["measured_ms"],
+        "prediction_error": last["prediction_error"], "iterations": iterations, "widths": dict(widths),
+        "dense_widths": chans, "keep_ratio": {g: widths[g] / chans[g] for g in chans},
+        "macs": sum(r.macs for r in graph.layer_shapes(widths)), "dense_macs": sum(r.macs for r in graph.layers),
+        "round_to": round_to, "criterion": "sensitivity" if sensitivity else "importance",
+        "latency_model": report(lm, graph),
+    }
+    return pruned, record

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pqd.errors import ConfigError, ModelError
+from pqd.registry import create_model
+from pqd.structured import latency_model as L
+from pqd.structured.graph import ChannelGraph
+from pqd.structured.importance import group_scores
+from pqd.structured.search import cost_function, greedy_widths, search
+
+from structured_user_models import Plain
+
+X = torch.zeros(2, 3, 32, 32)
+
+
+def _macs_model(graph):
+    """A latency model that is exactly proportional to conv MACs (no measurement)."""
+    lm = L.LatencyModel(key={}, pad=1)
+    lm.coef = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    return lm
+
+
+def test_greedy_meets_the_predicted_target_and_prunes_unimportant_groups_first():
+    model = create_model("resnet18", num_classes=10, width=0.25).eval()
+    graph = ChannelGraph(model, X)
+    lm = _macs_model(graph)
+    scores = {g: torch.ones(c) for g, c in graph.widths().items()}
+    victim = graph.groups[3].id
+    scores[victim] = torch.full_like(scores[victim], 1e-6)  # free to remove
+    dense = lm.predict(graph, graph.widths())
+    widths = greedy_widths(graph, lm, cost_function(graph, scores, None), 0.7 * dense, round_to=8, min_keep=0.1)
+    assert lm.predict(graph, widths) <= 0.7 * dense
+    assert widths[victim] == 8  # at its floor
+    assert all(widths[g] % 8 == 0 or widths[g] == c for g, c in graph.widths().items())
+
+
+def test_sensitivity_table_drives_the_choice():
+    model = create_model("vgg16_bn", num_classes=10, width=0.25).eval()
+    graph = ChannelGraph(model, X)
+    lm = _macs_model(graph)
+    rows = []
+    for i, g in enumerate(graph.groups):
+        for r in (0.25, 0.5, 0.75):
+            rows.append({"kind": "prune", "group": g.id, "keep_ratio": r, "drop": (1 - r) * (10.0 if i == 0 else 0.01)})
+    widths = greedy_widths(graph, lm, cost_function(graph, None, rows), 0.6 * lm.predict(graph, graph.widths()), round_to=8)
+    first = graph.groups[0].id
+    assert widths[first] == graph.widths()[first]  # the sensitive group is left whole
+    with pytest.raises(ModelError, match="no rows for group"):
+        cost_function(graph, None, rows[3:])
+
+
+def test_size_budget():
+    model = create_model("vgg16_bn", num_classes=10, width=0.25).eval()
+    graph = ChannelGraph(model, X)
+    lm = _macs_model(graph)
+    scores = group_scores(graph, "l1")
+    dense_params = sum(r.cin // r.groups * r.cout * r.kernel for r in graph.layers)
+    widths = greedy_widths(graph, lm, cost_function(graph, scores, None), 1e9, round_to=4, size_budget_params=dense_params // 3)
+    assert sum(r.cin // r.groups * r.cout * r.kernel for r in graph.layer_shapes(widths)) <= dense_params // 3
+
+
+def test_search_meets_a_measured_budget(tmp_path):
+    """Hardware in the loop on a tiny model: PyTorch INT8, timed in this process."""
+    torch.manual_seed(0)
+    model = Plain().eval()
+    graph = ChannelGraph(model, X)
+    target = L.Target("pytorch", 1, 1)
+    lm = L.build(model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True)
+    assert len(lm.samples) == 4 and all(s["ms"] > 0 for s in lm.samples)
+    assert list(tmp_path.rglob("*.json")), "latency samples are cached"
+    again = L.build(model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True)
+    assert again.samples == lm.samples  # read from the cache, not re-measured
+    dense = lm.samples[0]["ms"]
+    pruned, rec = search(model, lm, graph, target=target, input_shape=(3, 32, 32), budget_fraction=0.6, dense_ms=dense,
+                         scores=group_scores(graph, "l1"), runs=20, max_iters=4, cache_dir=tmp_path, in_process=True)
+    assert rec["budget_ms"] == pytest.approx(0.6 * dense)
+    # met = measured <= 0.6 x the dense model timed side by side in the same run
+    assert rec["met"] and rec["measured_ms"] <= rec["budget_ms_same_run"] == pytest.approx(0.6 * rec["dense_ms_same_run"])
+    assert pruned(X).shape == (2, 10)
+    assert ChannelGraph(pruned, X).widths() == rec["widths"]
+    assert rec["macs"] < rec["dense_macs"]
+    json.dumps(rec)  # JSON-able, for student.records / metrics.json
+    assert rec["latency_model"]["samples"] >= 5
+
+
+def test_budget_arguments_are_checked():
+    model = create_model("resnet18", num_classes=10, width=0.125).eval()
+    graph = ChannelGraph(model, X)
+    with pytest.raises(ConfigError, match="exactly one"):
+        search(model, _macs_model(graph), graph, target=L.Target("pytorch"), input_shape=(3, 32, 32), budget_ms=1.0, budget_fraction=0.5)
+    with pytest.raises(ConfigError, match="runtime"):
+        L.Target("tensorrt")

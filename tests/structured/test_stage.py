@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pqd.config import TrainConfig
+from pqd.errors import ConfigError, ModelError
+from pqd.stages.common import Student
+from pqd.stages.structured import STAGE, structured_prune
+from pqd.structured.config import StructuredConfig
+from pqd.structured.graph import ChannelGraph
+
+from structured_user_models import Plain
+
+
+def test_config_validates():
+    assert StructuredConfig().budget_fraction == 0.5
+    with pytest.raises(ConfigError, match="exactly one"):
+        StructuredConfig(budget_ms=1.0)
+    with pytest.raises(ConfigError, match="structured.runtime"):
+        StructuredConfig(runtime="tensorrt")
+    with pytest.raises(ConfigError, match="structured.importance"):
+        StructuredConfig(importance="nope")
+    with pytest.raises(ConfigError, match="budget_fraction"):
+        StructuredConfig(budget_fraction=1.5)
+    cfg = StructuredConfig.from_dict({"budget_fraction": None, "budget_ms": 2.0, "ignore": ["fc"]})
+    assert cfg.ignore == ("fc",) and StructuredConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="budget_fractoin"):
+        StructuredConfig.from_dict({"budget_fractoin": 0.3})
+
+
+def test_stage_protocol_attributes():
+    assert (STAGE.name, STAGE.letter, STAGE.section, STAGE.quantizes, STAGE.structural) == ("structured", "S", "structured", False, True)
+
+
+def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Plain(num_classes=4, c=32)
+    cfg = StructuredConfig(budget_fraction=0.9, runtime="pytorch", threads=1, samples=3, runs=10, max_iters=4, cache_dir=str(tmp_path))
+    ctx = SimpleNamespace(data=tiny_data, teacher=copy.deepcopy(model).eval(), config=SimpleNamespace(structured=cfg),
+                          train_config=TrainConfig(batch_size=32, progress=False), seed=0, augment=True, device=torch.device("cpu"))
+    import pqd.structured.latency_model as L
+    import pqd.structured.search as S
+
+    real = L.measure_int8
+    in_process = lambda *a, **k: real(*a, **{**k, "in_process": True})  # noqa: E731  (no worker processes in a unit test)
+    monkeypatch.setattr(L, "measure_int8", in_process)
+    monkeypatch.setattr(S, "measure_int8", in_process)
+    ckpt = tmp_path / "stage.safetensors"
+    out = STAGE.run(Student(model), ctx, epochs=1, checkpoint=ckpt, index=0)
+    rec = out.records["structured_0"]
+    assert json.loads(json.dumps(rec)) == rec
+    x = torch.zeros(2, 3, 16, 16)
+    assert ChannelGraph(out.model, x).widths() == rec["widths"]
+    assert out.model(x).shape == (2, 4) and out.form == "fp32" and not out.masks
+    assert rec["measured_ms"] > 0 and rec["predicted_ms"] > 0
+    assert sum(rec["widths"].values()) < sum(rec["dense_widths"].values())
+    # resume: the widths come back from the file next to the checkpoint, with no measurement
+    monkeypatch.setattr(L, "measure_int8", lambda *a, **k: pytest.fail("resume must not measure"))
+    monkeypatch.setattr(S, "measure_int8", lambda *a, **k: pytest.fail("resume must not measure"))
+    again, rec2 = structured_prune(Student(model), cfg, data=tiny_data, epochs=1, train_config=ctx.train_config, checkpoint=ckpt)
+    assert rec2["widths"] == rec["widths"]
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), out.model.state_dict().values()))
+
+
+def test_stage_refuses_wrong_order(tiny_data):
+    from pqd.stages.quantize import prepare
+
+    model = Plain(num_classes=4, c=16)
+    cfg = StructuredConfig()
+    qat = Student(prepare(model, torch.zeros(2, 3, 16, 16)), form="qat")
+    with pytest.raises(ModelError, match="before quantize, e.g. S:"):
+        structured_prune(qat, cfg, data=tiny_data, epochs=0, train_config=TrainConfig())
+    masked = Student(model, masks={"features.0": torch.ones(16, 3, 3, 3, dtype=torch.bool)})
+    with pytest.raises(ModelError, match="before prune"):
+        structured_prune(masked, cfg, data=tiny_data, epochs=0, train_config=TrainConfig())

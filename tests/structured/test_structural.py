@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pqd.registry import create_model
+from pqd.stages.structural import fit_to_state_dict
+from pqd.structured.graph import ChannelGraph, prune_to_widths
+from pqd.structured.importance import uniform_widths
+from pqd.train.checkpoint import load_checkpoint, save_checkpoint
+
+import pqd_user_models as um
+from structured_user_models import SENet
+
+X = torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("factory", [lambda: create_model("resnet18", num_classes=10, width=0.125), um.MobileNetish, um.DenseNetish, SENet])
+def test_restore_pruned_model_from_safetensors(tmp_path, factory):
+    torch.manual_seed(0)
+    model = factory().eval()
+    graph = ChannelGraph(model, X)
+    pruned = prune_to_widths(model, uniform_widths(graph.widths(), 0.5, round_to=4), example=X).eval()
+    save_checkpoint(tmp_path / "s.safetensors", dict(pruned.state_dict()), {"epoch": 0})
+    state = load_checkpoint(tmp_path / "s.safetensors")[0]
+    fresh = factory()
+    with pytest.raises(RuntimeError):
+        fresh.load_state_dict(state)
+    fit_to_state_dict(fresh, state)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    assert torch.allclose(fresh(X), pruned(X), atol=1e-5)
+
+
+def test_fit_is_a_no_op_on_matching_shapes():
+    model = create_model("resnet18", num_classes=10, width=0.125)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit_to_state_dict(model, model.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
