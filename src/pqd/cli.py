@@ -160,8 +160,18 @@ def _bench_or_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["analyze"]:  # its own parser: pqd.structured.sensitivity owns the options
+        from pqd.structured.sensitivity import analyze_main
+
+        try:
+            return analyze_main(argv[1:])
+        except PqdError as exc:
+            print(f"pqd: error: {exc}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="pqd", description="Prune -> INT8 QAT -> Distill for CPU deployment, measured.")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("analyze", help="per-group pruning and per-layer INT8 sensitivity table + plot (pqd analyze --help)")
     p_run = sub.add_parser("run", help="run (or resume) a compression pipeline from a YAML config")
     p_run.add_argument("config", type=Path)
     p_run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

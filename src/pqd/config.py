@@ -40,7 +40,7 @@ def _range(key: str, value: float, lo: float | None = None, hi: float | None = N
         _fail(key, f"{value!r} must be {'<' if hi_open else '<='} {hi}")
 
 
-class _Section:
+class Section:
     """Mixin: dict round-trip with validation of keys and types."""
 
     @classmethod
@@ -68,10 +68,10 @@ class _Section:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, _Section):
+            if isinstance(v, Section):
                 v = v.to_dict()
             elif isinstance(v, tuple):
-                v = [x.to_dict() if isinstance(x, _Section) else x for x in v]
+                v = [x.to_dict() if isinstance(x, Section) else x for x in v]
             out[f.name] = v
         return out
 
@@ -92,7 +92,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         _fail(key, f"{value!r} has the wrong type ({' / '.join(e.split(': ', 1)[-1] for e in errors)})")
-    if isinstance(hint, type) and issubclass(hint, _Section):
+    if isinstance(hint, type) and issubclass(hint, Section):
         return value if isinstance(value, hint) else hint.from_dict(value, prefix=f"{key}.")
     if origin is tuple:
         if isinstance(value, str):
@@ -126,7 +126,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Backbone: a registry name (``pqd.list_models()``) or ``package.module:factory``."""
 
     name: str = "resnet18"
@@ -147,7 +147,7 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Dataset. ``root`` is a directory or archive; for CIFAR it may hold the standard
     python archive, its extracted folder, or an image-folder copy (dir or ``.tar.gz``)."""
 
@@ -172,7 +172,7 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Optimiser and loop settings shared by every stage (each stage sets its own lr/epochs)."""
 
     batch_size: int = 128
@@ -186,8 +186,11 @@ class TrainConfig(_Section):
     amp: bool = True
     threads: int | None = None
     progress: bool = True
+    tracker: str = "none"  # none | tensorboard | mlflow: per-epoch and final metrics to your tracker
+    tracker_dir: str | None = None  # default: RUN_DIR/tracker
 
     def __post_init__(self):
+        _choice("train.tracker", self.tracker, ("none", "tensorboard", "mlflow"))
         _range("train.batch_size", self.batch_size, 1)
         _range("train.eval_batch_size", self.eval_batch_size, 1)
         _range("train.momentum", self.momentum, 0.0, 1.0, hi_open=True)
@@ -199,7 +202,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     """The dense FP32 teacher: trained for ``epochs`` or loaded from ``weights`` (safetensors)."""
 
     epochs: int = 30
@@ -214,7 +217,7 @@ class TeacherConfig(_Section):
 
 
 @dataclass(frozen=True)
-class PruneConfig(_Section):
+class PruneConfig(Section):
     """Global unstructured pruning of conv/linear weights.
 
     ``schedule``: 'gradual' (cubic AGP over the stage's epochs) or 'oneshot'.
@@ -238,7 +241,7 @@ class PruneConfig(_Section):
 
 
 @dataclass(frozen=True)
-class QuantizeConfig(_Section):
+class QuantizeConfig(Section):
     """INT8 quantization for x86: per-channel symmetric weights, per-tensor affine
     activations, BN folded. ``mode``: 'qat' (train) or 'ptq' (static calibration only).
     Observers and BN statistics freeze for the last ``freeze_fraction`` of QAT epochs.
@@ -258,7 +261,7 @@ class QuantizeConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """Response-based KD: ``T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``."""
 
     temperature: float = 4.0
@@ -278,8 +281,76 @@ def _stage_registry():
     return registry
 
 
+STRUCTURED_RUNTIMES = ("openvino", "onnxruntime", "pytorch")
+STRUCTURED_CRITERIA = ("l1", "l2", "bn", "taylor", "random")
+
+
+def _sfail(key: str, msg: str):
+    raise ConfigError(f"structured.{key}: {msg}")
+
+
 @dataclass(frozen=True)
-class StageSpec(_Section):
+class StructuredConfig(Section):
+    """Structured (channel) pruning under a latency budget measured on the deployment runtime.
+
+    Budget: ``budget_ms``, or ``budget_fraction`` × the dense model's INT8 latency (exactly
+    one); ``size_budget_mb``: optional cap on INT8 weight bytes. Target: ``runtime``
+    ('openvino', 'onnxruntime', 'pytorch'), ``batch``, ``threads``. ``importance``: 'l1',
+    'l2', 'bn', 'taylor', 'random'; ``sensitivity``: a CSV from ``pqd analyze`` to minimise
+    predicted accuracy loss instead. Channel counts are multiples of ``round_to``; a group
+    keeps at least ``min_keep`` of its channels. ``samples``: measured width configurations
+    for the latency model (cached per machine and target); ``runs``: timed calls per
+    measurement; ``max_iters``: measure-and-correct rounds. The stage then fine-tunes for
+    its epochs at ``lr``, against the dense teacher's soft targets when ``distill`` is true
+    (temperature and alpha of the ``distill`` section), else with cross-entropy. ``ignore``:
+    module paths whose output channels are never pruned.
+    """
+
+    budget_fraction: float | None = 0.5
+    budget_ms: float | None = None
+    size_budget_mb: float | None = None
+    runtime: str = "openvino"
+    batch: int = 1
+    threads: int = 2
+    importance: str = "l1"
+    sensitivity: str | None = None
+    round_to: int = 8
+    min_keep: float = 0.1
+    samples: int = 12
+    runs: int = 100
+    max_iters: int = 4
+    lr: float = 0.01
+    distill: bool = True
+    ignore: tuple[str, ...] = ()
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if (self.budget_ms is None) == (self.budget_fraction is None):
+            _sfail("budget_fraction", "give exactly one of structured.budget_fraction and structured.budget_ms "
+                  "(set the other to null)")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            _sfail("budget_fraction", f"{self.budget_fraction!r} must be in (0, 1]")
+        if self.budget_ms is not None and not self.budget_ms > 0:
+            _sfail("budget_ms", f"{self.budget_ms!r} must be > 0")
+        if self.size_budget_mb is not None and not self.size_budget_mb > 0:
+            _sfail("size_budget_mb", f"{self.size_budget_mb!r} must be > 0")
+        if self.runtime not in STRUCTURED_RUNTIMES:
+            _sfail("runtime", f"{self.runtime!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_RUNTIMES))}")
+        if self.importance not in STRUCTURED_CRITERIA:
+            _sfail("importance", f"{self.importance!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_CRITERIA))}")
+        for k in ("batch", "threads", "round_to", "samples", "runs", "max_iters"):
+            if getattr(self, k) < 1:
+                _sfail(k, f"{getattr(self, k)!r} must be >= 1")
+        if self.samples < 2:
+            _sfail("samples", f"{self.samples} must be >= 2 (the latency model is fitted on them)")
+        if not 0 < self.min_keep <= 1:
+            _sfail("min_keep", f"{self.min_keep!r} must be in (0, 1]")
+        if not self.lr >= 0:
+            _sfail("lr", f"{self.lr!r} must be >= 0")
+
+
+@dataclass(frozen=True)
+class StageSpec(Section):
     """One entry of the stage list: a registered stage (:mod:`pqd.stages.registry`) and its epochs."""
 
     stage: str = "prune"
@@ -333,7 +404,7 @@ def parse_stages(spec: str | typing.Sequence[Any] | None) -> tuple[StageSpec, ..
 
 
 @dataclass(frozen=True)
-class MeasureConfig(_Section):
+class MeasureConfig(Section):
     """Latency measurement: fixed threads, warm-up, many interleaved runs."""
 
     threads: int = 2
@@ -352,7 +423,7 @@ class MeasureConfig(_Section):
 
 
 @dataclass(frozen=True)
-class RunConfig(_Section):
+class RunConfig(Section):
     """A whole compression run. ``stages`` is the ordered pipeline, e.g. 'P:20,Q:40,D:40'; stages
     may repeat ('P:2,P:2'); an empty list is a dense run (the teacher alone)."""
 
@@ -365,6 +436,7 @@ class RunConfig(_Section):
     prune: PruneConfig = field(default_factory=PruneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def __post_init__(self):

@@ -22,6 +22,7 @@ from pqd.compact import save_compact, verify_compact
 from pqd.config import RunConfig
 from pqd.data import Splits, load_data
 from pqd.errors import CheckpointError, ConfigError, ModelError
+from pqd.integrations.tracking import make_tracker
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
 from pqd.measure.faithfulness import faithfulness
 from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
@@ -104,7 +105,7 @@ def preflight(config: RunConfig, data: Splits) -> None:
                 check(model, config, example)
 
 
-def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device) -> nn.Module:
+def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device, tracker=None) -> nn.Module:
     """The dense FP32 teacher: loaded from the run, loaded from ``teacher.weights``, or trained (resumably)."""
     if run.teacher_path.exists():
         model = run.load_teacher(config, data.num_classes, device)
@@ -127,7 +128,8 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device)
                                   f"with {data.num_classes} classes: {str(exc)[:400]}") from None
     else:
         train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
-              checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", amp=True, augment=config.data.augment)
+              checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", amp=True, augment=config.data.augment,
+              tracker=tracker)
     if _rank() == 0:
         run.save_teacher(model, model_name=config.model.name, num_classes=data.num_classes)
     _barrier()
@@ -183,7 +185,17 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device
     data = load_data(config.data, seed=config.seed)
     log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
     preflight(config, data)
-    teacher = _teacher(config, data, run, device)
+    tracker = make_tracker(config.train.tracker, config.train.tracker_dir or run.file(run.TRACKER)) if main else None
+    try:
+        return _run_stages(config, data, run, device, tracker, t_start)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _run_stages(config: RunConfig, data: Splits, run: RunDir, device: torch.device, tracker, t_start: float) -> dict:
+    main = _rank() == 0
+    teacher = _teacher(config, data, run, device, tracker)
 
     last = run.last_finished_stage(config)
     if last >= 0:
@@ -194,7 +206,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device
         student.model.load_state_dict(teacher.state_dict())
 
     ctx = StageContext(data=data, teacher=teacher, config=config, train_config=config.train, seed=config.seed,
-                       augment=config.data.augment, device=device)
+                       augment=config.data.augment, device=device, tracker=tracker)
     times: dict[int, float] = {}
     for i in range(last + 1, len(config.stages)):
         spec = config.stages[i]
@@ -212,6 +224,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device
         return {}
     metrics = finalize(config, data, teacher, student, run, stage_times=times)
     metrics.wall_time_s = round(time.perf_counter() - t_start, 2)
+    tracker.log_metrics({"final": metrics.to_dict()})
     # keep what other commands added (e.g. `pqd bench`) when a finished run is re-measured
     return run.write_metrics(metrics)
 

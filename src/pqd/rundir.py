@@ -113,6 +113,7 @@ class RunDir:
     EXPORT_JSON = "export.json"
     BENCH_JSON = "bench.json"
     BENCH_MD = "bench.md"
+    TRACKER = "tracker"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -221,11 +222,25 @@ class RunDir:
         """The run's model in ``form`` (untrained): build → fit layer shapes to ``state`` → prepare (FX)
         if quantized. The one rebuild path of students, skeletons and restores."""
         model = build_model(config, num_classes)
+        if form != "fp32":
+            # a quantized state's keys are the FX-prepared ones; the float layer shapes come from
+            # the output of the last structural stage (structural stages precede quantizing ones)
+            state = self.structural_state(config)
         if state is not None:
             fit_to_state_dict(model, state)
         if form != "fp32":
             model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range)
         return model
+
+    def structural_state(self, config: RunConfig) -> dict[str, torch.Tensor] | None:
+        """The float state saved by the run's last structural stage (it fixes the layer shapes), or None."""
+        from pqd.stages.registry import get_stage
+
+        last = max((i for i, s in enumerate(config.stages) if get_stage(s.stage).structural), default=None)
+        if last is None or not self.student_path(last, config.stages[last].stage).exists():
+            return None
+        tensors, _ = load_checkpoint(self.student_path(last, config.stages[last].stage))
+        return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
 
     def restore_student(self, config: RunConfig, index: int, *, num_classes: int, image_shape: tuple[int, ...],
                         device: torch.device | str = "cpu") -> Student:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from rbhelpers import tiny, write_config
 
 from pqd.cli import main
-from pqd.config import RunConfig, _Section, load_config
+from pqd.config import RunConfig, Section, load_config
 from pqd.errors import ConfigError, PqdError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -31,7 +31,7 @@ def _valid_paths() -> dict[str, list[str]]:
     out = {}
     for f in dataclasses.fields(RunConfig):
         h = hints[f.name]
-        out[f.name] = [g.name for g in dataclasses.fields(h)] if isinstance(h, type) and issubclass(h, _Section) else []
+        out[f.name] = [g.name for g in dataclasses.fields(h)] if isinstance(h, type) and issubclass(h, Section) else []
     return out
 
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import copy
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +9,8 @@ import torch
 from pqd.config import TrainConfig
 from pqd.errors import ConfigError, ModelError
 from pqd.stages.common import Student
+from pqd.config import RunConfig
+from pqd.stages.registry import StageContext
 from pqd.stages.structured import STAGE, structured_prune
 from pqd.structured.config import StructuredConfig
 from pqd.structured.graph import ChannelGraph
@@ -41,8 +42,8 @@ def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkey
     torch.manual_seed(0)
     model = Plain(num_classes=4, c=32)
     cfg = StructuredConfig(budget_fraction=0.9, runtime="pytorch", threads=1, samples=3, runs=10, max_iters=4, cache_dir=str(tmp_path))
-    ctx = SimpleNamespace(data=tiny_data, teacher=copy.deepcopy(model).eval(), config=SimpleNamespace(structured=cfg),
-                          train_config=TrainConfig(batch_size=32, progress=False), seed=0, augment=True, device=torch.device("cpu"))
+    ctx = StageContext(data=tiny_data, teacher=copy.deepcopy(model).eval(), config=RunConfig(structured=cfg),
+                       train_config=TrainConfig(batch_size=32, progress=False), seed=0, augment=True, device=torch.device("cpu"))
     import pqd.structured.latency_model as L
     import pqd.structured.search as S
 
@@ -52,7 +53,7 @@ def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkey
     monkeypatch.setattr(S, "measure_int8", in_process)
     ckpt = tmp_path / "stage.safetensors"
     out = STAGE.run(Student(model), ctx, epochs=1, checkpoint=ckpt, index=0)
-    rec = out.records["structured_0"]
+    rec = out.records["1_structured"]
     assert json.loads(json.dumps(rec)) == rec
     x = torch.zeros(2, 3, 16, 16)
     assert ChannelGraph(out.model, x).widths() == rec["widths"]

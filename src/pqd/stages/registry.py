@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ class StageContext:
     seed: int
     augment: bool
     device: torch.device
+    tracker: Any = None  # a pqd.integrations.tracking.Tracker, or None
 
 
 @runtime_checkable
@@ -82,7 +83,7 @@ class PruneStage:
         module = import_module("pqd.stages.prune")  # the module; pqd.stages.prune is the function
 
         return module.prune(student, ctx.config.prune, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                            checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
+                            checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class QuantizeStage:
         module = import_module("pqd.stages.quantize")  # the module; pqd.stages.quantize is the function
 
         return module.quantize(student, ctx.config.quantize, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                               checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
+                               checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,14 @@ class DistillStage:
         if ctx.teacher is None:
             raise ConfigError("stages: distill needs the dense teacher, and this context has none")
         return module.distill(student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
-                              train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
+                              train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
 
 
 def _builtin() -> list[Stage]:
     # one line per built-in stage (a new stage adds its line here)
-    return [PruneStage(), QuantizeStage(), DistillStage()]
+    from pqd.stages.structured import StructuredStage
+
+    return [PruneStage(), QuantizeStage(), DistillStage(), StructuredStage()]
 
 
 # --------------------------------------------------------------------------- registry

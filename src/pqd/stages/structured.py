@@ -29,22 +29,8 @@ from pqd.stages.common import Student
 log = logging.getLogger("pqd.structured")
 
 
-def _config(ctx):
-    from pqd.structured.config import StructuredConfig
-
-    cfg = getattr(ctx.config, "structured", None)
-    return cfg if cfg is not None else StructuredConfig()
-
-
 def _with_record(student: Student, model, key: str, record: dict) -> Student:
-    records = dict(getattr(student, "records", None) or {})
-    records[key] = record
-    try:
-        return Student(model, {}, student.form, student.freeze_fraction, records=records)
-    except TypeError:  # a Student without the records field (before the redesign lands)
-        out = Student(model, {}, student.form, student.freeze_fraction)
-        out.records = records  # type: ignore[attr-defined]
-        return out
+    return Student(model, {}, student.form, student.freeze_fraction, records={**student.records, key: record})
 
 
 def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
@@ -124,10 +110,10 @@ class StructuredStage:
     structural = True
 
     def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
-        out, record = structured_prune(student, _config(ctx), data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+        out, record = structured_prune(student, ctx.config.structured, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                                        checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
-                                       teacher=ctx.teacher, distill_config=getattr(ctx.config, "distill", None))
-        return _with_record(student, out.model, f"structured_{index}", record)
+                                       teacher=ctx.teacher, distill_config=ctx.config.distill)
+        return _with_record(student, out.model, f"{index + 1}_{self.name}", record)
 
 
 STAGE = StructuredStage()
