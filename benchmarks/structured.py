@@ -37,6 +37,7 @@ from pqd.config import DataConfig, DistillConfig, QuantizeConfig, TrainConfig  #
 from pqd.data import load_data  # noqa: E402
 from pqd.measure.accuracy import predict, top1  # noqa: E402
 from pqd.measure.env import environment  # noqa: E402
+from pqd.measure.stats import mcnemar_pooled, wilson_interval  # noqa: E402
 from pqd.registry import create_model  # noqa: E402
 from pqd.stages import Student, convert, distill, quantize  # noqa: E402
 from pqd.structured import latency_model as L  # noqa: E402
@@ -77,11 +78,13 @@ def finetune_and_quantize(model, teacher, data, args, seed: int) -> float:
     if args.kd_epochs:
         st = distill(st, DistillConfig(), teacher=teacher, data=data, epochs=args.kd_epochs, train_config=tc, seed=seed)
     int8 = convert(st)
-    return top1(predict(int8, data.test, mean=data.mean, std=data.std), data.test.y)
+    return predict(int8, data.test, mean=data.mean, std=data.std).argmax(1) == data.test.y  # per-image correctness
 
 
-def run_model(name: str, data, args) -> dict:
+def run_model(name: str, data, args, partial=None) -> dict:
+    """``partial(rows)`` is called after each variant, so a cut-off run keeps what it measured."""
     t0 = time.time()
+    correct_by_variant: dict[str, list] = {}
     kwargs = {"width": args.width} if args.width != 1.0 else {}
     torch.manual_seed(0)
     teacher = create_model(name, num_classes=data.num_classes, **kwargs)
@@ -125,10 +128,19 @@ def run_model(name: str, data, args) -> dict:
         if "budget" in extra:
             row["budget_ms_search"] = searches[extra["budget"]]["budget_ms"]
             row["meets_budget_final"] = measured[k] <= extra["budget"] * measured["dense"]
-        accs = [finetune_and_quantize(models[k], teacher, data, args, seed) for seed in args.seeds] if not args.no_train else []
+        correct = [finetune_and_quantize(models[k], teacher, data, args, seed) for seed in args.seeds] if not args.no_train else []
+        accs = [float(c.float().mean()) for c in correct]
         row["int8_top1"] = accs
+        row["int8_top1_ci95"] = [list(wilson_interval(int(c.sum()), len(c))) for c in correct]
         row["int8_top1_mean"] = float(np.mean(accs)) if accs else None
+        if correct:
+            correct_by_variant[k] = correct
+            if k != "dense" and "dense" in correct_by_variant:  # paired vs the dense INT8 model, same seeds, pooled
+                tables = [(int((d & ~c).sum()), int((~d & c).sum())) for d, c in zip(correct_by_variant["dense"], correct)]
+                row["vs_dense_mcnemar"] = mcnemar_pooled(tables)
         rows.append(row)
+        if partial is not None:
+            partial(rows)
         log.info("%s %s: %.3f ms (pred %.3f), top1 %s", name, k, measured[k], pred, accs)
     return {"model": name, "width": args.width, "teacher_top1": teacher_top1, "dense_int8_ms_calibration": dense_ms,
             "latency_model": calib_loo, "searches": {str(b): r for b, r in searches.items()}, "rows": rows, "seconds": time.time() - t0}
@@ -198,12 +210,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads_train)
     data = load_data(DataConfig(dataset="cifar10", root=a.data, train_subset=a.train_subset, test_subset=a.test_subset))
-    result = {"command": "python benchmarks/structured.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "args": vars(a), "env": {k: v for k, v in environment(a.threads).items() if k != "cpu_flags"},
-              "models": [run_model(m, data, a) for m in a.models]}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "structured_quick" if a.quick else "structured"
+    result = {"command": "python benchmarks/structured.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "args": vars(a), "env": {k: v for k, v in environment(a.threads).items() if k != "cpu_flags"}, "models": []}
+
+    def partial(rows):  # rows measured so far, for a run cut off before the end
+        (out / f"{stem}.partial.json").write_text(json.dumps(result | {"partial_rows": rows}, indent=1, default=str))
+
+    result["models"] = [run_model(m, data, a, partial) for m in a.models]
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     (out / f"{stem}.md").write_text(to_markdown(result))
     print(to_markdown(result))
