@@ -20,6 +20,7 @@ from pqd.predict import (
     deployable_meta,
     deployable_torchscript,
     load_deployable,
+    normalized_callable,
     predict_files,
     predict_main,
     read_torchscript_meta,
@@ -92,8 +93,12 @@ def test_int8_deployable_takes_raw_images(digits_model, tmp_path: Path):
         ts = deployable_torchscript(int8, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape)
     path = save_torchscript(ts, tmp_path / "model_int8.pt", meta=_meta(data) | {"form": "int8"})
     ref = normalised_logits(int8, data)
+    loaded = torch.jit.load(str(path))
+    x_norm, _ = next(iter(batches(data.test, batch_size=len(data.test), mean=data.mean, std=data.std)))
     with torch.no_grad():
-        assert torch.equal(torch.jit.load(str(path))(data.test.x), ref)
+        assert torch.equal(loaded(data.test.x), ref)
+        assert torch.equal(normalized_callable(loaded)(x_norm), ref)  # pqd's own evaluation entry
+        assert normalized_callable(int8) is int8
     dep = load_deployable(tmp_path)  # the run folder
     assert dep.path.name == "model_int8.pt" and dep.meta["form"] == "int8"
 
