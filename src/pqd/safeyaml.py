@@ -10,7 +10,9 @@ is refused before it costs memory or a stack overflow:
 * ``max_nodes``: nodes of the document *with every alias expanded*, the size the data has
   once a consumer walks it (a "billion laughs" file of nested anchors is refused while it
   is being composed, after a few dozen nodes of work);
-* ``max_aliases``: ``*alias`` references in the document.
+* ``max_aliases``: ``*alias`` references in the document;
+* a key given twice in one mapping is refused (YAML would keep the last silently); keys
+  brought in by a ``<<: *merge`` may still be overridden.
 
 Scalars resolve as in YAML 1.1 (PyYAML's default) with one addition: floats written without
 a dot, ``1e-3``, ``-2E5``, ``+3e+2``, are floats (YAML 1.1 only reads ``1.0e-3``).
@@ -30,6 +32,7 @@ from typing import Any
 import yaml
 from yaml.composer import Composer
 from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, ScalarNode
 
 from pqd.errors import ConfigError
 
@@ -108,6 +111,22 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
         self._weight[id(node)] = self._count - start
         return node
+
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 (PyYAML's signature)
+        # A key given twice in one mapping is almost always a mistake (the second silently wins).
+        if isinstance(node, MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, _ in node.value:
+                if isinstance(key, ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    k = (key.tag, key.value)
+                    if k in seen:
+                        raise ConfigError(
+                            f"{self.limits.where}: key {key.value!r} appears twice in one mapping "
+                            f"(lines {seen[k] + 1} and {key.start_mark.line + 1}); only one may stay"
+                        )
+                    seen[k] = key.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 # Own copy of the implicit resolvers with the float pattern replaced (never mutate SafeLoader's).

@@ -98,3 +98,10 @@ def test_grid_size_guard():
     assert grid_size_guard({}) == 1
     with pytest.raises(ConfigError, match="expected a list"):
         grid_size_guard({"seed": "0,1"})
+
+
+def test_duplicate_keys_refused_but_merge_overrides_allowed():
+    with pytest.raises(ConfigError, match=r"key 'sparsity' appears twice in one mapping \(lines 2 and 4\)"):
+        load_yaml("prune:\n  sparsity: 0.5\n  lr: 0.01\n  sparsity: 0.9\n")
+    assert load_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3}}
+    assert load_yaml("{1: a, '1': b}") == {1: "a", "1": "b"}
