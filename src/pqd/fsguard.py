@@ -67,7 +67,7 @@ _ALWAYS_OURS = (MARKER, LOCK, ".*.tmp")  # marker, lock, and temp files of an in
 
 __all__ = [
     "MARKER", "LOCK", "file_mode", "current_umask", "atomic_write_bytes", "atomic_output", "safe_replace",
-    "record_written", "mark_dir", "read_marker", "check_writable_run_dir", "looks_like_pqd_run",
+    "record_written", "rescue_write", "mark_dir", "read_marker", "check_writable_run_dir", "looks_like_pqd_run",
     "looks_like_pqd_sweep", "DirLock", "storage_error", "storage_errors",
 ]
 
@@ -350,6 +350,26 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     finally:
         tmp.unlink(missing_ok=True)
     _record(path, _sha256_file(path), rec)
+
+
+def rescue_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+    """:func:`safe_replace`, and when storage fails, keep ``data`` anyway: it is written to a
+    rescue file in the temp folder (``$TMPDIR``) and the :class:`StorageError` raised names
+    it, so hours of measurements (``pqd bench``) are not lost to a full disk at the end."""
+    path = Path(path)
+    try:
+        return safe_replace(path, data, overwrite=overwrite)
+    except StorageError as exc:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        try:
+            fd, rescue = tempfile.mkstemp(prefix=f"pqd-rescue-{stamp}-", suffix=f"-{path.name}")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError:
+            raise exc from None
+        err = type(exc)(f"{exc} The data was saved to {rescue}; copy it to {str(path)!r} once there is room.", path=exc.path)
+        err.rescue_path = rescue
+        raise err from exc
 
 
 def record_written(path: str | os.PathLike) -> None:

@@ -235,3 +235,22 @@ def test_non_utf8_path_and_unrelated_errors(tmp_path: Path):
         (tmp_path / "loop").symlink_to(tmp_path / "loop")
         with storage_errors(tmp_path / "loop", action="reading"):
             (tmp_path / "loop").read_bytes()
+
+
+def test_rescue_write_keeps_results_when_the_final_write_fails(tmp_path: Path, monkeypatch):
+    from pqd.fsguard import rescue_write
+
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("bench.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(DiskFullError, match=r"The data was saved to .*pqd-rescue-.*-bench.json") as info:
+        rescue_write(tmp_path / "bench.json", b'{"hours": "of timing"}')
+    monkeypatch.undo()
+    assert Path(info.value.rescue_path).read_bytes() == b'{"hours": "of timing"}'
+    assert list(tmp_path.iterdir()) == []
+    Path(info.value.rescue_path).unlink()
