@@ -40,26 +40,29 @@ class DivergenceGuard:
     """Checks one training phase (``stage`` "teacher", "prune", "distill"...).
 
     ``lr_key``: the config key of the phase's learning rate, for the remedy
-    (e.g. "teacher.lr"). ``every``: steps between host reads of the loss flag (each read
+    (e.g. "teacher.lr"); ``base_lr``: its value (the per-step rate of a warm-up/cosine
+    schedule differs from it; messages show both). ``every``: steps between host reads of the loss flag (each read
     syncs a GPU stream; 1 checks every step). ``max_loss``: a finite loss above this also
     counts as divergence (None: only NaN/inf).
     """
 
-    def __init__(self, stage: str, *, lr_key: str | None = None, every: int = 50, max_loss: float | None = None) -> None:
+    def __init__(self, stage: str, *, lr_key: str | None = None, base_lr: float | None = None, every: int = 50,
+                 max_loss: float | None = None) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.stage, self.lr_key, self.every, self.max_loss = stage, lr_key, every, max_loss
+        self.stage, self.lr_key, self.base_lr, self.every, self.max_loss = stage, lr_key, base_lr, every, max_loss
         self._bad: torch.Tensor | None = None
         self._since = 0  # first step not yet confirmed finite
         self._epoch = 0
 
     def _message(self, what: str, *, epoch: int, steps: str, lr: float | None) -> str:
-        at_lr = f" (learning rate {lr:.3g})" if lr is not None else ""
+        base = f"{self.lr_key or 'lr'} = {self.base_lr:.3g}" if self.base_lr is not None else ""
+        rates = "; ".join(r for r in (f"learning rate {lr:.3g} at that step" if lr is not None else "", base) if r)
         key = f" (--set {self.lr_key}=...)" if self.lr_key else ""
         return (
-            f"{self.stage}: training diverged: {what} at epoch {epoch + 1}, {steps}{at_lr}. "
-            f"Lower the learning rate{key}, check the input data and the teacher, then re-run; "
-            "the last good checkpoint is kept and the run resumes from it."
+            f"{self.stage}: training diverged: {what} at epoch {epoch + 1}, {steps}" + (f" ({rates})" if rates else "") + ". "
+            f"Lower the learning rate{key}, check the input data and the teacher, then re-run. "
+            "No checkpoint of the diverged epoch was saved."
         )
 
     def step(self, loss: torch.Tensor, *, epoch: int, step: int, lr: float | None = None) -> None:
@@ -115,8 +118,10 @@ def check_teacher_quality(
     pred_counts: Sequence[int] | torch.Tensor | None = None,
     max_one_class: float = 0.9,
     where: str = "teacher",
-) -> None:
-    """Raise :class:`DivergenceError` when the teacher is at chance level.
+    strict: bool = True,
+) -> str | None:
+    """Raise :class:`DivergenceError` when the teacher is at chance level (with
+    ``strict=False``: return the message instead, for a warning; None when the teacher is fine).
 
     ``top1`` (a fraction in [0, 1], on held-out data) must exceed ``min_ratio`` times chance
     (1 / ``num_classes``). ``pred_counts`` (how often each class was predicted) also flags
@@ -127,20 +132,19 @@ def check_teacher_quality(
     chance = 1.0 / num_classes
     remedy = ("Compressing it would waste the run: check teacher.lr (a diverged teacher lands exactly at chance), "
               "teacher.epochs, teacher.weights and the data, then re-run.")
+    message = None
     if not math.isfinite(top1) or top1 <= min_ratio * chance:
-        raise DivergenceError(
-            f"{where}: top-1 {100 * top1:.2f}% is at chance level ({100 * chance:.2f}% for {num_classes} classes; "
-            f"needs more than {100 * min_ratio * chance:.2f}%). {remedy}"
-        )
-    if pred_counts is not None:
+        message = (f"{where}: top-1 {100 * top1:.2f}% is at chance level ({100 * chance:.2f}% for {num_classes} classes; "
+                   f"needs more than {100 * min_ratio * chance:.2f}%). {remedy}")
+    elif pred_counts is not None:
         counts = torch.as_tensor(pred_counts, dtype=torch.float64)
         total = float(counts.sum())
         if total > 0 and float(counts.max()) / total > max_one_class:
-            cls = int(counts.argmax())
-            raise DivergenceError(
-                f"{where}: predicts class {cls} for {100 * float(counts.max()) / total:.1f}% of the images "
-                f"(top-1 {100 * top1:.2f}%); the model has collapsed. {remedy}"
-            )
+            message = (f"{where}: predicts class {int(counts.argmax())} for {100 * float(counts.max()) / total:.1f}% of the "
+                       f"images (top-1 {100 * top1:.2f}%); the model has collapsed. {remedy}")
+    if message is not None and strict:
+        raise DivergenceError(message)
+    return message
 
 
 def check_sparsity(target: float, achieved: float, *, tolerance: float = 0.05, where: str = "prune") -> None:
