@@ -317,11 +317,17 @@ def safe_replace(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Atomic write with the umask's mode and storage errors converted, *without* the
-    ownership check (for files inside folders pqd created itself, e.g. stage checkpoints)."""
+    ownership check (for files pqd rewrites as a matter of course: checkpoints, files in
+    folders it created). In a marked folder the file is still recorded in the manifest, so
+    a later :func:`safe_replace` knows pqd wrote it: route every pqd writer through here,
+    :func:`safe_replace`, :func:`atomic_output` or :func:`record_written`."""
     path = Path(path)
     with storage_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         _raw_write(path, data)
+    rec = read_marker(path.parent)
+    if rec is not None:
+        _record(path, hashlib.sha256(data).hexdigest(), rec)
     return path
 
 

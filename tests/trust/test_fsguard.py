@@ -254,3 +254,19 @@ def test_rescue_write_keeps_results_when_the_final_write_fails(tmp_path: Path, m
     assert Path(info.value.rescue_path).read_bytes() == b'{"hours": "of timing"}'
     assert list(tmp_path.iterdir()) == []
     Path(info.value.rescue_path).unlink()
+
+
+def test_every_pqd_writer_records_so_safe_replace_keeps_working(tmp_path: Path):
+    # `pqd bench` rewrites metrics.json with the plain atomic writer; a later `pqd run`
+    # re-measuring the run must still be allowed to replace it
+    from pqd.fsguard import record_written
+
+    run = tmp_path / "run"
+    check_writable_run_dir(run, expected_files=RUN_FILES)
+    safe_replace(run / "metrics.json", b"run")
+    atomic_write_bytes(run / "metrics.json", b"bench merged")
+    safe_replace(run / "metrics.json", b"run again")
+    (run / "teacher.safetensors").write_bytes(b"written by a library")  # e.g. safetensors.save_file
+    record_written(run / "teacher.safetensors")
+    safe_replace(run / "teacher.safetensors", b"new")
+    assert (run / "teacher.safetensors").read_bytes() == b"new"
