@@ -444,10 +444,18 @@ def check_writable_run_dir(
     shown = f"{what} {str(folder)!r}"
     with storage_errors(folder, action="reading"):
         if folder.exists() and not folder.is_dir():
-            raise RunDirError(f"{shown} is a file, not a folder; choose a folder name")
-        if not folder.exists():
-            mark_dir(folder, kind=kind)
-            return "new"
+            raise RunDirError(f"{shown} is a file, not a directory; choose a directory for the {kind}")
+
+    def mark(adopt: Iterable[str] = ()) -> None:
+        try:
+            mark_dir(folder, kind=kind, adopt=adopt)
+        except StorageError as exc:
+            raise RunDirError(f"{shown} cannot be used as the {kind} directory: {exc}") from None
+
+    if not folder.exists():
+        mark()
+        return "new"
+    with storage_errors(folder, action="reading"):
         rec = read_marker(folder)
         if rec is not None:
             if rec.get("kind") != kind:
@@ -455,7 +463,7 @@ def check_writable_run_dir(
             return "pqd"
         entries = sorted(e.name for e in folder.iterdir())
     if not [e for e in entries if not _matches(e, _ALWAYS_OURS)]:
-        mark_dir(folder, kind=kind)
+        mark()
         return "empty"
     foreign = [e for e in entries if not _matches(e, expected)]
     if foreign:
@@ -471,7 +479,7 @@ def check_writable_run_dir(
             f"{shown} holds {listed} but no {MARKER} marker, and they are not a pqd {kind}'s output; pqd never "
             "overwrites files it did not write. Choose a new or empty folder."
         )
-    mark_dir(folder, kind=kind, adopt=[e for e in entries if (folder / e).is_file() and not _matches(e, _ALWAYS_OURS)])
+    mark(adopt=[e for e in entries if (folder / e).is_file() and not _matches(e, _ALWAYS_OURS)])
     return "adopted"
 
 

@@ -145,13 +145,13 @@ def _read_bounded(path: Path, max_bytes: int, where: str) -> str:
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
     except OSError as exc:
-        raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
+        raise ConfigError(f"{where} cannot be read as text: {exc.strerror or exc}") from None
     if len(raw) > max_bytes:  # grew since stat, or a special file
         raise ConfigError(f"{where}: more than {max_bytes:,} bytes; refusing it")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ConfigError(f"{where} cannot be read as text: it is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def load_yaml(
@@ -189,8 +189,13 @@ def load_yaml(
         return loader.get_single_data()
     except ConfigError:
         raise
+    except yaml.MarkedYAMLError as exc:  # one line: what and where, without PyYAML's source excerpt
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        detail = ", ".join(str(x) for x in (exc.context, exc.problem) if x)
+        raise ConfigError(f"{where} is not valid YAML{at}: {detail}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     except RecursionError:  # a safety net: the depth limit should have caught it
         raise ConfigError(f"{where}: YAML nested too deeply; refusing it") from None
     finally:

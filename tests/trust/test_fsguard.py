@@ -75,8 +75,10 @@ def test_new_empty_marked_and_legacy_folders(tmp_path: Path):
     safe_replace(legacy / "metrics.json", b'{"a": 1}')  # adopted files may be replaced
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(RunDirError, match="is a file"):
+    with pytest.raises(RunDirError, match="is a file, not a directory"):
         check_writable_run_dir(f, expected_files=RUN_FILES)
+    with pytest.raises(RunDirError, match=r"--out '/proc/self/x' cannot be used as the run directory: creating .* failed"):
+        check_writable_run_dir("/proc/self/x", expected_files=RUN_FILES)
 
 
 def test_safe_replace_rules(tmp_path: Path):
