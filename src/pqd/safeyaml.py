@@ -184,8 +184,9 @@ def load_yaml(
         text = source
     else:
         raise TypeError(f"load_yaml: expected a pathlib.Path or YAML text (str), got {type(source).__name__}")
-    loader = _BoundedLoader(text, _Limits(max_depth, max_nodes, max_aliases, where))
+    loader = None
     try:
+        loader = _BoundedLoader(text, _Limits(max_depth, max_nodes, max_aliases, where))  # the reader checks characters here
         return loader.get_single_data()
     except ConfigError:
         raise
@@ -199,7 +200,8 @@ def load_yaml(
     except RecursionError:  # a safety net: the depth limit should have caught it
         raise ConfigError(f"{where}: YAML nested too deeply; refusing it") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def parse_scalar(text: str, *, where: str = "--set value") -> Any:
