@@ -67,7 +67,7 @@ _ALWAYS_OURS = (MARKER, LOCK, ".*.tmp")  # marker, lock, and temp files of an in
 
 __all__ = [
     "MARKER", "LOCK", "file_mode", "current_umask", "atomic_write_bytes", "atomic_output", "safe_replace",
-    "record_written", "rescue_write", "mark_dir", "read_marker", "check_writable_run_dir", "looks_like_pqd_run",
+    "record_written", "rescue_write", "check_path_encodable", "mark_dir", "read_marker", "check_writable_run_dir", "looks_like_pqd_run",
     "looks_like_pqd_sweep", "DirLock", "storage_error", "storage_errors",
 ]
 
@@ -207,6 +207,19 @@ def storage_errors(path: str | os.PathLike, *, action: str = "writing", cleanup:
             except OSError:
                 pass
         raise err from exc
+
+
+def check_path_encodable(path: str | os.PathLike, *, what: str = "--out") -> None:
+    """Refuse, before any work, a path that is not valid UTF-8 (bytes a POSIX file system
+    accepts but JSON, SQLite and the report cannot store): otherwise the run fails at its
+    very end, when the path is written into metrics.json or the results table."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise StorageError(f"{what} {shown!r} is not a UTF-8 path; pqd records paths in JSON and SQLite, which need "
+                           "UTF-8. Rename the folder.", path=shown) from None
 
 
 # --------------------------------------------------------------------------- marker + manifest

@@ -272,3 +272,12 @@ def test_every_pqd_writer_records_so_safe_replace_keeps_working(tmp_path: Path):
     record_written(run / "teacher.safetensors")
     safe_replace(run / "teacher.safetensors", b"new")
     assert (run / "teacher.safetensors").read_bytes() == b"new"
+
+
+def test_non_utf8_out_path_refused_before_any_work(tmp_path: Path):
+    from pqd.fsguard import check_path_encodable
+
+    weird = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run-caf\xe9")
+    with pytest.raises(StorageError, match=r"run-caf\\xe9' is not a UTF-8 path"):
+        check_path_encodable(weird)
+    check_path_encodable(tmp_path / "café")
