@@ -218,7 +218,7 @@ def check_path_encodable(path: str | os.PathLike, *, what: str = "--out") -> Non
         raw.decode("utf-8")
     except UnicodeDecodeError:
         shown = raw.decode("utf-8", "backslashreplace")
-        raise StorageError(f"{what} {shown!r} is not a UTF-8 path; pqd records paths in JSON and SQLite, which need "
+        raise StorageError(f"{what} '{shown}' is not a UTF-8 path; pqd records paths in JSON and SQLite, which need "
                            "UTF-8. Rename the folder.", path=shown) from None
 
 
