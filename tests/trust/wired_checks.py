@@ -149,3 +149,15 @@ def test_outputs_follow_umask_and_predict_runs_the_deployable(tiny: Path, tmp_pa
     out = json.loads(r.stdout)
     top1 = sum(o["class"] == Path(o["image"]).stem.split("_")[1] for o in out) / len(out)
     assert top1 > 0.3  # raw PNGs through the deployed file: far above the 10% of the issue
+
+
+def test_every_yaml_read_goes_through_safeyaml():
+    """Item 10: one unbounded yaml.safe_load left anywhere (a sweep's base, a saved config.yaml)
+    is enough for a YAML bomb."""
+    import re
+
+    root = Path(SRC) / "pqd"
+    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if p.name != "safeyaml.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"yaml\.(safe_load|load|full_load|unsafe_load)\(", line)]
+    assert offenders == [], offenders
