@@ -3,7 +3,9 @@
 :class:`DivergenceGuard` watches a training loop: each step's loss is folded into a flag on
 the loss's own device (no host sync), the flag is read every ``every`` steps and at the end
 of each epoch, where the model's parameters and floating-point buffers (BN statistics) are
-checked too. A non-finite value raises :class:`pqd.errors.DivergenceError` naming the stage,
+checked too. Under DistributedDataParallel the flag is all-reduced at each read (every rank
+must call :meth:`DivergenceGuard.step` and :meth:`DivergenceGuard.end_epoch` at the same
+steps, which the training loop does), so all ranks stop together. A non-finite value raises :class:`pqd.errors.DivergenceError` naming the stage,
 epoch, step range and learning rate. :meth:`DivergenceGuard.explain` turns the errors a
 diverged model causes later (``zero_point must be between quant_min and quant_max`` from
 a fake-quantize observer fed NaNs) into the same error.
@@ -52,6 +54,7 @@ class DivergenceGuard:
             raise ValueError(f"every must be >= 1, got {every}")
         self.stage, self.lr_key, self.base_lr, self.every, self.max_loss = stage, lr_key, base_lr, every, max_loss
         self._bad: torch.Tensor | None = None
+        self._device: torch.device | None = None
         self._since = 0  # first step not yet confirmed finite
         self._epoch = 0
 
@@ -68,6 +71,7 @@ class DivergenceGuard:
     def step(self, loss: torch.Tensor, *, epoch: int, step: int, lr: float | None = None) -> None:
         """Record the step's (detached or not) scalar loss; raises every ``every`` steps if any was bad."""
         loss = loss.detach()
+        self._device = loss.device
         bad = ~torch.isfinite(loss)
         if self.max_loss is not None:
             bad = bad | (loss > self.max_loss)
@@ -78,8 +82,20 @@ class DivergenceGuard:
         if (step + 1) % self.every == 0:
             self._flush(epoch=epoch, step=step, lr=lr)
 
+    def _any_bad(self) -> bool:
+        """Whether any step since the last read was bad, on any rank: under DDP every rank reads
+        the same answer (all_reduce MAX), so all raise together and none waits in a collective."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = self._device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+            flag = (self._bad.to(device=device, dtype=torch.int32) if self._bad is not None
+                    else torch.zeros((), dtype=torch.int32, device=device)).reshape(())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag)
+        return self._bad is not None and bool(self._bad)
+
     def _flush(self, *, epoch: int, step: int, lr: float | None) -> None:
-        if self._bad is not None and bool(self._bad):
+        if self._any_bad():
             what = "the loss became NaN/inf" if self.max_loss is None else f"the loss became NaN/inf or exceeded {self.max_loss:g}"
             steps = f"step {step + 1}" if self._since == step else f"between steps {self._since + 1} and {step + 1}"
             self._bad = None

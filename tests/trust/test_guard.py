@@ -94,3 +94,32 @@ def test_sparsity_far_from_target():
     with pytest.raises(DivergenceError, match=r"achieved sparsity 0.0% is far from the target 50.0%"):
         check_sparsity(0.5, 0.0)
     check_sparsity(0.5, 0.49)
+
+
+def test_flag_is_all_reduced_under_ddp(tmp_path):
+    """Two gloo ranks: only rank 1 sees a NaN loss, both must raise at the same read."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*.txt")) == ["raised", "raised"]
+
+
+def _ddp_worker(rank, world, folder):
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getppid() % 1000))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        g = DivergenceGuard("distill", every=2)
+        g.step(torch.tensor(1.0), epoch=0, step=0)
+        try:
+            g.step(torch.tensor(float("nan") if rank == 1 else 1.0), epoch=0, step=1)
+            result = "finished"
+        except DivergenceError:
+            result = "raised"
+        Path(folder, f"rank{rank}.txt").write_text(result)
+    finally:
+        dist.destroy_process_group()
