@@ -67,7 +67,7 @@ _ALWAYS_OURS = (MARKER, LOCK, ".*.tmp")  # marker, lock, and temp files of an in
 
 __all__ = [
     "MARKER", "LOCK", "file_mode", "current_umask", "atomic_write_bytes", "atomic_output", "safe_replace",
-    "record_written", "rescue_write", "check_path_encodable", "mark_dir", "read_marker", "check_writable_run_dir", "looks_like_pqd_run",
+    "record_written", "commit_file", "rescue_write", "check_path_encodable", "mark_dir", "read_marker", "check_writable_run_dir", "looks_like_pqd_run",
     "looks_like_pqd_sweep", "DirLock", "storage_error", "storage_errors",
 ]
 
@@ -238,8 +238,9 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     return rec
 
 
-def _raw_write(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename with the umask's mode; the temp file is removed on failure."""
+def _raw_write(path: Path, data: bytes, on_commit: Callable[[], None] | None = None) -> None:
+    """Temp file + fsync + rename with the umask's mode; the temp file is removed on failure.
+    ``on_commit`` runs just before the rename (to record the new content as pending)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, file_mode())
@@ -247,6 +248,8 @@ def _raw_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if on_commit is not None:
+            on_commit()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -270,7 +273,7 @@ def mark_dir(folder: str | os.PathLike, *, kind: str, adopt: Iterable[str] = ())
                "files": {}}
     for name in adopt:
         if (folder / name).is_file():
-            rec["files"][name] = _sha256_file(folder / name)
+            rec["files"][name] = [_sha256_file(folder / name)]
     _write_marker(folder, rec)
     return rec
 
@@ -289,7 +292,8 @@ def _owned(path: Path, rec: dict[str, Any] | None) -> str:
         return "absent"
     if rec is None or path.name not in rec["files"] or path.is_symlink() or not path.is_file():
         return "foreign"
-    return "ours" if _sha256_file(path) == rec["files"][path.name] else "changed"
+    known = rec["files"][path.name]
+    return "ours" if _sha256_file(path) in (known if isinstance(known, list) else [known]) else "changed"
 
 
 def _check_replace(path: Path, overwrite: bool) -> dict[str, Any] | None:
@@ -304,12 +308,21 @@ def _check_replace(path: Path, overwrite: bool) -> dict[str, Any] | None:
     )
 
 
-def _record(path: Path, digest: str, rec: dict[str, Any] | None) -> None:
+def _record(path: Path, digest: str, rec: dict[str, Any] | None, *, pending: bool = False) -> None:
+    """Record ``digest`` as the content pqd wrote at ``path``. ``pending`` (called just before
+    the rename) keeps the previous digests too, so that a kill between the rename and the final
+    record leaves a manifest that accepts whichever content is on disk."""
     if rec is None:
         return
     rec = read_marker(path.parent) or rec  # re-read: the folder may have been written since
-    rec["files"][path.name] = digest
+    old = rec["files"].get(path.name, [])
+    old = old if isinstance(old, list) else [old]
+    rec["files"][path.name] = (old + [digest])[-4:] if pending else [digest]
     _write_marker(path.parent, rec)
+
+
+def _pending(path: Path, digest: str, rec: dict[str, Any] | None) -> Callable[[], None] | None:
+    return (lambda: _record(path, digest, rec, pending=True)) if rec is not None else None
 
 
 def safe_replace(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
@@ -323,8 +336,9 @@ def safe_replace(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
     with storage_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         rec = _check_replace(path, overwrite)
-        _raw_write(path, data)
-    _record(path, hashlib.sha256(data).hexdigest(), rec)
+        digest = hashlib.sha256(data).hexdigest()
+        _raw_write(path, data, _pending(path, digest, rec))
+    _record(path, digest, rec)
     return path
 
 
@@ -333,14 +347,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     ownership check (for files pqd rewrites as a matter of course: checkpoints, files in
     folders it created). In a marked folder the file is still recorded in the manifest, so
     a later :func:`safe_replace` knows pqd wrote it: route every pqd writer through here,
-    :func:`safe_replace`, :func:`atomic_output` or :func:`record_written`."""
+    :func:`safe_replace`, :func:`atomic_output`, :func:`commit_file` or :func:`record_written`."""
     path = Path(path)
     with storage_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        _raw_write(path, data)
-    rec = read_marker(path.parent)
-    if rec is not None:
-        _record(path, hashlib.sha256(data).hexdigest(), rec)
+        rec = read_marker(path.parent)
+        digest = hashlib.sha256(data).hexdigest()
+        _raw_write(path, data, _pending(path, digest, rec))
+    _record(path, digest, rec)
     return path
 
 
@@ -362,13 +376,9 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     try:
         with storage_errors(path, cleanup=[tmp]):
             yield tmp
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, file_mode())  # some writers re-create the file
-            os.replace(tmp, path)
+            commit_file(tmp, path, _rec=rec)
     finally:
         tmp.unlink(missing_ok=True)
-    _record(path, _sha256_file(path), rec)
 
 
 def rescue_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
@@ -389,6 +399,25 @@ def rescue_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
         err = type(exc)(f"{exc} The data was saved to {rescue}; copy it to {str(path)!r} once there is room.", path=exc.path)
         err.rescue_path = rescue
         raise err from exc
+
+
+def commit_file(tmp: str | os.PathLike, path: str | os.PathLike, *, _rec: dict[str, Any] | None = None) -> Path:
+    """Move a finished temporary file (in the same folder) to ``path``: fsync, the umask's
+    mode, then rename, recording it in a marked folder's manifest in a way that survives a
+    kill at any point. For writers that make their own temp file (``save_checkpoint``).
+    No ownership check: use :func:`atomic_output` where a user's file may be in the way."""
+    tmp, path = Path(tmp), Path(path)
+    rec = _rec if _rec is not None else read_marker(path.parent)
+    with storage_errors(path, cleanup=[tmp]):
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # some writers (safetensors) re-create the file 0600
+        digest = _sha256_file(tmp) if rec is not None else ""
+        if rec is not None:
+            _record(path, digest, rec, pending=True)
+        os.replace(tmp, path)
+    _record(path, digest, rec)
+    return path
 
 
 def record_written(path: str | os.PathLike) -> None:

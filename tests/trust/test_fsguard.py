@@ -281,3 +281,36 @@ def test_non_utf8_out_path_refused_before_any_work(tmp_path: Path):
     with pytest.raises(StorageError, match=r"run-caf\\xe9' is not a UTF-8 path"):
         check_path_encodable(weird)
     check_path_encodable(tmp_path / "café")
+
+
+@pytest.mark.parametrize("writer", ["safe_replace", "atomic_write_bytes", "atomic_output", "commit_file"])
+def test_kill_between_rename_and_manifest_update_keeps_the_file_ours(tmp_path: Path, monkeypatch, writer):
+    """The kill/resume guarantee: a kill right after a file's rename (before the manifest
+    records it) must not make pqd refuse its own file on resume."""
+    import pqd.fsguard as fg
+
+    run = tmp_path / "run"
+    check_writable_run_dir(run, expected_files=RUN_FILES)
+    safe_replace(run / "metrics.json", b"first")
+    real, calls = fg._write_marker, []
+
+    def killed_after_rename(folder, rec):
+        calls.append(1)
+        if len(calls) == 2:  # 1: pending record before the rename, 2: the final record after it
+            raise KeyboardInterrupt("kill -9")
+        real(folder, rec)
+
+    monkeypatch.setattr(fg, "_write_marker", killed_after_rename)
+    with pytest.raises(KeyboardInterrupt):
+        if writer == "atomic_output":
+            with atomic_output(run / "metrics.json") as tmp:
+                tmp.write_bytes(b"second")
+        elif writer == "commit_file":
+            (run / ".metrics.json.x.tmp").write_bytes(b"second")
+            fg.commit_file(run / ".metrics.json.x.tmp", run / "metrics.json")
+        else:
+            getattr(fg, writer)(run / "metrics.json", b"second")
+    monkeypatch.undo()
+    assert (run / "metrics.json").read_bytes() == b"second"
+    safe_replace(run / "metrics.json", b"third")  # resumed run: still pqd's file
+    assert read_marker(run)["files"]["metrics.json"] == [__import__("hashlib").sha256(b"third").hexdigest()]
