@@ -104,7 +104,9 @@ def run_isolated(
     with tempfile.TemporaryDirectory(prefix="pqd-isolate-") as tmp:
         result = Path(tmp) / "result.json"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pqd.isolate", target, str(result)],
+            # -P (3.11+): the current folder is not put on sys.path, so a stray pqd/ or a module named
+            # like the target in the working folder is never imported in its place
+            [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "pqd.isolate", target, str(result)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=_child_env(extra_path, env), cwd=cwd, start_new_session=True, text=True, errors="replace",
         )

@@ -66,3 +66,12 @@ def test_each_runtime_reports_despite_a_crash():
     assert out["torch"]["ok"] and out["torch"]["value"]["sum"] == 4
     assert out["openvino"] == {"ok": False, "kind": "crash",
                                "error": out["openvino"]["error"]} and "SIGSEGV" in out["openvino"]["error"]
+
+
+def test_working_folder_is_not_on_the_childs_path(tmp_path, monkeypatch):
+    (tmp_path / "isolate_targets.py").write_text("def add(a, b):\n    return 'impostor'\n")
+    monkeypatch.chdir(tmp_path)
+    out = run_isolated(f"{T}:add", {"a": 1, "b": 1}, timeout=60, extra_path=HERE)
+    assert out["sum"] == 2
+    with pytest.raises(RuntimeCrash, match="ModuleNotFoundError"):  # not importable without extra_path
+        run_isolated(f"{T}:add", {"a": 1, "b": 1}, timeout=60)
