@@ -20,3 +20,49 @@ class ModelError(PqdError):
 
 class CheckpointError(PqdError):
     """A checkpoint is missing, corrupt, or unsafe to load."""
+
+
+class RunDirError(PqdError):
+    """An output folder cannot be used: it holds files pqd did not write, or another
+    pqd process is using it."""
+
+
+class RunDirBusy(RunDirError):
+    """Another process holds the lock of a run or sweep folder."""
+
+
+class StorageError(PqdError):
+    """A file could not be written or read because of the storage: disk full, read-only
+    file system, missing permission, locked or full database, unencodable path.
+    ``path`` is the file concerned (or None)."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class DiskFullError(StorageError):
+    """No space left on the device (or quota exceeded) while writing a file."""
+
+
+class ReadOnlyStorageError(StorageError):
+    """The target folder is on a read-only file system or not writable by this user."""
+
+
+class DatabaseLockedError(StorageError):
+    """An SQLite database stayed locked by another process past the timeout."""
+
+
+class DivergenceError(PqdError):
+    """Training produced a non-finite loss or non-finite weights, or a model is no better
+    than chance."""
+
+
+class RuntimeCrash(PqdError):
+    """A function run in its own process (a runtime's export check, a benchmark worker)
+    died natively (segfault, abort), timed out, or raised."""
+
+
+class UntrustedCodeError(ModelError):
+    """Rebuilding a model would import code named by a file on disk, and the caller did
+    not allow it."""

@@ -1,0 +1,389 @@
+"""Self-contained deployables and ``pqd predict``.
+
+A model pqd trains expects ``(x / 255 - mean) / std`` with the training set's mean/std; a
+deployable that does not carry them gives wrong answers on raw images without any error.
+This module makes each deployable carry its preprocessing and class names:
+
+* :class:`Preprocessed` wraps a model so that it takes **raw images**: uint8 NCHW in
+  [0, 255], or float NCHW in [0, 1]; normalisation happens inside, with exactly the
+  arithmetic of pqd's training loader, and ``class_names`` travels as an attribute.
+  :func:`deployable_torchscript` traces + freezes a (converted INT8 or FP32) model and
+  scripts the wrapper around it, so the file takes both input kinds.
+* :func:`save_torchscript` stores a JSON record (:func:`deployable_meta`: format tag,
+  mean/std, class names, input layout/shape/dtype, whether normalisation is inside) as the
+  TorchScript archive's extra file ``pqd.json``; :func:`read_torchscript_meta` reads it back
+  straight from the zip, without loading the model. :func:`onnx_metadata` gives the same
+  record as ONNX ``metadata_props``.
+* :func:`predict_files` decodes image files with PIL, resizes (shorter side) and centre-crops
+  them to the model's input size and returns class names with probabilities;
+  :func:`predict_main` is ``pqd predict RUN_DIR|MODEL IMAGE...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pqd.errors import CheckpointError, DataError, PqdError
+
+__all__ = [
+    "FORMAT", "META_NAME", "DEPLOYABLE_NAMES", "Preprocessed", "normalized_callable", "deployable_meta", "deployable_torchscript",
+    "save_torchscript", "read_torchscript_meta", "onnx_metadata", "Deployable", "load_deployable", "load_image",
+    "predict_files", "predict_main",
+]
+
+FORMAT = "pqd-deployable"
+VERSION = 1
+META_NAME = "pqd.json"
+DEPLOYABLE_NAMES = ("model_int8.pt", "model_fp32.pt")  # looked for, in this order, in a run folder
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class Preprocessed(nn.Module):
+    """``model`` behind pqd's input normalisation: call it with raw images.
+
+    uint8 input is read as [0, 255] (``x * (1 / (255 * std)) - mean / std``, the training
+    loader's arithmetic, so results match bit for bit); floating-point input as [0, 1].
+    Input layout NCHW with the channel count of ``mean``.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or not len(mean):
+            raise ValueError(f"mean and std need one value per channel, got {list(mean)} and {list(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {list(std)}")
+        if not class_names:
+            raise ValueError("class_names must not be empty")
+        c = len(mean)
+        self.model = model
+        self.register_buffer("scale_u8", torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, c, 1, 1))
+        self.register_buffer("scale_f", torch.tensor([1.0 / s for s in std]).view(1, c, 1, 1))
+        self.register_buffer("bias", torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, c, 1, 1))
+        self.class_names = [str(n) for n in class_names]
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32) * self.scale_u8 + self.bias
+        else:
+            x = x.to(torch.float32) * self.scale_f + self.bias
+        return self.model(x)
+
+    @torch.jit.export
+    def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The bare model, for input already normalised (pqd's own evaluation code)."""
+        return self.model(x)
+
+
+def normalized_callable(module: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What pqd's own evaluation and timing code calls with *normalised* float input: a
+    deployable's ``forward_normalized`` when it has one (files written by
+    :func:`deployable_torchscript`), else the module itself (older files, plain models)."""
+    return getattr(module, "forward_normalized", module)
+
+
+def deployable_meta(
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
+    input_shape: Sequence[int],
+    normalization: str = "inside",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The record a deployable carries. ``normalization``: "inside" (the file takes raw
+    uint8 [0,255] or float [0,1] images) or "outside" (it takes normalised float32)."""
+    if normalization not in ("inside", "outside"):
+        raise ValueError(f"normalization must be 'inside' or 'outside', got {normalization!r}")
+    raw = "uint8 [0, 255] or float32 [0, 1]"
+    return {
+        "format": FORMAT, "version": VERSION,
+        "input": {"layout": "NCHW", "shape": [int(s) for s in input_shape],
+                  "dtype": raw if normalization == "inside" else "float32, normalised: (x / 255 - mean) / std",
+                  "normalization": normalization},
+        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "class_names": [str(n) for n in class_names],
+        **(extra or {}),
+    }
+
+
+def deployable_torchscript(model: nn.Module, *, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str],
+                           input_shape: Sequence[int]) -> torch.jit.ScriptModule:
+    """Trace + freeze ``model`` (FP32 or converted INT8, on normalised input), then script
+    :class:`Preprocessed` around it: a TorchScript module that takes raw images."""
+    example = torch.zeros(1, *input_shape)
+    with torch.no_grad():
+        inner = torch.jit.trace(model.eval(), example)
+        scripted = torch.jit.script(Preprocessed(inner, mean, std, class_names).eval())
+        # freezing inlines the weights (faster, as to_torchscript does); keep what predict and pqd's evaluation read
+        return torch.jit.freeze(scripted, preserved_attrs=["class_names", "mean", "std", "forward_normalized"])
+
+
+def save_torchscript(module: torch.jit.ScriptModule, path: str | Path, *, meta: dict[str, Any], overwrite: bool = False) -> Path:
+    """Save ``module`` with ``meta`` as the extra file ``pqd.json`` (atomically, never over a
+    file pqd did not write unless ``overwrite``; see :func:`pqd.fsguard.safe_replace`)."""
+    from pqd.fsguard import safe_replace
+
+    buf = io.BytesIO()
+    torch.jit.save(module, buf, _extra_files={META_NAME: json.dumps(meta)})
+    return safe_replace(path, buf.getvalue(), overwrite=overwrite)
+
+
+def read_torchscript_meta(path: str | Path) -> dict[str, Any] | None:
+    """The ``pqd.json`` record of a TorchScript file (None if it has none), read from the zip
+    archive without loading the model. A file that is not a TorchScript archive (truncated,
+    or something else) raises :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith(f"/extra/{META_NAME}")]
+            if not names:
+                return None
+            info = z.getinfo(names[0])
+            if info.file_size > 1 << 20:
+                raise CheckpointError(f"{str(path)!r}: its {META_NAME} record is {info.file_size} bytes; not a pqd file")
+            meta = json.loads(z.read(info).decode("utf-8"))
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable TorchScript file ({exc}); it may be truncated: export it again") from None
+    except OSError as exc:
+        raise CheckpointError(f"{str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r}: its {META_NAME} record is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r}: its {META_NAME} record is not a {FORMAT} record")
+    return meta
+
+
+def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """ONNX ``metadata_props`` for ``meta`` (pass to ``pqd.export.export_onnx(metadata=...)``)."""
+    return {"pqd": json.dumps(meta), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
+            "classes": json.dumps(meta["class_names"]), "input_normalization": meta["input"]["normalization"]}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Deployable:
+    """A loaded deployable: ``run(x)`` maps an image batch (uint8 NCHW) to logits."""
+
+    path: Path
+    meta: dict[str, Any]
+    run: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["input"]["shape"])  # type: ignore[return-value]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+
+def _validate_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        c = len(meta["mean"])
+        ok = (len(meta["std"]) == c and len(meta["input"]["shape"]) == 3 and meta["input"]["shape"][0] == c
+              and meta["input"]["normalization"] in ("inside", "outside") and len(meta["class_names"]) >= 1)
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{where}: malformed {FORMAT} record {json.dumps(meta)[:200]}")
+    return meta
+
+
+def _legacy_meta(run_dir: Path) -> dict[str, Any] | None:
+    """Preprocessing of a run written before deployables carried it: the compact file's meta."""
+    try:
+        from pqd.compact import FILE_NAME, read_compact
+
+        _, cm = read_compact(run_dir / FILE_NAME)
+    except (PqdError, OSError, ImportError):
+        return None
+    if not all(k in cm for k in ("mean", "std", "image_shape")):
+        return None
+    n = int(cm.get("num_classes") or 0)
+    names = cm.get("class_names") or [str(i) for i in range(n)]
+    return deployable_meta(mean=cm["mean"], std=cm["std"], class_names=names, input_shape=cm["image_shape"], normalization="outside")
+
+
+def _find_model(source: Path) -> Path:
+    if source.is_dir():
+        for name in DEPLOYABLE_NAMES + ("model_int8.onnx", "model_fp32.onnx"):
+            if (source / name).is_file():
+                return source / name
+        raise CheckpointError(
+            f"{str(source)!r} holds no deployable model ({', '.join(DEPLOYABLE_NAMES)}); is it a finished pqd run folder? "
+            "(an FP32-only run written by an older pqd: run `pqd export` on it first)"
+        )
+    if not source.is_file():
+        raise CheckpointError(f"model {str(source)!r} does not exist")
+    return source
+
+
+def load_deployable(source: str | Path) -> Deployable:
+    """Load a run folder's deployable (``model_int8.pt`` ...) or a model file (TorchScript
+    ``.pt`` or ``.onnx`` with pqd metadata) with its preprocessing record."""
+    src = Path(source)
+    path = _find_model(src)
+    where = f"{str(path)!r}"
+    if path.suffix == ".onnx":
+        return _load_onnx(path)
+    meta = read_torchscript_meta(path)
+    if meta is None:
+        meta = _legacy_meta(src if src.is_dir() else path.parent)
+        if meta is None:
+            raise CheckpointError(
+                f"{where} carries no preprocessing record ({META_NAME}) and no compact file beside it tells its "
+                "normalisation; re-export it with this pqd version"
+            )
+    meta = _validate_meta(meta, where)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:  # torch raises RuntimeError/ValueError for corrupt archives
+        raise CheckpointError(f"{where} is not a loadable TorchScript model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if meta["input"]["normalization"] == "outside":
+        mean, std = meta["mean"], meta["std"]
+        inner = module
+        module = Preprocessed(inner, mean, std, meta["class_names"]).eval()
+    return Deployable(path, meta, module)
+
+
+def _load_onnx(path: Path) -> Deployable:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PqdError("predicting with an ONNX file needs onnxruntime: pip install 'pqd[export]'") from None
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise CheckpointError(f"{str(path)!r} is not a loadable ONNX model ({str(exc)[:200]})") from None
+    props = sess.get_modelmeta().custom_metadata_map
+    if "pqd" not in props:
+        raise CheckpointError(f"{str(path)!r} carries no pqd preprocessing record (metadata 'pqd'); re-export it")
+    try:
+        meta = _validate_meta(json.loads(props["pqd"]), str(path))
+    except ValueError:
+        raise CheckpointError(f"{str(path)!r}: its 'pqd' metadata is not valid JSON") from None
+    inp = sess.get_inputs()[0]
+    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    inside = meta["input"]["normalization"] == "inside"
+    wants_uint8 = "uint8" in inp.type
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not inside:
+            x = (x.to(torch.float32) / 255.0 - mean) / std
+        elif not wants_uint8 and x.dtype == torch.uint8:
+            x = x.to(torch.float32) / 255.0
+        return torch.from_numpy(sess.run(None, {inp.name: x.contiguous().numpy()})[0])
+
+    return Deployable(path, meta, run)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def load_image(path: str | Path, *, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """Decode ``path`` to uint8 ``[channels, H, W]``: shorter side resized to fit, then a
+    centre crop to ``size`` (H, W). Unreadable files raise :class:`DataError`."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    h, w = size
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB" if channels == 3 else "L")
+            s = max(h / img.height, w / img.width)
+            nh, nw = max(h, round(img.height * s)), max(w, round(img.width * s))
+            if (nh, nw) != (img.height, img.width):
+                img = img.resize((nw, nh), Image.BILINEAR)
+            top, left = (nh - h) // 2, (nw - w) // 2
+            img = img.crop((left, top, left + w, top + h))
+            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    except FileNotFoundError:
+        raise DataError(f"image {str(path)!r} does not exist") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise DataError(f"image {str(path)!r} cannot be used: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"image {str(path)!r} cannot be read: {exc}") from None
+    if channels not in (1, 3):
+        raise DataError(f"the model takes {channels}-channel images; pqd predict decodes 1 (grey) or 3 (RGB)")
+    return data.view(h, w, channels).permute(2, 0, 1).contiguous()
+
+
+def _expand(paths: Sequence[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()))
+        else:
+            out.append(p)
+    if not out:
+        raise DataError("no images given (pass image files or folders of images)")
+    return out
+
+
+def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | Path], *, top_k: int = 1,
+                  batch_size: int = 64) -> list[dict[str, Any]]:
+    """Classify image files with a deployable (a run folder, a model file, or a
+    :class:`Deployable`). Returns one record per image: ``image``, ``class``, ``probability``
+    and ``top`` (the ``top_k`` best ``{"class", "index", "probability"}``)."""
+    dep = source if isinstance(source, Deployable) else load_deployable(source)
+    c, h, w = dep.input_shape
+    names = dep.class_names
+    paths = _expand(image_paths)
+    k = max(1, min(top_k, len(names)))
+    out: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i:i + batch_size]
+            x = torch.stack([load_image(p, size=(h, w), channels=c) for p in chunk])
+            logits = dep.run(x)
+            if logits.ndim != 2 or logits.shape[1] != len(names):
+                raise CheckpointError(f"{dep.path}: the model gives logits of shape {tuple(logits.shape)} "
+                                      f"for {len(names)} class names")
+            prob = torch.softmax(logits.float(), dim=1)
+            pv, pi = prob.topk(k, dim=1)
+            for p, vals, idx in zip(chunk, pv.tolist(), pi.tolist()):
+                top = [{"class": names[j], "index": j, "probability": v} for v, j in zip(vals, idx)]
+                out.append({"image": str(p), "class": top[0]["class"], "probability": top[0]["probability"], "top": top})
+    return out
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """``pqd predict RUN_DIR|MODEL IMAGE... [--top-k K] [--json]``."""
+    parser = argparse.ArgumentParser(prog="pqd predict", description="classify images with a finished run's deployable model, "
+                                     "the way a user of the exported file would (preprocessing from the file)")
+    parser.add_argument("model", type=Path, help="run folder, or a model_int8.pt / .onnx file written by pqd")
+    parser.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
+    args = parser.parse_args(argv)
+    try:
+        results = predict_files(args.model, args.images, top_k=args.top_k)
+    except PqdError as exc:
+        print(f"pqd: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            print(f"{r['image']}\t" + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(predict_main())
