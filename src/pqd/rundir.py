@@ -37,6 +37,7 @@ from pqd.errors import CheckpointError, ConfigError
 from pqd.metrics import Metrics
 from pqd.registry import create_model
 from pqd.stages.common import Student
+from pqd.qoptions import quant_options
 from pqd.stages.quantize import BACKEND, convert, freeze, prepare
 from pqd.stages.structural import fit_to_state_dict
 from pqd.train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -224,7 +225,8 @@ class RunDir:
         if state is not None:
             fit_to_state_dict(model, state)
         if form != "fp32":
-            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range)
+            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range,
+                            options=quant_options(config.quantize))
         return model
 
     def restore_student(self, config: RunConfig, index: int, *, num_classes: int, image_shape: tuple[int, ...],

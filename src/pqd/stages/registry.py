@@ -97,7 +97,8 @@ class QuantizeStage:
     def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         """torch.fx can trace the model (raises ModelError naming the untraceable submodule)."""
         import_module("pqd.stages.quantize").prepare(model, example, mode=config.quantize.mode,
-                                                     reduce_range=config.quantize.reduce_range)
+                                                     reduce_range=config.quantize.reduce_range,
+                                                     options=import_module("pqd.qoptions").quant_options(config.quantize))
 
     def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         module = import_module("pqd.stages.quantize")  # the module; pqd.stages.quantize is the function
@@ -126,7 +127,8 @@ class DistillStage:
 
 def _builtin() -> list[Stage]:
     # one line per built-in stage (a new stage adds its line here)
-    return [PruneStage(), QuantizeStage(), DistillStage()]
+    return [PruneStage(), QuantizeStage(), DistillStage(),
+            import_module("pqd.stages.imp").ImpStage(), import_module("pqd.stages.joint").JointStage()]
 
 
 # --------------------------------------------------------------------------- registry
