@@ -272,19 +272,21 @@ class DistillConfig(_Section):
     transfer from ``layers``), 'mutual' (online mutual learning with ``peers`` randomly
     initialised peers; no teacher) or 'self' (self-distillation: auxiliary heads on ``layers``
     learn from the network's own final output). ``layers``: module paths ('' = automatic: the
-    output of each top-level block). ``beta``: weight of the feature / attention / auxiliary term."""
+    output of each top-level block). ``beta``: weight of the feature / attention / auxiliary term
+    (default per kind: feature 1, attention 1000, self 1)."""
 
     temperature: float = 4.0
     alpha: float = 0.5
     lr: float = 0.005
     kind: str = "response"
     layers: tuple[str, ...] = ()
-    beta: float = 1.0
+    beta: float | None = None
     peers: int = 1
 
     def __post_init__(self):
         _choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
-        _range("distill.beta", self.beta, 0.0)
+        if self.beta is not None:
+            _range("distill.beta", self.beta, 0.0)
         _range("distill.peers", self.peers, 1, 8)
         _range("distill.temperature", self.temperature, 0.1, 100.0)
         _range("distill.alpha", self.alpha, 0.0)

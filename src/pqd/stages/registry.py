@@ -119,6 +119,10 @@ class DistillStage:
     def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         module = import_module("pqd.stages.distill")  # the module; pqd.stages.distill is the function
 
+        if getattr(ctx.config.distill, "kind", "response") != "response":  # feature/attention/mutual/self
+            return import_module("pqd.stages.distill_variants").distill_variant(
+                student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+                checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
         if ctx.teacher is None:
             raise ConfigError("stages: distill needs the dense teacher, and this context has none")
         return module.distill(student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
