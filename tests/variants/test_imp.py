@@ -3,6 +3,7 @@ import torch
 
 from pqd.config import ImpConfig, RunConfig, TrainConfig
 from pqd.errors import ConfigError
+from pqd.metrics import Metrics
 from pqd.pipeline import run_pipeline
 from pqd.registry import create_model
 from pqd.sparsity import prunable_layers
@@ -70,5 +71,6 @@ def test_winning_ticket_mask_survives_qat_and_kd(digits_config, tmp_path):
     assert m["sparsity"]["achieved"] == pytest.approx(0.75, abs=0.01)
     assert m["sparsity"]["achieved_int8"] >= 0.75 - 0.01
     assert [r["letter"] for r in m["stage_records"]] == ["L", "Q", "D"]
+    assert Metrics.from_dict(m).stage_label == "L>Q>D"  # the sweep table's stage_order column
     assert m["stage_records"][0]["records"]["segments"] == [1, 1, 1]
     assert not [p for p in tmp_path.rglob("*.safetensors") if "segment" in p.name or "rewind" in p.name]

@@ -3,6 +3,7 @@ import torch
 
 from pqd.config import JointConfig, QuantizeConfig, RunConfig, TrainConfig
 from pqd.errors import ConfigError, ModelError
+from pqd.metrics import Metrics
 from pqd.pipeline import run_pipeline
 from pqd.registry import create_model
 from pqd.stages import Student
@@ -50,3 +51,7 @@ def test_joint_run_exports_sparse_int8(digits_config, tmp_path):
     assert m["sparsity"]["achieved_int8"] >= 0.5 - 0.01
     assert m["accuracy"]["int8_vs_fake_quant_agreement"] >= 0.95
     assert m["stage_records"][0]["records"]["weights"] == "per_tensor/symmetric"
+    deg = Metrics.from_dict(m).degradation  # finalize stores the degradation profile, typed
+    assert deg == m["degradation"] and deg["min_slice"] == 25 and isinstance(deg["slice_failure"], bool)
+    assert [lv["slices"] for lv in deg["final"]["levels"]] == [1, 2, 4]  # 200 test images: slices of 200, 100, 50
+    assert Metrics.from_dict(m).stage_label == "J"
