@@ -53,5 +53,5 @@ def test_joint_run_exports_sparse_int8(digits_config, tmp_path):
     assert m["stage_records"][0]["records"]["weights"] == "per_tensor/symmetric"
     deg = Metrics.from_dict(m).degradation  # finalize stores the degradation profile, typed
     assert deg == m["degradation"] and deg["min_slice"] == 25 and isinstance(deg["slice_failure"], bool)
-    assert [lv["slices"] for lv in deg["final"]["levels"]] == [1, 2, 4]  # 200 test images: slices of 200, 100, 50
+    assert [lv["slices"] for lv in deg["final"]["levels"]] == [1, 2, 4, 8]  # 200 test images: slices of 200, 100, 50, 25
     assert Metrics.from_dict(m).stage_label == "J"
