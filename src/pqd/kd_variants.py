@@ -187,7 +187,7 @@ def attention_map(f: torch.Tensor, p: int = 2) -> torch.Tensor:
 class AttentionLoss(nn.Module):
     """Attention transfer: ``sum_l mean((Q(s_l) - Q(t_l))^2)`` with :func:`attention_map` ``Q``."""
 
-    def __init__(self, p: int = 2):
+    def __init__(self, *, p: int = 2):
         super().__init__()
         self.p = p
 
