@@ -23,8 +23,8 @@ from pqd.config import RunConfig
 from pqd.data import Splits, load_data
 from pqd.errors import CheckpointError, ConfigError, ModelError
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
-from pqd.measure.faithfulness import faithfulness
 from pqd.measure.degradation import compare_degradation
+from pqd.measure.faithfulness import faithfulness
 from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
 from pqd.rundir import RunDir, build_model, model_kwargs
 from pqd.stages import Student, convert, global_sparsity, prunable_layers, to_torchscript

@@ -35,9 +35,9 @@ from torch import nn
 from pqd.config import RunConfig, load_config
 from pqd.errors import CheckpointError, ConfigError
 from pqd.metrics import Metrics
+from pqd.qoptions import quant_options
 from pqd.registry import create_model
 from pqd.stages.common import Student
-from pqd.qoptions import quant_options
 from pqd.stages.quantize import BACKEND, convert, freeze, prepare
 from pqd.stages.structural import fit_to_state_dict
 from pqd.train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint

@@ -17,8 +17,8 @@ from pqd.config import QuantizeConfig, TrainConfig
 from pqd.data import Splits, batches
 from pqd.data.adapters import as_splits
 from pqd.errors import ModelError
-from pqd.qoptions import quant_options
 from pqd.qat import BACKEND, float_modules, freeze, prepare, qconfig_mapping, to_torchscript, unfreeze
+from pqd.qoptions import quant_options
 from pqd.sparsity import Masks
 from pqd.stages.common import Student
 from pqd.train.loop import train
