@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pqd.config import JointConfig, QuantizeConfig, RunConfig, TrainConfig
+from pqd.config import JointConfig, RunConfig, TrainConfig
 from pqd.errors import ConfigError, ModelError
 from pqd.metrics import Metrics
 from pqd.pipeline import run_pipeline

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pqd.config import QuantizeConfig, RunConfig, TrainConfig
+from pqd.config import QuantizeConfig, RunConfig
 from pqd.errors import ConfigError
 from pqd.pipeline import run_pipeline
 from pqd.qat import convert, prepare

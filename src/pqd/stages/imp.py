@@ -41,7 +41,7 @@ from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
 from pqd.qat import freeze
-from pqd.sparsity import GlobalPruner, MagnitudeImportance, Masks, global_sparsity
+from pqd.sparsity import GlobalPruner, MagnitudeImportance, global_sparsity
 from pqd.stages.common import Student, chain
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
