@@ -41,7 +41,7 @@ def test_weight_options_reach_the_int8_weights(mode, granularity, symmetric, exp
     assert _weight_qschemes(int8) == expect
     conv = int8.get_submodule("layer1.0.conv1").weight()
     zp = conv.q_per_channel_zero_points() if granularity == "per_channel" else torch.tensor([conv.q_zero_point()])
-    assert (zp == 0).all() == symmetric or (not symmetric and (zp != 0).any())
+    assert bool((zp == 0).all()) == symmetric  # affine weights get zero points of their own
     if granularity == "per_tensor":
         assert len({round(m.weight().q_scale(), 12) for m in int8.modules() if callable(getattr(m, "weight", None))}) > 1
 
@@ -50,8 +50,6 @@ def test_dynamic_quantizes_only_linear_layers(tiny_data):
     out = quantize(Student(_model()), QuantizeConfig(mode="dynamic"), data=tiny_data, epochs=0)
     assert out.form == "dynamic" and out.quantized
     int8 = convert(out.model)
-    kinds = {type(m).__name__ for m in int8.modules()}
-    assert "DynamicQuantizedLinear" in kinds or "Linear" in {k.split(".")[-1] for k in kinds}
     assert type(int8.get_submodule("fc")).__module__.startswith("torch.ao.nn.quantized.dynamic")
     assert type(int8.get_submodule("conv1")).__name__ in ("Conv2d", "ConvReLU2d") and not hasattr(int8.get_submodule("conv1"), "scale")
 
