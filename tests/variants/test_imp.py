@@ -74,3 +74,29 @@ def test_winning_ticket_mask_survives_qat_and_kd(digits_config, tmp_path):
     assert Metrics.from_dict(m).stage_label == "L>Q>D"  # the sweep table's stage_order column
     assert m["stage_records"][0]["records"]["segments"] == [1, 1, 1]
     assert not [p for p in tmp_path.rglob("*.safetensors") if "segment" in p.name or "rewind" in p.name]
+
+
+def test_interrupted_imp_resumes_to_the_same_ticket(tiny_data, tmp_path, monkeypatch):
+    import pqd.stages.imp as imp_module
+
+    cfg = ImpConfig(rounds=2, fraction=0.5, rewind=1, lr=0.05)
+    clean = imp(Student(_model()), cfg, data=tiny_data, epochs=3, train_config=CFG, seed=0, checkpoint=tmp_path / "a" / "epoch.safetensors")
+    assert not list((tmp_path / "a").glob("*.safetensors")), "segment and rewind files are removed at the end"
+
+    real_train = imp_module.train
+
+    def interrupted(*args, **kwargs):
+        if kwargs.get("tag") == "imp1":
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(imp_module, "train", interrupted)
+    ckpt = tmp_path / "b" / "epoch.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        imp(Student(_model()), cfg, data=tiny_data, epochs=3, train_config=CFG, seed=0, checkpoint=ckpt)
+    assert (tmp_path / "b" / "epoch.rewind.safetensors").is_file() and (tmp_path / "b" / "epoch.segment0.safetensors").is_file()
+    monkeypatch.setattr(imp_module, "train", real_train)
+    resumed = imp(Student(_model()), cfg, data=tiny_data, epochs=3, train_config=CFG, seed=0, checkpoint=ckpt)
+    assert all(torch.equal(resumed.masks[k], clean.masks[k]) for k in clean.masks)
+    state = resumed.model.state_dict()
+    assert all(torch.allclose(state[k].float(), v.float(), atol=1e-6) for k, v in clean.model.state_dict().items())
