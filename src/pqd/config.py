@@ -245,16 +245,22 @@ class QuantizeConfig(Section):
     """INT8 quantization for x86: per-channel symmetric weights, per-tensor affine
     activations, BN folded. ``mode``: 'qat' (train) or 'ptq' (static calibration only).
     Observers and BN statistics freeze for the last ``freeze_fraction`` of QAT epochs.
-    ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI."""
+    ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI.
+    ``mode: dynamic``: weights-only int8 PTQ of the Linear layers (activations quantized at run
+    time; convolutions stay FP32). ``granularity`` ('per_channel' | 'per_tensor') and
+    ``symmetric`` choose the weight scheme (see :mod:`pqd.qoptions`, docs/QUANTIZATION.md)."""
 
     mode: str = "qat"
     lr: float = 0.005
     freeze_fraction: float = 0.25
     calibration_batches: int = 16
     reduce_range: bool = False
+    granularity: str = "per_channel"
+    symmetric: bool = True
 
     def __post_init__(self):
-        _choice("quantize.mode", self.mode, ("qat", "ptq"))
+        _choice("quantize.mode", self.mode, ("qat", "ptq", "dynamic"))
+        _choice("quantize.granularity", self.granularity, ("per_channel", "per_tensor"))
         _range("quantize.lr", self.lr, 0.0)
         _range("quantize.freeze_fraction", self.freeze_fraction, 0.0, 1.0)
         _range("quantize.calibration_batches", self.calibration_batches, 1)
@@ -262,13 +268,29 @@ class QuantizeConfig(Section):
 
 @dataclass(frozen=True)
 class DistillConfig(Section):
-    """Response-based KD: ``T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``."""
+    """Response-based KD: ``T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``.
+
+    ``kind`` picks the KD variant (:mod:`pqd.kd_variants`): 'response' (above), 'feature'
+    (FitNets hints from ``layers``, 1x1 adapters where widths differ), 'attention' (attention
+    transfer from ``layers``), 'mutual' (online mutual learning with ``peers`` randomly
+    initialised peers; no teacher) or 'self' (self-distillation: auxiliary heads on ``layers``
+    learn from the network's own final output). ``layers``: module paths ('' = automatic: the
+    output of each top-level block). ``beta``: weight of the feature / attention / auxiliary term
+    (default per kind: feature 1, attention 1000, self 1)."""
 
     temperature: float = 4.0
     alpha: float = 0.5
     lr: float = 0.005
+    kind: str = "response"
+    layers: tuple[str, ...] = ()
+    beta: float | None = None
+    peers: int = 1
 
     def __post_init__(self):
+        _choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
+        if self.beta is not None:
+            _range("distill.beta", self.beta, 0.0)
+        _range("distill.peers", self.peers, 1, 8)
         _range("distill.temperature", self.temperature, 0.1, 100.0)
         _range("distill.alpha", self.alpha, 0.0)
         _range("distill.lr", self.lr, 0.0)
@@ -438,6 +460,8 @@ class RunConfig(Section):
     distill: DistillConfig = field(default_factory=DistillConfig)
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    imp: ImpConfig = field(default_factory=lambda: ImpConfig())
+    joint: JointConfig = field(default_factory=lambda: JointConfig())
 
     def __post_init__(self):
         _range("seed", self.seed, 0, 2**63 - 1)  # torch.manual_seed overflows beyond 64 bits
@@ -455,14 +479,19 @@ class RunConfig(Section):
             works = [s for s, k in zip(self.stages, kinds) if k.structural] + [s for s, k in zip(self.stages, kinds) if not k.structural]
             _fail("stages", f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
                             f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}")
-        if self.quantize.mode == "ptq" and "quantize" in names:
+        if self.quantize.mode in ("ptq", "dynamic") and "quantize" in names:
+            mode = self.quantize.mode
             if names[-1] != "quantize":
-                _fail("quantize.mode", "'ptq' calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing")
+                _fail("quantize.mode", f"{mode!r} calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing")
             if self.stage_epochs("quantize"):
-                _fail("stages", "quantize.mode 'ptq' takes no epochs; write 'Q:0' (or 'Q') or use mode 'qat'")
+                _fail("stages", f"quantize.mode {mode!r} takes no epochs; write 'Q:0' (or 'Q') or use mode 'qat'")
+        if self.quantize.mode == "dynamic" and "joint" in names:
+            _fail("quantize.mode", "the joint stage trains with fake quantization; use mode 'qat' (or 'ptq') with it")
         for s in self.stages:
             if s.epochs == 0 and s.stage == "distill":
                 _fail("stages", "distill needs at least one epoch, e.g. 'D:10'")
+            if s.epochs == 0 and s.stage in ("imp", "joint"):
+                _fail("stages", f"{s.stage} trains, so it needs epochs, e.g. '{s.letter}:6'")
             if s.epochs == 0 and s.stage == "prune" and self.prune.schedule == "gradual":
                 _fail("prune.schedule", "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning")
         if self.quantize.mode == "qat" and "quantize" in names and self.stage_epochs("quantize") == 0:
@@ -497,6 +526,64 @@ class RunConfig(Section):
         return any(reg.get_stage(s.stage).quantizes for s in self.stages)
 
 
+
+
+@dataclass(frozen=True)
+class ImpConfig(Section):
+    """Iterative magnitude pruning with rewinding (lottery tickets; stage 'imp' / 'L').
+
+    The stage's epochs split into ``rounds + 1`` equal training segments (the remainder goes to
+    the last): train → prune ``fraction`` of the remaining weights (global magnitude) → rewind
+    the survivors → train ..., ending with training on the final mask. Final sparsity is
+    ``1 - (1 - fraction) ** rounds`` of the prunable weights (plus what earlier stages pruned).
+    ``rewind``: 'init' (a fresh random initialisation, seeded: the original lottery ticket),
+    'start' (the weights the stage received, e.g. the dense teacher's) or an epoch k >= 1 of
+    the first segment (late rewinding). ``exclude``: layers left dense (as prune.exclude)."""
+
+    rounds: int = 3
+    fraction: float = 0.5
+    rewind: int | str = 1
+    lr: float = 0.01
+    exclude: tuple[str, ...] = ("@first",)
+
+    def __post_init__(self):
+        _range("imp.rounds", self.rounds, 1, 100)
+        _range("imp.fraction", self.fraction, 0.0, 1.0, hi_open=True)
+        if self.fraction <= 0.0:
+            _fail("imp.fraction", f"{self.fraction!r} must be > 0 (the fraction of remaining weights pruned each round)")
+        if isinstance(self.rewind, str):
+            _choice("imp.rewind", self.rewind, ("init", "start"))
+        else:
+            _range("imp.rewind", self.rewind, 0)
+        _range("imp.lr", self.lr, 0.0)
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the prunable weights the stage prunes in all."""
+        return 1.0 - (1.0 - self.fraction) ** self.rounds
+
+
+@dataclass(frozen=True)
+class JointConfig(Section):
+    """Joint compression (JPQD-like; stage 'joint' / 'J'): in one training loop, global magnitude
+    pruning on the AGP schedule (``sparsity``, ``prune_fraction``, ``exclude`` as in ``prune``),
+    fake quantization (the ``quantize`` section's scheme) and response KD from the teacher
+    (``temperature``; ``alpha`` weighs the hard-label CE; ``kd: false`` trains on labels only)."""
+
+    sparsity: float = 0.9
+    prune_fraction: float = 0.75
+    exclude: tuple[str, ...] = ("@first",)
+    lr: float = 0.005
+    kd: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        _range("joint.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        _range("joint.prune_fraction", self.prune_fraction, 0.0, 1.0)
+        _range("joint.lr", self.lr, 0.0)
+        _range("joint.temperature", self.temperature, 0.1, 100.0)
+        _range("joint.alpha", self.alpha, 0.0)
 
 
 def _parse_scalar(text: str) -> Any:

@@ -181,6 +181,7 @@ class Metrics:
     quantization: Quantization | None = None
     faithfulness: dict[str, Any] | None = None
     stage_records: list[StageRecord] = field(default_factory=list)
+    degradation: dict[str, Any] | None = None  # pqd.measure.degradation.compare_degradation (teacher vs deployed)
     wall_time_s: float | None = None
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by other commands (e.g. 'bench')
@@ -238,6 +239,7 @@ class Metrics:
             quantization=Quantization.from_dict(d["quantization"]) if d.get("quantization") else None,
             faithfulness=d.get("faithfulness"),
             stage_records=[StageRecord.from_dict(r) for r in d.get("stage_records") or []],
+            degradation=d.get("degradation"),
             wall_time_s=d.get("wall_time_s"),
             schema=d.get("schema", 1),
             extra={k: v for k, v in d.items() if k not in names},

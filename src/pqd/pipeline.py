@@ -24,6 +24,7 @@ from pqd.data import Splits, load_data
 from pqd.errors import CheckpointError, ConfigError, ModelError
 from pqd.integrations.tracking import make_tracker
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
+from pqd.measure.degradation import compare_degradation
 from pqd.measure.faithfulness import faithfulness
 from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
 from pqd.rundir import RunDir, build_model, model_kwargs
@@ -291,8 +292,11 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
 
     sections = {get_stage(s.stage).section for s in config.stages}
     pruned_by_config = "prune" in sections  # the prune section's options were used by a stage
+    # stages that prune with their own section (imp, joint) declare their target: target_sparsity(config)
+    own_targets = [fn(config) for s in config.stages if (fn := getattr(get_stage(s.stage), "target_sparsity", None)) is not None]
     layers = list(final.masks) or prunable_layers(final.model, config.prune.exclude)
-    sparsity = Sparsity(target=config.prune.sparsity if pruned_by_config else 0.0, achieved=global_sparsity(final.model, layers),
+    target = max([config.prune.sparsity] * pruned_by_config + own_targets, default=0.0)
+    sparsity = Sparsity(target=target, achieved=global_sparsity(final.model, layers),
                         achieved_int8=measured, prunable_layers=len(layers))
     lat = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
                               deployed_path=deployed_path, final_name=final_name)
@@ -308,9 +312,11 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
                          **compact),
         latency=[LatencyRecord.from_dict(r) for r in lat],
         pruned=bool(final.masks), quantize_mode=final.form if final.quantized else None,
-        prune_criterion=config.prune.criterion if pruned_by_config else None, image_shape=list(data.image_shape),
+        prune_criterion=config.prune.criterion if pruned_by_config else ("magnitude" if own_targets else None),
+        image_shape=list(data.image_shape),
         quantization=quantization, faithfulness=faithfulness(t_logits, d_logits, data.test.y, class_names=data.test.classes),
         stage_records=_stage_records(config, student, stage_times or {}),
+        degradation=compare_degradation(t_logits, d_logits, data.test.y),
     )
 
 

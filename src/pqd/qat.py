@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pqd.errors import ModelError
+from pqd.qoptions import QuantOptions, dynamic_qconfig_mapping, weight_fake_quant, weight_observer
 from pqd.sparsity import as_masks
 
 __all__ = [
@@ -58,7 +59,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False):
+def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: QuantOptions | None = None):
     """PyTorch's x86 mapping with the global activation range set by ``reduce_range``.
 
     PyTorch's default (``reduce_range=True``) simulates 7-bit activations so that u8×s8
@@ -66,10 +67,16 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False):
     then still produce full 8-bit outputs, so the fake-quant model and the INT8 model
     clamp differently and disagree on a few percent of predictions. With VNNI (32-bit
     accumulation) the full range is safe, so pqd's default is ``False``.
+
+    ``options`` (:class:`pqd.qoptions.QuantOptions`): weight granularity and symmetry (default
+    per-channel symmetric). Mode ``'dynamic'``: weights-only int8 for ``nn.Linear`` layers.
     """
-    if mode not in ("qat", "ptq"):
-        raise ModelError(f"quantization mode must be 'qat' or 'ptq', got {mode!r}")
+    if mode not in ("qat", "ptq", "dynamic"):
+        raise ModelError(f"quantization mode must be 'qat', 'ptq' or 'dynamic', got {mode!r}")
+    options = options or QuantOptions()
     tq, _ = fx_modules()
+    if mode == "dynamic":
+        return dynamic_qconfig_mapping(options)
     from torch.ao.quantization import fake_quantize as fq
     from torch.ao.quantization import observer as ob
 
@@ -77,24 +84,25 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False):
         mapping = tq.get_default_qat_qconfig_mapping(BACKEND)
         act = fq.FusedMovingAvgObsFakeQuantize.with_args(
             observer=ob.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=reduce_range)
-        weight = fq.default_fused_per_channel_wt_fake_quant
+        weight = weight_fake_quant(options)
     else:
         mapping = tq.get_default_qconfig_mapping(BACKEND)
         act = ob.HistogramObserver.with_args(reduce_range=reduce_range)
-        weight = ob.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        weight = weight_observer(options)
     return mapping.set_global(tq.QConfig(activation=act, weight=weight))
 
 
-def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduce_range: bool = False, inplace: bool = False) -> nn.Module:
-    """A fake-quant (``qat``, train mode) or observer (``ptq``, eval mode) copy of ``model`` on
-    ``model``'s device. ``model`` itself is neither changed nor moved.
+def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduce_range: bool = False,
+            options: QuantOptions | None = None, inplace: bool = False) -> nn.Module:
+    """A fake-quant (``qat``, train mode) or observer (``ptq`` / ``dynamic``, eval mode) copy of
+    ``model`` on ``model``'s device. ``model`` itself is neither changed nor moved.
 
     ``inplace=True`` skips the copy: the result then shares ``model``'s parameter objects, so an
     optimizer built on ``model`` keeps training the prepared model (use the result, not ``model``).
     """
     _, qfx = fx_modules()
     device = model_device(model)
-    mapping = qconfig_mapping(mode, reduce_range=reduce_range)
+    mapping = qconfig_mapping(mode, reduce_range=reduce_range, options=options)
     if not inplace:
         model = copy.deepcopy(model)  # FX fusion shares parameters with its input: keep the caller's model intact
     example = example.to(device)

@@ -35,6 +35,7 @@ from torch import nn
 from pqd.config import RunConfig, load_config
 from pqd.errors import CheckpointError, ConfigError
 from pqd.metrics import Metrics
+from pqd.qoptions import quant_options
 from pqd.registry import create_model
 from pqd.stages.common import Student
 from pqd.stages.quantize import BACKEND, convert, freeze, prepare
@@ -229,7 +230,8 @@ class RunDir:
         if state is not None:
             fit_to_state_dict(model, state)
         if form != "fp32":
-            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range)
+            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range,
+                            options=quant_options(config.quantize))
         return model
 
     def structural_state(self, config: RunConfig) -> dict[str, torch.Tensor] | None:

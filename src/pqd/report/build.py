@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pqd.errors import PqdError
+from pqd.report.degradation import degradation_section
 from pqd.report.pareto import dominators, pareto_front
 from pqd.sweep import read_table
 
@@ -367,6 +368,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         _ordering(doc, aggs, gname)
         _sparsity(doc, aggs, gname, slug)
         _proxy_section(doc, aggs, sweep_dir)
+        degradation_section(doc, aggs)
 
     doc.h(2, "All runs")
     doc.table(["run", "seed", "stages", "top-1 %", "teacher %", "size bytes", "b1 ms", "teacher b1 ms", "speedup b1", "wall s"],
@@ -412,8 +414,8 @@ def _ordering(doc: Doc, aggs: list[dict], gname: str) -> None:
         group = sorted(group, key=lambda a: -(a["acc"] or 0))
         doc.h(3, f"Stage order ablation ({', '.join(epochs)}; sparsity {100 * sp:.0f}%, {crit} pruning, {qmode})")
         doc.p("Each stage keeps its epochs wherever it moves. Sorted by accuracy.")
-        doc.table(["order", "stages", "n", "top-1 % (mean ± std)", "size MB", "rel. latency b1", "achieved sparsity"],
-                  [[a["order"], a["stages"], a["n"], _f(a["acc"], ".2f", a["acc_sd"]), _f(a["size_mb"], ".3f"),
+        doc.table(["order", "configuration", "stages", "n", "top-1 % (mean ± std)", "size MB", "rel. latency b1", "achieved sparsity"],
+                  [[a["order"], a["label"], a["stages"], a["n"], _f(a["acc"], ".2f", a["acc_sd"]), _f(a["size_mb"], ".3f"),
                     _f(a["rel_lat"], ".3f", a["rel_lat_sd"]), _f(a["sparsity_achieved"], ".3f")] for a in group])
 
 

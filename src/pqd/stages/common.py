@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMS = ("fp32", "qat", "ptq")
+FORMS = ("fp32", "qat", "ptq", "dynamic")
 
 
 @dataclass
@@ -14,7 +14,8 @@ class Student:
     """The model being compressed, in its current form.
 
     ``masks`` maps a module path to the bool mask of that module's weight (empty until
-    pruned); ``form`` is 'fp32', 'qat' (fake-quantized, trainable) or 'ptq' (calibrated).
+    pruned); ``form`` is 'fp32', 'qat' (fake-quantized, trainable), 'ptq' (calibrated) or 'dynamic'
+    (weights-only PTQ of the Linear layers, :mod:`pqd.qoptions`).
     ``freeze_fraction``: in 'qat' form, every training stage freezes observers and BN
     statistics for this last fraction of its epochs. ``records``: JSON-able facts a stage
     wants kept in the run's metrics, keyed by stage label.

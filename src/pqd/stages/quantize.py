@@ -19,6 +19,7 @@ from pqd.data.adapters import as_splits
 from pqd.integrations.tracking import Tracker
 from pqd.errors import ModelError
 from pqd.qat import BACKEND, float_modules, freeze, prepare, qconfig_mapping, to_torchscript, unfreeze
+from pqd.qoptions import quant_options
 from pqd.sparsity import Masks
 from pqd.stages.common import Student
 from pqd.train.loop import train
@@ -60,9 +61,12 @@ def quantize(
     if student.quantized:
         raise ModelError("the student is already quantized; quantize runs once per pipeline")
     data = as_splits(data)
-    model = prepare(student.model, torch.zeros(2, *data.image_shape), mode=config.mode, reduce_range=config.reduce_range)
+    model = prepare(student.model, torch.zeros(2, *data.image_shape), mode=config.mode, reduce_range=config.reduce_range,
+                    options=quant_options(config))
     masks = Masks(model, student.masks)
     masks.apply()
+    if config.mode == "dynamic":  # weights only: the scales come from the weights at conversion, no calibration
+        return replace(student, model=model, masks=dict(masks), form="dynamic")
     if config.mode == "ptq":
         calibrate(model, data, config.calibration_batches, train_config.batch_size)
         # PTQ observers have no off switch: convert before running it on anything else.

@@ -98,7 +98,8 @@ class QuantizeStage:
     def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         """torch.fx can trace the model (raises ModelError naming the untraceable submodule)."""
         import_module("pqd.stages.quantize").prepare(model, example, mode=config.quantize.mode,
-                                                     reduce_range=config.quantize.reduce_range)
+                                                     reduce_range=config.quantize.reduce_range,
+                                                     options=import_module("pqd.qoptions").quant_options(config.quantize))
 
     def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         module = import_module("pqd.stages.quantize")  # the module; pqd.stages.quantize is the function
@@ -119,6 +120,10 @@ class DistillStage:
     def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         module = import_module("pqd.stages.distill")  # the module; pqd.stages.distill is the function
 
+        if getattr(ctx.config.distill, "kind", "response") != "response":  # feature/attention/mutual/self
+            return import_module("pqd.stages.distill_variants").distill_variant(
+                student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+                checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
         if ctx.teacher is None:
             raise ConfigError("stages: distill needs the dense teacher, and this context has none")
         return module.distill(student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
@@ -129,7 +134,8 @@ def _builtin() -> list[Stage]:
     # one line per built-in stage (a new stage adds its line here)
     from pqd.stages.structured import StructuredStage
 
-    return [PruneStage(), QuantizeStage(), DistillStage(), StructuredStage()]
+    return [PruneStage(), QuantizeStage(), DistillStage(), StructuredStage(),
+            import_module("pqd.stages.imp").ImpStage(), import_module("pqd.stages.joint").JointStage()]
 
 
 # --------------------------------------------------------------------------- registry
