@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -31,9 +31,8 @@ from torch import nn
 from pqd.errors import ConfigError
 from pqd.stages.common import Student
 
-if TYPE_CHECKING:  # annotations only: pqd.config imports this module lazily, to validate stage lists
-    from pqd.config import RunConfig, TrainConfig
-    from pqd.data import Splits
+# Annotations name pqd.config.RunConfig / TrainConfig and pqd.data.Splits as strings only: pqd.config
+# imports this module (to validate stage lists), so this module imports neither.
 
 
 @dataclass(frozen=True)
@@ -132,9 +131,7 @@ class DistillStage:
 
 def _builtin() -> list[Stage]:
     # one line per built-in stage (a new stage adds its line here)
-    from pqd.stages.structured import StructuredStage
-
-    return [PruneStage(), QuantizeStage(), DistillStage(), StructuredStage(),
+    return [PruneStage(), QuantizeStage(), DistillStage(), import_module("pqd.stages.structured").StructuredStage(),
             import_module("pqd.stages.imp").ImpStage(), import_module("pqd.stages.joint").JointStage()]
 
 
