@@ -105,7 +105,8 @@ def _sweep_or_report(args) -> int:
     if args.dry_run:
         sweep = expand(spec)
         for r in sweep.ordered():
-            print(f"{r.run_id:40s} {r.kind:8s} {r.config_dict()['stages'] or 'dense':16s} teacher {r.teacher_id}")
+            what = f"peer:{r.peer}" if r.peer else r.config_dict()["stages"] or "dense"
+            print(f"{r.run_id:40s} {r.kind:8s} {what:16s} teacher {r.teacher_id}")
         print(f"{len(sweep.runs)} runs ({len(sweep.teachers())} teachers)")
         return 0
     _setup_logging(args.out, args.quiet)
