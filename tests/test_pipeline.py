@@ -116,6 +116,7 @@ def test_accuracy_carries_intervals_test_set_and_prediction_files(tiny_config, t
     assert final.dtype == np.int16 and final.shape == (200,) and acc["predictions_file"] == "predictions.npy"
     assert (final == y).mean() == pytest.approx(acc["final_top1"])
     assert (teacher == y).mean() == pytest.approx(acc["teacher_top1"])
+    assert (run.load_predictions(labels=True) == y).all()
     full = RunConfig.from_dict(tiny_config | {"stages": "", "data": {"dataset": "digits", "train_subset": 600}})
     acc = run_pipeline(full, tmp_path / "full")["accuracy"]
     assert acc["test_full_split"] is True and acc["test_n"] == len(load_data(full.data).test) and "test_subset_seed" not in acc

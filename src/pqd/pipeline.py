@@ -325,6 +325,7 @@ def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits
         out["pre_conversion_fp32_top1_ci"] = top1_record(correct_vector(s_logits.numpy(), y))
     out["predictions_file"] = run.save_predictions(d_logits.argmax(1).numpy()).name
     out["teacher_predictions_file"] = run.save_predictions(t_logits.argmax(1).numpy(), teacher=True).name
+    run.save_predictions(y, labels=True)
     return out
 
 

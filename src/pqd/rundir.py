@@ -109,6 +109,7 @@ class RunDir:
     METRICS = "metrics.json"
     PREDICTIONS = "predictions.npy"  # int16 [N]: the final model's argmax per test image, test-split order
     TEACHER_PREDICTIONS = "teacher_predictions.npy"  # the same for the teacher
+    TEST_LABELS = "test_labels.npy"  # int16 [N]: the test labels in the same order (test-set identity check)
     INT8_ONNX = "model_int8.onnx"
     FP32_ONNX = "model_fp32.onnx"
     TEACHER_ONNX = "teacher_fp32.onnx"
@@ -137,6 +138,7 @@ class RunDir:
     metrics_path = property(lambda self: self.path / self.METRICS)
     predictions_path = property(lambda self: self.path / self.PREDICTIONS)
     teacher_predictions_path = property(lambda self: self.path / self.TEACHER_PREDICTIONS)
+    test_labels_path = property(lambda self: self.path / self.TEST_LABELS)
 
     def stage_dir(self, index: int, name: str) -> Path:
         """Checkpoint folder of the stage at ``index`` (0-based) of the stage list: index-based, so repeats work."""
@@ -313,8 +315,9 @@ class RunDir:
             return convert(Student(model, {}, mode)).eval()
 
     # ------------------------------------------------------------------ predictions
-    def save_predictions(self, predictions: Any, *, teacher: bool = False) -> Path:
-        """Write per-image argmax predictions (int16, test-split order) for paired tests."""
+    def save_predictions(self, predictions: Any, *, teacher: bool = False, labels: bool = False) -> Path:
+        """Write per-image argmax predictions (int16, test-split order) for paired tests
+        (``labels=True``: the test labels themselves, in the same order)."""
         import io
 
         import numpy as np
@@ -324,17 +327,18 @@ class RunDir:
             raise ValueError(f"predictions must be a 1-D vector of class indices, got shape {a.shape}")
         buf = io.BytesIO()
         np.save(buf, a.astype(np.int16), allow_pickle=False)
-        path = self.teacher_predictions_path if teacher else self.predictions_path
+        path = self.test_labels_path if labels else self.teacher_predictions_path if teacher else self.predictions_path
         atomic_write_bytes(path, buf.getvalue())
         return path
 
-    def load_predictions(self, *, teacher: bool = False, name: str | None = None) -> Any:
+    def load_predictions(self, *, teacher: bool = False, labels: bool = False, name: str | None = None) -> Any:
         """The saved predictions (numpy int16 ``[N]``), or None if the run has none.
 
         ``name``: another file of the run (a peer's predictions file named in its metrics)."""
         import numpy as np
 
-        path = self.path / name if name else (self.teacher_predictions_path if teacher else self.predictions_path)
+        path = self.path / name if name else (self.test_labels_path if labels else
+                                              self.teacher_predictions_path if teacher else self.predictions_path)
         if Path(name or "").name != (name or "") or not path.is_file():
             return None
         return np.load(path, allow_pickle=False)
