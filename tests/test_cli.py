@@ -96,3 +96,18 @@ def test_pqd_run_under_torchrun_two_gloo_processes(tiny_config, tmp_path):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["final_form"] == "int8" and m["accuracy"]["final_top1"] > 0.5
     assert r.stdout.count("top-1 accuracy") == 1, "only rank 0 reports"
+
+
+def test_run_summary_names_the_latency_sides_and_the_test_set():
+    from pqd.cli import format_table
+
+    ci = lambda t: {"top1": t, "ci_low": t - 0.02, "ci_high": t + 0.02, "n": 10000, "method": "wilson", "confidence": 0.95}  # noqa: E731
+    lat = [{"model": m, "batch": 1, "median_ms": ms, "p90_ms": ms, "threads": 2} for m, ms in (("teacher_fp32", 4.0), ("final_int8", 1.0))]
+    m = {"schema": 3, "model": "resnet18", "dataset": "cifar10", "stages": "P:1,Q:2,D:2", "final_form": "int8",
+         "accuracy": {"teacher_top1": 0.6, "final_top1": 0.62, "teacher_top1_ci": ci(0.6), "final_top1_ci": ci(0.62),
+                      "test_n": 10000, "test_full_split": True},
+         "size_bytes": {"teacher_fp32": 4_000_000, "final": 1_000_000, "final_file": "model_int8.pt"}, "latency": lat}
+    out = format_table(m)
+    assert "62.00% [60.0, 64.0]" in out and "full test split (n=10000)" in out
+    assert "4.00x (PyTorch eager FP32 vs TorchScript INT8)" in out and "pqd bench" in out
+    assert "x faster" not in out

@@ -12,7 +12,7 @@ ORDERS = [",".join(f"{s}:2" for s in perm) for perm in itertools.permutations("P
 
 
 def _check_common(m, cfg):
-    assert m["schema"] == 2 and m["stages"] == cfg.stage_string()
+    assert m["schema"] == 3 and m["stages"] == cfg.stage_string()
     assert m["stage_order"] == [s.stage for s in cfg.stages]
     assert 0.0 <= m["accuracy"]["final_top1"] <= 1.0
     assert m["size_bytes"]["teacher_fp32"] > 0 and m["size_bytes"]["final"] > 0
@@ -87,6 +87,39 @@ def test_latency_is_timed_in_worker_processes(tiny_config, tmp_path):
     assert {r["harness"] for r in m["latency"]} == {"worker processes"}
     assert {r["model"] for r in m["latency"]} == {"teacher_fp32", "final_int8"}
     assert all(r["runs"] == 5 and r["blocks"]["rounds"] >= 1 for r in m["latency"])
+    # the pipeline's own ratio is PyTorch eager FP32 vs TorchScript INT8: a labelled extra, never "same runtime"
+    assert {(r["runtime"], r["precision"]) for r in m["latency"]} == {("pytorch", "fp32"), ("pytorch", "int8")}
+    sp = m["speedup"]
+    assert sp["same_runtime"] == [] and sp["pytorch_eager_extra"]
+    extra = sp["pytorch_eager_extra"][0]
+    assert extra["kind"] == "pytorch_eager_vs_compiled"
+    assert "PyTorch eager" in extra["numerator"] and "TorchScript" in extra["denominator"]
+
+
+def test_accuracy_carries_intervals_test_set_and_prediction_files(tiny_config, tmp_path):
+    import numpy as np
+
+    from pqd.data import load_data
+    from pqd.rundir import RunDir
+
+    cfg = RunConfig.from_dict(tiny_config | {"stages": "Q:1"})
+    m = run_pipeline(cfg, tmp_path)
+    acc = m["accuracy"]
+    assert acc["test_n"] == 200 and acc["test_full_split"] is False and acc["test_subset_seed"] == 0
+    for key in ("teacher_top1", "final_top1", "fake_quant_top1"):
+        ci = acc[f"{key}_ci"]
+        assert ci["top1"] == pytest.approx(acc[key]) and ci["n"] == 200 and ci["method"] == "wilson"
+        assert ci["ci_low"] < acc[key] < ci["ci_high"] or acc[key] in (0.0, 1.0)
+    run = RunDir(tmp_path)
+    y = load_data(cfg.data, seed=cfg.seed).test.y.numpy()
+    final, teacher = run.load_predictions(), run.load_predictions(teacher=True)
+    assert final.dtype == np.int16 and final.shape == (200,) and acc["predictions_file"] == "predictions.npy"
+    assert (final == y).mean() == pytest.approx(acc["final_top1"])
+    assert (teacher == y).mean() == pytest.approx(acc["teacher_top1"])
+    assert (run.load_predictions(labels=True) == y).all()
+    full = RunConfig.from_dict(tiny_config | {"stages": "", "data": {"dataset": "digits", "train_subset": 600}})
+    acc = run_pipeline(full, tmp_path / "full")["accuracy"]
+    assert acc["test_full_split"] is True and acc["test_n"] == len(load_data(full.data).test) and "test_subset_seed" not in acc
 
 
 def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(tiny_config, tmp_path, monkeypatch, caplog):

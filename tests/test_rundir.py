@@ -102,7 +102,7 @@ def _metrics() -> Metrics:
 def test_metrics_round_trip_merge_and_fields(tmp_path):
     m = _metrics()
     d = m.to_dict()
-    assert d["schema"] == SCHEMA == 2 and Metrics.from_dict(d) == m and json.loads(json.dumps(d)) == d
+    assert d["schema"] == SCHEMA == 3 and Metrics.from_dict(d) == m and json.loads(json.dumps(d)) == d
     assert m.stage_label == "P>Q" and m.final_model_name == "final_int8" and m.median_ms("final_int8", 1) == 1.0
     run = RunDir(tmp_path)
     run.merge_metrics(bench={"x": 1})  # no metrics.json yet: nothing to merge into

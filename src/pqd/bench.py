@@ -50,7 +50,7 @@ from pqd.errors import ConfigError, PqdError
 
 log = logging.getLogger("pqd.bench")
 
-BENCH_SCHEMA = 1
+BENCH_SCHEMA = 2  # 2: speedup_summary (same-runtime, best-vs-best, fastest; eager ratios as an extra)
 RUNTIMES = ("pytorch", "onnxruntime", "openvino")
 BASELINE = "pytorch_fp32_eager"
 
@@ -193,8 +193,13 @@ def bench_run(
     # on a copy: a PTQ student's observers record every forward pass, and proxies runs one
     prox = {"teacher": proxies(run.teacher, run.input_shape), "final": proxies(copy.deepcopy(run.student.model), run.input_shape)}
     env = environment(max(threads)) | {"runtimes": _versions()}
+    from pqd.measure.speedup import speedup_summary
+
     result = {
         "schema": BENCH_SCHEMA,
+        # the headline: same-runtime INT8 vs FP32 per runtime, best vs best, the fastest deployment named;
+        # PyTorch eager FP32 vs compiled INT8 only as a labelled extra (every ratio names both sides)
+        "speedup_summary": speedup_summary(records),
         "run_dir": str(out),
         "model": run.config.model.name, "width": run.config.model.width, "stages": run.config.stage_string(),
         "final_form": "int8" if run.quantized else "fp32",
@@ -204,7 +209,8 @@ def bench_run(
                      "interleaved": "one worker process per variant; rounds in rotating order, one block of consecutive "
                                     "calls per variant per round, each block starting with settle_ms of untimed calls",
                      "blocks_batch1": asdict(SMALL_BATCH_BLOCKS), "blocks_large_batch": asdict(LARGE_BATCH_BLOCKS),
-                     "ratio": "x_vs_fp32_eager = PyTorch FP32 eager time / this time (same threads, batch, run); >1 is faster",
+                     "ratio": "x_vs_fp32_eager = PyTorch FP32 eager time / this time (same threads, batch, run); >1 is "
+                              "faster. A PyTorch-eager-vs-this-runtime extra; same-runtime ratios: speedup_summary",
                      "peak_rss": "VmHWM of each variant's worker process after all its timed calls at the largest thread count" if rss else None},
         "variants": settings,
         "skipped": skipped | ((export or {}).get("skipped") or {}),
@@ -251,7 +257,13 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
 def format_markdown(result: dict) -> str:
     """The bench result as markdown tables (also what ``pqd bench`` prints)."""
     env, s, prox = result["env"], result["settings"], result["proxies"]
+    from pqd.measure.speedup import format_summary
+
     lines = [f"# pqd bench: {result['model']} (width {result['width']}, {result['stages']}, final {result['final_form'].upper()})", ""]
+    if result.get("speedup_summary"):
+        lines += ["## Speed-ups (each names both sides and runtime)", ""]
+        lines += [f"- {line}" if not line.startswith("  ") else f"  - {line.strip()}" for line in format_summary(result["speedup_summary"])]
+        lines += ["", "## Timings", ""]
     lines.append(f"CPU: {env['cpu_model']} ({env['logical_cpus']} logical CPUs; flags: {', '.join(env['cpu_flags']) or '-'}); "
                  f"torch {env['torch']}, " + ", ".join(f"{k} {v}" for k, v in env["runtimes"].items() if v))
     b1, bl = s.get("blocks_batch1"), s.get("blocks_large_batch")
@@ -259,7 +271,8 @@ def format_markdown(result: dict) -> str:
            f"calls at batch 1, {bl['timed']} at larger batches)" if b1 and bl else "round-robin")
     lines.append(f"Median / p90 / std of {s['runs_batch1']} timed runs at batch 1 ({s['runs_large_batch']} at larger batches) "
                  f"after {s['warmup']} warm-up runs, each variant in its own worker process, interleaved {how}. "
-                 "\"x FP32\" = PyTorch FP32 eager time / this time, same threads and batch (>1 is faster).")
+                 "\"x PyTorch FP32 eager\" = PyTorch FP32 eager time / this time, same threads and batch (>1 is faster): "
+                 "an extra that mixes precision with runtime; the same-runtime ratios are listed above.")
     lines.append("")
     rss = result.get("peak_rss_mb") or {}
     rows = []
@@ -270,7 +283,8 @@ def format_markdown(result: dict) -> str:
         rows.append([str(r["threads"]), str(r["batch"]), r["model"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['std_ms']:.3f}",
                      f"{r['images_per_s']:.0f}", f"{x['median']:.2f}x", f"{x['p90']:.2f}x", _fmt_int(p["nonzero_macs"]),
                      f"{peak:.0f}" if peak else "-"])
-    lines += _table(["threads", "batch", "variant", "median ms", "p90 ms", "std ms", "img/s", "x FP32 (median)", "x FP32 (p90)",
+    lines += _table(["threads", "batch", "variant", "median ms", "p90 ms", "std ms", "img/s", "x PyTorch FP32 eager (extra, median)",
+                     "x PyTorch FP32 eager (extra, p90)",
                      "MACs on non-zero w", "peak RSS MiB"], rows)
     lines += ["", "Proxies (per image; Conv/Linear only): unstructured zeros cut the MACs on non-zero weights, "
               "not the work of dense kernels."]

@@ -35,19 +35,30 @@ def format_table(metrics: dict) -> str:
     m = Metrics.from_dict(metrics)
     acc, size = m.accuracy, m.size_bytes
     rows = [("", "teacher (FP32)", f"final ({m.final_form.upper()}, {m.stages or 'dense'})")]
-    rows.append(("top-1 accuracy", f"{100 * acc.teacher_top1:.2f}%", f"{100 * acc.final_top1:.2f}%"))
+
+    def pct(value: float, ci: dict | None) -> str:
+        return f"{100 * value:.2f}%" + (f" [{100 * ci['ci_low']:.1f}, {100 * ci['ci_high']:.1f}]" if ci else "")
+
+    rows.append(("top-1 accuracy (95% CI)" if acc.final_top1_ci else "top-1 accuracy", pct(acc.teacher_top1, acc.teacher_top1_ci),
+                 pct(acc.final_top1, acc.final_top1_ci)))
     rows.append(("sparsity", "0%", f"{100 * m.sparsity.achieved:.1f}%"))
     rows.append(("file size", f"{size.teacher_fp32 / 1e6:.2f} MB", f"{size.final / 1e6:.2f} MB ({size.teacher_fp32 / size.final:.1f}x smaller)"))
+    sides = "PyTorch eager FP32 vs TorchScript INT8" if m.final_form == "int8" else "PyTorch eager FP32, both"
     for bs in sorted({r.batch for r in m.latency}):
         recs = {r.model: r for r in m.latency if r.batch == bs}
         t, f = recs["teacher_fp32"], recs[m.final_model_name]
         ratio = f.extra.get("ratio_to_baseline") or t.median_ms / f.median_ms
         rows.append((f"latency b={bs} median (p90)", f"{t.median_ms:.2f} ms ({t.p90_ms:.2f})",
-                     f"{f.median_ms:.2f} ms ({f.p90_ms:.2f}), {ratio:.2f}x faster"))
+                     f"{f.median_ms:.2f} ms ({f.p90_ms:.2f}), {ratio:.2f}x ({sides})"))
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    if acc.test_label:
+        lines.append(f"(accuracy on the {acc.test_label}; Wilson 95% intervals)")
     thr = m.latency[0].extra.get("threads") if m.latency else "?"
     lines.append(f"(latency: {thr} threads, each model in its own worker process, timed interleaved; sizes are bytes of the files on disk)")
+    if m.final_form == "int8":
+        lines.append("(the ratio above mixes INT8 with leaving PyTorch eager mode, a PyTorch-eager-vs-compiled extra; "
+                     "same-runtime INT8 vs FP32 speed-ups: `pqd bench RUN_DIR`)")
     return "\n".join(lines)
 
 
@@ -94,7 +105,8 @@ def _sweep_or_report(args) -> int:
     if args.dry_run:
         sweep = expand(spec)
         for r in sweep.ordered():
-            print(f"{r.run_id:40s} {r.kind:8s} {r.config_dict()['stages'] or 'dense':16s} teacher {r.teacher_id}")
+            what = f"peer:{r.peer}" if r.peer else r.config_dict()["stages"] or "dense"
+            print(f"{r.run_id:40s} {r.kind:8s} {what:16s} teacher {r.teacher_id}")
         print(f"{len(sweep.runs)} runs ({len(sweep.teachers())} teachers)")
         return 0
     _setup_logging(args.out, args.quiet)

@@ -268,7 +268,10 @@ class QuantizeConfig(Section):
 
 @dataclass(frozen=True)
 class DistillConfig(Section):
-    """Response-based KD: ``T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``.
+    """Response-based KD: ``kd_weight · T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``.
+
+    ``kd_weight: 0`` is the KD-off control: the same stage, epochs, lr and schedule with the
+    cross-entropy term alone and no teacher forward ("more training, no teacher").
 
     ``kind`` picks the KD variant (:mod:`pqd.kd_variants`): 'response' (above), 'feature'
     (FitNets hints from ``layers``, 1x1 adapters where widths differ), 'attention' (attention
@@ -285,6 +288,7 @@ class DistillConfig(Section):
     layers: tuple[str, ...] = ()
     beta: float | None = None
     peers: int = 1
+    kd_weight: float = 1.0
 
     def __post_init__(self):
         _choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
@@ -294,6 +298,10 @@ class DistillConfig(Section):
         _range("distill.temperature", self.temperature, 0.1, 100.0)
         _range("distill.alpha", self.alpha, 0.0)
         _range("distill.lr", self.lr, 0.0)
+        _range("distill.kd_weight", self.kd_weight, 0.0)
+        if self.kd_weight == 0 and self.alpha == 0:
+            _fail("distill.kd_weight", "kd_weight 0 and alpha 0 together leave no loss; set alpha > 0 for the KD-off "
+                  "control (cross-entropy only) or kd_weight > 0")
 
 
 def _stage_registry():

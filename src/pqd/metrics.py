@@ -7,7 +7,9 @@ back unchanged. Optional values are omitted from the JSON when they are None.
 
 Schema history: 1 — the untyped dict of pqd ≤ 0.x; 2 — this module: adds ``stage_records``,
 ``pruned``, ``quantize_mode``, ``prune_criterion``, ``image_shape``; stage lists may repeat
-or be empty (a dense run).
+or be empty (a dense run); 3 — accuracy gains Wilson intervals (``*_top1_ci``), ``test_n``,
+``test_full_split``, prediction files; ``speedup`` (labelled ratios, every one naming both
+sides and runtime; the pipeline's own teacher-vs-final ratio is ``pytorch_eager_extra``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SCHEMA = 2
+SCHEMA = 3
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +47,15 @@ def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Accuracy:
-    """Top-1 on the test split (fractions) and prediction agreement between models."""
+    """Top-1 on the test split (fractions) and prediction agreement between models.
+
+    ``*_top1_ci``: :func:`pqd.measure.stats.top1_record` of the same top-1
+    (``{top1, ci_low, ci_high, n, method, confidence}``, Wilson 95%). ``test_n``: images
+    evaluated; ``test_full_split``: False when ``data.test_subset`` chose a subset (then
+    ``test_subset_seed`` is its fixed seed). ``predictions_file`` / ``teacher_predictions_file``:
+    per-image argmax (int16, test-split order) in the run folder, for paired tests between runs
+    on the same test set (:attr:`test_set`).
+    """
 
     teacher_top1: float
     final_top1: float
@@ -54,6 +64,31 @@ class Accuracy:
     int8_vs_fake_quant_agreement: float | None = None
     pre_conversion_fp32_top1: float | None = None  # PTQ: the calibrated FP32 model before conversion
     int8_vs_fp32_agreement: float | None = None
+    teacher_top1_ci: dict[str, Any] | None = None
+    final_top1_ci: dict[str, Any] | None = None
+    fake_quant_top1_ci: dict[str, Any] | None = None
+    pre_conversion_fp32_top1_ci: dict[str, Any] | None = None
+    test_n: int | None = None  # None in metrics older than schema 3
+    test_full_split: bool | None = None
+    test_subset_seed: int | None = None
+    predictions_file: str | None = None
+    teacher_predictions_file: str | None = None
+
+    @property
+    def test_set(self) -> tuple | None:
+        """What makes two runs' predictions comparable image by image (with the dataset name)."""
+        if self.test_n is None:
+            return None
+        return (self.test_n, bool(self.test_full_split), None if self.test_full_split else self.test_subset_seed)
+
+    @property
+    def test_label(self) -> str:
+        """'full test split (n=10000)' or 'test subset n=2000 (seed 0)'; '' when not recorded."""
+        if self.test_n is None:
+            return ""
+        if self.test_full_split:
+            return f"full test split (n={self.test_n})"
+        return f"test subset n={self.test_n} (seed {self.test_subset_seed})"
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(dataclasses.asdict(self))
@@ -182,6 +217,7 @@ class Metrics:
     faithfulness: dict[str, Any] | None = None
     stage_records: list[StageRecord] = field(default_factory=list)
     degradation: dict[str, Any] | None = None  # pqd.measure.degradation.compare_degradation (teacher vs deployed)
+    speedup: dict[str, Any] | None = None  # pqd.measure.speedup.speedup_summary of ``latency``
     wall_time_s: float | None = None
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by other commands (e.g. 'bench')
@@ -240,6 +276,7 @@ class Metrics:
             faithfulness=d.get("faithfulness"),
             stage_records=[StageRecord.from_dict(r) for r in d.get("stage_records") or []],
             degradation=d.get("degradation"),
+            speedup=d.get("speedup"),
             wall_time_s=d.get("wall_time_s"),
             schema=d.get("schema", 1),
             extra={k: v for k, v in d.items() if k not in names},

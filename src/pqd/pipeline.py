@@ -20,12 +20,14 @@ from torch import nn
 
 from pqd.compact import save_compact, verify_compact
 from pqd.config import RunConfig
-from pqd.data import Splits, load_data
+from pqd.data import TEST_SUBSET_SEED, Splits, load_data
 from pqd.errors import CheckpointError, ConfigError, ModelError
 from pqd.integrations.tracking import make_tracker
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
 from pqd.measure.degradation import compare_degradation
 from pqd.measure.faithfulness import faithfulness
+from pqd.measure.speedup import speedup_summary
+from pqd.measure.stats import correct_vector, top1_record
 from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
 from pqd.rundir import RunDir, build_model, model_kwargs
 from pqd.stages import Student, convert, global_sparsity, prunable_layers, to_torchscript
@@ -288,7 +290,9 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         deployed, d_logits, final_name = final.model, s_logits, "final_fp32"
         measured = None
     accuracy = Accuracy(teacher_top1=top1(t_logits, data.test.y), final_top1=top1(d_logits, data.test.y),
-                        final_vs_teacher_agreement=agreement(d_logits, t_logits), **extra_acc)
+                        final_vs_teacher_agreement=agreement(d_logits, t_logits), **extra_acc,
+                        **_accuracy_evidence(config, data, run, t_logits=t_logits, d_logits=d_logits, s_logits=s_logits,
+                                             form=final.form if int8 is not None else None))
 
     sections = {get_stage(s.stage).section for s in config.stages}
     pruned_by_config = "prune" in sections  # the prune section's options were used by a stage
@@ -300,6 +304,8 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
                         achieved_int8=measured, prunable_layers=len(layers))
     lat = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
                               deployed_path=deployed_path, final_name=final_name)
+    lat = [r | {"runtime": "pytorch", "precision": "fp32" if r["model"].endswith("fp32") else "int8",
+                "form": "eager" if r["model"].endswith("fp32") else "TorchScript"} for r in lat]
     epochs = {"teacher": 0 if config.teacher.weights else config.teacher.epochs}
     for s in config.stages:
         epochs[s.stage] = epochs.get(s.stage, 0) + s.epochs
@@ -317,7 +323,29 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         quantization=quantization, faithfulness=faithfulness(t_logits, d_logits, data.test.y, class_names=data.test.classes),
         stage_records=_stage_records(config, student, stage_times or {}),
         degradation=compare_degradation(t_logits, d_logits, data.test.y),
+        speedup=speedup_summary(lat),
     )
+
+
+def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits: torch.Tensor, d_logits: torch.Tensor,
+                       s_logits: torch.Tensor, form: str | None) -> dict:
+    """Wilson intervals beside every top-1, which test images were used, and the prediction files
+    (teacher and deployed model, int16 argmax in test-split order) for paired tests between runs."""
+    y = data.test.y.cpu().numpy()
+    out: dict = {
+        "teacher_top1_ci": top1_record(correct_vector(t_logits.numpy(), y)),
+        "final_top1_ci": top1_record(correct_vector(d_logits.numpy(), y)),
+        "test_n": int(len(y)), "test_full_split": config.data.test_subset is None,
+        "test_subset_seed": None if config.data.test_subset is None else TEST_SUBSET_SEED,
+    }
+    if form == "qat":
+        out["fake_quant_top1_ci"] = top1_record(correct_vector(s_logits.numpy(), y))
+    elif form is not None:
+        out["pre_conversion_fp32_top1_ci"] = top1_record(correct_vector(s_logits.numpy(), y))
+    out["predictions_file"] = run.save_predictions(d_logits.argmax(1).numpy()).name
+    out["teacher_predictions_file"] = run.save_predictions(t_logits.argmax(1).numpy(), teacher=True).name
+    run.save_predictions(y, labels=True)
+    return out
 
 
 def int8_sparsity(int8: nn.Module, student: Student) -> float | None:

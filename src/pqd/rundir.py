@@ -108,6 +108,9 @@ class RunDir:
     COMPACT = "model_int8.pqdz"
     FP32 = "model_fp32.safetensors"
     METRICS = "metrics.json"
+    PREDICTIONS = "predictions.npy"  # int16 [N]: the final model's argmax per test image, test-split order
+    TEACHER_PREDICTIONS = "teacher_predictions.npy"  # the same for the teacher
+    TEST_LABELS = "test_labels.npy"  # int16 [N]: the test labels in the same order (test-set identity check)
     INT8_ONNX = "model_int8.onnx"
     FP32_ONNX = "model_fp32.onnx"
     TEACHER_ONNX = "teacher_fp32.onnx"
@@ -135,6 +138,9 @@ class RunDir:
     compact_path = property(lambda self: self.path / self.COMPACT)
     fp32_path = property(lambda self: self.path / self.FP32)
     metrics_path = property(lambda self: self.path / self.METRICS)
+    predictions_path = property(lambda self: self.path / self.PREDICTIONS)
+    teacher_predictions_path = property(lambda self: self.path / self.TEACHER_PREDICTIONS)
+    test_labels_path = property(lambda self: self.path / self.TEST_LABELS)
 
     def stage_dir(self, index: int, name: str) -> Path:
         """Checkpoint folder of the stage at ``index`` (0-based) of the stage list: index-based, so repeats work."""
@@ -324,6 +330,35 @@ class RunDir:
             warnings.simplefilter("ignore")
             model = self.rebuild_model(config, num_classes=num_classes, image_shape=shape, form=mode)
             return convert(Student(model, {}, mode)).eval()
+
+    # ------------------------------------------------------------------ predictions
+    def save_predictions(self, predictions: Any, *, teacher: bool = False, labels: bool = False) -> Path:
+        """Write per-image argmax predictions (int16, test-split order) for paired tests
+        (``labels=True``: the test labels themselves, in the same order)."""
+        import io
+
+        import numpy as np
+
+        a = np.asarray(predictions)
+        if a.ndim != 1:
+            raise ValueError(f"predictions must be a 1-D vector of class indices, got shape {a.shape}")
+        buf = io.BytesIO()
+        np.save(buf, a.astype(np.int16), allow_pickle=False)
+        path = self.test_labels_path if labels else self.teacher_predictions_path if teacher else self.predictions_path
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    def load_predictions(self, *, teacher: bool = False, labels: bool = False, name: str | None = None) -> Any:
+        """The saved predictions (numpy int16 ``[N]``), or None if the run has none.
+
+        ``name``: another file of the run (a peer's predictions file named in its metrics)."""
+        import numpy as np
+
+        path = self.path / name if name else (self.test_labels_path if labels else
+                                              self.teacher_predictions_path if teacher else self.predictions_path)
+        if Path(name or "").name != (name or "") or not path.is_file():
+            return None
+        return np.load(path, allow_pickle=False)
 
     # ------------------------------------------------------------------ metrics
     def read_metrics(self) -> dict | None:

@@ -11,6 +11,7 @@ A sweep file holds a base config, named variants (overrides of the base) and gri
       sparsity:
         stages: "P:1,Q:2,D:2"
         grid: {prune.sparsity: [0.5, 0.9], seed: [0]}   # per-variant axes replace global ones of the same name
+      nncf_ptq: {peer: nncf_ptq}                  # a peer baseline (pqd.peers) of the variant's teacher
 
 Expansion: every variant × the cartesian product of its axes is one run (a :class:`RunConfig`).
 Values are applied in this order: base (with ``--set`` overrides) ← variant ← axis values.
@@ -34,6 +35,13 @@ Layout of ``--out DIR``::
 A run counts as finished when its ``metrics.json`` exists (and its config matches); finished
 runs are skipped, unfinished ones resume where they stopped (``run_pipeline`` is resumable),
 so re-running the same command after a kill finishes only what is missing.
+
+Peer runs: a variant with ``peer: NAME`` (one of :data:`pqd.peers.PEERS`, e.g. ``nncf_ptq``)
+is another tool's compression of the teacher of its identity (``stages`` is ignored), run by
+:func:`pqd.peers.peer_run` after that teacher: evaluated on the same test split and timed by
+pqd's worker harness in the peer's runtime (OpenVINO FP32 teacher vs NNCF INT8). Its table row
+says so in ``lat_runtime``; without the optional extra (``pip install 'pqd[peers]'``) the run
+fails with that message and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -68,7 +76,8 @@ _TEACHER_TRAIN_IGNORED = ("progress",)
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One run of a sweep. ``kind`` is 'pipeline' or 'teacher' (dense FP32 teacher only)."""
+    """One run of a sweep. ``kind`` is 'pipeline', 'teacher' (dense FP32 teacher only) or
+    'peer' (another tool's compression of the teacher: :attr:`peer` names it)."""
 
     run_id: str
     variant: str
@@ -76,9 +85,13 @@ class Run:
     config: RunConfig  # a teacher run's config has no stages (a dense run)
     axes: tuple[tuple[str, Any], ...]
     teacher_id: str
+    peer: str | None = None
 
     def config_dict(self) -> dict:
-        return self.config.to_dict()
+        d = self.config.to_dict()
+        if self.kind == "peer":
+            d = d | {"stages": DENSE, "peer": self.peer}
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +105,15 @@ class Sweep:
     def pipelines(self) -> list[Run]:
         return [r for r in self.runs if r.kind == "pipeline"]
 
+    def peers(self) -> list[Run]:
+        return [r for r in self.runs if r.kind == "peer"]
+
     def ordered(self) -> list[Run]:
         """Execution order: each teacher, then the runs that use it (sweep-file order)."""
         out = []
         for t in self.teachers():
             out.append(t)
-            out += [r for r in self.pipelines() if r.teacher_id == t.teacher_id]
+            out += [r for r in self.runs if r.kind != "teacher" and r.teacher_id == t.teacher_id]
         return out
 
 
@@ -193,13 +209,21 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
     if not isinstance(variants, Mapping) or not variants:
         raise ConfigError("sweep.variants must be a non-empty mapping of name -> overrides, e.g. {pqd: {stages: 'P:1,Q:2,D:2'}}")
 
-    expanded: list[tuple[str, tuple, dict]] = []  # (variant, axes, config dict)
+    expanded: list[tuple[str, tuple, dict, str | None]] = []  # (variant, axes, config dict, peer)
     for vname, over in variants.items():
         if not isinstance(vname, str) or not vname.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"sweep.variants: name {vname!r} must be letters, digits, '_' or '-'")
         if over is not None and not isinstance(over, Mapping):
             raise ConfigError(f"sweep.variants.{vname}: expected a mapping of overrides, e.g. {{stages: 'P:1,Q:2,D:2'}}, got {over!r}")
         over = dict(over or {})
+        peer = over.pop("peer", None)
+        if peer is not None:
+            from pqd.peers import PEERS  # no heavy import: NNCF itself is imported when a peer runs
+
+            if peer not in PEERS:
+                raise ConfigError(f"sweep.variants.{vname}.peer: {peer!r} is not a known peer baseline; choose one of "
+                                  f"{', '.join(map(repr, PEERS))}")
+            over["stages"] = DENSE  # a peer run has no stages of its own: it starts from the teacher
         vgrid = dict(global_grid)
         vgrid.update(_grid(over.pop("grid", None) or {}, f"variants.{vname}.grid"))
         merged = _merge_into(json.loads(json.dumps(base)), _dotted_to_nested(over, f"variants.{vname}"))
@@ -207,15 +231,15 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
         for values in itertools.product(*(vgrid[k] for k in keys)):
             axes = tuple(zip(keys, values))
             cfg = _merge_into(json.loads(json.dumps(merged)), _dotted_to_nested(dict(axes), f"variants.{vname}.grid"))
-            expanded.append((vname, axes, cfg))
+            expanded.append((vname, axes, cfg, peer))
 
     runs: list[Run] = []
     teachers: dict[str, Run] = {}
     dense_names: dict[str, str] = {}
     seen: dict[str, str] = {}
-    for vname, axes, cfg in expanded:
+    for vname, axes, cfg, peer in expanded:
         where = f"variant {vname!r}" + (f" ({', '.join(f'{k}={v}' for k, v in axes)})" if axes else "")
-        dense = _is_dense(cfg.get("stages", "x"))
+        dense = peer is None and _is_dense(cfg.get("stages", "x"))
         rc = _validated(cfg, where)
         full = rc.to_dict()
         tid = teacher_identity(full)
@@ -225,13 +249,13 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
             dense_names.setdefault(tid, vname)
             continue
         run_id = "__".join([vname] + [_fmt_axis(k, v) for k, v in axes])
-        fp = json.dumps(full, sort_keys=True)
+        fp = json.dumps(full | ({"peer": peer} if peer else {}), sort_keys=True)
         if fp in seen:
             raise ConfigError(f"sweep: {where} expands to the same config as run {seen[fp]!r}; drop one of them")
         seen[fp] = run_id
         if any(r.run_id == run_id for r in runs):
             raise ConfigError(f"sweep: two runs are both named {run_id!r}; rename a variant")
-        runs.append(Run(run_id, vname, "pipeline", rc, axes, tid))
+        runs.append(Run(run_id, vname, "peer" if peer else "pipeline", rc, axes, tid, peer))
 
     teacher_runs = []
     for tid, t in teachers.items():
@@ -274,10 +298,13 @@ def run_dir(sweep_dir: str | Path, run: Run) -> Path:
 
 def _normalized(saved: dict) -> dict:
     """A stored config dict with defaults filled in (so fields added to pqd later still match)."""
+    saved = dict(saved)
+    peer = saved.pop("peer", None)
     try:
-        return RunConfig.from_dict(dict(saved)).to_dict()
+        out = RunConfig.from_dict(saved).to_dict()
     except ConfigError:
-        return saved
+        out = saved
+    return out | {"peer": peer} if peer is not None else out
 
 
 def finished_metrics(sweep_dir: str | Path, run: Run) -> dict | None:
@@ -307,6 +334,8 @@ def execute(run: Run, sweep_dir: str) -> dict:
     root.setLevel(logging.INFO)
     root.propagate = False  # a run's log goes to its log.txt, not to the console under the progress bar
     try:
+        if run.kind == "peer":
+            return _execute_peer(run, out)
         from pqd.pipeline import run_pipeline  # teacher runs too: a dense run of the same pipeline
 
         return run_pipeline(run.config, out)
@@ -315,6 +344,18 @@ def execute(run: Run, sweep_dir: str) -> dict:
         handler.close()
         root.setLevel(old[0])
         root.propagate = old[1]
+
+
+def _execute_peer(run: Run, out: Path) -> dict:
+    from pqd.peers import peer_run
+    from pqd.train.checkpoint import atomic_write_bytes
+
+    d = RunDir(out)
+    saved = d.saved_config_dict()
+    if saved is not None and _normalized(saved) != run.config_dict():
+        raise ConfigError(f"{d.path} holds a peer run with a different config; use a new --out directory or delete it")
+    atomic_write_bytes(d.config_path, yaml.safe_dump(run.config_dict(), sort_keys=False).encode())
+    return peer_run(run.config, out, peer=run.peer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,11 +375,77 @@ COLUMNS = (
     ("lat_bmax", "INTEGER"), ("lat_bmax_teacher_ms", "REAL"), ("lat_bmax_final_ms", "REAL"), ("lat_bmax_speedup", "REAL"),
     ("wall_time_s", "REAL"), ("axes_json", "TEXT"), ("config_json", "TEXT"), ("metrics_json", "TEXT"),
     ("run_dir", "TEXT"), ("recorded_at", "TEXT"),
+    # evidence (schema-3 metrics): intervals, the test set, and what the latency ratio compares
+    ("teacher_top1_ci_low", "REAL"), ("teacher_top1_ci_high", "REAL"), ("final_top1_ci_low", "REAL"),
+    ("final_top1_ci_high", "REAL"), ("test_n", "INTEGER"), ("test_full_split", "INTEGER"),
+    ("lat_teacher_label", "TEXT"), ("lat_final_label", "TEXT"), ("lat_speedup_kind", "TEXT"), ("peer", "TEXT"),
 )
+
+# lat_* columns: what each side is (every ratio in the table names both sides and runtime)
+PIPELINE_LATENCY = {
+    "int8": ("teacher FP32 @ PyTorch eager", "INT8 @ PyTorch TorchScript", "pytorch_eager_vs_compiled"),
+    "fp32": ("teacher FP32 @ PyTorch eager", "FP32 @ PyTorch eager", "same_runtime"),
+}
+
+
+def _ci_columns(acc: Mapping[str, Any]) -> dict:
+    out = {}
+    for key in ("teacher_top1", "final_top1"):
+        ci = acc.get(f"{key}_ci") or {}
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = ci.get("ci_low"), ci.get("ci_high")
+    full = acc.get("test_full_split")
+    return out | {"test_n": acc.get("test_n"), "test_full_split": None if full is None else int(bool(full))}
+
+
+def _peer_row(run: Run, metrics: Mapping[str, Any]) -> dict:
+    """A peer run's row: its metrics.json is :func:`pqd.peers.peer_run`'s (OpenVINO FP32 teacher vs the peer's INT8)."""
+    cfg = run.config_dict()
+    acc = metrics.get("accuracy") or {}
+    lat = metrics.get("latency") or []
+    threads = {r.get("threads") for r in lat}
+    thr = min(threads) if threads and None not in threads else None  # the run's measure.threads (one value)
+    recs = [r for r in lat if r.get("threads") == thr]
+    base = next((r for r in recs if r.get("precision") == "fp32"), None)
+    peer = next((r for r in recs if r.get("precision") == "int8"), None)
+
+    def ms(rec_name: str | None, batch: int | None) -> float | None:
+        return next((r["median_ms"] for r in recs if r["model"] == rec_name and r["batch"] == batch), None)
+
+    from pqd.measure.speedup import RUNTIME_LABELS
+
+    runtime = RUNTIME_LABELS.get((base or peer or {}).get("runtime", ""), "?")
+    tname, pname = (base or {}).get("model"), (peer or {}).get("model")
+    bmax = max((r["batch"] for r in recs), default=None)
+    b1t, b1f = ms(tname, 1), ms(pname, 1)
+    bmt, bmf = (ms(tname, bmax), ms(pname, bmax)) if bmax and bmax != 1 else (None, None)
+    return {
+        "run_id": run.run_id, "variant": run.variant, "kind": run.kind, "teacher_id": run.teacher_id, "peer": run.peer,
+        "model": metrics.get("model"), "width": metrics.get("width"), "dataset": metrics.get("dataset"),
+        "stages": "", "stage_order": f"peer:{run.peer}", "seed": cfg["seed"],
+        "sparsity_target": 0.0, "sparsity_achieved": None, "prune_criterion": None, "quantize_mode": "ptq",
+        "final_form": metrics.get("final_form", "int8"), "teacher_epochs": cfg["teacher"]["epochs"],
+        "teacher_top1": acc.get("teacher_top1"), "final_top1": acc.get("final_top1"),
+        "size_teacher_bytes": None, "size_final_bytes": (metrics.get("size_bytes") or {}).get("final"), "size_compact_bytes": None,
+        "lat_b1_teacher_ms": b1t, "lat_b1_final_ms": b1f, "lat_b1_speedup": (b1t / b1f) if b1t and b1f else None,
+        "lat_bmax": bmax if bmt is not None else None, "lat_bmax_teacher_ms": bmt, "lat_bmax_final_ms": bmf,
+        "lat_bmax_speedup": (bmt / bmf) if bmt and bmf else None,
+        "lat_teacher_label": f"teacher FP32 @ {runtime}", "lat_final_label": f"{run.peer} INT8 @ {runtime}",
+        "lat_speedup_kind": "same_runtime",
+        "wall_time_s": metrics.get("wall_time_s"),
+        "axes_json": json.dumps(dict(run.axes)), "config_json": json.dumps(cfg, sort_keys=True),
+        "metrics_json": json.dumps(metrics, sort_keys=True),
+        "run_dir": str(Path("runs") / run.run_id), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    } | _ci_columns(acc)
 
 
 def row_for(run: Run, metrics: Mapping[str, Any], sweep_dir: str | Path) -> dict:
-    """One table row, read from the typed metrics (:class:`pqd.metrics.Metrics`) and the run's config."""
+    """One table row, read from the typed metrics (:class:`pqd.metrics.Metrics`) and the run's config.
+
+    ``lat_*``: the run's own timing, teacher FP32 in PyTorch eager vs the final model (INT8 in
+    TorchScript: a PyTorch-eager-vs-compiled ratio, ``lat_speedup_kind``); a peer run's are
+    in its runtime (``lat_teacher_label`` / ``lat_final_label`` name both sides)."""
+    if run.kind == "peer" or metrics.get("kind") == "peer":
+        return _peer_row(run, metrics)
     cfg = run.config_dict()
     m = Metrics.from_dict(metrics)
     final = m.final_model_name
@@ -365,7 +472,9 @@ def row_for(run: Run, metrics: Mapping[str, Any], sweep_dir: str | Path) -> dict
         "axes_json": json.dumps(dict(run.axes)), "config_json": json.dumps(cfg, sort_keys=True),
         "metrics_json": json.dumps(metrics, sort_keys=True),
         "run_dir": str(Path("runs") / run.run_id), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+        "lat_teacher_label": PIPELINE_LATENCY[m.final_form][0], "lat_final_label": PIPELINE_LATENCY[m.final_form][1],
+        "lat_speedup_kind": PIPELINE_LATENCY[m.final_form][2], "peer": None,
+    } | _ci_columns(metrics.get("accuracy") or {})
 
 
 class ResultTable:
@@ -422,7 +531,7 @@ def _progress(total: int, initial: int, enabled: bool):
 def _local(todo: list[Run], sweep_dir: str, on_done: Callable[[Run, dict], None], on_fail: Callable[[Run, BaseException], None]) -> None:
     failed_teachers: set[str] = set()
     for run in todo:
-        if run.kind == "pipeline" and run.teacher_id in failed_teachers:
+        if run.kind != "teacher" and run.teacher_id in failed_teachers:
             on_fail(run, PqdError(f"its teacher run teacher-{run.teacher_id} failed"))
             continue
         try:

@@ -20,6 +20,13 @@ def test_bench_schema_runs_every_installed_runtime(int8_run):
     else:
         assert "openvino" in r["skipped"]
     assert set(r["variants"]) == want
+    assert list(r)[:2] == ["schema", "speedup_summary"]
+    sp = r["speedup_summary"]
+    same = {(x["numerator"], x["denominator"]) for x in sp["same_runtime"]}
+    assert ("teacher FP32 @ ONNX Runtime", "pqd INT8 @ ONNX Runtime") in same
+    assert all(x["kind"] == "same_runtime" for x in sp["same_runtime"])
+    assert {x["kind"] for x in sp["pytorch_eager_extra"]} == {"pytorch_eager_vs_compiled"}
+    assert sp["best_deployment"] and {f["batch"] for f in sp["fastest"]} == {1, 4}
     lat = {(x["model"], x["batch"], x["threads"]): x for x in r["latency"]}
     assert set(lat) == {(v, b, 1) for v in want for b in (1, 4)}
     for (v, b, _), x in lat.items():
@@ -73,6 +80,11 @@ def test_cli_bench(int8_run, capsys, tmp_path):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "onnxruntime_int8" in out and "pytorch_fp32_eager" in out and "openvino_int8" not in out
+    # output leads with the labelled speed-ups: same runtime first, the PyTorch eager ratio only as an extra
+    body = out[out.index("## Speed-ups"):out.index("## Timings")]
+    assert body.index("Same runtime, INT8 vs FP32 teacher:") < body.index("Extra (PyTorch eager FP32 vs compiled INT8")
+    assert "pqd INT8 @ ONNX Runtime vs teacher FP32 @ ONNX Runtime" in body and "Fastest measured deployment" in body
+    assert "x PyTorch FP32 eager (extra" in out
     assert main(["bench", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "pqd: error:" in err and "not a pqd run directory" in err and "Traceback" not in err

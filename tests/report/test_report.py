@@ -129,3 +129,71 @@ def test_report_needs_matplotlib_and_a_table(synthetic_sweep, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(PqdError, match=r"pip install 'pqd\[report\]'"):
         build_report(synthetic_sweep)
+
+
+def test_report_intervals_latency_sides_and_pairwise_mcnemar(tmp_path):
+    """Three configurations x 2 seeds with saved predictions (and a peer run): intervals beside top-1, the
+    latency sides named, and McNemar between every pair, pooled over seeds and Holm-corrected."""
+    import numpy as np
+
+    from pqd.measure.stats import holm, mcnemar_pooled
+    from pqd.rundir import RunDir
+
+    n = 400
+    y = np.arange(n) % 10
+    table = ResultTable(tmp_path / "results.sqlite")
+    base = {"model": {"name": "resnet18", "width": 0.25}, "data": {"dataset": "cifar10"}, "teacher": {"epochs": 8}}
+    right = {"dense": 300, "qat_only": 290, "PQD": 340, "nncf": 296}  # images right, out of n (first k right)
+    tables = {}
+    for seed in (0, 1):
+        for name, stages in (("dense", ""), ("qat_only", "Q:2"), ("PQD", "P:1,Q:2,D:2"), ("nncf", "peer")):
+            k = right[name] + 5 * seed
+            kind = {"dense": "teacher", "nncf": "peer"}.get(name, "pipeline")
+            cfg = RunConfig.from_dict(base | {"seed": seed, "stages": "D:1" if stages in ("", "peer") else stages})
+            rid = f"teacher-{seed}" if kind == "teacher" else f"{name}__seed{seed}"
+            run = Run(rid, name, kind, cfg, (("seed", seed),), f"t{seed}", "nncf_ptq" if kind == "peer" else None)
+            pred = np.where(np.arange(n) < k, y, (y + 1) % 10)
+            rd = RunDir(tmp_path / "runs" / rid)
+            rd.path.mkdir(parents=True)
+            acc = {"test_n": n, "test_full_split": True}
+            ci = {"top1": k / n, "ci_low": k / n - 0.04, "ci_high": k / n + 0.04, "n": n, "method": "wilson", "confidence": 0.95}
+            if kind == "peer":
+                rd.save_predictions(pred)  # peers name their file in metrics
+                (rd.path / "predictions.npy").rename(rd.path / "nncf_int8_predictions.npy")
+                lat = [{"model": m, "batch": 1, "threads": 1, "median_ms": ms, "runtime": "openvino", "precision": p}
+                       for m, ms, p in (("openvino_fp32", 2.0, "fp32"), ("nncf_ptq_int8", 0.8, "int8"))]
+                m = {"kind": "peer", "peer": "nncf_ptq", "model": "resnet18", "width": 0.25, "dataset": "cifar10",
+                     "final_form": "int8", "size_bytes": {"final": 800_000},
+                     "accuracy": acc | {"teacher_top1": 0.75, "final_top1": k / n, "final_top1_ci": ci,
+                                        "predictions_file": "nncf_int8_predictions.npy"}, "latency": lat}
+            else:
+                rd.save_predictions(pred)
+                rd.save_predictions(y, labels=True)
+                m = _metrics(stages, k / n, 700_000 if stages else 2_800_000, 1.3 if stages else 4.0, 0.0, None)
+                m["accuracy"] |= acc | {"final_top1_ci": ci}
+            tables.setdefault(name, []).append(pred == y)
+            table.upsert(row_for(run, m, tmp_path))
+    md = build_report(tmp_path)["markdown"].read_text()
+    assert "full test split, n=400" in md
+    assert "PyTorch eager vs compiled" in md
+    pqd_row = next(line for line in md.splitlines() if line.startswith("| PQD |"))
+    # pooled Wilson interval over both seeds (685 of 800 right)
+    from pqd.measure.stats import counts_record
+
+    rec = counts_record(685, 800)
+    assert f"85.62 ± 0.88 [{100 * rec['ci_low']:.1f}, {100 * rec['ci_high']:.1f}]" in pqd_row
+    assert "INT8 @ PyTorch TorchScript / teacher FP32 @ PyTorch eager" in pqd_row
+    nncf_row = next(line for line in md.splitlines() if line.startswith("| nncf |"))
+    assert "peer: nncf_ptq" in nncf_row and "nncf_ptq INT8 @ OpenVINO / teacher FP32 @ OpenVINO" in nncf_row
+    front = md.split("On the frontier: ")[1].splitlines()[0]
+    assert "`nncf`" not in front  # another runtime's latency stays off the frontier
+    pairs = md.split("Paired comparisons")[1].split("###")[0]
+    lines = [line for line in pairs.split("\n\n")[2].splitlines() if line.startswith("| ") and not line.startswith("| A ")]
+    assert len(lines) == 6  # every pair of the 4 configurations
+    # the PQD vs qat_only line: pooled over seeds, b = images PQD right and qat_only wrong
+    expect = mcnemar_pooled([(int((a & ~b).sum()), int((~a & b).sum())) for a, b in zip(tables["PQD"], tables["qat_only"])])
+    line = next(line for line in lines if {c.strip() for c in line.split("|")[1:3]} == {"PQD", "qat_only"})
+    assert f"| {expect['b']} | {expect['c']} |" in line or f"| {expect['c']} | {expect['b']} |" in line
+    ps = [float(line.split("|")[-3]) for line in lines]
+    holm_ps = [float(line.split("|")[-2]) for line in lines]
+    assert holm_ps == pytest.approx([float(f"{p:.3g}") for p in holm(ps)], rel=0.01)

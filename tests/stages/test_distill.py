@@ -34,3 +34,36 @@ def test_distill_moves_student_towards_teacher(tiny_data):
     after = agreement(predict(out.model, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std), t_logits)
     assert after > max(before, 0.6)
     assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items()), "teacher must stay frozen"
+
+
+def test_kd_weight_scales_the_teacher_term_and_zero_is_ce_only():
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    T, a = 3.0, 0.7
+    full = kd_loss(s, t, y, temperature=T, alpha=a)
+    ce = a * F.cross_entropy(s, y)
+    half = kd_loss(s, t, y, temperature=T, alpha=a, kd_weight=0.5)
+    assert half.item() == pytest.approx((ce + 0.5 * (full - ce)).item(), rel=1e-5)
+    assert kd_loss(s, None, y, temperature=T, alpha=a, kd_weight=0.0).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_kd_weight_zero_with_alpha_zero_is_rejected():
+    from pqd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kd_weight"):
+        DistillConfig(kd_weight=0.0, alpha=0.0)
+    with pytest.raises(ConfigError, match="kd_weight"):
+        DistillConfig(kd_weight=-1.0)
+    assert DistillConfig().kd_weight == 1.0
+
+
+def test_kd_off_never_runs_the_teacher(tiny_data):
+    class Exploding(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the teacher must not run when kd_weight is 0")
+
+    torch.manual_seed(0)
+    student = create_model("resnet18", num_classes=4, width=0.125)
+    before = copy.deepcopy(student.state_dict())
+    out = distill(Student(student), DistillConfig(kd_weight=0.0, alpha=1.0, lr=0.05), teacher=Exploding(), data=tiny_data,
+                  epochs=1, train_config=CFG)
+    assert any(not torch.equal(before[k], v) for k, v in out.model.state_dict().items()), "the student still trains (CE)"

@@ -195,12 +195,16 @@ def test_result_table_holds_flat_keys_full_config_and_metrics(swept):
         assert (r["model"], r["width"], r["dataset"], r["seed"]) == ("resnet18", 0.125, "digits", 0)
         assert r["stages"] == cfg["stages"] == m["stages"]
         assert r["final_top1"] == m["accuracy"]["final_top1"] and r["size_final_bytes"] == m["size_bytes"]["final"]
+        assert r["lat_teacher_label"] == "teacher FP32 @ PyTorch eager" and r["test_n"] == 128
+        assert r["final_top1_ci_low"] <= r["final_top1"] <= r["final_top1_ci_high"]
         lat = {(x["model"], x["batch"]): x["median_ms"] for x in m["latency"]}
         assert r["lat_b1_teacher_ms"] == lat[("teacher_fp32", 1)]
         assert r["lat_b1_final_ms"] == lat[(f"final_{m['final_form']}", 1)]
     assert table["pd__seed0"]["stage_order"] == "P>D" and table["pd__seed0"]["sparsity_target"] == 0.5
     assert table["pd__seed0"]["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
     assert table["qat__seed0"]["final_form"] == "int8" and table["qat__seed0"]["quantize_mode"] == "qat"
+    assert table["qat__seed0"]["lat_final_label"] == "INT8 @ PyTorch TorchScript"
+    assert table["qat__seed0"]["lat_speedup_kind"] == "pytorch_eager_vs_compiled"
     dense = next(r for r in table.values() if r["kind"] == "teacher")
     assert (dense["variant"], dense["stages"], dense["stage_order"], dense["final_form"]) == ("dense", "", "dense", "fp32")
     assert dense["size_final_bytes"] == dense["size_teacher_bytes"]
@@ -296,3 +300,84 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
     assert sorted(r["variant"] for r in read_table(tmp_path)) == ["prune", "qat", "teacher"]  # the run after 'bad' ran too
     monkeypatch.setattr(distill_module, "distill", real)
     assert len(run_sweep(spec, tmp_path, progress=False)) == 4
+
+
+# ---------------------------------------------------------------------------- peers, evidence columns
+
+
+def test_peer_variant_expands_to_a_peer_run_after_its_teacher(tmp_path):
+    spec = {**SPEC, "variants": {"dense": {"stages": ""}, "qat": {"stages": "Q:1"}, "nncf": {"peer": "nncf_ptq"},
+                                 "nncf_long": {"peer": "nncf_ptq", "teacher.epochs": 3}}}
+    sweep = expand(spec, tmp_path)
+    peers = {r.variant: r for r in sweep.peers()}
+    assert set(peers) == {"nncf", "nncf_long"}
+    teachers = {t.teacher_id: t for t in sweep.teachers()}
+    assert len(teachers) == 2 and peers["nncf"].teacher_id != peers["nncf_long"].teacher_id
+    assert teachers[peers["nncf"].teacher_id].variant == "dense"  # the same teacher as the dense variant
+    order = [r.run_id for r in sweep.ordered()]
+    for p in peers.values():
+        assert order.index(p.run_id) > order.index(f"teacher-{p.teacher_id}")
+        assert p.kind == "peer" and p.peer == "nncf_ptq" and p.config.stages == ()
+        assert p.config_dict()["peer"] == "nncf_ptq" and p.config_dict()["stages"] == ""
+        assert p.config.teacher.weights.endswith(f"teacher-{p.teacher_id}/teacher.safetensors")
+    with pytest.raises(ConfigError, match="not a known peer"):
+        expand({**SPEC, "variants": {"x": {"peer": "tflite"}}})
+
+
+@pytest.mark.parametrize("name", ["cifar10_evidence", "cifar100_evidence"])
+def test_evidence_sweeps_dry_run(name, capsys):
+    from pathlib import Path
+
+    from pqd.cli import main
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / f"{name}.yaml"
+    assert main(["sweep", str(path), "--out", "unused", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for run in ("PQD_kdoff__seed2", "ft_ce2__seed0", "nncf_ptq__seed1", "nncf_ptq_long__seed0"):
+        assert run in out
+    assert "peer:nncf_ptq" in out
+
+
+def test_peer_runs_in_the_sweep_table_with_runtime_labels_and_failures_do_not_stop_it(tmp_path, monkeypatch):
+    import pqd.peers
+
+    from pqd.measure.speedup import speedup_summary
+
+    def fake_peer_run(config, out_dir, *, peer):
+        assert config.teacher.weights and (tmp_path / "runs").is_dir()
+        from pathlib import Path
+
+        assert Path(config.teacher.weights).is_file(), "the peer runs after its teacher"
+        lat = [{"model": m, "batch": 1, "threads": 1, "median_ms": ms, "p90_ms": ms, "runtime": "openvino", "precision": p,
+                "source_model": s} for m, ms, p, s in (("openvino_fp32", 2.0, "fp32", "teacher"), ("nncf_ptq_int8", 1.0, "int8", "nncf_ptq"))]
+        ci = {"top1": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 128, "method": "wilson", "confidence": 0.95}
+        m = {"kind": "peer", "peer": peer, "model": "resnet18", "width": 0.125, "dataset": "digits", "stages": "",
+             "final_form": "int8", "accuracy": {"teacher_top1": 0.5, "final_top1": 0.5, "teacher_top1_ci": ci, "final_top1_ci": ci,
+                                                "test_n": 128, "predictions_file": "nncf_int8_predictions.npy"},
+             "size_bytes": {"final": 1000, "final_file": "nncf_int8.xml"}, "latency": lat, "speedup": speedup_summary(lat)}
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(m))
+        return m
+
+    spec = {**SPEC, "base": _base() | {"teacher": {"epochs": 1, "lr": 0.05}},
+            "variants": {"nncf": {"peer": "nncf_ptq"}, "dense": {"stages": ""}}}
+    monkeypatch.setattr(pqd.peers, "peer_run", fake_peer_run)
+    rows = {r["variant"]: r for r in run_sweep(spec, tmp_path, progress=False)}
+    peer, dense = rows["nncf"], rows["dense"]
+    assert peer["kind"] == "peer" and peer["peer"] == "nncf_ptq" and peer["stage_order"] == "peer:nncf_ptq"
+    assert peer["lat_b1_speedup"] == 2.0 and peer["lat_speedup_kind"] == "same_runtime"
+    assert peer["lat_teacher_label"] == "teacher FP32 @ OpenVINO" and peer["lat_final_label"] == "nncf_ptq INT8 @ OpenVINO"
+    assert (peer["final_top1_ci_low"], peer["final_top1_ci_high"], peer["test_n"]) == (0.4, 0.6, 128)
+    assert dense["lat_teacher_label"] == "teacher FP32 @ PyTorch eager" and dense["test_n"] == 128 and dense["test_full_split"] == 0
+    assert dense["final_top1_ci_low"] < dense["final_top1"] < dense["final_top1_ci_high"]
+    # resume: the finished peer run is skipped (its saved config, with the peer key, matches)
+    monkeypatch.setattr(pqd.peers, "peer_run", lambda *a, **k: pytest.fail("a finished peer run must be skipped"))
+    assert len(run_sweep(spec, tmp_path, progress=False)) == 2
+
+    def missing(config, out_dir, *, peer):
+        raise PqdError("the NNCF peer baseline needs NNCF: pip install 'pqd[peers]'")
+
+    monkeypatch.setattr(pqd.peers, "peer_run", missing)
+    spec2 = {**spec, "variants": {"nncf": {"peer": "nncf_ptq"}, "qat": {"stages": "Q:1"}}}
+    with pytest.raises(PqdError, match=r"1 of 3 runs failed \(nncf__seed0: .*pqd\[peers\]"):
+        run_sweep(spec2, tmp_path / "b", progress=False)
+    assert sorted(r["variant"] for r in read_table(tmp_path / "b")) == ["qat", "teacher"]

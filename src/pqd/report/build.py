@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from pqd.errors import PqdError
 from pqd.report.degradation import degradation_section
+from pqd.measure.stats import counts_record, holm, mcnemar_pooled
 from pqd.report.pareto import dominators, pareto_front
 from pqd.sweep import read_table
 
@@ -58,12 +59,17 @@ def aggregate(rows: list[dict]) -> list[dict]:
         t_acc, _, _ = _mean_std(100 * r["teacher_top1"] for r in rs if r["teacher_top1"] is not None)
         rl, rl_sd, _ = _mean_std(rel)
         first = rs[0]
+        counted = [(r["final_top1"], r.get("test_n")) for r in rs if r["final_top1"] is not None and r.get("test_n")]
+        # Wilson interval of the pooled correct count over seeds (every seed tested on the same images)
+        pooled = counts_record(round(sum(t * n for t, n in counted)), sum(n for _, n in counted)) if counted else None
         out.append({
             "dataset": dataset, "model": model, "width": width, "label": label, "n": n, "seeds": sorted(r["seed"] for r in rs),
             "kind": first["kind"], "stages": first["stages"], "order": first["stage_order"], "criterion": first["prune_criterion"],
             "qmode": first["quantize_mode"], "sparsity": first["sparsity_target"] or 0.0,
             "sparsity_achieved": _mean_std(r["sparsity_achieved"] for r in rs)[0],
-            "acc": acc, "acc_sd": acc_sd, "teacher_acc": t_acc,
+            "acc": acc, "acc_sd": acc_sd, "teacher_acc": t_acc, "acc_ci": pooled,
+            "test_n": first.get("test_n"), "test_full_split": first.get("test_full_split"),
+            "lat_sides": _lat_sides(first),
             "size_mb": _mean_std(r["size_final_bytes"] / 1e6 for r in rs if r["size_final_bytes"])[0],
             "compact_mb": _mean_std(c / 1e6 for c in map(_compact_bytes, rs) if c)[0],
             "teacher_mb": _mean_std(r["size_teacher_bytes"] / 1e6 for r in rs if r["size_teacher_bytes"])[0],
@@ -73,6 +79,25 @@ def aggregate(rows: list[dict]) -> list[dict]:
         })
     out.sort(key=lambda a: (a["dataset"], a["model"], a["width"], a["kind"] != "teacher", len(a["order"].split(">")), a["label"]))
     return out
+
+
+def _lat_sides(row: dict) -> str:
+    """What a row's latency ratio compares: 'INT8 @ PyTorch TorchScript / teacher FP32 @ PyTorch eager'."""
+    if row.get("lat_final_label") and row.get("lat_teacher_label"):
+        return f"{row['lat_final_label']} / {row['lat_teacher_label']}"
+    form = (row.get("final_form") or "fp32").upper()  # tables written before the labels: a pipeline run, all PyTorch
+    return f"{form} @ PyTorch {'TorchScript' if form == 'INT8' else 'eager'} / teacher FP32 @ PyTorch eager"
+
+
+def _ci(rec: dict | None) -> str:
+    if not rec or rec.get("ci_low") is None:
+        return ""
+    return f" [{100 * rec['ci_low']:.1f}, {100 * rec['ci_high']:.1f}]"
+
+
+def _row_ci(row: dict, key: str) -> str:
+    low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    return f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None and high is not None else ""
 
 
 def _compact_bytes(row: dict) -> int | None:
@@ -324,10 +349,19 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     doc.p(f"{len(rows)} finished runs ({n_cfg} configurations). CPU: {env.get('cpu_model', '?')}, "
           f"{env.get('threads', '?')} threads for latency, torch {env.get('torch', '?')}, "
           f"engine {env.get('quantized_engine', '?')}, git {str(env.get('git_commit'))[:10]}.")
-    doc.p("Accuracy is top-1 of the deployed model (INT8 TorchScript or FP32) on the test split. Size is bytes of the "
-          "deployable file on disk (Pareto size axis); **compact** is the compact INT8 checkpoint where pqd wrote one. Latency is the batch-1 median; **rel. latency** = final / teacher median, both timed "
-          "interleaved in the same run (robust to machine load). ± is the std over seeds; n = seeds. Points in plots "
-          "and the Pareto frontier are configurations averaged over seeds.")
+    tests = sorted({(r["dataset"], r.get("test_n"), r.get("test_full_split")) for r in rows}, key=str)
+    test_text = "; ".join(f"{d}: " + ("test split size not recorded" if n is None else
+                                     f"full test split, n={n}" if full else f"test subset, n={n} (not the full split)")
+                          for d, n, full in tests)
+    doc.p(f"Accuracy is top-1 of the deployed model (INT8 TorchScript or FP32) on the test set ({test_text}); "
+          "[low, high] is the Wilson 95% interval (of the correct count pooled over seeds for a configuration). Size is "
+          "bytes of the deployable file on disk (Pareto size axis); **compact** is the compact INT8 checkpoint where pqd "
+          "wrote one. Latency is the batch-1 median; **rel. latency** = final / teacher median, both timed interleaved in "
+          "the same run (robust to machine load), in the runtimes the **latency sides** column names: for pqd runs that "
+          "is TorchScript INT8 vs PyTorch eager FP32, a *PyTorch eager vs compiled* ratio that mixes INT8 with leaving "
+          "eager mode (an extra, not a same-runtime speed-up; run `pqd bench` for those); a peer run's two sides share "
+          "its runtime. ± is the std over seeds; n = seeds. Points in plots and the Pareto frontier are configurations "
+          "averaged over seeds; peer runs (timed in another runtime) are left out of the frontier.")
 
     aggs_all = aggregate(rows)
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -337,18 +371,19 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     for (dataset, model, width), aggs in groups.items():
         gname = f"{dataset} · {model} (width {width:g})"
         slug = f"{dataset}_{model}_w{width:g}".replace(".", "p")
-        ok = [i for i, a in enumerate(aggs) if None not in (a["acc"], a["size_mb"], a["rel_lat"])]
+        ok = [i for i, a in enumerate(aggs) if None not in (a["acc"], a["size_mb"], a["rel_lat"]) and a["kind"] != "peer"]
         pts = [(aggs[i]["acc"], aggs[i]["size_mb"], aggs[i]["rel_lat"]) for i in ok]
         front = {ok[i] for i in pareto_front(pts, SENSES)}
         dom = {ok[i]: [ok[j] for j in js] for i, js in dominators(pts, SENSES).items()}
         doc.h(2, gname)
         doc.table(
-            ["configuration", "stages", "n", "sparsity", "top-1 %", "size MB", "compression", "compact MB", "b1 ms", "rel. latency b1",
-             f"rel. latency b{aggs[0]['bmax'] or '-'}", "Pareto"],
-            [[a["label"], a["stages"] or "dense", a["n"], f"{100 * a['sparsity']:.0f}%", _f(a["acc"], ".2f", a["acc_sd"]),
-              _f(a["size_mb"], ".3f"), _f(a["teacher_mb"] / a["size_mb"] if a["size_mb"] else None, ".1f") + "x",
+            ["configuration", "stages", "n", "sparsity", "top-1 % [95% CI]", "size MB", "compression", "compact MB", "b1 ms",
+             "rel. latency b1", f"rel. latency b{aggs[0]['bmax'] or '-'}", "latency sides (final / teacher)", "Pareto"],
+            [[a["label"], f"peer: {a['runs'][0].get('peer')}" if a["kind"] == "peer" else a["stages"] or "dense", a["n"],
+              f"{100 * a['sparsity']:.0f}%", _f(a["acc"], ".2f", a["acc_sd"]) + _ci(a["acc_ci"]),
+              _f(a["size_mb"], ".3f"), _f(a["teacher_mb"] / a["size_mb"] if a["size_mb"] and a["teacher_mb"] else None, ".1f") + "x",
               _f(a["compact_mb"], ".3f"),
-              _f(a["lat_ms"], ".3f"), _f(a["rel_lat"], ".3f", a["rel_lat_sd"]), _f(a["rel_lat_bmax"], ".3f"),
+              _f(a["lat_ms"], ".3f"), _f(a["rel_lat"], ".3f", a["rel_lat_sd"]), _f(a["rel_lat_bmax"], ".3f"), a["lat_sides"],
               "**yes**" if i in front else ""] for i, a in enumerate(aggs)],
         )
         self_ratios = [r["lat_b1_final_ms"] / r["lat_b1_teacher_ms"] for a in aggs if a["kind"] == "teacher" for r in a["runs"]
@@ -365,16 +400,21 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
             doc.table(["dominated configuration", "top-1 %", "size MB", "rel. latency", "dominated by"],
                       [[aggs[i]["label"], _f(aggs[i]["acc"]), _f(aggs[i]["size_mb"], ".3f"), _f(aggs[i]["rel_lat"], ".3f"),
                         ", ".join(aggs[j]["label"] for j in js)] for i, js in sorted(dom.items())])
+        _paired_tests(doc, aggs, sweep_dir)
         _ordering(doc, aggs, gname)
         _sparsity(doc, aggs, gname, slug)
         _proxy_section(doc, aggs, sweep_dir)
         degradation_section(doc, aggs)
 
     doc.h(2, "All runs")
-    doc.table(["run", "seed", "stages", "top-1 %", "teacher %", "size bytes", "b1 ms", "teacher b1 ms", "speedup b1", "wall s"],
-              [[r["run_id"], r["seed"], r["stages"] or "dense", _f(100 * r["final_top1"]), _f(100 * r["teacher_top1"]),
+    doc.table(["run", "seed", "stages", "top-1 % [95% CI]", "teacher % [95% CI]", "test n", "size bytes", "b1 ms", "teacher b1 ms",
+               "teacher / final b1", "latency sides (final / teacher)", "wall s"],
+              [[r["run_id"], r["seed"], f"peer: {r.get('peer')}" if r["kind"] == "peer" else r["stages"] or "dense",
+                _f(100 * r["final_top1"]) + _row_ci(r, "final_top1"),
+                _f(100 * r["teacher_top1"]) + _row_ci(r, "teacher_top1"),
+                "–" if r.get("test_n") is None else f"{r['test_n']}{'' if r.get('test_full_split') in (1, None) else ' (subset)'}",
                 r["size_final_bytes"], _f(r["lat_b1_final_ms"], ".3f"), _f(r["lat_b1_teacher_ms"], ".3f"),
-                _f(r["lat_b1_speedup"], ".2f"), _f(r["wall_time_s"], ".0f")] for r in rows])
+                _f(r["lat_b1_speedup"], ".2f"), _lat_sides(r), _f(r["wall_time_s"], ".0f")] for r in rows])
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(exist_ok=True)
@@ -457,3 +497,102 @@ def _proxy_section(doc: Doc, aggs: list[dict], sweep_dir: Path) -> None:
     doc.p("Spearman rank correlation across runs between each proxy and the measured batch-1 latency / file size "
           "(1 = ranks runs exactly as the measurement does).")
     doc.table(["proxy", "runs", "ρ vs measured b1 latency", "ρ vs measured size"], table)
+
+
+# ------------------------------------------------------------------------------------------
+# paired tests between configurations (McNemar on per-image predictions)
+
+
+def _test_set(row: dict) -> tuple:
+    """What makes two runs' predictions comparable image by image: dataset, test size, test subset."""
+    data = json.loads(row.get("config_json") or "{}").get("data") or {}
+    return row["dataset"], row.get("test_n"), data.get("test_subset")
+
+
+def _load_predictions(row: dict, sweep_dir: Path) -> Any:
+    """The final model's per-image predictions of a run (a peer run: the file its metrics name); None if absent."""
+    from pqd.rundir import RunDir
+
+    run = RunDir(sweep_dir / row["run_dir"])
+    if row["kind"] == "peer":
+        name = (json.loads(row.get("metrics_json") or "{}").get("accuracy") or {}).get("predictions_file")
+        return run.load_predictions(name=name) if name else None
+    return run.load_predictions()
+
+
+def paired_tests(aggs: list[dict], sweep_dir: Path) -> tuple[list[dict], list[str]]:
+    """McNemar's test between every two configurations tested on the same images.
+
+    Per seed both configurations ran, the discordant counts ``b`` (A right, B wrong) and ``c``;
+    pooled over seeds (:func:`pqd.measure.stats.mcnemar_pooled`); Holm-corrected over all the
+    comparisons returned (one family). Returns the records and notes on what was left out.
+    """
+    import numpy as np
+
+    from pqd.rundir import RunDir
+
+    notes: list[str] = []
+    labels: dict[tuple, Any] = {}
+    preds: dict[int, dict[int, Any]] = {}  # aggregate index -> seed -> correct vector
+    for i, a in enumerate(aggs):
+        for r in a["runs"]:
+            if r["kind"] == "peer" or r.get("test_n") is None:
+                continue
+            y = RunDir(sweep_dir / r["run_dir"]).load_predictions(labels=True)
+            if y is None:
+                continue
+            key = _test_set(r)
+            if key in labels and not np.array_equal(labels[key], y):
+                notes.append(f"runs of test set {key} hold different test labels; they are not compared")
+                labels[key] = None
+            labels.setdefault(key, y)
+    for i, a in enumerate(aggs):
+        for r in a["runs"]:
+            y = labels.get(_test_set(r))
+            p = _load_predictions(r, sweep_dir)
+            if y is None or p is None:
+                continue
+            if len(p) != len(y):
+                notes.append(f"{r['run_id']}: {len(p)} predictions for {len(y)} test images; left out")
+                continue
+            preds.setdefault(i, {})[r["seed"]] = (_test_set(r), p == y)
+    missing = [a["label"] for i, a in enumerate(aggs) if i not in preds]
+    if missing:
+        notes.append("no per-image predictions (runs made before pqd saved them, or missing files): "
+                     + ", ".join(f"`{m}`" for m in missing))
+    out = []
+    idx = sorted(preds)
+    for x, i in enumerate(idx):
+        for j in idx[x + 1:]:
+            seeds = sorted(s for s in preds[i] if s in preds[j] and preds[i][s][0] == preds[j][s][0])
+            if not seeds:
+                continue
+            tables, n, right_a, right_b = [], 0, 0, 0
+            for s in seeds:
+                ca, cb = preds[i][s][1], preds[j][s][1]
+                tables.append((int((ca & ~cb).sum()), int((~ca & cb).sum())))
+                n, right_a, right_b = n + len(ca), right_a + int(ca.sum()), right_b + int(cb.sum())
+            rec = mcnemar_pooled(tables)
+            out.append(rec | {"a": aggs[i]["label"], "b_label": aggs[j]["label"], "seeds": seeds, "n": n,
+                              "top1_a": right_a / n, "top1_b": right_b / n, "difference": (right_a - right_b) / n})
+    for rec, adj in zip(out, holm([r["p_value"] for r in out])):
+        rec["p_holm"] = adj
+    return out, notes
+
+
+def _paired_tests(doc: Doc, aggs: list[dict], sweep_dir: Path) -> None:
+    recs, notes = paired_tests(aggs, sweep_dir)
+    if not recs and not notes:
+        return
+    doc.h(3, "Paired comparisons (McNemar, per-image predictions on the same test images)")
+    doc.p("For every two configurations tested on the same images: b = images A gets right and B wrong, c = the reverse, "
+          "summed over the seeds both ran (McNemar's test pooled over seeds; per-seed signs in 'seeds A/B better'). "
+          "Holm-adjusted p over all comparisons in this table (one family; a claim that needs fewer comparisons may "
+          "correct over its own family instead). Difference = top-1 A − top-1 B in points, over the pooled images.")
+    if recs:
+        doc.table(["A", "B", "seeds", "top-1 A %", "top-1 B %", "A − B (pts)", "b", "c", "seeds A/B better", "p", "p (Holm)"],
+                  [[r["a"], r["b_label"], ",".join(map(str, r["seeds"])), _f(100 * r["top1_a"]), _f(100 * r["top1_b"]),
+                    _f(100 * r["difference"], "+.2f"), r["b"], r["c"], f"{r['strata_a_better']}/{r['strata_b_better']}",
+                    _f(r["p_value"], ".3g"), _f(r["p_holm"], ".3g")] for r in recs])
+    for note in notes:
+        doc.p(f"Note: {note}.")

@@ -27,14 +27,21 @@ def distill(
     train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
     tracker: Tracker | None = None,
 ) -> Student:
-    """Train ``student`` for ``epochs`` against the frozen ``teacher``'s soft targets."""
-    teacher.eval()
-    if train_config.channels_last:
-        teacher.to(memory_format=torch.channels_last)
-    kd = KDLoss(temperature=config.temperature, alpha=config.alpha)
-    teacher_device = model_device(teacher)
+    """Train ``student`` for ``epochs`` against the frozen ``teacher``'s soft targets.
+
+    ``config.kd_weight == 0`` is the KD-off control: same loop, lr and schedule, cross-entropy
+    alone, and the teacher is never run.
+    """
+    kd = KDLoss(temperature=config.temperature, alpha=config.alpha, kd_weight=config.kd_weight)
+    if kd.needs_teacher:
+        teacher.eval()
+        if train_config.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        teacher_device = model_device(teacher)
 
     def loss(logits, x, y):
+        if not kd.needs_teacher:
+            return kd(logits, None, y)
         with torch.no_grad():
             t_logits = teacher(x.to(teacher_device))
         return kd(logits, t_logits, y)
