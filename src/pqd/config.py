@@ -499,16 +499,14 @@ class RunConfig(Section):
 
 
 
-def _parse_scalar(text: str) -> Any:
-    import yaml
+def _parse_scalar(text: str, where: str = "--set value") -> Any:
+    from pqd.safeyaml import parse_scalar  # bounded YAML; '1e-3' is a float
 
-    return yaml.safe_load(text)
+    return parse_scalar(text, where=where)
 
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a config dict."""
-    import yaml
-
     out = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -520,10 +518,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-        try:
-            node[leaf] = _parse_scalar(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: {key}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+        node[leaf] = _parse_scalar(raw, where=f"--set {item!r}: {key}: the value")
     return out
 
 
@@ -532,8 +527,11 @@ def _deep_copy(d):
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config file (or the defaults when ``path`` is None), apply overrides, validate."""
-    import yaml
+    """Read a YAML config file (or the defaults when ``path`` is None), apply overrides, validate.
+
+    The file is read with :func:`pqd.safeyaml.load_yaml` (size, depth, node and alias limits:
+    YAML bombs are refused); nothing named in it is imported here."""
+    from pqd.safeyaml import load_yaml
 
     data: dict = {}
     if path is not None:
@@ -541,11 +539,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
-        except (OSError, UnicodeDecodeError) as exc:
+            data = load_yaml(p, where=f"config file {str(p)!r}")
+        except OSError as exc:
             raise ConfigError(f"config file {str(p)!r} cannot be read as text: {exc}") from None
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return RunConfig.from_dict(apply_overrides(data, overrides))
