@@ -245,13 +245,16 @@ class QuantizeConfig(Section):
     """INT8 quantization for x86: per-channel symmetric weights, per-tensor affine
     activations, BN folded. ``mode``: 'qat' (train) or 'ptq' (static calibration only).
     Observers and BN statistics freeze for the last ``freeze_fraction`` of QAT epochs.
-    ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI."""
+    ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI.
+    ``leaf_modules``: submodules torch.fx must not trace into (an untraceable user block):
+    submodule paths ('layer3.0') or classes ('package.module:Class'); they stay FP32."""
 
     mode: str = "qat"
     lr: float = 0.005
     freeze_fraction: float = 0.25
     calibration_batches: int = 16
     reduce_range: bool = False
+    leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         _choice("quantize.mode", self.mode, ("qat", "ptq"))

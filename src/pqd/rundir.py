@@ -323,7 +323,8 @@ class RunDir:
         if state is not None:
             fit_to_state_dict(model, state)
         if form != "fp32":
-            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range)
+            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range,
+                            leaf_modules=config.quantize.leaf_modules)
         return model
 
     def structural_state(self, config: RunConfig) -> dict[str, torch.Tensor] | None:

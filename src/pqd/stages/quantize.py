@@ -60,7 +60,8 @@ def quantize(
     if student.quantized:
         raise ModelError("the student is already quantized; quantize runs once per pipeline")
     data = as_splits(data)
-    model = prepare(student.model, torch.zeros(2, *data.image_shape), mode=config.mode, reduce_range=config.reduce_range)
+    model = prepare(student.model, torch.zeros(2, *data.image_shape), mode=config.mode, reduce_range=config.reduce_range,
+                    leaf_modules=config.leaf_modules)
     masks = Masks(model, student.masks)
     masks.apply()
     if config.mode == "ptq":
