@@ -149,7 +149,11 @@ class ModelConfig(Section):
 @dataclass(frozen=True)
 class DataConfig(Section):
     """Dataset. ``root`` is a directory or archive; for CIFAR it may hold the standard
-    python archive, its extracted folder, or an image-folder copy (dir or ``.tar.gz``)."""
+    python archive, its extracted folder, or an image-folder copy (dir or ``.tar.gz``).
+    ``val_fraction``: share of the training images held out as a validation split (not trained
+    on). pqd uses it, never the test split, for its early checks (the teacher's chance-level
+    check) and for ``pqd analyze`` sensitivity; 0 means those checks use a slice of the
+    training split instead (and ``analyze`` the test split)."""
 
     dataset: str = "digits"
     root: str | None = None
