@@ -84,8 +84,19 @@ def _add_sweep_parsers(sub) -> None:
 def _sweep_or_report(args) -> int:
     if args.cmd == "report":
         from pqd.report import build_report
+        from pqd.rundir import claim_dir
 
-        paths = build_report(args.dir, args.out)
+        if args.out is None or args.out.resolve() == args.dir.resolve():
+            from pqd.fsguard import check_writable_run_dir
+            from pqd.rundir import SWEEP_DIR_FILES
+
+            if args.dir.is_dir():  # adopt an older sweep folder (its report files are pqd's); no lock: a sweep may run
+                check_writable_run_dir(args.dir, expected_files=SWEEP_DIR_FILES, kind="sweep", what="sweep folder")
+            guard = contextlib.nullcontext()
+        else:
+            guard = claim_dir(args.out, kind="report")  # never over a report pqd did not write
+        with guard:
+            paths = build_report(args.dir, args.out)
         print(f"wrote {paths['markdown']} and {paths['html']}")
         return 0
     from pqd.sweep import expand, load_sweep, run_sweep

@@ -111,6 +111,8 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
     if run.teacher_path.exists():
         model = run.load_teacher(config, data.num_classes, device)
         log.info("teacher: loaded %s", run.teacher_path)
+        if config.stages:  # the same check as after training: a resumed run records the same warnings
+            _note(_check_teacher(config, data, model))
         return model
     model = build_model(config, data.num_classes).to(device)
     if config.teacher.weights:
@@ -138,9 +140,7 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
             if _rank() == 0:
                 run.teacher_epoch_path.unlink(missing_ok=True)
             raise
-        if warning:
-            log.warning("%s", warning)
-            _WARNINGS.append(warning)
+        _note(warning)
     if _rank() == 0:
         run.save_teacher(model, model_name=config.model.name, num_classes=data.num_classes)
     _barrier()
@@ -148,6 +148,12 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
 
 
 _WARNINGS: list[str] = []  # warnings of the current run, for metrics.json
+
+
+def _note(warning: str | None) -> None:
+    if warning:
+        log.warning("%s", warning)
+        _WARNINGS.append(warning)
 
 
 def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str | None:
