@@ -83,10 +83,14 @@ def build(spec: dict):
         elif kind == "eager_student":
             from pqd.rundir import RunDir
 
-            model = RunDir(spec["run_dir"]).load().student.model
+            model = RunDir(spec["run_dir"]).load(allow_code=bool(spec.get("allow_code"))).student.model
         else:
+            # a pqd deployable takes raw images; time its bare model (normalised input), as before
             model = torch.jit.load(spec["path"], map_location="cpu")
-        model.eval()
+            model.eval()
+            model = getattr(model, "forward_normalized", model)
+        if isinstance(model, torch.nn.Module):
+            model.eval()
         settings = {"runtime": "pytorch", "version": torch.__version__, "form": kind, "threads": torch.get_num_threads(),
                     "quantized_engine": torch.backends.quantized.engine}
         return model, torch.from_numpy, settings, torch.inference_mode()
@@ -101,6 +105,17 @@ def build(spec: dict):
         r = OpenVinoRunner(spec["path"], threads=threads, batch_sizes=spec["batch_sizes"])
         return r, np.ascontiguousarray, r.settings, contextlib.nullcontext()
     raise ValueError(f"unknown worker kind {kind!r}; expected one of {', '.join((*TORCH_KINDS, 'onnxruntime', 'openvino'))}")
+
+
+def probe(*, spec: dict) -> dict:
+    """Build the variant and call it once at each batch size (run in a process of its own by
+    ``pqd bench`` first, so a runtime that crashes is reported and left out)."""
+    call, to_input, settings, ctx = build(spec)
+    rng = np.random.default_rng(spec.get("seed", 0))
+    with ctx:
+        for bs in spec["batch_sizes"]:
+            call(to_input(rng.standard_normal((bs, *spec["input_shape"]), dtype=np.float32)))
+    return {"ok": True}
 
 
 def serve(spec: dict, proto) -> None:

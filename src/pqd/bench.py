@@ -139,14 +139,28 @@ def _ratio(base: float, x: float) -> float | None:
 def bench_run(
     run_dir: str | Path, *, threads: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1, 64), warmup: int = 20,
     runs: int = 200, large_batch_runs: int = 20, runtimes: Sequence[str] | None = None, rss: bool = True,
-    write: bool = True, force_export: bool = False, seed: int = 0,
+    write: bool = True, force_export: bool = False, seed: int = 0, allow_code: bool = False,
 ) -> dict:
     """Benchmark a finished run in every installed runtime; see the module docstring.
 
     ``runtimes``: None = every installed one (missing ones are listed under ``skipped``);
     naming one that is not installed is an error. Returns the result dict and, with
-    ``write``, writes bench.json, bench.md and the ``bench`` key of metrics.json.
+    ``write``, writes bench.json, bench.md and the ``bench`` key of metrics.json (when the
+    final write fails, the measurements are kept in a rescue file the error names). Each
+    variant is first loaded and called once in a process of its own: one that crashes (a
+    native runtime crash) is listed under ``failed`` and left out, the others still report.
+    The run folder is locked meanwhile; model code named by import path needs ``allow_code``.
     """
+    from pqd.rundir import RunDir
+
+    with RunDir(run_dir).claim():
+        return _bench_run(run_dir, threads=threads, batch_sizes=batch_sizes, warmup=warmup, runs=runs,
+                          large_batch_runs=large_batch_runs, runtimes=runtimes, rss=rss, write=write,
+                          force_export=force_export, seed=seed, allow_code=allow_code)
+
+
+def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs, runtimes, rss, write, force_export, seed,
+               allow_code) -> dict:
     from pqd.export import export_run
     from pqd.rundir import RunDir
     from pqd.measure import environment
@@ -159,11 +173,17 @@ def bench_run(
         raise ConfigError("bench: threads, batch sizes, runs and large-batch runs must be >= 1 and warm-up >= 0")
     out = Path(run_dir)
     wanted, skipped = _resolve_runtimes(runtimes)
-    run = RunDir(out).load()
+    run = RunDir(out).load(allow_code=allow_code)
     export = None
     if "onnxruntime" in wanted or "openvino" in wanted:
-        export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted)
+        export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted, allow_code=allow_code,
+                            runtimes=[r for r in wanted if r in ("onnxruntime", "openvino")])
     variants = _variants(run, out, wanted, batch_sizes, seed)
+    for v in variants:
+        if v.spec.get("kind") == "eager_student":
+            v.spec["allow_code"] = allow_code
+    failed = _probe(variants, run.config.model.name)
+    variants = [v for v in variants if v.name not in failed]
     records: list[dict] = []
     settings: dict[str, dict] = {}
     rss_rec: dict[str, dict] = {}
@@ -214,6 +234,7 @@ def bench_run(
                      "peak_rss": "VmHWM of each variant's worker process after all its timed calls at the largest thread count" if rss else None},
         "variants": settings,
         "skipped": skipped | ((export or {}).get("skipped") or {}),
+        "failed": failed | ((export or {}).get("failed") or {}),
         "latency": records,
         "proxies": prox,
         "peak_rss_mb": rss_rec,
@@ -226,12 +247,31 @@ def bench_run(
     return result
 
 
+def _probe(variants: list, model: str) -> dict[str, str]:
+    """Load and call each variant once in a process of its own (:func:`pqd.isolate.run_isolated`):
+    the names of those that crash or fail, with the reason. The FP32 baseline must work."""
+    from pqd.errors import RuntimeCrash
+    from pqd.isolate import run_isolated
+
+    failed: dict[str, str] = {}
+    for v in variants:
+        try:
+            run_isolated("pqd._worker:probe", {"spec": v.spec | {"threads": 1}}, timeout=600, runtime=v.name, model=model)
+        except (RuntimeCrash, PqdError) as exc:
+            if v.name == BASELINE:
+                raise
+            failed[v.name] = str(exc).split("\n--- ")[0]
+            log.error("bench: %s left out: %s", v.name, failed[v.name])
+    return failed
+
+
 def _write(out: Path, result: dict) -> None:
+    from pqd.fsguard import rescue_write
     from pqd.rundir import RunDir
     from pqd.train.checkpoint import atomic_write_bytes
 
     rd = RunDir(out)
-    atomic_write_bytes(rd.file(rd.BENCH_JSON), json.dumps(result, indent=2).encode())
+    rescue_write(rd.file(rd.BENCH_JSON), json.dumps(result, indent=2).encode())
     atomic_write_bytes(rd.file(rd.BENCH_MD), (format_markdown(result) + "\n").encode())
     if rd.metrics_path.is_file() and rd.read_metrics() is None:
         log.warning("bench: %s is not valid JSON; not merging", rd.metrics_path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
+import contextlib
 import logging
 import sys
 from importlib import resources
@@ -95,8 +95,19 @@ def _add_sweep_parsers(sub) -> None:
 def _sweep_or_report(args) -> int:
     if args.cmd == "report":
         from pqd.report import build_report
+        from pqd.rundir import claim_dir
 
-        paths = build_report(args.dir, args.out)
+        if args.out is None or args.out.resolve() == args.dir.resolve():
+            from pqd.fsguard import check_writable_run_dir
+            from pqd.rundir import SWEEP_DIR_FILES
+
+            if args.dir.is_dir():  # adopt an older sweep folder (its report files are pqd's); no lock: a sweep may run
+                check_writable_run_dir(args.dir, expected_files=SWEEP_DIR_FILES, kind="sweep", what="sweep folder")
+            guard = contextlib.nullcontext()
+        else:
+            guard = claim_dir(args.out, kind="report")  # never over a report pqd did not write
+        with guard:
+            paths = build_report(args.dir, args.out)
         print(f"wrote {paths['markdown']} and {paths['html']}")
         return 0
     from pqd.sweep import expand, load_sweep, run_sweep
@@ -109,9 +120,12 @@ def _sweep_or_report(args) -> int:
             print(f"{r.run_id:40s} {r.kind:8s} {what:16s} teacher {r.teacher_id}")
         print(f"{len(sweep.runs)} runs ({len(sweep.teachers())} teachers)")
         return 0
-    _setup_logging(args.out, args.quiet)
-    rows = run_sweep(spec, args.out, executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
-                     only=args.only, progress=not args.quiet)
+    from pqd.rundir import claim_dir
+
+    with claim_dir(args.out, kind="sweep"):  # before log.txt: a user's folder is refused untouched
+        _setup_logging(args.out, args.quiet)
+        rows = run_sweep(spec, args.out, executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
+                         only=args.only, progress=not args.quiet)
     print(f"{len(rows)} runs in {args.out / 'results.sqlite'}; next: pqd report {args.out}")
     return 0
 
@@ -142,7 +156,12 @@ def _add_bench_parsers(sub) -> None:
     e = sub.add_parser("export", help="export a finished run to ONNX (INT8 QDQ + FP32 teacher) and check it in each runtime")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--force", action="store_true", help="re-export even if the ONNX files are up to date")
+    e.add_argument("--runtimes", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
+                   help="runtimes to check the ONNX files in: subset of onnxruntime,openvino (default: every installed one)")
     e.add_argument("--quiet", action="store_true")
+    for q in (p, e):
+        q.add_argument("--allow-code", action="store_true",
+                       help="allow importing the model code a run's config.yaml names ('pkg.module:factory'); only for runs you trust")
 
 
 def _bench_or_export(args) -> int:
@@ -150,29 +169,42 @@ def _bench_or_export(args) -> int:
     if args.cmd == "export":
         from pqd.export import export_run
 
-        rec = export_run(args.run_dir, force=args.force)
+        rec = export_run(args.run_dir, force=args.force, runtimes=args.runtimes, allow_code=args.allow_code)
         for k, a in rec["artefacts"].items():
             print(f"{k}: {args.run_dir / a['file']} ({a['bytes'] / 1e6:.2f} MB, opset {a['opset']})")
         for k, c in rec["checks"].items():
             print(f"{k}: {100 * c['agreement']:.2f}% top-1 agreement with {c['reference']} on {c['n']} test images")
         for k, v in rec.get("skipped", {}).items():
             print(f"skipped {k}: {v}")
-        return 0
+        for k, v in rec.get("failed", {}).items():
+            print(f"FAILED {k}: {v}", file=sys.stderr)
+        return 2 if rec.get("failed") else 0
     from pqd.bench import bench_run, format_markdown
 
     result = bench_run(args.run_dir, threads=args.threads, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
                        large_batch_runs=args.large_batch_runs, runtimes=args.runtimes, rss=not args.no_rss,
-                       force_export=args.force_export)
+                       force_export=args.force_export, allow_code=args.allow_code)
     print(format_markdown(result))
     from pqd.rundir import RunDir
 
     rd = RunDir(args.run_dir)
-    print(f"\nwritten: {rd.file(rd.BENCH_JSON)}, {rd.file(rd.BENCH_MD)}, {rd.METRICS}['bench']")
+    merged = "bench" in (rd.read_metrics() or {})  # not claimed when the merge was skipped
+    print(f"\nwritten: {rd.file(rd.BENCH_JSON)}, {rd.file(rd.BENCH_MD)}" + (f", {rd.METRICS}['bench']" if merged else ""))
+    for k, v in (result.get("failed") or {}).items():
+        print(f"FAILED {k}: {v}", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:  # its own parser: pqd.predict owns the options
+        from pqd.predict import predict_main
+
+        try:
+            return predict_main(argv[1:])
+        except PqdError as exc:
+            print(f"pqd: error: {exc}", file=sys.stderr)
+            return 2
     if argv[:1] == ["analyze"]:  # its own parser: pqd.structured.sensitivity owns the options
         from pqd.structured.sensitivity import analyze_main
 
@@ -194,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     p_demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p_demo.add_argument("--quiet", action="store_true")
+    sub.add_parser("predict", help="classify image files with a finished run's deployed model (pqd predict RUN_DIR IMAGE...)")
     sub.add_parser("models", help="list the registered model names")
     p_cfg = sub.add_parser("config", help="print the fully resolved config (defaults filled in) as YAML")
     p_cfg.add_argument("config", type=Path, nargs="?")
@@ -224,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                 config = load_config(path, args.overrides)
         else:
             config = load_config(args.config, args.overrides)
-        _setup_logging(args.out, args.quiet)
-        return _run(config, args.out)
+        from pqd.rundir import claim_dir
+
+        with claim_dir(args.out, kind="run"):  # check, lock, then log.txt: a user's folder is refused untouched
+            _setup_logging(args.out, args.quiet)
+            return _run(config, args.out)
     except PqdError as exc:
         print(f"pqd: error: {exc}", file=sys.stderr)
         return 2

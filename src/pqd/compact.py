@@ -683,24 +683,28 @@ def load_compact(path: str | Path, skeleton: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- runs
 
 
-def skeleton_from_run(run_dir: str | Path, meta: Mapping[str, Any] | None = None) -> nn.Module:
+def skeleton_from_run(run_dir: str | Path, meta: Mapping[str, Any] | None = None, *, allow_code: bool = False) -> nn.Module:
     """A converted INT8 model of the run's architecture (untrained, uncalibrated), ready for
     :func:`load_compact`: :meth:`pqd.rundir.RunDir.int8_skeleton` (classes and image shape from
-    ``meta``, the run's metrics.json or its teacher checkpoint)."""
+    ``meta``, the run's metrics.json or its teacher checkpoint). A config naming model code by
+    import path is refused unless ``allow_code`` (:mod:`pqd.trustpolicy`)."""
     from pqd.rundir import RunDir
 
-    return RunDir(run_dir).int8_skeleton(meta)
+    return RunDir(run_dir).int8_skeleton(meta, allow_code=allow_code)
 
 
-def load_run(run_dir: str | Path, name: str | None = None) -> nn.Module:
+def load_run(run_dir: str | Path, name: str | None = None, *, allow_code: bool = False) -> nn.Module:
     """The INT8 model of a finished run, rebuilt from its compact checkpoint (``name`` in the run
-    directory; default ``model_int8.pqdz``)."""
+    directory; default ``model_int8.pqdz``). No pickle, and no code is imported from the run
+    folder: a config.yaml naming a model by import path ('pkg.module:factory') raises
+    :class:`pqd.errors.UntrustedCodeError` unless ``allow_code=True``."""
     from pqd.rundir import RunDir
 
     run = RunDir(run_dir)
+    run.read_config(allow_code=allow_code)  # the code check comes before any other error
     path = run.file(name) if name else run.compact_path
     _, meta = read_compact(path)
-    return load_compact(path, run.int8_skeleton(meta))
+    return load_compact(path, run.int8_skeleton(meta, allow_code=allow_code))
 
 
 # --------------------------------------------------------------------------- entropy bound

@@ -149,7 +149,11 @@ class ModelConfig(Section):
 @dataclass(frozen=True)
 class DataConfig(Section):
     """Dataset. ``root`` is a directory or archive; for CIFAR it may hold the standard
-    python archive, its extracted folder, or an image-folder copy (dir or ``.tar.gz``)."""
+    python archive, its extracted folder, or an image-folder copy (dir or ``.tar.gz``).
+    ``val_fraction``: share of the training images held out as a validation split (not trained
+    on). pqd uses it, never the test split, for its early checks (the teacher's chance-level
+    check) and for ``pqd analyze`` sensitivity; 0 means those checks use a slice of the
+    training split instead (and ``analyze`` the test split)."""
 
     dataset: str = "digits"
     root: str | None = None
@@ -248,7 +252,9 @@ class QuantizeConfig(Section):
     ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI.
     ``mode: dynamic``: weights-only int8 PTQ of the Linear layers (activations quantized at run
     time; convolutions stay FP32). ``granularity`` ('per_channel' | 'per_tensor') and
-    ``symmetric`` choose the weight scheme (see :mod:`pqd.qoptions`, docs/QUANTIZATION.md)."""
+    ``symmetric`` choose the weight scheme (see :mod:`pqd.qoptions`, docs/QUANTIZATION.md).
+    ``leaf_modules``: submodules torch.fx must not trace into (an untraceable user block):
+    submodule paths ('layer3.0') or classes ('package.module:Class'); they stay FP32."""
 
     mode: str = "qat"
     lr: float = 0.005
@@ -257,6 +263,7 @@ class QuantizeConfig(Section):
     reduce_range: bool = False
     granularity: str = "per_channel"
     symmetric: bool = True
+    leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         _choice("quantize.mode", self.mode, ("qat", "ptq", "dynamic"))
@@ -594,16 +601,14 @@ class JointConfig(Section):
         _range("joint.alpha", self.alpha, 0.0)
 
 
-def _parse_scalar(text: str) -> Any:
-    import yaml
+def _parse_scalar(text: str, where: str = "--set value") -> Any:
+    from pqd.safeyaml import parse_scalar  # bounded YAML; '1e-3' is a float
 
-    return yaml.safe_load(text)
+    return parse_scalar(text, where=where)
 
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a config dict."""
-    import yaml
-
     out = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -615,10 +620,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-        try:
-            node[leaf] = _parse_scalar(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: {key}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+        node[leaf] = _parse_scalar(raw, where=f"--set {item!r}: {key}: the value")
     return out
 
 
@@ -627,8 +629,11 @@ def _deep_copy(d):
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config file (or the defaults when ``path`` is None), apply overrides, validate."""
-    import yaml
+    """Read a YAML config file (or the defaults when ``path`` is None), apply overrides, validate.
+
+    The file is read with :func:`pqd.safeyaml.load_yaml` (size, depth, node and alias limits:
+    YAML bombs are refused); nothing named in it is imported here."""
+    from pqd.safeyaml import load_yaml
 
     data: dict = {}
     if path is not None:
@@ -636,11 +641,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
-        except (OSError, UnicodeDecodeError) as exc:
+            data = load_yaml(p, where=f"config file {str(p)!r}")
+        except OSError as exc:
             raise ConfigError(f"config file {str(p)!r} cannot be read as text: {exc}") from None
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return RunConfig.from_dict(apply_overrides(data, overrides))

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pqd.errors import ModelError
+from pqd.errors import ConfigError, ModelError
 from pqd.rundir import LoadedRun, RunDir
 from pqd.runtimes import OPENVINO_PRECISION, OpenVinoRunner, OrtRunner, available, require  # noqa: F401 (re-exported)
 
@@ -55,9 +56,10 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # --------------------------------------------------------------------------- run loading
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild a finished run from ``run_dir``: :meth:`pqd.rundir.RunDir.load` (the one rebuild path)."""
-    return RunDir(run_dir).load()
+def load_run(run_dir: str | Path, *, allow_code: bool = False) -> LoadedRun:
+    """Rebuild a finished run from ``run_dir``: :meth:`pqd.rundir.RunDir.load` (the one rebuild path).
+    A config naming model code by import path is refused unless ``allow_code``."""
+    return RunDir(run_dir).load(allow_code=allow_code)
 
 
 # --------------------------------------------------------------------------- export
@@ -253,7 +255,10 @@ def _metadata(run: LoadedRun, form: str) -> dict[str, str]:
 
 
 def _check(runner: Callable, reference: torch.Tensor, reference_name: str, run: LoadedRun) -> dict:
-    d = run.data
+    return _check_on(runner, reference, reference_name, run.data)
+
+
+def _check_on(runner: Callable, reference: torch.Tensor, reference_name: str, d) -> dict:
     logits = run_logits(runner, d.test, mean=d.mean, std=d.std)
     return {"reference": reference_name, "n": int(len(d.test)),
             "agreement": (logits.argmax(1) == reference.argmax(1)).float().mean().item(),
@@ -262,20 +267,54 @@ def _check(runner: Callable, reference: torch.Tensor, reference_name: str, run: 
             "max_abs_logit_diff": (logits - reference).abs().max().item()}
 
 
+def check_runtime(*, run_dir: str, onnx: str, runtime: str, reference: str, reference_name: str, threads: int) -> dict:
+    """Child side of an isolated runtime check (:func:`pqd.isolate.run_isolated`): load the run's
+    test split and the reference logits, run one ONNX file in one runtime, compare."""
+    from safetensors.torch import load_file
+
+    from pqd.config import load_config
+    from pqd.data import load_data
+
+    config = load_config(Path(run_dir) / RunDir.CONFIG)
+    data = load_data(config.data, seed=config.seed)
+    ref = load_file(reference)["logits"]
+    cls = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}[runtime]
+    return _check_on(cls(Path(onnx), threads=threads), ref, reference_name, data)
+
+
 def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, openvino: bool | None = None,
-               run: LoadedRun | None = None) -> dict:
+               run: LoadedRun | None = None, runtimes: Sequence[str] | None = None, allow_code: bool = False) -> dict:
     """Export a finished run to ONNX (INT8 QDQ and the FP32 teacher) and check the exports.
 
     Writes ``RUN_DIR/model_int8.onnx`` (or ``model_fp32.onnx`` for a run without a quantize
     stage), ``RUN_DIR/teacher_fp32.onnx`` and ``RUN_DIR/export.json``; returns the record.
     Files already exported from the same run files are reused unless ``force``. ``check``
     runs every export on the test split in ONNX Runtime and (``openvino``: None = when
-    installed) OpenVINO and records top-1 agreement with the PyTorch model it came from.
+    installed) OpenVINO and records top-1 agreement with the PyTorch model it came from; each
+    runtime's check runs in a process of its own, so a native crash becomes an entry of
+    ``record["failed"]`` naming runtime and model while the others still report. ``runtimes``:
+    a subset of ("onnxruntime", "openvino"). The run folder is locked while exporting; a config
+    naming model code by import path is refused unless ``allow_code``.
     """
     require("onnx"), require("onnxscript"), require("onnxruntime")
     out = Path(run_dir)
     rd = RunDir(out)
-    run = run or rd.load()
+    if runtimes is not None:
+        bad = set(runtimes) - {"onnxruntime", "openvino"}
+        if bad:
+            raise ConfigError(f"--runtimes: {', '.join(sorted(bad))} not valid; choose from onnxruntime, openvino")
+        if "openvino" not in runtimes:
+            openvino = False
+        elif openvino is None:
+            openvino = True
+    with rd.claim():
+        return _export_run(rd, out, force=force, check=check, openvino=openvino, run=run, allow_code=allow_code,
+                           ort="onnxruntime" in runtimes if runtimes is not None else True)
+
+
+def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bool | None, run: LoadedRun | None,
+                allow_code: bool, ort: bool) -> dict:
+    run = run or rd.load(allow_code=allow_code)
     student_file = run.student_file or run.deployed_file  # a dense run's final model is its FP32 file
     sources = [run.deployed_file, student_file, rd.teacher_path]
     final_name = INT8_ONNX if run.quantized else FINAL_FP32_ONNX
@@ -293,14 +332,16 @@ def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, 
         final_model = reference_int8(run.student) if run.quantized else copy.deepcopy(run.student.model).eval()
         final_form = "int8_qdq" if run.quantized else "fp32"
         log.info("export: %s -> %s", student_file.name, final_name)
-        final_rec = export_onnx(final_model, out / final_name, shape, metadata=_metadata(run, final_form), fold=run.quantized)
+        final_rec = export_onnx(final_model, out / final_name, shape, metadata=_metadata(run, final_form) | _predict_meta(run, final_form),
+                                fold=run.quantized)
         final_rec.update(form=final_form, source=str(student_file.relative_to(out)))
         if run.quantized:
             zeros = int8_initializer_zeros(out / final_name)
             z, n = sum(v[0] for v in zeros.values()), sum(v[1] for v in zeros.values())
             final_rec["int8_weight_zero_fraction"] = z / n if n else None
         log.info("export: teacher -> %s", TEACHER_ONNX)
-        teacher_rec = export_onnx(run.teacher, out / TEACHER_ONNX, shape, metadata=_metadata(run, "fp32"), fold=False)
+        teacher_rec = export_onnx(run.teacher, out / TEACHER_ONNX, shape, metadata=_metadata(run, "fp32") | _predict_meta(run, "fp32"),
+                                  fold=False)
         teacher_rec.update(form="fp32", source=rd.TEACHER)
         record = {
             "schema": EXPORT_SCHEMA,
@@ -314,33 +355,61 @@ def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, 
             "checks": {}, "skipped": {},
         }
     if check:
-        _run_checks(record, run, out, final_name, openvino)
+        _run_checks(record, run, out, final_name, openvino, ort=ort)
     from pqd.train.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())
     return record
 
 
-def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None) -> None:
+def _predict_meta(run: LoadedRun, form: str) -> dict[str, str]:
+    """The record ``pqd predict`` reads from an ONNX file (normalisation outside: the file takes
+    normalised float input)."""
+    from pqd.predict import deployable_meta, onnx_metadata
+
+    d = run.data
+    return onnx_metadata(deployable_meta(mean=d.mean, std=d.std, class_names=d.test.classes, input_shape=d.image_shape,
+                                         normalization="outside", extra={"form": form, "model": run.config.model.name}))
+
+
+def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None, *, ort: bool = True) -> None:
+    from safetensors.torch import save_file
+
+    from pqd.errors import RuntimeCrash
+    from pqd.isolate import run_isolated
+
     checks, skipped = record.setdefault("checks", {}), record.setdefault("skipped", {})
+    failed = record.setdefault("failed", {})
+    failed.clear()
     want_ov = available("openvino") if openvino is None else openvino
     if not want_ov and not any(k.startswith("openvino_") for k in checks):
         skipped["openvino"] = ("not requested" if openvino is False else "openvino is not installed: pip install 'pqd[openvino]'")
     d = run.data
     form = "int8" if run.quantized else "fp32_final"
-    todo = [("onnxruntime", OrtRunner)] + ([("openvino", OpenVinoRunner)] if want_ov else [])
+    todo = ([("onnxruntime", OrtRunner)] if ort else []) + ([("openvino", OpenVinoRunner)] if want_ov else [])
     if all(f"{rt}_{k}" in checks for rt, _ in todo for k in (form, "fp32")):
         return
     ref_final = run_logits(run.deployed, d.test, mean=d.mean, std=d.std)
     ref_teacher = run_logits(run.teacher, d.test, mean=d.mean, std=d.std)
     final_ref_name = "pytorch_int8 (model_int8.pt)" if run.quantized else "pytorch_fp32 (final student)"
     threads = max(1, torch.get_num_threads())
-    for rt, cls in todo:
-        skipped.pop(rt, None)
-        if f"{rt}_{form}" in checks and f"{rt}_fp32" in checks:
-            continue
-        checks[f"{rt}_{form}"] = _check(cls(out / final_name, threads=threads), ref_final, final_ref_name, run)
-        checks[f"{rt}_fp32"] = _check(cls(out / TEACHER_ONNX, threads=threads), ref_teacher, "pytorch_fp32_eager (teacher)", run)
-        for k in (form, "fp32"):
-            c = checks[f"{rt}_{k}"]
-            log.info("export check: %s_%s agrees with %s on %.2f%% of %d test images", rt, k, c["reference"], 100 * c["agreement"], c["n"])
+    with tempfile.TemporaryDirectory(prefix="pqd-export-") as tmp:
+        refs = {form: str(Path(tmp) / "final.safetensors"), "fp32": str(Path(tmp) / "teacher.safetensors")}
+        save_file({"logits": ref_final.contiguous()}, refs[form])
+        save_file({"logits": ref_teacher.contiguous()}, refs["fp32"])
+        for rt, _cls in todo:
+            skipped.pop(rt, None)
+            for k, onnx_file, ref_name in ((form, final_name, final_ref_name), ("fp32", TEACHER_ONNX, "pytorch_fp32_eager (teacher)")):
+                if f"{rt}_{k}" in checks:
+                    continue
+                try:  # a process of its own: a native crash (segfault) is reported, the other checks go on
+                    checks[f"{rt}_{k}"] = run_isolated(
+                        "pqd.export:check_runtime", {"run_dir": str(out), "onnx": str(out / onnx_file), "runtime": rt,
+                                                     "reference": refs[k], "reference_name": ref_name, "threads": threads},
+                        timeout=900, runtime=rt, model=f"{run.config.model.name} ({onnx_file})")
+                except RuntimeCrash as exc:
+                    failed[f"{rt}_{k}"] = str(exc).split("\n--- ")[0]
+                    log.error("%s", exc)
+                    continue
+                c = checks[f"{rt}_{k}"]
+                log.info("export check: %s_%s agrees with %s on %.2f%% of %d test images", rt, k, c["reference"], 100 * c["agreement"], c["n"])

@@ -21,7 +21,7 @@ from torch import nn
 from pqd.compact import save_compact, verify_compact
 from pqd.config import RunConfig
 from pqd.data import TEST_SUBSET_SEED, Splits, load_data
-from pqd.errors import CheckpointError, ConfigError, ModelError
+from pqd.errors import CheckpointError, ConfigError, DivergenceError, ModelError
 from pqd.integrations.tracking import make_tracker
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
 from pqd.measure.degradation import compare_degradation
@@ -30,11 +30,12 @@ from pqd.measure.speedup import speedup_summary
 from pqd.measure.stats import correct_vector, top1_record
 from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
 from pqd.rundir import RunDir, build_model, model_kwargs
-from pqd.stages import Student, convert, global_sparsity, prunable_layers, to_torchscript
+from pqd.stages import Student, convert, global_sparsity, prunable_layers
 from pqd.stages.quantize import float_modules
 from pqd.stages.registry import StageContext, get_stage
 from pqd.train import train
-from pqd.train.checkpoint import atomic_write_bytes, load_weights, save_checkpoint
+from pqd.predict import deployable_torchscript, normalized_callable, save_torchscript
+from pqd.train.checkpoint import load_weights, save_checkpoint
 from pqd.train.loop import default_device, masked_weight
 
 log = logging.getLogger("pqd")
@@ -113,6 +114,8 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
     if run.teacher_path.exists():
         model = run.load_teacher(config, data.num_classes, device)
         log.info("teacher: loaded %s", run.teacher_path)
+        if config.stages:  # the same check as after training: a resumed run records the same warnings
+            _note(_check_teacher(config, data, model))
         return model
     model = build_model(config, data.num_classes).to(device)
     if config.teacher.weights:
@@ -133,10 +136,46 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
         train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
               checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", amp=True, augment=config.data.augment,
               tracker=tracker)
+    if config.stages:  # before the save: a diverged teacher is not worth resuming from
+        try:
+            warning = _check_teacher(config, data, model)
+        except DivergenceError:
+            if _rank() == 0:
+                run.teacher_epoch_path.unlink(missing_ok=True)
+            raise
+        _note(warning)
     if _rank() == 0:
         run.save_teacher(model, model_name=config.model.name, num_classes=data.num_classes)
     _barrier()
     return model
+
+
+_WARNINGS: list[str] = []  # warnings of the current run, for metrics.json
+
+
+def _note(warning: str | None) -> None:
+    if warning:
+        log.warning("%s", warning)
+        _WARNINGS.append(warning)
+
+
+def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str | None:
+    """Flag a teacher at chance level before compression is spent on it: on the validation split
+    (or a slice of the training split; never the test split). NaN/inf weights are an error; a
+    teacher at chance level is a warning (tiny smoke-test teachers are near chance on purpose)."""
+    from pqd.guard import check_teacher_quality, first_nonfinite
+
+    bad = first_nonfinite(teacher)
+    if bad is not None:
+        raise DivergenceError(f"teacher: {bad!r} holds NaN/inf values; lower teacher.lr (--set teacher.lr=...) or check "
+                              "teacher.weights, then re-run")
+    ds = data.val if getattr(data, "val", None) is not None and len(data.val) else \
+        data.train.subset(torch.arange(min(2000, len(data.train))))
+    was = teacher.training
+    logits = predict(teacher, ds, mean=data.mean, std=data.std, batch_size=config.train.eval_batch_size)
+    teacher.train(was)
+    return check_teacher_quality(top1(logits, ds.y), data.num_classes, where="teacher", strict=False,
+                                 pred_counts=torch.bincount(logits.argmax(1).cpu(), minlength=data.num_classes))
 
 
 def _rank() -> int:
@@ -165,25 +204,41 @@ def _on_device(student: Student, device: torch.device) -> Student:
     return student
 
 
-def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device | str | None = None) -> dict:
+def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device | str | None = None,
+                 teacher_base: str | Path | None = None) -> dict:
     """Run (or resume) a whole compression run into ``out_dir``; return the metrics (as a dict).
 
     ``device``: where teacher and student train (default: CUDA if available, else CPU); every
     stage's output is kept there. Under ``torchrun`` every rank trains (DistributedDataParallel)
     and rank 0 alone writes files and measures; the other ranks return an empty dict.
+
+    The folder is claimed first (:meth:`RunDir.claim`: a folder holding files pqd did not write is
+    refused, and a second process writing the same folder is refused). ``teacher_base``: the
+    folder a relative ``teacher.weights`` is resolved against (a sweep's folder; default: the
+    current directory).
     """
-    t_start = time.perf_counter()
     run = RunDir(out_dir)
+    with run.claim():
+        return _run_pipeline(config, run, device=device, teacher_base=teacher_base)
+
+
+def _run_pipeline(config: RunConfig, run: RunDir, *, device, teacher_base) -> dict:
+    t_start = time.perf_counter()
     main = _rank() == 0
     if main:
-        run.check_config(config)
+        run.check_config(config, teacher_base=teacher_base)
     _barrier()
+    if teacher_base is not None and config.teacher.weights and not Path(config.teacher.weights).is_absolute():
+        import dataclasses
+
+        config = dataclasses.replace(config, teacher=dataclasses.replace(
+            config.teacher, weights=str(Path(teacher_base) / config.teacher.weights)))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
     device = torch.device(device) if device is not None else default_device()
     if main:
-        run.write_env(environment(config.measure.threads))
+        run.write_env(environment(config.measure.threads) | {"train_threads": torch.get_num_threads()})
 
     data = load_data(config.data, seed=config.seed)
     log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
@@ -198,6 +253,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device
 
 def _run_stages(config: RunConfig, data: Splits, run: RunDir, device: torch.device, tracker, t_start: float) -> dict:
     main = _rank() == 0
+    _WARNINGS.clear()
     teacher = _teacher(config, data, run, device, tracker)
 
     last = run.last_finished_stage(config)
@@ -227,6 +283,9 @@ def _run_stages(config: RunConfig, data: Splits, run: RunDir, device: torch.devi
         return {}
     metrics = finalize(config, data, teacher, student, run, stage_times=times)
     metrics.wall_time_s = round(time.perf_counter() - t_start, 2)
+    metrics.extra["preprocessing"] = _deploy_meta(config, data, normalization="inside")
+    if _WARNINGS:
+        metrics.extra["warnings"] = list(_WARNINGS)
     tracker.log_metrics({"final": metrics.to_dict()})
     # keep what other commands added (e.g. `pqd bench`) when a finished run is re-measured
     return run.write_metrics(metrics)
@@ -254,7 +313,6 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     final = Student(copy.deepcopy(student.model).cpu().eval(), {k: v.cpu() for k, v in student.masks.items()}, student.form,
                     student.freeze_fraction)
     mean, std, ebs = data.mean, data.std, config.train.eval_batch_size
-    example = torch.zeros(1, *data.image_shape)
     # Convert before evaluating: a PTQ student's observers have no off switch, so running it on
     # the test set first would re-calibrate it on test data (and a resumed run would differ).
     int8 = convert(final) if final.quantized else None
@@ -265,8 +323,10 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     extra_acc: dict = {}
     if int8 is not None:
         deployed_path = run.deployed_path(config)
-        atomic_write_bytes(deployed_path, _jit_bytes(to_torchscript(int8, example)))
-        deployed = torch.jit.load(str(deployed_path), map_location="cpu")
+        # self-contained deployable: takes raw images (normalisation inside), carries pqd.json and class names
+        save_torchscript(deployable_torchscript(int8, mean=mean, std=std, class_names=data.test.classes, input_shape=data.image_shape),
+                         deployed_path, meta=_deploy_meta(config, data, form="int8"), overwrite=True)
+        deployed = normalized_callable(torch.jit.load(str(deployed_path), map_location="cpu"))  # bare model: same logits
         d_logits = predict(deployed, data.test, mean=mean, std=std, batch_size=ebs)
         if final.form == "qat":
             extra_acc = {"fake_quant_top1": top1(s_logits, data.test.y), "int8_vs_fake_quant_agreement": agreement(d_logits, s_logits)}
@@ -276,7 +336,7 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         save_compact(int8, run.compact_path, meta={
             "model": config.model.name, "width": config.model.width, "num_classes": data.num_classes,
             "image_shape": list(data.image_shape), "quantize_mode": final.form, "dataset": data.name,
-            "mean": list(data.mean), "std": list(data.std)})
+            "mean": list(data.mean), "std": list(data.std), "class_names": [str(c) for c in data.test.classes]})
         verify_compact(run.compact_path, int8)  # decodes it and compares bit for bit
         compact = {"compact_int8": file_bytes(run.compact_path), "compact_file": run.compact_path.name}
         quantization = Quantization(backend="x86", float_modules=float_modules(int8))
@@ -348,6 +408,15 @@ def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits
     return out
 
 
+def _deploy_meta(config: RunConfig, data: Splits, *, form: str | None = None, normalization: str = "inside") -> dict:
+    """The preprocessing record a deployable carries (pqd.predict.deployable_meta)."""
+    from pqd.predict import deployable_meta
+
+    extra = {"model": config.model.name, "stages": config.stage_string()} | ({"form": form} if form else {})
+    return deployable_meta(mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape,
+                           normalization=normalization, extra=extra)
+
+
 def int8_sparsity(int8: nn.Module, student: Student) -> float | None:
     """Fraction of exactly-zero int8 values at the masked layers of the converted model."""
     zeros = total = 0
@@ -358,11 +427,3 @@ def int8_sparsity(int8: nn.Module, student: Student) -> float | None:
         zeros += int((q == 0).sum())
         total += q.numel()
     return zeros / total if total else None
-
-
-def _jit_bytes(module: torch.jit.ScriptModule) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.jit.save(module, buf)
-    return buf.getvalue()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -92,15 +92,43 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     return mapping.set_global(tq.QConfig(activation=act, weight=weight))
 
 
+def _leaf_config(leaf_modules: Sequence[str]):
+    """FX PrepareCustomConfig marking ``leaf_modules`` untraceable (kept whole, left FP32):
+    entries 'package.module:Class' name classes (imported), others submodule paths ('layer3.0')."""
+    if not leaf_modules:
+        return None
+    import importlib
+
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+    names, classes = [], []
+    for entry in leaf_modules:
+        mod, sep, attr = str(entry).partition(":")
+        if not sep:
+            names.append(str(entry))
+            continue
+        try:
+            cls = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ModelError(f"quantize.leaf_modules: {entry!r} cannot be imported ({type(exc).__name__}: {exc})") from None
+        if not isinstance(cls, type):
+            raise ModelError(f"quantize.leaf_modules: {entry!r} is not a class")
+        classes.append(cls)
+    return PrepareCustomConfig().set_non_traceable_module_names(names).set_non_traceable_module_classes(classes)
+
+
 def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduce_range: bool = False,
-            options: QuantOptions | None = None, inplace: bool = False) -> nn.Module:
+            options: QuantOptions | None = None, inplace: bool = False, leaf_modules: Sequence[str] = ()) -> nn.Module:
     """A fake-quant (``qat``, train mode) or observer (``ptq`` / ``dynamic``, eval mode) copy of
     ``model`` on ``model``'s device. ``model`` itself is neither changed nor moved.
 
     ``inplace=True`` skips the copy: the result then shares ``model``'s parameter objects, so an
     optimizer built on ``model`` keeps training the prepared model (use the result, not ``model``).
+    ``leaf_modules``: submodules torch.fx must not trace into (paths like 'layer3.0' or classes
+    'package.module:Class'); they stay FP32 inside the INT8 model.
     """
     _, qfx = fx_modules()
+    custom = _leaf_config(leaf_modules)
     device = model_device(model)
     mapping = qconfig_mapping(mode, reduce_range=reduce_range, options=options)
     if not inplace:
@@ -108,15 +136,16 @@ def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduc
     example = example.to(device)
     try:
         if mode == "qat":
-            prepared = qfx.prepare_qat_fx(model.train(), mapping, (example,))
+            prepared = qfx.prepare_qat_fx(model.train(), mapping, (example,), prepare_custom_config=custom)
         else:
-            prepared = qfx.prepare_fx(model.eval(), mapping, (example,))
+            prepared = qfx.prepare_fx(model.eval(), mapping, (example,), prepare_custom_config=custom)
     except Exception as exc:  # torch.fx raises many types for untraceable code
         culprit = _untraceable_submodule(model)
         where = f" The first module that cannot be traced on its own is {culprit[0]!r} ({culprit[1]})." if culprit else ""
         raise ModelError(
             f"cannot quantize {type(model).__name__}: torch.fx could not trace it ({type(exc).__name__}: {str(exc)[:300]}).{where} "
-            "Make forward() free of data-dependent Python control flow, or wrap the offending submodule in a leaf module."
+            "Make forward() free of data-dependent Python control flow, or keep the offending submodule whole (it stays FP32): "
+            "quantize.leaf_modules: ['<its path>'] or ['package.module:Class'] (--set 'quantize.leaf_modules=[...]')."
         ) from None
     # FX creates the observers / fake-quant modules it inserts on the CPU: bring them to the model.
     return prepared.to(device)

@@ -21,8 +21,11 @@ elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,9 @@ from torch import nn
 
 from pqd.config import RunConfig, load_config
 from pqd.errors import CheckpointError, ConfigError
+from pqd.fsguard import DirLock, check_path_encodable, check_writable_run_dir
+from pqd.safeyaml import load_yaml
+from pqd.trustpolicy import check_config_code
 from pqd.metrics import Metrics
 from pqd.qoptions import quant_options
 from pqd.registry import create_model
@@ -60,6 +66,66 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
 def build_model(config: RunConfig, num_classes: int) -> nn.Module:
     """The run's architecture, freshly initialised."""
     return create_model(config.model.name, num_classes=num_classes, **model_kwargs(config))
+
+
+# Every top-level name pqd writes into a run / sweep folder (fnmatch patterns): anything else in
+# an --out folder is a user's file, and pqd refuses to write there (pqd.fsguard).
+RUN_DIR_FILES = ("config.yaml", "env.json", "log.txt", "metrics.json", "teacher.safetensors", "teacher.epoch.safetensors",
+                 "stages", "tracker", "model_*.pt", "model_*.pqdz", "model_*.safetensors", "*.onnx", "export.json", "bench.json",
+                 "bench.md")
+SWEEP_DIR_FILES = ("sweep.yaml", "results.sqlite", "results.sqlite-*", "runs", "log.txt", "report.md", "report.html", "plots")
+REPORT_FILES = ("report.md", "report.html", "plots")
+
+# Settings that change no trained result: a resume ignores differences in them (item 4 of issue 11).
+RESULT_NEUTRAL_KEYS = ("train.progress", "train.tracker", "train.tracker_dir", "train.threads", "train.eval_batch_size",
+                       "data.cache_dir", "measure")
+
+_SHARED_TEACHER = re.compile(r"(^|/)(runs/teacher-[0-9A-Za-z_-]+/teacher\.safetensors)$")
+
+
+def _is_rank0() -> bool:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def claim_dir(path: str | Path, *, kind: str = "run") -> Any:
+    """Claim an output folder for the duration of the block: refuse a non-UTF-8 path, a folder
+    holding files pqd did not write (never overwritten), and a folder another process holds
+    (:class:`pqd.fsguard.DirLock`). Only rank 0 claims under torchrun. Re-entrant."""
+    if not _is_rank0():
+        yield None
+        return
+    files = {"run": RUN_DIR_FILES, "sweep": SWEEP_DIR_FILES, "report": REPORT_FILES}[kind]
+    check_path_encodable(path)
+    check_writable_run_dir(path, expected_files=files, kind=kind)
+    with DirLock(path, what={"run": "RUN_DIR", "sweep": "SWEEP_DIR"}.get(kind, "folder")) as lock:
+        yield lock
+
+
+def comparable_config(saved: Mapping[str, Any], *, teacher_base: str | Path | None = None) -> dict:
+    """A config dict as compared on resume: defaults filled in (a config.yaml written by an older
+    pqd still matches), settings that change no trained result removed, and a sweep's shared
+    teacher path taken relative to the sweep folder (a moved or copied sweep still resumes)."""
+    try:
+        d = RunConfig.from_dict(dict(saved)).to_dict()
+    except ConfigError:
+        d = json.loads(json.dumps(dict(saved), default=str))
+    for key in RESULT_NEUTRAL_KEYS:
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    w = (d.get("teacher") or {}).get("weights") if isinstance(d.get("teacher"), dict) else None
+    if teacher_base is not None and isinstance(w, str) and w:
+        m = _SHARED_TEACHER.search(w.replace(os.sep, "/"))
+        if m and (not Path(w).is_absolute() or Path(w).is_file() or (Path(teacher_base) / m.group(2)).is_file()):
+            d["teacher"]["weights"] = m.group(2)
+    return d
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -91,6 +157,21 @@ class LoadedRun:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.data.image_shape
+
+
+def _state_mismatch(path: Path, model: nn.Module, state: Mapping[str, Any], exc: BaseException) -> str:
+    """A short summary of a state_dict that does not fit (not torch's key list of many KB)."""
+    have, want = set(state), set(model.state_dict())
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:5])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:5])}")
+    if not parts:
+        parts.append(str(exc).splitlines()[0][:300] if str(exc) else "shapes differ")
+    return (f"checkpoint {str(path)!r} does not fit this stage's model ({'; '.join(parts)}); it may come from another "
+            "stage or run: delete it to recompute")
 
 
 class RunDir:
@@ -167,11 +248,18 @@ class RunDir:
         if not self.config_path.exists():
             return None
         try:
-            return yaml.safe_load(self.config_path.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            data = load_yaml(self.config_path)
+        except ConfigError as exc:
             raise ConfigError(f"{self.config_path} cannot be read ({exc}); restore it or choose a new --out directory") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.config_path} does not hold a config mapping; restore it or choose a new --out directory")
+        return data
 
-    def check_config(self, config: RunConfig) -> None:
+    def claim(self, *, kind: str = "run"):
+        """``with run.claim(): ...``: see :func:`claim_dir`."""
+        return claim_dir(self.path, kind=kind)
+
+    def check_config(self, config: RunConfig, *, teacher_base: str | Path | None = None) -> None:
         """Claim the directory for ``config``: write config.yaml, or check the saved one.
 
         A saved config that differs is refused (naming the differing keys), unless the directory
@@ -180,23 +268,29 @@ class RunDir:
         """
         want = config.to_dict()
         have = self.saved_config_dict()
+        same = have is not None and (have == want or comparable_config(have, teacher_base=teacher_base)
+                                     == comparable_config(want, teacher_base=teacher_base))
         if have is None:
             self.path.mkdir(parents=True, exist_ok=True)
-        elif have != want and self.has_results():
-            diff = sorted(_diff_keys(have, want))
+        elif not same and self.has_results():
+            diff = sorted(_diff_keys(comparable_config(have, teacher_base=teacher_base),
+                                     comparable_config(want, teacher_base=teacher_base)))
             raise ConfigError(
                 f"{self.path} holds a run with a different config (differs at: {', '.join(diff) or '?'}); "
                 "re-run with the same config to resume, or choose a new --out directory")
-        elif have != want:
+        elif not same:
             log.info("%s holds no results yet; replacing its config.yaml", self.path)
         else:
-            return
+            return  # the saved config stays (a resume with harmless differences keeps the original record)
         atomic_write_bytes(self.config_path, yaml.safe_dump(want, sort_keys=False).encode())
 
-    def read_config(self) -> RunConfig:
+    def read_config(self, *, allow_code: bool = True) -> RunConfig:
         if not self.config_path.is_file():
             raise CheckpointError(f"{self.path} is not a pqd run directory (no {self.CONFIG}); make one with 'pqd run' or 'pqd demo'")
-        return load_config(self.config_path)
+        config = load_config(self.config_path)
+        if not allow_code:
+            check_config_code(config, allow_code=False, source=str(self.config_path))
+        return config
 
     def write_env(self, env: Mapping[str, Any]) -> None:
         atomic_write_bytes(self.env_path, json.dumps(env, indent=2).encode())
@@ -237,7 +331,8 @@ class RunDir:
             fit_to_state_dict(model, state)
         if form != "fp32":
             model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range,
-                            options=quant_options(config.quantize))
+                            options=quant_options(config.quantize),
+                            leaf_modules=config.quantize.leaf_modules)
         return model
 
     def structural_state(self, config: RunConfig) -> dict[str, torch.Tensor] | None:
@@ -258,7 +353,10 @@ class RunDir:
         form = meta.get("form", "fp32")
         model = self.rebuild_model(config, num_classes=num_classes, image_shape=image_shape, form=form,
                                    state=state if form == "fp32" else None)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(_state_mismatch(self.student_path(index, config.stages[index].stage), model, state, exc)) from None
         masks = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
         if form == "qat":
             freeze(model)  # every stage ends frozen; BN freezing is module state, not in the state_dict
@@ -269,20 +367,26 @@ class RunDir:
         return student
 
     # ------------------------------------------------------------------ rebuilding a finished run
-    def load(self, *, data: Any = None) -> LoadedRun:
+    def load(self, *, data: Any = None, allow_code: bool = False) -> LoadedRun:
         """Rebuild a finished run (config.yaml, teacher, last stage's student, deployed file).
 
         The one function that rebuilds a run from disk: export, bench, workers and compact use it.
+        A config naming a model by import path ('pkg.module:factory') is refused
+        (:class:`pqd.errors.UntrustedCodeError`) unless ``allow_code``: loading a downloaded run
+        folder never imports code from it.
         """
         from pqd.data import load_data
+        from pqd.predict import normalized_callable, read_torchscript_meta
 
         config = self.read_config()
+        check_config_code(config, allow_code=allow_code, source=str(self.config_path))
         last = len(config.stages) - 1
         student_file = self.student_path(last, config.stages[last].stage) if config.stages else None
         deployed_file = self.deployed_path(config)
         for need in (self.teacher_path, student_file, deployed_file):
             if need is not None and not need.is_file():
-                raise CheckpointError(f"{self.path} is not a finished run: {need.name} is missing; finish it with the same 'pqd run' command")
+                shown = need.relative_to(self.path) if need.is_relative_to(self.path) else need
+                raise CheckpointError(f"{self.path} is not a finished run: {shown} is missing; finish it with the same 'pqd run' command")
         torch.backends.quantized.engine = BACKEND  # before any INT8 model is loaded
         data = data if data is not None else load_data(config.data, seed=config.seed)
         teacher = self.load_teacher(config, data.num_classes).eval()
@@ -294,7 +398,12 @@ class RunDir:
         if deployed_file == self.int8_path:
             if not student.quantized:
                 raise CheckpointError(f"{self.path}: the run quantizes but the last stage's student is not quantized")
-            deployed = torch.jit.load(str(self.int8_path), map_location="cpu")
+            read_torchscript_meta(self.int8_path)  # a truncated zip: CheckpointError, not a raw torch error
+            try:
+                deployed = normalized_callable(torch.jit.load(str(self.int8_path), map_location="cpu"))
+            except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError for damaged files
+                raise CheckpointError(f"{self.int8_path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                                      "delete it and re-run the same 'pqd run' command to rewrite it") from None
         else:
             deployed = student.model
         return LoadedRun(self.path, config, data, teacher, student, deployed, deployed_file, student_file)
@@ -318,10 +427,10 @@ class RunDir:
             shape = _IMAGE_SHAPES[dataset]
         return int(facts["num_classes"]), shape
 
-    def int8_skeleton(self, meta: Mapping[str, Any] | None = None) -> nn.Module:
+    def int8_skeleton(self, meta: Mapping[str, Any] | None = None, *, allow_code: bool = False) -> nn.Module:
         """A converted INT8 model of the run's architecture (untrained, uncalibrated), ready for
-        :func:`pqd.compact.load_compact`."""
-        config = self.read_config()
+        :func:`pqd.compact.load_compact`. A model named by import path needs ``allow_code``."""
+        config = self.read_config(allow_code=allow_code)
         if not config.quantizes:
             raise CheckpointError(f"{self.path}: no stage of the run quantizes, so it has no INT8 model")
         num_classes, shape = self.run_facts(meta)

@@ -46,6 +46,7 @@ fails with that message and the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -59,9 +60,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from pqd.config import RunConfig, apply_overrides
-from pqd.errors import ConfigError, PqdError
+from pqd.errors import ConfigError, PqdError, StorageError
+from pqd.fsguard import record_written, safe_replace, storage_errors
 from pqd.metrics import Metrics
-from pqd.rundir import RunDir
+from pqd.rundir import RunDir, claim_dir, comparable_config
+from pqd.safeyaml import MAX_GRID, grid_size_guard, load_yaml
 
 log = logging.getLogger("pqd.sweep")
 
@@ -174,10 +177,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file {str(p)!r} does not exist")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {str(p)!r} is not valid YAML: {exc}") from None
+    spec = load_yaml(p, where=f"sweep file {str(p)!r}") or {}  # bounded: YAML bombs are refused
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep file {str(p)!r} must hold a mapping with 'base' and 'variants'")
     base = spec.get("base") or {}
@@ -185,7 +185,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
         if not bp.is_file():
             raise ConfigError(f"sweep base config {str(bp)!r} does not exist")
-        base = yaml.safe_load(bp.read_text()) or {}
+        base = load_yaml(bp, where=f"sweep base config {str(bp)!r}") or {}
     spec = dict(spec, base=apply_overrides(_dotted_to_nested(base, "base"), overrides))
     spec.setdefault("name", p.stem)
     return spec
@@ -210,6 +210,7 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
         raise ConfigError("sweep.variants must be a non-empty mapping of name -> overrides, e.g. {pqd: {stages: 'P:1,Q:2,D:2'}}")
 
     expanded: list[tuple[str, tuple, dict, str | None]] = []  # (variant, axes, config dict, peer)
+    total = 0
     for vname, over in variants.items():
         if not isinstance(vname, str) or not vname.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"sweep.variants: name {vname!r} must be letters, digits, '_' or '-'")
@@ -227,6 +228,9 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
         vgrid = dict(global_grid)
         vgrid.update(_grid(over.pop("grid", None) or {}, f"variants.{vname}.grid"))
         merged = _merge_into(json.loads(json.dumps(base)), _dotted_to_nested(over, f"variants.{vname}"))
+        total += grid_size_guard(vgrid, where=f"sweep variants.{vname}.grid")
+        if total > MAX_GRID:
+            raise ConfigError(f"sweep: {total:,} runs in all, more than the limit of {MAX_GRID:,}; split the sweep into several files")
         keys = list(vgrid)
         for values in itertools.product(*(vgrid[k] for k in keys)):
             axes = tuple(zip(keys, values))
@@ -283,7 +287,8 @@ def _grid(grid: Any, where: str) -> dict[str, list]:
 
 
 def _share_teacher(run: Run, out: Path) -> Run:
-    weights = str((out / "runs" / f"teacher-{run.teacher_id}" / "teacher.safetensors").resolve())
+    # relative to the sweep folder (resolved by execute): a copied or moved sweep folder resumes
+    weights = f"runs/teacher-{run.teacher_id}/teacher.safetensors"
     cfg = dataclasses.replace(run.config, teacher=dataclasses.replace(run.config.teacher, weights=weights))
     return dataclasses.replace(run, config=cfg)
 
@@ -312,11 +317,20 @@ def finished_metrics(sweep_dir: str | Path, run: Run) -> dict | None:
     d = RunDir(run_dir(sweep_dir, run))
     if not d.metrics_path.is_file():
         return None
-    saved = d.saved_config_dict()
-    if saved is None or _normalized(saved) != run.config_dict():
+    try:
+        saved = d.saved_config_dict()
+    except ConfigError as exc:  # a garbled config.yaml in one run does not block the sweep
+        log.warning("%s: treated as not finished (%s)", d.path, exc)
+        return None
+    if saved is None or (comparable_config(saved, teacher_base=sweep_dir)
+                         != comparable_config(run.config_dict(), teacher_base=sweep_dir)):
         raise ConfigError(f"{d.path} holds a finished run with a different config; the sweep file changed. "
                           "Use a new --out directory, or delete that run directory to redo it")
-    return d.read_metrics()
+    metrics = d.read_metrics()
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("accuracy"), dict):
+        log.warning("%s: its %s is unreadable; treated as not finished", d.path, d.METRICS)
+        return None
+    return metrics
 
 
 def execute(run: Run, sweep_dir: str) -> dict:
@@ -325,7 +339,11 @@ def execute(run: Run, sweep_dir: str) -> dict:
     if done is not None:
         return done
     out = run_dir(sweep_dir, run)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_dir(out, kind="run"):  # before log.txt: run_pipeline claims it again (re-entrant)
+        return _execute(run, out, sweep_dir)
+
+
+def _execute(run: Run, out: Path, sweep_dir: str | Path) -> dict:
     handler = logging.FileHandler(RunDir(out).log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("pqd")
@@ -338,7 +356,7 @@ def execute(run: Run, sweep_dir: str) -> dict:
             return _execute_peer(run, out)
         from pqd.pipeline import run_pipeline  # teacher runs too: a dense run of the same pipeline
 
-        return run_pipeline(run.config, out)
+        return run_pipeline(run.config, out, teacher_base=sweep_dir)
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -482,22 +500,25 @@ class ResultTable:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{n} {t}' for n, t in COLUMNS)})")
-            have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
-            for n, t in COLUMNS:  # a table written by an older pqd: add the new columns
-                if n not in have:
-                    db.execute(f"ALTER TABLE runs ADD COLUMN {n} {t}")
+        with storage_errors(self.path):  # disk full / read-only / locked: a clear StorageError
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.closing(self._connect()) as conn, conn as db:
+                db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{n} {t}' for n, t in COLUMNS)})")
+                have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+                for n, t in COLUMNS:  # a table written by an older pqd: add the new columns
+                    if n not in have:
+                        db.execute(f"ALTER TABLE runs ADD COLUMN {n} {t}")
+        record_written(self.path)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
 
     def upsert(self, row: Mapping[str, Any]) -> None:
         names = [n for n, _ in COLUMNS]
-        with self._connect() as db:
+        with storage_errors(self.path), contextlib.closing(self._connect()) as conn, conn as db:
             db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                        [row.get(n) for n in names])
+        record_written(self.path)
 
     def rows(self) -> list[dict]:
         return read_table(self.path)
@@ -510,12 +531,13 @@ def read_table(path: str | Path) -> list[dict]:
         p = p / "results.sqlite"
     if not p.is_file():
         raise PqdError(f"no results table at {p}; run 'pqd sweep SWEEP.yaml --out DIR' first")
-    db = sqlite3.connect(p)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY run_id")]
-    finally:
-        db.close()
+    with storage_errors(p, action="reading"):
+        db = sqlite3.connect(p)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY run_id")]
+        finally:
+            db.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,8 +634,14 @@ def run_sweep(
             raise ConfigError(f"--only: no variant named {sorted(unknown)}; variants: {sorted({r.variant for r in runs})}")
         tids = {r.teacher_id for r in runs if r.variant in keep}
         runs = [r for r in runs if r.variant in keep or (r.kind == "teacher" and r.teacher_id in tids)]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(dict(spec))), sort_keys=False))
+    with claim_dir(out, kind="sweep"):
+        return _run_sweep(spec, out, sweep, runs, executor=executor, address=address, cpus_per_run=cpus_per_run, progress=progress)
+
+
+def _run_sweep(spec: Mapping[str, Any], out: Path, sweep: Sweep, runs: list[Run], *, executor: str, address: str | None,
+               cpus_per_run: float | None, progress: bool) -> list[dict]:
+    # never over a user's file: in a folder pqd did not write, sweep.yaml is refused (pqd.fsguard)
+    safe_replace(out / "sweep.yaml", yaml.safe_dump(json.loads(json.dumps(dict(spec))), sort_keys=False).encode())
     table = ResultTable(out / "results.sqlite")
     todo = []
     for run in runs:
@@ -626,7 +654,11 @@ def run_sweep(
     bar = _progress(len(runs), len(runs) - len(todo), progress)
 
     def on_done(run: Run, metrics: dict) -> None:
-        table.upsert(row_for(run, metrics, out))
+        try:
+            table.upsert(row_for(run, metrics, out))
+        except StorageError as exc:  # the run's metrics.json is the record; the next invocation upserts it again
+            log.error("run %s finished, but its table row could not be written: %s", run.run_id, exc)
+            failures.append((run.run_id, f"table write failed: {exc}"))
         bar.set_postfix_str(f"{run.run_id}: top1 {100 * metrics['accuracy']['final_top1']:.1f}%", refresh=False)
         bar.update(1)
 

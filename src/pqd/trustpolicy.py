@@ -49,8 +49,13 @@ def check_config_code(config: Any, *, allow_code: bool, source: str | None = Non
     if isinstance(config, Mapping):
         model = config.get("model")
         name = model.get("name") if isinstance(model, Mapping) else None
-        if name is None:
-            return  # the default model: a registered name
+        quant = config.get("quantize")
+        leaves = (quant.get("leaf_modules") or ()) if isinstance(quant, Mapping) else ()
     else:
         name = config.model.name
-    resolve_model_name(name, allow_import=allow_code, source=source)
+        leaves = getattr(getattr(config, "quantize", None), "leaf_modules", ()) or ()
+    if name is not None:  # None: the default model, a registered name
+        resolve_model_name(name, allow_import=allow_code, source=source)
+    for leaf in leaves:  # 'package.module:Class' entries import a class
+        if isinstance(leaf, str) and is_import_path(leaf) and not allow_code:
+            resolve_model_name(leaf, allow_import=False, source=f"{source or 'config'} (quantize.leaf_modules)")

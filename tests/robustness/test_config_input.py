@@ -252,6 +252,9 @@ def test_corrupt_config_yaml_in_run_dir_exits_2(capsys, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny())
     out = tmp_path / "run"
     out.mkdir()
+    from pqd.fsguard import mark_dir
+
+    mark_dir(out, kind="run")  # a pqd run folder whose config.yaml got damaged (an unmarked one is refused as not pqd's)
     (out / "config.yaml").write_bytes(b"seed: [\xff")
     assert "config.yaml cannot be read" in _cli_error(capsys, ["run", str(cfg), "--out", str(out)])
 

@@ -48,4 +48,5 @@ def test_prune_then_ptq_deploys_the_saved_calibration(tmp_path):
     deployed = torch.jit.load(str(tmp_path / "model_int8.pt"))
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(deployed(x), expected(x)), "the deployed INT8 model is not the saved calibrated student"
+        # model_int8.pt takes raw images; its forward_normalized is the bare INT8 model (normalised input)
+        assert torch.equal(deployed.forward_normalized(x), expected(x)), "the deployed INT8 model is not the saved calibrated student"

@@ -68,9 +68,10 @@ def test_expand_variants_times_seeds_and_variant_grids(tmp_path):
     assert (ptq.quantize.mode, ptq.quantize.calibration_batches, ptq.seed) == ("ptq", 2, 1)
     assert by_id["sp__seed5__sparsity0.6"].config.prune.sparsity == 0.6
     assert by_id["pqd__seed1"].teacher_id == by_id["ptq__seed1"].teacher_id != by_id["pqd__seed0"].teacher_id
-    # pipeline runs load the shared teacher from the teacher run's directory
+    # pipeline runs load the shared teacher from the teacher run's directory, named relative to the
+    # sweep folder (a copied or moved sweep folder resumes)
     w = by_id["pqd__seed1"].config.teacher.weights
-    assert w == str((tmp_path / "runs" / f"teacher-{by_id['pqd__seed1'].teacher_id}" / "teacher.safetensors").resolve())
+    assert w == f"runs/teacher-{by_id['pqd__seed1'].teacher_id}/teacher.safetensors"
     assert all(r.config_dict()["stages"] == "" for r in teachers)
     # execution order: each teacher right before the runs that use it
     order = [r.run_id for r in sweep.ordered()]

@@ -416,13 +416,14 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
                 r["size_final_bytes"], _f(r["lat_b1_final_ms"], ".3f"), _f(r["lat_b1_teacher_ms"], ".3f"),
                 _f(r["lat_b1_speedup"], ".2f"), _lat_sides(r), _f(r["wall_time_s"], ".0f")] for r in rows])
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plots").mkdir(exist_ok=True)
-    for name, png in doc.images.items():
-        (out / "plots" / name).write_bytes(png)
+    from pqd.fsguard import atomic_write_bytes, safe_replace
+
+    for name, png in doc.images.items():  # plots/ is pqd's own folder (the --out folder was checked)
+        atomic_write_bytes(out / "plots" / name, png)
     md, page = out / "report.md", out / "report.html"
-    md.write_text(doc.markdown())
-    page.write_text(doc.html(f"pqd report {sweep_dir.name}"))
+    # never over a report.md/html pqd did not write (pqd.fsguard)
+    safe_replace(md, doc.markdown().encode())
+    safe_replace(page, doc.html(f"pqd report {sweep_dir.name}").encode())
     return {"markdown": md, "html": page, "plots": out / "plots"}
 
 

@@ -62,7 +62,7 @@ def quantize(
         raise ModelError("the student is already quantized; quantize runs once per pipeline")
     data = as_splits(data)
     model = prepare(student.model, torch.zeros(2, *data.image_shape), mode=config.mode, reduce_range=config.reduce_range,
-                    options=quant_options(config))
+                    options=quant_options(config), leaf_modules=config.leaf_modules)
     masks = Masks(model, student.masks)
     masks.apply()
     if config.mode == "dynamic":  # weights only: the scales come from the weights at conversion, no calibration

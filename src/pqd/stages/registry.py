@@ -98,7 +98,8 @@ class QuantizeStage:
         """torch.fx can trace the model (raises ModelError naming the untraceable submodule)."""
         import_module("pqd.stages.quantize").prepare(model, example, mode=config.quantize.mode,
                                                      reduce_range=config.quantize.reduce_range,
-                                                     options=import_module("pqd.qoptions").quant_options(config.quantize))
+                                                     options=import_module("pqd.qoptions").quant_options(config.quantize),
+                                                     leaf_modules=config.quantize.leaf_modules)
 
     def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         module = import_module("pqd.stages.quantize")  # the module; pqd.stages.quantize is the function

@@ -19,7 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
+from pqd import fsguard
 from pqd.errors import CheckpointError
+from pqd.fsguard import storage_errors
 
 _META_KEY = "pqd"
 
@@ -29,19 +31,10 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + rename), with the
+    umask's file mode, storage failures as :class:`pqd.errors.StorageError`, and the file
+    recorded in a marked folder's manifest (:mod:`pqd.fsguard`)."""
+    fsguard.atomic_write_bytes(path, data)
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,14 +57,15 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     path = Path(path)
     tensors = _unshare(tensors)
     record = {"meta": meta or {}, "sha256": _digest(tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with storage_errors(path, action="creating"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with storage_errors(path, action="creating"):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(record)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with storage_errors(path, cleanup=[tmp]):  # SafetensorError "os error 28" -> DiskFullError
+            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(record)})
+        fsguard.commit_file(tmp, path)  # fsync, umask mode, rename, manifest record
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -93,7 +87,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc}); delete it to recompute") from None
     if raw is None:
         raise CheckpointError(f"checkpoint {str(path)!r} has no pqd metadata; it was not written by pqd")
-    record = json.loads(raw)
+    try:
+        record = json.loads(raw)
+        if not isinstance(record, dict) or not isinstance(record.get("meta", {}), dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise CheckpointError(f"checkpoint {str(path)!r} has malformed pqd metadata; delete it to recompute") from None
     if record.get("sha256") != _digest(tensors):
         raise CheckpointError(f"checkpoint {str(path)!r} fails its checksum (corrupt file); delete it to recompute")
     return tensors, record.get("meta", {})

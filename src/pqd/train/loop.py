@@ -23,7 +23,11 @@ from pqd.config import TrainConfig
 from pqd.data import Splits, batches
 from pqd.integrations.tracking import Tracker
 from pqd.sparsity import Masks, as_masks, masked_weight
+from pqd.errors import CheckpointError
+from pqd.guard import DivergenceGuard
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
+
+_LR_SECTIONS = ("teacher", "prune", "quantize", "distill", "structured")
 from pqd.train.schedule import lr_at
 
 log = logging.getLogger("pqd.train")
@@ -117,13 +121,19 @@ def train(
         tensors, meta = load_checkpoint(ckpt)
         _restore(model, opt, masks, tensors, names)
         _sync(caller_masks, masks)
-        start = int(meta["epoch"]) + 1
+        try:
+            start = int(meta["epoch"]) + 1
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} has malformed pqd metadata (no epoch); delete it to recompute") from None
         log.info("%s: resumed from %s after epoch %d/%d", tag, ckpt, start, epochs)
 
     ddp = model
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = amp and config.amp and device.type == "cuda"
+    # non-finite losses or weights stop the run with the stage, epoch and learning rate named
+    guard = DivergenceGuard(tag, lr_key=f"{tag}.lr" if tag in _LR_SECTIONS else None, base_lr=lr)
+    i, step_lr = 0, lr
     for epoch in range(start, epochs):
         s = epoch_seed(seed, tag, epoch)
         torch.manual_seed(s)
@@ -144,17 +154,22 @@ def train(
             step_lr = lr_at(epoch * steps_per_epoch + i, total_steps=total, base_lr=lr, warmup_steps=warmup)
             for g in opt.param_groups:
                 g["lr"] = step_lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = ddp(x)
-                loss = loss_fn(logits.float(), x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = ddp(x)
+                    loss = loss_fn(logits.float(), x, y)
+                guard.step(loss, epoch=epoch, step=i, lr=step_lr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            except RuntimeError as exc:  # e.g. "zero_point must be between quant_min and quant_max" from NaN weights
+                raise guard.explain(exc, model, epoch=epoch, step=i, lr=step_lr) or exc
             opt.step()  # the masks' step hook zeroes the pruned weights again
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step_lr:.4f}")
+        guard.end_epoch(model, epoch=epoch, step=i, lr=step_lr)  # before the checkpoint: never save a NaN model
         dt = time.perf_counter() - t0
         epoch_loss, epoch_acc, speed = (loss_sum / max(seen, 1)).item(), (correct / max(seen, 1)).item(), seen * world / dt
         log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, %.0f img/s", tag, epoch + 1, epochs, epoch_loss, 100 * epoch_acc, speed)
