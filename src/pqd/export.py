@@ -365,7 +365,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
 def _predict_meta(run: LoadedRun, form: str) -> dict[str, str]:
     """The record ``pqd predict`` reads from an ONNX file (normalisation outside: the file takes
     normalised float input)."""
-    from pqd.predict import deployable_meta, onnx_metadata
+    from pqd.deployable import deployable_meta, onnx_metadata
 
     d = run.data
     return onnx_metadata(deployable_meta(mean=d.mean, std=d.std, class_names=d.test.classes, input_shape=d.image_shape,

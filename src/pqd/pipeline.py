@@ -34,7 +34,7 @@ from pqd.stages import Student, convert, global_sparsity, prunable_layers
 from pqd.stages.quantize import float_modules
 from pqd.stages.registry import StageContext, get_stage
 from pqd.train import train
-from pqd.predict import deployable_torchscript, normalized_callable, save_torchscript
+from pqd.deployable import deployable_torchscript, normalized_callable, save_torchscript
 from pqd.train.checkpoint import load_weights, save_checkpoint
 from pqd.train.loop import default_device, masked_weight
 
@@ -410,7 +410,7 @@ def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits
 
 def _deploy_meta(config: RunConfig, data: Splits, *, form: str | None = None, normalization: str = "inside") -> dict:
     """The preprocessing record a deployable carries (pqd.predict.deployable_meta)."""
-    from pqd.predict import deployable_meta
+    from pqd.deployable import deployable_meta
 
     extra = {"model": config.model.name, "stages": config.stage_string()} | ({"form": form} if form else {})
     return deployable_meta(mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape,

@@ -376,7 +376,7 @@ class RunDir:
         folder never imports code from it.
         """
         from pqd.data import load_data
-        from pqd.predict import normalized_callable, read_torchscript_meta
+        from pqd.deployable import normalized_callable, read_torchscript_meta
 
         config = self.read_config()
         check_config_code(config, allow_code=allow_code, source=str(self.config_path))
