@@ -40,7 +40,8 @@ def qat_epoch_hook(student: Student, epochs: int):
     statistics update until the last ``student.freeze_fraction`` of the epochs, then freeze.
 
     Frozen BN removes the scale invariance that BN gives the weights, so training with it
-    frozen tolerates only a small learning rate; the cosine schedule's tail provides one.
+    frozen tolerates only a small learning rate, which the cosine schedule's tail gives only when the
+    stage is long enough (see docs/TROUBLESHOOTING.md, "Training that went wrong").
     """
     if student.form != "qat":
         return None
