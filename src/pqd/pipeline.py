@@ -29,7 +29,7 @@ from pqd.measure.faithfulness import faithfulness
 from pqd.measure.speedup import speedup_summary
 from pqd.measure.stats import correct_vector, top1_record
 from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
-from pqd.rundir import RunDir, build_model, model_kwargs
+from pqd.rundir import RunDir, build_model, model_kwargs, with_teacher_base
 from pqd.stages import Student, convert, global_sparsity, prunable_layers
 from pqd.stages.quantize import float_modules
 from pqd.stages.registry import StageContext, get_stage
@@ -228,11 +228,7 @@ def _run_pipeline(config: RunConfig, run: RunDir, *, device, teacher_base) -> di
     if main:
         run.check_config(config, teacher_base=teacher_base)
     _barrier()
-    if teacher_base is not None and config.teacher.weights and not Path(config.teacher.weights).is_absolute():
-        import dataclasses
-
-        config = dataclasses.replace(config, teacher=dataclasses.replace(
-            config.teacher, weights=str(Path(teacher_base) / config.teacher.weights)))
+    config = with_teacher_base(config, teacher_base)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)

@@ -105,6 +105,17 @@ def claim_dir(path: str | Path, *, kind: str = "run") -> Any:
         yield lock
 
 
+def with_teacher_base(config: RunConfig, teacher_base: str | Path | None) -> RunConfig:
+    """``config`` with a relative ``teacher.weights`` (a sweep's shared teacher, stored relative to the
+    sweep folder so a moved or copied sweep resumes) resolved against ``teacher_base``."""
+    if teacher_base is None or not config.teacher.weights or Path(config.teacher.weights).is_absolute():
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, teacher=dataclasses.replace(
+        config.teacher, weights=str(Path(teacher_base) / config.teacher.weights)))
+
+
 def comparable_config(saved: Mapping[str, Any], *, teacher_base: str | Path | None = None) -> dict:
     """A config dict as compared on resume: defaults filled in (a config.yaml written by an older
     pqd still matches), settings that change no trained result removed, and a sweep's shared

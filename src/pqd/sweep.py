@@ -63,7 +63,7 @@ from pqd.config import RunConfig, apply_overrides
 from pqd.errors import ConfigError, PqdError, StorageError
 from pqd.fsguard import record_written, safe_replace, storage_errors
 from pqd.metrics import Metrics
-from pqd.rundir import RunDir, claim_dir, comparable_config
+from pqd.rundir import RunDir, claim_dir, comparable_config, with_teacher_base
 from pqd.safeyaml import MAX_GRID, grid_size_guard, load_yaml
 
 log = logging.getLogger("pqd.sweep")
@@ -353,7 +353,7 @@ def _execute(run: Run, out: Path, sweep_dir: str | Path) -> dict:
     root.propagate = False  # a run's log goes to its log.txt, not to the console under the progress bar
     try:
         if run.kind == "peer":
-            return _execute_peer(run, out)
+            return _execute_peer(run, out, sweep_dir)
         from pqd.pipeline import run_pipeline  # teacher runs too: a dense run of the same pipeline
 
         return run_pipeline(run.config, out, teacher_base=sweep_dir)
@@ -364,7 +364,7 @@ def _execute(run: Run, out: Path, sweep_dir: str | Path) -> dict:
         root.propagate = old[1]
 
 
-def _execute_peer(run: Run, out: Path) -> dict:
+def _execute_peer(run: Run, out: Path, sweep_dir: str | Path) -> dict:
     from pqd.peers import peer_run
     from pqd.train.checkpoint import atomic_write_bytes
 
@@ -373,7 +373,7 @@ def _execute_peer(run: Run, out: Path) -> dict:
     if saved is not None and _normalized(saved) != run.config_dict():
         raise ConfigError(f"{d.path} holds a peer run with a different config; use a new --out directory or delete it")
     atomic_write_bytes(d.config_path, yaml.safe_dump(run.config_dict(), sort_keys=False).encode())
-    return peer_run(run.config, out, peer=run.peer)
+    return peer_run(with_teacher_base(run.config, sweep_dir), out, peer=run.peer)
 
 
 # --------------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def test_ray_executor_gives_the_local_table(swept, tmp_path, monkeypatch):
     for r in ray_rows:  # metrics equal too, apart from timings
         m = json.loads(r["metrics_json"].replace(str(tmp_path.resolve()), "ROOT"))
         local = json.loads(next(x for x in rows[-1] if x["run_id"] == r["run_id"])["metrics_json"].replace(str(out.resolve()), "ROOT"))
-        for k in ("latency", "wall_time_s"):
+        for k in ("latency", "speedup", "wall_time_s"):  # timings (and which model timed fastest) vary
             m.pop(k), local.pop(k)
         for rec in m["stage_records"] + local["stage_records"]:
             rec.pop("wall_time_s")
