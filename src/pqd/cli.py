@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -14,7 +15,8 @@ from pqd.errors import ConfigError, PqdError
 
 def _setup_logging(out: Path | None, quiet: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if out is not None:
+    # under torchrun only rank 0 claims and writes the folder (log.txt included)
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} is a file, not a directory; choose a directory for the run")
         from pqd.rundir import RunDir
