@@ -8,7 +8,8 @@ For each model (ResNet-18, VGG-16-BN): a dense FP32 teacher is trained (or loade
 INT8, batch 1, 2 threads by default); for each budget (0.75 / 0.5 / 0.35 × the dense INT8
 latency) the search chooses widths and corrects them until the measured latency meets the
 budget. Two baselines get the same training: (a) uniform width scaling (every group keeps
-the same ratio) chosen to predict the structured model's measured latency; (b) widths
+the same ratio), the ratio whose measured latency is nearest the structured model's in the
+final interleaved run (a measured curve of ratios picks three candidates); (b) widths
 chosen by MACs alone, at the structured model's MACs. Every architecture's INT8 latency is
 then measured in one interleaved run, and every variant (dense included) is trained the
 same way from the teacher: KD fine-tuning in FP32, QAT, KD under fake quantization; top-1
@@ -44,6 +45,7 @@ from pqd.structured import latency_model as L  # noqa: E402
 from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
 from pqd.structured.importance import group_scores, uniform_widths  # noqa: E402
 from pqd.structured.search import cost_function, greedy_widths, search  # noqa: E402
+from pqd.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pqd.train.loop import train  # noqa: E402
 
 log = logging.getLogger("bench.structured")
@@ -55,16 +57,37 @@ def macs_model() -> L.LatencyModel:
     return lm
 
 
-def uniform_at(graph, lm, ms: float, round_to: int, min_keep: float) -> dict[str, int]:
-    """Uniform keep ratio whose predicted latency is closest to ``ms`` (bisection)."""
-    lo, hi = min_keep, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if lm.predict(graph, uniform_widths(graph.widths(), mid, round_to=round_to)) > ms:
-            hi = mid
-        else:
-            lo = mid
-    return uniform_widths(graph.widths(), lo, round_to=round_to)
+def uniform_curve(teacher, graph, scores, example, target, shape, args, chosen: dict) -> tuple[list[dict], dict]:
+    """Measured INT8 latency of uniformly width-scaled models (keep ratio 0.25 .. 0.95) and of the
+    ``chosen`` widths, in one interleaved run.
+
+    The uniform baseline is matched to the structured model on *measured* latency from the same
+    run, not on the latency model's prediction: the model's error would otherwise decide the comparison.
+    """
+    ratios = [round(float(r), 2) for r in np.arange(0.25, 0.96, 0.05)]
+    ws = {f"u{r:.2f}": uniform_widths(graph.widths(), r, round_to=args.round_to) for r in ratios} | chosen
+    models = {k: prune_to_widths(teacher, w, example=example, round_to=1, scores=scores) for k, w in ws.items()}
+    ms = L.measure_int8(models, target=target, input_shape=shape, runs=args.runs)
+    return [{"keep_ratio": r, "widths": ws[f"u{r:.2f}"], "measured_ms": ms[f"u{r:.2f}"]} for r in ratios], {k: ms[k] for k in chosen}
+
+
+def closest(curve: list[dict], ms: float) -> dict:
+    """The point of the measured uniform curve whose latency is nearest ``ms``."""
+    return min(curve, key=lambda c: abs(c["measured_ms"] - ms))
+
+
+def validation_images(data, args):
+    """``args.val_images`` training-split images outside the training subset (for the sensitivity analysis), seeded."""
+    full = load_data(DataConfig(dataset="cifar10", root=args.data, test_subset=10)).train
+    seen = {bytes(x.numpy().tobytes()) for x in data.train.x}
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(1234))
+    keep = [int(i) for i in order if bytes(full.x[i].numpy().tobytes()) not in seen][: args.val_images]
+    return full.subset(torch.tensor(keep))
+
+
+def paired(a: list, b: list) -> dict:
+    """Pooled McNemar over seeds: ``a`` vs ``b`` (lists of per-image correctness, one per seed)."""
+    return mcnemar_pooled([(int((x & ~y).sum()), int((~x & y).sum())) for x, y in zip(a, b)])
 
 
 def finetune_and_quantize(model, teacher, data, args, seed: int) -> float:
@@ -88,19 +111,29 @@ def run_model(name: str, data, args, partial=None) -> dict:
     kwargs = {"width": args.width} if args.width != 1.0 else {}
     torch.manual_seed(0)
     teacher = create_model(name, num_classes=data.num_classes, **kwargs)
-    if args.teacher_weights:
-        from pqd.train.checkpoint import load_checkpoint
-
-        teacher.load_state_dict(load_checkpoint(args.teacher_weights)[0])
+    cached = (Path(args.cache_dir) / f"teacher_{name}_w{args.width}_n{args.train_subset}_e{args.teacher_epochs}_lr{args.teacher_lr:g}.safetensors"
+              if args.cache_dir else None)  # a re-run after a cut-off reuses the teacher
+    if args.teacher_weights or (cached and cached.exists()):
+        teacher.load_state_dict(load_checkpoint(args.teacher_weights or cached)[0])
     else:
-        train(teacher, data, epochs=args.teacher_epochs, lr=0.1,
+        train(teacher, data, epochs=args.teacher_epochs, lr=args.teacher_lr,
               config=TrainConfig(batch_size=args.batch_size, progress=False, threads=args.threads_train), tag="teacher")
+        if cached:
+            save_checkpoint(cached, teacher.state_dict(), {"model": name, "epochs": args.teacher_epochs})
     teacher.eval()
     teacher_top1 = top1(predict(teacher, data.test, mean=data.mean, std=data.std), data.test.y)
     shape = data.image_shape
     example = torch.zeros(2, *shape)
     graph = ChannelGraph(copy.deepcopy(teacher), example)
     scores = group_scores(graph, "l1")
+    sensitivity = None
+    if args.criterion == "sensitivity":  # measured accuracy drop per group and keep ratio, on images the teacher never saw
+        from dataclasses import replace
+
+        from pqd.structured.sensitivity import analyze
+
+        sensitivity = analyze(teacher, replace(data, val=validation_images(data, args)), keep_ratios=(0.75, 0.5, 0.25),
+                              quantize=False, max_images=args.val_images)
     target = L.Target(args.runtime, args.batch, args.threads)
     lm = L.build(teacher, graph, target=target, input_shape=shape, samples=args.samples, runs=args.runs, round_to=args.round_to,
                  cache_dir=args.cache_dir)
@@ -110,14 +143,28 @@ def run_model(name: str, data, args, partial=None) -> dict:
     searches = {}
     for b in args.budgets:
         pruned, rec = search(teacher, lm, graph, target=target, input_shape=shape, budget_fraction=b, dense_ms=dense_ms, scores=scores,
-                             round_to=args.round_to, max_iters=args.max_iters, runs=args.runs, cache_dir=args.cache_dir)
+                             sensitivity=sensitivity, round_to=args.round_to, max_iters=args.max_iters, runs=args.runs,
+                             cache_dir=args.cache_dir)
         searches[b] = rec
         variants[f"structured@{b}"] = (rec["widths"], {"budget": b})
-        cost = cost_function(graph, scores, None)
-        variants[f"macs@{b}"] = (greedy_widths(graph, macs_model(), cost, rec["macs"] / 1e6, round_to=args.round_to), {"budget": b})
-        variants[f"uniform@{b}"] = (uniform_at(graph, lm, rec["measured_ms"], args.round_to, 0.1), {"budget": b})
-    models = {k: prune_to_widths(teacher, w, example=example, round_to=1, scores=scores) for k, (w, _) in variants.items()}
+        if "macs" in args.baselines:
+            cost = cost_function(graph, scores, None)
+            variants[f"macs@{b}"] = (greedy_widths(graph, macs_model(), cost, rec["macs"] / 1e6, round_to=args.round_to), {"budget": b})
+    ucurve, same_run = uniform_curve(teacher, graph, scores, example, target, shape, args,
+                                     {f"structured@{b}": searches[b]["widths"] for b in args.budgets})
+    candidates = {}  # the nearest uniform point and its neighbours go into the final run; the match is made there
+    for b in args.budgets:
+        i = ucurve.index(closest(ucurve, same_run[f"structured@{b}"]))
+        for u in ucurve[max(0, i - 1):i + 2]:
+            candidates[f"uniform?{b}?{u['keep_ratio']}"] = (u["widths"], {"budget": b, "keep_ratio": u["keep_ratio"]})
+    variants = {k: variants[k] for k in ["dense"] + [f"{kind}@{b}" for b in args.budgets for kind in ("structured", "macs")] if k in variants}
+    models = {k: prune_to_widths(teacher, w, example=example, round_to=1, scores=scores) for k, (w, _) in (variants | candidates).items()}
     measured = L.measure_int8(models, target=target, input_shape=shape, runs=args.final_runs)
+    for b in args.budgets:  # the uniform model whose latency in this run is nearest the structured model's
+        best = min((k for k in candidates if k.startswith(f"uniform?{b}?")), key=lambda k: abs(measured[k] - measured[f"structured@{b}"]))
+        variants[f"uniform@{b}"], models[f"uniform@{b}"], measured[f"uniform@{b}"] = candidates[best], models[best], measured[best]
+    variants = {k: variants[k] for k in ["dense"] + [f"{kind}@{b}" for b in args.budgets for kind in ("structured", "uniform", "macs")]
+                if k in variants and (k.split("@")[0] in ("dense", "structured") or k.split("@")[0] in args.baselines)}
     rows = []
     for k, (w, extra) in variants.items():
         pred = lm.predict(graph, w)
@@ -136,14 +183,18 @@ def run_model(name: str, data, args, partial=None) -> dict:
         if correct:
             correct_by_variant[k] = correct
             if k != "dense" and "dense" in correct_by_variant:  # paired vs the dense INT8 model, same seeds, pooled
-                tables = [(int((d & ~c).sum()), int((~d & c).sum())) for d, c in zip(correct_by_variant["dense"], correct)]
-                row["vs_dense_mcnemar"] = mcnemar_pooled(tables)
+                row["vs_dense_mcnemar"] = paired(correct_by_variant["dense"], correct)
+            s_key = f"structured@{extra.get('budget')}"
+            if k != s_key and s_key in correct_by_variant:  # the baseline vs the structured model at its budget
+                row["structured_vs_this_mcnemar"] = paired(correct_by_variant[s_key], correct)
         rows.append(row)
         if partial is not None:
             partial(rows)
         log.info("%s %s: %.3f ms (pred %.3f), top1 %s", name, k, measured[k], pred, accs)
-    return {"model": name, "width": args.width, "teacher_top1": teacher_top1, "dense_int8_ms_calibration": dense_ms,
-            "latency_model": calib_loo, "searches": {str(b): r for b, r in searches.items()}, "rows": rows, "seconds": time.time() - t0}
+    return {"model": name, "width": args.width, "teacher_top1": teacher_top1, "criterion": args.criterion,
+            "sensitivity": sensitivity, "dense_int8_ms_calibration": dense_ms,
+            "latency_model": calib_loo, "uniform_curve": [{k: v for k, v in c.items() if k != "widths"} for c in ucurve],
+            "searches": {str(b): r for b, r in searches.items()}, "rows": rows, "seconds": time.time() - t0}
 
 
 def to_markdown(result: dict) -> str:
@@ -155,16 +206,36 @@ def to_markdown(result: dict) -> str:
            f"KD fine-tune {a['ft_epochs']} + QAT {a['qat_epochs']} + KD {a['kd_epochs']} ep; seeds {a['seeds']}.", ""]
     for m in result["models"]:
         lm = m["latency_model"]
-        out += [f"## {m['model']} (width {m['width']}), teacher FP32 top-1 {m['teacher_top1']:.4f}", "",
+        out += [f"## {m['model']} (width {m['width']}), teacher FP32 top-1 {m['teacher_top1']:.4f}, "
+                f"structured widths chosen by {m.get('criterion', 'l1')}", "",
                 f"Latency model: {lm['samples']} samples, leave-one-out |error| mean {lm['loo_abs_error_mean']:.3f}, "
                 f"max {lm['loo_abs_error_max']:.3f}.", "",
-                "| variant | measured ms | predicted ms | pred. error | × dense | meets budget | MACs (M) | INT8 top-1 |",
-                "|---|---|---|---|---|---|---|---|"]
+                "INT8 top-1: mean over seeds, each seed's 95% Wilson interval; p: pooled McNemar over seeds "
+                "(vs dense INT8; for baselines, structured model vs this one; `+` = structured better).", "",
+                "Pred. error: the latency model's absolute prediction / measured − 1; anchored: the predicted ratio to "
+                "the dense model × the dense model's latency measured in the same run, / measured − 1.", "",
+                "| variant | measured ms | predicted ms | pred. error | anchored error | × dense | meets budget | MACs (M) | INT8 top-1 (per seed, 95% CI) | p vs dense | p structured vs this |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        dense_row = next(r for r in m["rows"] if r["variant"] == "dense")
         for r in m["rows"]:
+            anchored = r["predicted_ms"] / dense_row["predicted_ms"] * dense_row["measured_ms"] / r["measured_ms"] - 1
             acc = f"{r['int8_top1_mean']:.4f}" if r["int8_top1_mean"] is not None else "-"
+            if r["int8_top1"]:
+                acc += " (" + "; ".join(f"{t:.4f} [{lo:.4f}, {hi:.4f}]" for t, (lo, hi) in zip(r["int8_top1"], r["int8_top1_ci95"])) + ")"
             meets = {True: "yes", False: "no"}.get(r.get("meets_budget_final"), "")
-            out.append(f"| {r['variant']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | {r['prediction_error']:+.3f} | "
-                       f"{r['ratio_to_dense']:.3f} | {meets} | {r['macs'] / 1e6:.1f} | {acc} |")
+
+            def pv(rec, sign=False):
+                if not rec:
+                    return ""
+                mark = ("+" if rec["b"] > rec["c"] else "-" if rec["c"] > rec["b"] else "=") if sign else ""
+                return f"{rec['p_value']:.3g}{mark}"
+            out.append(f"| {r['variant']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | {r['prediction_error']:+.3f} | {anchored:+.3f} | "
+                       f"{r['ratio_to_dense']:.3f} | {meets} | {r['macs'] / 1e6:.1f} | {acc} | {pv(r.get('vs_dense_mcnemar'))} | "
+                       f"{pv(r.get('structured_vs_this_mcnemar'), True)} |")
+        if m.get("uniform_curve"):
+            out += ["", "Uniform baseline, measured INT8 latency by keep ratio (the baseline at each budget is the point nearest "
+                    "the structured model's measured latency): " + ", ".join(f"{c['keep_ratio']:.2f} → {c['measured_ms']:.3f} ms"
+                                                                               for c in m["uniform_curve"])]
         out += ["", "Search iterations (target → predicted / measured ms):", ""]
         for b, s in m["searches"].items():
             its = "; ".join(f"{i['target_ms']:.3f} → {i['predicted_ms']:.3f} / {i['measured_ms']:.3f}" for i in s["iterations"])
@@ -186,6 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-subset", type=int, default=10000)
     p.add_argument("--test-subset", type=int, default=None, help="default: the full 10,000-image test split")
     p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--teacher-lr", type=float, default=0.1, help="VGG-16-BN on a small subset needs less (0.02)")
     p.add_argument("--teacher-weights")
     p.add_argument("--ft-epochs", type=int, default=3)
     p.add_argument("--ft-lr", type=float, default=0.01)
@@ -199,10 +271,20 @@ def main(argv=None) -> int:
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--max-iters", type=int, default=4)
     p.add_argument("--cache-dir")
+    p.add_argument("--criterion", default="l1", choices=["l1", "sensitivity"],
+                   help="l1: retained L1 importance per predicted ms; sensitivity: measured accuracy drop per group (pqd analyze) "
+                        "on --val-images training images outside the training subset")
+    p.add_argument("--val-images", type=int, default=1000)
+    p.add_argument("--baselines", nargs="*", default=["uniform", "macs"], choices=["uniform", "macs"])
     p.add_argument("--no-train", action="store_true", help="latency only: skip fine-tuning and accuracy")
     p.add_argument("--quick", action="store_true", help="tiny: ResNet-18 x0.25, 400 train / 200 test images, 1 epoch each, 6 samples")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a result JSON this script wrote")
     a = p.parse_args(argv)
+    if a.render:
+        src = Path(a.render)
+        src.with_suffix(".md").write_text(to_markdown(json.loads(src.read_text())))
+        return 0
     if a.quick:
         a.models, a.width, a.train_subset, a.test_subset = ["resnet18"], 0.25, 400, 200
         a.teacher_epochs, a.ft_epochs, a.qat_epochs, a.kd_epochs, a.seeds = 1, 1, 1, 0, [0]
@@ -219,7 +301,9 @@ def main(argv=None) -> int:
     def partial(rows):  # rows measured so far, for a run cut off before the end
         (out / f"{stem}.partial.json").write_text(json.dumps(result | {"partial_rows": rows}, indent=1, default=str))
 
-    result["models"] = [run_model(m, data, a, partial) for m in a.models]
+    for m in a.models:  # a finished model stays in the partial file if a later one is cut off
+        result["models"].append(run_model(m, data, a, partial))
+        partial([])
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     (out / f"{stem}.md").write_text(to_markdown(result))
     print(to_markdown(result))

@@ -197,3 +197,39 @@ def test_report_intervals_latency_sides_and_pairwise_mcnemar(tmp_path):
     ps = [float(line.split("|")[-3]) for line in lines]
     holm_ps = [float(line.split("|")[-2]) for line in lines]
     assert holm_ps == pytest.approx([float(f"{p:.3g}") for p in holm(ps)], rel=0.01)
+
+
+def test_report_structured_section_puts_macs_cut_beside_measured_latency_cut(synthetic_sweep):
+    """Runs with a structured stage get a table and plot: budget, measured vs predicted latency, MACs cut vs latency cut."""
+    table = ResultTable(synthetic_sweep / "results.sqlite")
+    base = {"model": {"name": "resnet18", "width": 0.25}, "data": {"dataset": "cifar10"}, "teacher": {"epochs": 8}}
+    # (budget fraction, MACs kept, measured ms, predicted ms): dense INT8 measured 2.0 ms in the same run
+    for frac, macs_kept, ms, pred in ((0.5, 0.30, 0.96, 1.00), (0.75, 0.55, 1.40, 1.33)):
+        for seed in (0, 1):
+            stages = "S:1,P:1,Q:2,D:2"
+            cfg = RunConfig.from_dict(base | {"seed": seed, "stages": stages, "structured": {"budget_fraction": frac}})
+            run = Run(f"structured_{frac}__seed{seed}", f"structured_{frac}", "pipeline", cfg, (("seed", seed),), f"t{seed}")
+            m = _metrics(stages, 0.70 + frac / 10, 400_000, 0.9, 0.7, None)
+            rec = {"target": {"runtime": "openvino", "batch": 1, "threads": 2}, "budget_fraction": frac, "budget_ms": 2.0 * frac,
+                   "dense_ms": 2.1, "dense_ms_same_run": 2.0, "measured_ms": ms, "predicted_ms": pred, "prediction_error": pred / ms - 1,
+                   "met": ms <= 2.0 * frac, "macs": macs_kept * 1e8, "dense_macs": 1e8, "widths": {"g0": 8}, "dense_widths": {"g0": 16}}
+            m["stage_records"] = [{"index": 0, "stage": "structured", "letter": "S", "epochs": 1, "records": rec}]
+            table.upsert(row_for(run, m, synthetic_sweep))
+    paths = build_report(synthetic_sweep)
+    md = paths["markdown"].read_text()
+    sec = md.split("Structured pruning: latency budgets, measured")[1].split("\n#")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in sec.splitlines() if line.startswith("| structured_")}
+    assert set(rows) == {"structured_0.5", "structured_0.75"}
+    half = rows["structured_0.5"]
+    assert half[3] == "openvino INT8, batch 1, 2 threads" and half[4] == "0.5× dense = 1.000 ms"
+    assert half[6] == "0.960" and half[9] == "2/2"  # measured, and both seeds met the budget
+    assert half[10] == "70.0%" and half[11] == "52.0%"  # MACs cut 70%, measured latency cut 1 - 0.96/2.0
+    assert rows["structured_0.75"][9] == "2/2" and rows["structured_0.75"][11] == "30.0%"
+    png = (paths["plots"] / "structured_cifar10_resnet18_w0p25.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "(plots/structured_cifar10_resnet18_w0p25.png)" in md
+
+
+def test_report_without_structured_runs_has_no_structured_section(synthetic_sweep):
+    md = build_report(synthetic_sweep)["markdown"].read_text()
+    assert "Structured pruning" not in md
+    assert not (synthetic_sweep / "plots" / "structured_cifar10_resnet18_w0p25.png").exists()

@@ -22,6 +22,7 @@ from pqd.errors import PqdError
 from pqd.report.degradation import degradation_section
 from pqd.measure.stats import counts_record, holm, mcnemar_pooled
 from pqd.report.pareto import dominators, pareto_front
+from pqd.report.structured import structured_section
 from pqd.sweep import read_table
 
 SENSES = ("max", "min", "min")  # accuracy, size, relative latency
@@ -404,6 +405,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         _ordering(doc, aggs, gname)
         _sparsity(doc, aggs, gname, slug)
         _proxy_section(doc, aggs, sweep_dir)
+        structured_section(doc, aggs, lambda r: _fresh_metrics(r, sweep_dir), gname, slug, plt=_mpl(), png=_png)
         degradation_section(doc, aggs)
 
     doc.h(2, "All runs")
