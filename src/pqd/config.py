@@ -337,7 +337,9 @@ class StructuredConfig(Section):
     predicted accuracy loss instead. Channel counts are multiples of ``round_to``; a group
     keeps at least ``min_keep`` of its channels. ``samples``: measured width configurations
     for the latency model (cached per machine and target); ``runs``: timed calls per
-    measurement; ``max_iters``: measure-and-correct rounds. The stage then fine-tunes for
+    measurement; ``max_iters``: measure-and-correct rounds; ``margin``: correct until the
+    measured latency is at most (1 - margin) × the budget, room for the measurement's
+    run-to-run spread. The stage then fine-tunes for
     its epochs at ``lr``, against the dense teacher's soft targets when ``distill`` is true
     (temperature and alpha of the ``distill`` section), else with cross-entropy. ``ignore``:
     module paths whose output channels are never pruned.
@@ -356,6 +358,7 @@ class StructuredConfig(Section):
     samples: int = 12
     runs: int = 100
     max_iters: int = 4
+    margin: float = 0.0
     lr: float = 0.01
     distill: bool = True
     ignore: tuple[str, ...] = ()
@@ -367,6 +370,8 @@ class StructuredConfig(Section):
                   "(set the other to null)")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
             _sfail("budget_fraction", f"{self.budget_fraction!r} must be in (0, 1]")
+        if not 0 <= self.margin < 0.5:
+            _sfail("margin", f"{self.margin!r} must be in [0, 0.5): the share of the budget kept free for run-to-run spread")
         if self.budget_ms is not None and not self.budget_ms > 0:
             _sfail("budget_ms", f"{self.budget_ms!r} must be > 0")
         if self.size_budget_mb is not None and not self.size_budget_mb > 0:

@@ -95,3 +95,55 @@ def test_budget_arguments_are_checked():
         search(model, _macs_model(graph), graph, target=L.Target("pytorch"), input_shape=(3, 32, 32), budget_ms=1.0, budget_fraction=0.5)
     with pytest.raises(ConfigError, match="runtime"):
         L.Target("tensorrt")
+
+
+def test_margin_keeps_correcting_until_the_measured_latency_leaves_room(monkeypatch):
+    """A deterministic stand-in stopwatch (1.2 x MACs): without a margin the search stops at the
+    first measurement under the budget; with margin m it corrects until the measured latency is
+    at most (1 - m) x the budget."""
+    import pqd.structured.search as S
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, width=0.25).eval()
+    graph = ChannelGraph(model, X)
+
+    def stopwatch(models, **kw):  # ms = 1.2 x MACs in millions, deterministic
+        return {k: 1.2 * sum(r.macs for r in ChannelGraph(m, X).layers) / 1e6 for k, m in models.items()}
+
+    monkeypatch.setattr(S, "measure_int8", stopwatch)
+    scores = group_scores(graph, "l1")
+    dense = stopwatch({"d": model})["d"]
+    kw = dict(target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.6, dense_ms=dense, scores=scores,
+              max_iters=6, use_cache=False)
+    from pqd.structured.graph import prune_to_widths
+    from pqd.structured.importance import uniform_widths
+
+    def lm():
+        m = _macs_model(graph)
+        m.key = {"runtime": "pytorch", "batch": 1, "threads": 1}
+        for ratio in (1.0, 0.5):
+            w = uniform_widths(graph.widths(), ratio, round_to=4)
+            m.add(w, stopwatch({"m": prune_to_widths(model, w, example=X, round_to=1, scores=scores)})["m"], "sample")
+        return m
+
+    _, plain = search(model, lm(), graph, **kw)
+    # a margin the plain result does not leave: the search has to go further
+    margin = round(1 - plain["measured_ms"] / plain["budget_ms_same_run"] + 0.05, 3)
+    assert 0 < margin < 0.5
+    _, roomy = search(model, lm(), graph, margin=margin, **kw)
+    for rec in (plain, roomy):
+        assert rec["met"] and rec["measured_ms"] <= rec["budget_ms_same_run"] == pytest.approx(0.6 * dense)
+    assert plain["margin"] == 0.0 and roomy["margin"] == margin
+    assert roomy["measured_ms"] <= (1 - margin) * roomy["budget_ms_same_run"] < plain["measured_ms"]
+    assert all(it["measured_ms"] > it["goal_ms_same_run"] for it in roomy["iterations"][:-1])
+    with pytest.raises(ConfigError, match="margin"):
+        search(model, _macs_model(graph), graph, margin=0.5, **kw)
+
+
+def test_structured_config_margin_is_validated():
+    from pqd.config import StructuredConfig
+
+    assert StructuredConfig(margin=0.1).margin == 0.1
+    for bad in (-0.1, 0.5):
+        with pytest.raises(ConfigError, match="margin"):
+            StructuredConfig(margin=bad)

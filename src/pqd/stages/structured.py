@@ -70,7 +70,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
         pruned, record = search(model, lm, graph, target=target, input_shape=input_shape, budget_ms=cfg.budget_ms,
                                 budget_fraction=cfg.budget_fraction, dense_ms=dense_ms, size_budget_mb=cfg.size_budget_mb,
                                 scores=scores, sensitivity=sens, round_to=cfg.round_to, min_keep=cfg.min_keep,
-                                max_iters=cfg.max_iters, runs=cfg.runs, cache_dir=cfg.cache_dir)
+                                max_iters=cfg.max_iters, runs=cfg.runs, margin=cfg.margin, cache_dir=cfg.cache_dir)
         record["importance"] = cfg.importance
         if state is not None:
             state.parent.mkdir(parents=True, exist_ok=True)
