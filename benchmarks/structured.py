@@ -143,7 +143,7 @@ def run_model(name: str, data, args, partial=None) -> dict:
     searches = {}
     for b in args.budgets:
         pruned, rec = search(teacher, lm, graph, target=target, input_shape=shape, budget_fraction=b, dense_ms=dense_ms, scores=scores,
-                             sensitivity=sensitivity, round_to=args.round_to, max_iters=args.max_iters, runs=args.runs,
+                             sensitivity=sensitivity, round_to=args.round_to, min_keep=args.min_keep, max_iters=args.max_iters, runs=args.runs,
                              cache_dir=args.cache_dir)
         searches[b] = rec
         variants[f"structured@{b}"] = (rec["widths"], {"budget": b})
@@ -275,6 +275,7 @@ def main(argv=None) -> int:
                    help="l1: retained L1 importance per predicted ms; sensitivity: measured accuracy drop per group (pqd analyze) "
                         "on --val-images training images outside the training subset")
     p.add_argument("--val-images", type=int, default=1000)
+    p.add_argument("--min-keep", type=float, default=0.1, help="the search keeps at least this share of every group's channels")
     p.add_argument("--baselines", nargs="*", default=["uniform", "macs"], choices=["uniform", "macs"])
     p.add_argument("--no-train", action="store_true", help="latency only: skip fine-tuning and accuracy")
     p.add_argument("--quick", action="store_true", help="tiny: ResNet-18 x0.25, 400 train / 200 test images, 1 epoch each, 6 samples")
