@@ -133,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="folder for the runs (kept; default: a temporary folder, removed)")
     ap.add_argument("--out", default="benchmarks/results/variants", help="output path without suffix")
     ap.add_argument("--threads", type=int, default=2, help="training threads")
+    ap.add_argument("--seeds", type=int, nargs="+", help="override the scale's seeds (full: 0 1 2)")
     args = ap.parse_args(argv)
     s = scale(args.quick)
+    if args.seeds:
+        s["seeds"] = list(args.seeds)
     chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
     plan = {g: v for g, v in groups(s).items() if g in chosen}
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="pqd-variants-")
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 refs = torch.cat([correct[(group, ref, sd)] for sd in s["seeds"]])
                 claims.append({"group": group, "claim": f"{name} vs {ref}", **paired(refs, oks)})
     result = {"quick": args.quick, "scale": s, "torch": torch.__version__, "wall_s": round(time.time() - t0, 1),
-              "command": "PYTHONPATH=src python benchmarks/variants_study.py" + (" --quick" if args.quick else ""),
+              "command": "PYTHONPATH=src python benchmarks/variants_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "summary": summary, "claims": claims, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
