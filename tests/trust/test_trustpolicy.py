@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,14 +11,8 @@ from pqd.errors import ModelError, UntrustedCodeError
 from pqd.trustpolicy import check_config_code, resolve_model_name
 
 
-def test_downloaded_run_folder_with_helpers_module(tmp_path: Path, monkeypatch):
-    run = tmp_path / "downloaded_run"
-    run.mkdir()
-    (run / "config.yaml").write_text("stages: P:1,Q:1\nmodel: {name: 'helpers:resnet18'}\n")
-    canary = tmp_path / "pwned"
-    (run / "helpers.py").write_text(f"open({str(canary)!r}, 'w').write('ran')\ndef resnet18(**kw): raise SystemExit\n")
-    monkeypatch.chdir(run)
-    monkeypatch.syspath_prepend(str(run))  # "with the current directory on sys.path"
+def test_downloaded_run_folder_with_helpers_module(downloaded_run):
+    run, canary = downloaded_run
     config = load_config(run / "config.yaml")
     with pytest.raises(UntrustedCodeError, match=r"names the model 'helpers:resnet18', an import path.*allow_code=True \(CLI: --allow-code\)"):
         check_config_code(config, allow_code=False, source=str(run / "config.yaml"))

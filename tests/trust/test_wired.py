@@ -112,17 +112,11 @@ def test_set_float_without_dot(tiny: Path):
     assert yaml.safe_load(r.stdout)["prune"]["lr"] == 0.001
 
 
-def test_item11_load_run_imports_no_code(tmp_path: Path, monkeypatch):
+def test_item11_load_run_imports_no_code(downloaded_run):
     from pqd.compact import load_run
     from pqd.errors import UntrustedCodeError
 
-    run = tmp_path / "dl"
-    run.mkdir()
-    (run / "config.yaml").write_text("stages: P:1,Q:1\nmodel: {name: 'helpers:resnet18'}\n")
-    canary = tmp_path / "pwned"
-    (run / "helpers.py").write_text(f"open({str(canary)!r}, 'w').write('ran')\n")
-    monkeypatch.chdir(run)
-    monkeypatch.syspath_prepend(str(run))
+    run, canary = downloaded_run
     with pytest.raises(UntrustedCodeError, match="allow_code=True"):
         load_run(run)
     assert not canary.exists()

@@ -13,7 +13,6 @@ from torch import nn
 from pqd.config import RunConfig
 from pqd.errors import CheckpointError, DataError, DiskFullError, ModelError, UntrustedCodeError
 from pqd.rundir import RunDir, comparable_config
-from pqd.stages.common import Student
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 
 TINY = {"stages": "P:1,D:1", "model": {"name": "resnet18", "width": 0.125},
