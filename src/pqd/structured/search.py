@@ -176,19 +176,20 @@ def search(
             measured = measure_int8({"chosen": pruned}, target=target, input_shape=input_shape, runs=runs,
                                     in_process=in_process)["chosen"]
             run_dense, run_budget = None, budget_ms
+        goal = run_budget * (1 - margin)
         iterations.append({"iteration": it, "target_ms": target_ms, "predicted_ms": pred, "measured_ms": measured,
                            "dense_ms_same_run": run_dense, "budget_ms_same_run": run_budget, "met": measured <= run_budget,
-                           "goal_ms_same_run": run_budget * (1 - margin),
+                           "goal_ms_same_run": goal,
                            "widths": dict(widths), "prediction_error": pred / measured - 1})
         log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms%s)",
                  it, target_ms, pred, measured, run_budget, "" if run_dense is None else f", dense {run_dense:.3f} ms in the same run")
         lm.add(widths, measured, "search")
-        if measured <= run_budget * (1 - margin):
+        if measured <= goal:
             break
         if pred > target_ms:  # every group is at its floor: tightening the target cannot change the widths
             iterations[-1]["stopped"] = "every group at its floor (min_keep / round_to); the budget is below what channel pruning reaches"
             break
-        target_ms = target_ms * run_budget * (1 - margin) / measured * 0.98  # tighten by the miss plus 2%
+        target_ms = target_ms * goal / measured * 0.98  # tighten by the miss plus 2%
     if use_cache:
         save(lm, cache_dir)
     last = iterations[-1]
