@@ -11,7 +11,8 @@
 # default runs/gpu_out), STUDY_ROOT (default /tmp/pqd_gpu_study: a fixed absolute path, because the
 # sweep records absolute teacher paths), PY (default python3), SWEEP / RECIPE (sweep file and teacher
 # recipe; default configs/sweeps/gpu_$DATASET.yaml and configs/gpu_resnet18_$DATASET.yaml),
-# EXTRA_SETS (more --set KEY=VALUE words for both, e.g. in tests).
+# EXTRA_SETS (more --set KEY=VALUE words for both, e.g. in tests), BEFORE_SWEEP (a shell command run once the
+# teacher exists, before the sweep, with TEACHER set to its weights; it must keep to its own time limit).
 # Run from the repository root with PYTHONPATH=src. Needs zstandard (pqd's dependency).
 set -uo pipefail
 DATASET=${DATASET:-cifar10}
@@ -61,6 +62,12 @@ if [ ! -f "$STUDY/teacher.safetensors" ] && ! ls "$STUDY"/sweep/runs/teacher-*/m
   echo "[gpu_study] training the teacher ($RECIPE), $(left)s left"
   timeout --signal=TERM "$(left)" $PY benchmarks/gpu_teacher.py "$RECIPE" "${sets[@]}" \
     --json "$OUT/gpu_teacher_${NAME}.json" --save "$STUDY/teacher.safetensors" || echo "[gpu_study] teacher step failed or ran out of time"
+fi
+
+if [ -n "${BEFORE_SWEEP:-}" ] && [ -f "$STUDY/teacher.safetensors" ]; then
+  # e.g. benchmarks/gpu_session.sh's structured run: a command that needs the study's teacher ($TEACHER)
+  echo "[gpu_study] before the sweep: $BEFORE_SWEEP, $(left)s left"
+  TEACHER=$STUDY/teacher.safetensors bash -c "$BEFORE_SWEEP" || echo "[gpu_study] the before-sweep command failed (exit $?)"
 fi
 
 if [ "$QAT_OK" = 1 ] && [ "$(left)" -gt 20 ] && { [ -f "$STUDY/teacher.safetensors" ] || ls "$STUDY"/sweep/runs/teacher-*/metrics.json >/dev/null 2>&1; }; then

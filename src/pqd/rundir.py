@@ -120,10 +120,14 @@ def comparable_config(saved: Mapping[str, Any], *, teacher_base: str | Path | No
     """A config dict as compared on resume: defaults filled in (a config.yaml written by an older
     pqd still matches), settings that change no trained result removed, and a sweep's shared
     teacher path taken relative to the sweep folder (a moved or copied sweep still resumes)."""
+    saved = dict(saved)
+    peer = saved.pop("peer", None)  # a sweep's peer run (e.g. nncf_ptq) stores its peer beside the RunConfig
     try:
-        d = RunConfig.from_dict(dict(saved)).to_dict()
+        d = RunConfig.from_dict(saved).to_dict()
     except ConfigError:
-        d = json.loads(json.dumps(dict(saved), default=str))
+        d = json.loads(json.dumps(saved, default=str))
+    if peer is not None:
+        d["peer"] = peer
     for key in RESULT_NEUTRAL_KEYS:
         *parents, leaf = key.split(".")
         node = d

@@ -148,3 +148,14 @@ def test_item11_leaf_class_from_disk_needs_allow_code():
         check_config_code(cfg, allow_code=False, source="config.yaml")
     check_config_code(cfg, allow_code=True)
     check_config_code(RunConfig.from_dict(TINY | {"quantize": {"leaf_modules": ["layer1.0"]}}), allow_code=False)
+
+
+def test_item4_peer_run_config_gets_defaults_filled_too():
+    # a sweep's peer run stores {"peer": ...} beside the RunConfig; a key added to pqd after the run
+    # finished must not make its resume fail (seen: structured.margin on a finished nncf_ptq run)
+    cfg = RunConfig.from_dict(TINY | {"stages": ""})
+    new = cfg.to_dict() | {"peer": "nncf_ptq"}
+    old = cfg.to_dict() | {"peer": "nncf_ptq"}
+    del old["structured"]["margin"]
+    assert comparable_config(old) == comparable_config(new)
+    assert comparable_config(old) != comparable_config(cfg.to_dict() | {"peer": "other"})
