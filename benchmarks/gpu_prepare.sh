@@ -3,7 +3,7 @@
 # repository root. Fills runs/gpu_carry/ (ignored by git; the device call names it in `carry`):
 #   - the CIFAR JPEG archives (the device reaches nothing outside the working tree),
 #   - a zstandard wheel for the device's Python 3.12 (pqd's compact format and the study state need it;
-#     the device image lacks it; command as in the device README),
+#     the device image lacks it; command as in the device README) and the torch-pruning wheel (structured runs),
 #   - state/: the last study chunk's parts (NAME.tar.zst.NN), from the previous session's returned files.
 #
 #   STATE_FROM=<folder with the last chunk's gpu_*.tar.zst.NN> bash benchmarks/gpu_prepare.sh
@@ -21,6 +21,9 @@ if ! ls "$CARRY"/zstandard-*.whl >/dev/null 2>&1; then
   $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$CARRY" zstandard==0.25.0
+fi
+if ! ls "$CARRY"/torch_pruning-*.whl >/dev/null 2>&1; then  # pure Python; benchmarks/structured_gpu.py needs it
+  $PY -m pip download --no-deps --only-binary=:all: -d "$CARRY" torch-pruning==1.6.1
 fi
 if [ -n "${STATE_FROM:-}" ]; then
   rm -f "$CARRY"/state/gpu_*.tar.zst.*

@@ -32,6 +32,10 @@ if ! $PY -c "import zstandard" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/zstandard-*.whl \
     || { echo "[session] no zstandard wheel under $CARRY: run benchmarks/gpu_prepare.sh first"; exit 1; }
 fi
+if ! $PY -c "import torch_pruning" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/torch_pruning-*.whl \
+    || echo "[session] no torch-pruning wheel under $CARRY (benchmarks/gpu_prepare.sh): the structured run will fail"
+fi
 export PYTHONPATH=$PWD/src:/tmp/site
 DATA=$CARRY/$DATASET-jpeg.tar.gz
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---data-root $DATA --dataset $DATASET}
