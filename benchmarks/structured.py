@@ -134,6 +134,16 @@ def run_model(name: str, data, args, partial=None) -> dict:
 
         sensitivity = analyze(teacher, replace(data, val=validation_images(data, args)), keep_ratios=(0.75, 0.5, 0.25),
                               quantize=False, max_images=args.val_images)
+    recipes = rank = None
+    if args.select == "adapted_bn":  # several recipes per target, ranked by top-1 after re-estimating BN (pqd.structured.select)
+        from pqd.structured.select import adapted_bn_ranker, normalized_images, width_recipes
+
+        val = validation_images(data, args)
+        perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(4321))
+        calib, _ = normalized_images(data.train, perm[:args.select_images], mean=data.mean, std=data.std)
+        val_x, val_y = normalized_images(val, torch.arange(len(val)), mean=data.mean, std=data.std)
+        recipes = width_recipes(graph, scores, cost=cost_function(graph, scores, sensitivity), round_to=args.round_to, min_keep=args.min_keep)
+        rank = adapted_bn_ranker(teacher, scores, example=example, calib=calib, val_x=val_x, val_y=val_y)
     target = L.Target(args.runtime, args.batch, args.threads)
     lm = L.build(teacher, graph, target=target, input_shape=shape, samples=args.samples, runs=args.runs, round_to=args.round_to,
                  cache_dir=args.cache_dir)
@@ -144,7 +154,7 @@ def run_model(name: str, data, args, partial=None) -> dict:
     for b in args.budgets:
         pruned, rec = search(teacher, lm, graph, target=target, input_shape=shape, budget_fraction=b, dense_ms=dense_ms, scores=scores,
                              sensitivity=sensitivity, round_to=args.round_to, min_keep=args.min_keep, max_iters=args.max_iters, runs=args.runs,
-                             cache_dir=args.cache_dir)
+                             cache_dir=args.cache_dir, recipes=recipes, rank=rank)
         searches[b] = rec
         variants[f"structured@{b}"] = (rec["widths"], {"budget": b})
         if "macs" in args.baselines:
@@ -191,7 +201,7 @@ def run_model(name: str, data, args, partial=None) -> dict:
         if partial is not None:
             partial(rows)
         log.info("%s %s: %.3f ms (pred %.3f), top1 %s", name, k, measured[k], pred, accs)
-    return {"model": name, "width": args.width, "teacher_top1": teacher_top1, "criterion": args.criterion,
+    return {"model": name, "width": args.width, "teacher_top1": teacher_top1, "criterion": args.criterion, "select": args.select,
             "sensitivity": sensitivity, "dense_int8_ms_calibration": dense_ms,
             "latency_model": calib_loo, "uniform_curve": [{k: v for k, v in c.items() if k != "widths"} for c in ucurve],
             "searches": {str(b): r for b, r in searches.items()}, "rows": rows, "seconds": time.time() - t0}
@@ -207,7 +217,8 @@ def to_markdown(result: dict) -> str:
     for m in result["models"]:
         lm = m["latency_model"]
         out += [f"## {m['model']} (width {m['width']}), teacher FP32 top-1 {m['teacher_top1']:.4f}, "
-                f"structured widths chosen by {m.get('criterion', 'l1')}", "",
+                f"structured widths chosen by {m.get('criterion', 'l1')}"
+                + (", recipes ranked by top-1 after adaptive BN" if m.get("select") == "adapted_bn" else ""), "",
                 f"Latency model: {lm['samples']} samples, leave-one-out |error| mean {lm['loo_abs_error_mean']:.3f}, "
                 f"max {lm['loo_abs_error_max']:.3f}.", "",
                 "INT8 top-1: mean over seeds, each seed's 95% Wilson interval; p: pooled McNemar over seeds "
@@ -240,6 +251,10 @@ def to_markdown(result: dict) -> str:
         for b, s in m["searches"].items():
             its = "; ".join(f"{i['target_ms']:.3f} → {i['predicted_ms']:.3f} / {i['measured_ms']:.3f}" for i in s["iterations"])
             out.append(f"- budget {b} × dense = {s['budget_ms']:.3f} ms: met={s['met']}; {its}")
+            if s.get("candidates"):
+                out.append("  - recipes ranked by top-1 after adaptive BN (predicted ms): " + ", ".join(
+                    f"{'**' if c['recipe'] == s['recipe'] else ''}{c['recipe']} {c['score']:.3f} ({c['predicted_ms']:.3f})"
+                    f"{'**' if c['recipe'] == s['recipe'] else ''}" for c in s["candidates"]))
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -275,6 +290,10 @@ def main(argv=None) -> int:
                    help="l1: retained L1 importance per predicted ms; sensitivity: measured accuracy drop per group (pqd analyze) "
                         "on --val-images training images outside the training subset")
     p.add_argument("--val-images", type=int, default=1000)
+    p.add_argument("--select", default="greedy", choices=["greedy", "adapted_bn"],
+                   help="adapted_bn: several width recipes per target (uniform among them), ranked by top-1 after re-estimating BN "
+                        "statistics on --select-images training images, on --val-images held-out training-split images")
+    p.add_argument("--select-images", type=int, default=512)
     p.add_argument("--min-keep", type=float, default=0.1, help="the search keeps at least this share of every group's channels")
     p.add_argument("--baselines", nargs="*", default=["uniform", "macs"], choices=["uniform", "macs"])
     p.add_argument("--no-train", action="store_true", help="latency only: skip fine-tuning and accuracy")

@@ -320,6 +320,7 @@ def _stage_registry():
 
 STRUCTURED_RUNTIMES = ("openvino", "onnxruntime", "pytorch")
 STRUCTURED_CRITERIA = ("l1", "l2", "bn", "taylor", "random")
+STRUCTURED_SELECT = ("greedy", "adapted_bn")
 
 
 def _sfail(key: str, msg: str):
@@ -339,7 +340,10 @@ class StructuredConfig(Section):
     for the latency model (cached per machine and target); ``runs``: timed calls per
     measurement; ``max_iters``: measure-and-correct rounds; ``margin``: correct until the
     measured latency is at most (1 - margin) × the budget, room for the measurement's
-    run-to-run spread. The stage then fine-tunes for
+    run-to-run spread. ``select``: 'greedy' (one greedy on the importance or sensitivity
+    cost) or 'adapted_bn' (several width recipes under the same target, uniform scaling among
+    them, ranked by top-1 after re-estimating BN statistics on ``select_images`` training
+    images; :mod:`pqd.structured.select`). The stage then fine-tunes for
     its epochs at ``lr``, against the dense teacher's soft targets when ``distill`` is true
     (temperature and alpha of the ``distill`` section), else with cross-entropy. ``ignore``:
     module paths whose output channels are never pruned.
@@ -359,6 +363,8 @@ class StructuredConfig(Section):
     runs: int = 100
     max_iters: int = 4
     margin: float = 0.0
+    select: str = "greedy"
+    select_images: int = 512
     lr: float = 0.01
     distill: bool = True
     ignore: tuple[str, ...] = ()
@@ -389,6 +395,12 @@ class StructuredConfig(Section):
             _sfail("min_keep", f"{self.min_keep!r} must be in (0, 1]")
         if not self.lr >= 0:
             _sfail("lr", f"{self.lr!r} must be >= 0")
+        if self.select not in STRUCTURED_SELECT:
+            _sfail("select", f"{self.select!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_SELECT))}")
+        if self.select_images < 16:
+            _sfail("select_images", f"{self.select_images!r} must be >= 16 (BN statistics are re-estimated on them)")
+        if self.select == "adapted_bn" and self.size_budget_mb is not None:
+            _sfail("select", "'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb")
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,23 @@ def test_stage_refuses_wrong_order(tiny_data):
     masked = Student(model, masks={"features.0": torch.ones(16, 3, 3, 3, dtype=torch.bool)})
     with pytest.raises(ModelError, match="before prune"):
         structured_prune(masked, cfg, data=tiny_data, epochs=0, train_config=TrainConfig())
+
+
+def test_stage_with_adapted_bn_selection_records_the_ranked_recipes(tiny_data, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Plain(num_classes=4, c=32)
+    cfg = StructuredConfig(budget_fraction=0.7, runtime="pytorch", threads=1, samples=3, runs=10, max_iters=3, cache_dir=str(tmp_path),
+                           select="adapted_bn", select_images=64)
+    import pqd.structured.latency_model as L
+    import pqd.structured.search as S
+
+    real = L.measure_int8
+    in_process = lambda *a, **k: real(*a, **{**k, "in_process": True})  # noqa: E731
+    monkeypatch.setattr(L, "measure_int8", in_process)
+    monkeypatch.setattr(S, "measure_int8", in_process)
+    out, rec = structured_prune(Student(model), cfg, data=tiny_data, epochs=0, train_config=TrainConfig(batch_size=32, progress=False))
+    assert rec["select"] == "adapted_bn" and rec["ranked_on"] == "192 training images (no validation split)"
+    assert rec["recipe"] in {c["recipe"] for c in rec["candidates"]} and "uniform" in {c["recipe"] for c in rec["candidates"]}
+    best = max(c["score"] for c in rec["candidates"])
+    assert next(c for c in rec["candidates"] if c["recipe"] == rec["recipe"])["score"] == best
+    assert ChannelGraph(out.model, torch.zeros(2, 3, 16, 16)).widths() == rec["widths"]

@@ -67,11 +67,23 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
 
             sens = read_csv(cfg.sensitivity)
         dense_ms = next((s["ms"] for s in lm.samples if s["widths"] == graph.widths()), None)
+        recipes = rank = ranked_on = None
+        if cfg.select == "adapted_bn":
+            from pqd.structured.search import cost_function
+            from pqd.structured.select import stage_ranker, width_recipes
+
+            recipes = width_recipes(graph, scores, cost=cost_function(graph, scores, sens), round_to=cfg.round_to, min_keep=cfg.min_keep)
+            rank, ranked_on = stage_ranker(model, scores, data, example=example, calib_images=cfg.select_images, seed=seed,
+                                           ignore=cfg.ignore)
         pruned, record = search(model, lm, graph, target=target, input_shape=input_shape, budget_ms=cfg.budget_ms,
                                 budget_fraction=cfg.budget_fraction, dense_ms=dense_ms, size_budget_mb=cfg.size_budget_mb,
                                 scores=scores, sensitivity=sens, round_to=cfg.round_to, min_keep=cfg.min_keep,
-                                max_iters=cfg.max_iters, runs=cfg.runs, margin=cfg.margin, cache_dir=cfg.cache_dir)
+                                max_iters=cfg.max_iters, runs=cfg.runs, margin=cfg.margin, cache_dir=cfg.cache_dir,
+                                recipes=recipes, rank=rank)
         record["importance"] = cfg.importance
+        record["select"] = cfg.select
+        if ranked_on:
+            record["ranked_on"] = ranked_on
         if state is not None:
             state.parent.mkdir(parents=True, exist_ok=True)
             state.write_text(json.dumps(record, indent=1))

@@ -8,7 +8,9 @@
    per millisecond saved — cost = lost importance (sum of the dropped channels'
    mean-normalised scores, divided by the model's channel count), or, given a sensitivity
    table, the predicted accuracy drop interpolated from it — until the prediction meets the
-   (corrected) target.
+   (corrected) target. Or, given ``recipes`` and ``rank`` (:mod:`pqd.structured.select`),
+   every recipe proposes widths for the first target, ``rank`` scores them, and the winning
+   recipe makes the widths from then on.
 3. The chosen model is built and **measured** (for a fractional budget, side by side with
    the dense model in one interleaved run, and the fraction is checked on that pair, so
    drift of the machine between runs does not decide). If it misses the budget, the measurement
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -134,6 +136,8 @@ def search(
     cache_dir=None,
     use_cache: bool = True,
     in_process: bool = False,
+    recipes: Mapping[str, Callable] | None = None,
+    rank: Callable[[Mapping[str, dict]], Mapping[str, float]] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Choose widths under the budget, measure, correct; returns (pruned model, JSON-able record).
 
@@ -141,6 +145,13 @@ def search(
     budget, so a model that meets its budget in one run still meets it in the next, whose
     measurement differs by the harness's run-to-run spread (docs/STRUCTURED.md, "Budgets and
     predictions, measured"). ``met`` in the record is against the budget itself.
+
+    ``recipes`` (``{name: recipe(lm, target_ms) -> widths}``, e.g.
+    :func:`pqd.structured.select.width_recipes`) with ``rank`` (``{name: widths} -> {name: score}``,
+    e.g. :func:`pqd.structured.select.adapted_bn_ranker`): at the first target every recipe
+    proposes widths, ``rank`` scores them, and the best recipe alone makes the widths of every
+    later correction; the record lists the candidates with their scores. Without them, the greedy
+    on ``scores`` / ``sensitivity`` decides.
     """
     if not 0 <= margin < 0.5:
         raise ConfigError(f"structured.margin: {margin} must be in [0, 0.5)")
@@ -148,6 +159,10 @@ def search(
         raise ConfigError("structured: give exactly one of budget_ms and budget_fraction")
     if budget_fraction is not None and not 0 < budget_fraction <= 1:
         raise ConfigError(f"structured.budget_fraction: {budget_fraction} must be in (0, 1]")
+    if (recipes is None) != (rank is None):
+        raise ConfigError("structured search: give recipes and rank together")
+    if recipes is not None and size_budget_mb is not None:
+        raise ConfigError("structured.select 'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb")
     example = torch.zeros(2, *input_shape)
     if budget_ms is None:
         if dense_ms is None:
@@ -159,9 +174,28 @@ def search(
     cost = cost_function(graph, scores, sensitivity)
     target_ms, iterations, widths, pruned = budget_ms * (1 - margin), [], None, None
     chans = graph.widths()
+    chosen, candidates = None, None
     for it in range(max_iters):
         lm.fit(graph)
-        widths = greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
+        if recipes is None:
+            widths = greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
+        elif chosen is None:  # rank every recipe once, at the first target; keep the winner's recipe after that
+            from pqd.structured.select import choose
+
+            proposals = {name: recipe(lm, target_ms) for name, recipe in recipes.items()}
+            unique: dict[tuple, str] = {}
+            for name, w in proposals.items():
+                unique.setdefault(tuple(sorted(w.items())), name)
+            scored = dict(rank({name: proposals[name] for name in unique.values()}))
+            scores_all = {name: scored[unique[tuple(sorted(w.items()))]] for name, w in proposals.items()}
+            chosen = choose(proposals, scores_all)
+            candidates = [{"recipe": name, "score": scores_all[name], "predicted_ms": lm.predict(graph, w),
+                           "macs": sum(r.macs for r in graph.layer_shapes(w)), "widths": dict(w)} for name, w in proposals.items()]
+            log.info("structured search: recipes ranked %s; chose %s",
+                     ", ".join(f"{c['recipe']} {c['score']:.3f}" for c in candidates), chosen)
+            widths = proposals[chosen]
+        else:
+            widths = recipes[chosen](lm, target_ms)
         pred = lm.predict(graph, widths)
         pruned = prune_to_widths(model, widths, example=example, round_to=1, scores=scores)
         if budget_fraction is not None:
@@ -201,6 +235,7 @@ def search(
         "dense_widths": chans, "keep_ratio": {g: widths[g] / chans[g] for g in chans},
         "macs": sum(r.macs for r in graph.layer_shapes(widths)), "dense_macs": sum(r.macs for r in graph.layers),
         "round_to": round_to, "criterion": "sensitivity" if sensitivity else "importance",
+        "recipe": chosen, "candidates": candidates,
         "latency_model": report(lm, graph),
     }
     return pruned, record
