@@ -100,11 +100,29 @@ def test_ranker_scores_candidates_without_touching_the_model(tiny_data):
     x, y = normalized_images(tiny_data.train, torch.arange(64), mean=tiny_data.mean, std=tiny_data.std)
     assert x.shape == (64, *shape) and y.shape == (64,)
     rank = adapted_bn_ranker(model, scores, example=torch.zeros(2, *shape), calib=x, val_x=x, val_y=y)
-    acc = rank({"half": uniform_widths(graph.widths(), 0.5, round_to=8), "full": graph.widths()})
-    assert set(acc) == {"half", "full"} and all(0.0 <= a <= 1.0 for a in acc.values())
+    correct = rank({"half": uniform_widths(graph.widths(), 0.5, round_to=8), "full": graph.widths()})
+    assert set(correct) == {"half", "full"}
+    assert all(c.dtype == torch.bool and c.shape == (64,) for c in correct.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert choose({"a": {}, "b": {}}, {"a": 0.5, "b": 0.7}) == "b"
-    assert choose({"a": {}, "b": {}}, {"a": 0.7, "b": 0.7}) == "a"
+
+
+def test_choose_keeps_uniform_unless_the_best_beats_it_beyond_noise():
+    n = 1000
+    base = torch.zeros(n, dtype=torch.bool)
+    base[:300] = True  # uniform: 30.0%
+
+    def plus(k):  # k more images right than uniform, none fewer
+        c = base.clone()
+        c[300:300 + k] = True
+        return c
+
+    chosen, test = choose({"greedy": plus(3), "uniform": base})  # +0.3 points: noise
+    assert chosen == "uniform" and test["best"] == "greedy" and test["p_value"] > 0.05
+    chosen, test = choose({"greedy": plus(40), "uniform": base})  # +4 points, 40 discordant images all one way
+    assert chosen == "greedy" and test["p_value"] < 1e-6
+    assert choose({"greedy": plus(3), "uniform": base}, prefer=None) == ("greedy", {})
+    assert choose({"a": base, "b": base}, prefer=None)[0] == "a"  # ties: the first listed
+    assert choose({"uniform": plus(5), "greedy": base}) == ("uniform", {})
 
 
 def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypatch):
@@ -127,9 +145,9 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
     monkeypatch.setattr(S, "measure_int8", stopwatch)
     calls = []
 
-    def rank(cands):
+    def rank(cands):  # uniform gets all 200 images right, every other recipe half of them
         calls.append(sorted(cands))
-        return {n: (1.0 if n == "uniform" else 0.5) for n in cands}
+        return {n: torch.ones(200, dtype=torch.bool) if n == "uniform" else torch.arange(200) % 2 == 0 for n in cands}
 
     lm = _macs_model()
     for ratio in (1.0, 0.5):  # samples without the overhead: the model's first prediction is too optimistic

@@ -97,5 +97,10 @@ def test_stage_with_adapted_bn_selection_records_the_ranked_recipes(tiny_data, t
     assert rec["select"] == "adapted_bn" and rec["ranked_on"] == "192 training images (no validation split)"
     assert rec["recipe"] in {c["recipe"] for c in rec["candidates"]} and "uniform" in {c["recipe"] for c in rec["candidates"]}
     best = max(c["score"] for c in rec["candidates"])
-    assert next(c for c in rec["candidates"] if c["recipe"] == rec["recipe"])["score"] == best
+    test = rec["choice_test"]
+    if test:  # the best was not uniform: it is kept only if it beat uniform beyond noise on the ranking images
+        assert next(c for c in rec["candidates"] if c["recipe"] == test["best"])["score"] == best
+        assert rec["recipe"] == (test["best"] if test["p_value"] < test["alpha"] and test["difference"] > 0 else "uniform")
+    else:
+        assert next(c for c in rec["candidates"] if c["recipe"] == rec["recipe"])["score"] == best
     assert ChannelGraph(out.model, torch.zeros(2, 3, 16, 16)).widths() == rec["widths"]

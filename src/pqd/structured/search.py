@@ -147,10 +147,11 @@ def search(
     predictions, measured"). ``met`` in the record is against the budget itself.
 
     ``recipes`` (``{name: recipe(lm, target_ms) -> widths}``, e.g.
-    :func:`pqd.structured.select.width_recipes`) with ``rank`` (``{name: widths} -> {name: score}``,
-    e.g. :func:`pqd.structured.select.adapted_bn_ranker`): at the first target every recipe
-    proposes widths, ``rank`` scores them, and the best recipe alone makes the widths of every
-    later correction; the record lists the candidates with their scores. Without them, the greedy
+    :func:`pqd.structured.select.width_recipes`) with ``rank`` (``{name: widths} -> {name: per-image
+    correctness}``, e.g. :func:`pqd.structured.select.adapted_bn_ranker`): at the first target every
+    recipe proposes widths, ``rank`` scores them, :func:`pqd.structured.select.choose` picks one
+    (uniform unless another is better beyond noise), and that recipe alone makes the widths of
+    every later correction; the record lists the candidates with their scores. Without them, the greedy
     on ``scores`` / ``sensitivity`` decides.
     """
     if not 0 <= margin < 0.5:
@@ -174,7 +175,7 @@ def search(
     cost = cost_function(graph, scores, sensitivity)
     target_ms, iterations, widths, pruned = budget_ms * (1 - margin), [], None, None
     chans = graph.widths()
-    chosen, candidates = None, None
+    chosen, candidates, test = None, None, None
     for it in range(max_iters):
         lm.fit(graph)
         if recipes is None:
@@ -187,12 +188,12 @@ def search(
             for name, w in proposals.items():
                 unique.setdefault(tuple(sorted(w.items())), name)
             scored = dict(rank({name: proposals[name] for name in unique.values()}))
-            scores_all = {name: scored[unique[tuple(sorted(w.items()))]] for name, w in proposals.items()}
-            chosen = choose(proposals, scores_all)
-            candidates = [{"recipe": name, "score": scores_all[name], "predicted_ms": lm.predict(graph, w),
+            correct = {name: scored[unique[tuple(sorted(w.items()))]] for name, w in proposals.items()}
+            chosen, test = choose(correct)
+            candidates = [{"recipe": name, "score": float(correct[name].float().mean()), "predicted_ms": lm.predict(graph, w),
                            "macs": sum(r.macs for r in graph.layer_shapes(w)), "widths": dict(w)} for name, w in proposals.items()]
-            log.info("structured search: recipes ranked %s; chose %s",
-                     ", ".join(f"{c['recipe']} {c['score']:.3f}" for c in candidates), chosen)
+            log.info("structured search: recipes ranked %s; chose %s%s", ", ".join(f"{c['recipe']} {c['score']:.3f}" for c in candidates),
+                     chosen, f" (best {test['best']} vs {test['vs']}: p = {test['p_value']:.3g})" if test else "")
             widths = proposals[chosen]
         else:
             widths = recipes[chosen](lm, target_ms)
@@ -235,7 +236,7 @@ def search(
         "dense_widths": chans, "keep_ratio": {g: widths[g] / chans[g] for g in chans},
         "macs": sum(r.macs for r in graph.layer_shapes(widths)), "dense_macs": sum(r.macs for r in graph.layers),
         "round_to": round_to, "criterion": "sensitivity" if sensitivity else "importance",
-        "recipe": chosen, "candidates": candidates,
+        "recipe": chosen, "candidates": candidates, "choice_test": test if recipes is not None else None,
         "latency_model": report(lm, graph),
     }
     return pruned, record

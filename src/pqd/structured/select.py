@@ -16,13 +16,15 @@ Here each **recipe** turns a predicted-latency target into widths:
   together until the prediction meets the target.
 
 :func:`adapted_bn_ranker` scores every recipe's model without training: the pruned model's BN
-statistics re-estimated on a few hundred training images, then top-1 on held-out images
-(EagleEye, Li et al., ECCV 2020: that accuracy ranks pruned candidates the way fine-tuned accuracy
-does far better than the un-adapted one). :func:`pqd.structured.search.search` ranks the recipes
-once, at its first target, and keeps the winner's recipe while it corrects the target against
-measured latency. Uniform is always a candidate, so the choice is never worse than uniform
-scaling *by the ranking's own measure*; whether the ranking predicts fine-tuned INT8 accuracy is
-measured in benchmarks/structured.py (``--select adapted_bn``).
+statistics re-estimated on a few hundred training images, then per-image correctness on held-out
+images (EagleEye, Li et al., ECCV 2020: that accuracy ranks pruned candidates the way fine-tuned
+accuracy does far better than the un-adapted one). :func:`choose` takes the best, but keeps
+uniform scaling unless the best beats it on those images by McNemar's paired test (α = 0.05): on
+1,000 images a difference of a few tenths of a point is noise, and there uniform scaling is the
+safer choice (docs/STRUCTURED.md). :func:`pqd.structured.search.search` ranks the recipes once,
+at its first target, and keeps the chosen recipe while it corrects the target against measured
+latency. Whether the ranking predicts fine-tuned INT8 accuracy is measured in
+benchmarks/structured.py (``--select adapted_bn``).
 """
 
 from __future__ import annotations
@@ -122,28 +124,38 @@ def adapt_bn(model: nn.Module, images: torch.Tensor, *, batch_size: int = 128) -
 
 def adapted_bn_ranker(model: nn.Module, scores: Mapping[str, torch.Tensor] | None, *, example: torch.Tensor,
                       calib: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int = 250,
-                      ignore: Sequence[str] = ()) -> Callable[[Mapping[str, Widths]], dict[str, float]]:
-    """``rank({name: widths}) -> {name: top-1}``: each candidate pruned from ``model`` (channels kept by
-    ``scores``), BN re-estimated on ``calib``, top-1 on (``val_x``, ``val_y``). Images are normalised
-    float tensors on the CPU; ``model`` is not modified."""
+                      ignore: Sequence[str] = ()) -> Callable[[Mapping[str, Widths]], dict[str, torch.Tensor]]:
+    """``rank({name: widths}) -> {name: per-image correctness}`` (bool, in ``val_y``'s order): each candidate
+    pruned from ``model`` (channels kept by ``scores``), BN re-estimated on ``calib``, then run on ``val_x``.
+    Images are normalised float tensors on the CPU; ``model`` is not modified."""
     base = copy.deepcopy(model).cpu().eval()
 
-    def rank(candidates: Mapping[str, Widths]) -> dict[str, float]:
+    def rank(candidates: Mapping[str, Widths]) -> dict[str, torch.Tensor]:
         out = {}
         for name, widths in candidates.items():
             m = adapt_bn(prune_to_widths(base, widths, example=example, round_to=1, scores=scores, ignore=ignore), calib)
             with torch.inference_mode():
                 pred = torch.cat([m(val_x[i:i + batch_size]).argmax(1) for i in range(0, len(val_x), batch_size)])
-            out[name] = float((pred == val_y).float().mean())
+            out[name] = pred == val_y
         return out
 
     return rank
 
 
-def choose(candidates: Mapping[str, Widths], accuracy: Mapping[str, float]) -> str:
-    """The best-ranked candidate; ties go to the one listed first (the caller lists uniform after the greedy recipes)."""
-    best = max(accuracy.values())
-    return next(n for n in candidates if math.isclose(accuracy[n], best, abs_tol=1e-12))
+def choose(correct: Mapping[str, torch.Tensor], *, prefer: str | None = "uniform", alpha: float = 0.05) -> tuple[str, dict]:
+    """The candidate with the most images right; but ``prefer`` (uniform scaling) unless the best beats it
+    on these images by McNemar's paired test at ``alpha``: a proxy difference inside its own noise
+    decides nothing, and then the simplest recipe is kept. Ties go to the one listed first.
+    Returns (name, test record of best vs ``prefer``, empty when there was nothing to test)."""
+    from pqd.measure.stats import mcnemar_paired
+
+    acc = {n: float(c.float().mean()) for n, c in correct.items()}
+    best = next(n for n in correct if math.isclose(acc[n], max(acc.values()), abs_tol=1e-12))
+    if prefer is None or prefer not in correct or best == prefer:
+        return best, {}
+    test = mcnemar_paired(correct[best], correct[prefer])
+    rec = {"best": best, "vs": prefer, "p_value": test["p_value"], "difference": test["difference"], "alpha": alpha}
+    return (best if test["p_value"] < alpha and test["difference"] > 0 else prefer), rec
 
 
 def normalized_images(ds, index: torch.Tensor, *, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
