@@ -181,8 +181,6 @@ def search(
         if recipes is None:
             widths = greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
         elif chosen is None:  # rank every recipe once, at the first target; keep the winner's recipe after that
-            from pqd.structured.select import choose
-
             proposals = {name: recipe(lm, target_ms) for name, recipe in recipes.items()}
             unique: dict[tuple, str] = {}
             for name, w in proposals.items():
@@ -240,3 +238,19 @@ def search(
         "latency_model": report(lm, graph),
     }
     return pruned, record
+
+
+def choose(correct: Mapping[str, torch.Tensor], *, prefer: str | None = "uniform", alpha: float = 0.05) -> tuple[str, dict]:
+    """The candidate with the most images right; but ``prefer`` (uniform scaling) unless the best beats it
+    on these images by McNemar's paired test at ``alpha``: a proxy difference inside its own noise
+    decides nothing, and then the simplest recipe is kept. Ties go to the one listed first.
+    Returns (name, test record of best vs ``prefer``, empty when there was nothing to test)."""
+    from pqd.measure.stats import mcnemar_paired
+
+    acc = {n: float(c.float().mean()) for n, c in correct.items()}
+    best = next(n for n in correct if math.isclose(acc[n], max(acc.values()), abs_tol=1e-12))
+    if prefer is None or prefer not in correct or best == prefer:
+        return best, {}
+    test = mcnemar_paired(correct[best], correct[prefer])
+    rec = {"best": best, "vs": prefer, "p_value": test["p_value"], "difference": test["difference"], "alpha": alpha}
+    return (best if test["p_value"] < alpha and test["difference"] > 0 else prefer), rec

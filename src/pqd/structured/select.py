@@ -18,7 +18,7 @@ Here each **recipe** turns a predicted-latency target into widths:
 :func:`adapted_bn_ranker` scores every recipe's model without training: the pruned model's BN
 statistics re-estimated on a few hundred training images, then per-image correctness on held-out
 images (EagleEye, Li et al., ECCV 2020: that accuracy ranks pruned candidates the way fine-tuned
-accuracy does far better than the un-adapted one). :func:`choose` takes the best, but keeps
+accuracy does far better than the un-adapted one). :func:`choose` (defined beside the search) takes the best, but keeps
 uniform scaling unless the best beats it on those images by McNemar's paired test (α = 0.05): on
 1,000 images a difference of a few tenths of a point is noise, and there uniform scaling is the
 safer choice (docs/STRUCTURED.md). :func:`pqd.structured.search.search` ranks the recipes once,
@@ -30,7 +30,6 @@ benchmarks/structured.py (``--select adapted_bn``).
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -38,6 +37,10 @@ from torch import nn
 
 from pqd.structured.graph import ChannelGraph, prune_to_widths, round_width
 from pqd.structured.latency_model import LatencyModel
+from pqd.structured.search import choose, cost_function, greedy_widths
+
+__all__ = ["adapt_bn", "adapted_bn_ranker", "choose", "fit_scale", "fraction_cost", "normalized_images", "stage_ranker",
+           "width_recipes"]
 
 Widths = dict[str, int]
 Recipe = Callable[[LatencyModel, float], Widths]
@@ -80,8 +83,6 @@ def width_recipes(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None
                   min_keep: float = 0.1, blends: Sequence[float] = (0.5,)) -> dict[str, Recipe]:
     """The recipes named in the module docstring. ``cost`` is the search's own greedy cost (default:
     from ``scores``); ``greedy_fraction`` needs ``scores``."""
-    from pqd.structured.search import cost_function, greedy_widths
-
     chans = graph.widths()
     base_cost = cost if cost is not None else cost_function(graph, scores, None)
     greedy: dict[str, Recipe] = {
@@ -140,22 +141,6 @@ def adapted_bn_ranker(model: nn.Module, scores: Mapping[str, torch.Tensor] | Non
         return out
 
     return rank
-
-
-def choose(correct: Mapping[str, torch.Tensor], *, prefer: str | None = "uniform", alpha: float = 0.05) -> tuple[str, dict]:
-    """The candidate with the most images right; but ``prefer`` (uniform scaling) unless the best beats it
-    on these images by McNemar's paired test at ``alpha``: a proxy difference inside its own noise
-    decides nothing, and then the simplest recipe is kept. Ties go to the one listed first.
-    Returns (name, test record of best vs ``prefer``, empty when there was nothing to test)."""
-    from pqd.measure.stats import mcnemar_paired
-
-    acc = {n: float(c.float().mean()) for n, c in correct.items()}
-    best = next(n for n in correct if math.isclose(acc[n], max(acc.values()), abs_tol=1e-12))
-    if prefer is None or prefer not in correct or best == prefer:
-        return best, {}
-    test = mcnemar_paired(correct[best], correct[prefer])
-    rec = {"best": best, "vs": prefer, "p_value": test["p_value"], "difference": test["difference"], "alpha": alpha}
-    return (best if test["p_value"] < alpha and test["difference"] > 0 else prefer), rec
 
 
 def normalized_images(ds, index: torch.Tensor, *, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
