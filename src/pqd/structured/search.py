@@ -137,7 +137,7 @@ def search(
     use_cache: bool = True,
     in_process: bool = False,
     recipes: Mapping[str, Callable] | None = None,
-    rank: Callable[[Mapping[str, dict]], Mapping[str, float]] | None = None,
+    rank: Callable[[Mapping[str, dict]], Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Choose widths under the budget, measure, correct; returns (pruned model, JSON-able record).
 
@@ -149,7 +149,7 @@ def search(
     ``recipes`` (``{name: recipe(lm, target_ms) -> widths}``, e.g.
     :func:`pqd.structured.select.width_recipes`) with ``rank`` (``{name: widths} -> {name: per-image
     correctness}``, e.g. :func:`pqd.structured.select.adapted_bn_ranker`): at the first target every
-    recipe proposes widths, ``rank`` scores them, :func:`pqd.structured.select.choose` picks one
+    recipe proposes widths, ``rank`` scores them, :func:`choose` picks one
     (uniform unless another is better beyond noise), and that recipe alone makes the widths of
     every later correction; the record lists the candidates with their scores. Without them, the greedy
     on ``scores`` / ``sensitivity`` decides.
