@@ -85,6 +85,18 @@ def validation_images(data, args):
     return full.subset(torch.tensor(keep))
 
 
+def bench_ranker(teacher, scores, example, data, args):
+    """The adapted-BN ranker of ``--select adapted_bn``: BN re-estimated on ``args.select_images`` seeded training
+    images, scored on the ``args.val_images`` held-out images of :func:`validation_images`."""
+    from pqd.structured.select import adapted_bn_ranker, normalized_images
+
+    val = validation_images(data, args)
+    perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(4321))
+    calib, _ = normalized_images(data.train, perm[:args.select_images], mean=data.mean, std=data.std)
+    val_x, val_y = normalized_images(val, torch.arange(len(val)), mean=data.mean, std=data.std)
+    return adapted_bn_ranker(teacher, scores, example=example, calib=calib, val_x=val_x, val_y=val_y)
+
+
 def paired(a: list, b: list) -> dict:
     """Pooled McNemar over seeds: ``a`` vs ``b`` (lists of per-image correctness, one per seed)."""
     return mcnemar_pooled([(int((x & ~y).sum()), int((~x & y).sum())) for x, y in zip(a, b)])
@@ -136,14 +148,10 @@ def run_model(name: str, data, args, partial=None) -> dict:
                               quantize=False, max_images=args.val_images)
     recipes = rank = None
     if args.select == "adapted_bn":  # several recipes per target, ranked by top-1 after re-estimating BN (pqd.structured.select)
-        from pqd.structured.select import adapted_bn_ranker, normalized_images, width_recipes
+        from pqd.structured.select import width_recipes
 
-        val = validation_images(data, args)
-        perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(4321))
-        calib, _ = normalized_images(data.train, perm[:args.select_images], mean=data.mean, std=data.std)
-        val_x, val_y = normalized_images(val, torch.arange(len(val)), mean=data.mean, std=data.std)
         recipes = width_recipes(graph, scores, cost=cost_function(graph, scores, sensitivity), round_to=args.round_to, min_keep=args.min_keep)
-        rank = adapted_bn_ranker(teacher, scores, example=example, calib=calib, val_x=val_x, val_y=val_y)
+        rank = bench_ranker(teacher, scores, example, data, args)
     target = L.Target(args.runtime, args.batch, args.threads)
     lm = L.build(teacher, graph, target=target, input_shape=shape, samples=args.samples, runs=args.runs, round_to=args.round_to,
                  cache_dir=args.cache_dir)

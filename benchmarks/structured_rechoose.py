@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from structured import validation_images  # noqa: E402
+from structured import bench_ranker  # noqa: E402
 
 from pqd.config import DataConfig  # noqa: E402
 from pqd.data import load_data  # noqa: E402
 from pqd.registry import create_model  # noqa: E402
 from pqd.structured.graph import ChannelGraph  # noqa: E402
 from pqd.structured.importance import group_scores  # noqa: E402
-from pqd.structured.select import adapted_bn_ranker, choose, normalized_images  # noqa: E402
+from pqd.structured.select import choose  # noqa: E402
 from pqd.train.checkpoint import load_checkpoint  # noqa: E402
 
 
@@ -60,11 +60,7 @@ def main(argv=None) -> int:
         teacher.eval()
         example = torch.zeros(2, *data.image_shape)
         scores = group_scores(ChannelGraph(copy.deepcopy(teacher), example), "l1")
-        val = validation_images(data, args)
-        perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(4321))
-        calib, _ = normalized_images(data.train, perm[:args.select_images], mean=data.mean, std=data.std)
-        val_x, val_y = normalized_images(val, torch.arange(len(val)), mean=data.mean, std=data.std)
-        rank = adapted_bn_ranker(teacher, scores, example=example, calib=calib, val_x=val_x, val_y=val_y)
+        rank = bench_ranker(teacher, scores, example, data, args)
         rows = []
         for budget, s in m["searches"].items():
             cands = {c["recipe"]: c["widths"] for c in s["candidates"]}

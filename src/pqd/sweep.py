@@ -301,17 +301,6 @@ def run_dir(sweep_dir: str | Path, run: Run) -> Path:
     return Path(sweep_dir) / "runs" / run.run_id
 
 
-def _normalized(saved: dict) -> dict:
-    """A stored config dict with defaults filled in (so fields added to pqd later still match)."""
-    saved = dict(saved)
-    peer = saved.pop("peer", None)
-    try:
-        out = RunConfig.from_dict(saved).to_dict()
-    except ConfigError:
-        out = saved
-    return out | {"peer": peer} if peer is not None else out
-
-
 def finished_metrics(sweep_dir: str | Path, run: Run) -> dict | None:
     """The run's metrics if it finished with this config; None if it has not finished."""
     d = RunDir(run_dir(sweep_dir, run))
@@ -370,7 +359,8 @@ def _execute_peer(run: Run, out: Path, sweep_dir: str | Path) -> dict:
 
     d = RunDir(out)
     saved = d.saved_config_dict()
-    if saved is not None and _normalized(saved) != run.config_dict():
+    if saved is not None and (comparable_config(saved, teacher_base=sweep_dir)
+                              != comparable_config(run.config_dict(), teacher_base=sweep_dir)):
         raise ConfigError(f"{d.path} holds a peer run with a different config; use a new --out directory or delete it")
     atomic_write_bytes(d.config_path, yaml.safe_dump(run.config_dict(), sort_keys=False).encode())
     return peer_run(with_teacher_base(run.config, sweep_dir), out, peer=run.peer)

@@ -14,8 +14,8 @@ from pqd.registry import create_model
 from pqd.structured import latency_model as L
 from pqd.structured.graph import ChannelGraph
 from pqd.structured.importance import group_scores, uniform_widths
-from pqd.structured.search import search
-from pqd.structured.select import adapt_bn, adapted_bn_ranker, choose, fit_scale, fraction_cost, normalized_images, width_recipes
+from pqd.structured.search import cost_function, search
+from pqd.structured.select import adapt_bn, adapted_bn_ranker, choose, fit_scale, normalized_images, width_recipes
 
 X = torch.zeros(2, 3, 32, 32)
 
@@ -57,13 +57,14 @@ def test_every_recipe_meets_the_predicted_target_and_uniform_is_the_largest_unif
     assert got["greedy_fraction"][wide] < got["greedy"][wide] or got["greedy_fraction"] != got["greedy"]
 
 
-def test_fraction_cost_weighs_groups_equally_whatever_their_size():
+def test_per_group_cost_weighs_groups_equally_whatever_their_size():
     scores = {"small": torch.ones(8), "big": torch.ones(64)}
 
-    class G:  # fraction_cost only reads the scores
-        pass
+    class G:  # cost_function reads the group widths and the scores
+        def widths(self):
+            return {"small": 8, "big": 64}
 
-    cost = fraction_cost(G(), scores)
+    cost = cost_function(G(), scores, None, per_group=True)
     assert cost("small", 4) == pytest.approx(cost("big", 32)) == pytest.approx(0.25)
     assert cost("small", 8) == 0 and cost("big", 0) == pytest.approx(0.5)
 

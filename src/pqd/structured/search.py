@@ -47,8 +47,13 @@ def _interp(points: Sequence[tuple[float, float]], r: float) -> float:
     return 0.0
 
 
-def cost_function(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None, sensitivity: Sequence[dict] | None):
-    """``cost(group_id, k) -> float``: predicted loss of keeping ``k`` channels of a group."""
+def cost_function(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None, sensitivity: Sequence[dict] | None, *,
+                  per_group: bool = False):
+    """``cost(group_id, k) -> float``: predicted loss of keeping ``k`` channels of a group.
+
+    From ``scores``: the dropped channels' importance over the whole model's channel count; with
+    ``per_group``, the share of the group's own importance dropped, averaged over the groups (every
+    group weighs the same, whatever its channel count)."""
     chans = graph.widths()
     if sensitivity:
         table: dict[str, list[tuple[float, float]]] = {}
@@ -65,6 +70,8 @@ def cost_function(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None
     sorted_scores = {g: torch.sort(s, descending=True).values for g, s in scores.items()}
     cums = {g: torch.cat([torch.zeros(1), torch.cumsum(s, 0)]) for g, s in sorted_scores.items()}
     full = {g: float(c[-1]) for g, c in cums.items()}
+    if per_group:
+        return lambda g, k: (1.0 - float(cums[g][k]) / max(full[g], 1e-12)) / len(cums)
     return lambda g, k: (full[g] - float(cums[g][k])) / total
 
 

@@ -39,7 +39,7 @@ from pqd.structured.graph import ChannelGraph, prune_to_widths, round_width
 from pqd.structured.latency_model import LatencyModel
 from pqd.structured.search import choose, cost_function, greedy_widths
 
-__all__ = ["adapt_bn", "adapted_bn_ranker", "choose", "fit_scale", "fraction_cost", "normalized_images", "stage_ranker",
+__all__ = ["adapt_bn", "adapted_bn_ranker", "choose", "fit_scale", "normalized_images", "stage_ranker",
            "width_recipes"]
 
 Widths = dict[str, int]
@@ -70,15 +70,6 @@ def fit_scale(graph: ChannelGraph, lm: LatencyModel, ratios: Mapping[str, float]
     return _scaled(graph, ratios, lo, round_to=round_to, min_keep=min_keep)
 
 
-def fraction_cost(graph: ChannelGraph, scores: Mapping[str, torch.Tensor]):
-    """``cost(group, k)``: the share of the group's own importance lost by keeping its ``k`` best channels,
-    averaged over the groups (every group weighs the same, whatever its channel count)."""
-    sorted_scores = {g: torch.sort(s, descending=True).values for g, s in scores.items()}
-    cums = {g: torch.cat([torch.zeros(1), torch.cumsum(s, 0)]) for g, s in sorted_scores.items()}
-    n = len(cums)
-    return lambda g, k: (1.0 - float(cums[g][k]) / max(float(cums[g][-1]), 1e-12)) / n
-
-
 def width_recipes(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None, *, cost=None, round_to: int = 8,
                   min_keep: float = 0.1, blends: Sequence[float] = (0.5,)) -> dict[str, Recipe]:
     """The recipes named in the module docstring. ``cost`` is the search's own greedy cost (default:
@@ -88,7 +79,7 @@ def width_recipes(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None
     greedy: dict[str, Recipe] = {
         "greedy": lambda lm, t: greedy_widths(graph, lm, base_cost, t, round_to=round_to, min_keep=min_keep)}
     if scores is not None:
-        fc = fraction_cost(graph, scores)
+        fc = cost_function(graph, scores, None, per_group=True)
         greedy["greedy_fraction"] = lambda lm, t: greedy_widths(graph, lm, fc, t, round_to=round_to, min_keep=min_keep)
     ones = {g: 1.0 for g in chans}
     recipes: dict[str, Recipe] = dict(greedy)
