@@ -156,13 +156,13 @@ def run_model(name: str, data, args, partial=None) -> dict:
     lm = L.build(teacher, graph, target=target, input_shape=shape, samples=args.samples, runs=args.runs, round_to=args.round_to,
                  cache_dir=args.cache_dir)
     calib_loo = L.report(lm, graph)
-    dense_ms = next(s["ms"] for s in lm.samples if s["widths"] == graph.widths())
+    dense_ms = lm.dense_ms(graph)
     variants = {"dense": (graph.widths(), {})}
     searches = {}
     for b in args.budgets:
         pruned, rec = search(teacher, lm, graph, target=target, input_shape=shape, budget_fraction=b, dense_ms=dense_ms, scores=scores,
                              sensitivity=sensitivity, round_to=args.round_to, min_keep=args.min_keep, max_iters=args.max_iters, runs=args.runs,
-                             cache_dir=args.cache_dir, recipes=recipes, rank=rank)
+                             margin=args.margin, cache_dir=args.cache_dir, recipes=recipes, rank=rank)
         searches[b] = rec
         variants[f"structured@{b}"] = (rec["widths"], {"budget": b})
         if "macs" in args.baselines:
@@ -221,7 +221,8 @@ def to_markdown(result: dict) -> str:
            f"Command: `{result['command']}`", "",
            f"Target: {a['runtime']} INT8, batch {a['batch']}, {a['threads']} threads; CPU {result['env']['cpu_model']}; "
            f"train subset {a['train_subset']}, test subset {a['test_subset']}, teacher {a['teacher_epochs']} ep, "
-           f"KD fine-tune {a['ft_epochs']} + QAT {a['qat_epochs']} + KD {a['kd_epochs']} ep; seeds {a['seeds']}.", ""]
+           f"KD fine-tune {a['ft_epochs']} + QAT {a['qat_epochs']} + KD {a['kd_epochs']} ep; seeds {a['seeds']}"
+           f"{'; search margin ' + format(a['margin'], 'g') if a.get('margin') else ''}.", ""]
     for m in result["models"]:
         lm = m["latency_model"]
         out += [f"## {m['model']} (width {m['width']}), teacher FP32 top-1 {m['teacher_top1']:.4f}, "
@@ -259,6 +260,10 @@ def to_markdown(result: dict) -> str:
         for b, s in m["searches"].items():
             its = "; ".join(f"{i['target_ms']:.3f} → {i['predicted_ms']:.3f} / {i['measured_ms']:.3f}" for i in s["iterations"])
             out.append(f"- budget {b} × dense = {s['budget_ms']:.3f} ms: met={s['met']}; {its}")
+            if s.get("choice_test"):
+                t = s["choice_test"]
+                out.append(f"  - choice: best {t['best']} vs {t['vs']}, {t['difference']:+.4f}, McNemar p = {t['p_value']:.3g} "
+                           f"(α {t['alpha']}): chose {s['recipe']}")
             if s.get("candidates"):
                 out.append("  - recipes ranked by top-1 after adaptive BN (predicted ms): " + ", ".join(
                     f"{'**' if c['recipe'] == s['recipe'] else ''}{c['recipe']} {c['score']:.3f} ({c['predicted_ms']:.3f})"
@@ -293,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--final-runs", type=int, default=300)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--max-iters", type=int, default=4)
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="structured.margin: correct until the measured latency is at most (1 - margin) x the budget")
     p.add_argument("--cache-dir")
     p.add_argument("--criterion", default="l1", choices=["l1", "sensitivity"],
                    help="l1: retained L1 importance per predicted ms; sensitivity: measured accuracy drop per group (pqd analyze) "

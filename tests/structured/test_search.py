@@ -72,6 +72,7 @@ def test_search_meets_a_measured_budget(tmp_path):
     target = L.Target("pytorch", 1, 1)
     lm = L.build(model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True)
     assert len(lm.samples) == 4 and all(s["ms"] > 0 for s in lm.samples)
+    assert lm.relative and all(s["dense_ms"] == lm.samples[0]["ms"] for s in lm.samples)  # the dense model is sample 0 of the run
     assert list(tmp_path.rglob("*.json")), "latency samples are cached"
     again = L.build(model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True)
     assert again.samples == lm.samples  # read from the cache, not re-measured
@@ -86,6 +87,38 @@ def test_search_meets_a_measured_budget(tmp_path):
     assert rec["macs"] < rec["dense_macs"]
     json.dumps(rec)  # JSON-able, for student.records / metrics.json
     assert rec["latency_model"]["samples"] >= 5
+
+
+def test_latency_relative_to_the_same_runs_dense_model_removes_drift_between_runs():
+    """Two runs of the same widths on a machine whose speed differs by 30% between them: a fit in ms
+    cannot explain both, a fit of the ratio to each run's dense reading can (exactly, here)."""
+    model = create_model("resnet18", num_classes=10, width=0.25).eval()
+    graph = ChannelGraph(model, X)
+    from pqd.structured.importance import uniform_widths
+
+    def true_ms(w):  # MACs plus a constant
+        return 0.2 + sum(r.macs for r in graph.layer_shapes(w)) / 1e6
+
+    chans = graph.widths()
+    ratios = (1.0, 0.8, 0.6, 0.45, 0.3)
+    lm = L.LatencyModel(key={}, pad=1)
+    for speed, run in ((1.0, ratios[::2]), (1.3, ratios[1::2])):  # each run times its own dense model beside its samples
+        dense = speed * true_ms(chans)
+        for r in run:
+            w = uniform_widths(chans, r, round_to=8)
+            lm.add(w, speed * true_ms(w), "run", dense_ms=dense)
+        lm.add(chans, dense, "run_dense", dense_ms=dense)
+    assert lm.relative
+    lm.fit(graph)
+    assert lm.scale == lm.dense_ms(graph) == pytest.approx(np.median([true_ms(chans), true_ms(chans), 1.3 * true_ms(chans)]))
+    w = uniform_widths(chans, 0.7, round_to=8)
+    assert lm.predict(graph, w) / lm.predict(graph, chans) == pytest.approx(true_ms(w) / true_ms(chans), rel=1e-6)
+    assert max(map(abs, lm.loo_errors(graph))) < 1e-3
+    absolute = L.LatencyModel(key={}, samples=[{k: v for k, v in s.items() if k != "dense_ms"} for s in lm.samples], pad=1)
+    assert not absolute.relative
+    assert max(map(abs, absolute.loo_errors(graph))) > 0.05  # the drift lands in the fit's error
+    lm.add(w, 1.0, "old cache entry")  # one sample without a same-run dense reading: fitted in ms, as before
+    assert not lm.relative and lm.fit(graph).scale == 1.0
 
 
 def test_budget_arguments_are_checked():

@@ -14,7 +14,7 @@ from pqd.registry import create_model
 from pqd.structured import latency_model as L
 from pqd.structured.graph import ChannelGraph
 from pqd.structured.importance import group_scores, uniform_widths
-from pqd.structured.search import cost_function, search
+from pqd.structured.search import cost_function, refill_widths, search
 from pqd.structured.select import adapt_bn, adapted_bn_ranker, choose, fit_scale, normalized_images, width_recipes
 
 X = torch.zeros(2, 3, 32, 32)
@@ -39,7 +39,7 @@ def test_every_recipe_meets_the_predicted_target_and_uniform_is_the_largest_unif
     lm = _macs_model()
     target = 0.5 * lm.predict(graph, graph.widths())
     recipes = width_recipes(graph, scores, round_to=8, min_keep=0.1)
-    assert set(recipes) == {"greedy", "greedy_fraction", "uniform", "blend0.5_greedy", "blend0.5_greedy_fraction"}
+    assert set(recipes) == {"greedy", "greedy_fraction", "uniform", "blend0.5_greedy", "blend0.5_greedy_fraction", "uniform_refill"}
     got = {name: r(lm, target) for name, r in recipes.items()}
     for name, w in got.items():
         assert lm.predict(graph, w) <= target, name
@@ -55,6 +55,36 @@ def test_every_recipe_meets_the_predicted_target_and_uniform_is_the_largest_unif
     # the two greedy costs disagree about where to cut: one keeps more of the wide groups than the other
     wide = max(chans, key=chans.get)
     assert got["greedy_fraction"][wide] < got["greedy"][wide] or got["greedy_fraction"] != got["greedy"]
+
+
+def test_refill_starts_from_uniform_and_fills_the_target_until_no_step_fits(resnet):
+    _, graph, scores = resnet
+    lm = _macs_model()
+    chans = graph.widths()
+    target = 0.45 * lm.predict(graph, chans)
+    recipes = width_recipes(graph, scores, round_to=8, min_keep=0.1)
+    u, r = recipes["uniform"](lm, target), recipes["uniform_refill"](lm, target)
+    assert all(r[g] >= u[g] for g in chans) and r != u
+    assert lm.predict(graph, u) < lm.predict(graph, r) <= target
+    for g, k in r.items():  # maximal: one more step in any group overshoots
+        if k < chans[g]:
+            assert lm.predict(graph, {**r, g: min(chans[g], k + 8)}) > target, g
+
+
+def test_refill_adds_channels_where_they_restore_the_most_importance_per_millisecond():
+    class G:
+        def widths(self):
+            return {"cheap": 64, "dear": 64}
+
+    class LM:  # a step of "dear" costs 4x the time of a step of "cheap"
+        def predict(self, graph, w):
+            return w["cheap"] * 1.0 + w["dear"] * 4.0
+
+    cost = lambda g, k: (64 - k) * (2.0 if g == "dear" else 1.0)  # "dear" channels matter 2x as much
+    start = {"cheap": 32, "dear": 32}
+    got = refill_widths(G(), LM(), cost, start, target_ms=32 + 128 + 64, round_to=8)
+    assert got == {"cheap": 64, "dear": 40}  # 2/4 < 1/1 per ms: fill "cheap" first, then one step of "dear" fits
+    assert refill_widths(G(), LM(), cost, start, target_ms=32 + 128 - 1, round_to=8) == start  # already over: unchanged
 
 
 def test_per_group_cost_weighs_groups_equally_whatever_their_size():

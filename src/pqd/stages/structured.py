@@ -66,7 +66,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
             from pqd.structured.sensitivity import read_csv
 
             sens = read_csv(cfg.sensitivity)
-        dense_ms = next((s["ms"] for s in lm.samples if s["widths"] == graph.widths()), None)
+        dense_ms = lm.dense_ms(graph)
         recipes = rank = ranked_on = None
         if cfg.select == "adapted_bn":
             from pqd.structured.search import cost_function

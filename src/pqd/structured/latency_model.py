@@ -19,6 +19,14 @@ additive; whole-model samples also include the runtime's fusions and layout reor
 The fit's error is reported by leave-one-out over the samples, and every
 hardware-in-the-loop measurement of the search joins the samples.
 
+Every run that measures samples also times the dense model beside them, and each sample keeps
+that same-run dense reading (``dense_ms``). When every sample has one, the model is fitted to
+latency *relative to the dense model of its own run* and predicts that ratio times the median
+dense reading: the machine's speed drifts between runs (the same dense model reads several
+percent apart from one run to the next), and a ratio measured side by side does not carry that
+drift into the fit. Samples cached before this was recorded have no ``dense_ms``; a model with
+any such sample is fitted in milliseconds, as before.
+
 Samples are cached as JSON under ``<pqd cache>/structured_latency/`` keyed by CPU model,
 runtime and its version, torch version, threads, batch, input shape and the dense model's
 layer table, so a model is measured once per machine and target.
@@ -176,26 +184,45 @@ class LatencyModel:
     """Measured samples (widths -> ms) of one dense model on one target, and the fit over them."""
 
     key: dict
-    samples: list[dict] = field(default_factory=list)  # {"widths": {gid: k}, "ms": float, "source": str}
+    # {"widths": {gid: k}, "ms": float, "source": str, "dense_ms": the dense model's ms in the same run (when recorded)}
+    samples: list[dict] = field(default_factory=list)
     pad: int = 16
     coef: np.ndarray | None = None
+    scale: float = 1.0  # ms per unit of the fitted quantity: the median dense reading when relative, else 1
+
+    @property
+    def relative(self) -> bool:
+        """Fitted to latency relative to the same run's dense reading (every sample has one)."""
+        return bool(self.samples) and all(s.get("dense_ms") for s in self.samples)
 
     def _x(self, graph, widths) -> np.ndarray:
         return features(graph.layer_shapes(widths), pad=self.pad)
+
+    def _y(self, s: dict) -> float:
+        return s["ms"] / s["dense_ms"] if self.relative else s["ms"]
 
     def fit(self, graph) -> "LatencyModel":
         if len(self.samples) < 2:
             raise ModelError("the latency model needs at least 2 measured samples")
         a = np.stack([self._x(graph, s["widths"]) for s in self.samples])
-        b = np.array([s["ms"] for s in self.samples])
+        b = np.array([self._y(s) for s in self.samples])
         w = 1.0 / b  # relative error matters: weight each sample by 1/latency
         self.coef = _nnls(a * w[:, None], b * w)
+        self.scale = self.dense_ms(graph) if self.relative else 1.0
         return self
+
+    def dense_ms(self, graph) -> float | None:
+        """The median of the dense model's measured readings (one per run), or None before the first."""
+        chans = graph.widths()
+        readings = [s["ms"] for s in self.samples if s["widths"] == chans]
+        if not readings and self.relative:
+            readings = [s["dense_ms"] for s in self.samples]
+        return float(np.median(readings)) if readings else None
 
     def predict(self, graph, widths: Mapping[str, int]) -> float:
         if self.coef is None:
             self.fit(graph)
-        return float(self._x(graph, widths) @ self.coef)
+        return float(self._x(graph, widths) @ self.coef) * self.scale
 
     def loo_errors(self, graph) -> list[float]:
         """Leave-one-out relative prediction errors (predicted / measured - 1) over the samples."""
@@ -205,15 +232,23 @@ class LatencyModel:
             if len(rest.samples) < 2:
                 break
             rest.fit(graph)
-            errs.append(rest.predict(graph, self.samples[i]["widths"]) / self.samples[i]["ms"] - 1)
+            s = self.samples[i]
+            pred = rest.predict(graph, s["widths"])
+            if rest.relative:  # anchored to the dense model of the sample's own run, as the search checks a fraction
+                pred = pred / rest.scale * s["dense_ms"]
+            errs.append(pred / s["ms"] - 1)
         return errs
 
-    def add(self, widths: Mapping[str, int], ms: float, source: str) -> None:
-        self.samples.append({"widths": dict(widths), "ms": float(ms), "source": source})
+    def add(self, widths: Mapping[str, int], ms: float, source: str, *, dense_ms: float | None = None) -> None:
+        """One measurement; ``dense_ms``: the dense model timed in the same run (side by side)."""
+        sample = {"widths": dict(widths), "ms": float(ms), "source": source}
+        if dense_ms is not None:
+            sample["dense_ms"] = float(dense_ms)
+        self.samples.append(sample)
         self.coef = None
 
     def to_dict(self) -> dict:
-        return {"schema": CACHE_SCHEMA, "key": self.key, "pad": self.pad, "samples": self.samples,
+        return {"schema": CACHE_SCHEMA, "key": self.key, "pad": self.pad, "samples": self.samples, "relative": self.relative,
                 "features": list(FEATURES), "coef": None if self.coef is None else self.coef.tolist()}
 
 
@@ -307,11 +342,17 @@ def build(
         return lm.fit(graph)
     lm = lm or LatencyModel(key)
     example = torch.zeros(2, *input_shape)
+    chans = graph.widths()
     todo = sample_widths(graph, samples, round_to=round_to, min_keep=min_keep, seed=seed + len(lm.samples))[len(lm.samples):]
     models = {f"s{i}": prune_to_widths(model, w, example=example, round_to=1) for i, w in enumerate(todo)}
+    if chans not in todo:  # every run times the dense model beside its samples
+        models["dense"] = model
     ms = measure_int8(models, target=target, input_shape=input_shape, runs=runs, in_process=in_process)
+    run_dense = ms["dense"] if "dense" in ms else ms[f"s{todo.index(chans)}"]
     for i, w in enumerate(todo):
-        lm.add(w, ms[f"s{i}"], "calibration")
+        lm.add(w, ms[f"s{i}"], "calibration", dense_ms=run_dense)
+    if "dense" in ms:
+        lm.add(chans, run_dense, "calibration_dense", dense_ms=run_dense)
     lm.fit(graph)
     if use_cache:
         save(lm, cache_dir)
@@ -325,4 +366,5 @@ def report(lm: LatencyModel, graph) -> dict:
             "coef": [float(c) for c in (lm.coef if lm.coef is not None else lm.fit(graph).coef)],
             "loo_abs_error_mean": float(np.mean(np.abs(errs))) if errs else None,
             "loo_abs_error_max": float(np.max(np.abs(errs))) if errs else None,
+            "relative": lm.relative, "dense_ms_median": lm.scale if lm.relative else None,
             "target": asdict(Target(lm.key["runtime"], lm.key["batch"], lm.key["threads"]))}

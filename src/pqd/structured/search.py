@@ -11,11 +11,12 @@
    (corrected) target. Or, given ``recipes`` and ``rank`` (:mod:`pqd.structured.select`),
    every recipe proposes widths for the first target, ``rank`` scores them, and the winning
    recipe makes the widths from then on.
-3. The chosen model is built and **measured** (for a fractional budget, side by side with
-   the dense model in one interleaved run, and the fraction is checked on that pair, so
-   drift of the machine between runs does not decide). If it misses the budget, the measurement
-   joins the latency model's samples, the fit is redone, the target is tightened by the
-   miss, and step 2 repeats, up to ``max_iters`` times.
+3. The chosen model is built and **measured** side by side with the dense model in one
+   interleaved run; a fractional budget is checked on that pair, so drift of the machine
+   between runs does not decide (an absolute budget is checked in ms). If it misses the
+   budget, both measurements join the latency model's samples (the chosen one with its
+   same-run dense reading), the fit is redone, the target is tightened by the miss, and
+   step 2 repeats, up to ``max_iters`` times.
 """
 
 from __future__ import annotations
@@ -122,6 +123,36 @@ def greedy_widths(
     return widths
 
 
+def refill_widths(graph: ChannelGraph, lm: LatencyModel, cost, start: Mapping[str, int], target_ms: float, *,
+                  round_to: int = 8) -> dict[str, int]:
+    """The greedy run upwards: from ``start`` (e.g. uniform widths that leave part of the target unused,
+    because latency rises in steps), add one ``round_to`` step at a time to the group where it restores the
+    most importance per predicted millisecond added, while the prediction stays <= ``target_ms``. A step that
+    adds no predicted time is taken first."""
+    chans = graph.widths()
+    widths = dict(start)
+    pred = lm.predict(graph, widths)
+    while True:
+        best, best_gain, best_pred = None, -math.inf, pred
+        for g, k in widths.items():
+            nk = min(chans[g], (k // round_to + 1) * round_to)
+            if nk <= k:
+                continue
+            trial = dict(widths)
+            trial[g] = nk
+            p = lm.predict(graph, trial)
+            if p > target_ms:
+                continue
+            restored = cost(g, k) - cost(g, nk)
+            gain = math.inf if p - pred <= 1e-12 else restored / (p - pred)
+            if gain > best_gain:
+                best, best_gain, best_pred = (g, nk), gain, p
+        if best is None:
+            return widths
+        widths[best[0]] = best[1]
+        pred = best_pred
+
+
 def search(
     model: nn.Module,
     lm: LatencyModel,
@@ -175,7 +206,7 @@ def search(
     if budget_ms is None:
         if dense_ms is None:
             dense_ms = measure_int8({"dense": model}, target=target, input_shape=input_shape, runs=runs, in_process=in_process)["dense"]
-            lm.add(graph.widths(), dense_ms, "dense")
+            lm.add(graph.widths(), dense_ms, "dense", dense_ms=dense_ms)
             lm.fit(graph)
         budget_ms = budget_fraction * dense_ms
     size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
@@ -211,19 +242,19 @@ def search(
                               in_process=in_process)
             measured, run_dense = ms["chosen"], ms["dense"]
             run_budget = budget_fraction * run_dense
-            lm.add(chans, run_dense, "search_dense")
-        else:
-            measured = measure_int8({"chosen": pruned}, target=target, input_shape=input_shape, runs=runs,
-                                    in_process=in_process)["chosen"]
-            run_dense, run_budget = None, budget_ms
+        else:  # an absolute budget is checked in ms; the dense model is timed beside it for the latency model's ratio
+            ms = measure_int8({"dense": model, "chosen": pruned}, target=target, input_shape=input_shape, runs=runs,
+                              in_process=in_process)
+            measured, run_dense, run_budget = ms["chosen"], ms["dense"], budget_ms
+        lm.add(chans, run_dense, "search_dense", dense_ms=run_dense)
         goal = run_budget * (1 - margin)
         iterations.append({"iteration": it, "target_ms": target_ms, "predicted_ms": pred, "measured_ms": measured,
                            "dense_ms_same_run": run_dense, "budget_ms_same_run": run_budget, "met": measured <= run_budget,
                            "goal_ms_same_run": goal,
                            "widths": dict(widths), "prediction_error": pred / measured - 1})
-        log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms%s)",
-                 it, target_ms, pred, measured, run_budget, "" if run_dense is None else f", dense {run_dense:.3f} ms in the same run")
-        lm.add(widths, measured, "search")
+        log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms, dense %.3f ms in the same run)",
+                 it, target_ms, pred, measured, run_budget, run_dense)
+        lm.add(widths, measured, "search", dense_ms=run_dense)
         if measured <= goal:
             break
         if pred > target_ms:  # every group is at its floor: tightening the target cannot change the widths

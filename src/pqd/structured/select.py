@@ -13,7 +13,11 @@ Here each **recipe** turns a predicted-latency target into widths:
   64-channel group's channel costs 8x a 512-channel group's), which cuts the wide, deep groups;
 - ``uniform``: the largest uniform keep ratio whose prediction meets the target;
 - ``blend{t}_{name}``: per-group keep ratios ``(1 - t) * uniform + t * greedy recipe``, scaled
-  together until the prediction meets the target.
+  together until the prediction meets the target;
+- ``uniform_refill``: uniform, then channels added back one rounding step at a time where they
+  restore the most importance per predicted millisecond, until the target is filled. Latency
+  rises in steps with width (docs/STRUCTURED.md), so the largest uniform model under a target
+  can leave a fifth of it unused.
 
 :func:`adapted_bn_ranker` scores every recipe's model without training: the pruned model's BN
 statistics re-estimated on a few hundred training images, then per-image correctness on held-out
@@ -37,7 +41,7 @@ from torch import nn
 
 from pqd.structured.graph import ChannelGraph, prune_to_widths, round_width
 from pqd.structured.latency_model import LatencyModel
-from pqd.structured.search import choose, cost_function, greedy_widths
+from pqd.structured.search import choose, cost_function, greedy_widths, refill_widths
 
 __all__ = ["adapt_bn", "adapted_bn_ranker", "choose", "fit_scale", "normalized_images", "stage_ranker",
            "width_recipes"]
@@ -95,6 +99,7 @@ def width_recipes(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None
     for name in greedy:
         for tw in blends:
             recipes[f"blend{tw:g}_{name}"] = blend(name, tw)
+    recipes["uniform_refill"] = lambda lm, t: refill_widths(graph, lm, base_cost, recipes["uniform"](lm, t), t, round_to=round_to)
     return recipes
 
 
