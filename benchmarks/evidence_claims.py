@@ -36,15 +36,23 @@ from pqd.sweep import read_table  # noqa: E402
 
 ALPHA = 0.05
 
-# claim -> (A, [B, ...]) comparisons "A beats B"; labels are the sweep's configuration labels
+
+def _vs(a: str, bs: list[str]) -> list[tuple[str, str]]:
+    return [(a, b) for b in bs]
+
+
+# section -> [(A, B), ...] comparisons "A beats B"; labels are the sweep's configuration labels
 CLAIMS = {
-    "3a. P→Q→D beats single techniques (shorter budgets)": ("PQD", ["ptq", "qat_only", "prune_only", "kd_only", "pq_nokd", "dense"]),
-    "3b. P→Q→D beats equal-budget controls (13 epochs)": ("PQD", ["long_teacher", "ptq_long", "qat_long", "pq_ce4"]),
-    "3c. P→Q→D beats the peer PTQ (NNCF)": ("PQD", ["nncf_ptq", "nncf_ptq_long"]),
-    "4. P→Q→D is the best of the 6 orders": ("PQD", ["PDQ", "QPD", "QDP", "DPQ", "DQP"]),
-    "5a. KD last recovers accuracy: P→Q→D vs the same stages with the KD term off": ("PQD", ["PQD_kdoff"]),
-    "5b. KD last vs its epochs spent on more QAT (equal budget) and vs no KD stage": ("PQD", ["pq_ce4", "pq_nokd"]),
-    "5c. KD alone vs the same fine-tuning without the teacher": ("kd_only", ["ft_ce2"]),
+    "3a. P→Q→D beats single techniques (shorter budgets)": _vs("PQD", ["ptq", "qat_only", "prune_only", "kd_only", "pq_nokd", "dense"]),
+    "3b. P→Q→D beats equal-budget controls (13 epochs)": _vs("PQD", ["long_teacher", "ptq_long", "qat_long", "pq_ce4"]),
+    "3c. P→Q→D beats the peer PTQ (NNCF)": _vs("PQD", ["nncf_ptq", "nncf_ptq_long"]),
+    "4. P→Q→D is the best of the 6 orders": _vs("PQD", ["PDQ", "QPD", "QDP", "DPQ", "DQP"]),
+    "5a. KD last recovers accuracy: P→Q→D vs the same stages with the KD term off": _vs("PQD", ["PQD_kdoff"]),
+    "5b. KD last vs its epochs spent on more QAT (equal budget) and vs no KD stage": _vs("PQD", ["pq_ce4", "pq_nokd"]),
+    "5c. KD alone vs the same fine-tuning without the teacher": _vs("kd_only", ["ft_ce2"]),
+    # not a claim of the paper: what post-training quantization itself costs, each PTQ model against its own teacher
+    "PTQ vs its own FP32 teacher (what PTQ costs; a control)": [("ptq", "dense"), ("nncf_ptq", "dense"),
+                                                                ("ptq_long", "long_teacher"), ("nncf_ptq_long", "long_teacher")],
 }
 SPEED = ["dense", "PQD", "qat_only", "ptq", "prune_only", "kd_only", "sparsity__sparsity0.0", "nncf_ptq"]
 
@@ -113,9 +121,9 @@ def main(argv=None) -> int:
         result["configs"][g["label"]] = {"stages": g["stages"], "n_seeds": g["n"], "top1_mean": g["acc"], "top1_sd": g["acc_sd"],
                                          "pooled_top1_ci_n": ci, "rel_lat_b1": g["rel_lat"], "rel_lat_b1_sd": g["rel_lat_sd"],
                                          "lat_sides": g["lat_sides"], "size_mb": g["size_mb"]}
-    for claim, (lab_a, others) in CLAIMS.items():
+    for claim, pairs in CLAIMS.items():
         recs = []
-        for lab_b in others:
+        for lab_a, lab_b in pairs:
             if lab_a in corr and lab_b in corr:
                 rec = compare(corr[lab_a], corr[lab_b])
                 if rec:
