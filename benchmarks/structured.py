@@ -177,7 +177,9 @@ def run_model(name: str, data, args, partial=None) -> dict:
             candidates[f"uniform?{b}?{u['keep_ratio']}"] = (u["widths"], {"budget": b, "keep_ratio": u["keep_ratio"]})
     variants = {k: variants[k] for k in ["dense"] + [f"{kind}@{b}" for b in args.budgets for kind in ("structured", "macs")] if k in variants}
     models = {k: prune_to_widths(teacher, w, example=example, round_to=1, scores=scores) for k, (w, _) in (variants | candidates).items()}
-    measured = L.measure_int8(models, target=target, input_shape=shape, runs=args.final_runs)
+    refs = L.reference_models(teacher, graph, example=example, round_to=args.round_to)  # the floor model anchors predictions
+    measured = L.measure_int8(models | {k: v for k, v in refs.items() if k not in models}, target=target, input_shape=shape,
+                              runs=args.final_runs)
     for b in args.budgets:  # the uniform model whose latency in this run is nearest the structured model's
         best = min((k for k in candidates if k.startswith(f"uniform?{b}?")), key=lambda k: abs(measured[k] - measured[f"structured@{b}"]))
         variants[f"uniform@{b}"], models[f"uniform@{b}"], measured[f"uniform@{b}"] = candidates[best], models[best], measured[best]
@@ -186,8 +188,10 @@ def run_model(name: str, data, args, partial=None) -> dict:
     rows = []
     for k, (w, extra) in variants.items():
         pred = lm.predict(graph, w)
+        pred_run = lm.predict_in_run(graph, w, dense_ms=measured["dense"], floor_ms=measured.get("floor"))
         row = {"model": name, "variant": k, **extra, "measured_ms": measured[k], "predicted_ms": pred,
-               "prediction_error": pred / measured[k] - 1, "ratio_to_dense": measured[k] / measured["dense"],
+               "prediction_error": pred / measured[k] - 1, "predicted_ms_same_run": pred_run,
+               "prediction_error_same_run": pred_run / measured[k] - 1, "ratio_to_dense": measured[k] / measured["dense"],
                "macs": sum(r.macs for r in graph.layer_shapes(w)), "dense_macs": sum(r.macs for r in graph.layers),
                "params": sum(p.numel() for p in models[k].parameters()), "widths": w}
         if "budget" in extra:
@@ -210,7 +214,7 @@ def run_model(name: str, data, args, partial=None) -> dict:
             partial(rows)
         log.info("%s %s: %.3f ms (pred %.3f), top1 %s", name, k, measured[k], pred, accs)
     return {"model": name, "width": args.width, "teacher_top1": teacher_top1, "criterion": args.criterion, "select": args.select,
-            "sensitivity": sensitivity, "dense_int8_ms_calibration": dense_ms,
+            "sensitivity": sensitivity, "dense_int8_ms_calibration": dense_ms, "floor_ms_final": measured.get("floor"),
             "latency_model": calib_loo, "uniform_curve": [{k: v for k, v in c.items() if k != "widths"} for c in ucurve],
             "searches": {str(b): r for b, r in searches.items()}, "rows": rows, "seconds": time.time() - t0}
 
@@ -232,13 +236,17 @@ def to_markdown(result: dict) -> str:
                 f"max {lm['loo_abs_error_max']:.3f}.", "",
                 "INT8 top-1: mean over seeds, each seed's 95% Wilson interval; p: pooled McNemar over seeds "
                 "(vs dense INT8; for baselines, structured model vs this one; `+` = structured better).", "",
-                "Pred. error: the latency model's absolute prediction / measured − 1; anchored: the predicted ratio to "
-                "the dense model × the dense model's latency measured in the same run, / measured − 1.", "",
-                "| variant | measured ms | predicted ms | pred. error | anchored error | × dense | meets budget | MACs (M) | INT8 top-1 (per seed, 95% CI) | p vs dense | p structured vs this |",
+                "Pred. error: the latency model's prediction at its median reference readings / measured − 1; same run: "
+                "predicted in this run's own readings of the dense and floor models (a model fitted before the floor "
+                "model was timed: the predicted ratio to dense × this run's dense reading), / measured − 1."
+                + (f" Floor model (every group at {a['round_to']} channels) in this run: {m['floor_ms_final']:.3f} ms."
+                   if m.get("floor_ms_final") else ""), "",
+                "| variant | measured ms | predicted ms | pred. error | same-run error | × dense | meets budget | MACs (M) | INT8 top-1 (per seed, 95% CI) | p vs dense | p structured vs this |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         dense_row = next(r for r in m["rows"] if r["variant"] == "dense")
         for r in m["rows"]:
-            anchored = r["predicted_ms"] / dense_row["predicted_ms"] * dense_row["measured_ms"] / r["measured_ms"] - 1
+            anchored = r.get("prediction_error_same_run",
+                             r["predicted_ms"] / dense_row["predicted_ms"] * dense_row["measured_ms"] / r["measured_ms"] - 1)
             acc = f"{r['int8_top1_mean']:.4f}" if r["int8_top1_mean"] is not None else "-"
             if r["int8_top1"]:
                 acc += " (" + "; ".join(f"{t:.4f} [{lo:.4f}, {hi:.4f}]" for t, (lo, hi) in zip(r["int8_top1"], r["int8_top1_ci95"])) + ")"

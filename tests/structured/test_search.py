@@ -73,6 +73,9 @@ def test_search_meets_a_measured_budget(tmp_path):
     lm = L.build(model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True)
     assert len(lm.samples) == 4 and all(s["ms"] > 0 for s in lm.samples)
     assert lm.relative and all(s["dense_ms"] == lm.samples[0]["ms"] for s in lm.samples)  # the dense model is sample 0 of the run
+    # the floor model (every group at 8 channels) was timed in the same run and anchors every sample
+    assert lm.fit_kind == "anchored" and len({s["floor_ms"] for s in lm.samples}) == 1
+    assert 0 < lm.samples[0]["floor_ms"] < lm.samples[0]["ms"]
     assert list(tmp_path.rglob("*.json")), "latency samples are cached"
     again = L.build(model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True)
     assert again.samples == lm.samples  # read from the cache, not re-measured
@@ -87,6 +90,10 @@ def test_search_meets_a_measured_budget(tmp_path):
     assert rec["macs"] < rec["dense_macs"]
     json.dumps(rec)  # JSON-able, for student.records / metrics.json
     assert rec["latency_model"]["samples"] >= 5
+    last = rec["iterations"][-1]  # the search's runs timed the floor model too; its prediction is checked in that run
+    assert last["floor_ms_same_run"] > 0 and rec["prediction_error_same_run"] == pytest.approx(
+        rec["predicted_ms_same_run"] / rec["measured_ms"] - 1)
+    assert rec["latency_model"]["fit"] == "anchored"
 
 
 def test_latency_relative_to_the_same_runs_dense_model_removes_drift_between_runs():
@@ -119,6 +126,41 @@ def test_latency_relative_to_the_same_runs_dense_model_removes_drift_between_run
     assert max(map(abs, absolute.loo_errors(graph))) > 0.05  # the drift lands in the fit's error
     lm.add(w, 1.0, "old cache entry")  # one sample without a same-run dense reading: fitted in ms, as before
     assert not lm.relative and lm.fit(graph).scale == 1.0
+
+
+def test_latency_anchored_to_dense_and_floor_readings_removes_a_per_run_fixed_cost():
+    """Runs in two machine states: a slow one adds a fixed time per call (per layer, the same for every width
+    of one architecture) and a 10% slower speed. A ratio to dense alone cannot explain both states; the fraction
+    of the way from the floor model's reading to the dense model's can (exactly, here), and a prediction made
+    in a run's own readings matches that run."""
+    model = create_model("resnet18", num_classes=10, width=0.25).eval()
+    graph = ChannelGraph(model, X)
+    from pqd.structured.importance import uniform_widths
+
+    def true_ms(w, speed, fixed):
+        return fixed + speed * (0.2 + sum(r.macs for r in graph.layer_shapes(w)) / 1e6)
+
+    chans, floor = graph.widths(), L.floor_widths(graph, 8)
+    ratios = (0.9, 0.8, 0.6, 0.45, 0.3, 0.2)
+    lm = L.LatencyModel(key={}, pad=1)
+    states = ((1.0, 0.0), (1.1, 0.5))
+    for (speed, fixed), run in zip(states, (ratios[::2], ratios[1::2])):
+        dense, fl = true_ms(chans, speed, fixed), true_ms(floor, speed, fixed)
+        for r in run:
+            w = uniform_widths(chans, r, round_to=8)
+            lm.add(w, true_ms(w, speed, fixed), "run", dense_ms=dense, floor_ms=fl)
+        lm.add(chans, dense, "run_dense", dense_ms=dense, floor_ms=fl)
+    assert lm.fit_kind == "anchored"
+    assert max(map(abs, lm.loo_errors(graph))) < 1e-3
+    w = uniform_widths(chans, 0.7, round_to=8)
+    for speed, fixed in states:
+        got = lm.predict_in_run(graph, w, dense_ms=true_ms(chans, speed, fixed), floor_ms=true_ms(floor, speed, fixed))
+        assert got == pytest.approx(true_ms(w, speed, fixed), rel=1e-6)
+    rel = L.LatencyModel(key={}, samples=[{k: v for k, v in s.items() if k != "floor_ms"} for s in lm.samples], pad=1)
+    assert rel.fit_kind == "relative"
+    assert max(map(abs, rel.loo_errors(graph))) > 0.02  # the fixed cost lands in the ratio fit's error
+    lm.add(w, 1.0, "cached before the floor was timed", dense_ms=1.5)  # one sample without a floor reading: relative fit
+    assert lm.fit_kind == "relative"
 
 
 def test_budget_arguments_are_checked():
@@ -168,9 +210,42 @@ def test_margin_keeps_correcting_until_the_measured_latency_leaves_room(monkeypa
         assert rec["met"] and rec["measured_ms"] <= rec["budget_ms_same_run"] == pytest.approx(0.6 * dense)
     assert plain["margin"] == 0.0 and roomy["margin"] == margin
     assert roomy["measured_ms"] <= (1 - margin) * roomy["budget_ms_same_run"] < plain["measured_ms"]
-    assert all(it["measured_ms"] > it["goal_ms_same_run"] for it in roomy["iterations"][:-1])
+    # it went on only while the measurement was over the goal, or far under it (then it grows the model back)
+    assert all(not (1 - S.UNDERSHOOT) * it["goal_ms_same_run"] <= it["measured_ms"] <= it["goal_ms_same_run"]
+               for it in roomy["iterations"][:-1])
     with pytest.raises(ConfigError, match="margin"):
         search(model, _macs_model(graph), graph, margin=0.5, **kw)
+
+
+def test_search_grows_a_model_measured_far_under_its_goal(monkeypatch):
+    """The latency model was calibrated in a machine state twice as slow as the one the search measures
+    in (a deterministic stand-in stopwatch): the first model lands far under the budget, and the search
+    loosens its target toward the budget and keeps the measured model nearest under it."""
+    import pqd.structured.search as S
+    from pqd.structured.graph import prune_to_widths
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, width=0.25).eval()
+    graph = ChannelGraph(model, X)
+
+    def stopwatch(models, **kw):
+        return {k: 1.2 * sum(r.macs for r in ChannelGraph(m, X).layers) / 1e6 for k, m in models.items()}
+
+    monkeypatch.setattr(S, "measure_int8", stopwatch)
+    scores = group_scores(graph, "l1")
+    dense = stopwatch({"d": model})["d"]
+    lm = L.LatencyModel(key={"runtime": "pytorch", "batch": 1, "threads": 1}, pad=1)
+    for w in L.sample_widths(graph, 16, round_to=4, min_keep=0.1):
+        lm.add(w, 2 * stopwatch({"m": prune_to_widths(model, w, example=X, round_to=1, scores=scores)})["m"], "slow state")
+    pruned, rec = search(model, lm, graph, target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.6,
+                         dense_ms=dense, scores=scores, max_iters=6, use_cache=False)
+    first = rec["iterations"][0]
+    assert first["measured_ms"] < (1 - S.UNDERSHOOT) * first["goal_ms_same_run"]  # the undershoot the search must repair
+    assert rec["met"] and rec["chosen_iteration"] > 0
+    assert first["measured_ms"] < rec["measured_ms"] <= rec["budget_ms_same_run"]
+    assert rec["widths"] == rec["iterations"][rec["chosen_iteration"]]["widths"] == ChannelGraph(pruned, X).widths()
+    met = [it["measured_ms"] for it in rec["iterations"] if it["measured_ms"] <= it["goal_ms_same_run"]]
+    assert rec["measured_ms"] == max(met)  # the measured model nearest under the goal is the one returned
 
 
 def test_structured_config_margin_is_validated():

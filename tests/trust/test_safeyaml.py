@@ -96,7 +96,7 @@ def test_grid_size_guard():
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="100,000,000 runs"):
         grid_size_guard(grid)
-    assert time.perf_counter() - t0 < 0.1
+    assert time.perf_counter() - t0 < 2.0  # counted, not enumerated: listing 10**8 runs would take minutes
     assert grid_size_guard({"seed": [0, 1], "prune.sparsity": [0.5, 0.9]}, limit=4) == 4
     assert grid_size_guard({}) == 1
     with pytest.raises(ConfigError, match="expected a list"):

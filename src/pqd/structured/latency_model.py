@@ -19,13 +19,17 @@ additive; whole-model samples also include the runtime's fusions and layout reor
 The fit's error is reported by leave-one-out over the samples, and every
 hardware-in-the-loop measurement of the search joins the samples.
 
-Every run that measures samples also times the dense model beside them, and each sample keeps
-that same-run dense reading (``dense_ms``). When every sample has one, the model is fitted to
-latency *relative to the dense model of its own run* and predicts that ratio times the median
-dense reading: the machine's speed drifts between runs (the same dense model reads several
-percent apart from one run to the next), and a ratio measured side by side does not carry that
-drift into the fit. Samples cached before this was recorded have no ``dense_ms``; a model with
-any such sample is fitted in milliseconds, as before.
+Every run that measures samples also times two reference models beside them: the dense model,
+and the *floor* model (every group at its rounding minimum: the same layers with almost no work).
+Each sample keeps both same-run readings (``dense_ms``, ``floor_ms``), and the model is fitted to
+``(ms - floor) / (dense - floor)`` of the sample's own run; a prediction is that fraction times
+(median dense - median floor) plus the median floor reading, or, against a given run, times that
+run's readings. Measured reason (benchmarks/latency_states.py): the project's machine reads in two
+states that last seconds to minutes; in the slow one every call pays a roughly fixed extra time
+per layer, which a ratio to dense alone turns into a larger ratio for a small model, and the dense
+model's own reading wanders several percent from run to run. The floor model carries the first, the
+dense model the second. Samples with a dense reading only (cached before the floor was timed) are
+fitted relative to dense; samples with neither, in milliseconds.
 
 Samples are cached as JSON under ``<pqd cache>/structured_latency/`` keyed by CPU model,
 runtime and its version, torch version, threads, batch, input shape and the dense model's
@@ -179,36 +183,75 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return coef / scale
 
 
+def floor_widths(graph, round_to: int = 8) -> dict[str, int]:
+    """The floor model's widths: every group at ``min(round_to, channels)``."""
+    return {g: min(round_to, c) for g, c in graph.widths().items()}
+
+
 @dataclass
 class LatencyModel:
     """Measured samples (widths -> ms) of one dense model on one target, and the fit over them."""
 
     key: dict
-    # {"widths": {gid: k}, "ms": float, "source": str, "dense_ms": the dense model's ms in the same run (when recorded)}
+    # {"widths": {gid: k}, "ms": float, "source": str, and when recorded, the same run's readings of the
+    #  dense model ("dense_ms") and of the floor model ("floor_ms")}
     samples: list[dict] = field(default_factory=list)
     pad: int = 16
     coef: np.ndarray | None = None
-    scale: float = 1.0  # ms per unit of the fitted quantity: the median dense reading when relative, else 1
+    scale: float = 1.0  # ms per unit of the fitted quantity: median dense (- median floor when anchored), else 1
+    offset: float = 0.0  # ms added to every prediction: the median floor reading when anchored, else 0
+    _x_floor: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def fit_kind(self) -> str:
+        """``anchored`` (every sample has same-run dense and floor readings), ``relative`` (dense only) or ``ms``."""
+        if not self.samples or not all(s.get("dense_ms") for s in self.samples):
+            return "ms"
+        if (all(s.get("floor_ms") is not None and s["dense_ms"] > s["floor_ms"] for s in self.samples)
+                and len({s.get("floor_round_to", 8) for s in self.samples}) == 1):
+            return "anchored"
+        return "relative"
 
     @property
     def relative(self) -> bool:
-        """Fitted to latency relative to the same run's dense reading (every sample has one)."""
-        return bool(self.samples) and all(s.get("dense_ms") for s in self.samples)
+        """Fitted to latency relative to the same run's reference readings (dense, and floor when anchored)."""
+        return self.fit_kind != "ms"
 
     def _x(self, graph, widths) -> np.ndarray:
-        return features(graph.layer_shapes(widths), pad=self.pad)
+        x = features(graph.layer_shapes(widths), pad=self.pad)
+        # anchored: the features of the work above the floor model's (the constant cancels); set by fit()
+        return x if self._x_floor is None else x - self._x_floor
 
-    def _y(self, s: dict) -> float:
-        return s["ms"] / s["dense_ms"] if self.relative else s["ms"]
+    def _floor(self, graph) -> dict[str, int]:
+        """The floor model's widths (rounding minimum ``round_to`` of the samples, recorded in each)."""
+        return floor_widths(graph, int(self.samples[0].get("floor_round_to", 8)))
+
+    def _refs(self, s: dict) -> tuple[float, float]:
+        """(offset, scale) in ms of the run sample ``s`` came from."""
+        kind = self.fit_kind
+        if kind == "anchored":
+            return s["floor_ms"], s["dense_ms"] - s["floor_ms"]
+        return (0.0, s["dense_ms"]) if kind == "relative" else (0.0, 1.0)
 
     def fit(self, graph) -> "LatencyModel":
         if len(self.samples) < 2:
             raise ModelError("the latency model needs at least 2 measured samples")
+        self._x_floor = None
+        if self.fit_kind == "anchored":
+            self._x_floor = features(graph.layer_shapes(self._floor(graph)), pad=self.pad)
         a = np.stack([self._x(graph, s["widths"]) for s in self.samples])
-        b = np.array([self._y(s) for s in self.samples])
-        w = 1.0 / b  # relative error matters: weight each sample by 1/latency
+        refs = np.array([self._refs(s) for s in self.samples])
+        ms = np.array([s["ms"] for s in self.samples])
+        b = (ms - refs[:, 0]) / refs[:, 1]
+        w = refs[:, 1] / ms  # relative error in ms matters: weight each sample by d(ms)/d(fit) / ms
         self.coef = _nnls(a * w[:, None], b * w)
-        self.scale = self.dense_ms(graph) if self.relative else 1.0
+        kind = self.fit_kind
+        if kind == "ms":
+            self.scale, self.offset = 1.0, 0.0
+        else:
+            dense = self.dense_ms(graph)
+            self.offset = float(np.median([s["floor_ms"] for s in self.samples])) if kind == "anchored" else 0.0
+            self.scale = dense - self.offset
         return self
 
     def dense_ms(self, graph) -> float | None:
@@ -220,12 +263,27 @@ class LatencyModel:
         return float(np.median(readings)) if readings else None
 
     def predict(self, graph, widths: Mapping[str, int]) -> float:
+        """Predicted ms at the median reference readings (a typical run)."""
         if self.coef is None:
             self.fit(graph)
-        return float(self._x(graph, widths) @ self.coef) * self.scale
+        return float(self._x(graph, widths) @ self.coef) * self.scale + self.offset
+
+    def predict_in_run(self, graph, widths: Mapping[str, int], *, dense_ms: float, floor_ms: float | None = None) -> float:
+        """Predicted ms in a run whose dense (and floor) models read ``dense_ms`` (``floor_ms``): what a
+        measurement in that run is compared with. A model fitted in ms ignores the readings."""
+        if self.coef is None:
+            self.fit(graph)
+        y = float(self._x(graph, widths) @ self.coef)
+        kind = self.fit_kind
+        if kind == "anchored" and floor_ms is not None:
+            return floor_ms + y * (dense_ms - floor_ms)
+        if kind == "anchored":  # no floor reading in that run: the predicted ratio to dense, times its dense reading
+            return (y * self.scale + self.offset) / (self.scale + self.offset) * dense_ms
+        return y * dense_ms if kind == "relative" else y
 
     def loo_errors(self, graph) -> list[float]:
-        """Leave-one-out relative prediction errors (predicted / measured - 1) over the samples."""
+        """Leave-one-out relative prediction errors (predicted / measured - 1) over the samples, each
+        predicted in its own run's reference readings (as the search compares a measurement)."""
         errs = []
         for i in range(len(self.samples)):
             rest = LatencyModel(self.key, self.samples[:i] + self.samples[i + 1:], self.pad)
@@ -233,22 +291,25 @@ class LatencyModel:
                 break
             rest.fit(graph)
             s = self.samples[i]
-            pred = rest.predict(graph, s["widths"])
-            if rest.relative:  # anchored to the dense model of the sample's own run, as the search checks a fraction
-                pred = pred / rest.scale * s["dense_ms"]
+            pred = rest.predict_in_run(graph, s["widths"], dense_ms=s.get("dense_ms") or 0.0, floor_ms=s.get("floor_ms"))
             errs.append(pred / s["ms"] - 1)
         return errs
 
-    def add(self, widths: Mapping[str, int], ms: float, source: str, *, dense_ms: float | None = None) -> None:
-        """One measurement; ``dense_ms``: the dense model timed in the same run (side by side)."""
+    def add(self, widths: Mapping[str, int], ms: float, source: str, *, dense_ms: float | None = None,
+            floor_ms: float | None = None, floor_round_to: int = 8) -> None:
+        """One measurement; ``dense_ms`` / ``floor_ms``: the dense and floor models (``floor_widths(graph,
+        floor_round_to)``) timed in the same run."""
         sample = {"widths": dict(widths), "ms": float(ms), "source": source}
+        self._x_floor = None
         if dense_ms is not None:
             sample["dense_ms"] = float(dense_ms)
+        if floor_ms is not None:
+            sample["floor_ms"], sample["floor_round_to"] = float(floor_ms), int(floor_round_to)
         self.samples.append(sample)
         self.coef = None
 
     def to_dict(self) -> dict:
-        return {"schema": CACHE_SCHEMA, "key": self.key, "pad": self.pad, "samples": self.samples, "relative": self.relative,
+        return {"schema": CACHE_SCHEMA, "key": self.key, "pad": self.pad, "samples": self.samples, "fit": self.fit_kind,
                 "features": list(FEATURES), "coef": None if self.coef is None else self.coef.tolist()}
 
 
@@ -317,6 +378,29 @@ def sample_widths(graph, n: int, *, round_to: int = 8, min_keep: float = 0.25, s
     return out
 
 
+def reference_models(model: nn.Module, graph, *, example: torch.Tensor, round_to: int = 8, skip=()) -> dict[str, nn.Module]:
+    """``{"dense": model, "floor": the floor model}`` to time beside samples, less widths already in ``skip``
+    (and no floor when it is the dense model itself: a model whose groups are all at most ``round_to`` wide)."""
+    from pqd.structured.graph import prune_to_widths
+
+    chans, floor = graph.widths(), floor_widths(graph, round_to)
+    out = {} if chans in skip else {"dense": model}
+    if floor != chans and floor not in skip:
+        out["floor"] = prune_to_widths(model, floor, example=example, round_to=1)
+    return out
+
+
+def reference_readings(ms: Mapping[str, float], todo: Sequence[Mapping[str, int]], chans: Mapping[str, int],
+                       floor: Mapping[str, int]) -> tuple[float, float | None]:
+    """(dense ms, floor ms or None) of one run from its readings: the reference models', or a sample with their widths."""
+    def reading(name: str, widths) -> float | None:
+        if name in ms:
+            return ms[name]
+        return ms[f"s{list(todo).index(widths)}"] if widths in todo else None
+
+    return reading("dense", chans), (None if floor == chans else reading("floor", floor))
+
+
 def build(
     model: nn.Module,
     graph,
@@ -345,14 +429,14 @@ def build(
     chans = graph.widths()
     todo = sample_widths(graph, samples, round_to=round_to, min_keep=min_keep, seed=seed + len(lm.samples))[len(lm.samples):]
     models = {f"s{i}": prune_to_widths(model, w, example=example, round_to=1) for i, w in enumerate(todo)}
-    if chans not in todo:  # every run times the dense model beside its samples
-        models["dense"] = model
+    models |= reference_models(model, graph, example=example, round_to=round_to, skip=todo)
     ms = measure_int8(models, target=target, input_shape=input_shape, runs=runs, in_process=in_process)
-    run_dense = ms["dense"] if "dense" in ms else ms[f"s{todo.index(chans)}"]
+    run_dense, run_floor = reference_readings(ms, todo, chans, floor_widths(graph, round_to))
     for i, w in enumerate(todo):
-        lm.add(w, ms[f"s{i}"], "calibration", dense_ms=run_dense)
+        lm.add(w, ms[f"s{i}"], "calibration", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=round_to)
     if "dense" in ms:
-        lm.add(chans, run_dense, "calibration_dense", dense_ms=run_dense)
+        lm.add(chans, run_dense, "calibration_dense", dense_ms=run_dense, floor_ms=run_floor,
+               floor_round_to=round_to)
     lm.fit(graph)
     if use_cache:
         save(lm, cache_dir)
@@ -366,5 +450,6 @@ def report(lm: LatencyModel, graph) -> dict:
             "coef": [float(c) for c in (lm.coef if lm.coef is not None else lm.fit(graph).coef)],
             "loo_abs_error_mean": float(np.mean(np.abs(errs))) if errs else None,
             "loo_abs_error_max": float(np.max(np.abs(errs))) if errs else None,
-            "relative": lm.relative, "dense_ms_median": lm.scale if lm.relative else None,
+            "fit": lm.fit_kind, "relative": lm.relative, "dense_ms_median": lm.dense_ms(graph) if lm.relative else None,
+            "floor_ms_median": lm.offset if lm.fit_kind == "anchored" else None,
             "target": asdict(Target(lm.key["runtime"], lm.key["batch"], lm.key["threads"]))}

@@ -30,7 +30,7 @@ from torch import nn
 
 from pqd.errors import ConfigError, ModelError
 from pqd.structured.graph import ChannelGraph, prune_to_widths, round_width
-from pqd.structured.latency_model import LatencyModel, Target, measure_int8, report, save
+from pqd.structured.latency_model import LatencyModel, Target, measure_int8, reference_models, report, save
 
 log = logging.getLogger("pqd.structured")
 
@@ -153,6 +153,11 @@ def refill_widths(graph: ChannelGraph, lm: LatencyModel, cost, start: Mapping[st
         pred = best_pred
 
 
+#: A measured model more than this share under the search's goal is grown back toward it (while
+#: iterations remain): a prediction made in another machine state can land far under the budget.
+UNDERSHOOT = 0.15
+
+
 def search(
     model: nn.Module,
     lm: LatencyModel,
@@ -182,7 +187,10 @@ def search(
     ``margin``: keep correcting until the measured latency is at most ``(1 - margin)`` × the
     budget, so a model that meets its budget in one run still meets it in the next, whose
     measurement differs by the harness's run-to-run spread (docs/STRUCTURED.md, "Budgets and
-    predictions, measured"). ``met`` in the record is against the budget itself.
+    predictions, measured"). ``met`` in the record is against the budget itself. A model measured more
+    than ``UNDERSHOOT`` under the goal is grown back toward it while iterations remain; the measured
+    model nearest under the goal is returned (``chosen_iteration``), else the last one. Every run
+    times the dense and floor models beside the chosen one (:func:`pqd.structured.latency_model.reference_models`).
 
     ``recipes`` (``{name: recipe(lm, target_ms) -> widths}``, e.g.
     :func:`pqd.structured.select.width_recipes`) with ``rank`` (``{name: widths} -> {name: per-image
@@ -203,17 +211,22 @@ def search(
     if recipes is not None and size_budget_mb is not None:
         raise ConfigError("structured.select 'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb")
     example = torch.zeros(2, *input_shape)
+    # the floor model the latency model's samples were anchored to (the search's rounding, for a model without samples)
+    floor_rt = next((int(s["floor_round_to"]) for s in lm.samples if "floor_round_to" in s), round_to)
     if budget_ms is None:
         if dense_ms is None:
-            dense_ms = measure_int8({"dense": model}, target=target, input_shape=input_shape, runs=runs, in_process=in_process)["dense"]
-            lm.add(graph.widths(), dense_ms, "dense", dense_ms=dense_ms)
+            ms = measure_int8(reference_models(model, graph, example=example, round_to=floor_rt), target=target,
+                              input_shape=input_shape, runs=runs, in_process=in_process)
+            dense_ms = ms["dense"]
+            lm.add(graph.widths(), dense_ms, "dense", dense_ms=dense_ms, floor_ms=ms.get("floor"), floor_round_to=floor_rt)
             lm.fit(graph)
         budget_ms = budget_fraction * dense_ms
     size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
     cost = cost_function(graph, scores, sensitivity)
     target_ms, iterations, widths, pruned = budget_ms * (1 - margin), [], None, None
     chans = graph.widths()
-    chosen, candidates, test = None, None, None
+    refs = reference_models(model, graph, example=example, round_to=floor_rt)
+    chosen, candidates, test, best, pruned_by_iteration = None, None, None, None, []
     for it in range(max_iters):
         lm.fit(graph)
         if recipes is None:
@@ -233,42 +246,56 @@ def search(
             widths = proposals[chosen]
         else:
             widths = recipes[chosen](lm, target_ms)
+        seen = next((i for i in iterations if i["widths"] == widths), None)
+        if seen is not None:  # widths step: the corrected target gives widths already measured
+            if seen["measured_ms"] <= seen["goal_ms_same_run"]:  # loosening came back to a model that met the goal
+                iterations[-1]["stopped"] = "the loosened target gives widths already measured"
+                break
+            # it missed: tighten below these widths' own prediction, so the next widths are new, without measuring again
+            target_ms = min(target_ms * seen["goal_ms_same_run"] / seen["measured_ms"] * 0.98, lm.predict(graph, widths) * 0.99)
+            continue
         pred = lm.predict(graph, widths)
         pruned = prune_to_widths(model, widths, example=example, round_to=1, scores=scores)
-        if budget_fraction is not None:
-            # a fraction is checked against the dense model timed in the same interleaved run:
-            # a ratio measured side by side survives machine drift between runs; absolute ms do not
-            ms = measure_int8({"dense": model, "chosen": pruned}, target=target, input_shape=input_shape, runs=runs,
-                              in_process=in_process)
-            measured, run_dense = ms["chosen"], ms["dense"]
-            run_budget = budget_fraction * run_dense
-        else:  # an absolute budget is checked in ms; the dense model is timed beside it for the latency model's ratio
-            ms = measure_int8({"dense": model, "chosen": pruned}, target=target, input_shape=input_shape, runs=runs,
-                              in_process=in_process)
-            measured, run_dense, run_budget = ms["chosen"], ms["dense"], budget_ms
-        lm.add(chans, run_dense, "search_dense", dense_ms=run_dense)
+        pruned_by_iteration.append(pruned)
+        # the dense and floor models are timed in the same interleaved run: a fraction is checked against that
+        # dense reading (a ratio measured side by side survives machine drift between runs; absolute ms do not),
+        # and both anchor the latency model's sample (pqd.structured.latency_model)
+        ms = measure_int8({"chosen": pruned} | refs, target=target, input_shape=input_shape, runs=runs, in_process=in_process)
+        measured, run_dense, run_floor = ms["chosen"], ms["dense"], ms.get("floor")
+        run_budget = budget_ms if budget_fraction is None else budget_fraction * run_dense
+        pred_run = lm.predict_in_run(graph, widths, dense_ms=run_dense, floor_ms=run_floor)
+        lm.add(chans, run_dense, "search_dense", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_rt)
         goal = run_budget * (1 - margin)
         iterations.append({"iteration": it, "target_ms": target_ms, "predicted_ms": pred, "measured_ms": measured,
                            "dense_ms_same_run": run_dense, "budget_ms_same_run": run_budget, "met": measured <= run_budget,
-                           "goal_ms_same_run": goal,
+                           "goal_ms_same_run": goal, "floor_ms_same_run": run_floor,
+                           "predicted_ms_same_run": pred_run, "prediction_error_same_run": pred_run / measured - 1,
                            "widths": dict(widths), "prediction_error": pred / measured - 1})
         log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms, dense %.3f ms in the same run)",
                  it, target_ms, pred, measured, run_budget, run_dense)
-        lm.add(widths, measured, "search", dense_ms=run_dense)
-        if measured <= goal:
+        lm.add(widths, measured, "search", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_rt)
+        if measured <= goal and (best is None or measured / goal > best[0]):
+            best = (measured / goal, len(iterations) - 1)
+        if goal * (1 - UNDERSHOOT) <= measured <= goal:
             break
-        if pred > target_ms:  # every group is at its floor: tightening the target cannot change the widths
+        if measured > goal and pred > target_ms:  # every group is at its floor: tightening the target cannot change the widths
             iterations[-1]["stopped"] = "every group at its floor (min_keep / round_to); the budget is below what channel pruning reaches"
             break
-        target_ms = target_ms * goal / measured * 0.98  # tighten by the miss plus 2%
+        # too slow: tighten by the miss plus 2%; far under the goal (the prediction was made in another machine
+        # state, or the widths step): loosen toward it, keeping the best model that met the goal
+        target_ms = target_ms * goal / measured * 0.98
     if use_cache:
         save(lm, cache_dir)
-    last = iterations[-1]
+    # the measured model nearest under the goal; the last one when none met it
+    pick = best[1] if best is not None else len(iterations) - 1
+    pruned, widths, last = pruned_by_iteration[pick], iterations[pick]["widths"], iterations[pick]
     record = {
         "target": {"runtime": target.runtime, "batch": target.batch, "threads": target.threads},
         "budget_ms": budget_ms, "budget_fraction": budget_fraction, "dense_ms": dense_ms, "size_budget_mb": size_budget_mb, "margin": margin,
         "met": last["met"], "budget_ms_same_run": last["budget_ms_same_run"], "dense_ms_same_run": last["dense_ms_same_run"], "predicted_ms": last["predicted_ms"], "measured_ms": last["measured_ms"],
-        "prediction_error": last["prediction_error"], "iterations": iterations, "widths": dict(widths),
+        "prediction_error": last["prediction_error"], "predicted_ms_same_run": last["predicted_ms_same_run"],
+        "prediction_error_same_run": last["prediction_error_same_run"], "iterations": iterations, "chosen_iteration": pick,
+        "widths": dict(widths),
         "dense_widths": chans, "keep_ratio": {g: widths[g] / chans[g] for g in chans},
         "macs": sum(r.macs for r in graph.layer_shapes(widths)), "dense_macs": sum(r.macs for r in graph.layers),
         "round_to": round_to, "criterion": "sensitivity" if sensitivity else "importance",
