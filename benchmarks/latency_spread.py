@@ -22,7 +22,6 @@ the models carry untrained weights.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import platform
@@ -37,12 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
 from pqd.measure.latency import interleave  # noqa: E402
 from pqd.measure.workers import start_workers  # noqa: E402
-from pqd.registry import create_model  # noqa: E402
 from pqd.structured import latency_model as L  # noqa: E402
-from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.structured.importance import group_scores  # noqa: E402
+from structured_consistency import SHAPE, recorded_models, recorded_target  # noqa: E402
 
 
 def cpu_ticks() -> tuple[int, int]:
@@ -95,17 +94,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     a = ap.parse_args(argv)
     res = json.loads(Path(a.result).read_text())
-    args = res["args"]
-    torch.set_num_threads(args["threads"])
-    target = L.Target(args["runtime"], args["batch"], args["threads"])
-    shape = (3, 32, 32)
+    target = recorded_target(res)
+    shape = SHAPE
     m = res["models"][0]
-    torch.manual_seed(0)
-    dense = create_model(m["model"], num_classes=10).eval()
-    example = torch.zeros(2, *shape)
-    scores = group_scores(ChannelGraph(copy.deepcopy(dense), example), "l1")
-    rows = [r for r in m["rows"] if r["variant"] == "dense" or r["variant"].startswith(a.variants)]
-    models = {r["variant"]: prune_to_widths(dense, r["widths"], example=example, round_to=1, scores=scores) for r in rows}
+    models = recorded_models(m, keep=lambda v: v == "dense" or v.startswith(a.variants))
     names = list(models)
     levels: dict[str, list] = {"same_workers": [], "same_files": [], "fresh": []}
     hashes = []

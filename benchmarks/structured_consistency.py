@@ -30,6 +30,29 @@ from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
 from pqd.structured.importance import group_scores  # noqa: E402
 from pqd.train.checkpoint import load_checkpoint  # noqa: E402
 
+SHAPE = (3, 32, 32)
+
+
+def recorded_target(res: dict) -> L.Target:
+    """The target a benchmarks/structured.py result JSON was measured on (and its threads set here)."""
+    args = res["args"]
+    torch.set_num_threads(args["threads"])
+    return L.Target(args["runtime"], args["batch"], args["threads"])
+
+
+def recorded_models(entry: dict, *, teacher_weights: str | None = None, keep=lambda variant: True) -> dict:
+    """``{variant: model}`` pruned to the widths one model entry of a result JSON recorded (rows ``keep``
+    selects); untrained weights unless ``teacher_weights`` (widths alone decide latency)."""
+    torch.manual_seed(0)
+    teacher = create_model(entry["model"], num_classes=10)
+    if teacher_weights:
+        teacher.load_state_dict(load_checkpoint(teacher_weights)[0])
+    teacher.eval()
+    example = torch.zeros(2, *SHAPE)
+    scores = group_scores(ChannelGraph(copy.deepcopy(teacher), example), "l1")
+    return {r["variant"]: prune_to_widths(teacher, r["widths"], example=example, round_to=1, scores=scores)
+            for r in entry["rows"] if keep(r["variant"])}
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,21 +63,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     res = json.loads(Path(a.result).read_text())
-    args = res["args"]
-    torch.set_num_threads(args["threads"])
-    target = L.Target(args["runtime"], args["batch"], args["threads"])
-    shape = (3, 32, 32)
+    target = recorded_target(res)
+    shape = SHAPE
     out = {"result": a.result, "target": vars(target) if hasattr(target, "__dict__") else str(target), "models": []}
     for m in res["models"]:
-        torch.manual_seed(0)
-        teacher = create_model(m["model"], num_classes=10)
-        if a.teacher:
-            teacher.load_state_dict(load_checkpoint(a.teacher)[0])
-        teacher.eval()
-        example = torch.zeros(2, *shape)
-        graph = ChannelGraph(copy.deepcopy(teacher), example)
-        scores = group_scores(graph, "l1")
-        models = {r["variant"]: prune_to_widths(teacher, r["widths"], example=example, round_to=1, scores=scores) for r in m["rows"]}
+        models = recorded_models(m, teacher_weights=a.teacher)
         chosen = [k for k in models if k.startswith("structured@")]
         rec = {"model": m["model"], "alone": [], "pairs": [], "all": []}
         t0 = time.time()
