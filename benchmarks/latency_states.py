@@ -54,6 +54,7 @@ from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
 from pqd.structured.importance import group_scores  # noqa: E402
 
 FITS = ("ms", "relative", "anchored")
+FLOOR_ROUND_TO = 8  # the floor model: every group at 8 channels, as pqd's default round_to
 
 
 def fit_predict(kind: str, graph, named: dict, sets: list[dict], rows: list[tuple], train: np.ndarray) -> np.ndarray:
@@ -64,7 +65,7 @@ def fit_predict(kind: str, graph, named: dict, sets: list[dict], rows: list[tupl
         if kind != "ms":
             s["dense_ms"] = sets[r]["dense"]
         if kind == "anchored":
-            s["floor_ms"], s["floor_round_to"] = sets[r]["floor"], 8
+            s["floor_ms"], s["floor_round_to"] = sets[r]["floor"], FLOOR_ROUND_TO
         return s
 
     lm = L.LatencyModel(key={}, samples=[sample(c, r) for (c, r), t in zip(rows, train) if t]).fit(graph)
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
                 seen.add(key)
                 configs.append(s["widths"])
         configs = configs[: a.max_configs]
-        floor_w = L.floor_widths(graph, 8)
+        floor_w = L.floor_widths(graph, FLOOR_ROUND_TO)
         named = {"dense": graph.widths(), "floor": floor_w} | {f"c{i}": w for i, w in enumerate(configs)}
         if name in old:  # the readings of a previous run (same configurations: the same sample file)
             assert old[name]["configs"] == named, "--refit needs the run's own sample file and --max-configs"

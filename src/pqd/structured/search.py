@@ -11,12 +11,14 @@
    (corrected) target. Or, given ``recipes`` and ``rank`` (:mod:`pqd.structured.select`),
    every recipe proposes widths for the first target, ``rank`` scores them, and the winning
    recipe makes the widths from then on.
-3. The chosen model is built and **measured** side by side with the dense model in one
-   interleaved run; a fractional budget is checked on that pair, so drift of the machine
-   between runs does not decide (an absolute budget is checked in ms). If it misses the
-   budget, both measurements join the latency model's samples (the chosen one with its
-   same-run dense reading), the fit is redone, the target is tightened by the miss, and
-   step 2 repeats, up to ``max_iters`` times.
+3. The chosen model is built and **measured** side by side with the dense and floor models
+   in one interleaved run; a fractional budget is checked against that run's dense reading,
+   so drift of the machine between runs does not decide (an absolute budget is checked in
+   ms). The measurements join the latency model's samples (with the run's dense and floor
+   readings) and the fit is redone. If the model misses the goal (the budget less
+   ``margin``), the target is tightened by the miss; if it lands more than ``UNDERSHOOT``
+   under the goal, the target is loosened toward it; step 2 repeats, up to ``max_iters``
+   times, and the measured model nearest under the goal is kept.
 """
 
 from __future__ import annotations
@@ -223,7 +225,7 @@ def search(
         budget_ms = budget_fraction * dense_ms
     size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
     cost = cost_function(graph, scores, sensitivity)
-    target_ms, iterations, widths, pruned = budget_ms * (1 - margin), [], None, None
+    target_ms, iterations = budget_ms * (1 - margin), []
     chans = graph.widths()
     refs = reference_models(model, graph, example=example, round_to=floor_rt)
     chosen, candidates, test, best, pruned_by_iteration = None, None, None, None, []
