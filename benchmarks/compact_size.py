@@ -7,7 +7,7 @@
 
 ``--run-dir`` measures a finished pipeline run instead (trained weights): the bytes of its
 ``teacher.safetensors``, ``model_int8.pt``, that file through zstd-19, and
-``model_int8.pqdz`` (decoded through ``pqd.compact.load_run`` and checked to predict exactly
+``model_int8.pqdz`` (decoded through ``pqd.run.rundir.load_int8_module`` and checked to predict exactly
 as ``model_int8.pt`` on random inputs), with the entropy bound of its int8 weights.
 
 For every model, weight source and sparsity: global magnitude pruning
@@ -18,11 +18,11 @@ calibration on random data (4 batches of 16), ``convert``; then the bytes of
   does not change it), and ``fp32_torch_save`` for reference;
 * ``int8_ts``: the INT8 TorchScript deployable (``to_torchscript``, as ``model_int8.pt``);
 * ``int8_ts_zstd19``: that file through ``zstandard`` level 19;
-* ``compact``: ``pqd.compact.save_compact`` (zstd-19), split into ``compact_ints`` (position
+* ``compact``: ``pqd.deploy.compact.save_compact`` (zstd-19), split into ``compact_ints`` (position
   + value streams of the int8 weights), ``compact_misc`` (biases, scales, zero points, ...)
   and ``compact_header`` (prelude + compressed JSON header + sha256);
 * ``bound_per_tensor`` / ``bound_global``: order-0 entropy bound of the int8 weights
-  (``pqd.compact.entropy_bound``), per-tensor densities and histograms or global ones.
+  (``pqd.deploy.compact.entropy_bound``), per-tensor densities and histograms or global ones.
 
 At ``--codecs-at`` sparsities the compact file is also written with lzma and zstd-22, to
 justify the codec. Every compact file is decoded and checked bit for bit against the model,
@@ -51,12 +51,15 @@ import torch
 import zstandard
 from safetensors.torch import save as st_save
 
-from pqd import compact
+from pqd.deploy import compact
 from pqd.measure import environment
-from pqd.registry import create_model
-from pqd.stages import Student, convert, prunable_layers, to_torchscript
+from pqd.models.registry import create_model
+from pqd.run.rundir import RunDir, load_int8_module
+from pqd.compress.qat import to_torchscript
+from pqd.compress.sparsity import prunable_layers
+from pqd.compress.student import convert_student, Student
 from pqd.stages.prune import compute_masks
-from pqd.stages.quantize import prepare
+from pqd.compress.qat import prepare
 from pqd.train import apply_masks
 
 
@@ -83,12 +86,12 @@ def _int8(name: str, weights: str, sparsity: float, seed: int, calib: list[torch
     with torch.no_grad():
         for x in calib:
             prepared(x)
-    return model, convert(Student(prepared, form="ptq")).eval(), dens
+    return model, convert_student(Student(prepared, form="ptq")).eval(), dens
 
 
 def _skeleton(name: str) -> torch.nn.Module:
     model = create_model(name, num_classes=10).eval()
-    return convert(Student(prepare(model, torch.zeros(2, 3, 32, 32), mode="ptq"), form="ptq")).eval()
+    return convert_student(Student(prepare(model, torch.zeros(2, 3, 32, 32), mode="ptq"), form="ptq")).eval()
 
 
 def _compact(int8: torch.nn.Module, tmp: Path, codec: str = "zstd", level: int | None = None) -> tuple[dict, Path, float]:
@@ -180,8 +183,8 @@ def run_dir_sizes(run_dir: Path, seed: int = 0) -> dict:
     ts_bytes = (run_dir / "model_int8.pt").read_bytes()
     ts_z = len(zstandard.ZstdCompressor(level=19).compress(ts_bytes))
     fp32 = (run_dir / "teacher.safetensors").stat().st_size
-    pqdz = (run_dir / compact.FILE_NAME).stat().st_size
-    model = compact.load_run(run_dir)  # decodes and rebuilds; must predict exactly as the TorchScript file
+    pqdz = (run_dir / RunDir.COMPACT).stat().st_size
+    model = load_int8_module(run_dir)  # decodes and rebuilds; must predict exactly as the TorchScript file
     jit = torch.jit.load(str(run_dir / "model_int8.pt"))
     x = torch.randn(32, *model_input_shape(run_dir), generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():

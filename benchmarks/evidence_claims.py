@@ -29,10 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from pqd.commands.report.build import aggregate  # noqa: E402
+from pqd.commands.sweep import read_table  # noqa: E402
 from pqd.measure.stats import holm, mcnemar_pooled, paired_difference_interval  # noqa: E402
-from pqd.report.build import aggregate  # noqa: E402
-from pqd.rundir import RunDir  # noqa: E402
-from pqd.sweep import read_table  # noqa: E402
+from pqd.run.rundir import RunDir  # noqa: E402
 
 ALPHA = 0.05
 

@@ -46,8 +46,9 @@ import torch, warnings
 warnings.filterwarnings("ignore")
 from pqd.config import QuantizeConfig, TrainConfig
 from pqd.data import Dataset, Splits
-from pqd.registry import create_model
-from pqd.stages import Student, quantize
+from pqd.models.registry import create_model
+from pqd.compress.student import Student
+from pqd.stages.quantize import quantize
 ds = Dataset(torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8), torch.arange(64) % 4, tuple("abcd"))
 data = Splits(name="t", train=ds, val=None, test=ds, mean=(0.5,) * 3, std=(0.25,) * 3, hflip=True)
 s = quantize(Student(create_model("resnet18", num_classes=4, width=0.125).cuda()), QuantizeConfig(), data=data, epochs=1,

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from pqd.config import load_config
 from pqd.data import load_data
 from pqd.measure import predict, top1
-from pqd.registry import create_model
+from pqd.models.registry import create_model
+from pqd.run.config import load_config
 from pqd.train import save_checkpoint, train
 from pqd.train.loop import default_device
 

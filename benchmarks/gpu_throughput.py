@@ -46,11 +46,13 @@ from torch import nn
 from pqd.config import DataConfig, TrainConfig
 from pqd.data import DEVICE_DATA_ENV, Dataset, Splits, batches, load_data, resident_default
 from pqd.measure import agreement, predict, top1
-from pqd.registry import create_model
-from pqd.stages import Student, convert, prepare
+from pqd.models.registry import create_model
+from pqd.compress.qat import prepare
+from pqd.compress.student import convert_student, Student
 from pqd.stages.distill import kd_loss
 from pqd.stages.prune import compute_masks, prunable_layers, sparsity_at
-from pqd.stages.quantize import freeze, qat_epoch_hook
+from pqd.compress.qat import freeze
+from pqd.stages.quantize import qat_epoch_hook
 from pqd.train import train
 from pqd.train.loop import apply_masks, masked_weight
 
@@ -454,7 +456,7 @@ def bf16_agreement(start: nn.Module, masks, data: Splits, a, device, cfg) -> dic
             out[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             continue
         cpu_masks = {k: v.cpu() for k, v in masks.items()}
-        int8 = convert(Student(m.cpu(), cpu_masks, "qat"))
+        int8 = convert_student(Student(m.cpu(), cpu_masks, "qat"))
         logits[name] = predict(int8, test, mean=data.mean, std=data.std, batch_size=500)
         out[f"{name}_int8_top1"] = top1(logits[name], test.y)
     if "fp32" in logits and "fp32_rerun" in logits:

@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pqd.registry import create_model  # noqa: E402
+from pqd.compress.channels.graph import ChannelGraph  # noqa: E402
+from pqd.models.registry import create_model  # noqa: E402
 from pqd.structured import latency_model as L  # noqa: E402
-from pqd.structured.graph import ChannelGraph  # noqa: E402
 
 
 def summary(errs, sources, which=None) -> dict:

@@ -46,12 +46,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
+from pqd.compress.channels.importance import group_scores  # noqa: E402
 from pqd.measure.latency import interleave  # noqa: E402
 from pqd.measure.workers import start_workers  # noqa: E402
-from pqd.registry import create_model  # noqa: E402
+from pqd.models.registry import create_model  # noqa: E402
 from pqd.structured import latency_model as L  # noqa: E402
-from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.structured.importance import group_scores  # noqa: E402
 
 FITS = ("ms", "relative", "anchored")
 FLOOR_ROUND_TO = 8  # the floor model: every group at 8 channels, as pqd's default round_to

@@ -16,9 +16,9 @@ import time
 import torch
 
 import pqd
+from pqd.commands.peers import NncfPtqConfig, nncf_ptq, time_peer
 from pqd.data import load_data
-from pqd.peers import NncfPtqConfig, nncf_ptq, time_peer
-from pqd.registry import create_model
+from pqd.models.registry import create_model
 
 
 def main() -> None:

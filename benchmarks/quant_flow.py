@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from pqd.measure import environment, measure_latency
-from pqd.registry import create_model
-from pqd.stages import Student, convert, to_torchscript
-from pqd.stages.quantize import prepare
+from pqd.models.registry import create_model
+from pqd.compress.qat import to_torchscript
+from pqd.compress.student import convert_student, Student
+from pqd.compress.qat import prepare
 
 
 def main() -> None:
@@ -44,12 +45,12 @@ def main() -> None:
     with torch.no_grad():
         for c in calib:
             fx(c)
-    fx_ts = to_torchscript(convert(Student(fx, form="ptq")), x1)
+    fx_ts = to_torchscript(convert_student(Student(fx, form="ptq")), x1)
     fx_s = time.perf_counter() - t
 
+    import torch._inductor.config as inductor_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-    import torch._inductor.config as inductor_config
 
     t = time.perf_counter()
     batch = torch.export.Dim("batch", max=4096)

@@ -9,9 +9,9 @@ For each model (CIFAR 32x32, 10 classes, untrained weights: this is about speed)
 sparsity: global magnitude pruning (``compute_masks`` + ``apply_masks``) of every conv and
 linear layer, PTQ calibration on 4 random batches of 16 (``prepare(mode="ptq")`` +
 ``convert``), TorchScript freezing, and ONNX export of the FP32 model and of the INT8 model
-(QDQ, int8 initializers; :mod:`pqd.export`). Then all variants of one model, both
+(QDQ, int8 initializers; :mod:`pqd.deploy.onnx`). Then all variants of one model, both
 sparsities, are timed at a fixed thread count, each variant in a worker process of its
-own (:mod:`pqd._worker`; ONNX Runtime and OpenVINO workers never import torch), interleaved
+own (:mod:`pqd.measure.worker`; ONNX Runtime and OpenVINO workers never import torch), interleaved
 in rotating rounds of one block per variant (50 ms untimed, then 25 timed calls at batch
 1; :func:`pqd.measure.latency.interleave`, the harness of ``pqd bench``):
 
@@ -42,15 +42,18 @@ from pathlib import Path
 
 import torch
 
-from pqd.export import OpenVinoRunner, OrtRunner, available, export_onnx, reference_int8
+from pqd.deploy.onnx import export_onnx, reference_int8
+from pqd.deploy.runtimes import OpenVinoRunner, OrtRunner, available
 from pqd.measure import environment
 from pqd.measure.latency import interleave
-from pqd.measure.workers import start_workers
 from pqd.measure.proxies import proxies
-from pqd.registry import create_model
-from pqd.stages import Student, convert, prunable_layers, to_torchscript
+from pqd.measure.workers import start_workers
+from pqd.models.registry import create_model
+from pqd.compress.qat import to_torchscript
+from pqd.compress.sparsity import prunable_layers
+from pqd.compress.student import convert_student, Student
 from pqd.stages.prune import compute_masks
-from pqd.stages.quantize import _fx, prepare
+from pqd.compress.qat import fx_modules, prepare
 from pqd.train.checkpoint import save_checkpoint
 from pqd.train.loop import apply_masks
 
@@ -76,9 +79,9 @@ def build(name: str, width: float, sparsity: float, work: Path, runtimes: list[s
     with torch.no_grad():
         for _ in range(4):
             prepared(torch.randn(16, *SHAPE, generator=g))
-    prepared.apply(_fx()[0].disable_observer)
+    prepared.apply(fx_modules()[0].disable_observer)
     student = Student(prepared, masks, "ptq")
-    int8 = to_torchscript(convert(student), torch.zeros(1, *SHAPE))
+    int8 = to_torchscript(convert_student(student), torch.zeros(1, *SHAPE))
     quant_s = time.perf_counter() - t0
     info = {"model": name, "width": width, "sparsity": sparsity, "proxies": proxies(model, SHAPE), "quantize_s": round(quant_s, 1)}
     tag = f"{name}_w{width}_s{int(round(sparsity * 100))}"
@@ -259,7 +262,7 @@ def main() -> None:
     ap.add_argument("--write-docs", type=Path, default=None, metavar="MARKDOWN", help="also (re)write the section in this file")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    from pqd.bench import _versions, default_threads
+    from pqd.commands.bench import _versions, default_threads
 
     args.threads = [int(x) for x in args.threads.split(",")] if args.threads else [max(default_threads())]
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]

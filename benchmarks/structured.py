@@ -34,16 +34,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
+from pqd.compress.channels.importance import group_scores, uniform_widths  # noqa: E402
 from pqd.config import DataConfig, DistillConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from pqd.data import load_data  # noqa: E402
 from pqd.measure.accuracy import predict, top1  # noqa: E402
 from pqd.measure.env import environment  # noqa: E402
 from pqd.measure.stats import mcnemar_pooled, wilson_interval  # noqa: E402
-from pqd.registry import create_model  # noqa: E402
-from pqd.stages import Student, convert, distill, quantize  # noqa: E402
+from pqd.models.registry import create_model  # noqa: E402
+from pqd.compress.student import convert_student, Student
+from pqd.stages.distill import distill
+from pqd.stages.quantize import quantize  # noqa: E402
 from pqd.structured import latency_model as L  # noqa: E402
-from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.structured.importance import group_scores, uniform_widths  # noqa: E402
 from pqd.structured.search import cost_function, greedy_widths, search  # noqa: E402
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pqd.train.loop import train  # noqa: E402
@@ -112,7 +114,7 @@ def finetune_and_quantize(model, teacher, data, args, seed: int) -> float:
     st = quantize(st, QuantizeConfig(), data=data, epochs=args.qat_epochs, train_config=tc, seed=seed)
     if args.kd_epochs:
         st = distill(st, DistillConfig(), teacher=teacher, data=data, epochs=args.kd_epochs, train_config=tc, seed=seed)
-    int8 = convert(st)
+    int8 = convert_student(st)
     return predict(int8, data.test, mean=data.mean, std=data.std).argmax(1) == data.test.y  # per-image correctness
 
 

@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pqd.registry import create_model  # noqa: E402
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
+from pqd.compress.channels.importance import group_scores  # noqa: E402
+from pqd.models.registry import create_model  # noqa: E402
 from pqd.structured import latency_model as L  # noqa: E402
-from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.structured.importance import group_scores  # noqa: E402
 from pqd.train.checkpoint import load_checkpoint  # noqa: E402
 
 SHAPE = (3, 32, 32)

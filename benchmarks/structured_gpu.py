@@ -37,14 +37,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
+from pqd.compress.channels.importance import group_scores  # noqa: E402
 from pqd.config import DataConfig, DistillConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from pqd.data import load_data  # noqa: E402
 from pqd.measure.accuracy import predict, top1  # noqa: E402
 from pqd.measure.stats import mcnemar_pooled, wilson_interval  # noqa: E402
-from pqd.registry import create_model  # noqa: E402
-from pqd.stages import Student, convert, distill, quantize  # noqa: E402
-from pqd.structured.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.structured.importance import group_scores  # noqa: E402
+from pqd.models.registry import create_model  # noqa: E402
+from pqd.compress.student import convert_student, Student
+from pqd.stages.distill import distill
+from pqd.stages.quantize import quantize  # noqa: E402
 from pqd.train.checkpoint import load_checkpoint  # noqa: E402
 from pqd.train.loop import default_device  # noqa: E402
 
@@ -103,7 +105,7 @@ def train_variant(model, teacher, data, args, seed: int) -> tuple[torch.Tensor, 
     st = quantize(st, QuantizeConfig(lr=args.qat_lr), data=data, epochs=args.qat_epochs, train_config=tc, seed=seed)
     times["qat_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    int8 = convert(st)
+    int8 = convert_student(st)
     correct = predict(int8, data.test, mean=data.mean, std=data.std, batch_size=500).argmax(1) == data.test.y
     times["int8_eval_s"] = time.perf_counter() - t
     return correct, fp32_top1, times

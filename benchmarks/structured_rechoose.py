@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from structured import bench_ranker  # noqa: E402
 
+from pqd.compress.channels.graph import ChannelGraph  # noqa: E402
+from pqd.compress.channels.importance import group_scores  # noqa: E402
 from pqd.config import DataConfig  # noqa: E402
 from pqd.data import load_data  # noqa: E402
-from pqd.registry import create_model  # noqa: E402
-from pqd.structured.graph import ChannelGraph  # noqa: E402
-from pqd.structured.importance import group_scores  # noqa: E402
+from pqd.models.registry import create_model  # noqa: E402
 from pqd.structured.select import choose  # noqa: E402
 from pqd.train.checkpoint import load_checkpoint  # noqa: E402
 

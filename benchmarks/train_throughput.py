@@ -21,8 +21,10 @@ import torch
 from pqd.config import DistillConfig, QuantizeConfig, TrainConfig
 from pqd.data import Dataset, Splits
 from pqd.measure import environment
-from pqd.registry import create_model
-from pqd.stages import Student, distill, quantize
+from pqd.models.registry import create_model
+from pqd.compress.student import Student
+from pqd.stages.distill import distill
+from pqd.stages.quantize import quantize
 from pqd.train import train
 
 

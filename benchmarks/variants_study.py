@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from pqd.config import RunConfig
 from pqd.measure import predict
 from pqd.measure.faithfulness import mcnemar
-from pqd.pipeline import run_pipeline
-from pqd.rundir import RunDir
+from pqd.run.config import RunConfig
+from pqd.run.pipeline import run_pipeline
+from pqd.run.rundir import RunDir
 
 
 def scale(quick: bool) -> dict:

@@ -1,4 +1,4 @@
-"""pqd.compact: the compact sparse INT8 checkpoint round-trips bit for bit, chooses the
+"""pqd.deploy.compact: the compact sparse INT8 checkpoint round-trips bit for bit, chooses the
 smallest coding, refuses corrupt and crafted files, and shrinks with sparsity."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import pytest
 import torch
 import yaml
 
-from pqd import compact
-from pqd.config import RunConfig
+from pqd.deploy import compact
 from pqd.errors import CheckpointError
-from pqd.registry import create_model
-from pqd.rundir import RunDir
-from pqd.stages import Student, convert, prunable_layers
+from pqd.models.registry import create_model
+from pqd.run.config import RunConfig
+from pqd.run.rundir import RunDir, load_int8_module
+from pqd.compress.sparsity import prunable_layers
+from pqd.compress.student import convert_student, Student
 from pqd.stages.prune import compute_masks
-from pqd.stages.quantize import prepare
+from pqd.compress.qat import prepare
 from pqd.train import apply_masks
 
 SPARSITIES = (0.0, 0.5, 0.9, 0.99)
@@ -37,7 +38,7 @@ def _int8(sparsity: float, seed: int = 0, calibrate: bool = True) -> torch.nn.Mo
     if calibrate:
         with torch.no_grad():
             prepared(torch.randn(16, 3, 32, 32))
-    return convert(Student(prepared, form="ptq")).eval()
+    return convert_student(Student(prepared, form="ptq")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -277,15 +278,15 @@ def test_wrong_skeleton_is_refused_with_the_keys(models, skeleton, tmp_path):
         compact.load_compact(tmp_path / "other.pqdz", skeleton)
 
 
-def test_skeleton_from_run_dir(models, tmp_path):
+def test_int8_module_rebuilt_from_a_run_dir(models, tmp_path):
     cfg = RunConfig.from_dict({"stages": "Q:0", "model": {"name": "resnet18", "width": 0.125},
                                "quantize": {"mode": "ptq"}, "data": {"dataset": "digits"}})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     int8 = models[0.9]
     compact.save_compact(int8, tmp_path / RunDir.COMPACT)  # no meta: facts come from metrics.json
     with pytest.raises(CheckpointError, match="number of classes"):
-        compact.load_run(tmp_path)
+        load_int8_module(tmp_path)
     (tmp_path / "metrics.json").write_text(json.dumps({"num_classes": 10}))
-    loaded = compact.load_run(tmp_path)
+    loaded = load_int8_module(tmp_path)
     x = torch.randn(8, 3, 32, 32)
     assert compact.state_mismatches(int8, loaded) == [] and torch.equal(int8(x), loaded(x))

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from pqd.config import RunConfig, load_config, parse_stages
 from pqd.errors import ConfigError
+from pqd.run.config import RunConfig, load_config, parse_stages
 
 
 def test_defaults_round_trip():

@@ -38,8 +38,11 @@ def _worker(out: Path) -> None:
 
     from pqd.config import DistillConfig, PruneConfig, QuantizeConfig, TrainConfig
     from pqd.data import Splits
-    from pqd.registry import create_model
-    from pqd.stages import Student, distill, prune, quantize
+    from pqd.models.registry import create_model
+    from pqd.compress.student import Student
+    from pqd.stages.distill import distill
+    from pqd.stages.prune import prune
+    from pqd.stages.quantize import quantize
     from pqd.train import train
 
     warnings.filterwarnings("ignore")

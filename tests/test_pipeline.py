@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from pqd.config import RunConfig
 from pqd.errors import ConfigError
-from pqd.pipeline import run_pipeline
+from pqd.run.config import RunConfig
+from pqd.run.pipeline import run_pipeline
 
 ORDERS = [",".join(f"{s}:2" for s in perm) for perm in itertools.permutations("PQD")]
 
@@ -74,7 +74,7 @@ def test_rerun_of_finished_run_recomputes_nothing(tiny_config, tmp_path, monkeyp
         raise AssertionError("a finished stage was recomputed")
 
     # the functions the stage adapters and the teacher step call (looked up at call time)
-    for module, name in (("pqd.pipeline", "train"), ("pqd.stages.prune", "prune"), ("pqd.stages.quantize", "quantize"),
+    for module, name in (("pqd.run.pipeline", "train"), ("pqd.stages.prune", "prune"), ("pqd.stages.quantize", "quantize"),
                          ("pqd.stages.distill", "distill"), ("pqd.train.loop", "train")):
         monkeypatch.setattr(sys.modules[module], name, no_training)
     m2 = run_pipeline(cfg, tmp_path)
@@ -100,7 +100,7 @@ def test_accuracy_carries_intervals_test_set_and_prediction_files(tiny_config, t
     import numpy as np
 
     from pqd.data import load_data
-    from pqd.rundir import RunDir
+    from pqd.run.rundir import RunDir
 
     cfg = RunConfig.from_dict(tiny_config | {"stages": "Q:1"})
     m = run_pipeline(cfg, tmp_path)
@@ -125,7 +125,7 @@ def test_accuracy_carries_intervals_test_set_and_prediction_files(tiny_config, t
 def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(tiny_config, tmp_path, monkeypatch, caplog):
     """A model registered at run time exists only in this process: the worker cannot build
     the teacher, so the run falls back to in-process timing, says so, and loses nothing."""
-    from pqd import registry
+    from pqd.models import registry
     from pqd.models.resnet import resnet18
 
     def only_here_resnet(num_classes=10, width=1.0, **kw):
@@ -166,7 +166,7 @@ def test_repeated_stages_and_typed_stage_records(tiny_config, tmp_path):
     assert [(r["index"], r["stage"], r["letter"]) for r in m["stage_records"]] == [(0, "prune", "P"), (1, "prune", "P")]
     assert m["pruned"] and m["prune_criterion"] == "magnitude" and m["quantize_mode"] is None
     assert m["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
-    from pqd.metrics import Metrics
+    from pqd.run.metrics import Metrics
 
     assert Metrics.from_dict(m).to_dict() == m
 
@@ -187,7 +187,7 @@ def test_a_new_stage_is_one_registration(tiny_config, tmp_path):
     """A stage defined here, registered once, runs in the pipeline by letter; its records reach metrics.json."""
     from dataclasses import dataclass
 
-    from pqd.stages.registry import register_stage, unregister_stage
+    from pqd.stages.protocol import register_stage, unregister_stage
 
     calls = []
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from pqd.config import RunConfig
+from pqd.run.config import RunConfig
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 

@@ -1,4 +1,4 @@
-"""pqd.rundir.RunDir and pqd.metrics: layout, config check/resume, student save/restore, metrics merge."""
+"""pqd.run.rundir.RunDir and pqd.run.metrics: layout, config check/resume, student save/restore, metrics merge."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import torch
 import yaml
 from torch import nn
 
-from pqd.config import RunConfig
+from pqd.compress.channels.reshape import fit_to_state_dict
 from pqd.errors import CheckpointError, ConfigError
-from pqd.metrics import SCHEMA, Accuracy, LatencyRecord, Metrics, Sizes, Sparsity, StageRecord
-from pqd.rundir import RunDir, build_model
-from pqd.stages import Student, prepare
-from pqd.stages.quantize import freeze
-from pqd.stages.structural import fit_to_state_dict
+from pqd.run.config import RunConfig
+from pqd.run.metrics import SCHEMA, Accuracy, LatencyRecord, Metrics, Sizes, Sparsity, StageRecord
+from pqd.run.rundir import RunDir, build_model
+from pqd.compress.qat import prepare
+from pqd.compress.student import Student
+from pqd.compress.qat import freeze
 
 CFG = {"stages": "P:1,P:1,Q:1", "model": {"name": "resnet18", "width": 0.125}, "teacher": {"epochs": 1}}
 

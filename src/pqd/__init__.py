@@ -1,19 +1,27 @@
 """pqd: Prune -> INT8 Quantize -> Distill for CPU deployment, judged by measurement."""
 
 from pqd.config import (
-    DataConfig, DistillConfig, MeasureConfig, ModelConfig, PruneConfig, QuantizeConfig, RunConfig, TeacherConfig,
-    TrainConfig, load_config,
+    DataConfig,
+    DistillConfig,
+    MeasureConfig,
+    ModelConfig,
+    PruneConfig,
+    QuantizeConfig,
+    TeacherConfig,
+    TrainConfig,
 )
 from pqd.errors import CheckpointError, ConfigError, DataError, ModelError, PqdError
 
 __version__ = "0.1.0"
 
-_LAZY = {"create_model": "pqd.registry", "list_models": "pqd.registry", "register_model": "pqd.registry"}
+_LAZY = {"create_model": "pqd.models", "list_models": "pqd.models", "register_model": "pqd.models",
+         "RunConfig": "pqd.run.config", "load_config": "pqd.run.config"}
 
 
 def __getattr__(name: str):
-    # torch is imported on first use of the model registry, not by ``import pqd``: a benchmark
-    # worker timing an ONNX file (pqd._worker) must not carry torch in its process.
+    # torch is imported on first use of the model registry or the run config (which checks stage
+    # lists against the stage registry), not by ``import pqd``: a benchmark worker timing an ONNX
+    # file (pqd.measure.worker) must not carry torch in its process.
     if name in _LAZY:
         from importlib import import_module
 

@@ -19,7 +19,7 @@ def _setup_logging(out: Path | None, quiet: bool) -> None:
     if out is not None and int(os.environ.get("RANK", "0")) == 0:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} is a file, not a directory; choose a directory for the run")
-        from pqd.rundir import RunDir
+        from pqd.run.rundir import RunDir
 
         try:  # a missing parent we cannot create, no permission, a read-only file system...
             out.mkdir(parents=True, exist_ok=True)
@@ -32,7 +32,7 @@ def _setup_logging(out: Path | None, quiet: bool) -> None:
 
 def format_table(metrics: dict) -> str:
     """A small human table: FP32 teacher vs final, accuracy / size / latency (from the typed metrics)."""
-    from pqd.metrics import Metrics
+    from pqd.run.metrics import Metrics
 
     m = Metrics.from_dict(metrics)
     acc, size = m.accuracy, m.size_bytes
@@ -65,8 +65,8 @@ def format_table(metrics: dict) -> str:
 
 
 def _run(config, out: Path) -> int:
-    from pqd.pipeline import init_distributed, run_pipeline
-    from pqd.rundir import RunDir
+    from pqd.run.pipeline import init_distributed, run_pipeline
+    from pqd.run.rundir import RunDir
 
     init_distributed()
     metrics = run_pipeline(config, out)
@@ -96,12 +96,12 @@ def _add_sweep_parsers(sub) -> None:
 
 def _sweep_or_report(args) -> int:
     if args.cmd == "report":
-        from pqd.report import build_report
-        from pqd.rundir import claim_dir
+        from pqd.commands.report import build_report
+        from pqd.run.rundir import claim_dir
 
         if args.out is None or args.out.resolve() == args.dir.resolve():
-            from pqd.fsguard import check_writable_run_dir
-            from pqd.rundir import SWEEP_DIR_FILES
+            from pqd.run.rundir import SWEEP_DIR_FILES
+            from pqd.safety.fsguard import check_writable_run_dir
 
             if args.dir.is_dir():  # adopt an older sweep folder (its report files are pqd's); no lock: a sweep may run
                 check_writable_run_dir(args.dir, expected_files=SWEEP_DIR_FILES, kind="sweep", what="sweep folder")
@@ -112,7 +112,7 @@ def _sweep_or_report(args) -> int:
             paths = build_report(args.dir, args.out)
         print(f"wrote {paths['markdown']} and {paths['html']}")
         return 0
-    from pqd.sweep import expand, load_sweep, run_sweep
+    from pqd.commands.sweep import expand, load_sweep, run_sweep
 
     spec = load_sweep(args.sweep, args.overrides)
     if args.dry_run:
@@ -122,7 +122,7 @@ def _sweep_or_report(args) -> int:
             print(f"{r.run_id:40s} {r.kind:8s} {what:16s} teacher {r.teacher_id}")
         print(f"{len(sweep.runs)} runs ({len(sweep.teachers())} teachers)")
         return 0
-    from pqd.rundir import claim_dir
+    from pqd.run.rundir import claim_dir
 
     with claim_dir(args.out, kind="sweep"):  # before log.txt: a user's folder is refused untouched
         _setup_logging(args.out, args.quiet)
@@ -169,7 +169,7 @@ def _add_bench_parsers(sub) -> None:
 def _bench_or_export(args) -> int:
     _setup_logging(None, args.quiet)
     if args.cmd == "export":
-        from pqd.export import export_run
+        from pqd.commands.export import export_run
 
         rec = export_run(args.run_dir, force=args.force, runtimes=args.runtimes, allow_code=args.allow_code)
         for k, a in rec["artefacts"].items():
@@ -181,13 +181,13 @@ def _bench_or_export(args) -> int:
         for k, v in rec.get("failed", {}).items():
             print(f"FAILED {k}: {v}", file=sys.stderr)
         return 2 if rec.get("failed") else 0
-    from pqd.bench import bench_run, format_markdown
+    from pqd.commands.bench import bench_run, format_markdown
 
     result = bench_run(args.run_dir, threads=args.threads, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
                        large_batch_runs=args.large_batch_runs, runtimes=args.runtimes, rss=not args.no_rss,
                        force_export=args.force_export, allow_code=args.allow_code)
     print(format_markdown(result))
-    from pqd.rundir import RunDir
+    from pqd.run.rundir import RunDir
 
     rd = RunDir(args.run_dir)
     merged = "bench" in (rd.read_metrics() or {})  # not claimed when the merge was skipped
@@ -199,8 +199,8 @@ def _bench_or_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["predict"]:  # its own parser: pqd.predict owns the options
-        from pqd.predict import predict_main
+    if argv[:1] == ["predict"]:  # its own parser: pqd.commands.predict owns the options
+        from pqd.commands.predict import predict_main
 
         try:
             return predict_main(argv[1:])
@@ -237,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench_parsers(sub)
     args = parser.parse_args(argv)
 
-    from pqd.config import load_config
+    from pqd.run.config import load_config
 
     try:
         if args.cmd == "models":
-            from pqd.registry import list_models
+            from pqd.models.registry import list_models
 
             print("\n".join(list_models()))
             return 0
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = load_config(path, args.overrides)
         else:
             config = load_config(args.config, args.overrides)
-        from pqd.rundir import claim_dir
+        from pqd.run.rundir import claim_dir
 
         with claim_dir(args.out, kind="run"):  # check, lock, then log.txt: a user's folder is refused untouched
             _setup_logging(args.out, args.quiet)

@@ -13,31 +13,31 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pqd.errors import ConfigError
+from pqd.safety.safeyaml import parse_scalar
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
 
 
-def _fail(key: str, msg: str) -> typing.NoReturn:
+def fail(key: str, msg: str) -> typing.NoReturn:
     raise ConfigError(f"{key}: {msg}")
 
 
-def _choice(key: str, value: Any, choices: typing.Sequence[str]) -> None:
+def choice(key: str, value: Any, choices: typing.Sequence[str]) -> None:
     if value not in choices:
-        _fail(key, f"{value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+        fail(key, f"{value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
 
 
-def _range(key: str, value: float, lo: float | None = None, hi: float | None = None, *, hi_open: bool = False) -> None:
+def in_range(key: str, value: float, lo: float | None = None, hi: float | None = None, *, hi_open: bool = False) -> None:
     if isinstance(value, float) and not math.isfinite(value):
-        _fail(key, f"{value!r} is not a finite number")
+        fail(key, f"{value!r} is not a finite number")
     if lo is not None and value < lo:
-        _fail(key, f"{value!r} is below the minimum {lo}")
+        fail(key, f"{value!r} is below the minimum {lo}")
     if hi is not None and (value >= hi if hi_open else value > hi):
-        _fail(key, f"{value!r} must be {'<' if hi_open else '<='} {hi}")
+        fail(key, f"{value!r} must be {'<' if hi_open else '<='} {hi}")
 
 
 class Section:
@@ -47,7 +47,7 @@ class Section:
     def from_dict(cls, data: Mapping[str, Any] | None, *, prefix: str = ""):
         data = {} if data is None else data
         if not isinstance(data, Mapping):
-            _fail(prefix.rstrip(".") or "config", f"expected a mapping, got {type(data).__name__}")
+            fail(prefix.rstrip(".") or "config", f"expected a mapping, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         kwargs = {}
@@ -55,7 +55,7 @@ class Section:
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-                _fail(f"{prefix}{key}", f"unknown key.{hint} Valid keys: {', '.join(fields)}")
+                fail(f"{prefix}{key}", f"unknown key.{hint} Valid keys: {', '.join(fields)}")
             kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
         try:
             return cls(**kwargs)
@@ -91,34 +91,34 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
-        _fail(key, f"{value!r} has the wrong type ({' / '.join(e.split(': ', 1)[-1] for e in errors)})")
+        fail(key, f"{value!r} has the wrong type ({' / '.join(e.split(': ', 1)[-1] for e in errors)})")
     if isinstance(hint, type) and issubclass(hint, Section):
         return value if isinstance(value, hint) else hint.from_dict(value, prefix=f"{key}.")
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            _fail(key, f"expected a list, got {type(value).__name__} {value!r}")
+            fail(key, f"expected a list, got {type(value).__name__} {value!r}")
         (arg, *_) = typing.get_args(hint)
         return tuple(_coerce(f"{key}[{i}]", v, arg) for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
-            _fail(key, f"expected true or false, got {value!r}")
+            fail(key, f"expected true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, f"expected an integer, got {value!r}")
+            fail(key, f"expected an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, f"expected a number, got {value!r}")
+            fail(key, f"expected a number, got {value!r}")
         try:
             return float(value)
         except OverflowError:
-            _fail(key, f"{value!r} is too large")
+            fail(key, f"{value!r} is too large")
     if hint is str:
         if not isinstance(value, str):
-            _fail(key, f"expected a string, got {value!r}")
+            fail(key, f"expected a string, got {value!r}")
         return value
     if hint is Any:
         return value
@@ -134,16 +134,12 @@ class ModelConfig(Section):
     dropout: float = 0.0
 
     def __post_init__(self):
-        if ":" not in self.name:
-            from pqd.registry import list_models
-
-            _choice("model.name", self.name, list_models())
-        else:
+        if ":" in self.name:  # a registry name is checked against the registry by the run's config
             module, _, attr = self.name.partition(":")
             if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
-                _fail("model.name", f"{self.name!r} is not an import path 'package.module:factory'")
-        _range("model.width", self.width, 0.0625, 4.0)
-        _range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+                fail("model.name", f"{self.name!r} is not an import path 'package.module:factory'")
+        in_range("model.width", self.width, 0.0625, 4.0)
+        in_range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -165,14 +161,14 @@ class DataConfig(Section):
     cache_dir: str | None = None
 
     def __post_init__(self):
-        _choice("data.dataset", self.dataset, DATASETS)
+        choice("data.dataset", self.dataset, DATASETS)
         if self.dataset == "folder" and not self.root:
-            _fail("data.root", "dataset 'folder' needs data.root: a directory or .tar.gz with train/<class>/* and test/<class>/*")
-        _range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=True)
+            fail("data.root", "dataset 'folder' needs data.root: a directory or .tar.gz with train/<class>/* and test/<class>/*")
+        in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=True)
         for k in ("train_subset", "test_subset"):
             v = getattr(self, k)
             if v is not None:
-                _range(f"data.{k}", v, 1)
+                in_range(f"data.{k}", v, 1)
 
 
 @dataclass(frozen=True)
@@ -194,15 +190,15 @@ class TrainConfig(Section):
     tracker_dir: str | None = None  # default: RUN_DIR/tracker
 
     def __post_init__(self):
-        _choice("train.tracker", self.tracker, ("none", "tensorboard", "mlflow"))
-        _range("train.batch_size", self.batch_size, 1)
-        _range("train.eval_batch_size", self.eval_batch_size, 1)
-        _range("train.momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        _range("train.weight_decay", self.weight_decay, 0.0)
-        _range("train.warmup_epochs", self.warmup_epochs, 0.0)
-        _range("train.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        choice("train.tracker", self.tracker, ("none", "tensorboard", "mlflow"))
+        in_range("train.batch_size", self.batch_size, 1)
+        in_range("train.eval_batch_size", self.eval_batch_size, 1)
+        in_range("train.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        in_range("train.weight_decay", self.weight_decay, 0.0)
+        in_range("train.warmup_epochs", self.warmup_epochs, 0.0)
+        in_range("train.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         if self.threads is not None:
-            _range("train.threads", self.threads, 1, 4096)
+            in_range("train.threads", self.threads, 1, 4096)
 
 
 @dataclass(frozen=True)
@@ -214,10 +210,10 @@ class TeacherConfig(Section):
     weights: str | None = None
 
     def __post_init__(self):
-        _range("teacher.epochs", self.epochs, 0)
-        _range("teacher.lr", self.lr, 0.0)
+        in_range("teacher.epochs", self.epochs, 0)
+        in_range("teacher.lr", self.lr, 0.0)
         if self.weights is None and self.epochs == 0:
-            _fail("teacher.epochs", "is 0 and teacher.weights is not set: give the teacher epochs to train or a weights file to load")
+            fail("teacher.epochs", "is 0 and teacher.weights is not set: give the teacher epochs to train or a weights file to load")
 
 
 @dataclass(frozen=True)
@@ -237,11 +233,11 @@ class PruneConfig(Section):
     prune_fraction: float = 0.75
 
     def __post_init__(self):
-        _range("prune.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
-        _choice("prune.schedule", self.schedule, ("gradual", "oneshot"))
-        _choice("prune.criterion", self.criterion, ("magnitude", "random"))
-        _range("prune.lr", self.lr, 0.0)
-        _range("prune.prune_fraction", self.prune_fraction, 0.0, 1.0)
+        in_range("prune.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        choice("prune.schedule", self.schedule, ("gradual", "oneshot"))
+        choice("prune.criterion", self.criterion, ("magnitude", "random"))
+        in_range("prune.lr", self.lr, 0.0)
+        in_range("prune.prune_fraction", self.prune_fraction, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -252,7 +248,7 @@ class QuantizeConfig(Section):
     ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI.
     ``mode: dynamic``: weights-only int8 PTQ of the Linear layers (activations quantized at run
     time; convolutions stay FP32). ``granularity`` ('per_channel' | 'per_tensor') and
-    ``symmetric`` choose the weight scheme (see :mod:`pqd.qoptions`, docs/QUANTIZATION.md).
+    ``symmetric`` choose the weight scheme (see :mod:`pqd.compress.qoptions`, docs/QUANTIZATION.md).
     ``leaf_modules``: submodules torch.fx must not trace into (an untraceable user block):
     submodule paths ('layer3.0') or classes ('package.module:Class'); they stay FP32."""
 
@@ -266,11 +262,11 @@ class QuantizeConfig(Section):
     leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
-        _choice("quantize.mode", self.mode, ("qat", "ptq", "dynamic"))
-        _choice("quantize.granularity", self.granularity, ("per_channel", "per_tensor"))
-        _range("quantize.lr", self.lr, 0.0)
-        _range("quantize.freeze_fraction", self.freeze_fraction, 0.0, 1.0)
-        _range("quantize.calibration_batches", self.calibration_batches, 1)
+        choice("quantize.mode", self.mode, ("qat", "ptq", "dynamic"))
+        choice("quantize.granularity", self.granularity, ("per_channel", "per_tensor"))
+        in_range("quantize.lr", self.lr, 0.0)
+        in_range("quantize.freeze_fraction", self.freeze_fraction, 0.0, 1.0)
+        in_range("quantize.calibration_batches", self.calibration_batches, 1)
 
 
 @dataclass(frozen=True)
@@ -280,7 +276,7 @@ class DistillConfig(Section):
     ``kd_weight: 0`` is the KD-off control: the same stage, epochs, lr and schedule with the
     cross-entropy term alone and no teacher forward ("more training, no teacher").
 
-    ``kind`` picks the KD variant (:mod:`pqd.kd_variants`): 'response' (above), 'feature'
+    ``kind`` picks the KD variant (:mod:`pqd.compress.kd_variants`): 'response' (above), 'feature'
     (FitNets hints from ``layers``, 1x1 adapters where widths differ), 'attention' (attention
     transfer from ``layers``), 'mutual' (online mutual learning with ``peers`` randomly
     initialised peers; no teacher) or 'self' (self-distillation: auxiliary heads on ``layers``
@@ -298,24 +294,17 @@ class DistillConfig(Section):
     kd_weight: float = 1.0
 
     def __post_init__(self):
-        _choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
+        choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
         if self.beta is not None:
-            _range("distill.beta", self.beta, 0.0)
-        _range("distill.peers", self.peers, 1, 8)
-        _range("distill.temperature", self.temperature, 0.1, 100.0)
-        _range("distill.alpha", self.alpha, 0.0)
-        _range("distill.lr", self.lr, 0.0)
-        _range("distill.kd_weight", self.kd_weight, 0.0)
+            in_range("distill.beta", self.beta, 0.0)
+        in_range("distill.peers", self.peers, 1, 8)
+        in_range("distill.temperature", self.temperature, 0.1, 100.0)
+        in_range("distill.alpha", self.alpha, 0.0)
+        in_range("distill.lr", self.lr, 0.0)
+        in_range("distill.kd_weight", self.kd_weight, 0.0)
         if self.kd_weight == 0 and self.alpha == 0:
-            _fail("distill.kd_weight", "kd_weight 0 and alpha 0 together leave no loss; set alpha > 0 for the KD-off "
+            fail("distill.kd_weight", "kd_weight 0 and alpha 0 together leave no loss; set alpha > 0 for the KD-off "
                   "control (cross-entropy only) or kd_weight > 0")
-
-
-def _stage_registry():
-    # imported at call time: pqd.stages.registry sits in pqd.stages, whose modules import this one
-    from pqd.stages import registry
-
-    return registry
 
 
 STRUCTURED_RUNTIMES = ("openvino", "onnxruntime", "pytorch")
@@ -404,60 +393,6 @@ class StructuredConfig(Section):
 
 
 @dataclass(frozen=True)
-class StageSpec(Section):
-    """One entry of the stage list: a registered stage (:mod:`pqd.stages.registry`) and its epochs."""
-
-    stage: str = "prune"
-    epochs: int = 0
-
-    def __post_init__(self):
-        try:
-            canonical = _stage_registry().get_stage(self.stage).name
-        except ConfigError:
-            _choice("stages[].stage", self.stage, [s.name for s in _stage_registry().list_stages()])
-        object.__setattr__(self, "stage", canonical)
-        _range(f"stages.{self.stage}.epochs", self.epochs, 0)
-
-    @property
-    def letter(self) -> str:
-        return _stage_registry().get_stage(self.stage).letter
-
-
-def _stage_help() -> str:
-    return "/".join(f"{s.letter}/{s.name}" for s in _stage_registry().list_stages())
-
-
-def parse_stages(spec: str | typing.Sequence[Any] | None) -> tuple[StageSpec, ...]:
-    """``"P:20,Q:40,D:40"`` or a list of ``{stage, epochs}`` mappings → StageSpecs.
-
-    Names, letters and aliases come from the stage registry; stages may repeat ("P:2,P:2");
-    an empty string or list (or "dense"/"none") is a dense run: the teacher alone.
-    """
-    if spec is None:
-        return ()
-    if isinstance(spec, str):
-        if spec.strip().lower() in ("dense", "none"):
-            return ()
-        items = [s.strip() for s in spec.split(",") if s.strip()]
-        out = []
-        for item in items:
-            name, _, epochs = item.partition(":")
-            try:
-                full = _stage_registry().get_stage(name.strip()).name
-            except ConfigError:
-                _fail("stages", f"unknown stage {name!r} in {spec!r}; use {_stage_help()}, e.g. 'P:20,Q:40,D:40'")
-            try:
-                n = int(epochs) if epochs.strip() else 0
-            except ValueError:
-                _fail("stages", f"epochs for {name!r} must be an integer, got {epochs!r} in {spec!r}")
-            out.append(StageSpec(full, n))
-        return tuple(out)
-    if not isinstance(spec, (list, tuple)):
-        _fail("stages", f"expected a string like 'P:20,Q:40,D:40' or a list, got {spec!r}")
-    return tuple(s if isinstance(s, StageSpec) else StageSpec.from_dict(s, prefix="stages[].") for s in spec)
-
-
-@dataclass(frozen=True)
 class MeasureConfig(Section):
     """Latency measurement: fixed threads, warm-up, many interleaved runs."""
 
@@ -468,96 +403,12 @@ class MeasureConfig(Section):
     large_batch_runs: int = 20
 
     def __post_init__(self):
-        _range("measure.threads", self.threads, 1, 4096)
-        _range("measure.warmup", self.warmup, 0)
-        _range("measure.runs", self.runs, 1)
-        _range("measure.large_batch_runs", self.large_batch_runs, 1)
+        in_range("measure.threads", self.threads, 1, 4096)
+        in_range("measure.warmup", self.warmup, 0)
+        in_range("measure.runs", self.runs, 1)
+        in_range("measure.large_batch_runs", self.large_batch_runs, 1)
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            _fail("measure.batch_sizes", f"needs positive batch sizes, got {list(self.batch_sizes)}")
-
-
-@dataclass(frozen=True)
-class RunConfig(Section):
-    """A whole compression run. ``stages`` is the ordered pipeline, e.g. 'P:20,Q:40,D:40'; stages
-    may repeat ('P:2,P:2'); an empty list is a dense run (the teacher alone)."""
-
-    seed: int = 0
-    stages: tuple[StageSpec, ...] = field(default_factory=lambda: parse_stages("P:20,Q:40,D:40"))
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    structured: StructuredConfig = field(default_factory=StructuredConfig)
-    measure: MeasureConfig = field(default_factory=MeasureConfig)
-    imp: ImpConfig = field(default_factory=lambda: ImpConfig())
-    joint: JointConfig = field(default_factory=lambda: JointConfig())
-
-    def __post_init__(self):
-        _range("seed", self.seed, 0, 2**63 - 1)  # torch.manual_seed overflows beyond 64 bits
-        if isinstance(self.stages, str) or (self.stages and not isinstance(self.stages[0], StageSpec)):
-            object.__setattr__(self, "stages", parse_stages(self.stages))
-        names = [s.stage for s in self.stages]
-        reg = _stage_registry()
-        kinds = [reg.get_stage(n) for n in names]
-        quantizing = [i for i, k in enumerate(kinds) if k.quantizes]
-        if len(quantizing) > 1:
-            _fail("stages", f"{self.stage_string()} quantizes {len(quantizing)} times; a student is quantized once, "
-                            "so keep one quantizing stage")
-        structural = [i for i, k in enumerate(kinds) if k.structural]
-        if quantizing and structural and max(structural) > quantizing[0]:
-            works = [s for s, k in zip(self.stages, kinds) if k.structural] + [s for s, k in zip(self.stages, kinds) if not k.structural]
-            _fail("stages", f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
-                            f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}")
-        if self.quantize.mode in ("ptq", "dynamic") and "quantize" in names:
-            mode = self.quantize.mode
-            if names[-1] != "quantize":
-                _fail("quantize.mode", f"{mode!r} calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing")
-            if self.stage_epochs("quantize"):
-                _fail("stages", f"quantize.mode {mode!r} takes no epochs; write 'Q:0' (or 'Q') or use mode 'qat'")
-        if self.quantize.mode == "dynamic" and "joint" in names:
-            _fail("quantize.mode", "the joint stage trains with fake quantization; use mode 'qat' (or 'ptq') with it")
-        for s in self.stages:
-            if s.epochs == 0 and s.stage == "distill":
-                _fail("stages", "distill needs at least one epoch, e.g. 'D:10'")
-            if s.epochs == 0 and s.stage in ("imp", "joint"):
-                _fail("stages", f"{s.stage} trains, so it needs epochs, e.g. '{s.letter}:6'")
-            if s.epochs == 0 and s.stage == "prune" and self.prune.schedule == "gradual":
-                _fail("prune.schedule", "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning")
-        if self.quantize.mode == "qat" and "quantize" in names and self.stage_epochs("quantize") == 0:
-            _fail("stages", "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only")
-
-    @classmethod
-    def from_dict(cls, data, *, prefix: str = ""):
-        if data is not None and not isinstance(data, Mapping):
-            _fail("config", f"expected a mapping of sections (seed, stages, model, ...), got {type(data).__name__}")
-        data = dict(data or {})
-        if "stages" in data:
-            data["stages"] = parse_stages(data["stages"])
-        return super().from_dict(data, prefix=prefix)
-
-    def to_dict(self):
-        d = super().to_dict()
-        d["stages"] = self.stage_string()
-        return d
-
-    def stage_string(self) -> str:
-        """'P:20,Q:40,D:40' (letters from the stage registry); '' for a dense run."""
-        return ",".join(f"{s.letter}:{s.epochs}" for s in self.stages)
-
-    def stage_epochs(self, name: str) -> int:
-        """Epochs of the first ``name`` stage (0 if the run has none)."""
-        return next((s.epochs for s in self.stages if s.stage == name), 0)
-
-    @property
-    def quantizes(self) -> bool:
-        """True if a stage of the run turns the student quantized (the final model is INT8)."""
-        reg = _stage_registry()
-        return any(reg.get_stage(s.stage).quantizes for s in self.stages)
-
-
+            fail("measure.batch_sizes", f"needs positive batch sizes, got {list(self.batch_sizes)}")
 
 
 @dataclass(frozen=True)
@@ -579,15 +430,15 @@ class ImpConfig(Section):
     exclude: tuple[str, ...] = ("@first",)
 
     def __post_init__(self):
-        _range("imp.rounds", self.rounds, 1, 100)
-        _range("imp.fraction", self.fraction, 0.0, 1.0, hi_open=True)
+        in_range("imp.rounds", self.rounds, 1, 100)
+        in_range("imp.fraction", self.fraction, 0.0, 1.0, hi_open=True)
         if self.fraction <= 0.0:
-            _fail("imp.fraction", f"{self.fraction!r} must be > 0 (the fraction of remaining weights pruned each round)")
+            fail("imp.fraction", f"{self.fraction!r} must be > 0 (the fraction of remaining weights pruned each round)")
         if isinstance(self.rewind, str):
-            _choice("imp.rewind", self.rewind, ("init", "start"))
+            choice("imp.rewind", self.rewind, ("init", "start"))
         else:
-            _range("imp.rewind", self.rewind, 0)
-        _range("imp.lr", self.lr, 0.0)
+            in_range("imp.rewind", self.rewind, 0)
+        in_range("imp.lr", self.lr, 0.0)
 
     @property
     def sparsity(self) -> float:
@@ -611,17 +462,11 @@ class JointConfig(Section):
     alpha: float = 0.5
 
     def __post_init__(self):
-        _range("joint.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
-        _range("joint.prune_fraction", self.prune_fraction, 0.0, 1.0)
-        _range("joint.lr", self.lr, 0.0)
-        _range("joint.temperature", self.temperature, 0.1, 100.0)
-        _range("joint.alpha", self.alpha, 0.0)
-
-
-def _parse_scalar(text: str, where: str = "--set value") -> Any:
-    from pqd.safeyaml import parse_scalar  # bounded YAML; '1e-3' is a float
-
-    return parse_scalar(text, where=where)
+        in_range("joint.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        in_range("joint.prune_fraction", self.prune_fraction, 0.0, 1.0)
+        in_range("joint.lr", self.lr, 0.0)
+        in_range("joint.temperature", self.temperature, 0.1, 100.0)
+        in_range("joint.alpha", self.alpha, 0.0)
 
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
@@ -637,31 +482,9 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p!r} is not a section")
-        node[leaf] = _parse_scalar(raw, where=f"--set {item!r}: {key}: the value")
+        node[leaf] = parse_scalar(raw, where=f"--set {item!r}: {key}: the value")
     return out
 
 
 def _deep_copy(d):
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config file (or the defaults when ``path`` is None), apply overrides, validate.
-
-    The file is read with :func:`pqd.safeyaml.load_yaml` (size, depth, node and alias limits:
-    YAML bombs are refused); nothing named in it is imported here."""
-    from pqd.safeyaml import load_yaml
-
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
-        try:
-            data = load_yaml(p, where=f"config file {str(p)!r}")
-        except OSError as exc:
-            raise ConfigError(f"config file {str(p)!r} cannot be read as text: {exc}") from None
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
-    return RunConfig.from_dict(apply_overrides(data, overrides))

@@ -15,7 +15,7 @@ import pqd.train.loop as loop_module
 from pqd.config import TrainConfig
 from pqd.data import DEVICE_DATA_ENV, Dataset, Splits, batches, device_data_limit, resident_default
 from pqd.data.base import Dataset as BaseDataset
-from pqd.registry import create_model
+from pqd.models.registry import create_model
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

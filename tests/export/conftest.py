@@ -9,8 +9,8 @@ def int8_run(tmp_path_factory) -> Path:
 
     The whole test split (360 images) is kept so that agreement fractions mean something.
     """
-    from pqd.config import RunConfig
-    from pqd.pipeline import run_pipeline
+    from pqd.run.config import RunConfig
+    from pqd.run.pipeline import run_pipeline
 
     cfg = {
         "seed": 0,

@@ -6,9 +6,9 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from pqd.bench import BASELINE, bench_run  # noqa: E402
 from pqd.cli import main  # noqa: E402
-from pqd.export import available  # noqa: E402
+from pqd.commands.bench import BASELINE, bench_run  # noqa: E402
+from pqd.deploy.runtimes import available  # noqa: E402
 
 
 @pytest.mark.slow

@@ -8,15 +8,17 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
+from pqd.commands.export import INT8_ONNX, TEACHER_ONNX, export_run
+from pqd.deploy.runtimes import require
 from pqd.errors import PqdError  # noqa: E402
-from pqd.export import INT8_ONNX, TEACHER_ONNX, export_run, load_run, require  # noqa: E402
+from pqd.run.rundir import RunDir  # noqa: E402
 
 
 def test_missing_runtime_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
     with pytest.raises(PqdError, match=r"pip install 'pqd\[openvino\]'"):
         require("openvino")
-    from pqd.bench import _resolve_runtimes
+    from pqd.commands.bench import _resolve_runtimes
 
     with pytest.raises(PqdError, match=r"pqd\[openvino\]"):
         _resolve_runtimes(["pytorch", "openvino"])
@@ -56,12 +58,12 @@ def test_int8_initializers_equal_the_pytorch_int8_weights_and_keep_pruned_zeros(
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    from pqd.stages import convert
+    from pqd.compress.student import convert_student
 
     export_run(int8_run, check=False)
-    run = load_run(int8_run)
+    run = RunDir(int8_run).load()
     inits = {i.name: i for i in onnx.load(str(int8_run / INT8_ONNX)).graph.initializer}
-    int8 = convert(run.student)
+    int8 = convert_student(run.student)
     assert run.student.masks, "the run was pruned"
     checked = 0
     for path, mask in run.student.masks.items():
@@ -84,7 +86,7 @@ def test_int8_initializers_equal_the_pytorch_int8_weights_and_keep_pruned_zeros(
 @pytest.mark.slow
 def test_openvino_runs_the_export_in_int8_with_an_f32_hint(int8_run):
     pytest.importorskip("openvino")
-    from pqd.export import OpenVinoRunner
+    from pqd.deploy.runtimes import OpenVinoRunner
 
     rec = export_run(int8_run, openvino=True)
     assert rec["checks"]["openvino_int8"]["agreement"] >= 0.99, rec["checks"]["openvino_int8"]

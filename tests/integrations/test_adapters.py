@@ -7,8 +7,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from pqd.config import PruneConfig, TrainConfig
 from pqd.data.adapters import as_dataset, as_splits
 from pqd.errors import DataError
-from pqd.registry import create_model
-from pqd.stages import Student, prune
+from pqd.models.registry import create_model
+from pqd.compress.student import Student
+from pqd.stages.prune import prune
 
 
 def _pair(n=64, float_images=True):

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from pqd.compress.qat import calibrate, convert, prepare_ptq, to_torchscript
 from pqd.errors import DataError
 from pqd.integrations.evaluation import evaluate, predict
-from pqd.qat import calibrate, convert, prepare_ptq, to_torchscript
-from pqd.registry import create_model
+from pqd.models.registry import create_model
 
 
 def test_evaluate_fp32_int8_and_torchscript_on_a_dataloader():

@@ -9,9 +9,9 @@ import torch
 
 pytest.importorskip("lightning", reason="PyTorch Lightning is not installed (pqd's 'lightning' extra)")
 
-from pqd.qat import prepare_qat  # noqa: E402
-from pqd.registry import create_model  # noqa: E402
-from pqd.stages import Student, convert  # noqa: E402
+from pqd.compress.qat import prepare_qat  # noqa: E402
+from pqd.models.registry import create_model  # noqa: E402
+from pqd.compress.student import convert_student, Student  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "LIGHTNING.md"
@@ -27,7 +27,7 @@ def test_lightning_example_runs(tmp_path, monkeypatch):
     assert cb.quantized and type(module.model).__name__ == "GraphModule"
     fq = [m for m in module.model.modules() if hasattr(m, "observer_enabled")]
     assert fq and all(int(m.observer_enabled) == 0 for m in fq), "observers must be frozen from freeze_epoch on"
-    ref = convert(Student(prepare_qat(create_model("resnet18", num_classes=10, width=0.125), torch.zeros(2, 3, 32, 32)), form="qat"))
+    ref = convert_student(Student(prepare_qat(create_model("resnet18", num_classes=10, width=0.125), torch.zeros(2, 3, 32, 32)), form="qat"))
     assert {n: type(m).__name__ for n, m in int8.named_modules()} == {n: type(m).__name__ for n, m in ref.named_modules()}
     zeros = total = 0
     for path, mask in cb.masks.items():
@@ -72,7 +72,7 @@ def test_kd_changes_the_loss_and_trains_the_teacher_not():
     L.Trainer(**kw).fit(M(student), loader)
     cb = PQDCallback(teacher=teacher, temperature=2.0, alpha=0.5)
     L.Trainer(callbacks=[cb], **kw).fit(M(student), loader)
-    from pqd.kd import kd_loss
+    from pqd.compress.kd import kd_loss
 
     student.train()
     expected = kd_loss(student(x), teacher(x), y, temperature=2.0, alpha=0.5).item()

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from pqd.qat import prepare_qat
-from pqd.registry import create_model
-from pqd.sparsity import global_sparsity
-from pqd.stages import Student, convert
+from pqd.compress.qat import prepare_qat
+from pqd.compress.sparsity import global_sparsity
+from pqd.models.registry import create_model
+from pqd.compress.student import convert_student, Student
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "PLAIN_LOOP.md"
@@ -17,7 +17,7 @@ DOC = ROOT / "docs" / "PLAIN_LOOP.md"
 def pipeline_form(num_classes: int, shape: tuple[int, ...]) -> dict[str, str]:
     """Module path -> class of the INT8 model the pipeline's convert makes for the same architecture."""
     model = create_model("resnet18", num_classes=num_classes, width=0.125)
-    int8 = convert(Student(prepare_qat(model, torch.zeros(2, *shape)), form="qat"))
+    int8 = convert_student(Student(prepare_qat(model, torch.zeros(2, *shape)), form="qat"))
     return {n: type(m).__name__ for n, m in int8.named_modules()}
 
 

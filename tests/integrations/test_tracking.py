@@ -3,7 +3,7 @@ import sys
 import pytest
 
 from pqd.errors import ConfigError
-from pqd.integrations.tracking import NullTracker, flatten_metrics, make_tracker
+from pqd.train.tracking import NullTracker, flatten_metrics, make_tracker
 
 
 def test_flatten_keeps_numbers_only():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pqd.errors import ModelError
-from pqd.registry import create_model, list_models
+from pqd.models.registry import create_model, list_models
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -45,7 +45,7 @@ def test_user_model_by_import_path(monkeypatch):
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 7)
 
 
-@pytest.mark.parametrize("name, fragment", [("resnet19", "Did you mean 'resnet18'"), ("no_such_pkg_x:f", "cannot import"), ("pqd.registry:nope", "no attribute")])
+@pytest.mark.parametrize("name, fragment", [("resnet19", "Did you mean 'resnet18'"), ("no_such_pkg_x:f", "cannot import"), ("pqd.models.registry:nope", "no attribute")])
 def test_model_errors(name, fragment):
     with pytest.raises(ModelError, match=fragment):
         create_model(name)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import pqd
+from pqd.commands.peers import NncfPtqConfig, nncf_ptq, peer_worker_spec, time_peer
+from pqd.commands.peers.nncf_ptq import ARTEFACTS, PREDICTIONS, RECORD, TEACHER_ONNX
 from pqd.errors import ConfigError, PqdError
-from pqd.peers import NncfPtqConfig, nncf_ptq, peer_worker_spec, time_peer
-from pqd.peers.nncf_ptq import ARTEFACTS, PREDICTIONS, RECORD, TEACHER_ONNX
 
 HAVE_NNCF = importlib.util.find_spec("nncf") is not None
 HAVE_OV = importlib.util.find_spec("openvino") is not None
@@ -21,7 +21,7 @@ needs = pytest.mark.skipif(not (HAVE_NNCF and HAVE_OV and HAVE_ORT),
 @pytest.fixture(scope="module")
 def digits_teacher():
     from pqd.data import load_data
-    from pqd.registry import create_model
+    from pqd.models.registry import create_model
     from pqd.train.loop import train
 
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def test_nncf_ptq_openvino_on_a_tiny_model(digits_teacher, tmp_path):
     assert (preds == data.test.y.numpy()).mean() == pytest.approx(ev["top1"]["top1"])
     assert json.loads((tmp_path / RECORD).read_text())["evaluation"]["n"] == 100
     # the OpenVINO CPU plugin really runs layers in int8
-    from pqd.runtimes import OpenVinoRunner
+    from pqd.deploy.runtimes import OpenVinoRunner
 
     r = OpenVinoRunner(tmp_path / ARTEFACTS["openvino"], threads=1, batch_sizes=(1,))
     assert r.settings["int8_layers"] is None or r.settings["int8_layers"] > 0
@@ -97,7 +97,7 @@ def test_nncf_ptq_onnx_backend_and_calibration_iterable(digits_teacher, tmp_path
 
 @needs
 def test_peer_run_writes_metrics(digits_teacher, tmp_path):
-    from pqd.peers import peer_run
+    from pqd.commands.peers import peer_run
     from pqd.train.checkpoint import save_checkpoint
 
     teacher, _ = digits_teacher

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from pqd.config import RunConfig
+from pqd.commands.report import build_report, dominators, pareto_front
+from pqd.commands.sweep import ResultTable, Run, row_for
 from pqd.errors import PqdError
-from pqd.report import build_report, dominators, pareto_front
-from pqd.sweep import ResultTable, Run, row_for
+from pqd.run.config import RunConfig
 
 MAX_MIN_MIN = ("max", "min", "min")  # accuracy up, size down, latency down
 
@@ -111,8 +111,8 @@ def test_report_files_with_tables_and_embedded_plots(synthetic_sweep):
 
 
 def test_report_without_proxies_says_so(synthetic_sweep):
-    import sqlite3
     import json
+    import sqlite3
 
     with sqlite3.connect(synthetic_sweep / "results.sqlite") as db:
         for rid, mj in db.execute("SELECT run_id, metrics_json FROM runs").fetchall():
@@ -137,7 +137,7 @@ def test_report_intervals_latency_sides_and_pairwise_mcnemar(tmp_path):
     import numpy as np
 
     from pqd.measure.stats import holm, mcnemar_pooled
-    from pqd.rundir import RunDir
+    from pqd.run.rundir import RunDir
 
     n = 400
     y = np.arange(n) % 10

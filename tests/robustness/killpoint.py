@@ -52,8 +52,8 @@ def die() -> None:
 
 import torch  # noqa: E402
 
-import pqd.pipeline as pl  # noqa: E402
-import pqd.rundir as rd  # noqa: E402
+import pqd.run.pipeline as pl  # noqa: E402
+import pqd.run.rundir as rd  # noqa: E402
 import pqd.train.checkpoint as ck  # noqa: E402
 
 

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from rbhelpers import tiny, write_config
 
 from pqd.cli import main
-from pqd.config import RunConfig, Section, load_config
+from pqd.config import Section
 from pqd.errors import ConfigError, PqdError
+from pqd.run.config import RunConfig, load_config
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -252,7 +253,7 @@ def test_corrupt_config_yaml_in_run_dir_exits_2(capsys, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny())
     out = tmp_path / "run"
     out.mkdir()
-    from pqd.fsguard import mark_dir
+    from pqd.safety.fsguard import mark_dir
 
     mark_dir(out, kind="run")  # a pqd run folder whose config.yaml got damaged (an unmarked one is refused as not pqd's)
     (out / "config.yaml").write_bytes(b"seed: [\xff")

@@ -13,7 +13,7 @@ from rbhelpers import folder_config, read_metrics, tiny, write_config, write_fol
 from safetensors.torch import save_file
 
 from pqd.cli import main
-from pqd.registry import create_model
+from pqd.models.registry import create_model
 
 
 def _fails_before_training(capsys, tmp_path, cfg: dict, *fragments: str) -> str:

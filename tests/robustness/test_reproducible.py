@@ -9,10 +9,11 @@ import pytest
 import torch
 from rbhelpers import cli_env, pqd_cmd, read_metrics, tiny, write_config
 
-from pqd.config import RunConfig
-from pqd.pipeline import run_pipeline
-from pqd.registry import create_model
-from pqd.stages import Student, convert, prepare
+from pqd.models.registry import create_model
+from pqd.run.config import RunConfig
+from pqd.run.pipeline import run_pipeline
+from pqd.compress.qat import prepare
+from pqd.compress.student import convert_student, Student
 from pqd.train.checkpoint import load_checkpoint
 
 
@@ -44,7 +45,7 @@ def test_prune_then_ptq_deploys_the_saved_calibration(tmp_path):
     tensors, _ = load_checkpoint(tmp_path / "stages" / "2_quantize" / "student.safetensors")
     saved = prepare(create_model("resnet18", num_classes=10, width=0.125), torch.zeros(2, 3, 32, 32), mode="ptq")
     saved.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    expected = convert(Student(saved, {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, "ptq"))
+    expected = convert_student(Student(saved, {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, "ptq"))
     deployed = torch.jit.load(str(tmp_path / "model_int8.pt"))
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -9,9 +9,9 @@ import logging
 import pytest
 from rbhelpers import tiny
 
-from pqd.config import RunConfig
 from pqd.errors import ModelError
-from pqd.pipeline import run_pipeline
+from pqd.run.config import RunConfig
+from pqd.run.pipeline import run_pipeline
 
 
 def _config(factory: str, stages: str = "P:1,Q:1,D:1", teacher_epochs: int = 6) -> RunConfig:

@@ -16,8 +16,12 @@ import torch
 from torch import nn
 
 from pqd.config import DistillConfig, PruneConfig, QuantizeConfig, TrainConfig
-from pqd.registry import create_model
-from pqd.stages import Student, distill, prepare, prune, quantize
+from pqd.models.registry import create_model
+from pqd.compress.qat import prepare
+from pqd.compress.student import Student
+from pqd.stages.distill import distill
+from pqd.stages.prune import prune
+from pqd.stages.quantize import quantize
 
 CFG = TrainConfig(batch_size=32, progress=False, channels_last=False)
 

@@ -6,8 +6,10 @@ import torch.nn.functional as F
 
 from pqd.config import DistillConfig, TrainConfig
 from pqd.measure import agreement, predict
-from pqd.registry import create_model
-from pqd.stages import Student, distill, kd_loss
+from pqd.models.registry import create_model
+from pqd.compress.kd import kd_loss
+from pqd.compress.student import Student
+from pqd.stages.distill import distill
 from pqd.train import train
 
 CFG = TrainConfig(batch_size=32, progress=False)

@@ -1,15 +1,23 @@
-"""pqd.sparsity, pqd.qat and pqd.kd used outside pqd's loop."""
+"""pqd.compress.sparsity, pqd.compress.qat and pqd.compress.kd used outside pqd's loop."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pqd.compress.kd import KDLoss, kd_loss
+from pqd.compress.qat import calibrate, convert, prepare_ptq, prepare_qat
+from pqd.compress.sparsity import (
+    GlobalPruner,
+    MagnitudeImportance,
+    Masks,
+    RandomImportance,
+    agp_sparsity,
+    global_sparsity,
+    oneshot_sparsity,
+)
 from pqd.errors import ConfigError, ModelError
-from pqd.kd import KDLoss, kd_loss
-from pqd.qat import calibrate, convert, prepare_ptq, prepare_qat
-from pqd.registry import create_model
-from pqd.sparsity import GlobalPruner, Masks, MagnitudeImportance, RandomImportance, agp_sparsity, global_sparsity, oneshot_sparsity
+from pqd.models.registry import create_model
 
 
 def _model():

@@ -3,8 +3,10 @@ import torch
 
 from pqd.config import PruneConfig, TrainConfig
 from pqd.errors import ConfigError
-from pqd.registry import create_model
-from pqd.stages import Student, global_sparsity, prunable_layers, prune, sparsity_at
+from pqd.models.registry import create_model
+from pqd.compress.sparsity import global_sparsity, prunable_layers, sparsity_at
+from pqd.compress.student import Student
+from pqd.stages.prune import prune
 from pqd.stages.prune import compute_masks
 
 CFG = TrainConfig(batch_size=32, progress=False)

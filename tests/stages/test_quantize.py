@@ -4,8 +4,11 @@ import torch
 from pqd.config import PruneConfig, QuantizeConfig, TrainConfig
 from pqd.errors import ModelError
 from pqd.measure import agreement, predict, top1
-from pqd.registry import create_model
-from pqd.stages import Student, convert, prune, quantize, to_torchscript
+from pqd.models.registry import create_model
+from pqd.compress.qat import to_torchscript
+from pqd.compress.student import convert_student, Student
+from pqd.stages.prune import prune
+from pqd.stages.quantize import quantize
 from pqd.train import train
 
 CFG = TrainConfig(batch_size=32, progress=False)
@@ -33,7 +36,7 @@ def test_qat_keeps_masks_and_int8_agrees_with_fake_quant(tiny_data, trained):
         mod = q.model.get_submodule(path)
         fq = mod.weight_fake_quant(mod.weight)
         assert torch.all(fq[~mask] == 0), path
-    int8 = convert(q)
+    int8 = convert_student(q)
     for path, mask in q.masks.items():
         w = int8.get_submodule(path).weight()
         assert w.dtype == torch.qint8
@@ -59,7 +62,7 @@ def test_ptq_calibrates_without_training(tiny_data, trained):
     before = {k: v.clone() for k, v in trained.state_dict().items()}
     q = quantize(Student(_copy(trained)), QuantizeConfig(mode="ptq", calibration_batches=2), data=tiny_data, epochs=0, train_config=CFG)
     assert q.form == "ptq"
-    int8 = convert(q)
+    int8 = convert_student(q)
     acc = top1(predict(int8, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std), tiny_data.test.y)
     ref = top1(predict(trained, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std), tiny_data.test.y)
     assert acc >= ref - 0.1
@@ -68,7 +71,7 @@ def test_ptq_calibrates_without_training(tiny_data, trained):
 
 def test_quantize_twice_and_convert_fp32_are_errors(tiny_data, trained):
     with pytest.raises(ModelError, match="quantize stage first"):
-        convert(Student(trained))
+        convert_student(Student(trained))
     with pytest.raises(ModelError, match="already quantized"):
         quantize(Student(trained, form="qat"), QuantizeConfig(), data=tiny_data, epochs=1, train_config=CFG)
 
@@ -94,8 +97,8 @@ def test_untraceable_model_gets_a_clear_error(tiny_data):
 @pytest.mark.parametrize("name", ["resnet18", "vgg16_bn", "wrn_28_10"])
 def test_builtin_models_quantize_completely(name):
     """Every op of the built-in backbones runs on integer kernels: nothing is left in float."""
-    from pqd.stages.quantize import float_modules, prepare
+    from pqd.compress.qat import float_modules, prepare
 
     m = prepare(create_model(name, width=0.125), torch.zeros(2, 3, 32, 32), mode="ptq")
     m(torch.randn(4, 3, 32, 32))
-    assert float_modules(convert(Student(m, form="ptq"))) == []
+    assert float_modules(convert_student(Student(m, form="ptq"))) == []

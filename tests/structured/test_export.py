@@ -3,13 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from pqd.runtimes import available
-from pqd.structured.graph import ChannelGraph, prune_to_widths
-from pqd.structured.importance import uniform_widths
-from pqd.structured.latency_model import export_int8
-
 from test_graph import MODELS, X, trained_bn
+
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths
+from pqd.compress.channels.importance import uniform_widths
+from pqd.deploy.runtimes import available
+from pqd.structured.latency_model import export_int8
 
 pytestmark = pytest.mark.skipif(not (available("onnx") and available("onnxscript") and available("onnxruntime")),
                                 reason="needs pqd[onnx]")
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.skipif(not (available("onnx") and available("onnxscript
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_pruned_model_exports_int8_and_runs(tmp_path, name):
-    from pqd.runtimes import OpenVinoRunner, OrtRunner
+    from pqd.deploy.runtimes import OpenVinoRunner, OrtRunner
 
     model = trained_bn(MODELS[name]())
     graph = ChannelGraph(model, X)

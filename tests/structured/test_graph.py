@@ -1,15 +1,14 @@
 from __future__ import annotations
 
+import pqd_user_models as um
 import pytest
 import torch
-
-from pqd.errors import ModelError
-from pqd.registry import create_model
-from pqd.structured.graph import ChannelGraph, count_macs, prune_to_widths, round_width
-from pqd.structured.importance import global_widths, group_scores, uniform_widths
-
-import pqd_user_models as um
 from structured_user_models import SENet
+
+from pqd.compress.channels.graph import ChannelGraph, count_macs, prune_to_widths, round_width
+from pqd.compress.channels.importance import global_widths, group_scores, uniform_widths
+from pqd.errors import ModelError
+from pqd.models.registry import create_model
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -103,7 +102,7 @@ def test_taylor_uses_gradients(tiny_data):
 
 
 def test_refuses_quantized_models():
-    from pqd.stages.quantize import prepare
+    from pqd.compress.qat import prepare
 
     model = create_model("resnet18", num_classes=10, width=0.125)
     qat = prepare(model, X, mode="qat")

@@ -7,9 +7,9 @@ import torch
 
 import pqd.structured.latency_model as L
 import pqd.structured.search as S
-from pqd.config import load_config
-from pqd.pipeline import run_pipeline
-from pqd.rundir import RunDir
+from pqd.run.config import load_config
+from pqd.run.pipeline import run_pipeline
+from pqd.run.rundir import RunDir
 
 TINY = """
 seed: 0

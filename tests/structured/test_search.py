@@ -5,15 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from pqd.errors import ConfigError, ModelError
-from pqd.registry import create_model
-from pqd.structured import latency_model as L
-from pqd.structured.graph import ChannelGraph
-from pqd.structured.importance import group_scores
-from pqd.structured.search import cost_function, greedy_widths, search
-
 from structured_user_models import Plain
+
+from pqd.compress.channels.graph import ChannelGraph
+from pqd.compress.channels.importance import group_scores
+from pqd.errors import ConfigError, ModelError
+from pqd.models.registry import create_model
+from pqd.structured import latency_model as L
+from pqd.structured.search import cost_function, greedy_widths, search
 
 X = torch.zeros(2, 3, 32, 32)
 
@@ -101,7 +100,7 @@ def test_latency_relative_to_the_same_runs_dense_model_removes_drift_between_run
     cannot explain both, a fit of the ratio to each run's dense reading can (exactly, here)."""
     model = create_model("resnet18", num_classes=10, width=0.25).eval()
     graph = ChannelGraph(model, X)
-    from pqd.structured.importance import uniform_widths
+    from pqd.compress.channels.importance import uniform_widths
 
     def true_ms(w):  # MACs plus a constant
         return 0.2 + sum(r.macs for r in graph.layer_shapes(w)) / 1e6
@@ -135,7 +134,7 @@ def test_latency_anchored_to_dense_and_floor_readings_removes_a_per_run_fixed_co
     in a run's own readings matches that run."""
     model = create_model("resnet18", num_classes=10, width=0.25).eval()
     graph = ChannelGraph(model, X)
-    from pqd.structured.importance import uniform_widths
+    from pqd.compress.channels.importance import uniform_widths
 
     def true_ms(w, speed, fixed):
         return fixed + speed * (0.2 + sum(r.macs for r in graph.layer_shapes(w)) / 1e6)
@@ -190,8 +189,8 @@ def test_margin_keeps_correcting_until_the_measured_latency_leaves_room(monkeypa
     dense = stopwatch({"d": model})["d"]
     kw = dict(target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.6, dense_ms=dense, scores=scores,
               max_iters=6, use_cache=False)
-    from pqd.structured.graph import prune_to_widths
-    from pqd.structured.importance import uniform_widths
+    from pqd.compress.channels.graph import prune_to_widths
+    from pqd.compress.channels.importance import uniform_widths
 
     def lm():
         m = _macs_model(graph)
@@ -222,7 +221,7 @@ def test_search_grows_a_model_measured_far_under_its_goal(monkeypatch):
     in (a deterministic stand-in stopwatch): the first model lands far under the budget, and the search
     loosens its target toward the budget and keeps the measured model nearest under it."""
     import pqd.structured.search as S
-    from pqd.structured.graph import prune_to_widths
+    from pqd.compress.channels.graph import prune_to_widths
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10, width=0.25).eval()

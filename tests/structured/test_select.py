@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from pqd.compress.channels.graph import ChannelGraph
+from pqd.compress.channels.importance import group_scores, uniform_widths
 from pqd.errors import ConfigError
-from pqd.registry import create_model
+from pqd.models.registry import create_model
 from pqd.structured import latency_model as L
-from pqd.structured.graph import ChannelGraph
-from pqd.structured.importance import group_scores, uniform_widths
 from pqd.structured.search import cost_function, refill_widths, search
 from pqd.structured.select import adapt_bn, adapted_bn_ranker, choose, fit_scale, normalized_images, width_recipes
 
@@ -161,7 +161,7 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
     first measurement miss; a stand-in ranker prefers the uniform recipe. The record lists every
     candidate; later iterations keep the uniform recipe."""
     import pqd.structured.search as S
-    from pqd.structured.graph import prune_to_widths
+    from pqd.compress.channels.graph import prune_to_widths
 
     model, graph, scores = resnet
 

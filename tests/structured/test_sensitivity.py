@@ -2,12 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from structured_user_models import Plain
 
-from pqd.structured.graph import ChannelGraph, trace_layers
+from pqd.compress.channels.graph import ChannelGraph, trace_layers
 from pqd.structured.sensitivity import analyze, analyze_main, read_csv, write
 from pqd.train.loop import train
-
-from structured_user_models import Plain
 
 
 def test_rows_per_group_and_per_layer(tiny_data, tmp_path):
@@ -26,8 +25,8 @@ def test_rows_per_group_and_per_layer(tiny_data, tmp_path):
     assert [r["layer"] for r in quant_rows] == [layer.name for layer in layers]
     assert all(0 <= r["accuracy"] <= 1 and abs(r["baseline"] - r["accuracy"] - r["drop"]) < 1e-9 for r in rows)
     # a row's accuracy is that of the model with only that group pruned
+    from pqd.compress.channels.graph import prune_to_widths
     from pqd.measure.accuracy import predict, top1
-    from pqd.structured.graph import prune_to_widths
 
     row = prune_rows[0]
     alone = prune_to_widths(model, {row["group"]: row["kept"]}, example=x, round_to=1)

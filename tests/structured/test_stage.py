@@ -5,17 +5,16 @@ import json
 
 import pytest
 import torch
+from structured_user_models import Plain
 
+from pqd.compress.channels.graph import ChannelGraph
+from pqd.compress.student import Student
 from pqd.config import TrainConfig
 from pqd.errors import ConfigError, ModelError
-from pqd.stages.common import Student
-from pqd.config import RunConfig
-from pqd.stages.registry import StageContext
+from pqd.run.config import RunConfig
+from pqd.stages.protocol import StageContext
 from pqd.stages.structured import STAGE, structured_prune
 from pqd.structured.config import StructuredConfig
-from pqd.structured.graph import ChannelGraph
-
-from structured_user_models import Plain
 
 
 def test_config_validates():
@@ -69,7 +68,7 @@ def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkey
 
 
 def test_stage_refuses_wrong_order(tiny_data):
-    from pqd.stages.quantize import prepare
+    from pqd.compress.qat import prepare
 
     model = Plain(num_classes=4, c=16)
     cfg = StructuredConfig()

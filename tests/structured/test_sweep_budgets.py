@@ -7,8 +7,8 @@ from pathlib import Path
 import pqd.structured.latency_model as L
 import pqd.structured.search as S
 from pqd.cli import main
-from pqd.report import build_report
-from pqd.sweep import run_sweep
+from pqd.commands.report import build_report
+from pqd.commands.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 

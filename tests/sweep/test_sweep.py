@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-import pqd.pipeline
-import pqd.stages.registry  # noqa: F401 (loads the stage modules the spies patch)
-from pqd.config import RunConfig
+import pqd.run.pipeline
+import pqd.stages.protocol  # noqa: F401 (loads the stage modules the spies patch)
+from pqd.commands.sweep import TIMING_COLUMNS, expand, finished_metrics, read_table, run_sweep, teacher_identity
 from pqd.errors import ConfigError, PqdError
-from pqd.sweep import TIMING_COLUMNS, expand, finished_metrics, read_table, run_sweep, teacher_identity
+from pqd.run.config import RunConfig
 
 
 def _base():
@@ -117,8 +117,8 @@ def swept(tmp_path_factory):
     Records how often the teacher was trained and the stages ran in each attempt.
     """
     out = tmp_path_factory.mktemp("sweep")
-    # teacher training (pqd.pipeline.train) and the stage functions the registry's adapters call
-    where = {"train": pqd.pipeline, **{n: sys.modules[f"pqd.stages.{n}"] for n in ("prune", "quantize", "distill")}}
+    # teacher training (pqd.run.pipeline.train) and the stage functions the registry's adapters call
+    where = {"train": pqd.run.pipeline, **{n: sys.modules[f"pqd.stages.{n}"] for n in ("prune", "quantize", "distill")}}
     real = {n: getattr(where[n], n) for n in where}
     calls = []
 
@@ -177,7 +177,7 @@ def test_finished_runs_are_skipped_without_touching_the_pipeline(swept, monkeypa
     def boom(*a, **k):
         raise AssertionError("a finished run was executed again")
 
-    monkeypatch.setattr(pqd.pipeline, "run_pipeline", boom)  # the one path for teacher (dense) and pipeline runs
+    monkeypatch.setattr(pqd.run.pipeline, "run_pipeline", boom)  # the one path for teacher (dense) and pipeline runs
     again = run_sweep(SPEC, out, progress=False)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "recorded_at"} for r in rs]  # noqa: E731
     assert strip(again) == strip(rows[-1])
@@ -249,7 +249,7 @@ def test_ray_executor_gives_the_local_table(swept, tmp_path, monkeypatch):
     from pathlib import Path
 
     out, _, rows, _ = swept
-    src = str(Path(pqd.pipeline.__file__).resolve().parents[1])
+    src = str(Path(pqd.run.pipeline.__file__).resolve().parents[1])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -340,8 +340,7 @@ def test_evidence_sweeps_dry_run(name, capsys):
 
 
 def test_peer_runs_in_the_sweep_table_with_runtime_labels_and_failures_do_not_stop_it(tmp_path, monkeypatch):
-    import pqd.peers
-
+    import pqd.commands.peers
     from pqd.measure.speedup import speedup_summary
 
     def fake_peer_run(config, out_dir, *, peer):
@@ -361,7 +360,7 @@ def test_peer_runs_in_the_sweep_table_with_runtime_labels_and_failures_do_not_st
 
     spec = {**SPEC, "base": _base() | {"teacher": {"epochs": 1, "lr": 0.05}},
             "variants": {"nncf": {"peer": "nncf_ptq"}, "dense": {"stages": ""}}}
-    monkeypatch.setattr(pqd.peers, "peer_run", fake_peer_run)
+    monkeypatch.setattr(pqd.commands.peers, "peer_run", fake_peer_run)
     rows = {r["variant"]: r for r in run_sweep(spec, tmp_path, progress=False)}
     peer, dense = rows["nncf"], rows["dense"]
     assert peer["kind"] == "peer" and peer["peer"] == "nncf_ptq" and peer["stage_order"] == "peer:nncf_ptq"
@@ -371,13 +370,13 @@ def test_peer_runs_in_the_sweep_table_with_runtime_labels_and_failures_do_not_st
     assert dense["lat_teacher_label"] == "teacher FP32 @ PyTorch eager" and dense["test_n"] == 128 and dense["test_full_split"] == 0
     assert dense["final_top1_ci_low"] < dense["final_top1"] < dense["final_top1_ci_high"]
     # resume: the finished peer run is skipped (its saved config, with the peer key, matches)
-    monkeypatch.setattr(pqd.peers, "peer_run", lambda *a, **k: pytest.fail("a finished peer run must be skipped"))
+    monkeypatch.setattr(pqd.commands.peers, "peer_run", lambda *a, **k: pytest.fail("a finished peer run must be skipped"))
     assert len(run_sweep(spec, tmp_path, progress=False)) == 2
 
     def missing(config, out_dir, *, peer):
         raise PqdError("the NNCF peer baseline needs NNCF: pip install 'pqd[peers]'")
 
-    monkeypatch.setattr(pqd.peers, "peer_run", missing)
+    monkeypatch.setattr(pqd.commands.peers, "peer_run", missing)
     spec2 = {**spec, "variants": {"nncf": {"peer": "nncf_ptq"}, "qat": {"stages": "Q:1"}}}
     with pytest.raises(PqdError, match=r"1 of 3 runs failed \(nncf__seed0: .*pqd\[peers\]"):
         run_sweep(spec2, tmp_path / "b", progress=False)

@@ -12,7 +12,7 @@ from conftest import _blobs  # noqa: E402
 from pqd.config import TrainConfig  # noqa: E402
 from pqd.data import Splits  # noqa: E402
 from pqd.measure import predict, top1  # noqa: E402
-from pqd.registry import create_model  # noqa: E402
+from pqd.models.registry import create_model  # noqa: E402
 from pqd.train import train  # noqa: E402
 
 out = Path(sys.argv[1])

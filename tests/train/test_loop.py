@@ -8,7 +8,7 @@ import torch
 
 from pqd.config import TrainConfig
 from pqd.measure import predict, top1
-from pqd.registry import create_model
+from pqd.models.registry import create_model
 from pqd.train import train
 from pqd.train.loop import apply_masks
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pqd.errors import DatabaseLockedError, DiskFullError, ReadOnlyStorageError, RunDirBusy, RunDirError, StorageError
-from pqd.fsguard import (
+from pqd.safety.fsguard import (
     LOCK,
     MARKER,
     DirLock,
@@ -128,7 +128,7 @@ def test_modes_follow_umask(tmp_path: Path, umask: int, mode: int):
 HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {src!r})
-    from pqd.fsguard import DirLock
+    from pqd.safety.fsguard import DirLock
     with DirLock({path!r}):
         print("locked", flush=True)
         time.sleep(60)
@@ -239,7 +239,7 @@ def test_non_utf8_path_and_unrelated_errors(tmp_path: Path):
 
 
 def test_rescue_write_keeps_results_when_the_final_write_fails(tmp_path: Path, monkeypatch):
-    from pqd.fsguard import rescue_write
+    from pqd.safety.fsguard import rescue_write
 
     real_replace = os.replace
 
@@ -260,7 +260,7 @@ def test_rescue_write_keeps_results_when_the_final_write_fails(tmp_path: Path, m
 def test_every_pqd_writer_records_so_safe_replace_keeps_working(tmp_path: Path):
     # `pqd bench` rewrites metrics.json with the plain atomic writer; a later `pqd run`
     # re-measuring the run must still be allowed to replace it
-    from pqd.fsguard import record_written
+    from pqd.safety.fsguard import record_written
 
     run = tmp_path / "run"
     check_writable_run_dir(run, expected_files=RUN_FILES)
@@ -274,7 +274,7 @@ def test_every_pqd_writer_records_so_safe_replace_keeps_working(tmp_path: Path):
 
 
 def test_non_utf8_out_path_refused_before_any_work(tmp_path: Path):
-    from pqd.fsguard import check_path_encodable
+    from pqd.safety.fsguard import check_path_encodable
 
     weird = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run-caf\xe9")
     with pytest.raises(StorageError, match=r"run-caf\\xe9' is not a UTF-8 path"):
@@ -286,7 +286,7 @@ def test_non_utf8_out_path_refused_before_any_work(tmp_path: Path):
 def test_kill_between_rename_and_manifest_update_keeps_the_file_ours(tmp_path: Path, monkeypatch, writer):
     """The kill/resume guarantee: a kill right after a file's rename (before the manifest
     records it) must not make pqd refuse its own file on resume."""
-    import pqd.fsguard as fg
+    import pqd.safety.fsguard as fg
 
     run = tmp_path / "run"
     check_writable_run_dir(run, expected_files=RUN_FILES)

@@ -10,8 +10,8 @@ from torch import nn
 
 from pqd.config import TrainConfig
 from pqd.errors import DivergenceError
-from pqd.guard import DivergenceGuard, check_sparsity, check_teacher_quality, first_nonfinite
-from pqd.registry import create_model
+from pqd.models.registry import create_model
+from pqd.train.guard import DivergenceGuard, check_sparsity, check_teacher_quality, first_nonfinite
 from pqd.train.loop import train
 
 CFG = TrainConfig(batch_size=64, progress=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pqd.errors import ConfigError, RuntimeCrash, StorageError
-from pqd.isolate import isolate_each, run_isolated
+from pqd.safety.isolate import isolate_each, run_isolated
 
 HERE = [Path(__file__).parent]
 T = "isolate_targets"

@@ -12,10 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pqd.config import DataConfig, TrainConfig
-from pqd.data import batches, load_data
-from pqd.errors import CheckpointError
-from pqd.predict import (
+from pqd.commands.predict import (
     Preprocessed,
     deployable_meta,
     deployable_torchscript,
@@ -26,6 +23,9 @@ from pqd.predict import (
     read_torchscript_meta,
     save_torchscript,
 )
+from pqd.config import DataConfig, TrainConfig
+from pqd.data import batches, load_data
+from pqd.errors import CheckpointError
 from pqd.train.loop import train
 
 
@@ -81,7 +81,8 @@ def test_torchscript_file_carries_preprocessing(digits_model, tmp_path: Path):
 
 
 def test_int8_deployable_takes_raw_images(digits_model, tmp_path: Path):
-    from pqd.stages import Student, convert, prepare
+    from pqd.compress.qat import prepare
+    from pqd.compress.student import convert_student, Student
 
     model, data = digits_model
     with warnings.catch_warnings():
@@ -89,7 +90,7 @@ def test_int8_deployable_takes_raw_images(digits_model, tmp_path: Path):
         prepared = prepare(model, torch.zeros(2, *data.image_shape), mode="ptq").eval()
         for x, _ in batches(data.train.subset(torch.arange(128)), batch_size=64, mean=data.mean, std=data.std):
             prepared(x)
-        int8 = convert(Student(prepared, {}, "ptq"))
+        int8 = convert_student(Student(prepared, {}, "ptq"))
         ts = deployable_torchscript(int8, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape)
     path = save_torchscript(ts, tmp_path / "model_int8.pt", meta=_meta(data) | {"form": "int8"})
     ref = normalised_logits(int8, data)
@@ -161,8 +162,8 @@ def test_bad_deployables(digits_model, tmp_path: Path):
 def test_onnx_deployable_with_normalisation_inside(digits_model, tmp_path: Path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from pqd.export import export_onnx
-    from pqd.predict import onnx_metadata
+    from pqd.commands.predict import onnx_metadata
+    from pqd.deploy.onnx import export_onnx
 
     model, data = digits_model
     wrapped = Preprocessed(model, data.mean, data.std, data.test.classes).eval()

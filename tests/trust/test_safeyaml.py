@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pqd.errors import ConfigError
-from pqd.safeyaml import grid_size_guard, load_yaml, parse_scalar
+from pqd.safety.safeyaml import grid_size_guard, load_yaml, parse_scalar
 
 
 def billion_laughs() -> str:

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from pqd.config import load_config
 from pqd.errors import ModelError, UntrustedCodeError
-from pqd.trustpolicy import check_config_code, resolve_model_name
+from pqd.run.config import load_config
+from pqd.safety.trustpolicy import check_config_code, resolve_model_name
 
 
 def test_downloaded_run_folder_with_helpers_module(downloaded_run):

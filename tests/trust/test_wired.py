@@ -63,7 +63,7 @@ def test_item2_second_process_refused_while_a_run_holds_the_folder(tiny: Path, t
     run = tmp_path / "r"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time; sys.path.insert(0, {SRC!r})
-        from pqd.fsguard import DirLock, check_writable_run_dir
+        from pqd.safety.fsguard import DirLock, check_writable_run_dir
         check_writable_run_dir({str(run)!r}, expected_files=[])
         with DirLock({str(run)!r}):
             print("locked", flush=True); time.sleep(120)
@@ -113,8 +113,8 @@ def test_set_float_without_dot(tiny: Path):
 
 
 def test_item11_load_run_imports_no_code(downloaded_run):
-    from pqd.compact import load_run
     from pqd.errors import UntrustedCodeError
+    from pqd.run.rundir import load_int8_module as load_run
 
     run, canary = downloaded_run
     with pytest.raises(UntrustedCodeError, match="allow_code=True"):

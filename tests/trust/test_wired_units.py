@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from pqd.config import RunConfig
 from pqd.errors import CheckpointError, DataError, DiskFullError, ModelError, UntrustedCodeError
-from pqd.rundir import RunDir, comparable_config
+from pqd.run.config import RunConfig
+from pqd.run.rundir import RunDir, comparable_config
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 
 TINY = {"stages": "P:1,D:1", "model": {"name": "resnet18", "width": 0.125},
@@ -70,7 +70,7 @@ def test_item8_wrong_stage_checkpoint_is_a_short_message(tmp_path):
 
 
 def test_item8_sqlite_disk_full_is_a_storage_error(tmp_path, monkeypatch):
-    from pqd import sweep
+    from pqd.commands import sweep
 
     table = sweep.ResultTable(tmp_path / "results.sqlite")
 
@@ -83,7 +83,7 @@ def test_item8_sqlite_disk_full_is_a_storage_error(tmp_path, monkeypatch):
 
 
 def test_item8_garbled_config_in_a_sweep_run_is_not_finished(tmp_path):
-    from pqd.sweep import expand, finished_metrics, run_dir
+    from pqd.commands.sweep import expand, finished_metrics, run_dir
 
     sw = expand({"base": TINY, "variants": {"a": {"stages": "P:1"}}}, tmp_path)
     run = [r for r in sw.runs if r.kind == "pipeline"][0]
@@ -127,7 +127,7 @@ class Net(nn.Module):
 
 
 def test_item9_leaf_modules_make_an_untraceable_model_quantizable():
-    from pqd.qat import prepare
+    from pqd.compress.qat import prepare
 
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ModelError, match="quantize.leaf_modules"):
@@ -141,7 +141,7 @@ def test_item9_leaf_modules_make_an_untraceable_model_quantizable():
 
 
 def test_item11_leaf_class_from_disk_needs_allow_code():
-    from pqd.trustpolicy import check_config_code
+    from pqd.safety.trustpolicy import check_config_code
 
     cfg = RunConfig.from_dict(TINY | {"quantize": {"leaf_modules": ["evil.mod:Block"]}})
     with pytest.raises(UntrustedCodeError):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from pqd.commands.report.degradation import degradation_rows, degradation_section
 from pqd.measure.degradation import compare_degradation, degradation_profile, slice_bounds
-from pqd.report.degradation import degradation_rows, degradation_section
 
 
 def _logits(correct: torch.Tensor, labels: torch.Tensor, k: int = 4) -> torch.Tensor:

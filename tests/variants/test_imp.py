@@ -1,15 +1,16 @@
 import pytest
 import torch
 
-from pqd.config import ImpConfig, RunConfig, TrainConfig
+from pqd.compress.sparsity import prunable_layers
+from pqd.config import ImpConfig, TrainConfig
 from pqd.errors import ConfigError
-from pqd.metrics import Metrics
-from pqd.pipeline import run_pipeline
-from pqd.registry import create_model
-from pqd.sparsity import prunable_layers
-from pqd.stages import Student
+from pqd.models.registry import create_model
+from pqd.run.config import RunConfig
+from pqd.run.metrics import Metrics
+from pqd.run.pipeline import run_pipeline
+from pqd.compress.student import Student
 from pqd.stages.imp import imp, reinitialize, segments
-from pqd.stages.registry import get_stage
+from pqd.stages.protocol import get_stage
 from pqd.train.loop import epoch_seed
 
 CFG = TrainConfig(batch_size=32, progress=False, weight_decay=0.0)

@@ -2,15 +2,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pqd.config import DistillConfig, RunConfig, TrainConfig
+from pqd.compress.kd_variants import (
+    AttentionLoss,
+    FeatureTaps,
+    HintLoss,
+    MutualLearningLoss,
+    SelfDistillationLoss,
+    attention_map,
+    auto_layers,
+)
+from pqd.compress.qat import prepare
+from pqd.compress.sparsity import GlobalPruner
+from pqd.config import DistillConfig, TrainConfig
 from pqd.errors import ConfigError, ModelError
-from pqd.kd_variants import (AttentionLoss, FeatureTaps, HintLoss, MutualLearningLoss, SelfDistillationLoss, attention_map,
-                             auto_layers)
-from pqd.pipeline import run_pipeline
-from pqd.qat import prepare
-from pqd.registry import create_model
-from pqd.sparsity import GlobalPruner
-from pqd.stages import Student
+from pqd.models.registry import create_model
+from pqd.run.config import RunConfig
+from pqd.run.pipeline import run_pipeline
+from pqd.compress.student import Student
 from pqd.stages.distill_variants import distill_variant
 
 CFG = TrainConfig(batch_size=32, progress=False)

@@ -1,14 +1,16 @@
 import pytest
 import torch
 
-from pqd.config import QuantizeConfig, RunConfig
+from pqd.compress.qat import convert, prepare
+from pqd.compress.qoptions import QuantOptions, quant_options
+from pqd.config import QuantizeConfig
 from pqd.errors import ConfigError
-from pqd.pipeline import run_pipeline
-from pqd.qat import convert, prepare
-from pqd.qoptions import QuantOptions, quant_options
-from pqd.registry import create_model
-from pqd.rundir import RunDir
-from pqd.stages import Student, quantize
+from pqd.models.registry import create_model
+from pqd.run.config import RunConfig
+from pqd.run.pipeline import run_pipeline
+from pqd.run.rundir import RunDir
+from pqd.compress.student import Student
+from pqd.stages.quantize import quantize
 
 
 def _model():

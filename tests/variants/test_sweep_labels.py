@@ -1,5 +1,5 @@
-from pqd.report.build import build_report
-from pqd.sweep import read_table, run_sweep
+from pqd.commands.report.build import build_report
+from pqd.commands.sweep import read_table, run_sweep
 
 
 def test_variants_are_labelled_in_the_sweep_table_and_the_report(digits_config, tmp_path):

@@ -10,7 +10,7 @@ Variants (teacher = dense FP32 model, final = the run's deployable INT8 model):
     openvino_fp32 / _int8     the same ONNX files in OpenVINO (CPU, precision hint f32), if installed
 
 Method: per thread count, every variant is loaded in a worker process of its own
-(:mod:`pqd._worker`; the ONNX Runtime and OpenVINO workers never import torch, as a
+(:mod:`pqd.measure.worker`; the ONNX Runtime and OpenVINO workers never import torch, as a
 deployment would not), all with that many threads. After a warm-up the coordinator
 interleaves them (:func:`pqd.measure.latency.interleave`): rounds in rotating order, one
 block per variant per round, only one worker busy at a time. A block is 50 ms of untimed
@@ -20,7 +20,7 @@ variant alike. ``runs`` timed calls at batch 1 and ``large_batch_runs`` at large
 batches; median, p90, mean and std, each also as "x faster than PyTorch FP32 eager"
 (FP32-eager time / this time, same threads, same batch, same run). Every runtime runs with
 its own defaults but the thread count (ONNX Runtime's thread spinning stays on; OpenVINO's
-precision hint is set to f32, see :mod:`pqd.runtimes`). Peak resident memory is each
+precision hint is set to f32, see :mod:`pqd.deploy.runtimes`). Peak resident memory is each
 worker's ``VmHWM`` after all its timed calls at the largest thread count (Linux's
 ``ru_maxrss`` would carry the parent's high-water mark across fork + exec). Proxies
 (parameters, MACs, MACs on non-zero weights; :mod:`pqd.measure.proxies`) sit beside the
@@ -45,10 +45,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-
 from pqd.errors import ConfigError, PqdError
 
 log = logging.getLogger("pqd.bench")
+
+STUDENT_LOADER = "pqd.run.rundir:student_model"  # how a timing worker rebuilds an FP32 final student
 
 BENCH_SCHEMA = 2  # 2: speedup_summary (same-runtime, best-vs-best, fastest; eager ratios as an extra)
 RUNTIMES = ("pytorch", "onnxruntime", "openvino")
@@ -70,7 +71,7 @@ class Variant:
     runtime: str
     precision: str  # fp32 | int8
     model: str  # teacher | final (which model's proxies apply)
-    spec: dict  # how a worker process builds it (pqd._worker)
+    spec: dict  # how a worker process builds it (pqd.measure.worker)
 
 
 def _versions() -> dict[str, str | None]:
@@ -86,7 +87,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int], seed: int) -> list[Variant]:
-    from pqd.rundir import RunDir, model_kwargs
+    from pqd.run.rundir import RunDir, model_kwargs
 
     rd = RunDir(out)
     cfg = run.config.model
@@ -102,7 +103,8 @@ def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int
         if run.quantized:
             vs.append(Variant("pytorch_int8", "pytorch", "int8", "final", base | {"kind": "torchscript", "path": str(run.deployed_file)}))
         else:
-            vs.append(Variant("pytorch_fp32_final", "pytorch", "fp32", "final", base | {"kind": "eager_student", "run_dir": str(out)}))
+            vs.append(Variant("pytorch_fp32_final", "pytorch", "fp32", "final", base | {"kind": "eager_student", "run_dir": str(out),
+                                                                                         "loader": STUDENT_LOADER}))
     for rt in ("onnxruntime", "openvino"):
         if rt in runtimes:
             vs.append(Variant(f"{rt}_fp32", rt, "fp32", "teacher", base | {"kind": rt, "path": str(rd.file(rd.TEACHER_ONNX))}))
@@ -111,7 +113,7 @@ def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int
 
 
 def _resolve_runtimes(runtimes: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
-    from pqd.export import available
+    from pqd.deploy.runtimes import available
 
     explicit = runtimes is not None
     wanted = list(RUNTIMES) if runtimes is None else list(runtimes)
@@ -151,7 +153,7 @@ def bench_run(
     native runtime crash) is listed under ``failed`` and left out, the others still report.
     The run folder is locked meanwhile; model code named by import path needs ``allow_code``.
     """
-    from pqd.rundir import RunDir
+    from pqd.run.rundir import RunDir
 
     with RunDir(run_dir).claim():
         return _bench_run(run_dir, threads=threads, batch_sizes=batch_sizes, warmup=warmup, runs=runs,
@@ -161,12 +163,12 @@ def bench_run(
 
 def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs, runtimes, rss, write, force_export, seed,
                allow_code) -> dict:
-    from pqd.export import export_run
-    from pqd.rundir import RunDir
+    from pqd.commands.export import export_run
     from pqd.measure import environment
     from pqd.measure.latency import LARGE_BATCH_BLOCKS, SMALL_BATCH_BLOCKS, interleave
-    from pqd.measure.workers import start_workers
     from pqd.measure.proxies import proxies
+    from pqd.measure.workers import start_workers
+    from pqd.run.rundir import RunDir
 
     threads = tuple(threads) if threads else default_threads()
     if any(t < 1 for t in threads) or any(b < 1 for b in batch_sizes) or runs < 1 or large_batch_runs < 1 or warmup < 0:
@@ -248,15 +250,15 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
 
 
 def _probe(variants: list, model: str) -> dict[str, str]:
-    """Load and call each variant once in a process of its own (:func:`pqd.isolate.run_isolated`):
+    """Load and call each variant once in a process of its own (:func:`pqd.safety.isolate.run_isolated`):
     the names of those that crash or fail, with the reason. The FP32 baseline must work."""
     from pqd.errors import RuntimeCrash
-    from pqd.isolate import run_isolated
+    from pqd.safety.isolate import run_isolated
 
     failed: dict[str, str] = {}
     for v in variants:
         try:
-            run_isolated("pqd._worker:probe", {"spec": v.spec | {"threads": 1}}, timeout=600, runtime=v.name, model=model)
+            run_isolated("pqd.measure.worker:probe", {"spec": v.spec | {"threads": 1}}, timeout=600, runtime=v.name, model=model)
         except (RuntimeCrash, PqdError) as exc:
             if v.name == BASELINE:
                 raise
@@ -266,8 +268,8 @@ def _probe(variants: list, model: str) -> dict[str, str]:
 
 
 def _write(out: Path, result: dict) -> None:
-    from pqd.fsguard import rescue_write
-    from pqd.rundir import RunDir
+    from pqd.run.rundir import RunDir
+    from pqd.safety.fsguard import rescue_write
     from pqd.train.checkpoint import atomic_write_bytes
 
     rd = RunDir(out)

@@ -1,6 +1,6 @@
 """``pqd predict``: classify image files with a run's deployed model, the way a user would.
 
-The deployable format (raw-image input, preprocessing record) is :mod:`pqd.deployable`.
+The deployable format (raw-image input, preprocessing record) is :mod:`pqd.deploy.deployable`.
 :func:`predict_files` decodes image files with PIL, resizes (shorter side) and centre-crops
 them to the model's input size and returns class names with probabilities;
 :func:`predict_main` is ``pqd predict RUN_DIR|MODEL IMAGE...``.
@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from pqd.errors import CheckpointError, DataError, PqdError
-from pqd.deployable import (  # noqa: F401  (re-exported: the deployable format)
+from pqd.deploy.deployable import (  # noqa: F401  (re-exported: the deployable format)
     DEPLOYABLE_NAMES,
     FORMAT,
     IMAGE_SUFFIXES,
@@ -33,6 +32,7 @@ from pqd.deployable import (  # noqa: F401  (re-exported: the deployable format)
     save_torchscript,
     validate_meta,
 )
+from pqd.errors import CheckpointError, DataError, PqdError
 
 __all__ = [
     "FORMAT", "META_NAME", "DEPLOYABLE_NAMES", "Preprocessed", "normalized_callable", "deployable_meta", "deployable_torchscript",
@@ -44,9 +44,10 @@ __all__ = [
 def _legacy_meta(run_dir: Path) -> dict[str, Any] | None:
     """Preprocessing of a run written before deployables carried it: the compact file's meta."""
     try:
-        from pqd.compact import FILE_NAME, read_compact
+        from pqd.deploy.compact import read_compact
+        from pqd.run.rundir import RunDir
 
-        _, cm = read_compact(run_dir / FILE_NAME)
+        _, cm = read_compact(run_dir / RunDir.COMPACT)
     except (PqdError, OSError, ImportError):
         return None
     if not all(k in cm for k in ("mean", "std", "image_shape")):

@@ -11,7 +11,7 @@ A sweep file holds a base config, named variants (overrides of the base) and gri
       sparsity:
         stages: "P:1,Q:2,D:2"
         grid: {prune.sparsity: [0.5, 0.9], seed: [0]}   # per-variant axes replace global ones of the same name
-      nncf_ptq: {peer: nncf_ptq}                  # a peer baseline (pqd.peers) of the variant's teacher
+      nncf_ptq: {peer: nncf_ptq}                  # a peer baseline (pqd.commands.peers) of the variant's teacher
 
 Expansion: every variant × the cartesian product of its axes is one run (a :class:`RunConfig`).
 Values are applied in this order: base (with ``--set`` overrides) ← variant ← axis values.
@@ -22,7 +22,7 @@ data, train and teacher sections (``train.progress`` aside). Each distinct ident
 dense FP32 baseline; every pipeline run of that identity gets ``teacher.weights`` pointed at the
 teacher run's ``teacher.safetensors``. A variant with empty ``stages`` does not add a run: it names
 the teacher run of its identity. Teacher runs are dense runs (``stages: ""``) of the ordinary
-pipeline (:func:`pqd.pipeline.run_pipeline`), finalized and timed by the same harness as every
+pipeline (:func:`pqd.run.pipeline.run_pipeline`), finalized and timed by the same harness as every
 other run; their final model is the teacher's weights, so their latency table times the teacher
 against itself, interleaved, which shows the measurement's noise floor.
 
@@ -36,9 +36,9 @@ A run counts as finished when its ``metrics.json`` exists (and its config matche
 runs are skipped, unfinished ones resume where they stopped (``run_pipeline`` is resumable),
 so re-running the same command after a kill finishes only what is missing.
 
-Peer runs: a variant with ``peer: NAME`` (one of :data:`pqd.peers.PEERS`, e.g. ``nncf_ptq``)
+Peer runs: a variant with ``peer: NAME`` (one of :data:`pqd.commands.peers.PEERS`, e.g. ``nncf_ptq``)
 is another tool's compression of the teacher of its identity (``stages`` is ignored), run by
-:func:`pqd.peers.peer_run` after that teacher: evaluated on the same test split and timed by
+:func:`pqd.commands.peers.peer_run` after that teacher: evaluated on the same test split and timed by
 pqd's worker harness in the peer's runtime (OpenVINO FP32 teacher vs NNCF INT8). Its table row
 says so in ``lat_runtime``; without the optional extra (``pip install 'pqd[peers]'``) the run
 fails with that message and the sweep goes on.
@@ -59,12 +59,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from pqd.config import RunConfig, apply_overrides
+from pqd.config import apply_overrides
 from pqd.errors import ConfigError, PqdError, StorageError
-from pqd.fsguard import record_written, safe_replace, storage_errors
-from pqd.metrics import Metrics
-from pqd.rundir import RunDir, claim_dir, comparable_config, with_teacher_base
-from pqd.safeyaml import MAX_GRID, grid_size_guard, load_yaml
+from pqd.run.config import RunConfig
+from pqd.run.metrics import Metrics
+from pqd.run.rundir import RunDir, claim_dir, comparable_config, with_teacher_base
+from pqd.safety.fsguard import record_written, safe_replace, storage_errors
+from pqd.safety.safeyaml import MAX_GRID, grid_size_guard, load_yaml
 
 log = logging.getLogger("pqd.sweep")
 
@@ -219,7 +220,7 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
         over = dict(over or {})
         peer = over.pop("peer", None)
         if peer is not None:
-            from pqd.peers import PEERS  # no heavy import: NNCF itself is imported when a peer runs
+            from pqd.commands.peers import PEERS  # no heavy import: NNCF itself is imported when a peer runs
 
             if peer not in PEERS:
                 raise ConfigError(f"sweep.variants.{vname}.peer: {peer!r} is not a known peer baseline; choose one of "
@@ -343,7 +344,7 @@ def _execute(run: Run, out: Path, sweep_dir: str | Path) -> dict:
     try:
         if run.kind == "peer":
             return _execute_peer(run, out, sweep_dir)
-        from pqd.pipeline import run_pipeline  # teacher runs too: a dense run of the same pipeline
+        from pqd.run.pipeline import run_pipeline  # teacher runs too: a dense run of the same pipeline
 
         return run_pipeline(run.config, out, teacher_base=sweep_dir)
     finally:
@@ -354,7 +355,7 @@ def _execute(run: Run, out: Path, sweep_dir: str | Path) -> dict:
 
 
 def _execute_peer(run: Run, out: Path, sweep_dir: str | Path) -> dict:
-    from pqd.peers import peer_run
+    from pqd.commands.peers import peer_run
     from pqd.train.checkpoint import atomic_write_bytes
 
     d = RunDir(out)
@@ -406,7 +407,7 @@ def _ci_columns(acc: Mapping[str, Any]) -> dict:
 
 
 def _peer_row(run: Run, metrics: Mapping[str, Any]) -> dict:
-    """A peer run's row: its metrics.json is :func:`pqd.peers.peer_run`'s (OpenVINO FP32 teacher vs the peer's INT8)."""
+    """A peer run's row: its metrics.json is :func:`pqd.commands.peers.peer_run`'s (OpenVINO FP32 teacher vs the peer's INT8)."""
     cfg = run.config_dict()
     acc = metrics.get("accuracy") or {}
     lat = metrics.get("latency") or []
@@ -447,7 +448,7 @@ def _peer_row(run: Run, metrics: Mapping[str, Any]) -> dict:
 
 
 def row_for(run: Run, metrics: Mapping[str, Any], sweep_dir: str | Path) -> dict:
-    """One table row, read from the typed metrics (:class:`pqd.metrics.Metrics`) and the run's config.
+    """One table row, read from the typed metrics (:class:`pqd.run.metrics.Metrics`) and the run's config.
 
     ``lat_*``: the run's own timing, teacher FP32 in PyTorch eager vs the final model (INT8 in
     TorchScript: a PyTorch-eager-vs-compiled ratio, ``lat_speedup_kind``); a peer run's are
@@ -630,7 +631,7 @@ def run_sweep(
 
 def _run_sweep(spec: Mapping[str, Any], out: Path, sweep: Sweep, runs: list[Run], *, executor: str, address: str | None,
                cpus_per_run: float | None, progress: bool) -> list[dict]:
-    # never over a user's file: in a folder pqd did not write, sweep.yaml is refused (pqd.fsguard)
+    # never over a user's file: in a folder pqd did not write, sweep.yaml is refused (pqd.safety.fsguard)
     safe_replace(out / "sweep.yaml", yaml.safe_dump(json.loads(json.dumps(dict(spec))), sort_keys=False).encode())
     table = ResultTable(out / "results.sqlite")
     todo = []

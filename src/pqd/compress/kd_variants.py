@@ -1,6 +1,6 @@
 """Knowledge-distillation variants as loss modules (``nn.Module``), plus feature taps.
 
-Response-based KD (Hinton et al. 2015) is :class:`pqd.kd.KDLoss`. This module adds:
+Response-based KD (Hinton et al. 2015) is :class:`pqd.compress.kd.KDLoss`. This module adds:
 
 * :class:`FeatureTaps` - forward hooks that keep the outputs of chosen modules of a model
   (:func:`auto_layers` picks the output of each top-level block when none are given).
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pqd.compress.kd import kd_loss
 from pqd.errors import ConfigError, ModelError
-from pqd.kd import kd_loss
 
 __all__ = [
     "AttentionLoss", "FeatureTaps", "HintLoss", "MutualLearningLoss", "SelfDistillationLoss", "attention_map", "auto_layers",

@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from pqd.compress.qoptions import QuantOptions, dynamic_qconfig_mapping, weight_fake_quant, weight_observer
+from pqd.compress.sparsity import as_masks
 from pqd.errors import ModelError
-from pqd.qoptions import QuantOptions, dynamic_qconfig_mapping, weight_fake_quant, weight_observer
-from pqd.sparsity import as_masks
 
 __all__ = [
     "BACKEND", "calibrate", "convert", "float_modules", "freeze", "fx_modules", "model_device", "prepare",
@@ -68,7 +68,7 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     clamp differently and disagree on a few percent of predictions. With VNNI (32-bit
     accumulation) the full range is safe, so pqd's default is ``False``.
 
-    ``options`` (:class:`pqd.qoptions.QuantOptions`): weight granularity and symmetry (default
+    ``options`` (:class:`pqd.compress.qoptions.QuantOptions`): weight granularity and symmetry (default
     per-channel symmetric). Mode ``'dynamic'``: weights-only int8 for ``nn.Linear`` layers.
     """
     if mode not in ("qat", "ptq", "dynamic"):

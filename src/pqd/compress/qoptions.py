@@ -1,6 +1,6 @@
 """Quantization options: weight granularity, weight symmetry, and dynamic (weights-only) PTQ.
 
-pqd's default INT8 scheme (:mod:`pqd.qat`) is per-channel symmetric int8 weights. This module
+pqd's default INT8 scheme (:mod:`pqd.compress.qat`) is per-channel symmetric int8 weights. This module
 builds the weight observers / fake-quantizers for the other choices, and the qconfig mapping
 of dynamic quantization:
 

@@ -6,6 +6,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pqd.compress import qat
+from pqd.errors import ModelError
+
 FORMS = ("fp32", "qat", "ptq", "dynamic")
 
 
@@ -15,7 +18,7 @@ class Student:
 
     ``masks`` maps a module path to the bool mask of that module's weight (empty until
     pruned); ``form`` is 'fp32', 'qat' (fake-quantized, trainable), 'ptq' (calibrated) or 'dynamic'
-    (weights-only PTQ of the Linear layers, :mod:`pqd.qoptions`).
+    (weights-only PTQ of the Linear layers, :mod:`pqd.compress.qoptions`).
     ``freeze_fraction``: in 'qat' form, every training stage freezes observers and BN
     statistics for this last fraction of its epochs. ``records``: JSON-able facts a stage
     wants kept in the run's metrics, keyed by stage label.
@@ -51,3 +54,11 @@ def chain(*hooks):
             h(epoch)
 
     return run if hooks else None
+
+
+def convert_student(student: Student) -> nn.Module:
+    """A quantized student as a real INT8 model that runs on x86 integer kernels (CPU):
+    :func:`pqd.compress.qat.convert` of its model with its masks re-applied."""
+    if not student.quantized:
+        raise ModelError("convert needs a quantized student (run the quantize stage first)")
+    return qat.convert(student.model, masks=student.masks)

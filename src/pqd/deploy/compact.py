@@ -3,7 +3,7 @@
 ``save_compact(int8_model, path)`` stores the whole ``state_dict`` of a model converted by
 :func:`pqd.stages.convert` (FX flow) so that ``load_compact(path, skeleton)`` restores it
 bit for bit into a *skeleton*: a converted model of the same architecture built on any
-weights (:func:`skeleton_from_run` builds one from a run directory). What is stored:
+weights (:func:`pqd.run.rundir.load_int8_module` builds one for a run directory). What is stored:
 
 * quantized tensors (per-channel or per-tensor affine): scales (float64, kept as float32
   when that is exact) and zero points in a shared section; the integer values through a
@@ -680,33 +680,6 @@ def load_compact(path: str | Path, skeleton: nn.Module) -> nn.Module:
     return skeleton.eval()
 
 
-# --------------------------------------------------------------------------- runs
-
-
-def skeleton_from_run(run_dir: str | Path, meta: Mapping[str, Any] | None = None, *, allow_code: bool = False) -> nn.Module:
-    """A converted INT8 model of the run's architecture (untrained, uncalibrated), ready for
-    :func:`load_compact`: :meth:`pqd.rundir.RunDir.int8_skeleton` (classes and image shape from
-    ``meta``, the run's metrics.json or its teacher checkpoint). A config naming model code by
-    import path is refused unless ``allow_code`` (:mod:`pqd.trustpolicy`)."""
-    from pqd.rundir import RunDir
-
-    return RunDir(run_dir).int8_skeleton(meta, allow_code=allow_code)
-
-
-def load_run(run_dir: str | Path, name: str | None = None, *, allow_code: bool = False) -> nn.Module:
-    """The INT8 model of a finished run, rebuilt from its compact checkpoint (``name`` in the run
-    directory; default ``model_int8.pqdz``). No pickle, and no code is imported from the run
-    folder: a config.yaml naming a model by import path ('pkg.module:factory') raises
-    :class:`pqd.errors.UntrustedCodeError` unless ``allow_code=True``."""
-    from pqd.rundir import RunDir
-
-    run = RunDir(run_dir)
-    run.read_config(allow_code=allow_code)  # the code check comes before any other error
-    path = run.file(name) if name else run.compact_path
-    _, meta = read_compact(path)
-    return load_compact(path, run.int8_skeleton(meta, allow_code=allow_code))
-
-
 # --------------------------------------------------------------------------- entropy bound
 
 
@@ -750,11 +723,3 @@ def entropy_bound(model: nn.Module | Mapping[str, Any]) -> dict[str, float]:
     return {"numel": n_all, "nnz": nnz_all, "density": nnz_all / max(n_all, 1), "value_entropy_bits": _h(hist),
             "per_tensor": mask_t + val_t, "per_tensor_mask": mask_t, "per_tensor_values": val_t,
             "global": mask_g + val_g, "global_mask": mask_g, "global_values": val_g}
-
-
-def __getattr__(name: str) -> Any:
-    if name == "FILE_NAME":  # the run's compact file name; pqd.rundir.RunDir.COMPACT owns it
-        from pqd.rundir import RunDir
-
-        return RunDir.COMPACT
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

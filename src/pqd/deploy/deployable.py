@@ -11,7 +11,7 @@
   straight from the zip, without loading the model. :func:`onnx_metadata` gives the same
   record as ONNX ``metadata_props``.
 
-Loading deployables and classifying image files is :mod:`pqd.predict` (``pqd predict``).
+Loading deployables and classifying image files is :mod:`pqd.commands.predict` (``pqd predict``).
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def deployable_torchscript(model: nn.Module, *, mean: Sequence[float], std: Sequ
 
 def save_torchscript(module: torch.jit.ScriptModule, path: str | Path, *, meta: dict[str, Any], overwrite: bool = False) -> Path:
     """Save ``module`` with ``meta`` as the extra file ``pqd.json`` (atomically, never over a
-    file pqd did not write unless ``overwrite``; see :func:`pqd.fsguard.safe_replace`)."""
-    from pqd.fsguard import safe_replace
+    file pqd did not write unless ``overwrite``; see :func:`pqd.safety.fsguard.safe_replace`)."""
+    from pqd.safety.fsguard import safe_replace
 
     buf = io.BytesIO()
     torch.jit.save(module, buf, _extra_files={META_NAME: json.dumps(meta)})
@@ -154,7 +154,7 @@ def read_torchscript_meta(path: str | Path) -> dict[str, Any] | None:
 
 
 def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """ONNX ``metadata_props`` for ``meta`` (pass to ``pqd.export.export_onnx(metadata=...)``)."""
+    """ONNX ``metadata_props`` for ``meta`` (pass to ``pqd.deploy.onnx.export_onnx(metadata=...)``)."""
     return {"pqd": json.dumps(meta), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
             "classes": json.dumps(meta["class_names"]), "input_normalization": meta["input"]["normalization"]}
 

@@ -1,7 +1,7 @@
 """The CPU runtimes pqd deploys to, as plain callables: ONNX Runtime and OpenVINO.
 
 This module imports neither torch nor the rest of pqd's heavy modules, so that a
-benchmark worker (:mod:`pqd._worker`) can time an ONNX file in a process that holds only
+benchmark worker (:mod:`pqd.measure.worker`) can time an ONNX file in a process that holds only
 the runtime, as a deployment would. Inputs are anything ``numpy.asarray`` takes (a CPU
 torch tensor included); outputs are numpy arrays.
 """

@@ -8,7 +8,7 @@ Needs the ``lightning`` package (pqd's ``lightning`` extra). Usage::
 
 The compressed network is the LightningModule's attribute ``attr`` (default ``"model"``):
 
-* pruning: global unstructured masks (:class:`pqd.sparsity.GlobalPruner`) grow along the cubic
+* pruning: global unstructured masks (:class:`pqd.compress.sparsity.GlobalPruner`) grow along the cubic
   schedule at the start of each epoch until ``prune_epochs``; they are attached to every
   optimizer, so pruned weights stay zero after every step;
 * QAT: at the start of epoch ``qat_epoch`` the attribute is replaced by its FX fake-quant
@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pqd import qat
+from pqd.compress import qat
+from pqd.compress.kd import KDLoss
+from pqd.compress.sparsity import GlobalPruner, Importance, MagnitudeImportance, Masks, agp_sparsity
 from pqd.errors import ConfigError, ModelError
-from pqd.kd import KDLoss
-from pqd.sparsity import GlobalPruner, Importance, MagnitudeImportance, Masks, agp_sparsity
 
 try:
     import lightning.pytorch as pl

@@ -85,7 +85,7 @@ def compare_degradation(
 ) -> dict[str, Any]:
     """The final model's profile, the teacher's, the worst paired slice and the flag (module doc).
 
-    This is what :func:`pqd.pipeline.finalize` stores as ``metrics.json["degradation"]``.
+    This is what :func:`pqd.run.pipeline.finalize` stores as ``metrics.json["degradation"]``.
     """
     t, f = _correct(teacher_logits, labels), _correct(final_logits, labels)
     final, teacher = _profile(f, min_slice), _profile(t, min_slice)

@@ -29,7 +29,7 @@ from typing import Callable, Mapping, Protocol
 
 import torch
 
-from pqd._worker import time_block
+from pqd.measure.worker import time_block
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ a dict that carries both sides::
 Input: latency records as :func:`pqd.measure.latency.interleave` makes them and ``pqd bench``
 (``runtime``, ``precision``, ``proxy_model`` fields), a pipeline run
 (``teacher_fp32`` / ``final_int8`` / ``final_fp32``, all PyTorch) or
-:func:`pqd.peers.time_peer` (``source_model``) annotates them: ``model`` (variant name),
+:func:`pqd.commands.peers.time_peer` (``source_model``) annotates them: ``model`` (variant name),
 ``batch``, ``threads``, ``median_ms``, ``p90_ms``. Records of several bench calls may be
 concatenated; ratios only pair records of the same batch and thread count.
 

@@ -1,6 +1,6 @@
 """A benchmark worker: one model variant in its own lean process, timed on command.
 
-    python -m pqd._worker SPEC_JSON        (started by :class:`pqd.measure.workers.Worker`)
+    python -m pqd.measure.worker SPEC_JSON        (started by :class:`pqd.measure.workers.Worker`)
 
 ``pqd bench`` times every variant in a worker of its own, so each runtime runs in a
 process that holds only itself, as a deployment would: ONNX Runtime and OpenVINO workers
@@ -24,6 +24,7 @@ Replies go to the process's original stdout; anything a library prints goes to s
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -75,15 +76,15 @@ def build(spec: dict):
         if "x86" in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = "x86"
         if kind == "eager":
-            from pqd.registry import create_model
+            from pqd.models.registry import create_model
             from pqd.train.checkpoint import load_checkpoint
 
             model = create_model(spec["model"], num_classes=spec["num_classes"], **spec["kwargs"])
             model.load_state_dict(load_checkpoint(spec["weights"])[0])
-        elif kind == "eager_student":
-            from pqd.rundir import RunDir
-
-            model = RunDir(spec["run_dir"]).load(allow_code=bool(spec.get("allow_code"))).student.model
+        elif kind == "eager_student":  # the caller names the loader ('module:function'), a layer above this one
+            module, _, function = spec["loader"].partition(":")
+            load = getattr(importlib.import_module(module), function)
+            model = load(spec["run_dir"], allow_code=bool(spec.get("allow_code")))
         else:
             # a pqd deployable takes raw images; time its bare model (normalised input), as before
             model = torch.jit.load(spec["path"], map_location="cpu")
@@ -95,12 +96,12 @@ def build(spec: dict):
                     "quantized_engine": torch.backends.quantized.engine}
         return model, torch.from_numpy, settings, torch.inference_mode()
     if kind == "onnxruntime":
-        from pqd.runtimes import OrtRunner
+        from pqd.deploy.runtimes import OrtRunner
 
         r = OrtRunner(spec["path"], threads=threads)
         return r, np.ascontiguousarray, r.settings, contextlib.nullcontext()
     if kind == "openvino":
-        from pqd.runtimes import OpenVinoRunner
+        from pqd.deploy.runtimes import OpenVinoRunner
 
         r = OpenVinoRunner(spec["path"], threads=threads, batch_sizes=spec["batch_sizes"])
         return r, np.ascontiguousarray, r.settings, contextlib.nullcontext()

@@ -1,6 +1,6 @@
 """Benchmark workers seen from the coordinator: one lean process per variant.
 
-:class:`Worker` starts ``python -m pqd._worker SPEC`` and speaks its line protocol; it is a
+:class:`Worker` starts ``python -m pqd.measure.worker SPEC`` and speaks its line protocol; it is a
 block timer for :func:`pqd.measure.latency.interleave`. Use :func:`start_workers` as a
 context manager so every worker is stopped, whatever happens.
 """
@@ -37,12 +37,10 @@ def _import_path(src_root: str) -> list[str]:
 
 class Worker:
     def __init__(self, name: str, spec: dict, *, timeout: float = 600.0):
-        import pqd
-
         self.name, self.spec, self.timeout = name, spec, timeout
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(_import_path(str(Path(pqd.__file__).resolve().parent.parent)))
-        self.proc = subprocess.Popen([sys.executable, "-m", "pqd._worker", json.dumps(spec)], stdin=subprocess.PIPE,
+        env["PYTHONPATH"] = os.pathsep.join(_import_path(str(Path(__file__).resolve().parents[2])))
+        self.proc = subprocess.Popen([sys.executable, "-m", "pqd.measure.worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1)
         self.info: dict = {}
 

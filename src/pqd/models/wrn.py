@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pqd.registry import register_model
+from pqd.models.registry import register_model
 
 
 class WideBlock(nn.Module):

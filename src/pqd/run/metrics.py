@@ -1,4 +1,4 @@
-"""The typed schema of ``metrics.json``: written once (:func:`pqd.pipeline.finalize`), read
+"""The typed schema of ``metrics.json``: written once (:func:`pqd.run.pipeline.finalize`), read
 everywhere (CLI summary, sweep table, report, bench) through these fields.
 
 Every class round-trips: ``Metrics.from_dict(m.to_dict()) == m``. Keys other commands add to a
@@ -27,7 +27,7 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 def _legacy_order(stages: str) -> list[str]:
     """Stage names from a stage string, for metrics written before ``stage_order`` existed."""
-    from pqd.stages.registry import get_stage  # only for old files; the schema itself needs no torch
+    from pqd.stages.protocol import get_stage  # only for old files; the schema itself needs no torch
 
     out = []
     for item in stages.split(","):

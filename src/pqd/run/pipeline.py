@@ -1,10 +1,10 @@
 """The ordered pipeline: teacher → the run's stages, in order, from the stage registry → INT8
 (or FP32) export → measure.
 
-Every step leaves a file in the run directory (:class:`pqd.rundir.RunDir` owns the layout), so
+Every step leaves a file in the run directory (:class:`pqd.run.rundir.RunDir` owns the layout), so
 re-running the same command after a kill resumes at the stage and epoch where it stopped. The
 pipeline knows no stage by name: each entry of ``config.stages`` is looked up in
-:mod:`pqd.stages.registry` and run through the :class:`~pqd.stages.registry.Stage` protocol.
+:mod:`pqd.stages.protocol` and run through the :class:`~pqd.stages.protocol.Stage` protocol.
 An empty stage list is a dense run: the teacher alone, finalized and timed like any other run.
 """
 
@@ -18,25 +18,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pqd.compact import save_compact, verify_compact
-from pqd.config import RunConfig
 from pqd.data import TEST_SUBSET_SEED, Splits, load_data
+from pqd.deploy.compact import save_compact, verify_compact
+from pqd.deploy.deployable import deployable_torchscript, normalized_callable, save_torchscript
 from pqd.errors import CheckpointError, ConfigError, DivergenceError, ModelError
-from pqd.integrations.tracking import make_tracker
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
 from pqd.measure.degradation import compare_degradation
 from pqd.measure.faithfulness import faithfulness
 from pqd.measure.speedup import speedup_summary
 from pqd.measure.stats import correct_vector, top1_record
-from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
-from pqd.rundir import RunDir, build_model, model_kwargs, with_teacher_base
-from pqd.stages import Student, convert, global_sparsity, prunable_layers
-from pqd.stages.quantize import float_modules
-from pqd.stages.registry import StageContext, get_stage
+from pqd.run.config import RunConfig
+from pqd.run.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
+from pqd.run.rundir import RunDir, build_model, model_kwargs, with_teacher_base
+from pqd.compress.sparsity import global_sparsity, prunable_layers
+from pqd.compress.student import convert_student, Student
+from pqd.stages.protocol import StageContext, get_stage
+from pqd.compress.qat import float_modules
 from pqd.train import train
-from pqd.deployable import deployable_torchscript, normalized_callable, save_torchscript
 from pqd.train.checkpoint import load_weights, save_checkpoint
 from pqd.train.loop import default_device, masked_weight
+from pqd.train.tracking import make_tracker
 
 log = logging.getLogger("pqd")
 
@@ -163,7 +164,7 @@ def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str |
     """Flag a teacher at chance level before compression is spent on it: on the validation split
     (or a slice of the training split; never the test split). NaN/inf weights are an error; a
     teacher at chance level is a warning (tiny smoke-test teachers are near chance on purpose)."""
-    from pqd.guard import check_teacher_quality, first_nonfinite
+    from pqd.train.guard import check_teacher_quality, first_nonfinite
 
     bad = first_nonfinite(teacher)
     if bad is not None:
@@ -311,7 +312,7 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     mean, std, ebs = data.mean, data.std, config.train.eval_batch_size
     # Convert before evaluating: a PTQ student's observers have no off switch, so running it on
     # the test set first would re-calibrate it on test data (and a resumed run would differ).
-    int8 = convert(final) if final.quantized else None
+    int8 = convert_student(final) if final.quantized else None
     t_logits = predict(teacher, data.test, mean=mean, std=std, batch_size=ebs)
     s_logits = predict(final.model, data.test, mean=mean, std=std, batch_size=ebs)
     quantization = None
@@ -405,8 +406,8 @@ def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits
 
 
 def _deploy_meta(config: RunConfig, data: Splits, *, form: str | None = None, normalization: str = "inside") -> dict:
-    """The preprocessing record a deployable carries (pqd.predict.deployable_meta)."""
-    from pqd.deployable import deployable_meta
+    """The preprocessing record a deployable carries (pqd.commands.predict.deployable_meta)."""
+    from pqd.deploy.deployable import deployable_meta
 
     extra = {"model": config.model.name, "stages": config.stage_string()} | ({"form": form} if form else {})
     return deployable_meta(mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape,

@@ -9,9 +9,9 @@ students, rebuilds a finished run and reads/merges its metrics.
     RUN_DIR/stages/N_<stage>/epoch.safetensors    last finished epoch of a running stage (N = 1-based index)
     RUN_DIR/stages/N_<stage>/student.safetensors  the stage's output (weights + masks + form + records)
     RUN_DIR/model_int8.pt                         final deployable model (TorchScript, frozen, INT8)
-    RUN_DIR/model_int8.pqdz                       the same INT8 weights, compact sparse format (pqd.compact)
+    RUN_DIR/model_int8.pqdz                       the same INT8 weights, compact sparse format (pqd.deploy.compact)
       or RUN_DIR/model_fp32.safetensors           when no stage quantizes (a dense run deploys teacher.safetensors)
-    RUN_DIR/metrics.json                          typed metrics (pqd.metrics)
+    RUN_DIR/metrics.json                          typed metrics (pqd.run.metrics)
     RUN_DIR/{model_int8,model_fp32,teacher_fp32}.onnx, export.json   written by `pqd export`
     RUN_DIR/bench.json, bench.md                  written by `pqd bench`
 
@@ -35,17 +35,19 @@ import torch
 import yaml
 from torch import nn
 
-from pqd.config import RunConfig, load_config
+from pqd.compress.channels.reshape import fit_to_state_dict
+from pqd.compress.qoptions import quant_options
+from pqd.compress.student import Student
+from pqd.deploy.compact import load_compact, read_compact
 from pqd.errors import CheckpointError, ConfigError
-from pqd.fsguard import DirLock, check_path_encodable, check_writable_run_dir
-from pqd.safeyaml import load_yaml
-from pqd.trustpolicy import check_config_code
-from pqd.metrics import Metrics
-from pqd.qoptions import quant_options
-from pqd.registry import create_model
-from pqd.stages.common import Student
-from pqd.stages.quantize import BACKEND, convert, freeze, prepare
-from pqd.stages.structural import fit_to_state_dict
+from pqd.models.registry import create_model
+from pqd.run.config import RunConfig, load_config
+from pqd.run.metrics import Metrics
+from pqd.safety.fsguard import DirLock, check_path_encodable, check_writable_run_dir
+from pqd.safety.safeyaml import load_yaml
+from pqd.safety.trustpolicy import check_config_code
+from pqd.compress.qat import BACKEND, freeze, prepare
+from pqd.compress.student import convert_student
 from pqd.train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("pqd")
@@ -69,7 +71,7 @@ def build_model(config: RunConfig, num_classes: int) -> nn.Module:
 
 
 # Every top-level name pqd writes into a run / sweep folder (fnmatch patterns): anything else in
-# an --out folder is a user's file, and pqd refuses to write there (pqd.fsguard).
+# an --out folder is a user's file, and pqd refuses to write there (pqd.safety.fsguard).
 RUN_DIR_FILES = ("config.yaml", "env.json", "log.txt", "metrics.json", "teacher.safetensors", "teacher.epoch.safetensors",
                  "stages", "tracker", "model_*.pt", "model_*.pqdz", "model_*.safetensors", "*.onnx", "export.json", "bench.json",
                  "bench.md")
@@ -94,7 +96,7 @@ def _is_rank0() -> bool:
 def claim_dir(path: str | Path, *, kind: str = "run") -> Any:
     """Claim an output folder for the duration of the block: refuse a non-UTF-8 path, a folder
     holding files pqd did not write (never overwritten), and a folder another process holds
-    (:class:`pqd.fsguard.DirLock`). Only rank 0 claims under torchrun. Re-entrant."""
+    (:class:`pqd.safety.fsguard.DirLock`). Only rank 0 claims under torchrun. Re-entrant."""
     if not _is_rank0():
         yield None
         return
@@ -352,7 +354,7 @@ class RunDir:
 
     def structural_state(self, config: RunConfig) -> dict[str, torch.Tensor] | None:
         """The float state saved by the run's last structural stage (it fixes the layer shapes), or None."""
-        from pqd.stages.registry import get_stage
+        from pqd.stages.protocol import get_stage
 
         last = max((i for i, s in enumerate(config.stages) if get_stage(s.stage).structural), default=None)
         if last is None or not self.student_path(last, config.stages[last].stage).exists():
@@ -391,7 +393,7 @@ class RunDir:
         folder never imports code from it.
         """
         from pqd.data import load_data
-        from pqd.deployable import normalized_callable, read_torchscript_meta
+        from pqd.deploy.deployable import normalized_callable, read_torchscript_meta
 
         config = self.read_config()
         check_config_code(config, allow_code=allow_code, source=str(self.config_path))
@@ -444,7 +446,7 @@ class RunDir:
 
     def int8_skeleton(self, meta: Mapping[str, Any] | None = None, *, allow_code: bool = False) -> nn.Module:
         """A converted INT8 model of the run's architecture (untrained, uncalibrated), ready for
-        :func:`pqd.compact.load_compact`. A model named by import path needs ``allow_code``."""
+        :func:`pqd.deploy.compact.load_compact`. A model named by import path needs ``allow_code``."""
         config = self.read_config(allow_code=allow_code)
         if not config.quantizes:
             raise CheckpointError(f"{self.path}: no stage of the run quantizes, so it has no INT8 model")
@@ -453,7 +455,7 @@ class RunDir:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = self.rebuild_model(config, num_classes=num_classes, image_shape=shape, form=mode)
-            return convert(Student(model, {}, mode)).eval()
+            return convert_student(Student(model, {}, mode)).eval()
 
     # ------------------------------------------------------------------ predictions
     def save_predictions(self, predictions: Any, *, teacher: bool = False, labels: bool = False) -> Path:
@@ -516,3 +518,21 @@ class RunDir:
             return
         current.update(entries)
         atomic_write_bytes(self.metrics_path, json.dumps(current, indent=2).encode())
+
+
+def student_model(run_dir: str | Path, *, allow_code: bool = False) -> nn.Module:
+    """The finished run's final student model, rebuilt by :meth:`RunDir.load` (what a timing
+    worker loads for an FP32 final model)."""
+    return RunDir(run_dir).load(allow_code=allow_code).student.model
+
+
+def load_int8_module(run_dir: str | Path, name: str | None = None, *, allow_code: bool = False) -> nn.Module:
+    """The INT8 module of a finished run, rebuilt from its compact checkpoint (``name`` in the run
+    directory; default ``model_int8.pqdz``). No pickle, and no code is imported from the run
+    folder: a config.yaml naming a model by import path ('pkg.module:factory') raises
+    :class:`pqd.errors.UntrustedCodeError` unless ``allow_code=True``."""
+    run = RunDir(run_dir)
+    run.read_config(allow_code=allow_code)  # the code check comes before any other error
+    path = run.file(name) if name else run.compact_path
+    _, meta = read_compact(path)
+    return load_compact(path, run.int8_skeleton(meta, allow_code=allow_code))

@@ -49,15 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pqd.errors import (
-    DatabaseLockedError,
-    DiskFullError,
-    PqdError,
-    ReadOnlyStorageError,
-    RunDirBusy,
-    RunDirError,
-    StorageError,
-)
+from pqd.errors import DatabaseLockedError, DiskFullError, PqdError, ReadOnlyStorageError, RunDirBusy, RunDirError, StorageError
 
 MARKER = ".pqd-run"
 LOCK = ".pqd-lock"
@@ -437,8 +429,8 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 def looks_like_pqd_run(folder: Path) -> bool:
     """An unmarked folder written by an older pqd: its ``config.yaml`` is a pqd run config."""
-    from pqd.safeyaml import load_yaml  # local: keeps fsguard importable without yaml for tooling
     from pqd.errors import ConfigError
+    from pqd.safety.safeyaml import load_yaml  # local: keeps fsguard importable without yaml for tooling
 
     try:
         cfg = load_yaml(folder / "config.yaml", max_bytes=256 * 1024)
@@ -450,8 +442,8 @@ def looks_like_pqd_run(folder: Path) -> bool:
 
 def looks_like_pqd_sweep(folder: Path) -> bool:
     """An unmarked folder written by an older pqd sweep: ``sweep.yaml`` with variants and a results table."""
-    from pqd.safeyaml import load_yaml
     from pqd.errors import ConfigError
+    from pqd.safety.safeyaml import load_yaml
 
     try:
         spec = load_yaml(folder / "sweep.yaml", max_bytes=1 << 20)

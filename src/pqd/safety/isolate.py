@@ -1,8 +1,8 @@
 """Run a function in a fresh Python process, so that a native crash (a runtime's segfault
 or abort) or a hang becomes an error with a message instead of killing pqd.
 
-``run_isolated("pqd.export:check_openvino", {"onnx": "...", "batch": 8}, timeout=300,
-runtime="openvino", model="densenet")`` starts ``python -m pqd.isolate`` (a new process,
+``run_isolated("pqd.commands.export:check_openvino", {"onnx": "...", "batch": 8}, timeout=300,
+runtime="openvino", model="densenet")`` starts ``python -m pqd.safety.isolate`` (a new process,
 not a fork: no inherited threads, locks or CUDA state), passes the keyword arguments as
 JSON on stdin, and reads the JSON return value back from a result file; nothing is
 pickled either way. The outcome:
@@ -106,7 +106,7 @@ def run_isolated(
         proc = subprocess.Popen(
             # -P (3.11+): the current folder is not put on sys.path, so a stray pqd/ or a module named
             # like the target in the working folder is never imported in its place
-            [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "pqd.isolate", target, str(result)],
+            [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "pqd.safety.isolate", target, str(result)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=_child_env(extra_path, env), cwd=cwd, start_new_session=True, text=True, errors="replace",
         )

@@ -1,5 +1,5 @@
 """The distill stage: response-based knowledge distillation (Hinton et al. 2015) from the dense
-FP32 teacher with :class:`pqd.kd.KDLoss`. The student trains in whatever form it has (sparse
+FP32 teacher with :class:`pqd.compress.kd.KDLoss`. The student trains in whatever form it has (sparse
 and/or fake-quant), on its own device; the teacher runs on its own device."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pqd.compress.kd import KDLoss, kd_loss
+from pqd.compress.qat import freeze, model_device
+from pqd.compress.student import Student
 from pqd.config import DistillConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
-from pqd.integrations.tracking import Tracker
-from pqd.kd import KDLoss, kd_loss
-from pqd.qat import freeze, model_device
-from pqd.stages.common import Student
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.loop import train
+from pqd.train.tracking import Tracker
 
 __all__ = ["distill", "kd_loss"]
 

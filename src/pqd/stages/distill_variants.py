@@ -1,6 +1,6 @@
 """The distill stage's variants (``distill.kind``): feature hints, attention transfer, online
 mutual learning and self-distillation, driven by pqd's training loop. The losses live in
-:mod:`pqd.kd_variants`; ``kind: response`` stays :func:`pqd.stages.distill.distill`.
+:mod:`pqd.compress.kd_variants`; ``kind: response`` stays :func:`pqd.stages.distill.distill`.
 
 What each kind trains (``alpha``, ``temperature``, ``beta`` from the ``distill`` section):
 
@@ -10,9 +10,9 @@ What each kind trains (``alpha``, ``temperature``, ``beta`` from the ``distill``
 * ``attention``: ``KDLoss(student, teacher) + beta * AttentionLoss``; ``beta`` defaults to
   1000 (Zagoruyko & Komodakis).
 * ``mutual``: the student and ``distill.peers`` peers (the student's architecture, freshly
-  initialised from the run's seed) train together with :class:`~pqd.kd_variants.MutualLearningLoss`;
+  initialised from the run's seed) train together with :class:`~pqd.compress.kd_variants.MutualLearningLoss`;
   no teacher is used. The peers are dropped at the end.
-* ``self``: :class:`~pqd.kd_variants.SelfDistillationLoss` with auxiliary heads on every tapped
+* ``self``: :class:`~pqd.compress.kd_variants.SelfDistillationLoss` with auxiliary heads on every tapped
   block except the deepest (``beta`` defaults to 1); no teacher is used. Heads are dropped.
 
 Adapters, heads and peers are trained with the student: they sit next to it in a
@@ -28,14 +28,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pqd.compress.kd import KDLoss
+from pqd.compress.kd_variants import (
+    AttentionLoss,
+    FeatureTaps,
+    HintLoss,
+    MutualLearningLoss,
+    SelfDistillationLoss,
+    auto_layers,
+    feature_shapes,
+)
+from pqd.compress.qat import freeze, model_device
+from pqd.compress.student import Student
 from pqd.config import DistillConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
-from pqd.kd import KDLoss
-from pqd.kd_variants import AttentionLoss, FeatureTaps, HintLoss, MutualLearningLoss, SelfDistillationLoss, auto_layers, feature_shapes
-from pqd.qat import freeze, model_device
-from pqd.stages.common import Student
 from pqd.stages.imp import reinitialize
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.loop import epoch_seed, train

@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pqd.compress.qat import freeze
+from pqd.compress.sparsity import GlobalPruner, MagnitudeImportance, global_sparsity
+from pqd.compress.student import Student, chain
 from pqd.config import ImpConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
-from pqd.qat import freeze
-from pqd.sparsity import GlobalPruner, MagnitudeImportance, global_sparsity
-from pqd.stages.common import Student, chain
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.loop import epoch_seed, train
@@ -155,7 +155,7 @@ class ImpStage:
     aliases = ("lottery", "lth")
 
     def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
-        from pqd.sparsity import prunable_layers
+        from pqd.compress.sparsity import prunable_layers
 
         prunable_layers(model, config.imp.exclude)
         for s in config.stages:

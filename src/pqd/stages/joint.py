@@ -5,12 +5,12 @@ The student is prepared for QAT first (the ``quantize`` section's weight scheme 
 ``reduce_range``), then trained for the stage's epochs with
 
 * global magnitude pruning whose target follows the AGP cubic ramp
-  (:func:`pqd.sparsity.sparsity_at`, ``joint.sparsity`` reached after ``joint.prune_fraction``
+  (:func:`pqd.compress.sparsity.sparsity_at`, ``joint.sparsity`` reached after ``joint.prune_fraction``
   of the epochs), masks re-applied after every optimizer step;
 * fake quantization throughout, observers and BN statistics frozen for the last
   ``quantize.freeze_fraction`` of the epochs (as in the quantize stage);
 * the loss ``T² · KL(teacher ‖ student at temperature T) + alpha · CE`` against the dense
-  FP32 teacher (:class:`pqd.kd.KDLoss`), or plain CE with ``joint.kd: false``.
+  FP32 teacher (:class:`pqd.compress.kd.KDLoss`), or plain CE with ``joint.kd: false``.
 
 The result is a QAT student (form 'qat'), so the run exports INT8 like any quantized run. Set
 against a sequential order ('P:a,Q:b,D:c') at the same total epochs (a+b+c) it isolates
@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pqd.compress.kd import KDLoss
+from pqd.compress.qat import freeze, model_device, prepare
+from pqd.compress.qoptions import quant_options
+from pqd.compress.sparsity import GlobalPruner, MagnitudeImportance, Masks, sparsity_at
+from pqd.compress.student import Student, chain
 from pqd.config import JointConfig, QuantizeConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ModelError
-from pqd.kd import KDLoss
-from pqd.qat import freeze, model_device, prepare
-from pqd.qoptions import quant_options
-from pqd.sparsity import GlobalPruner, MagnitudeImportance, Masks, sparsity_at
-from pqd.stages.common import Student, chain
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.loop import train
 
@@ -103,7 +103,7 @@ class JointStage:
     aliases = ("jpqd",)
 
     def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
-        from pqd.sparsity import prunable_layers
+        from pqd.compress.sparsity import prunable_layers
 
         prunable_layers(model, config.joint.exclude)
         prepare(model, example, mode="qat", reduce_range=config.quantize.reduce_range, options=quant_options(config.quantize))

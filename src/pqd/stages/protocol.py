@@ -1,7 +1,7 @@
 """Stage registry: one small protocol, so a new compression stage is one file plus one line.
 
-A stage turns a :class:`~pqd.stages.common.Student` into a new one. The pipeline
-(:mod:`pqd.pipeline`) knows nothing about particular stages: it looks each entry of the run's
+A stage turns a :class:`~pqd.compress.student.Student` into a new one. The pipeline
+(:mod:`pqd.run.pipeline`) knows nothing about particular stages: it looks each entry of the run's
 stage list up here (by name, letter or alias) and calls ``stage.run(student, ctx, ...)``. The
 config (:mod:`pqd.config`) validates stage lists against this registry too, using the flags
 each stage declares (``quantizes``, ``structural``).
@@ -28,10 +28,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from pqd.compress.student import Student
 from pqd.errors import ConfigError
-from pqd.stages.common import Student
 
-# Annotations name pqd.config.RunConfig / TrainConfig and pqd.data.Splits as strings only: pqd.config
+# Annotations name pqd.run.config.RunConfig / TrainConfig and pqd.data.Splits as strings only: pqd.config
 # imports this module (to validate stage lists), so this module imports neither.
 
 
@@ -46,7 +46,7 @@ class StageContext:
     seed: int
     augment: bool
     device: torch.device
-    tracker: Any = None  # a pqd.integrations.tracking.Tracker, or None
+    tracker: Any = None  # a pqd.train.tracking.Tracker, or None
 
 
 @runtime_checkable
@@ -98,7 +98,7 @@ class QuantizeStage:
         """torch.fx can trace the model (raises ModelError naming the untraceable submodule)."""
         import_module("pqd.stages.quantize").prepare(model, example, mode=config.quantize.mode,
                                                      reduce_range=config.quantize.reduce_range,
-                                                     options=import_module("pqd.qoptions").quant_options(config.quantize),
+                                                     options=import_module("pqd.compress.qoptions").quant_options(config.quantize),
                                                      leaf_modules=config.quantize.leaf_modules)
 
     def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:

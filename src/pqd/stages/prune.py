@@ -1,6 +1,6 @@
 """The prune stage: global unstructured pruning (magnitude, or random as a baseline), one-shot
 or gradual with the cubic schedule of Zhu & Gupta (2017, "AGP"), while fine-tuning with pqd's
-loop. The algorithm lives in :mod:`pqd.sparsity`; this module only drives it."""
+loop. The algorithm lives in :mod:`pqd.compress.sparsity`; this module only drives it."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pqd.compress.qat import freeze
+from pqd.compress.sparsity import GlobalPruner, global_sparsity, importance, prunable_layers, sparsity_at
+from pqd.compress.student import Student, chain
 from pqd.config import PruneConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
-from pqd.integrations.tracking import Tracker
-from pqd.qat import freeze
-from pqd.sparsity import GlobalPruner, global_sparsity, importance, prunable_layers, sparsity_at
-from pqd.stages.common import Student, chain
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.loop import epoch_seed, train
+from pqd.train.tracking import Tracker
 
 __all__ = ["compute_masks", "global_sparsity", "prunable_layers", "prune", "sparsity_at"]
 

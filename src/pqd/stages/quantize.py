@@ -1,7 +1,7 @@
 """The quantize stage: QAT for some epochs, or static PTQ calibration, on the student's own
-device. The INT8 machinery (FX graph mode, x86 scheme) lives in :mod:`pqd.qat`; this module
-drives it with pqd's loop and data and keeps the stage-level names (``prepare``, ``convert``,
-``to_torchscript``) that the pipeline and export use."""
+device. The INT8 machinery (FX graph mode, x86 scheme) lives in :mod:`pqd.compress.qat`; this module
+drives it with pqd's loop and data. A quantized student becomes an INT8 model with
+:func:`pqd.compress.student.convert_student`."""
 
 from __future__ import annotations
 
@@ -12,27 +12,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pqd import qat
+from pqd.compress import qat
+from pqd.compress.qat import freeze, prepare, unfreeze
+from pqd.compress.qoptions import quant_options
+from pqd.compress.sparsity import Masks
+from pqd.compress.student import Student
 from pqd.config import QuantizeConfig, TrainConfig
 from pqd.data import Splits, batches
 from pqd.data.adapters import as_splits
-from pqd.integrations.tracking import Tracker
 from pqd.errors import ModelError
-from pqd.qat import BACKEND, float_modules, freeze, prepare, qconfig_mapping, to_torchscript, unfreeze
-from pqd.qoptions import quant_options
-from pqd.sparsity import Masks
-from pqd.stages.common import Student
 from pqd.train.loop import train
+from pqd.train.tracking import Tracker
 
-__all__ = [
-    "BACKEND", "calibrate", "convert", "float_modules", "freeze", "prepare", "qat_epoch_hook", "qconfig_mapping",
-    "quantize", "to_torchscript", "unfreeze",
-]
+__all__ = ["qat_epoch_hook", "quantize"]
 
 log = logging.getLogger("pqd.quantize")
-
-# Deprecated alias kept for callers that imported the private helper; use pqd.qat.fx_modules.
-_fx = qat.fx_modules
 
 
 def qat_epoch_hook(student: Student, epochs: int):
@@ -69,7 +63,7 @@ def quantize(
     if config.mode == "dynamic":  # weights only: the scales come from the weights at conversion, no calibration
         return replace(student, model=model, masks=dict(masks), form="dynamic")
     if config.mode == "ptq":
-        calibrate(model, data, config.calibration_batches, train_config.batch_size)
+        _calibrate(model, data, config.calibration_batches, train_config.batch_size)
         # PTQ observers have no off switch: convert before running it on anything else.
         return replace(student, model=model, masks=dict(masks), form="ptq")
     out = replace(student, model=model, masks=dict(masks), form="qat", freeze_fraction=config.freeze_fraction)
@@ -82,14 +76,7 @@ def quantize(
     return out
 
 
-def calibrate(model: nn.Module, data: Splits, n_batches: int, batch_size: int) -> None:
+def _calibrate(model: nn.Module, data: Splits, n_batches: int, batch_size: int) -> None:
     """PTQ calibration on the first ``n_batches`` (unshuffled, unaugmented) training batches."""
     it = batches(data.train, batch_size=batch_size, mean=data.mean, std=data.std, device=qat.model_device(model))
     qat.calibrate(model, it, num_batches=n_batches)
-
-
-def convert(student: Student) -> nn.Module:
-    """Convert a quantized student to a real INT8 model that runs on x86 integer kernels (CPU)."""
-    if not student.quantized:
-        raise ModelError("convert needs a quantized student (run the quantize stage first)")
-    return qat.convert(student.model, masks=student.masks)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pqd.compress.student import Student
 from pqd.errors import ModelError
-from pqd.stages.common import Student
 
 log = logging.getLogger("pqd.structured")
 
@@ -36,8 +36,8 @@ def _with_record(student: Student, model, key: str, record: dict) -> Student:
 def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
                      augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None) -> tuple[Student, dict]:
     """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record)."""
-    from pqd.structured.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
-    from pqd.structured.importance import group_scores
+    from pqd.compress.channels.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
+    from pqd.compress.channels.importance import group_scores
     from pqd.structured.latency_model import Target, build
     from pqd.structured.search import search
     from pqd.train.loop import train

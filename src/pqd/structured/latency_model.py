@@ -9,7 +9,7 @@ harness (:func:`pqd.measure.latency.interleave`), at the target's batch and thre
 
 What is predicted: a linear model, fitted by non-negative least squares, of whole-model
 latency on features of the per-layer shapes the widths imply
-(:meth:`pqd.structured.graph.ChannelGraph.layer_shapes`): a constant; MACs of dense convs
+(:meth:`pqd.compress.channels.graph.ChannelGraph.layer_shapes`): a constant; MACs of dense convs
 at high and at low spatial resolution, of pointwise, depthwise and linear layers, each
 with channel counts padded up to the kernels' channel block (``pad``); and output
 activation elements (memory traffic, element-wise ops, re-quantization). Why a fitted
@@ -52,6 +52,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pqd.compress.qat import convert, prepare, to_torchscript
+from pqd.compress.student import Student
+from pqd.deploy.onnx import export_onnx, reference_int8
 from pqd.errors import ConfigError, ModelError
 
 log = logging.getLogger("pqd.structured")
@@ -82,9 +85,6 @@ class Target:
 
 def export_int8(model: nn.Module, example: torch.Tensor, runtime: str, path: Path) -> dict:
     """Quantize ``model`` (static INT8, random calibration) and write what ``runtime`` runs; returns a worker spec part."""
-    from pqd.stages.common import Student
-    from pqd.stages.quantize import convert, prepare, to_torchscript
-
     prepared = prepare(model.cpu().eval(), example, mode="ptq")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -92,12 +92,10 @@ def export_int8(model: nn.Module, example: torch.Tensor, runtime: str, path: Pat
             prepared(torch.randn(8, *example.shape[1:], generator=gen))
     student = Student(prepared, {}, "ptq")
     if runtime == "pytorch":
-        ts = to_torchscript(convert(student), example[:1])
+        ts = to_torchscript(convert(prepared), example[:1])
         p = path.with_suffix(".pt")
         torch.jit.save(ts, str(p))
         return {"kind": "torchscript", "path": str(p)}
-    from pqd.export import export_onnx, reference_int8
-
     p = path.with_suffix(".onnx")
     export_onnx(reference_int8(student), p, tuple(example.shape[1:]))
     return {"kind": runtime, "path": str(p)}
@@ -364,7 +362,7 @@ def load(key: dict, cache_dir: str | Path | None = None) -> LatencyModel | None:
 
 def sample_widths(graph, n: int, *, round_to: int = 8, min_keep: float = 0.25, seed: int = 0) -> list[dict[str, int]]:
     """Width configurations to measure: dense, uniform scalings, and random per-group ratios."""
-    from pqd.structured.graph import round_width
+    from pqd.compress.channels.graph import round_width
 
     rng = random.Random(seed)
     chans = graph.widths()
@@ -381,7 +379,7 @@ def sample_widths(graph, n: int, *, round_to: int = 8, min_keep: float = 0.25, s
 def reference_models(model: nn.Module, graph, *, example: torch.Tensor, round_to: int = 8, skip=()) -> dict[str, nn.Module]:
     """``{"dense": model, "floor": the floor model}`` to time beside samples, less widths already in ``skip``
     (and no floor when it is the dense model itself: a model whose groups are all at most ``round_to`` wide)."""
-    from pqd.structured.graph import prune_to_widths
+    from pqd.compress.channels.graph import prune_to_widths
 
     chans, floor = graph.widths(), floor_widths(graph, round_to)
     out = {} if chans in skip else {"dense": model}
@@ -417,7 +415,7 @@ def build(
     in_process: bool = False,
 ) -> LatencyModel:
     """The fitted latency model of ``model``'s widths on ``target``: cached samples, else measured now."""
-    from pqd.structured.graph import prune_to_widths
+    from pqd.compress.channels.graph import prune_to_widths
 
     key = cache_key(graph, target, input_shape)
     lm = load(key, cache_dir) if use_cache else None

@@ -30,8 +30,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths, round_width
 from pqd.errors import ConfigError, ModelError
-from pqd.structured.graph import ChannelGraph, prune_to_widths, round_width
 from pqd.structured.latency_model import LatencyModel, Target, measure_int8, reference_models, report, save
 
 log = logging.getLogger("pqd.structured")

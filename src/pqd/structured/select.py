@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pqd.structured.graph import ChannelGraph, prune_to_widths, round_width
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths, round_width
 from pqd.structured.latency_model import LatencyModel
 from pqd.structured.search import choose, cost_function, greedy_widths, refill_widths
 

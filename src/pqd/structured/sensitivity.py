@@ -46,8 +46,8 @@ def _quantize_one(model: nn.Module, layer: str, example: torch.Tensor, data, cal
     from torch.ao.quantization import QConfigMapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    from pqd.compress.qat import BACKEND, qconfig_mapping
     from pqd.data import batches
-    from pqd.stages.quantize import BACKEND, qconfig_mapping
 
     torch.backends.quantized.engine = BACKEND
     qc = qconfig_mapping("ptq").global_qconfig
@@ -78,8 +78,8 @@ def analyze(
     ignore: Sequence[str] = (),
 ) -> list[dict]:
     """Sensitivity rows (see the module docstring); the model is not modified."""
-    from pqd.structured.graph import ChannelGraph, prune_to_widths, round_width
-    from pqd.structured.importance import group_scores
+    from pqd.compress.channels.graph import ChannelGraph, prune_to_widths, round_width
+    from pqd.compress.channels.importance import group_scores
 
     if any(not 0 < r < 1 for r in keep_ratios):
         raise ModelError(f"analyze: keep ratios must be in (0, 1), got {list(keep_ratios)}")
@@ -104,7 +104,7 @@ def analyze(
                 rows.append({"kind": "prune", "group": g.id, "layer": g.id, "channels": g.channels, "keep_ratio": k / g.channels,
                              "kept": k, "macs": macs, "accuracy": acc, "baseline": base, "drop": base - acc})
     if quantize:
-        from pqd.structured.graph import trace_layers
+        from pqd.compress.channels.graph import trace_layers
 
         for layer in trace_layers(model, example):
             try:
@@ -193,7 +193,7 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     """``pqd analyze``: sensitivity table + plot of a model (weights from a safetensors file)."""
     from pqd.config import DataConfig
     from pqd.data import load_data
-    from pqd.registry import create_model
+    from pqd.models.registry import create_model
 
     p = argparse.ArgumentParser(prog="pqd analyze", description="per-group pruning and per-layer INT8 sensitivity")
     p.add_argument("--model", default="resnet18", help="registry name or package.module:factory")
@@ -216,7 +216,7 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     kwargs = {"width": a.width} if a.width != 1.0 else {}
     model = create_model(a.model, num_classes=data.num_classes, **kwargs)
     if a.weights:
-        from pqd.stages.structural import fit_to_state_dict
+        from pqd.compress.channels.reshape import fit_to_state_dict
         from pqd.train.checkpoint import load_checkpoint
 
         state = load_checkpoint(a.weights)[0]

@@ -19,9 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from pqd import fsguard
 from pqd.errors import CheckpointError
-from pqd.fsguard import storage_errors
+from pqd.safety import fsguard
+from pqd.safety.fsguard import storage_errors
 
 _META_KEY = "pqd"
 
@@ -33,7 +33,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + rename), with the
     umask's file mode, storage failures as :class:`pqd.errors.StorageError`, and the file
-    recorded in a marked folder's manifest (:mod:`pqd.fsguard`)."""
+    recorded in a marked folder's manifest (:mod:`pqd.safety.fsguard`)."""
     fsguard.atomic_write_bytes(path, data)
 
 

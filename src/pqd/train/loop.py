@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pqd.compress.sparsity import Masks, as_masks, masked_weight
 from pqd.config import TrainConfig
 from pqd.data import Splits, batches
-from pqd.integrations.tracking import Tracker
-from pqd.sparsity import Masks, as_masks, masked_weight
 from pqd.errors import CheckpointError
-from pqd.guard import DivergenceGuard
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
+from pqd.train.guard import DivergenceGuard
+from pqd.train.tracking import Tracker
 
 _LR_SECTIONS = ("teacher", "prune", "quantize", "distill", "structured")
 from pqd.train.schedule import lr_at
@@ -96,9 +96,9 @@ def train(
 
     ``before_epoch(epoch)`` runs at the start of every epoch (pruning schedules, QAT
     freezing); it may update ``masks`` in place. The masks are bound to the optimizer
-    (:meth:`pqd.sparsity.Masks.attach`), so pruned weights are zero after every step.
+    (:meth:`pqd.compress.sparsity.Masks.attach`), so pruned weights are zero after every step.
     ``amp`` enables bf16 autocast on CUDA only (use it for FP32 phases, never under fake quantization).
-    ``tracker`` (:mod:`pqd.integrations.tracking`) receives ``<tag>.loss``, ``<tag>.train_top1``,
+    ``tracker`` (:mod:`pqd.train.tracking`) receives ``<tag>.loss``, ``<tag>.train_top1``,
     ``<tag>.images_per_s`` and ``<tag>.lr`` after every epoch, with the epoch as step.
     """
     caller_masks = {} if masks is None else masks

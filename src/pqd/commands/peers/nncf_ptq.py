@@ -6,7 +6,7 @@ on pqd's own terms: the same teacher, the same test split, pqd's own evaluation 
 statistics (:mod:`pqd.measure.stats`), and a deployable file that pqd's latency harness
 (:mod:`pqd.measure.workers`, as ``pqd bench`` uses) times beside pqd's variants.
 
-Route: teacher (``nn.Module``) -> FP32 ONNX (:func:`pqd.export.export_onnx`, the same
+Route: teacher (``nn.Module``) -> FP32 ONNX (:func:`pqd.deploy.onnx.export_onnx`, the same
 export ``pqd bench`` times as ``openvino_fp32``) -> ``nncf.quantize`` on
 
 * ``backend='openvino'`` (default): the ONNX file read by OpenVINO; the result is saved as
@@ -51,7 +51,7 @@ ARTEFACTS = {"openvino": "nncf_int8.xml", "onnx": "nncf_int8.onnx"}
 PREDICTIONS = "nncf_int8_predictions.npy"  # int16 [N]: argmax per test image, test-split order
 RECORD = "nncf_ptq.json"
 BACKENDS = tuple(ARTEFACTS)
-RUNTIME = {"openvino": "openvino", "onnx": "onnxruntime"}  # where each backend's file is evaluated (pqd._worker kind)
+RUNTIME = {"openvino": "openvino", "onnx": "onnxruntime"}  # where each backend's file is evaluated (pqd.measure.worker kind)
 PRESETS = ("performance", "mixed")
 
 
@@ -143,7 +143,7 @@ def _from_iterable(items: Iterable, size: int) -> list[np.ndarray]:
 
 
 def _export_teacher(teacher: nn.Module, path: Path, input_shape: Sequence[int]) -> None:
-    from pqd.export import export_onnx
+    from pqd.deploy.onnx import export_onnx
 
     export_onnx(teacher.cpu().eval(), path, input_shape, metadata={"pqd_form": "fp32", "pqd_peer_source": "teacher"}, fold=False)
 
@@ -173,7 +173,7 @@ def _quantize(onnx_path: Path, images: list[np.ndarray], out: Path, cfg: NncfPtq
 
 
 def _runner(path: Path, backend: str, threads: int):
-    from pqd.runtimes import OpenVinoRunner, OrtRunner
+    from pqd.deploy.runtimes import OpenVinoRunner, OrtRunner
 
     return OpenVinoRunner(path, threads=threads) if backend == "openvino" else OrtRunner(path, threads=threads)
 
@@ -249,7 +249,7 @@ def nncf_ptq(
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
         if evaluate:
-            from pqd.export import run_logits
+            from pqd.deploy.onnx import run_logits
 
             threads = config.threads or max(1, torch.get_num_threads())
             t = time.perf_counter()
@@ -277,7 +277,7 @@ def nncf_ptq(
 
 
 def peer_worker_spec(record: dict, *, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 64), seed: int = 0) -> dict:
-    """A :mod:`pqd._worker` spec (without ``threads``) that times the NNCF model, as ``pqd bench``'s variants do."""
+    """A :mod:`pqd.measure.worker` spec (without ``threads``) that times the NNCF model, as ``pqd bench``'s variants do."""
     return {"kind": record["runtime"], "path": record["artefact"]["path"], "input_shape": list(input_shape),
             "batch_sizes": list(batch_sizes), "seed": seed}
 

@@ -2,7 +2,7 @@
 
 :func:`peer_run` is what a sweep variant ``{peer: nncf_ptq}`` executes: it loads the dense
 teacher of the variant's teacher identity (``config.teacher.weights``, which the sweep
-points at the teacher run's file), quantizes it with NNCF (:func:`pqd.peers.nncf_ptq`),
+points at the teacher run's file), quantizes it with NNCF (:func:`pqd.commands.peers.nncf_ptq`),
 evaluates it on the run's test split, times it against the same teacher in the same
 runtime with pqd's worker harness (the run's ``measure`` settings), and writes
 ``metrics.json`` (plus ``nncf_ptq.json``) into ``out_dir``. Latency records carry
@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from pqd.commands.peers.nncf_ptq import PEER_NAME, NncfPtqConfig, nncf_ptq, time_peer
 from pqd.errors import CheckpointError, ConfigError
-from pqd.peers.nncf_ptq import PEER_NAME, NncfPtqConfig, nncf_ptq, time_peer
 
 PEERS = (PEER_NAME,)
 PEER_METRICS_SCHEMA = 1
@@ -26,7 +26,7 @@ def peer_run(config, out_dir: str | Path, *, peer: str = PEER_NAME, teacher_weig
              nncf: NncfPtqConfig | None = None, write: bool = True) -> dict:
     """Run peer baseline ``peer`` on ``config``'s teacher into ``out_dir``; return the metrics dict.
 
-    ``config``: the variant's :class:`pqd.config.RunConfig` (model, data, seed, measure are
+    ``config``: the variant's :class:`pqd.run.config.RunConfig` (model, data, seed, measure are
     used; stages are ignored). ``teacher_weights``: the teacher's safetensors file (default
     ``config.teacher.weights``). ``nncf``: NNCF settings (default: 300 calibration images
     chosen with the run's seed, OpenVINO, the run's training threads).
@@ -35,7 +35,7 @@ def peer_run(config, out_dir: str | Path, *, peer: str = PEER_NAME, teacher_weig
 
     from pqd.data import load_data
     from pqd.measure.speedup import speedup_summary
-    from pqd.registry import create_model
+    from pqd.models.registry import create_model
     from pqd.train.checkpoint import atomic_write_bytes, load_checkpoint
 
     if peer not in PEERS:

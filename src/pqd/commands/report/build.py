@@ -18,12 +18,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from pqd.commands.report.degradation import degradation_section
+from pqd.commands.report.pareto import dominators, pareto_front
+from pqd.commands.report.structured import structured_section
+from pqd.commands.sweep import read_table
 from pqd.errors import PqdError
-from pqd.report.degradation import degradation_section
 from pqd.measure.stats import counts_record, holm, mcnemar_pooled
-from pqd.report.pareto import dominators, pareto_front
-from pqd.report.structured import structured_section
-from pqd.sweep import read_table
 
 SENSES = ("max", "min", "min")  # accuracy, size, relative latency
 
@@ -418,12 +418,12 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
                 r["size_final_bytes"], _f(r["lat_b1_final_ms"], ".3f"), _f(r["lat_b1_teacher_ms"], ".3f"),
                 _f(r["lat_b1_speedup"], ".2f"), _lat_sides(r), _f(r["wall_time_s"], ".0f")] for r in rows])
 
-    from pqd.fsguard import atomic_write_bytes, safe_replace
+    from pqd.safety.fsguard import atomic_write_bytes, safe_replace
 
     for name, png in doc.images.items():  # plots/ is pqd's own folder (the --out folder was checked)
         atomic_write_bytes(out / "plots" / name, png)
     md, page = out / "report.md", out / "report.html"
-    # never over a report.md/html pqd did not write (pqd.fsguard)
+    # never over a report.md/html pqd did not write (pqd.safety.fsguard)
     safe_replace(md, doc.markdown().encode())
     safe_replace(page, doc.html(f"pqd report {sweep_dir.name}").encode())
     return {"markdown": md, "html": page, "plots": out / "plots"}
@@ -431,7 +431,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 
 def _fresh_metrics(row: dict, sweep_dir: Path) -> dict:
     """The run's metrics.json as it is now (``pqd bench`` adds to it after the sweep), else the table's copy."""
-    from pqd.rundir import RunDir
+    from pqd.run.rundir import RunDir
 
     current = RunDir(sweep_dir / row["run_dir"]).read_metrics()
     return current if current is not None else json.loads(row["metrics_json"])
@@ -514,7 +514,7 @@ def _test_set(row: dict) -> tuple:
 
 def _load_predictions(row: dict, sweep_dir: Path) -> Any:
     """The final model's per-image predictions of a run (a peer run: the file its metrics name); None if absent."""
-    from pqd.rundir import RunDir
+    from pqd.run.rundir import RunDir
 
     run = RunDir(sweep_dir / row["run_dir"])
     if row["kind"] == "peer":
@@ -532,7 +532,7 @@ def paired_tests(aggs: list[dict], sweep_dir: Path) -> tuple[list[dict], list[st
     """
     import numpy as np
 
-    from pqd.rundir import RunDir
+    from pqd.run.rundir import RunDir
 
     notes: list[str] = []
     labels: dict[tuple, Any] = {}

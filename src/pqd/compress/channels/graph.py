@@ -286,7 +286,7 @@ def prune_to_widths(
     if unknown:
         raise ModelError(f"prune_to_widths: unknown group(s) {', '.join(map(repr, unknown))}; groups: {', '.join(g.id for g in graph.groups)}")
     if scores is None:
-        if importance is None:  # L1 filter norm, as pqd.structured.importance.get_importance("l1")
+        if importance is None:  # L1 filter norm, as pqd.compress.channels.importance.get_importance("l1")
             importance = require_torch_pruning().importance.GroupMagnitudeImportance(p=1, normalizer="mean")
         scores = graph.scores(importance)
     mods = dict(work.named_modules())

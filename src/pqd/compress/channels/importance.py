@@ -29,7 +29,7 @@ CRITERIA = ("l1", "l2", "bn", "taylor", "random")
 
 def get_importance(name: str):
     """A Torch-Pruning importance object: ``imp(group) -> Tensor[channels]`` (mean-normalised)."""
-    from pqd.structured.graph import require_torch_pruning
+    from pqd.compress.channels.graph import require_torch_pruning
 
     tp = require_torch_pruning()
     if name == "l1":
@@ -61,7 +61,7 @@ def accumulate_gradients(model: nn.Module, data, *, batches: int = 4, batch_size
 
 
 def group_scores(graph, criterion: str, *, data=None, batches: int = 4, batch_size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Per-channel scores of every group of a :class:`pqd.structured.graph.ChannelGraph`."""
+    """Per-channel scores of every group of a :class:`pqd.compress.channels.graph.ChannelGraph`."""
     if criterion == "taylor":
         if data is None:
             raise ConfigError("structured.importance: 'taylor' needs training data for its gradient batches")
@@ -82,7 +82,7 @@ def retained(scores: torch.Tensor, k: int) -> float:
 
 def uniform_widths(channels: Mapping[str, int], keep_ratio: float, *, round_to: int = 8) -> dict[str, int]:
     """The same keep ratio in every group (per-layer ratios), rounded up to ``round_to``."""
-    from pqd.structured.graph import round_width
+    from pqd.compress.channels.graph import round_width
 
     return {g: round_width(c * keep_ratio, c, round_to) for g, c in channels.items()}
 
@@ -92,7 +92,7 @@ def global_widths(scores: Mapping[str, torch.Tensor], keep_ratio: float, *, roun
 
     Each group keeps at least ``min_keep`` of its channels (and one ``round_to`` step).
     """
-    from pqd.structured.graph import round_width
+    from pqd.compress.channels.graph import round_width
 
     allv = torch.cat([s for s in scores.values()])
     n_keep = max(1, int(round(keep_ratio * allv.numel())))

@@ -1,0 +1,1 @@
+"""Commands on finished runs and sweeps: export, bench, predict, sweep, report, peers."""

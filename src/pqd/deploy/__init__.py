@@ -1,0 +1,1 @@
+"""Deployable files: ONNX export primitives, TorchScript deployables, the compact .pqdz format, runtimes."""

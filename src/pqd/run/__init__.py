@@ -1,0 +1,1 @@
+"""A run: the resolved config, the pipeline, the run folder and the loader of finished runs, metrics."""

@@ -1,0 +1,1 @@
+"""Safety: bounded YAML, run-folder ownership and atomic writes, the code-trust policy, isolated subprocesses."""
