@@ -44,7 +44,8 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   $PY - <<'PYEOF' || { QAT_OK=0; echo "[gpu_study] QAT would train on the CPU: merge the QAT device fix first; teacher only, no sweep"; }
 import torch, warnings
 warnings.filterwarnings("ignore")
-from pqd.config import QuantizeConfig, TrainConfig
+from pqd.config import TrainConfig
+from pqd.stages.quantize import QuantizeConfig
 from pqd.data import Dataset, Splits
 from pqd.models.registry import create_model
 from pqd.compress.student import Student

@@ -36,15 +36,18 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
 from pqd.compress.channels.importance import group_scores, uniform_widths  # noqa: E402
-from pqd.config import DataConfig, DistillConfig, QuantizeConfig, TrainConfig  # noqa: E402
+from pqd.compress.student import Student, convert_student
+from pqd.config import DataConfig, TrainConfig
 from pqd.data import load_data  # noqa: E402
 from pqd.measure.accuracy import predict, top1  # noqa: E402
 from pqd.measure.env import environment  # noqa: E402
 from pqd.measure.stats import mcnemar_pooled, wilson_interval  # noqa: E402
 from pqd.models.registry import create_model  # noqa: E402
-from pqd.compress.student import convert_student, Student
-from pqd.stages.distill import distill
-from pqd.stages.quantize import quantize  # noqa: E402
+from pqd.stages.distill import DistillConfig, distill
+from pqd.stages.quantize import (
+    QuantizeConfig,  # noqa: E402
+    quantize,  # noqa: E402
+)
 from pqd.structured import latency_model as L  # noqa: E402
 from pqd.structured.search import cost_function, greedy_widths, search  # noqa: E402
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from pqd.config import DistillConfig, QuantizeConfig, TrainConfig
+from pqd.compress.student import Student
+from pqd.config import TrainConfig
 from pqd.data import Dataset, Splits
 from pqd.measure import environment
 from pqd.models.registry import create_model
-from pqd.compress.student import Student
-from pqd.stages.distill import distill
-from pqd.stages.quantize import quantize
+from pqd.stages.distill import DistillConfig, distill
+from pqd.stages.quantize import QuantizeConfig, quantize
 from pqd.train import train
 
 

@@ -36,13 +36,13 @@ def _worker(out: Path) -> None:
 
     import torch.distributed as dist
 
-    from pqd.config import DistillConfig, PruneConfig, QuantizeConfig, TrainConfig
+    from pqd.compress.student import Student
+    from pqd.config import TrainConfig
     from pqd.data import Splits
     from pqd.models.registry import create_model
-    from pqd.compress.student import Student
-    from pqd.stages.distill import distill
-    from pqd.stages.prune import prune
-    from pqd.stages.quantize import quantize
+    from pqd.stages.distill import DistillConfig, distill
+    from pqd.stages.prune import PruneConfig, prune
+    from pqd.stages.quantize import QuantizeConfig, quantize
     from pqd.train import train
 
     warnings.filterwarnings("ignore")

@@ -185,24 +185,16 @@ def test_dense_run_goes_through_the_same_pipeline(tiny_config, tmp_path):
 
 def test_a_new_stage_is_one_registration(tiny_config, tmp_path):
     """A stage defined here, registered once, runs in the pipeline by letter; its records reach metrics.json."""
-    from dataclasses import dataclass
-
-    from pqd.stages.protocol import register_stage, unregister_stage
+    from pqd.stages.protocol import Stage, register_stage, unregister_stage
 
     calls = []
 
-    @dataclass(frozen=True)
-    class Identity:
-        name: str = "identity"
-        letter: str = "I"
-        section: str | None = None
-        quantizes: bool = False
-        structural: bool = False
+    class Identity(Stage):
+        name, letter = "identity", "I"
 
-        def run(self, student, ctx, *, epochs, checkpoint, index):
-            calls.append((index, epochs, str(ctx.device)))
-            if hasattr(student, "records"):
-                student.records[f"{index + 1}_identity"] = {"seen": True}
+        def run(self, student, section_config, ctx, *, epochs, checkpoint):
+            calls.append((ctx.index, epochs, str(ctx.device), section_config))
+            student.records[f"{ctx.index + 1}_identity"] = {"seen": True}
             return student
 
     register_stage(Identity())
@@ -212,7 +204,7 @@ def test_a_new_stage_is_one_registration(tiny_config, tmp_path):
         m = run_pipeline(cfg, tmp_path)
     finally:
         unregister_stage("identity")
-    assert calls == [(0, 0, "cpu"), (2, 3, "cpu")]
+    assert calls == [(0, 0, "cpu", None), (2, 3, "cpu", None)]
     assert m["stage_order"] == ["identity", "quantize", "identity"] and m["final_form"] == "int8"
     assert (tmp_path / "stages" / "3_identity" / "student.safetensors").is_file()
     with pytest.raises(ConfigError, match="unknown stage 'I'"):

@@ -10,13 +10,12 @@ import yaml
 from torch import nn
 
 from pqd.compress.channels.reshape import fit_to_state_dict
+from pqd.compress.qat import freeze, prepare
+from pqd.compress.student import Student
 from pqd.errors import CheckpointError, ConfigError
 from pqd.run.config import RunConfig
 from pqd.run.metrics import SCHEMA, Accuracy, LatencyRecord, Metrics, Sizes, Sparsity, StageRecord
 from pqd.run.rundir import RunDir, build_model
-from pqd.compress.qat import prepare
-from pqd.compress.student import Student
-from pqd.compress.qat import freeze
 
 CFG = {"stages": "P:1,P:1,Q:1", "model": {"name": "resnet18", "width": 0.125}, "teacher": {"epochs": 1}}
 
@@ -114,10 +113,11 @@ def test_metrics_round_trip_merge_and_fields(tmp_path):
     assert written["bench"] == {"x": 1} and run.metrics().extra == {"bench": {"x": 1}}
 
 
-def test_schema_1_metrics_are_read_with_their_facts():
-    old = {"schema": 1, "model": "resnet18", "dataset": "digits", "stages": "P:1,Q:2", "final_form": "int8",
+@pytest.mark.parametrize("schema", [1, 2, None])
+def test_metrics_of_an_older_schema_are_refused_with_what_to_do(schema):
+    old = {"schema": schema, "model": "resnet18", "dataset": "digits", "stages": "P:1,Q:2", "final_form": "int8",
            "accuracy": {"teacher_top1": 0.9, "final_top1": 0.8, "fake_quant_top1": 0.8},
            "sparsity": {"target": 0.5, "achieved": 0.5}, "size_bytes": {"teacher_fp32": 1, "final": 1, "final_file": "x"},
            "latency": [{"model": "teacher_fp32", "batch": 1, "median_ms": 2.0}]}
-    m = Metrics.from_dict(old)
-    assert (m.schema, m.stage_order, m.pruned, m.quantize_mode, m.stage_label) == (1, ["prune", "quantize"], True, "qat", "P>Q")
+    with pytest.raises(CheckpointError, match=f"schema {schema!r}.*reads schema 3 only.*pqd run"):
+        Metrics.from_dict(old)

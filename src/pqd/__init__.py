@@ -1,26 +1,19 @@
 """pqd: Prune -> INT8 Quantize -> Distill for CPU deployment, judged by measurement."""
 
-from pqd.config import (
-    DataConfig,
-    DistillConfig,
-    MeasureConfig,
-    ModelConfig,
-    PruneConfig,
-    QuantizeConfig,
-    TeacherConfig,
-    TrainConfig,
-)
+from pqd.config import DataConfig, MeasureConfig, ModelConfig, TeacherConfig, TrainConfig
 from pqd.errors import CheckpointError, ConfigError, DataError, ModelError, PqdError
 
 __version__ = "0.1.0"
 
 _LAZY = {"create_model": "pqd.models", "list_models": "pqd.models", "register_model": "pqd.models",
-         "RunConfig": "pqd.run.config", "load_config": "pqd.run.config"}
+         "RunConfig": "pqd.run.config", "load_config": "pqd.run.config",
+         "PruneConfig": "pqd.stages.prune", "QuantizeConfig": "pqd.stages.quantize", "DistillConfig": "pqd.stages.distill",
+         "StructuredConfig": "pqd.stages.structured", "ImpConfig": "pqd.stages.imp", "JointConfig": "pqd.stages.joint"}
 
 
 def __getattr__(name: str):
-    # torch is imported on first use of the model registry or the run config (which checks stage
-    # lists against the stage registry), not by ``import pqd``: a benchmark worker timing an ONNX
+    # torch is imported on first use of the model registry, the run config (which checks stage
+    # lists against the stage registry) or a stage's section, not by ``import pqd``: a benchmark worker timing an ONNX
     # file (pqd.measure.worker) must not carry torch in its process.
     if name in _LAZY:
         from importlib import import_module
@@ -29,7 +22,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'pqd' has no attribute {name!r}")
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataConfig", "DataError", "DistillConfig", "MeasureConfig", "ModelConfig",
-    "ModelError", "PqdError", "PruneConfig", "QuantizeConfig", "RunConfig", "TeacherConfig", "TrainConfig",
+    "CheckpointError", "ConfigError", "DataConfig", "DataError", "DistillConfig", "ImpConfig", "JointConfig", "MeasureConfig",
+    "ModelConfig",
+    "ModelError", "PqdError", "PruneConfig", "QuantizeConfig", "RunConfig", "StructuredConfig", "TeacherConfig", "TrainConfig",
     "create_model", "list_models", "load_config", "register_model",
 ]

@@ -56,7 +56,7 @@ class Section:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
                 fail(f"{prefix}{key}", f"unknown key.{hint} Valid keys: {', '.join(fields)}")
-            kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
+            kwargs[key] = coerce(f"{prefix}{key}", value, hints[key])
         try:
             return cls(**kwargs)
         except ConfigError as exc:
@@ -76,7 +76,7 @@ class Section:
         return out
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce(key: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against a type hint, converting only where it is lossless."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -88,7 +88,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(key, value, arg)
+                return coerce(key, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
         fail(key, f"{value!r} has the wrong type ({' / '.join(e.split(': ', 1)[-1] for e in errors)})")
@@ -100,7 +100,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             fail(key, f"expected a list, got {type(value).__name__} {value!r}")
         (arg, *_) = typing.get_args(hint)
-        return tuple(_coerce(f"{key}[{i}]", v, arg) for i, v in enumerate(value))
+        return tuple(coerce(f"{key}[{i}]", v, arg) for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             fail(key, f"expected true or false, got {value!r}")
@@ -217,182 +217,6 @@ class TeacherConfig(Section):
 
 
 @dataclass(frozen=True)
-class PruneConfig(Section):
-    """Global unstructured pruning of conv/linear weights.
-
-    ``schedule``: 'gradual' (cubic AGP over the stage's epochs) or 'oneshot'.
-    ``criterion``: 'magnitude' or 'random' (baseline). ``exclude``: module-name globs;
-    '@first' / '@last' name the first / last prunable layer.
-    """
-
-    sparsity: float = 0.9
-    schedule: str = "gradual"
-    criterion: str = "magnitude"
-    exclude: tuple[str, ...] = ("@first",)
-    lr: float = 0.01
-    prune_fraction: float = 0.75
-
-    def __post_init__(self):
-        in_range("prune.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
-        choice("prune.schedule", self.schedule, ("gradual", "oneshot"))
-        choice("prune.criterion", self.criterion, ("magnitude", "random"))
-        in_range("prune.lr", self.lr, 0.0)
-        in_range("prune.prune_fraction", self.prune_fraction, 0.0, 1.0)
-
-
-@dataclass(frozen=True)
-class QuantizeConfig(Section):
-    """INT8 quantization for x86: per-channel symmetric weights, per-tensor affine
-    activations, BN folded. ``mode``: 'qat' (train) or 'ptq' (static calibration only).
-    Observers and BN statistics freeze for the last ``freeze_fraction`` of QAT epochs.
-    ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI.
-    ``mode: dynamic``: weights-only int8 PTQ of the Linear layers (activations quantized at run
-    time; convolutions stay FP32). ``granularity`` ('per_channel' | 'per_tensor') and
-    ``symmetric`` choose the weight scheme (see :mod:`pqd.compress.qoptions`, docs/QUANTIZATION.md).
-    ``leaf_modules``: submodules torch.fx must not trace into (an untraceable user block):
-    submodule paths ('layer3.0') or classes ('package.module:Class'); they stay FP32."""
-
-    mode: str = "qat"
-    lr: float = 0.005
-    freeze_fraction: float = 0.25
-    calibration_batches: int = 16
-    reduce_range: bool = False
-    granularity: str = "per_channel"
-    symmetric: bool = True
-    leaf_modules: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        choice("quantize.mode", self.mode, ("qat", "ptq", "dynamic"))
-        choice("quantize.granularity", self.granularity, ("per_channel", "per_tensor"))
-        in_range("quantize.lr", self.lr, 0.0)
-        in_range("quantize.freeze_fraction", self.freeze_fraction, 0.0, 1.0)
-        in_range("quantize.calibration_batches", self.calibration_batches, 1)
-
-
-@dataclass(frozen=True)
-class DistillConfig(Section):
-    """Response-based KD: ``kd_weight · T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``.
-
-    ``kd_weight: 0`` is the KD-off control: the same stage, epochs, lr and schedule with the
-    cross-entropy term alone and no teacher forward ("more training, no teacher").
-
-    ``kind`` picks the KD variant (:mod:`pqd.compress.kd_variants`): 'response' (above), 'feature'
-    (FitNets hints from ``layers``, 1x1 adapters where widths differ), 'attention' (attention
-    transfer from ``layers``), 'mutual' (online mutual learning with ``peers`` randomly
-    initialised peers; no teacher) or 'self' (self-distillation: auxiliary heads on ``layers``
-    learn from the network's own final output). ``layers``: module paths ('' = automatic: the
-    output of each top-level block). ``beta``: weight of the feature / attention / auxiliary term
-    (default per kind: feature 1, attention 1000, self 1)."""
-
-    temperature: float = 4.0
-    alpha: float = 0.5
-    lr: float = 0.005
-    kind: str = "response"
-    layers: tuple[str, ...] = ()
-    beta: float | None = None
-    peers: int = 1
-    kd_weight: float = 1.0
-
-    def __post_init__(self):
-        choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
-        if self.beta is not None:
-            in_range("distill.beta", self.beta, 0.0)
-        in_range("distill.peers", self.peers, 1, 8)
-        in_range("distill.temperature", self.temperature, 0.1, 100.0)
-        in_range("distill.alpha", self.alpha, 0.0)
-        in_range("distill.lr", self.lr, 0.0)
-        in_range("distill.kd_weight", self.kd_weight, 0.0)
-        if self.kd_weight == 0 and self.alpha == 0:
-            fail("distill.kd_weight", "kd_weight 0 and alpha 0 together leave no loss; set alpha > 0 for the KD-off "
-                  "control (cross-entropy only) or kd_weight > 0")
-
-
-STRUCTURED_RUNTIMES = ("openvino", "onnxruntime", "pytorch")
-STRUCTURED_CRITERIA = ("l1", "l2", "bn", "taylor", "random")
-STRUCTURED_SELECT = ("greedy", "adapted_bn")
-
-
-def _sfail(key: str, msg: str):
-    raise ConfigError(f"structured.{key}: {msg}")
-
-
-@dataclass(frozen=True)
-class StructuredConfig(Section):
-    """Structured (channel) pruning under a latency budget measured on the deployment runtime.
-
-    Budget: ``budget_ms``, or ``budget_fraction`` × the dense model's INT8 latency (exactly
-    one); ``size_budget_mb``: optional cap on INT8 weight bytes. Target: ``runtime``
-    ('openvino', 'onnxruntime', 'pytorch'), ``batch``, ``threads``. ``importance``: 'l1',
-    'l2', 'bn', 'taylor', 'random'; ``sensitivity``: a CSV from ``pqd analyze`` to minimise
-    predicted accuracy loss instead. Channel counts are multiples of ``round_to``; a group
-    keeps at least ``min_keep`` of its channels. ``samples``: measured width configurations
-    for the latency model (cached per machine and target); ``runs``: timed calls per
-    measurement; ``max_iters``: measure-and-correct rounds; ``margin``: correct until the
-    measured latency is at most (1 - margin) × the budget, room for the measurement's
-    run-to-run spread. ``select``: 'greedy' (one greedy on the importance or sensitivity
-    cost) or 'adapted_bn' (several width recipes under the same target, uniform scaling among
-    them, ranked by top-1 after re-estimating BN statistics on ``select_images`` training
-    images; :mod:`pqd.structured.select`). The stage then fine-tunes for
-    its epochs at ``lr``, against the dense teacher's soft targets when ``distill`` is true
-    (temperature and alpha of the ``distill`` section), else with cross-entropy. ``ignore``:
-    module paths whose output channels are never pruned.
-    """
-
-    budget_fraction: float | None = 0.5
-    budget_ms: float | None = None
-    size_budget_mb: float | None = None
-    runtime: str = "openvino"
-    batch: int = 1
-    threads: int = 2
-    importance: str = "l1"
-    sensitivity: str | None = None
-    round_to: int = 8
-    min_keep: float = 0.1
-    samples: int = 12
-    runs: int = 100
-    max_iters: int = 4
-    margin: float = 0.0
-    select: str = "greedy"
-    select_images: int = 512
-    lr: float = 0.01
-    distill: bool = True
-    ignore: tuple[str, ...] = ()
-    cache_dir: str | None = None
-
-    def __post_init__(self):
-        if (self.budget_ms is None) == (self.budget_fraction is None):
-            _sfail("budget_fraction", "give exactly one of structured.budget_fraction and structured.budget_ms "
-                  "(set the other to null)")
-        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
-            _sfail("budget_fraction", f"{self.budget_fraction!r} must be in (0, 1]")
-        if not 0 <= self.margin < 0.5:
-            _sfail("margin", f"{self.margin!r} must be in [0, 0.5): the share of the budget kept free for run-to-run spread")
-        if self.budget_ms is not None and not self.budget_ms > 0:
-            _sfail("budget_ms", f"{self.budget_ms!r} must be > 0")
-        if self.size_budget_mb is not None and not self.size_budget_mb > 0:
-            _sfail("size_budget_mb", f"{self.size_budget_mb!r} must be > 0")
-        if self.runtime not in STRUCTURED_RUNTIMES:
-            _sfail("runtime", f"{self.runtime!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_RUNTIMES))}")
-        if self.importance not in STRUCTURED_CRITERIA:
-            _sfail("importance", f"{self.importance!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_CRITERIA))}")
-        for k in ("batch", "threads", "round_to", "samples", "runs", "max_iters"):
-            if getattr(self, k) < 1:
-                _sfail(k, f"{getattr(self, k)!r} must be >= 1")
-        if self.samples < 2:
-            _sfail("samples", f"{self.samples} must be >= 2 (the latency model is fitted on them)")
-        if not 0 < self.min_keep <= 1:
-            _sfail("min_keep", f"{self.min_keep!r} must be in (0, 1]")
-        if not self.lr >= 0:
-            _sfail("lr", f"{self.lr!r} must be >= 0")
-        if self.select not in STRUCTURED_SELECT:
-            _sfail("select", f"{self.select!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_SELECT))}")
-        if self.select_images < 16:
-            _sfail("select_images", f"{self.select_images!r} must be >= 16 (BN statistics are re-estimated on them)")
-        if self.select == "adapted_bn" and self.size_budget_mb is not None:
-            _sfail("select", "'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb")
-
-
-@dataclass(frozen=True)
 class MeasureConfig(Section):
     """Latency measurement: fixed threads, warm-up, many interleaved runs."""
 
@@ -409,64 +233,6 @@ class MeasureConfig(Section):
         in_range("measure.large_batch_runs", self.large_batch_runs, 1)
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             fail("measure.batch_sizes", f"needs positive batch sizes, got {list(self.batch_sizes)}")
-
-
-@dataclass(frozen=True)
-class ImpConfig(Section):
-    """Iterative magnitude pruning with rewinding (lottery tickets; stage 'imp' / 'L').
-
-    The stage's epochs split into ``rounds + 1`` equal training segments (the remainder goes to
-    the last): train → prune ``fraction`` of the remaining weights (global magnitude) → rewind
-    the survivors → train ..., ending with training on the final mask. Final sparsity is
-    ``1 - (1 - fraction) ** rounds`` of the prunable weights (plus what earlier stages pruned).
-    ``rewind``: 'init' (a fresh random initialisation, seeded: the original lottery ticket),
-    'start' (the weights the stage received, e.g. the dense teacher's) or an epoch k >= 1 of
-    the first segment (late rewinding). ``exclude``: layers left dense (as prune.exclude)."""
-
-    rounds: int = 3
-    fraction: float = 0.5
-    rewind: int | str = 1
-    lr: float = 0.01
-    exclude: tuple[str, ...] = ("@first",)
-
-    def __post_init__(self):
-        in_range("imp.rounds", self.rounds, 1, 100)
-        in_range("imp.fraction", self.fraction, 0.0, 1.0, hi_open=True)
-        if self.fraction <= 0.0:
-            fail("imp.fraction", f"{self.fraction!r} must be > 0 (the fraction of remaining weights pruned each round)")
-        if isinstance(self.rewind, str):
-            choice("imp.rewind", self.rewind, ("init", "start"))
-        else:
-            in_range("imp.rewind", self.rewind, 0)
-        in_range("imp.lr", self.lr, 0.0)
-
-    @property
-    def sparsity(self) -> float:
-        """The fraction of the prunable weights the stage prunes in all."""
-        return 1.0 - (1.0 - self.fraction) ** self.rounds
-
-
-@dataclass(frozen=True)
-class JointConfig(Section):
-    """Joint compression (JPQD-like; stage 'joint' / 'J'): in one training loop, global magnitude
-    pruning on the AGP schedule (``sparsity``, ``prune_fraction``, ``exclude`` as in ``prune``),
-    fake quantization (the ``quantize`` section's scheme) and response KD from the teacher
-    (``temperature``; ``alpha`` weighs the hard-label CE; ``kd: false`` trains on labels only)."""
-
-    sparsity: float = 0.9
-    prune_fraction: float = 0.75
-    exclude: tuple[str, ...] = ("@first",)
-    lr: float = 0.005
-    kd: bool = True
-    temperature: float = 4.0
-    alpha: float = 0.5
-
-    def __post_init__(self):
-        in_range("joint.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
-        in_range("joint.prune_fraction", self.prune_fraction, 0.0, 1.0)
-        in_range("joint.lr", self.lr, 0.0)
-        in_range("joint.temperature", self.temperature, 0.1, 100.0)
-        in_range("joint.alpha", self.alpha, 0.0)
 
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from pqd.config import PruneConfig, TrainConfig
+from pqd.compress.student import Student
+from pqd.config import TrainConfig
 from pqd.data.adapters import as_dataset, as_splits
 from pqd.errors import DataError
 from pqd.models.registry import create_model
-from pqd.compress.student import Student
-from pqd.stages.prune import prune
+from pqd.stages.prune import PruneConfig, prune
 
 
 def _pair(n=64, float_images=True):

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 
 from pqd.measure.stats import (
-    EXACT_BELOW, bootstrap_interval, correct_vector, counts_record, mcnemar, mcnemar_paired, top1_record, wilson_interval,
+    EXACT_BELOW,
+    bootstrap_interval,
+    correct_vector,
+    counts_record,
+    mcnemar,
+    mcnemar_paired,
+    spearman,
+    top1_record,
+    wilson_interval,
 )
 
 
@@ -157,3 +165,10 @@ def test_holm():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
     assert holm([]) == []
+
+
+def test_spearman_known_values_ties_and_degenerate_inputs():
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(3 ** 0.5 / 2)  # tied values share the mean rank
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None

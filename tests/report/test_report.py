@@ -12,6 +12,7 @@ from pqd.commands.report import build_report, dominators, pareto_front
 from pqd.commands.sweep import ResultTable, Run, row_for
 from pqd.errors import PqdError
 from pqd.run.config import RunConfig
+from pqd.stages import get_stage
 
 MAX_MIN_MIN = ("max", "min", "min")  # accuracy up, size down, latency down
 
@@ -40,8 +41,9 @@ def test_pareto_front_on_known_points():
 def _metrics(stages: str, acc: float, size: int, lat: float, sparsity: float, proxy: float | None):
     form = "int8" if "Q" in stages else "fp32"
     m = {
-        "schema": 1, "model": "resnet18", "width": 0.25, "dataset": "cifar10", "num_classes": 10, "stages": stages,
-        "final_form": form, "accuracy": {"teacher_top1": 0.80, "final_top1": acc},
+        "schema": 3, "model": "resnet18", "width": 0.25, "dataset": "cifar10", "num_classes": 10, "stages": stages,
+        "stage_order": [get_stage(s.split(":")[0]).name for s in stages.split(",") if s], "pruned": "P" in stages,
+        "quantize_mode": "qat" if form == "int8" else None, "final_form": form, "accuracy": {"teacher_top1": 0.80, "final_top1": acc},
         "sparsity": {"target": sparsity, "achieved": sparsity, "achieved_int8": None, "prunable_layers": 20},
         "size_bytes": {"teacher_fp32": 2_800_000, "final": size, "final_file": "x"} | ({"compact_int8": int(size * (1 - sparsity) / 2)} if form == "int8" else {}),
         "latency": [

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 
 import pytest
 import yaml
@@ -19,7 +18,6 @@ from hypothesis import strategies as st
 from rbhelpers import tiny, write_config
 
 from pqd.cli import main
-from pqd.config import Section
 from pqd.errors import ConfigError, PqdError
 from pqd.run.config import RunConfig, load_config
 
@@ -28,12 +26,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 def _valid_paths() -> dict[str, list[str]]:
     """Section name -> its field names (top-level scalars map to [])."""
-    hints = typing.get_type_hints(RunConfig)
-    out = {}
-    for f in dataclasses.fields(RunConfig):
-        h = hints[f.name]
-        out[f.name] = [g.name for g in dataclasses.fields(h)] if isinstance(h, type) and issubclass(h, Section) else []
-    return out
+    return {key: [g.name for g in dataclasses.fields(cls)] if cls is not None else [] for key, cls in RunConfig.schema().items()}
 
 
 SECTIONS = _valid_paths()

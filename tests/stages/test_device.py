@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from pqd.config import DistillConfig, PruneConfig, QuantizeConfig, TrainConfig
-from pqd.models.registry import create_model
 from pqd.compress.qat import prepare
 from pqd.compress.student import Student
-from pqd.stages.distill import distill
-from pqd.stages.prune import prune
-from pqd.stages.quantize import quantize
+from pqd.config import TrainConfig
+from pqd.models.registry import create_model
+from pqd.stages.distill import DistillConfig, distill
+from pqd.stages.prune import PruneConfig, prune
+from pqd.stages.quantize import QuantizeConfig, quantize
 
 CFG = TrainConfig(batch_size=32, progress=False, channels_last=False)
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pqd.config import DistillConfig, TrainConfig
-from pqd.measure import agreement, predict
-from pqd.models.registry import create_model
 from pqd.compress.kd import kd_loss
 from pqd.compress.student import Student
-from pqd.stages.distill import distill
+from pqd.config import TrainConfig
+from pqd.measure import agreement, predict
+from pqd.models.registry import create_model
+from pqd.stages.distill import DistillConfig, distill
 from pqd.train import train
 
 CFG = TrainConfig(batch_size=32, progress=False)
@@ -69,3 +69,36 @@ def test_kd_off_never_runs_the_teacher(tiny_data):
     out = distill(Student(student), DistillConfig(kd_weight=0.0, alpha=1.0, lr=0.05), teacher=Exploding(), data=tiny_data,
                   epochs=1, train_config=CFG)
     assert any(not torch.equal(before[k], v) for k, v in out.model.state_dict().items()), "the student still trains (CE)"
+
+
+class _Recording(torch.nn.Module):
+    """A teacher that records the device of the images it is given."""
+
+    def __init__(self, device: str = "cpu"):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3, device=device)
+        self.seen: list[torch.device] = []
+
+    def forward(self, x):
+        self.seen.append(x.device)
+        return self.fc(x)
+
+
+def test_teacher_logits_run_on_the_teachers_device_without_gradients():
+    from pqd.compress.kd import teacher_logits
+
+    teacher = _Recording("meta")  # a device other than the images' (CPU)
+    out = teacher_logits(teacher, torch.randn(2, 4))
+    assert teacher.seen == [torch.device("meta")] and not out.requires_grad
+
+
+def test_distillation_loss_honours_kd_weight_and_skips_the_teacher_when_it_is_zero():
+    from pqd.compress.kd import KDLoss, distillation_loss
+
+    teacher, s, x, y = _Recording(), torch.randn(5, 3), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    off = distillation_loss(KDLoss(alpha=0.5, kd_weight=0.0), teacher)(s, x, y)
+    assert teacher.seen == [] and off.item() == pytest.approx(0.5 * F.cross_entropy(s, y).item(), rel=1e-6)
+    t = teacher(x).detach()
+    half = distillation_loss(KDLoss(temperature=2.0, alpha=0.5, kd_weight=0.5), teacher)(s, x, y)
+    assert half.item() == pytest.approx(kd_loss(s, t, y, temperature=2.0, alpha=0.5, kd_weight=0.5).item(), rel=1e-5)
+    assert not teacher.training

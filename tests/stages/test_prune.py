@@ -1,13 +1,12 @@
 import pytest
 import torch
 
-from pqd.config import PruneConfig, TrainConfig
-from pqd.errors import ConfigError
-from pqd.models.registry import create_model
 from pqd.compress.sparsity import global_sparsity, prunable_layers, sparsity_at
 from pqd.compress.student import Student
-from pqd.stages.prune import prune
-from pqd.stages.prune import compute_masks
+from pqd.config import TrainConfig
+from pqd.errors import ConfigError
+from pqd.models.registry import create_model
+from pqd.stages.prune import PruneConfig, compute_masks, prune
 
 CFG = TrainConfig(batch_size=32, progress=False)
 

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from pqd.config import PruneConfig, QuantizeConfig, TrainConfig
+from pqd.compress.qat import to_torchscript
+from pqd.compress.student import Student, convert_student
+from pqd.config import TrainConfig
 from pqd.errors import ModelError
 from pqd.measure import agreement, predict, top1
 from pqd.models.registry import create_model
-from pqd.compress.qat import to_torchscript
-from pqd.compress.student import convert_student, Student
-from pqd.stages.prune import prune
-from pqd.stages.quantize import quantize
+from pqd.stages.prune import PruneConfig, prune
+from pqd.stages.quantize import QuantizeConfig, quantize
 from pqd.train import train
 
 CFG = TrainConfig(batch_size=32, progress=False)

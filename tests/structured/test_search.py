@@ -248,7 +248,7 @@ def test_search_grows_a_model_measured_far_under_its_goal(monkeypatch):
 
 
 def test_structured_config_margin_is_validated():
-    from pqd.config import StructuredConfig
+    from pqd.stages.structured import StructuredConfig
 
     assert StructuredConfig(margin=0.1).margin == 0.1
     for bad in (-0.1, 0.5):

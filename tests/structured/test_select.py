@@ -202,7 +202,7 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
 
 
 def test_structured_config_select_is_validated():
-    from pqd.config import StructuredConfig
+    from pqd.stages.structured import StructuredConfig
 
     assert StructuredConfig(select="adapted_bn").select == "adapted_bn"
     with pytest.raises(ConfigError, match="select"):

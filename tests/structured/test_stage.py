@@ -13,8 +13,7 @@ from pqd.config import TrainConfig
 from pqd.errors import ConfigError, ModelError
 from pqd.run.config import RunConfig
 from pqd.stages.protocol import StageContext
-from pqd.stages.structured import STAGE, structured_prune
-from pqd.structured.config import StructuredConfig
+from pqd.stages.structured import STAGE, StructuredConfig, structured_prune
 
 
 def test_config_validates():
@@ -51,7 +50,7 @@ def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkey
     monkeypatch.setattr(L, "measure_int8", in_process)
     monkeypatch.setattr(S, "measure_int8", in_process)
     ckpt = tmp_path / "stage.safetensors"
-    out = STAGE.run(Student(model), ctx, epochs=1, checkpoint=ckpt, index=0)
+    out = STAGE.run(Student(model), cfg, ctx, epochs=1, checkpoint=ckpt)
     rec = out.records["1_structured"]
     assert json.loads(json.dumps(rec)) == rec
     x = torch.zeros(2, 3, 16, 16)

@@ -12,19 +12,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pqd.commands.predict import (
+from pqd.commands.predict import load_deployable, predict_files, predict_main
+from pqd.config import DataConfig, TrainConfig
+from pqd.data import batches, load_data
+from pqd.deploy.deployable import (
     Preprocessed,
     deployable_meta,
     deployable_torchscript,
-    load_deployable,
     normalized_callable,
-    predict_files,
-    predict_main,
     read_torchscript_meta,
     save_torchscript,
 )
-from pqd.config import DataConfig, TrainConfig
-from pqd.data import batches, load_data
 from pqd.errors import CheckpointError
 from pqd.train.loop import train
 
@@ -82,7 +80,7 @@ def test_torchscript_file_carries_preprocessing(digits_model, tmp_path: Path):
 
 def test_int8_deployable_takes_raw_images(digits_model, tmp_path: Path):
     from pqd.compress.qat import prepare
-    from pqd.compress.student import convert_student, Student
+    from pqd.compress.student import Student, convert_student
 
     model, data = digits_model
     with warnings.catch_warnings():
@@ -162,7 +160,7 @@ def test_bad_deployables(digits_model, tmp_path: Path):
 def test_onnx_deployable_with_normalisation_inside(digits_model, tmp_path: Path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from pqd.commands.predict import onnx_metadata
+    from pqd.deploy.deployable import onnx_metadata
     from pqd.deploy.onnx import export_onnx
 
     model, data = digits_model

@@ -2,14 +2,14 @@ import pytest
 import torch
 
 from pqd.compress.sparsity import prunable_layers
-from pqd.config import ImpConfig, TrainConfig
+from pqd.compress.student import Student
+from pqd.config import TrainConfig
 from pqd.errors import ConfigError
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
 from pqd.run.metrics import Metrics
 from pqd.run.pipeline import run_pipeline
-from pqd.compress.student import Student
-from pqd.stages.imp import imp, reinitialize, segments
+from pqd.stages.imp import ImpConfig, imp, reinitialize, segments
 from pqd.stages.protocol import get_stage
 from pqd.train.loop import epoch_seed
 

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from pqd.config import JointConfig, TrainConfig
+from pqd.compress.student import Student
+from pqd.config import TrainConfig
 from pqd.errors import ConfigError, ModelError
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
 from pqd.run.metrics import Metrics
 from pqd.run.pipeline import run_pipeline
-from pqd.compress.student import Student
-from pqd.stages.joint import joint
+from pqd.stages.joint import JointConfig, joint
 from pqd.stages.protocol import get_stage
 
 CFG = TrainConfig(batch_size=32, progress=False)

@@ -13,12 +13,13 @@ from pqd.compress.kd_variants import (
 )
 from pqd.compress.qat import prepare
 from pqd.compress.sparsity import GlobalPruner
-from pqd.config import DistillConfig, TrainConfig
+from pqd.compress.student import Student
+from pqd.config import TrainConfig
 from pqd.errors import ConfigError, ModelError
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
 from pqd.run.pipeline import run_pipeline
-from pqd.compress.student import Student
+from pqd.stages.distill import DistillConfig
 from pqd.stages.distill_variants import distill_variant
 
 CFG = TrainConfig(batch_size=32, progress=False)

@@ -3,14 +3,13 @@ import torch
 
 from pqd.compress.qat import convert, prepare
 from pqd.compress.qoptions import QuantOptions, quant_options
-from pqd.config import QuantizeConfig
+from pqd.compress.student import Student
 from pqd.errors import ConfigError
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
 from pqd.run.pipeline import run_pipeline
 from pqd.run.rundir import RunDir
-from pqd.compress.student import Student
-from pqd.stages.quantize import quantize
+from pqd.stages.quantize import QuantizeConfig, quantize
 
 
 def _model():

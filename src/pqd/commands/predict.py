@@ -17,44 +17,18 @@ from typing import Any
 
 import torch
 
-from pqd.deploy.deployable import (  # noqa: F401  (re-exported: the deployable format)
+from pqd.deploy.deployable import (
     DEPLOYABLE_NAMES,
-    FORMAT,
     IMAGE_SUFFIXES,
     META_NAME,
     Deployable,
     Preprocessed,
-    deployable_meta,
-    deployable_torchscript,
-    normalized_callable,
-    onnx_metadata,
     read_torchscript_meta,
-    save_torchscript,
     validate_meta,
 )
 from pqd.errors import CheckpointError, DataError, PqdError
 
-__all__ = [
-    "FORMAT", "META_NAME", "DEPLOYABLE_NAMES", "Preprocessed", "normalized_callable", "deployable_meta", "deployable_torchscript",
-    "save_torchscript", "read_torchscript_meta", "onnx_metadata", "Deployable", "load_deployable", "load_image",
-    "predict_files", "predict_main",
-]
-
-
-def _legacy_meta(run_dir: Path) -> dict[str, Any] | None:
-    """Preprocessing of a run written before deployables carried it: the compact file's meta."""
-    try:
-        from pqd.deploy.compact import read_compact
-        from pqd.run.rundir import RunDir
-
-        _, cm = read_compact(run_dir / RunDir.COMPACT)
-    except (PqdError, OSError, ImportError):
-        return None
-    if not all(k in cm for k in ("mean", "std", "image_shape")):
-        return None
-    n = int(cm.get("num_classes") or 0)
-    names = cm.get("class_names") or [str(i) for i in range(n)]
-    return deployable_meta(mean=cm["mean"], std=cm["std"], class_names=names, input_shape=cm["image_shape"], normalization="outside")
+__all__ = ["load_deployable", "load_image", "predict_files", "predict_main"]
 
 
 def _find_model(source: Path) -> Path:
@@ -81,12 +55,7 @@ def load_deployable(source: str | Path) -> Deployable:
         return _load_onnx(path)
     meta = read_torchscript_meta(path)
     if meta is None:
-        meta = _legacy_meta(src if src.is_dir() else path.parent)
-        if meta is None:
-            raise CheckpointError(
-                f"{where} carries no preprocessing record ({META_NAME}) and no compact file beside it tells its "
-                "normalisation; re-export it with this pqd version"
-            )
+        raise CheckpointError(f"{where} carries no preprocessing record ({META_NAME}); re-export it with this pqd version")
     meta = validate_meta(meta, where)
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()

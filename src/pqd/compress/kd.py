@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pqd.compress.qat import model_device
 from pqd.errors import ConfigError
 
-__all__ = ["KDLoss", "kd_loss"]
+__all__ = ["KDLoss", "distillation_loss", "kd_loss", "teacher_logits"]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor, *, temperature: float,
@@ -67,3 +68,20 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, kd_weight={self.kd_weight}"
+
+
+def teacher_logits(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits for ``images``, moved to the teacher's device, without gradients."""
+    with torch.no_grad():
+        return teacher(images.to(model_device(teacher)))
+
+
+def distillation_loss(kd: KDLoss, teacher: nn.Module | None):
+    """The training loop's loss ``(logits, images, labels) -> loss`` for ``kd`` against ``teacher``
+    (put in eval mode). With ``kd.kd_weight == 0`` (the KD-off control) the teacher is never run."""
+    if not kd.needs_teacher:
+        return lambda logits, x, y: kd(logits, None, y)
+    if teacher is None:
+        raise ConfigError("distillation needs the dense teacher (kd_weight > 0), and none was given")
+    teacher.eval()
+    return lambda logits, x, y: kd(logits, teacher_logits(teacher, x), y)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pqd.compress.qoptions import QuantOptions, dynamic_qconfig_mapping, weight_fake_quant, weight_observer
+from pqd.compress.qoptions import MODES, QuantOptions, dynamic_qconfig_mapping, weight_fake_quant, weight_observer
 from pqd.compress.sparsity import as_masks
 from pqd.errors import ModelError
 
@@ -71,8 +71,8 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     ``options`` (:class:`pqd.compress.qoptions.QuantOptions`): weight granularity and symmetry (default
     per-channel symmetric). Mode ``'dynamic'``: weights-only int8 for ``nn.Linear`` layers.
     """
-    if mode not in ("qat", "ptq", "dynamic"):
-        raise ModelError(f"quantization mode must be 'qat', 'ptq' or 'dynamic', got {mode!r}")
+    if mode not in MODES:
+        raise ModelError(f"quantization mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
     options = options or QuantOptions()
     tq, _ = fx_modules()
     if mode == "dynamic":

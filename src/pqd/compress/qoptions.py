@@ -95,5 +95,5 @@ def dynamic_qconfig_mapping(options: QuantOptions = QuantOptions()):
 
 
 def quant_options(config) -> QuantOptions:
-    """The weight options of a ``quantize`` config section (:class:`pqd.config.QuantizeConfig`)."""
+    """The weight options of a ``quantize`` config section (:class:`pqd.stages.quantize.QuantizeConfig`)."""
     return QuantOptions(granularity=getattr(config, "granularity", "per_channel"), symmetric=getattr(config, "symmetric", True))

@@ -35,6 +35,8 @@ _PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 
 # --------------------------------------------------------------------------- layers
 
+DEFAULT_EXCLUDE = ("@first",)  # layers left dense unless configured: the first conv sees raw pixels
+
 
 def masked_weight(model: nn.Module, path: str) -> torch.Tensor:
     """The weight tensor of the module at ``path``. PTQ's eval-mode fusion replaces Conv+BN+ReLU

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from pqd.compress import qat
+from pqd.compress.qoptions import MODES
 from pqd.errors import ModelError
 
-FORMS = ("fp32", "qat", "ptq", "dynamic")
+FORMS = ("fp32", *MODES)
 
 
 @dataclass
@@ -40,9 +41,7 @@ class Student:
 
     @property
     def device(self) -> torch.device:
-        for t in self.model.parameters():
-            return t.device
-        return torch.device("cpu")
+        return qat.model_device(self.model)
 
 
 def chain(*hooks):
@@ -62,3 +61,21 @@ def convert_student(student: Student) -> nn.Module:
     if not student.quantized:
         raise ModelError("convert needs a quantized student (run the quantize stage first)")
     return qat.convert(student.model, masks=student.masks)
+
+
+def qat_epoch_hook(student: Student, epochs: int):
+    """``before_epoch`` hook for any stage that trains a fake-quant student: observers and BN
+    statistics update until the last ``student.freeze_fraction`` of the epochs, then freeze.
+
+    Frozen BN removes the scale invariance that BN gives the weights, so training with it
+    frozen tolerates only a small learning rate, which the cosine schedule's tail gives only when the
+    stage is long enough (see docs/TROUBLESHOOTING.md, "Training that went wrong").
+    """
+    if student.form != "qat":
+        return None
+    freeze_from = epochs - int(round(student.freeze_fraction * epochs))
+
+    def hook(epoch: int) -> None:
+        (qat.freeze if epoch >= freeze_from else qat.unfreeze)(student.model)
+
+    return hook

@@ -27,7 +27,6 @@ import torch
 
 from pqd.data.base import Dataset
 
-
 PAD = 4  # random-crop padding, reflect mode (mirror without repeating the edge pixel)
 DEVICE_DATA_ENV = "PQD_DEVICE_DATA_MB"  # cap (MB) on a device-resident dataset; 0 turns the device path off
 DEFAULT_DEVICE_DATA_MB = 4096

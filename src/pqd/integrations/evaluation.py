@@ -8,20 +8,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from pqd.compress.qat import model_device
 from pqd.errors import DataError
 
 __all__ = ["evaluate", "predict"]
 
 
-def _device(model) -> torch.device:
-    params = list(model.parameters()) if hasattr(model, "parameters") else []
-    return params[0].device if params and not params[0].is_quantized else torch.device("cpu")
-
-
 def predict(model: nn.Module, data: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, labels)`` on the CPU over every ``(images, labels, ...)`` batch of ``data``,
     in order; images go to the model's device (the CPU for INT8 and TorchScript models)."""
-    device = _device(model)
+    device = model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
     if hasattr(model, "eval"):
         model.eval()
     logits, labels = [], []

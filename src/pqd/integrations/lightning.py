@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pqd.compress import qat
-from pqd.compress.kd import KDLoss
+from pqd.compress.kd import KDLoss, teacher_logits
 from pqd.compress.sparsity import GlobalPruner, Importance, MagnitudeImportance, Masks, agp_sparsity
 from pqd.errors import ConfigError, ModelError
 
@@ -151,9 +151,7 @@ class PQDCallback(pl.Callback):
             return out
         loss = out["loss"] if isinstance(out, dict) else out
         x, logits = self._last
-        with torch.no_grad():
-            t_logits = self.teacher(x.to(qat.model_device(self.teacher)))
-        total = self.kd.soft(logits, t_logits) + self.alpha * loss
+        total = self.kd.soft(logits, teacher_logits(self.teacher, x)) + self.alpha * loss
         if isinstance(out, dict):
             return {**out, "loss": total}
         return total

@@ -17,6 +17,7 @@ Plain ``math`` / ``numpy``: no scipy needed.
 from __future__ import annotations
 
 import math
+import statistics
 from statistics import NormalDist
 from typing import Any
 
@@ -232,3 +233,28 @@ def holm(p_values: Any) -> list[float]:
         running = max(running, min(1.0, (m - rank) * ps[i]))
         out[i] = running
     return out
+
+
+def _midranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman rank correlation (ties share their mean rank); None for fewer than 3 pairs or a constant side."""
+    if len(xs) < 3:
+        return None
+    rx, ry = _midranks(xs), _midranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return num / den if den else None

@@ -7,26 +7,22 @@ module that imports torch; this module sits above the stages, whose registry it 
 
 from __future__ import annotations
 
+import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from pqd.config import (
     DataConfig,
-    DistillConfig,
-    ImpConfig,
-    JointConfig,
     MeasureConfig,
     ModelConfig,
-    PruneConfig,
-    QuantizeConfig,
     Section,
-    StructuredConfig,
     TeacherConfig,
     TrainConfig,
     apply_overrides,
     choice,
+    coerce,
     fail,
     in_range,
 )
@@ -40,7 +36,7 @@ from pqd.stages import protocol
 class StageSpec(Section):
     """One entry of the stage list: a registered stage (:mod:`pqd.stages.protocol`) and its epochs."""
 
-    stage: str = "prune"
+    stage: str = ""
     epochs: int = 0
 
     def __post_init__(self):
@@ -90,24 +86,58 @@ def parse_stages(spec: str | typing.Sequence[Any] | None) -> tuple[StageSpec, ..
     return tuple(s if isinstance(s, StageSpec) else StageSpec.from_dict(s, prefix="stages[].") for s in spec)
 
 
-@dataclass(frozen=True)
+_BASE = ("seed", "stages", "model", "data", "train", "teacher", "measure")
+
+
+@dataclass(frozen=True, init=False)
 class RunConfig(Section):
     """A whole compression run. ``stages`` is the ordered pipeline, e.g. 'P:20,Q:40,D:40'; stages
-    may repeat ('P:2,P:2'); an empty list is a dense run (the teacher alone)."""
+    may repeat ('P:2,P:2'); an empty list is a dense run (the teacher alone).
 
-    seed: int = 0
-    stages: tuple[StageSpec, ...] = field(default_factory=lambda: parse_stages("P:20,Q:40,D:40"))
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    structured: StructuredConfig = field(default_factory=StructuredConfig)
-    measure: MeasureConfig = field(default_factory=MeasureConfig)
-    imp: ImpConfig = field(default_factory=lambda: ImpConfig())
-    joint: JointConfig = field(default_factory=lambda: JointConfig())
+    Besides the fixed sections below, the run holds one section per registered stage that has
+    options (``prune``, ``quantize``, ...; :func:`pqd.stages.protocol.sections`), read as
+    attributes (``config.prune``) and given as keywords (``RunConfig(prune=PruneConfig(...))``)."""
+
+    seed: int
+    stages: tuple[StageSpec, ...]
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    teacher: TeacherConfig
+    measure: MeasureConfig
+    sections: tuple[tuple[str, Section], ...]  # (key, section) of every registered stage section, in registration order
+
+    def __init__(self, seed: int = 0, stages: Any = "P:20,Q:40,D:40", model: ModelConfig | None = None,
+                 data: DataConfig | None = None, train: TrainConfig | None = None, teacher: TeacherConfig | None = None,
+                 measure: MeasureConfig | None = None, sections: Any = (), **stage_sections: Section):
+        given = dict(sections) | stage_sections
+        known = protocol.sections()
+        for key in given:
+            if key not in known:
+                fail(key, f"unknown section; valid keys: {', '.join((*_BASE, *known))}")
+        values = {"seed": seed, "stages": stages, "model": model or ModelConfig(), "data": data or DataConfig(),
+                  "train": train or TrainConfig(), "teacher": teacher or TeacherConfig(), "measure": measure or MeasureConfig(),
+                  "sections": tuple((key, given.get(key) or cls()) for key, cls in known.items())}
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Section:
+        if name != "sections":
+            for key, section in self.__dict__.get("sections", ()):
+                if key == name:
+                    return section
+        raise AttributeError(f"{type(self).__name__!r} has no section {name!r}")
+
+    @classmethod
+    def schema(cls) -> dict[str, type | None]:
+        """Top-level key -> its Section class (None for plain values: seed, stages), in file order."""
+        hints = typing.get_type_hints(cls)
+        out: dict[str, type | None] = {}
+        for key in _BASE:
+            h = hints[key]
+            out[key] = h if isinstance(h, type) and issubclass(h, Section) else None
+        return out | protocol.sections()
 
     def __post_init__(self):
         if ":" not in self.model.name:
@@ -115,8 +145,7 @@ class RunConfig(Section):
         in_range("seed", self.seed, 0, 2**63 - 1)  # torch.manual_seed overflows beyond 64 bits
         if isinstance(self.stages, str) or (self.stages and not isinstance(self.stages[0], StageSpec)):
             object.__setattr__(self, "stages", parse_stages(self.stages))
-        names = [s.stage for s in self.stages]
-        kinds = [protocol.get_stage(n) for n in names]
+        kinds = [protocol.get_stage(s.stage) for s in self.stages]
         quantizing = [i for i, k in enumerate(kinds) if k.quantizes]
         if len(quantizing) > 1:
             fail("stages", f"{self.stage_string()} quantizes {len(quantizing)} times; a student is quantized once, "
@@ -126,37 +155,38 @@ class RunConfig(Section):
             works = [s for s, k in zip(self.stages, kinds) if k.structural] + [s for s, k in zip(self.stages, kinds) if not k.structural]
             fail("stages", f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
                             f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}")
-        if self.quantize.mode in ("ptq", "dynamic") and "quantize" in names:
-            mode = self.quantize.mode
-            if names[-1] != "quantize":
-                fail("quantize.mode", f"{mode!r} calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing")
-            if self.stage_epochs("quantize"):
-                fail("stages", f"quantize.mode {mode!r} takes no epochs; write 'Q:0' (or 'Q') or use mode 'qat'")
-        if self.quantize.mode == "dynamic" and "joint" in names:
-            fail("quantize.mode", "the joint stage trains with fake quantization; use mode 'qat' (or 'ptq') with it")
-        for s in self.stages:
-            if s.epochs == 0 and s.stage == "distill":
-                fail("stages", "distill needs at least one epoch, e.g. 'D:10'")
-            if s.epochs == 0 and s.stage in ("imp", "joint"):
-                fail("stages", f"{s.stage} trains, so it needs epochs, e.g. '{s.letter}:6'")
-            if s.epochs == 0 and s.stage == "prune" and self.prune.schedule == "gradual":
-                fail("prune.schedule", "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning")
-        if self.quantize.mode == "qat" and "quantize" in names and self.stage_epochs("quantize") == 0:
-            fail("stages", "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only")
+        for spec, stage in zip(self.stages, kinds):
+            stage.validate(self, spec)
+
+    def section(self, key: str | None) -> Section | None:
+        """The section ``key`` (a stage's ``section``), or None for None."""
+        return None if key is None else getattr(self, key)
 
     @classmethod
     def from_dict(cls, data, *, prefix: str = ""):
         if data is not None and not isinstance(data, Mapping):
             fail("config", f"expected a mapping of sections (seed, stages, model, ...), got {type(data).__name__}")
         data = dict(data or {})
-        if "stages" in data:
-            data["stages"] = parse_stages(data["stages"])
-        return super().from_dict(data, prefix=prefix)
+        schema = cls.schema()
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in schema:
+                close = difflib.get_close_matches(str(key), list(schema), n=1)
+                hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+                fail(f"{prefix}{key}", f"unknown key.{hint} Valid keys: {', '.join(schema)}")
+            if key == "stages":
+                kwargs[key] = parse_stages(value)
+            elif schema[key] is None:
+                kwargs[key] = coerce(f"{prefix}{key}", value, hints[key])
+            else:
+                kwargs[key] = coerce(f"{prefix}{key}", value, schema[key])
+        return cls(**kwargs)
 
     def to_dict(self):
-        d = super().to_dict()
-        d["stages"] = self.stage_string()
-        return d
+        d: dict[str, Any] = {"seed": self.seed, "stages": self.stage_string()}
+        d |= {key: getattr(self, key).to_dict() for key in _BASE[2:]}
+        return d | {key: section.to_dict() for key, section in self.sections}
 
     def stage_string(self) -> str:
         """'P:20,Q:40,D:40' (letters from the stage registry); '' for a dense run."""

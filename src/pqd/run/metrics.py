@@ -18,26 +18,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pqd.errors import CheckpointError
+
 SCHEMA = 3
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
-
-
-def _legacy_order(stages: str) -> list[str]:
-    """Stage names from a stage string, for metrics written before ``stage_order`` existed."""
-    from pqd.stages.protocol import get_stage  # only for old files; the schema itself needs no torch
-
-    out = []
-    for item in stages.split(","):
-        letter = item.split(":")[0].strip()
-        if letter:
-            try:
-                out.append(get_stage(letter).name)
-            except Exception:  # a stage this installation does not have: keep its letter
-                out.append(letter)
-    return out
 
 
 def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,9 +243,12 @@ class Metrics:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Metrics:
-        """Read schema 2 (and the untyped schema 1, filling the new fields from the old ones)."""
+        """Read a metrics.json of this schema; older schemas (pre-release pqd) are refused."""
+        if d.get("schema") != SCHEMA:
+            raise CheckpointError(f"metrics.json has schema {d.get('schema')!r}, and this pqd reads schema {SCHEMA} only (an older "
+                                  f"run folder); run the same config again with `pqd run CONFIG --out RUN_DIR` to measure it anew")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        order = list(d.get("stage_order") or []) or _legacy_order(d.get("stages") or "")
+        order = list(d.get("stage_order") or [])
         acc = d.get("accuracy") or {}
         return cls(
             model=d["model"], width=d.get("width", 1.0), dataset=d["dataset"], num_classes=d.get("num_classes", 0),
@@ -268,8 +258,8 @@ class Metrics:
             sparsity=Sparsity.from_dict(d.get("sparsity") or {"target": 0.0, "achieved": 0.0}),
             size_bytes=Sizes.from_dict(d["size_bytes"]),
             latency=[LatencyRecord.from_dict(r) for r in d.get("latency") or []],
-            pruned=d.get("pruned", "prune" in order),
-            quantize_mode=d.get("quantize_mode", ("qat" if "fake_quant_top1" in acc else "ptq") if d.get("final_form") == "int8" else None),
+            pruned=d.get("pruned", False),
+            quantize_mode=d.get("quantize_mode"),
             prune_criterion=d.get("prune_criterion"),
             image_shape=d.get("image_shape"),
             quantization=Quantization.from_dict(d["quantization"]) if d.get("quantization") else None,
@@ -278,6 +268,6 @@ class Metrics:
             degradation=d.get("degradation"),
             speedup=d.get("speedup"),
             wall_time_s=d.get("wall_time_s"),
-            schema=d.get("schema", 1),
+            schema=d["schema"],
             extra={k: v for k, v in d.items() if k not in names},
         )

@@ -11,6 +11,7 @@ An empty stage list is a dense run: the teacher alone, finalized and timed like 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pqd.compress.qat import float_modules
+from pqd.compress.sparsity import DEFAULT_EXCLUDE, global_sparsity, prunable_layers
+from pqd.compress.student import Student, convert_student
 from pqd.data import TEST_SUBSET_SEED, Splits, load_data
 from pqd.deploy.compact import save_compact, verify_compact
 from pqd.deploy.deployable import deployable_torchscript, normalized_callable, save_torchscript
@@ -30,13 +34,10 @@ from pqd.measure.stats import correct_vector, top1_record
 from pqd.run.config import RunConfig
 from pqd.run.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
 from pqd.run.rundir import RunDir, build_model, model_kwargs, with_teacher_base
-from pqd.compress.sparsity import global_sparsity, prunable_layers
-from pqd.compress.student import convert_student, Student
 from pqd.stages.protocol import StageContext, get_stage
-from pqd.compress.qat import float_modules
 from pqd.train import train
 from pqd.train.checkpoint import load_weights, save_checkpoint
-from pqd.train.loop import default_device, masked_weight
+from pqd.train.loop import default_device, masked_weight, process_rank
 from pqd.train.tracking import make_tracker
 
 log = logging.getLogger("pqd")
@@ -104,10 +105,9 @@ def preflight(config: RunConfig, data: Splits) -> None:
         checked = set()
         for spec in config.stages:
             stage = get_stage(spec.stage)
-            check = getattr(stage, "preflight", None)
-            if check is not None and stage.name not in checked:
+            if stage.name not in checked:
                 checked.add(stage.name)
-                check(model, config, example)
+                stage.preflight(model, config, example)
 
 
 def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device, tracker=None) -> nn.Module:
@@ -135,17 +135,17 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
                                   f"with {data.num_classes} classes: {str(exc)[:400]}") from None
     else:
         train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
-              checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", amp=True, augment=config.data.augment,
+              checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", lr_key="teacher.lr", amp=True, augment=config.data.augment,
               tracker=tracker)
     if config.stages:  # before the save: a diverged teacher is not worth resuming from
         try:
             warning = _check_teacher(config, data, model)
         except DivergenceError:
-            if _rank() == 0:
+            if process_rank() == 0:
                 run.teacher_epoch_path.unlink(missing_ok=True)
             raise
         _note(warning)
-    if _rank() == 0:
+    if process_rank() == 0:
         run.save_teacher(model, model_name=config.model.name, num_classes=data.num_classes)
     _barrier()
     return model
@@ -177,11 +177,6 @@ def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str |
     teacher.train(was)
     return check_teacher_quality(top1(logits, ds.y), data.num_classes, where="teacher", strict=False,
                                  pred_counts=torch.bincount(logits.argmax(1).cpu(), minlength=data.num_classes))
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -225,7 +220,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device
 
 def _run_pipeline(config: RunConfig, run: RunDir, *, device, teacher_base) -> dict:
     t_start = time.perf_counter()
-    main = _rank() == 0
+    main = process_rank() == 0
     if main:
         run.check_config(config, teacher_base=teacher_base)
     _barrier()
@@ -249,7 +244,7 @@ def _run_pipeline(config: RunConfig, run: RunDir, *, device, teacher_base) -> di
 
 
 def _run_stages(config: RunConfig, data: Splits, run: RunDir, device: torch.device, tracker, t_start: float) -> dict:
-    main = _rank() == 0
+    main = process_rank() == 0
     _WARNINGS.clear()
     teacher = _teacher(config, data, run, device, tracker)
 
@@ -269,8 +264,8 @@ def _run_stages(config: RunConfig, data: Splits, run: RunDir, device: torch.devi
         stage = get_stage(spec.stage)
         log.info("stage %d/%d: %s for %d epochs", i + 1, len(config.stages), stage.name, spec.epochs)
         t0 = time.perf_counter()
-        student = _on_device(stage.run(student, ctx, epochs=spec.epochs, checkpoint=run.stage_epoch_path(i, stage.name), index=i),
-                             device)
+        student = _on_device(stage.run(student, config.section(stage.section), dataclasses.replace(ctx, index=i), epochs=spec.epochs,
+                                       checkpoint=run.stage_epoch_path(i, stage.name)), device)
         times[i] = round(time.perf_counter() - t0, 2)
         if main:
             run.save_student(i, stage.name, student)
@@ -351,12 +346,13 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
                         **_accuracy_evidence(config, data, run, t_logits=t_logits, d_logits=d_logits, s_logits=s_logits,
                                              form=final.form if int8 is not None else None))
 
-    sections = {get_stage(s.stage).section for s in config.stages}
-    pruned_by_config = "prune" in sections  # the prune section's options were used by a stage
-    # stages that prune with their own section (imp, joint) declare their target: target_sparsity(config)
-    own_targets = [fn(config) for s in config.stages if (fn := getattr(get_stage(s.stage), "target_sparsity", None)) is not None]
-    layers = list(final.masks) or prunable_layers(final.model, config.prune.exclude)
-    target = max([config.prune.sparsity] * pruned_by_config + own_targets, default=0.0)
+    # what the run's pruning stages declare: target sparsity, criterion, layers left dense
+    pruning = [(stage, config.section(stage.section)) for stage in (get_stage(s.stage) for s in config.stages)]
+    targets = [t for stage, section in pruning if (t := stage.target_sparsity(section)) is not None]
+    criteria = [c for stage, section in pruning if (c := stage.prune_criterion(section)) is not None]
+    excludes = [e for stage, section in pruning if (e := stage.prune_exclude(section)) is not None]
+    layers = list(final.masks) or prunable_layers(final.model, excludes[0] if excludes else DEFAULT_EXCLUDE)
+    target = max(targets, default=0.0)
     sparsity = Sparsity(target=target, achieved=global_sparsity(final.model, layers),
                         achieved_int8=measured, prunable_layers=len(layers))
     lat = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
@@ -375,7 +371,7 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
                          **compact),
         latency=[LatencyRecord.from_dict(r) for r in lat],
         pruned=bool(final.masks), quantize_mode=final.form if final.quantized else None,
-        prune_criterion=config.prune.criterion if pruned_by_config else ("magnitude" if own_targets else None),
+        prune_criterion=next((c for c in criteria if c != "magnitude"), criteria[0] if criteria else None),
         image_shape=list(data.image_shape),
         quantization=quantization, faithfulness=faithfulness(t_logits, d_logits, data.test.y, class_names=data.test.classes),
         stage_records=_stage_records(config, student, stage_times or {}),
@@ -406,7 +402,7 @@ def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits
 
 
 def _deploy_meta(config: RunConfig, data: Splits, *, form: str | None = None, normalization: str = "inside") -> dict:
-    """The preprocessing record a deployable carries (pqd.commands.predict.deployable_meta)."""
+    """The preprocessing record a deployable carries (pqd.deploy.deployable.deployable_meta)."""
     from pqd.deploy.deployable import deployable_meta
 
     extra = {"model": config.model.name, "stages": config.stage_string()} | ({"form": form} if form else {})

@@ -36,8 +36,9 @@ import yaml
 from torch import nn
 
 from pqd.compress.channels.reshape import fit_to_state_dict
+from pqd.compress.qat import BACKEND, freeze, prepare
 from pqd.compress.qoptions import quant_options
-from pqd.compress.student import Student
+from pqd.compress.student import Student, convert_student
 from pqd.deploy.compact import load_compact, read_compact
 from pqd.errors import CheckpointError, ConfigError
 from pqd.models.registry import create_model
@@ -46,9 +47,8 @@ from pqd.run.metrics import Metrics
 from pqd.safety.fsguard import DirLock, check_path_encodable, check_writable_run_dir
 from pqd.safety.safeyaml import load_yaml
 from pqd.safety.trustpolicy import check_config_code
-from pqd.compress.qat import BACKEND, freeze, prepare
-from pqd.compress.student import convert_student
 from pqd.train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from pqd.train.loop import process_rank
 
 log = logging.getLogger("pqd")
 
@@ -85,19 +85,12 @@ RESULT_NEUTRAL_KEYS = ("train.progress", "train.tracker", "train.tracker_dir", "
 _SHARED_TEACHER = re.compile(r"(^|/)(runs/teacher-[0-9A-Za-z_-]+/teacher\.safetensors)$")
 
 
-def _is_rank0() -> bool:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 @contextlib.contextmanager
 def claim_dir(path: str | Path, *, kind: str = "run") -> Any:
     """Claim an output folder for the duration of the block: refuse a non-UTF-8 path, a folder
     holding files pqd did not write (never overwritten), and a folder another process holds
     (:class:`pqd.safety.fsguard.DirLock`). Only rank 0 claims under torchrun. Re-entrant."""
-    if not _is_rank0():
+    if process_rank() != 0:
         yield None
         return
     files = {"run": RUN_DIR_FILES, "sweep": SWEEP_DIR_FILES, "report": REPORT_FILES}[kind]

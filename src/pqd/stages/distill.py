@@ -4,22 +4,62 @@ and/or fake-quant), on its own device; the teacher runs on its own device."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pqd.compress.kd import KDLoss, kd_loss
-from pqd.compress.qat import freeze, model_device
-from pqd.compress.student import Student
-from pqd.config import DistillConfig, TrainConfig
+from pqd.compress.kd import KDLoss, distillation_loss
+from pqd.compress.qat import freeze
+from pqd.compress.student import Student, qat_epoch_hook
+from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
-from pqd.stages.quantize import qat_epoch_hook
+from pqd.errors import ConfigError
+from pqd.stages.protocol import Stage, register_stage
 from pqd.train.loop import train
 from pqd.train.tracking import Tracker
 
-__all__ = ["distill", "kd_loss"]
+__all__ = ["DistillConfig", "DistillStage", "distill"]
+
+@dataclass(frozen=True)
+class DistillConfig(Section):
+    """Response-based KD: ``kd_weight · T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``.
+
+    ``kd_weight: 0`` is the KD-off control: the same stage, epochs, lr and schedule with the
+    cross-entropy term alone and no teacher forward ("more training, no teacher").
+
+    ``kind`` picks the KD variant (:mod:`pqd.compress.kd_variants`): 'response' (above), 'feature'
+    (FitNets hints from ``layers``, 1x1 adapters where widths differ), 'attention' (attention
+    transfer from ``layers``), 'mutual' (online mutual learning with ``peers`` randomly
+    initialised peers; no teacher) or 'self' (self-distillation: auxiliary heads on ``layers``
+    learn from the network's own final output). ``layers``: module paths ('' = automatic: the
+    output of each top-level block). ``beta``: weight of the feature / attention / auxiliary term
+    (default per kind: feature 1, attention 1000, self 1)."""
+
+    temperature: float = 4.0
+    alpha: float = 0.5
+    lr: float = 0.005
+    kind: str = "response"
+    layers: tuple[str, ...] = ()
+    beta: float | None = None
+    peers: int = 1
+    kd_weight: float = 1.0
+
+    def __post_init__(self):
+        choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
+        if self.beta is not None:
+            in_range("distill.beta", self.beta, 0.0)
+        in_range("distill.peers", self.peers, 1, 8)
+        in_range("distill.temperature", self.temperature, 0.1, 100.0)
+        in_range("distill.alpha", self.alpha, 0.0)
+        in_range("distill.lr", self.lr, 0.0)
+        in_range("distill.kd_weight", self.kd_weight, 0.0)
+        if self.kd_weight == 0 and self.alpha == 0:
+            fail("distill.kd_weight", "kd_weight 0 and alpha 0 together leave no loss; set alpha > 0 for the KD-off "
+                  "control (cross-entropy only) or kd_weight > 0")
+
 
 
 def distill(
@@ -33,22 +73,39 @@ def distill(
     alone, and the teacher is never run.
     """
     kd = KDLoss(temperature=config.temperature, alpha=config.alpha, kd_weight=config.kd_weight)
-    if kd.needs_teacher:
-        teacher.eval()
-        if train_config.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        teacher_device = model_device(teacher)
-
-    def loss(logits, x, y):
-        if not kd.needs_teacher:
-            return kd(logits, None, y)
-        with torch.no_grad():
-            t_logits = teacher(x.to(teacher_device))
-        return kd(logits, t_logits, y)
+    if kd.needs_teacher and train_config.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    loss = distillation_loss(kd, teacher)
 
     train(student.model, as_splits(data), epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
-          before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill", tracker=tracker,
+          before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill", lr_key="distill.lr", tracker=tracker,
           amp=not student.quantized, augment=augment)
     if student.quantized:
         freeze(student.model)
     return student
+
+
+class DistillStage(Stage):
+    """Stage 'distill' / 'D' (alias 'kd'), section 'distill': response KD, or the variant ``distill.kind`` names."""
+
+    name, letter, section, config_class = "distill", "D", "distill", DistillConfig
+    aliases = ("kd",)
+
+    def validate(self, config, spec) -> None:
+        if spec.epochs == 0:
+            fail("stages", "distill needs at least one epoch, e.g. 'D:10'")
+
+    def run(self, student: Student, section_config: DistillConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+        if section_config.kind != "response":  # feature / attention / mutual / self
+            from pqd.stages.distill_variants import distill_variant
+
+            return distill_variant(student, section_config, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
+                                   train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment,
+                                   tracker=ctx.tracker)
+        if ctx.teacher is None:
+            raise ConfigError("stages: distill needs the dense teacher, and this context has none")
+        return distill(student, section_config, teacher=ctx.teacher, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+                       checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+
+
+register_stage(DistillStage())

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pqd.compress.kd import KDLoss
+from pqd.compress.kd import KDLoss, distillation_loss
 from pqd.compress.kd_variants import (
     AttentionLoss,
     FeatureTaps,
@@ -39,14 +39,14 @@ from pqd.compress.kd_variants import (
     feature_shapes,
 )
 from pqd.compress.qat import freeze, model_device
-from pqd.compress.student import Student
-from pqd.config import DistillConfig, TrainConfig
+from pqd.compress.student import Student, qat_epoch_hook
+from pqd.config import Section, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
 from pqd.stages.imp import reinitialize
-from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.loop import epoch_seed, train
+from pqd.train.tracking import Tracker
 
 __all__ = ["Bundle", "DEFAULT_BETA", "NEEDS_TEACHER", "distill_variant"]
 
@@ -68,10 +68,11 @@ class Bundle(nn.Module):
 
 
 def distill_variant(
-    student: Student, config: DistillConfig, *, teacher: nn.Module | None, data: Splits, epochs: int,
+    student: Student, config: Section, *, teacher: nn.Module | None, data: Splits, epochs: int,
     train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
+    tracker: Tracker | None = None,
 ) -> Student:
-    """Train ``student`` for ``epochs`` with the KD variant ``config.kind`` (module doc)."""
+    """Train ``student`` for ``epochs`` with the KD variant ``config.kind`` (``config``: the distill section; module doc)."""
     kind = config.kind
     if kind == "response":
         raise ConfigError("distill.kind 'response' is pqd.stages.distill.distill; distill_variant runs the other kinds")
@@ -97,10 +98,10 @@ def distill_variant(
         taps, teacher_taps = FeatureTaps(model, layers), FeatureTaps(teacher, layers)
         record["layers"] = layers
 
+        response = distillation_loss(kd, teacher)
+
         def loss(logits, x, y):
-            with torch.no_grad():
-                t_logits = teacher(x.to(t_dev))
-            return kd(logits, t_logits, y) + beta * feat(taps.get(), teacher_taps.get())
+            return response(logits, x, y) + beta * feat(taps.get(), teacher_taps.get())
     elif kind == "mutual":
         peers = nn.ModuleList(reinitialize(model, seed=epoch_seed(seed, "mutual-peer", i)) for i in range(config.peers))
         aux = peers
@@ -131,8 +132,8 @@ def distill_variant(
     qat_hook = qat_epoch_hook(student, epochs)
     try:
         train(bundle, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=masks,
-              before_epoch=qat_hook, checkpoint=checkpoint, seed=seed, tag=f"distill-{kind}", amp=not student.quantized,
-              augment=augment)
+              before_epoch=qat_hook, checkpoint=checkpoint, seed=seed, tag=f"distill-{kind}", lr_key="distill.lr",
+              tracker=tracker, amp=not student.quantized, augment=augment)
     finally:
         for t in (taps, teacher_taps):
             if t is not None:

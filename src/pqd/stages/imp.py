@@ -30,26 +30,62 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pqd.compress.qat import freeze
-from pqd.compress.sparsity import GlobalPruner, MagnitudeImportance, global_sparsity
-from pqd.compress.student import Student, chain
-from pqd.config import ImpConfig, TrainConfig
+from pqd.compress.sparsity import DEFAULT_EXCLUDE, GlobalPruner, MagnitudeImportance, global_sparsity, prunable_layers
+from pqd.compress.student import Student, chain, qat_epoch_hook
+from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
-from pqd.stages.quantize import qat_epoch_hook
+from pqd.stages.protocol import Stage, register_stage
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.loop import epoch_seed, train
+from pqd.train.tracking import Tracker
 
 __all__ = ["ImpStage", "imp", "reinitialize", "segments"]
 
 log = logging.getLogger("pqd.imp")
+
+@dataclass(frozen=True)
+class ImpConfig(Section):
+    """Iterative magnitude pruning with rewinding (lottery tickets; stage 'imp' / 'L').
+
+    The stage's epochs split into ``rounds + 1`` equal training segments (the remainder goes to
+    the last): train → prune ``fraction`` of the remaining weights (global magnitude) → rewind
+    the survivors → train ..., ending with training on the final mask. Final sparsity is
+    ``1 - (1 - fraction) ** rounds`` of the prunable weights (plus what earlier stages pruned).
+    ``rewind``: 'init' (a fresh random initialisation, seeded: the original lottery ticket),
+    'start' (the weights the stage received, e.g. the dense teacher's) or an epoch k >= 1 of
+    the first segment (late rewinding). ``exclude``: layers left dense (as prune.exclude)."""
+
+    rounds: int = 3
+    fraction: float = 0.5
+    rewind: int | str = 1
+    lr: float = 0.01
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+    def __post_init__(self):
+        in_range("imp.rounds", self.rounds, 1, 100)
+        in_range("imp.fraction", self.fraction, 0.0, 1.0, hi_open=True)
+        if self.fraction <= 0.0:
+            fail("imp.fraction", f"{self.fraction!r} must be > 0 (the fraction of remaining weights pruned each round)")
+        if isinstance(self.rewind, str):
+            choice("imp.rewind", self.rewind, ("init", "start"))
+        else:
+            in_range("imp.rewind", self.rewind, 0)
+        in_range("imp.lr", self.lr, 0.0)
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the prunable weights the stage prunes in all."""
+        return 1.0 - (1.0 - self.fraction) ** self.rounds
+
 
 
 def segments(epochs: int, rounds: int) -> list[int]:
@@ -81,7 +117,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def imp(
     student: Student, config: ImpConfig, *, data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(),
-    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
+    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
 ) -> Student:
     """Run ``config.rounds`` rounds of train → prune ``config.fraction`` of the remaining weights
     → rewind, then train on the final mask; ``epochs`` in all. Returns the student with the
@@ -122,7 +158,8 @@ def imp(
         seg_ckpt = ckpt.with_name(f"{ckpt.stem}.segment{r}.safetensors") if ckpt else None
         hooks = chain(qat_epoch_hook(student, n), take_rewind if r == 0 else None)
         train(model, data, epochs=n, lr=config.lr, config=train_config, masks=pruner.masks, before_epoch=hooks,
-              checkpoint=seg_ckpt, seed=seed, tag=f"imp{r}", amp=not student.quantized, augment=augment)
+              checkpoint=seg_ckpt, seed=seed, tag=f"imp{r}", lr_key="imp.lr", tracker=tracker,
+              amp=not student.quantized, augment=augment)
         if r == 0:
             take_rewind(n)  # rewind == segment length: the weights at the end of segment 0
         if r == len(segs) - 1:
@@ -144,19 +181,17 @@ def imp(
     return replace(student, model=model, masks=dict(pruner.masks), records=records)
 
 
-class ImpStage:
-    """Registry adapter: stage 'imp' / 'L' (lottery), section 'imp'."""
+class ImpStage(Stage):
+    """Stage 'imp' / 'L' (lottery), section 'imp'."""
 
-    name = "imp"
-    letter = "L"
-    section = "imp"
-    quantizes = False
-    structural = False
+    name, letter, section, config_class = "imp", "L", "imp", ImpConfig
     aliases = ("lottery", "lth")
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
-        from pqd.compress.sparsity import prunable_layers
+    def validate(self, config, spec) -> None:
+        if spec.epochs == 0:
+            fail("stages", f"{self.name} trains, so it needs epochs, e.g. '{self.letter}:6'")
 
+    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
         prunable_layers(model, config.imp.exclude)
         for s in config.stages:
             if s.stage == self.name:
@@ -165,9 +200,18 @@ class ImpStage:
                     raise ConfigError(f"imp.rewind: epoch {config.imp.rewind} is past the first training segment "
                                       f"({segs[0]} of {s.epochs} epochs)")
 
-    def target_sparsity(self, config) -> float:
-        return config.imp.sparsity
+    def target_sparsity(self, section_config: ImpConfig) -> float:
+        return section_config.sparsity
 
-    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
-        return imp(student, ctx.config.imp, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                   checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
+    def prune_criterion(self, section_config: ImpConfig) -> str:
+        return "magnitude"
+
+    def prune_exclude(self, section_config: ImpConfig) -> tuple[str, ...]:
+        return section_config.exclude
+
+    def run(self, student: Student, section_config: ImpConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+        return imp(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+                   checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+
+
+register_stage(ImpStage())

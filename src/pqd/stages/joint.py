@@ -22,33 +22,58 @@ Python API: ``joint(student, config.joint, quantize=config.quantize, teacher=...
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pqd.compress.kd import KDLoss
-from pqd.compress.qat import freeze, model_device, prepare
+from pqd.compress.kd import KDLoss, distillation_loss
+from pqd.compress.qat import freeze, prepare
 from pqd.compress.qoptions import quant_options
-from pqd.compress.sparsity import GlobalPruner, MagnitudeImportance, Masks, sparsity_at
-from pqd.compress.student import Student, chain
-from pqd.config import JointConfig, QuantizeConfig, TrainConfig
+from pqd.compress.sparsity import DEFAULT_EXCLUDE, GlobalPruner, MagnitudeImportance, Masks, prunable_layers, sparsity_at
+from pqd.compress.student import Student, chain, qat_epoch_hook
+from pqd.config import Section, TrainConfig, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ModelError
-from pqd.stages.quantize import qat_epoch_hook
+from pqd.stages.protocol import Stage, register_stage
+from pqd.stages.quantize import QuantizeConfig
 from pqd.train.loop import train
+from pqd.train.tracking import Tracker
 
 __all__ = ["JointStage", "joint"]
 
 log = logging.getLogger("pqd.joint")
 
+@dataclass(frozen=True)
+class JointConfig(Section):
+    """Joint compression (JPQD-like; stage 'joint' / 'J'): in one training loop, global magnitude
+    pruning on the AGP schedule (``sparsity``, ``prune_fraction``, ``exclude`` as in ``prune``),
+    fake quantization (the ``quantize`` section's scheme) and response KD from the teacher
+    (``temperature``; ``alpha`` weighs the hard-label CE; ``kd: false`` trains on labels only)."""
+
+    sparsity: float = 0.9
+    prune_fraction: float = 0.75
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    lr: float = 0.005
+    kd: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        in_range("joint.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        in_range("joint.prune_fraction", self.prune_fraction, 0.0, 1.0)
+        in_range("joint.lr", self.lr, 0.0)
+        in_range("joint.temperature", self.temperature, 0.1, 100.0)
+        in_range("joint.alpha", self.alpha, 0.0)
+
+
 
 def joint(
     student: Student, config: JointConfig, *, quantize: QuantizeConfig = QuantizeConfig(), teacher: nn.Module | None,
     data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None,
-    seed: int = 0, augment: bool = True,
+    seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
 ) -> Student:
     """Prune (AGP) + fake-quantize + distill ``student`` at once for ``epochs``; returns a QAT student.
     The input model is not modified (QAT preparation copies it)."""
@@ -73,18 +98,11 @@ def joint(
 
     loss_fn = None
     if config.kd:
-        teacher.eval()
-        kd = KDLoss(temperature=config.temperature, alpha=config.alpha)
-        t_dev = model_device(teacher)
-
-        def loss_fn(logits, x, y):
-            with torch.no_grad():
-                t = teacher(x.to(t_dev))
-            return kd(logits, t, y)
+        loss_fn = distillation_loss(KDLoss(temperature=config.temperature, alpha=config.alpha), teacher)
 
     train(model, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss_fn, masks=pruner.masks,
           before_epoch=chain(qat_epoch_hook(out, epochs), prune_hook), checkpoint=checkpoint, seed=seed, tag="joint",
-          amp=False, augment=augment)
+          lr_key="joint.lr", tracker=tracker, amp=False, augment=augment)
     freeze(model)
     out.masks = dict(pruner.masks)
     out.records = dict(out.records) | {"joint": {"target_sparsity": config.sparsity, "kd": config.kd,
@@ -92,25 +110,35 @@ def joint(
     return out
 
 
-class JointStage:
-    """Registry adapter: stage 'joint' / 'J', section 'joint', quantizes the student."""
+class JointStage(Stage):
+    """Stage 'joint' / 'J' (alias 'jpqd'), section 'joint'; quantizes the student."""
 
-    name = "joint"
-    letter = "J"
-    section = "joint"
+    name, letter, section, config_class = "joint", "J", "joint", JointConfig
     quantizes = True
-    structural = False
     aliases = ("jpqd",)
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
-        from pqd.compress.sparsity import prunable_layers
+    def validate(self, config, spec) -> None:
+        if config.quantize.mode == "dynamic":
+            fail("quantize.mode", "the joint stage trains with fake quantization; use mode 'qat' (or 'ptq') with it")
+        if spec.epochs == 0:
+            fail("stages", f"{self.name} trains, so it needs epochs, e.g. '{self.letter}:6'")
 
+    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
         prunable_layers(model, config.joint.exclude)
         prepare(model, example, mode="qat", reduce_range=config.quantize.reduce_range, options=quant_options(config.quantize))
 
-    def target_sparsity(self, config) -> float:
-        return config.joint.sparsity
+    def target_sparsity(self, section_config: JointConfig) -> float:
+        return section_config.sparsity
 
-    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
-        return joint(student, ctx.config.joint, quantize=ctx.config.quantize, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
-                     train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
+    def prune_criterion(self, section_config: JointConfig) -> str:
+        return "magnitude"
+
+    def prune_exclude(self, section_config: JointConfig) -> tuple[str, ...]:
+        return section_config.exclude
+
+    def run(self, student: Student, section_config: JointConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+        return joint(student, section_config, quantize=ctx.config.quantize, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
+                     train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+
+
+register_stage(JointStage())

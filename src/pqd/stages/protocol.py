@@ -1,29 +1,33 @@
-"""Stage registry: one small protocol, so a new compression stage is one file plus one line.
+"""The stage protocol: what every compression stage is, and the registry that finds stages by name.
 
-A stage turns a :class:`~pqd.compress.student.Student` into a new one. The pipeline
-(:mod:`pqd.run.pipeline`) knows nothing about particular stages: it looks each entry of the run's
-stage list up here (by name, letter or alias) and calls ``stage.run(student, ctx, ...)``. The
-config (:mod:`pqd.config`) validates stage lists against this registry too, using the flags
-each stage declares (``quantizes``, ``structural``).
+A stage turns a :class:`~pqd.compress.student.Student` into a new one. Each stage is one module
+of :mod:`pqd.stages` holding its config section (a :class:`pqd.config.Section` dataclass), its
+validation, its function and its registration (``register_stage(MyStage())`` at the end of the
+module). The pipeline (:mod:`pqd.run.pipeline`), the run config (:mod:`pqd.run.config`) and the
+training loop know no stage by name: they read what a stage declares here.
 
-Adding a stage::
+Adding a stage with its own options::
 
     # src/pqd/stages/mystage.py
     @dataclass(frozen=True)
-    class MyStage:
-        name: str = "mystage"; letter: str = "M"; section: str | None = None
-        quantizes: bool = False; structural: bool = False; aliases: tuple[str, ...] = ()
-        def run(self, student, ctx, *, epochs, checkpoint, index): ...
+    class MyConfig(Section):
+        strength: float = 0.5
 
-    # and one entry in _builtin() below (or register_stage(MyStage()) from user code)
+    class MyStage(Stage):
+        name, letter, section, config_class = "mystage", "M", "mystage", MyConfig
+
+        def run(self, student, section_config, ctx, *, epochs, checkpoint): ...
+
+    register_stage(MyStage())
+
+and its import in ``src/pqd/stages/__init__.py`` (or ``register_stage`` from user code).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,13 +35,13 @@ from torch import nn
 from pqd.compress.student import Student
 from pqd.errors import ConfigError
 
-# Annotations name pqd.run.config.RunConfig / TrainConfig and pqd.data.Splits as strings only: pqd.config
-# imports this module (to validate stage lists), so this module imports neither.
+# Annotations name pqd.run.config.RunConfig / StageSpec, pqd.config.TrainConfig / Section and
+# pqd.data.Splits as strings only: the run config sits above this layer and imports it.
 
 
 @dataclass(frozen=True)
 class StageContext:
-    """Everything a stage may need, and nothing about files."""
+    """Everything a stage may need, and nothing about files. ``index``: the stage's position in the run's list."""
 
     data: Splits
     teacher: nn.Module | None
@@ -47,93 +51,41 @@ class StageContext:
     augment: bool
     device: torch.device
     tracker: Any = None  # a pqd.train.tracking.Tracker, or None
+    index: int = 0
 
 
-@runtime_checkable
-class Stage(Protocol):
+class Stage:
+    """What a stage declares. Subclasses set the attributes and implement :meth:`run`; the other
+    methods are optional hooks with do-nothing defaults."""
+
     name: str  # "prune", "quantize", "distill", ...
     letter: str  # "P", "Q", "D", ... (used in "P:20,Q:40,D:40")
-    section: str | None  # RunConfig section holding its options, e.g. "prune"
-    quantizes: bool  # the stage turns the student quantized (at most one per run)
-    structural: bool  # the stage changes layer shapes (must come before any quantizing stage)
+    section: str | None = None  # the run config's key holding its options, e.g. "prune"
+    config_class: type | None = None  # the Section dataclass of that key
+    quantizes: bool = False  # the stage turns the student quantized (at most one per run)
+    structural: bool = False  # the stage changes layer shapes (must come before any quantizing stage)
+    aliases: tuple[str, ...] = ()  # other names accepted in stage lists
 
-    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student: ...
+    def run(self, student: Student, section_config: Any, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
+        raise NotImplementedError
 
-
-# --------------------------------------------------------------------------- built-in adapters
-# Thin adapters around the function stages; they look the function up at call time, so the
-# functions stay the single implementation (and the Python API) of each stage.
-
-
-@dataclass(frozen=True)
-class PruneStage:
-    name: str = "prune"
-    letter: str = "P"
-    section: str | None = "prune"
-    quantizes: bool = False
-    structural: bool = False
-    aliases: tuple[str, ...] = ()
+    def validate(self, config: RunConfig, spec: StageSpec) -> None:
+        """Raise ConfigError where ``config`` cannot run this entry of its stage list (called once per entry)."""
 
     def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
-        """prune.exclude matches layers of the model (raises ConfigError otherwise)."""
-        import_module("pqd.stages.prune").prunable_layers(model, config.prune.exclude)
+        """Raise before any training where the model cannot take this stage (called once per stage)."""
 
-    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
-        module = import_module("pqd.stages.prune")  # the module; pqd.stages.prune is the function
+    def target_sparsity(self, section_config: Any) -> float | None:
+        """The fraction of prunable weights this stage prunes to, or None if it does not prune."""
+        return None
 
-        return module.prune(student, ctx.config.prune, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                            checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+    def prune_criterion(self, section_config: Any) -> str | None:
+        """How this stage picks the weights it prunes ('magnitude', 'random'), or None if it does not prune."""
+        return None
 
-
-@dataclass(frozen=True)
-class QuantizeStage:
-    name: str = "quantize"
-    letter: str = "Q"
-    section: str | None = "quantize"
-    quantizes: bool = True
-    structural: bool = False
-    aliases: tuple[str, ...] = ()
-
-    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
-        """torch.fx can trace the model (raises ModelError naming the untraceable submodule)."""
-        import_module("pqd.stages.quantize").prepare(model, example, mode=config.quantize.mode,
-                                                     reduce_range=config.quantize.reduce_range,
-                                                     options=import_module("pqd.compress.qoptions").quant_options(config.quantize),
-                                                     leaf_modules=config.quantize.leaf_modules)
-
-    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
-        module = import_module("pqd.stages.quantize")  # the module; pqd.stages.quantize is the function
-
-        return module.quantize(student, ctx.config.quantize, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                               checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
-
-
-@dataclass(frozen=True)
-class DistillStage:
-    name: str = "distill"
-    letter: str = "D"
-    section: str | None = "distill"
-    quantizes: bool = False
-    structural: bool = False
-    aliases: tuple[str, ...] = ("kd",)
-
-    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
-        module = import_module("pqd.stages.distill")  # the module; pqd.stages.distill is the function
-
-        if getattr(ctx.config.distill, "kind", "response") != "response":  # feature/attention/mutual/self
-            return import_module("pqd.stages.distill_variants").distill_variant(
-                student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
-        if ctx.teacher is None:
-            raise ConfigError("stages: distill needs the dense teacher, and this context has none")
-        return module.distill(student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
-                              train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
-
-
-def _builtin() -> list[Stage]:
-    # one line per built-in stage (a new stage adds its line here)
-    return [PruneStage(), QuantizeStage(), DistillStage(), import_module("pqd.stages.structured").StructuredStage(),
-            import_module("pqd.stages.imp").ImpStage(), import_module("pqd.stages.joint").JointStage()]
+    def prune_exclude(self, section_config: Any) -> tuple[str, ...] | None:
+        """The layers this stage leaves dense (module-name globs), or None if it does not prune."""
+        return None
 
 
 # --------------------------------------------------------------------------- registry
@@ -142,14 +94,19 @@ _STAGES: dict[str, Stage] = {}
 
 
 def _keys(stage: Stage) -> list[str]:
-    return [stage.name.lower(), stage.letter.lower(), *(a.lower() for a in getattr(stage, "aliases", ()))]
+    return [stage.name.lower(), stage.letter.lower(), *(a.lower() for a in stage.aliases)]
 
 
 def register_stage(stage: Stage, *, replace: bool = False) -> Stage:
     """Make ``stage`` available to stage lists by its name, letter and aliases."""
-    for attr in ("name", "letter", "section", "quantizes", "structural", "run"):
-        if not hasattr(stage, attr):
-            raise TypeError(f"{stage!r} is not a Stage: it has no {attr!r}")
+    if not isinstance(stage, Stage):
+        raise TypeError(f"{stage!r} is not a Stage: subclass pqd.stages.Stage")
+    if (stage.section is None) != (stage.config_class is None):
+        raise ValueError(f"stage {stage.name!r}: a section needs its config_class and a config_class its section")
+    for other in list_stages():
+        if stage.section is not None and other.name != stage.name and other.section == stage.section \
+                and other.config_class is not stage.config_class:
+            raise ValueError(f"stage {stage.name!r}: section {stage.section!r} is stage {other.name!r}'s, with other options")
     if not stage.name.isidentifier() or len(stage.letter) != 1 or not stage.letter.isalpha():
         raise ValueError(f"stage {stage.name!r}: the name must be an identifier and the letter one letter, got {stage.letter!r}")
     for key in _keys(stage):
@@ -189,5 +146,10 @@ def list_stages() -> list[Stage]:
     return list(seen.values())
 
 
-for _s in _builtin():
-    register_stage(_s)
+def sections() -> dict[str, type]:
+    """Config key -> Section class of every registered stage that has options, in registration order."""
+    out: dict[str, type] = {}
+    for s in list_stages():
+        if s.section is not None:
+            out.setdefault(s.section, s.config_class)
+    return out

@@ -6,45 +6,57 @@ drives it with pqd's loop and data. A quantized student becomes an INT8 model wi
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pqd.compress import qat
-from pqd.compress.qat import freeze, prepare, unfreeze
-from pqd.compress.qoptions import quant_options
+from pqd.compress.qat import freeze, prepare
+from pqd.compress.qoptions import GRANULARITIES, MODES, quant_options
 from pqd.compress.sparsity import Masks
-from pqd.compress.student import Student
-from pqd.config import QuantizeConfig, TrainConfig
+from pqd.compress.student import Student, qat_epoch_hook
+from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits, batches
 from pqd.data.adapters import as_splits
 from pqd.errors import ModelError
+from pqd.stages.protocol import Stage, register_stage
 from pqd.train.loop import train
 from pqd.train.tracking import Tracker
 
-__all__ = ["qat_epoch_hook", "quantize"]
+__all__ = ["QuantizeConfig", "QuantizeStage", "quantize"]
 
 log = logging.getLogger("pqd.quantize")
 
+@dataclass(frozen=True)
+class QuantizeConfig(Section):
+    """INT8 quantization for x86: per-channel symmetric weights, per-tensor affine
+    activations, BN folded. ``mode``: 'qat' (train) or 'ptq' (static calibration only).
+    Observers and BN statistics freeze for the last ``freeze_fraction`` of QAT epochs.
+    ``reduce_range``: 7-bit activations, only needed for deployment CPUs without VNNI.
+    ``mode: dynamic``: weights-only int8 PTQ of the Linear layers (activations quantized at run
+    time; convolutions stay FP32). ``granularity`` ('per_channel' | 'per_tensor') and
+    ``symmetric`` choose the weight scheme (see :mod:`pqd.compress.qoptions`, docs/QUANTIZATION.md).
+    ``leaf_modules``: submodules torch.fx must not trace into (an untraceable user block):
+    submodule paths ('layer3.0') or classes ('package.module:Class'); they stay FP32."""
 
-def qat_epoch_hook(student: Student, epochs: int):
-    """``before_epoch`` hook for any stage that trains a fake-quant student: observers and BN
-    statistics update until the last ``student.freeze_fraction`` of the epochs, then freeze.
+    mode: str = "qat"
+    lr: float = 0.005
+    freeze_fraction: float = 0.25
+    calibration_batches: int = 16
+    reduce_range: bool = False
+    granularity: str = "per_channel"
+    symmetric: bool = True
+    leaf_modules: tuple[str, ...] = ()
 
-    Frozen BN removes the scale invariance that BN gives the weights, so training with it
-    frozen tolerates only a small learning rate, which the cosine schedule's tail gives only when the
-    stage is long enough (see docs/TROUBLESHOOTING.md, "Training that went wrong").
-    """
-    if student.form != "qat":
-        return None
-    freeze_from = epochs - int(round(student.freeze_fraction * epochs))
+    def __post_init__(self):
+        choice("quantize.mode", self.mode, MODES)
+        choice("quantize.granularity", self.granularity, GRANULARITIES)
+        in_range("quantize.lr", self.lr, 0.0)
+        in_range("quantize.freeze_fraction", self.freeze_fraction, 0.0, 1.0)
+        in_range("quantize.calibration_batches", self.calibration_batches, 1)
 
-    def hook(epoch: int) -> None:
-        (freeze if epoch >= freeze_from else unfreeze)(student.model)
-
-    return hook
 
 
 def quantize(
@@ -68,7 +80,7 @@ def quantize(
         return replace(student, model=model, masks=dict(masks), form="ptq")
     out = replace(student, model=model, masks=dict(masks), form="qat", freeze_fraction=config.freeze_fraction)
     train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs),
-          checkpoint=checkpoint, seed=seed, tag="quantize", tracker=tracker, amp=False, augment=augment)
+          checkpoint=checkpoint, seed=seed, tag="quantize", lr_key="quantize.lr", tracker=tracker, amp=False, augment=augment)
     # Observers left on would keep re-estimating ranges on every later forward, evaluation
     # included, so the model would drift from what conversion sees: a stage ends frozen.
     freeze(model)
@@ -80,3 +92,32 @@ def _calibrate(model: nn.Module, data: Splits, n_batches: int, batch_size: int) 
     """PTQ calibration on the first ``n_batches`` (unshuffled, unaugmented) training batches."""
     it = batches(data.train, batch_size=batch_size, mean=data.mean, std=data.std, device=qat.model_device(model))
     qat.calibrate(model, it, num_batches=n_batches)
+
+
+class QuantizeStage(Stage):
+    """Stage 'quantize' / 'Q', section 'quantize': the one stage that makes the student INT8-ready."""
+
+    name, letter, section, config_class = "quantize", "Q", "quantize", QuantizeConfig
+    quantizes = True
+
+    def validate(self, config, spec) -> None:
+        mode = config.quantize.mode
+        if mode in ("ptq", "dynamic"):
+            if config.stages[-1].stage != self.name:
+                fail("quantize.mode", f"{mode!r} calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing")
+            if spec.epochs:
+                fail("stages", f"quantize.mode {mode!r} takes no epochs; write 'Q:0' (or 'Q') or use mode 'qat'")
+        elif spec.epochs == 0:
+            fail("stages", "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only")
+
+    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
+        """torch.fx can trace the model (raises ModelError naming the untraceable submodule)."""
+        q = config.quantize
+        prepare(model, example, mode=q.mode, reduce_range=q.reduce_range, options=quant_options(q), leaf_modules=q.leaf_modules)
+
+    def run(self, student: Student, section_config: QuantizeConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+        return quantize(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+                        checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+
+
+register_stage(QuantizeStage())

@@ -19,14 +19,104 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pqd.compress.kd import KDLoss, distillation_loss
 from pqd.compress.student import Student
-from pqd.errors import ModelError
+from pqd.config import Section
+from pqd.errors import ConfigError, ModelError
+from pqd.stages.distill import DistillConfig
+from pqd.stages.protocol import Stage, register_stage
 
 log = logging.getLogger("pqd.structured")
+
+
+STRUCTURED_RUNTIMES = ("openvino", "onnxruntime", "pytorch")
+STRUCTURED_CRITERIA = ("l1", "l2", "bn", "taylor", "random")
+STRUCTURED_SELECT = ("greedy", "adapted_bn")
+
+
+def _sfail(key: str, msg: str):
+    raise ConfigError(f"structured.{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class StructuredConfig(Section):
+    """Structured (channel) pruning under a latency budget measured on the deployment runtime.
+
+    Budget: ``budget_ms``, or ``budget_fraction`` × the dense model's INT8 latency (exactly
+    one); ``size_budget_mb``: optional cap on INT8 weight bytes. Target: ``runtime``
+    ('openvino', 'onnxruntime', 'pytorch'), ``batch``, ``threads``. ``importance``: 'l1',
+    'l2', 'bn', 'taylor', 'random'; ``sensitivity``: a CSV from ``pqd analyze`` to minimise
+    predicted accuracy loss instead. Channel counts are multiples of ``round_to``; a group
+    keeps at least ``min_keep`` of its channels. ``samples``: measured width configurations
+    for the latency model (cached per machine and target); ``runs``: timed calls per
+    measurement; ``max_iters``: measure-and-correct rounds; ``margin``: correct until the
+    measured latency is at most (1 - margin) × the budget, room for the measurement's
+    run-to-run spread. ``select``: 'greedy' (one greedy on the importance or sensitivity
+    cost) or 'adapted_bn' (several width recipes under the same target, uniform scaling among
+    them, ranked by top-1 after re-estimating BN statistics on ``select_images`` training
+    images; :mod:`pqd.structured.select`). The stage then fine-tunes for
+    its epochs at ``lr``, against the dense teacher's soft targets when ``distill`` is true
+    (temperature and alpha of the ``distill`` section), else with cross-entropy. ``ignore``:
+    module paths whose output channels are never pruned.
+    """
+
+    budget_fraction: float | None = 0.5
+    budget_ms: float | None = None
+    size_budget_mb: float | None = None
+    runtime: str = "openvino"
+    batch: int = 1
+    threads: int = 2
+    importance: str = "l1"
+    sensitivity: str | None = None
+    round_to: int = 8
+    min_keep: float = 0.1
+    samples: int = 12
+    runs: int = 100
+    max_iters: int = 4
+    margin: float = 0.0
+    select: str = "greedy"
+    select_images: int = 512
+    lr: float = 0.01
+    distill: bool = True
+    ignore: tuple[str, ...] = ()
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if (self.budget_ms is None) == (self.budget_fraction is None):
+            _sfail("budget_fraction", "give exactly one of structured.budget_fraction and structured.budget_ms "
+                  "(set the other to null)")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            _sfail("budget_fraction", f"{self.budget_fraction!r} must be in (0, 1]")
+        if not 0 <= self.margin < 0.5:
+            _sfail("margin", f"{self.margin!r} must be in [0, 0.5): the share of the budget kept free for run-to-run spread")
+        if self.budget_ms is not None and not self.budget_ms > 0:
+            _sfail("budget_ms", f"{self.budget_ms!r} must be > 0")
+        if self.size_budget_mb is not None and not self.size_budget_mb > 0:
+            _sfail("size_budget_mb", f"{self.size_budget_mb!r} must be > 0")
+        if self.runtime not in STRUCTURED_RUNTIMES:
+            _sfail("runtime", f"{self.runtime!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_RUNTIMES))}")
+        if self.importance not in STRUCTURED_CRITERIA:
+            _sfail("importance", f"{self.importance!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_CRITERIA))}")
+        for k in ("batch", "threads", "round_to", "samples", "runs", "max_iters"):
+            if getattr(self, k) < 1:
+                _sfail(k, f"{getattr(self, k)!r} must be >= 1")
+        if self.samples < 2:
+            _sfail("samples", f"{self.samples} must be >= 2 (the latency model is fitted on them)")
+        if not 0 < self.min_keep <= 1:
+            _sfail("min_keep", f"{self.min_keep!r} must be in (0, 1]")
+        if not self.lr >= 0:
+            _sfail("lr", f"{self.lr!r} must be >= 0")
+        if self.select not in STRUCTURED_SELECT:
+            _sfail("select", f"{self.select!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_SELECT))}")
+        if self.select_images < 16:
+            _sfail("select_images", f"{self.select_images!r} must be >= 16 (BN statistics are re-estimated on them)")
+        if self.select == "adapted_bn" and self.size_budget_mb is not None:
+            _sfail("select", "'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb")
 
 
 def _with_record(student: Student, model, key: str, record: dict) -> Student:
@@ -34,7 +124,8 @@ def _with_record(student: Student, model, key: str, record: dict) -> Student:
 
 
 def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
-                     augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None) -> tuple[Student, dict]:
+                     augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None,
+                     tracker=None) -> tuple[Student, dict]:
     """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record)."""
     from pqd.compress.channels.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
     from pqd.compress.channels.importance import group_scores
@@ -95,37 +186,26 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
     if epochs > 0:
         loss_fn = None
         if cfg.distill and teacher is not None:
-            from pqd.config import DistillConfig
-            from pqd.stages.distill import kd_loss
-
             dc = distill_config or DistillConfig()
-            teacher.eval()
-
-            def loss_fn(logits, x, y):
-                with torch.no_grad():
-                    t = teacher(x).float()
-                return kd_loss(logits, t, y, temperature=dc.temperature, alpha=dc.alpha)
+            loss_fn = distillation_loss(KDLoss(temperature=dc.temperature, alpha=dc.alpha, kd_weight=dc.kd_weight), teacher)
 
         train(pruned, data, epochs=epochs, lr=cfg.lr, config=train_config, loss_fn=loss_fn, checkpoint=checkpoint, seed=seed,
-              tag="structured", amp=True, augment=augment)
+              tag="structured", lr_key="structured.lr", tracker=tracker, amp=True, augment=augment)
     pruned.eval()
     return Student(pruned, {}, student.form, student.freeze_fraction), record
 
 
-class StructuredStage:
-    """Stage-registry adapter (``S`` in a stage string)."""
+class StructuredStage(Stage):
+    """Stage 'structured' / 'S', section 'structured'; changes layer shapes."""
 
-    name = "structured"
-    letter = "S"
-    section = "structured"
-    quantizes = False
+    name, letter, section, config_class = "structured", "S", "structured", StructuredConfig
     structural = True
 
-    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
-        out, record = structured_prune(student, ctx.config.structured, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+    def run(self, student: Student, section_config: StructuredConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+        out, record = structured_prune(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                                        checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
-                                       teacher=ctx.teacher, distill_config=ctx.config.distill)
-        return _with_record(student, out.model, f"{index + 1}_{self.name}", record)
+                                       teacher=ctx.teacher, distill_config=ctx.config.distill, tracker=ctx.tracker)
+        return _with_record(student, out.model, f"{ctx.index + 1}_{self.name}", record)
 
 
-STAGE = StructuredStage()
+STAGE = register_stage(StructuredStage())

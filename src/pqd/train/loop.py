@@ -10,6 +10,7 @@ from it when called again with the same ``checkpoint`` path.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,14 +26,12 @@ from pqd.data import Splits, batches
 from pqd.errors import CheckpointError
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.guard import DivergenceGuard
-from pqd.train.tracking import Tracker
-
-_LR_SECTIONS = ("teacher", "prune", "quantize", "distill", "structured")
 from pqd.train.schedule import lr_at
+from pqd.train.tracking import Tracker
 
 log = logging.getLogger("pqd.train")
 
-__all__ = ["apply_masks", "cross_entropy", "default_device", "epoch_seed", "masked_weight", "train"]
+__all__ = ["apply_masks", "cross_entropy", "default_device", "epoch_seed", "masked_weight", "process_rank", "train"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,9 +53,18 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def process_rank() -> int:
+    """This process's rank: torch.distributed's once its process group is up, else the RANK a
+    launcher (torchrun) set, else 0."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return process_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
@@ -91,12 +99,14 @@ def train(
     amp: bool = False,
     augment: bool = True,
     tracker: Tracker | None = None,
+    lr_key: str | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for ``epochs`` epochs and return it.
 
     ``before_epoch(epoch)`` runs at the start of every epoch (pruning schedules, QAT
     freezing); it may update ``masks`` in place. The masks are bound to the optimizer
     (:meth:`pqd.compress.sparsity.Masks.attach`), so pruned weights are zero after every step.
+    ``lr_key``: the config key of ``lr`` (e.g. 'prune.lr'), named when training diverges.
     ``amp`` enables bf16 autocast on CUDA only (use it for FP32 phases, never under fake quantization).
     ``tracker`` (:mod:`pqd.train.tracking`) receives ``<tag>.loss``, ``<tag>.train_top1``,
     ``<tag>.images_per_s`` and ``<tag>.lr`` after every epoch, with the epoch as step.
@@ -132,7 +142,7 @@ def train(
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = amp and config.amp and device.type == "cuda"
     # non-finite losses or weights stop the run with the stage, epoch and learning rate named
-    guard = DivergenceGuard(tag, lr_key=f"{tag}.lr" if tag in _LR_SECTIONS else None, base_lr=lr)
+    guard = DivergenceGuard(tag, lr_key=lr_key, base_lr=lr)
     i, step_lr = 0, lr
     for epoch in range(start, epochs):
         s = epoch_seed(seed, tag, epoch)

@@ -23,7 +23,7 @@ from pqd.commands.report.pareto import dominators, pareto_front
 from pqd.commands.report.structured import structured_section
 from pqd.commands.sweep import read_table
 from pqd.errors import PqdError
-from pqd.measure.stats import counts_record, holm, mcnemar_pooled
+from pqd.measure.stats import counts_record, holm, mcnemar_pooled, spearman
 
 SENSES = ("max", "min", "min")  # accuracy, size, relative latency
 
@@ -306,30 +306,6 @@ def proxies(metrics: dict) -> dict[str, float]:
         if "prox" in k.lower():
             out.update(_numeric_leaves(v, k))
     return out
-
-
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    r = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2
-        i = j + 1
-    return r
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    if len(xs) < 3:
-        return None
-    rx, ry = _ranks(xs), _ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return num / den if den else None
 
 
 # ------------------------------------------------------------------------------------------
