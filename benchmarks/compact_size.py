@@ -1,9 +1,9 @@
 """Bytes on disk of pqd's compact sparse INT8 checkpoint against the other ways to ship a model.
 
-    PYTHONPATH=src python benchmarks/compact_size.py [--models resnet18,vgg16_bn,wrn_28_10]
+    python benchmarks/compact_size.py [--models resnet18,vgg16_bn,wrn_28_10]
         [--sparsities 0,0.5,0.9,0.95] [--weights init,laplace] [--codecs-at 0.9] [--threads 2]
         [--out benchmarks/results/compact_size]
-    PYTHONPATH=src python benchmarks/compact_size.py --run-dir RUN_DIR [--out ...]
+    python benchmarks/compact_size.py --run-dir RUN_DIR [--out ...]
 
 ``--run-dir`` measures a finished pipeline run instead (trained weights): the bytes of its
 ``teacher.safetensors``, ``model_int8.pt``, that file through zstd-19, and
@@ -51,15 +51,14 @@ import torch
 import zstandard
 from safetensors.torch import save as st_save
 
+from pqd.compress.qat import prepare, to_torchscript
+from pqd.compress.sparsity import prunable_layers
+from pqd.compress.student import Student, convert_student
 from pqd.deploy import compact
 from pqd.measure import environment
 from pqd.models.registry import create_model
 from pqd.run.rundir import RunDir, load_int8_module
-from pqd.compress.qat import to_torchscript
-from pqd.compress.sparsity import prunable_layers
-from pqd.compress.student import convert_student, Student
 from pqd.stages.prune import compute_masks
-from pqd.compress.qat import prepare
 from pqd.train import apply_masks
 
 

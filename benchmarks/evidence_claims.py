@@ -1,6 +1,6 @@
 """The P→Q→D claims of docs/RESULTS.md, decided from an evidence sweep's per-image predictions.
 
-    PYTHONPATH=src python benchmarks/evidence_claims.py runs/evidence10 --out benchmarks/results/evidence10_claims
+    python benchmarks/evidence_claims.py runs/evidence10 --out benchmarks/results/evidence10_claims
 
 For each claim (docs/RESULTS_TEMPLATE.md states the rows and the rule beforehand), every
 comparison "A beats B" pools the seeds both ran on the same test images: the difference in
@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from pqd.commands.report.build import aggregate
+from pqd.commands.sweep import read_table
+from pqd.measure.stats import holm, mcnemar_pooled, paired_difference_interval
+from pqd.run.rundir import RunDir
 
-from pqd.commands.report.build import aggregate  # noqa: E402
-from pqd.commands.sweep import read_table  # noqa: E402
-from pqd.measure.stats import holm, mcnemar_pooled, paired_difference_interval  # noqa: E402
-from pqd.run.rundir import RunDir  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ALPHA = 0.05
 

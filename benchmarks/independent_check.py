@@ -1,7 +1,7 @@
 """Check pqd's latency figures against timings made without pqd.
 
     pqd run configs/resnet18_cifar10_cpu.yaml --set model.width=1.0 ... --out RUN_DIR
-    PYTHONPATH=src python benchmarks/independent_check.py RUN_DIR --threads 2 --repeats 3
+    python benchmarks/independent_check.py RUN_DIR --threads 2 --repeats 3
 
 Each repeat runs ``pqd bench RUN_DIR --threads T --batch-sizes 1 --no-rss`` (all
 each variant in its own worker process, interleaved, as pqd measures), then times each INT8 file of the

@@ -1,7 +1,7 @@
 """Leave-one-out error of the structured latency model, fitted in milliseconds against fitted
 relative to the dense model measured in the same run (:mod:`pqd.structured.latency_model`).
 
-    PYTHONPATH=src python benchmarks/latency_model_fit.py \
+    python benchmarks/latency_model_fit.py \
         resnet18=benchmarks/results/latency_samples_resnet18.json \
         vgg16_bn=benchmarks/results/latency_samples_vgg16_bn.json --out benchmarks/results/latency_model_fit
 
@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from pqd.compress.channels.graph import ChannelGraph
+from pqd.models.registry import create_model
+from pqd.structured import latency_model as L
 
-from pqd.compress.channels.graph import ChannelGraph  # noqa: E402
-from pqd.models.registry import create_model  # noqa: E402
-from pqd.structured import latency_model as L  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def summary(errs, sources, which=None) -> dict:

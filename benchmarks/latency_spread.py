@@ -1,6 +1,6 @@
 """Where does the run-to-run spread of a measured latency ratio come from?
 
-    PYTHONPATH=src python benchmarks/latency_spread.py benchmarks/results/structured_vgg16_bn_adapted_bn.json \
+    python benchmarks/latency_spread.py benchmarks/results/structured_vgg16_bn_adapted_bn.json \
         --repeats 6 --out benchmarks/results/latency_spread_vgg16_bn
 
 The same pair of INT8 models (dense, and a pruned model whose widths a result JSON recorded) has
@@ -32,16 +32,13 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import SHAPE, recorded_models, recorded_target
+
+from pqd.measure.latency import interleave
+from pqd.measure.workers import start_workers
+from pqd.structured import latency_model as L
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from pqd.measure.latency import interleave  # noqa: E402
-from pqd.measure.workers import start_workers  # noqa: E402
-from pqd.structured import latency_model as L  # noqa: E402
-from structured_consistency import SHAPE, recorded_models, recorded_target  # noqa: E402
 
 
 def cpu_ticks() -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Does a latency prediction hold when the machine changes state? Which reference makes it hold?
 
-    PYTHONPATH=src python benchmarks/latency_states.py vgg16_bn=benchmarks/results/latency_samples_vgg16_bn.json \
+    python benchmarks/latency_states.py vgg16_bn=benchmarks/results/latency_samples_vgg16_bn.json \
         --runs-per-set 100 --sets 12 --out benchmarks/results/latency_states_vgg16_bn
 
 On the project's machine (a 2-vCPU KVM guest) the same INT8 models read in two states that last
@@ -43,15 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths
+from pqd.compress.channels.importance import group_scores
+from pqd.measure.latency import interleave
+from pqd.measure.workers import start_workers
+from pqd.models.registry import create_model
+from pqd.structured import latency_model as L
 
-from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.compress.channels.importance import group_scores  # noqa: E402
-from pqd.measure.latency import interleave  # noqa: E402
-from pqd.measure.workers import start_workers  # noqa: E402
-from pqd.models.registry import create_model  # noqa: E402
-from pqd.structured import latency_model as L  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FITS = ("ms", "relative", "anchored")
 FLOOR_ROUND_TO = 8  # the floor model: every group at 8 channels, as pqd's default round_to

@@ -1,6 +1,6 @@
 """How long NNCF PTQ of a teacher takes, and its latency beside the FP32 teacher in OpenVINO.
 
-    PYTHONPATH=src python benchmarks/peer_nncf_timing.py [--width 0.25] [--calibration 300] [--out /tmp/nncf_peer]
+    python benchmarks/peer_nncf_timing.py [--width 0.25] [--calibration 300] [--out /tmp/nncf_peer]
 
 Untrained weights on the digits data (3x32x32 like CIFAR): the time to quantize depends on
 the graph and the number of calibration images, not on what the weights learned; accuracy

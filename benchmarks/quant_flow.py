@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
+from pqd.compress.qat import prepare, to_torchscript
+from pqd.compress.student import Student, convert_student
 from pqd.measure import environment, measure_latency
 from pqd.models.registry import create_model
-from pqd.compress.qat import to_torchscript
-from pqd.compress.student import convert_student, Student
-from pqd.compress.qat import prepare
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """CPU latency of every runtime pqd deploys to, dense vs 90% unstructured sparsity.
 
     pip install -e '.[onnx,openvino]'
-    PYTHONPATH=src python benchmarks/runtimes.py                      # ~10 min on 2 cores
-    PYTHONPATH=src python benchmarks/runtimes.py --models resnet18 --runs 100
-    PYTHONPATH=src python benchmarks/runtimes.py --widths wrn_28_10=1.0 --write-docs docs/BENCHMARKS.md
+    python benchmarks/runtimes.py                      # ~10 min on 2 cores
+    python benchmarks/runtimes.py --models resnet18 --runs 100
+    python benchmarks/runtimes.py --widths wrn_28_10=1.0 --write-docs docs/BENCHMARKS.md
 
 For each model (CIFAR 32x32, 10 classes, untrained weights: this is about speed) and each
 sparsity: global magnitude pruning (``compute_masks`` + ``apply_masks``) of every conv and
@@ -42,6 +42,9 @@ from pathlib import Path
 
 import torch
 
+from pqd.compress.qat import fx_modules, prepare, to_torchscript
+from pqd.compress.sparsity import prunable_layers
+from pqd.compress.student import Student, convert_student
 from pqd.deploy.onnx import export_onnx, reference_int8
 from pqd.deploy.runtimes import OpenVinoRunner, OrtRunner, available
 from pqd.measure import environment
@@ -49,11 +52,7 @@ from pqd.measure.latency import interleave
 from pqd.measure.proxies import proxies
 from pqd.measure.workers import start_workers
 from pqd.models.registry import create_model
-from pqd.compress.qat import to_torchscript
-from pqd.compress.sparsity import prunable_layers
-from pqd.compress.student import convert_student, Student
 from pqd.stages.prune import compute_masks
-from pqd.compress.qat import fx_modules, prepare
 from pqd.train.checkpoint import save_checkpoint
 from pqd.train.loop import apply_masks
 
@@ -285,7 +284,7 @@ def main() -> None:
             infos += i
             gc.collect()
     result = {
-        "command": "PYTHONPATH=src python benchmarks/runtimes.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/runtimes.py " + " ".join(sys.argv[1:]),
         "date": start, "loadavg": load0, "loadavg_end": _loadavg(), "wall_s": round(time.perf_counter() - t0, 1),
         "args": {"models": args.models, "widths": widths, "sparsities": sparsities, "threads": args.threads,
                  "batch_sizes": args.batch_sizes, "runs": args.runs, "large_batch_runs": args.large_batch_runs,

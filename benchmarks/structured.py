@@ -30,28 +30,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import bench_ranker, validation_images
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.compress.channels.importance import group_scores, uniform_widths  # noqa: E402
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths
+from pqd.compress.channels.importance import group_scores, uniform_widths
 from pqd.compress.student import Student, convert_student
 from pqd.config import DataConfig, TrainConfig
-from pqd.data import load_data  # noqa: E402
-from pqd.measure.accuracy import predict, top1  # noqa: E402
-from pqd.measure.env import environment  # noqa: E402
-from pqd.measure.stats import mcnemar_pooled, wilson_interval  # noqa: E402
-from pqd.models.registry import create_model  # noqa: E402
+from pqd.data import load_data
+from pqd.measure.accuracy import predict, top1
+from pqd.measure.env import environment
+from pqd.measure.stats import mcnemar_pooled, wilson_interval
+from pqd.models.registry import create_model
 from pqd.stages.distill import DistillConfig, distill
-from pqd.stages.quantize import (
-    QuantizeConfig,  # noqa: E402
-    quantize,  # noqa: E402
-)
-from pqd.structured import latency_model as L  # noqa: E402
-from pqd.structured.search import cost_function, greedy_widths, search  # noqa: E402
-from pqd.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from pqd.train.loop import train  # noqa: E402
+from pqd.stages.quantize import QuantizeConfig, quantize
+from pqd.structured import latency_model as L
+from pqd.structured.search import cost_function, greedy_widths, search
+from pqd.train.checkpoint import load_checkpoint, save_checkpoint
+from pqd.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench.structured")
 
@@ -79,27 +76,6 @@ def uniform_curve(teacher, graph, scores, example, target, shape, args, chosen: 
 def closest(curve: list[dict], ms: float) -> dict:
     """The point of the measured uniform curve whose latency is nearest ``ms``."""
     return min(curve, key=lambda c: abs(c["measured_ms"] - ms))
-
-
-def validation_images(data, args):
-    """``args.val_images`` training-split images outside the training subset (for the sensitivity analysis), seeded."""
-    full = load_data(DataConfig(dataset="cifar10", root=args.data, test_subset=10)).train
-    seen = {bytes(x.numpy().tobytes()) for x in data.train.x}
-    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(1234))
-    keep = [int(i) for i in order if bytes(full.x[i].numpy().tobytes()) not in seen][: args.val_images]
-    return full.subset(torch.tensor(keep))
-
-
-def bench_ranker(teacher, scores, example, data, args):
-    """The adapted-BN ranker of ``--select adapted_bn``: BN re-estimated on ``args.select_images`` seeded training
-    images, scored on the ``args.val_images`` held-out images of :func:`validation_images`."""
-    from pqd.structured.select import adapted_bn_ranker, normalized_images
-
-    val = validation_images(data, args)
-    perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(4321))
-    calib, _ = normalized_images(data.train, perm[:args.select_images], mean=data.mean, std=data.std)
-    val_x, val_y = normalized_images(val, torch.arange(len(val)), mean=data.mean, std=data.std)
-    return adapted_bn_ranker(teacher, scores, example=example, calib=calib, val_x=val_x, val_y=val_y)
 
 
 def paired(a: list, b: list) -> dict:

@@ -1,6 +1,6 @@
 """Does the chosen model's latency ratio to dense depend on how many models share the interleaved run?
 
-    PYTHONPATH=src python benchmarks/structured_consistency.py runs/structured_vgg/structured.json --out runs/consistency.json
+    python benchmarks/structured_consistency.py runs/structured_vgg/structured.json --out runs/consistency.json
 
 The structured search measures the chosen model beside the dense model (two worker processes);
 benchmarks/structured.py's final table measures every variant together (ten or more worker
@@ -13,45 +13,15 @@ It reports each chosen model's ratio to dense in each arrangement.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
+from bench_common import SHAPE, recorded_models, recorded_target
+
+from pqd.structured import latency_model as L
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.compress.channels.importance import group_scores  # noqa: E402
-from pqd.models.registry import create_model  # noqa: E402
-from pqd.structured import latency_model as L  # noqa: E402
-from pqd.train.checkpoint import load_checkpoint  # noqa: E402
-
-SHAPE = (3, 32, 32)
-
-
-def recorded_target(res: dict) -> L.Target:
-    """The target a benchmarks/structured.py result JSON was measured on (and its threads set here)."""
-    args = res["args"]
-    torch.set_num_threads(args["threads"])
-    return L.Target(args["runtime"], args["batch"], args["threads"])
-
-
-def recorded_models(entry: dict, *, teacher_weights: str | None = None, keep=lambda variant: True) -> dict:
-    """``{variant: model}`` pruned to the widths one model entry of a result JSON recorded (rows ``keep``
-    selects); untrained weights unless ``teacher_weights`` (widths alone decide latency)."""
-    torch.manual_seed(0)
-    teacher = create_model(entry["model"], num_classes=10)
-    if teacher_weights:
-        teacher.load_state_dict(load_checkpoint(teacher_weights)[0])
-    teacher.eval()
-    example = torch.zeros(2, *SHAPE)
-    scores = group_scores(ChannelGraph(copy.deepcopy(teacher), example), "l1")
-    return {r["variant"]: prune_to_widths(teacher, r["widths"], example=example, round_to=1, scores=scores)
-            for r in entry["rows"] if keep(r["variant"])}
 
 
 def main(argv=None) -> int:

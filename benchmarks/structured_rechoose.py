@@ -1,7 +1,7 @@
 """Re-run the adapted-BN ranking of a ``benchmarks/structured.py --select adapted_bn`` result and apply
 :func:`pqd.structured.select.choose` to it: which recipe each budget gets under the current rule.
 
-    PYTHONPATH=src python benchmarks/structured_rechoose.py runs/structured_abn/structured.json --cache-dir CACHE
+    python benchmarks/structured_rechoose.py runs/structured_abn/structured.json --cache-dir CACHE
 
 The ranking is rebuilt exactly as the benchmark built it (the cached teacher, the same 512
 calibration and 1,000 held-out images), from the candidates' widths stored in the result; their
@@ -20,20 +20,17 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_common import bench_ranker
+
+from pqd.compress.channels.graph import ChannelGraph
+from pqd.compress.channels.importance import group_scores
+from pqd.config import DataConfig
+from pqd.data import load_data
+from pqd.models.registry import create_model
+from pqd.structured.select import choose
+from pqd.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from structured import bench_ranker  # noqa: E402
-
-from pqd.compress.channels.graph import ChannelGraph  # noqa: E402
-from pqd.compress.channels.importance import group_scores  # noqa: E402
-from pqd.config import DataConfig  # noqa: E402
-from pqd.data import load_data  # noqa: E402
-from pqd.models.registry import create_model  # noqa: E402
-from pqd.structured.select import choose  # noqa: E402
-from pqd.train.checkpoint import load_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths, round_width
+from pqd.measure.env import environment
+from pqd.models.registry import create_model
+from pqd.structured import latency_model as L
 
-from pqd.compress.channels.graph import ChannelGraph, prune_to_widths, round_width  # noqa: E402
-from pqd.measure.env import environment  # noqa: E402
-from pqd.models.registry import create_model  # noqa: E402
-from pqd.structured import latency_model as L  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:

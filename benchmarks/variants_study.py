@@ -1,7 +1,7 @@
 """CPU-scale study of the literature's variants against pqd's own stages, at equal epochs.
 
-    PYTHONPATH=src python benchmarks/variants_study.py            # full: width 0.25, 3 seeds (long)
-    PYTHONPATH=src python benchmarks/variants_study.py --quick    # smoke scale: width 0.125, 1 seed
+    python benchmarks/variants_study.py            # full: width 0.25, 3 seeds (long)
+    python benchmarks/variants_study.py --quick    # smoke scale: width 0.125, 1 seed
 
 Dataset: scikit-learn digits (offline; 1437 train / 360 test images, CIFAR-shaped). One dense
 teacher per seed (trained once, shared through ``teacher.weights``), then the groups below,
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 refs = torch.cat([correct[(group, ref, sd)] for sd in s["seeds"]])
                 claims.append({"group": group, "claim": f"{name} vs {ref}", **paired(refs, oks)})
     result = {"quick": args.quick, "scale": s, "torch": torch.__version__, "wall_s": round(time.time() - t0, 1),
-              "command": "PYTHONPATH=src python benchmarks/variants_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python benchmarks/variants_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "summary": summary, "claims": claims, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_throughput.py runs end to end in --quick mode on the CPU and writes its record."""
+"""tools/gpu/gpu_throughput.py runs end to end in --quick mode on the CPU and writes its record."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-BENCH = Path(__file__).parents[2] / "benchmarks" / "gpu_throughput.py"
+BENCH = Path(__file__).parents[2] / "tools" / "gpu" / "gpu_throughput.py"
 
 
 def _load():

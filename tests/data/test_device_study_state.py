@@ -1,4 +1,4 @@
-"""benchmarks/gpu_study_state.py: what one GPU-study chunk hands to the next (no training here)."""
+"""tools/gpu/gpu_study_state.py: what one GPU-study chunk hands to the next (no training here)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("zstandard")
 WEIGHTS = random.Random(0).randbytes(5000)  # incompressible
-BENCH = Path(__file__).parents[2] / "benchmarks" / "gpu_study_state.py"
+BENCH = Path(__file__).parents[2] / "tools" / "gpu" / "gpu_study_state.py"
 
 
 def _load():

@@ -3,7 +3,7 @@
 # state, train the study's teacher if there is none yet, run the sweep until the time is up (pqd
 # sweep skips finished runs; one cut off restarts next chunk), then pack the state for the next one.
 #
-#   DATASET=cifar10 SEED=0 DATA_ROOT=../shared/data/cifar10-jpeg.tar.gz BUDGET_S=540 bash benchmarks/gpu_study.sh
+#   DATASET=cifar10 SEED=0 DATA_ROOT=../shared/data/cifar10-jpeg.tar.gz BUDGET_S=540 bash tools/gpu/gpu_study.sh
 #
 # Inputs (environment): DATASET (cifar10 | cifar100), SEED, BUDGET_S, DATA_ROOT (default
 # runs/gpu_carry/$DATASET-jpeg.tar.gz), STATE_IN (folder with the last chunk's NAME.tar.zst.NN parts,
@@ -36,7 +36,7 @@ for kv in $EXTRA_SETS; do sets+=(--set "$kv"); done
 mkdir -p "$OUT"
 echo "[gpu_study] $NAME: budget ${BUDGET_S}s, sweep $SWEEP, data $DATA_ROOT"
 
-$PY benchmarks/gpu_study_state.py unpack --root "$STUDY_ROOT" --name "$NAME" --parts "$STATE_IN" || exit 1
+$PY tools/gpu/gpu_study_state.py unpack --root "$STUDY_ROOT" --name "$NAME" --parts "$STATE_IN" || exit 1
 
 QAT_OK=1
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -62,12 +62,12 @@ fi
 
 if [ ! -f "$STUDY/teacher.safetensors" ] && ! ls "$STUDY"/sweep/runs/teacher-*/metrics.json >/dev/null 2>&1; then
   echo "[gpu_study] training the teacher ($RECIPE), $(left)s left"
-  timeout --signal=TERM "$(left)" $PY benchmarks/gpu_teacher.py "$RECIPE" "${sets[@]}" \
+  timeout --signal=TERM "$(left)" $PY tools/gpu/gpu_teacher.py "$RECIPE" "${sets[@]}" \
     --json "$OUT/gpu_teacher_${NAME}.json" --save "$STUDY/teacher.safetensors" || echo "[gpu_study] teacher step failed or ran out of time"
 fi
 
 if [ -n "${BEFORE_SWEEP:-}" ] && [ -f "$STUDY/teacher.safetensors" ]; then
-  # e.g. benchmarks/gpu_session.sh's structured run: a command that needs the study's teacher ($TEACHER)
+  # e.g. tools/gpu/gpu_session.sh's structured run: a command that needs the study's teacher ($TEACHER)
   echo "[gpu_study] before the sweep: $BEFORE_SWEEP, $(left)s left"
   TEACHER=$STUDY/teacher.safetensors bash -c "$BEFORE_SWEEP" || echo "[gpu_study] the before-sweep command failed (exit $?)"
 fi
@@ -79,5 +79,5 @@ if [ "$QAT_OK" = 1 ] && [ "$(left)" -gt 20 ] && { [ -f "$STUDY/teacher.safetenso
   echo "[gpu_study] sweep exit $? (124: stopped at the chunk's time limit)"
 fi
 
-$PY benchmarks/gpu_study_state.py pack --root "$STUDY_ROOT" --name "$NAME" --out "$OUT"
+$PY tools/gpu/gpu_study_state.py pack --root "$STUDY_ROOT" --name "$NAME" --out "$OUT"
 echo "[gpu_study] done in $(( $(date +%s) - T0 ))s"

@@ -1,10 +1,10 @@
 """Carry the chunked GPU study's state from one machine to the next within the device's limits.
 
-    python benchmarks/gpu_study_state.py pack   --root /tmp/pqd_gpu_study --name gpu_cifar10_s0 --out $OUT
-    python benchmarks/gpu_study_state.py unpack --root /tmp/pqd_gpu_study --name gpu_cifar10_s0 --parts runs/gpu_carry/state
+    python tools/gpu/gpu_study_state.py pack   --root /tmp/pqd_gpu_study --name gpu_cifar10_s0 --out $OUT
+    python tools/gpu/gpu_study_state.py unpack --root /tmp/pqd_gpu_study --name gpu_cifar10_s0 --parts runs/gpu_carry/state
 
 State of one study ``ROOT/NAME``: ``teacher.safetensors`` (the bf16-rounded teacher written by
-benchmarks/gpu_teacher.py, kept only until the sweep's teacher run has loaded it) and ``sweep/``
+tools/gpu/gpu_teacher.py, kept only until the sweep's teacher run has loaded it) and ``sweep/``
 (a ``pqd sweep --out`` directory). ``pack`` keeps the finished runs only (a run directory with a
 metrics.json; unfinished runs restart in the next chunk) and, of those, the small files plus the
 teacher run's weights (the other runs point at them); deployable models, stage checkpoints and the

@@ -1,6 +1,6 @@
 """Train a run config's dense teacher exactly as the pipeline does, and measure it.
 
-    PYTHONPATH=src python benchmarks/gpu_teacher.py configs/gpu_resnet18_cifar10.yaml \
+    PYTHONPATH=src python tools/gpu/gpu_teacher.py configs/gpu_resnet18_cifar10.yaml \
         --set data.root=../shared/data/cifar10-jpeg.tar.gz --json runs/gpu_teacher_c10.json [--save T.safetensors]
 
 Reports top-1 on the full test split, accuracy on (up to) 10k un-augmented training images (the

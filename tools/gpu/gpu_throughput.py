@@ -1,8 +1,8 @@
 """Training throughput of pqd's loop against the bare-step ceiling, phase by phase, in one run.
 
-    PYTHONPATH=src python benchmarks/gpu_throughput.py                       # a GPU, random CIFAR-shaped data
-    PYTHONPATH=src python benchmarks/gpu_throughput.py --data-root ../shared/data/cifar10-jpeg.tar.gz
-    PYTHONPATH=src python benchmarks/gpu_throughput.py --quick --device cpu  # tiny model, a few steps (the test)
+    PYTHONPATH=src python tools/gpu/gpu_throughput.py                       # a GPU, random CIFAR-shaped data
+    PYTHONPATH=src python tools/gpu/gpu_throughput.py --data-root ../shared/data/cifar10-jpeg.tar.gz
+    PYTHONPATH=src python tools/gpu/gpu_throughput.py --quick --device cpu  # tiny model, a few steps (the test)
 
 Phases (ResNet-18, batch 512 by default, each timed over whole epochs after a warm-up epoch):
 

@@ -1,6 +1,6 @@
 """Structured widths chosen on the CPU target, trained at full scale on a GPU: accuracy at equal measured latency.
 
-    PYTHONPATH=src python benchmarks/structured_gpu.py --teacher T.safetensors \
+    PYTHONPATH=src python tools/gpu/structured_gpu.py --teacher T.safetensors \
         --data ../shared/data/cifar10-jpeg.tar.gz --out runs/structured_gpu.json
 
 Latency is a property of the architecture (the widths), accuracy of the training. The CPU study
@@ -34,24 +34,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from pqd.compress.channels.graph import ChannelGraph, prune_to_widths  # noqa: E402
-from pqd.compress.channels.importance import group_scores  # noqa: E402
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths
+from pqd.compress.channels.importance import group_scores
 from pqd.compress.student import Student, convert_student
 from pqd.config import DataConfig, TrainConfig
-from pqd.data import load_data  # noqa: E402
-from pqd.measure.accuracy import predict, top1  # noqa: E402
-from pqd.measure.stats import mcnemar_pooled, wilson_interval  # noqa: E402
-from pqd.models.registry import create_model  # noqa: E402
+from pqd.data import load_data
+from pqd.measure.accuracy import predict, top1
+from pqd.measure.stats import mcnemar_pooled, wilson_interval
+from pqd.models.registry import create_model
 from pqd.stages.distill import DistillConfig, distill
-from pqd.stages.quantize import (
-    QuantizeConfig,  # noqa: E402
-    quantize,  # noqa: E402
-)
-from pqd.train.checkpoint import load_checkpoint  # noqa: E402
-from pqd.train.loop import default_device  # noqa: E402
+from pqd.stages.quantize import QuantizeConfig, quantize
+from pqd.train.checkpoint import load_checkpoint
+from pqd.train.loop import default_device
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = ROOT / "benchmarks" / "results"
 # (label, CPU result file, variant in it): the 2x candidate and its uniform match first, then the rest
@@ -141,7 +137,7 @@ def paired_tests(rows: list[dict], n: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True, help="safetensors of the full-width FP32 teacher (e.g. benchmarks/gpu_teacher.py --save)")
+    p.add_argument("--teacher", required=True, help="safetensors of the full-width FP32 teacher (e.g. tools/gpu/gpu_teacher.py --save)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="LABEL=FILE:VARIANT",
