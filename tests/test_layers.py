@@ -214,3 +214,13 @@ def test_core_modules_import_no_torch(module):
     names = [a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.split(".")[0] == "torch"]
+
+
+def test_the_timing_worker_and_the_package_import_no_torch():
+    """An ONNX timing worker (pqd.measure.worker) and ``import pqd`` keep torch out of the process."""
+    import subprocess
+    import sys
+
+    code = "import sys, pqd, pqd.measure.worker, pqd.config; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

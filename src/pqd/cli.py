@@ -10,6 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from pqd.config import MEASURE
 from pqd.errors import ConfigError, PqdError
 
 
@@ -146,10 +147,12 @@ def _add_bench_parsers(sub) -> None:
     p = sub.add_parser("bench", help="time a finished run's models in PyTorch, ONNX Runtime and OpenVINO (interleaved)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--threads", type=_int_list, default=None, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
-    p.add_argument("--batch-sizes", type=_int_list, default=(1, 64), help="default: 1,64")
-    p.add_argument("--runs", type=int, default=200, help="timed runs per variant at batch 1 (default 200)")
-    p.add_argument("--large-batch-runs", type=int, default=20, help="timed runs per variant at larger batches (default 20)")
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch-sizes", type=_int_list, default=MEASURE.batch_sizes,
+                   help=f"default: {','.join(map(str, MEASURE.batch_sizes))}")
+    p.add_argument("--runs", type=int, default=MEASURE.runs, help=f"timed runs per variant at batch 1 (default {MEASURE.runs})")
+    p.add_argument("--large-batch-runs", type=int, default=MEASURE.large_batch_runs,
+                   help=f"timed runs per variant at larger batches (default {MEASURE.large_batch_runs})")
+    p.add_argument("--warmup", type=int, default=MEASURE.warmup)
     p.add_argument("--runtimes", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
                    help="subset of pytorch,onnxruntime,openvino (default: every installed one)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")

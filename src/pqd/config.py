@@ -235,6 +235,9 @@ class MeasureConfig(Section):
             fail("measure.batch_sizes", f"needs positive batch sizes, got {list(self.batch_sizes)}")
 
 
+MEASURE = MeasureConfig()  # the measurement defaults, named once for every signature that takes them
+
+
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a config dict."""
     out = _deep_copy(data)

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from pqd.config import MEASURE
 from pqd.errors import ConfigError, PqdError
 
 log = logging.getLogger("pqd.bench")
@@ -139,8 +140,8 @@ def _ratio(base: float, x: float) -> float | None:
 
 
 def bench_run(
-    run_dir: str | Path, *, threads: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1, 64), warmup: int = 20,
-    runs: int = 200, large_batch_runs: int = 20, runtimes: Sequence[str] | None = None, rss: bool = True,
+    run_dir: str | Path, *, threads: Sequence[int] | None = None, batch_sizes: Sequence[int] = MEASURE.batch_sizes, warmup: int = MEASURE.warmup,
+    runs: int = MEASURE.runs, large_batch_runs: int = MEASURE.large_batch_runs, runtimes: Sequence[str] | None = None, rss: bool = True,
     write: bool = True, force_export: bool = False, seed: int = 0, allow_code: bool = False,
 ) -> dict:
     """Benchmark a finished run in every installed runtime; see the module docstring.

@@ -1,13 +1,23 @@
-"""Measurement: accuracy, bytes on disk, wall-clock CPU latency, and the environment."""
+"""Measurement: accuracy, bytes on disk, wall-clock CPU latency, and the environment.
 
-from pqd.measure.accuracy import agreement, predict, top1
-from pqd.measure.env import environment
-from pqd.measure.faithfulness import faithfulness, mcnemar
-from pqd.measure.latency import Blocks, measure_latency
-from pqd.measure.proxies import proxies
-from pqd.measure.size import file_bytes
-from pqd.measure.speedup import speedup_summary
-from pqd.measure.stats import mcnemar_paired, top1_record
+The names below load their submodule on first use: the timing worker (:mod:`pqd.measure.worker`)
+runs inside this package and must not import torch to time an ONNX file."""
 
-__all__ = ["Blocks", "agreement", "environment", "faithfulness", "file_bytes", "mcnemar", "mcnemar_paired", "measure_latency",
-           "predict", "proxies", "speedup_summary", "top1", "top1_record"]
+from importlib import import_module
+
+_LAZY = {
+    "agreement": "pqd.measure.accuracy", "predict": "pqd.measure.accuracy", "top1": "pqd.measure.accuracy",
+    "environment": "pqd.measure.env", "faithfulness": "pqd.measure.faithfulness", "mcnemar": "pqd.measure.faithfulness",
+    "Blocks": "pqd.measure.latency", "measure_latency": "pqd.measure.latency", "proxies": "pqd.measure.proxies",
+    "file_bytes": "pqd.measure.size", "speedup_summary": "pqd.measure.speedup", "mcnemar_paired": "pqd.measure.stats",
+    "top1_record": "pqd.measure.stats",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pqd.measure' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -29,6 +29,7 @@ from typing import Callable, Mapping, Protocol
 
 import torch
 
+from pqd.config import MEASURE
 from pqd.measure.worker import time_block
 
 
@@ -88,11 +89,11 @@ class InProcess:
 def interleave(
     timers: Mapping[str, BlockTimer],
     *,
-    batch_sizes: tuple[int, ...] = (1, 64),
+    batch_sizes: tuple[int, ...] = MEASURE.batch_sizes,
     threads: int,
-    warmup: int = 20,
-    runs: int = 200,
-    large_batch_runs: int = 20,
+    warmup: int = MEASURE.warmup,
+    runs: int = MEASURE.runs,
+    large_batch_runs: int = MEASURE.large_batch_runs,
     blocks: Blocks = SMALL_BATCH_BLOCKS,
     large_batch_blocks: Blocks = LARGE_BATCH_BLOCKS,
 ) -> list[dict]:
@@ -141,11 +142,11 @@ def measure_latency(
     models: Mapping[str, Callable[[torch.Tensor], object]],
     *,
     input_shape: tuple[int, ...],
-    batch_sizes: tuple[int, ...] = (1, 64),
+    batch_sizes: tuple[int, ...] = MEASURE.batch_sizes,
     threads: int = 2,
-    warmup: int = 20,
-    runs: int = 200,
-    large_batch_runs: int = 20,
+    warmup: int = MEASURE.warmup,
+    runs: int = MEASURE.runs,
+    large_batch_runs: int = MEASURE.large_batch_runs,
     blocks: Blocks = SMALL_BATCH_BLOCKS,
     large_batch_blocks: Blocks = LARGE_BATCH_BLOCKS,
     seed: int = 0,

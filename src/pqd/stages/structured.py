@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pqd.compress.channels.graph import MIN_KEEP, ROUND_TO
 from pqd.compress.kd import KDLoss, distillation_loss
 from pqd.compress.student import Student
 from pqd.config import Section
@@ -73,8 +74,8 @@ class StructuredConfig(Section):
     threads: int = 2
     importance: str = "l1"
     sensitivity: str | None = None
-    round_to: int = 8
-    min_keep: float = 0.1
+    round_to: int = ROUND_TO
+    min_keep: float = MIN_KEEP
     samples: int = 12
     runs: int = 100
     max_iters: int = 4
@@ -151,7 +152,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
     else:
         target = Target(cfg.runtime, cfg.batch, cfg.threads)
         lm = build(model, graph, target=target, input_shape=input_shape, samples=cfg.samples, runs=cfg.runs,
-                   round_to=cfg.round_to, cache_dir=cfg.cache_dir, seed=seed)
+                   round_to=cfg.round_to, min_keep=cfg.min_keep, cache_dir=cfg.cache_dir, seed=seed)
         sens = None
         if cfg.sensitivity:
             from pqd.structured.sensitivity import read_csv

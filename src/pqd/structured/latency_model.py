@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pqd.compress.channels.graph import MIN_KEEP, ROUND_TO
 from pqd.compress.qat import convert, prepare, to_torchscript
 from pqd.compress.student import Student
 from pqd.deploy.onnx import export_onnx, reference_int8
@@ -181,7 +182,7 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return coef / scale
 
 
-def floor_widths(graph, round_to: int = 8) -> dict[str, int]:
+def floor_widths(graph, round_to: int = ROUND_TO) -> dict[str, int]:
     """The floor model's widths: every group at ``min(round_to, channels)``."""
     return {g: min(round_to, c) for g, c in graph.widths().items()}
 
@@ -294,7 +295,7 @@ class LatencyModel:
         return errs
 
     def add(self, widths: Mapping[str, int], ms: float, source: str, *, dense_ms: float | None = None,
-            floor_ms: float | None = None, floor_round_to: int = 8) -> None:
+            floor_ms: float | None = None, floor_round_to: int = ROUND_TO) -> None:
         """One measurement; ``dense_ms`` / ``floor_ms``: the dense and floor models (``floor_widths(graph,
         floor_round_to)``) timed in the same run."""
         sample = {"widths": dict(widths), "ms": float(ms), "source": source}
@@ -360,7 +361,7 @@ def load(key: dict, cache_dir: str | Path | None = None) -> LatencyModel | None:
     return LatencyModel(key, d["samples"], d.get("pad", 16))
 
 
-def sample_widths(graph, n: int, *, round_to: int = 8, min_keep: float = 0.25, seed: int = 0) -> list[dict[str, int]]:
+def sample_widths(graph, n: int, *, round_to: int = ROUND_TO, min_keep: float = MIN_KEEP, seed: int = 0) -> list[dict[str, int]]:
     """Width configurations to measure: dense, uniform scalings, and random per-group ratios."""
     from pqd.compress.channels.graph import round_width
 
@@ -376,7 +377,7 @@ def sample_widths(graph, n: int, *, round_to: int = 8, min_keep: float = 0.25, s
     return out
 
 
-def reference_models(model: nn.Module, graph, *, example: torch.Tensor, round_to: int = 8, skip=()) -> dict[str, nn.Module]:
+def reference_models(model: nn.Module, graph, *, example: torch.Tensor, round_to: int = ROUND_TO, skip=()) -> dict[str, nn.Module]:
     """``{"dense": model, "floor": the floor model}`` to time beside samples, less widths already in ``skip``
     (and no floor when it is the dense model itself: a model whose groups are all at most ``round_to`` wide)."""
     from pqd.compress.channels.graph import prune_to_widths
@@ -407,8 +408,8 @@ def build(
     input_shape: Sequence[int],
     samples: int = 12,
     runs: int = 100,
-    round_to: int = 8,
-    min_keep: float = 0.25,
+    round_to: int = ROUND_TO,
+    min_keep: float = MIN_KEEP,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     seed: int = 0,

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pqd.compress.channels.graph import ChannelGraph, prune_to_widths, round_width
+from pqd.compress.channels.graph import MIN_KEEP, ROUND_TO, ChannelGraph, prune_to_widths, round_width
 from pqd.errors import ConfigError, ModelError
 from pqd.structured.latency_model import LatencyModel, Target, measure_int8, reference_models, report, save
 
@@ -84,8 +84,8 @@ def greedy_widths(
     cost,
     target_ms: float,
     *,
-    round_to: int = 8,
-    min_keep: float = 0.1,
+    round_to: int = ROUND_TO,
+    min_keep: float = MIN_KEEP,
     size_budget_params: int | None = None,
     start: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
@@ -126,7 +126,7 @@ def greedy_widths(
 
 
 def refill_widths(graph: ChannelGraph, lm: LatencyModel, cost, start: Mapping[str, int], target_ms: float, *,
-                  round_to: int = 8) -> dict[str, int]:
+                  round_to: int = ROUND_TO) -> dict[str, int]:
     """The greedy run upwards: from ``start`` (e.g. uniform widths that leave part of the target unused,
     because latency rises in steps), add one ``round_to`` step at a time to the group where it restores the
     most importance per predicted millisecond added, while the prediction stays <= ``target_ms``. A step that
@@ -173,8 +173,8 @@ def search(
     size_budget_mb: float | None = None,
     scores: Mapping[str, torch.Tensor] | None = None,
     sensitivity: Sequence[dict] | None = None,
-    round_to: int = 8,
-    min_keep: float = 0.1,
+    round_to: int = ROUND_TO,
+    min_keep: float = MIN_KEEP,
     max_iters: int = 4,
     runs: int = 100,
     margin: float = 0.0,

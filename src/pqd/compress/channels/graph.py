@@ -254,6 +254,10 @@ class ChannelGraph:
         return out
 
 
+ROUND_TO = 8  # channel counts are multiples of this by default: what the INT8 kernels like
+MIN_KEEP = 0.1  # by default a channel group keeps at least this share of its channels
+
+
 def round_width(k: float, channels: int, round_to: int) -> int:
     """``k`` rounded up to a multiple of ``round_to``, within [min(round_to, channels), channels]."""
     if round_to < 1:
@@ -268,7 +272,7 @@ def prune_to_widths(
     importance=None,
     *,
     example: torch.Tensor,
-    round_to: int = 8,
+    round_to: int = ROUND_TO,
     ignore: Sequence[str] = (),
     scores: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:

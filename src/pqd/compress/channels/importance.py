@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from pqd.compress.channels.graph import ROUND_TO
 from pqd.errors import ConfigError
 
 CRITERIA = ("l1", "l2", "bn", "taylor", "random")
@@ -80,14 +81,14 @@ def retained(scores: torch.Tensor, k: int) -> float:
     return float(torch.sort(scores, descending=True).values[:k].sum())
 
 
-def uniform_widths(channels: Mapping[str, int], keep_ratio: float, *, round_to: int = 8) -> dict[str, int]:
+def uniform_widths(channels: Mapping[str, int], keep_ratio: float, *, round_to: int = ROUND_TO) -> dict[str, int]:
     """The same keep ratio in every group (per-layer ratios), rounded up to ``round_to``."""
     from pqd.compress.channels.graph import round_width
 
     return {g: round_width(c * keep_ratio, c, round_to) for g, c in channels.items()}
 
 
-def global_widths(scores: Mapping[str, torch.Tensor], keep_ratio: float, *, round_to: int = 8, min_keep: float = 0.05) -> dict[str, int]:
+def global_widths(scores: Mapping[str, torch.Tensor], keep_ratio: float, *, round_to: int = ROUND_TO, min_keep: float = 0.05) -> dict[str, int]:
     """Global ranking: keep the ``keep_ratio`` most important channels of the whole model.
 
     Each group keeps at least ``min_keep`` of its channels (and one ``round_to`` step).
