@@ -7,7 +7,7 @@
 
 ``--run-dir`` measures a finished pipeline run instead (trained weights): the bytes of its
 ``teacher.safetensors``, ``model_int8.pt``, that file through zstd-19, and
-``model_int8.pqdz`` (decoded through ``pqd.run.rundir.load_int8_module`` and checked to predict exactly
+``model_int8.pqdz`` (decoded through ``pqd.run.loader.load_int8_module`` and checked to predict exactly
 as ``model_int8.pt`` on random inputs), with the entropy bound of its int8 weights.
 
 For every model, weight source and sparsity: global magnitude pruning
@@ -57,7 +57,8 @@ from pqd.compress.student import Student, convert_student
 from pqd.deploy import compact
 from pqd.measure import environment
 from pqd.models.registry import create_model
-from pqd.run.rundir import RunDir, load_int8_module
+from pqd.run.loader import load_int8_module
+from pqd.run.rundir import RunDir
 from pqd.stages.prune import compute_masks
 from pqd.train import apply_masks
 

@@ -42,6 +42,7 @@ from pqd.measure import predict
 from pqd.measure.faithfulness import mcnemar
 from pqd.run.config import RunConfig
 from pqd.run.pipeline import run_pipeline
+from pqd.run.loader import load_run
 from pqd.run.rundir import RunDir
 
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / f"{group}__{name}__s{seed}"
                 print(f"[{time.time() - t0:6.0f}s] {group}/{name} seed {seed}", file=sys.stderr, flush=True)
                 m = run_pipeline(RunConfig.from_dict(merge(base, over)), out)
-                loaded = RunDir(out).load()
+                loaded = load_run(out)
                 logits = predict(loaded.deployed, loaded.data.test, mean=loaded.data.mean, std=loaded.data.std)
                 ok = (logits.argmax(1) == loaded.data.test.y).to(torch.int64)
                 correct[(group, name, seed)] = ok

@@ -16,7 +16,8 @@ from pqd.deploy import compact
 from pqd.errors import CheckpointError
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
-from pqd.run.rundir import RunDir, load_int8_module
+from pqd.run.loader import load_int8_module
+from pqd.run.rundir import RunDir
 from pqd.compress.sparsity import prunable_layers
 from pqd.compress.student import convert_student, Student
 from pqd.stages.prune import compute_masks

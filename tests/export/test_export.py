@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 from pqd.commands.export import INT8_ONNX, TEACHER_ONNX, export_run
 from pqd.deploy.runtimes import require
 from pqd.errors import PqdError  # noqa: E402
-from pqd.run.rundir import RunDir  # noqa: E402
+from pqd.run.loader import load_run
 
 
 def test_missing_runtime_is_a_clear_error(monkeypatch):
@@ -61,7 +61,7 @@ def test_int8_initializers_equal_the_pytorch_int8_weights_and_keep_pruned_zeros(
     from pqd.compress.student import convert_student
 
     export_run(int8_run, check=False)
-    run = RunDir(int8_run).load()
+    run = load_run(int8_run)
     inits = {i.name: i for i in onnx.load(str(int8_run / INT8_ONNX)).graph.initializer}
     int8 = convert_student(run.student)
     assert run.student.masks, "the run was pruned"

@@ -9,7 +9,7 @@ import pqd.structured.latency_model as L
 import pqd.structured.search as S
 from pqd.run.config import load_config
 from pqd.run.pipeline import run_pipeline
-from pqd.run.rundir import RunDir
+from pqd.run.loader import load_run
 
 TINY = """
 seed: 0
@@ -37,7 +37,7 @@ def test_structured_then_quantized_run_deploys_and_rebuilds(tmp_path, monkeypatc
     assert rec["widths"] and sum(rec["widths"].values()) < sum(rec["dense_widths"].values())
     assert metrics["final_form"] == "int8"
 
-    loaded = RunDir(tmp_path / "run").load()
+    loaded = load_run(tmp_path / "run")
     x = torch.zeros(1, *loaded.data.image_shape)
     # the rebuilt student has the pruned (smaller) shapes and predicts like the deployed file
     teacher_params = sum(p.numel() for p in loaded.teacher.parameters())

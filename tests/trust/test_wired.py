@@ -114,7 +114,7 @@ def test_set_float_without_dot(tiny: Path):
 
 def test_item11_load_run_imports_no_code(downloaded_run):
     from pqd.errors import UntrustedCodeError
-    from pqd.run.rundir import load_int8_module as load_run
+    from pqd.run.loader import load_int8_module as load_run
 
     run, canary = downloaded_run
     with pytest.raises(UntrustedCodeError, match="allow_code=True"):

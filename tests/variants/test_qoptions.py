@@ -8,7 +8,7 @@ from pqd.errors import ConfigError
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
 from pqd.run.pipeline import run_pipeline
-from pqd.run.rundir import RunDir
+from pqd.run.loader import load_run
 from pqd.stages.quantize import QuantizeConfig, quantize
 
 
@@ -77,6 +77,6 @@ def test_per_tensor_affine_qat_run_reloads(digits_config, tmp_path):
     """The run's weight scheme is rebuilt from its config when the run is loaded again."""
     cfg = RunConfig.from_dict(digits_config | {"stages": "Q:1", "quantize": {"granularity": "per_tensor", "symmetric": False}})
     m = run_pipeline(cfg, tmp_path)
-    loaded = RunDir(tmp_path).load()
+    loaded = load_run(tmp_path)
     scheme = loaded.student.model.get_submodule("layer1.0.conv1").weight_fake_quant.qscheme
     assert scheme == torch.per_tensor_affine and m["quantize_mode"] == "qat"

@@ -50,7 +50,7 @@ from pqd.errors import ConfigError, PqdError
 
 log = logging.getLogger("pqd.bench")
 
-STUDENT_LOADER = "pqd.run.rundir:student_model"  # how a timing worker rebuilds an FP32 final student
+STUDENT_LOADER = "pqd.run.loader:student_model"  # how a timing worker rebuilds an FP32 final student
 
 BENCH_SCHEMA = 2  # 2: speedup_summary (same-runtime, best-vs-best, fastest; eager ratios as an extra)
 RUNTIMES = ("pytorch", "onnxruntime", "openvino")
@@ -169,14 +169,14 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
     from pqd.measure.latency import LARGE_BATCH_BLOCKS, SMALL_BATCH_BLOCKS, interleave
     from pqd.measure.proxies import proxies
     from pqd.measure.workers import start_workers
-    from pqd.run.rundir import RunDir
+    from pqd.run.loader import load_run
 
     threads = tuple(threads) if threads else default_threads()
     if any(t < 1 for t in threads) or any(b < 1 for b in batch_sizes) or runs < 1 or large_batch_runs < 1 or warmup < 0:
         raise ConfigError("bench: threads, batch sizes, runs and large-batch runs must be >= 1 and warm-up >= 0")
     out = Path(run_dir)
     wanted, skipped = _resolve_runtimes(runtimes)
-    run = RunDir(out).load(allow_code=allow_code)
+    run = load_run(out, allow_code=allow_code)
     export = None
     if "onnxruntime" in wanted or "openvino" in wanted:
         export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted, allow_code=allow_code,

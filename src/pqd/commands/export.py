@@ -39,7 +39,8 @@ import torch
 from pqd.deploy.onnx import INPUT_NAME, export_onnx, int8_initializer_zeros, reference_int8, run_logits
 from pqd.deploy.runtimes import OpenVinoRunner, OrtRunner, available, require
 from pqd.errors import ConfigError
-from pqd.run.rundir import LoadedRun, RunDir
+from pqd.run.loader import LoadedRun, load_run
+from pqd.run.rundir import RunDir
 
 log = logging.getLogger("pqd.export")
 
@@ -122,7 +123,7 @@ def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, 
 
 def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bool | None, run: LoadedRun | None,
                 allow_code: bool, ort: bool) -> dict:
-    run = run or rd.load(allow_code=allow_code)
+    run = run or load_run(rd.path, allow_code=allow_code)
     student_file = run.student_file or run.deployed_file  # a dense run's final model is its FP32 file
     sources = [run.deployed_file, student_file, rd.teacher_path]
     final_name = INT8_ONNX if run.quantized else FINAL_FP32_ONNX

@@ -3,7 +3,7 @@
 ``save_compact(int8_model, path)`` stores the whole ``state_dict`` of a model converted by
 :func:`pqd.stages.convert` (FX flow) so that ``load_compact(path, skeleton)`` restores it
 bit for bit into a *skeleton*: a converted model of the same architecture built on any
-weights (:func:`pqd.run.rundir.load_int8_module` builds one for a run directory). What is stored:
+weights (:func:`pqd.run.loader.load_int8_module` builds one for a run directory). What is stored:
 
 * quantized tensors (per-channel or per-tensor affine): scales (float64, kept as float32
   when that is exact) and zero points in a shared section; the integer values through a

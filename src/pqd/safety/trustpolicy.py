@@ -3,7 +3,7 @@
 A run folder's ``config.yaml`` may name its model by an import path
 (``model.name: helpers:resnet18``). Building that model imports the module, which runs its
 code; for a folder someone else sent, that is arbitrary code execution. Every path that
-rebuilds a model from a folder on disk (``pqd.run.rundir.load_int8_module``,
+rebuilds a model from a folder on disk (``pqd.run.loader.load_int8_module``,
 ``pqd export``, ``pqd bench``, ``pqd predict``, resuming a run or a sweep from its saved
 configs) passes the name through :func:`resolve_model_name` first: registered names
 always pass; an import path passes only with ``allow_import=True``, which the caller sets
