@@ -3,7 +3,7 @@
 1. The budget: ``budget_ms``, or ``budget_fraction`` × the dense model's INT8 latency
    measured on the target (runtime, batch, threads); optionally ``size_budget_mb`` for the
    INT8 weights (1 byte per weight).
-2. Greedy choice on the fitted latency model (:mod:`pqd.structured.latency_model`): from
+2. Propose (:func:`propose`): greedy choice on the fitted latency model (:mod:`pqd.structured.latency_model`): from
    full width, repeatedly take one ``round_to`` step off the group whose step costs the least
    per millisecond saved — cost = lost importance (sum of the dropped channels'
    mean-normalised scores, divided by the model's channel count), or, given a sensitivity
@@ -11,13 +11,13 @@
    (corrected) target. Or, given ``recipes`` and ``rank`` (:mod:`pqd.structured.select`),
    every recipe proposes widths for the first target, ``rank`` scores them, and the winning
    recipe makes the widths from then on.
-3. The chosen model is built and **measured** side by side with the dense and floor models
+3. Measure (:func:`measure_widths`): the chosen model is built and **measured** side by side with the dense and floor models
    in one interleaved run; a fractional budget is checked against that run's dense reading,
    so drift of the machine between runs does not decide (an absolute budget is checked in
    ms). The measurements join the latency model's samples (with the run's dense and floor
-   readings) and the fit is redone. If the model misses the goal (the budget less
+   readings) and the fit is redone. Next target (:func:`next_target`): if the model misses the goal (the budget less
    ``margin``), the target is tightened by the miss; if it lands more than ``UNDERSHOOT``
-   under the goal, the target is loosened toward it; step 2 repeats, up to ``max_iters``
+   under the goal, the target is loosened toward it; :func:`search` repeats the steps, up to ``max_iters``
    times, and the measured model nearest under the goal is kept.
 """
 
@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -160,6 +161,80 @@ def refill_widths(graph: ChannelGraph, lm: LatencyModel, cost, start: Mapping[st
 UNDERSHOOT = 0.15
 
 
+@dataclass
+class Choice:
+    """The recipe ranked best at the search's first target (``recipes`` mode), kept for every later step."""
+
+    recipe: str | None = None
+    candidates: list[dict] | None = None
+    test: dict | None = None
+
+
+def propose(lm: LatencyModel, graph: ChannelGraph, target_ms: float, *, cost, round_to: int, min_keep: float,
+            size_params: int | None, recipes: Mapping[str, Callable] | None, rank, choice: Choice) -> dict[str, int]:
+    """Propose step: the widths for ``target_ms``. The greedy on ``cost`` without recipes; with them,
+    every recipe proposes at the first target, ``rank`` scores them and :func:`choose` picks one
+    (recorded in ``choice``), whose recipe alone proposes after that."""
+    if recipes is None:
+        return greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
+    if choice.recipe is not None:
+        return recipes[choice.recipe](lm, target_ms)
+    proposals = {name: recipe(lm, target_ms) for name, recipe in recipes.items()}
+    unique: dict[tuple, str] = {}
+    for name, w in proposals.items():
+        unique.setdefault(tuple(sorted(w.items())), name)
+    scored = dict(rank({name: proposals[name] for name in unique.values()}))
+    correct = {name: scored[unique[tuple(sorted(w.items()))]] for name, w in proposals.items()}
+    choice.recipe, choice.test = choose(correct)
+    choice.candidates = [{"recipe": name, "score": float(correct[name].float().mean()), "predicted_ms": lm.predict(graph, w),
+                          "macs": sum(r.macs for r in graph.layer_shapes(w)), "widths": dict(w)} for name, w in proposals.items()]
+    test = choice.test
+    log.info("structured search: recipes ranked %s; chose %s%s", ", ".join(f"{c['recipe']} {c['score']:.3f}" for c in choice.candidates),
+             choice.recipe, f" (best {test['best']} vs {test['vs']}: p = {test['p_value']:.3g})" if test else "")
+    return proposals[choice.recipe]
+
+
+def measure_widths(model: nn.Module, lm: LatencyModel, graph: ChannelGraph, widths: Mapping[str, int], refs: Mapping[str, nn.Module], *,
+                   target: Target, input_shape: Sequence[int], runs: int, in_process: bool, budget_ms: float,
+                   budget_fraction: float | None, margin: float, floor_round_to: int, scores, iteration: int,
+                   target_ms: float) -> tuple[nn.Module, dict]:
+    """Measure step: prune ``model`` to ``widths`` and time it beside the dense and floor models in one
+    interleaved run; the readings join the latency model's samples. Returns (pruned model, iteration record)."""
+    example = torch.zeros(2, *input_shape)
+    pred = lm.predict(graph, widths)
+    pruned = prune_to_widths(model, widths, example=example, round_to=1, scores=scores)
+    # the dense and floor models are timed in the same interleaved run: a fraction is checked against that
+    # dense reading (a ratio measured side by side survives machine drift between runs; absolute ms do not),
+    # and both anchor the latency model's sample (pqd.structured.latency_model)
+    ms = measure_int8({"chosen": pruned} | dict(refs), target=target, input_shape=input_shape, runs=runs, in_process=in_process)
+    measured, run_dense, run_floor = ms["chosen"], ms["dense"], ms.get("floor")
+    run_budget = budget_ms if budget_fraction is None else budget_fraction * run_dense
+    pred_run = lm.predict_in_run(graph, widths, dense_ms=run_dense, floor_ms=run_floor)
+    lm.add(graph.widths(), run_dense, "search_dense", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_round_to)
+    goal = run_budget * (1 - margin)
+    record = {"iteration": iteration, "target_ms": target_ms, "predicted_ms": pred, "measured_ms": measured,
+              "dense_ms_same_run": run_dense, "budget_ms_same_run": run_budget, "met": measured <= run_budget,
+              "goal_ms_same_run": goal, "floor_ms_same_run": run_floor,
+              "predicted_ms_same_run": pred_run, "prediction_error_same_run": pred_run / measured - 1,
+              "widths": dict(widths), "prediction_error": pred / measured - 1}
+    log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms, dense %.3f ms in the same run)",
+             iteration, target_ms, pred, measured, run_budget, run_dense)
+    lm.add(widths, measured, "search", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_round_to)
+    return pruned, record
+
+
+def next_target(record: Mapping[str, Any], target_ms: float) -> tuple[float, str | None]:
+    """Next-target step after a measurement: (next target, None) to go on, or (target, why) to stop
+    ('' when the model landed within ``UNDERSHOOT`` under its goal). Too slow: tighten by the miss plus
+    2%; far under the goal (a prediction made in another machine state, or the widths step): loosen toward it."""
+    measured, goal = record["measured_ms"], record["goal_ms_same_run"]
+    if goal * (1 - UNDERSHOOT) <= measured <= goal:
+        return target_ms, ""
+    if measured > goal and record["predicted_ms"] > target_ms:  # every group is at its floor: tightening cannot change the widths
+        return target_ms, "every group at its floor (min_keep / round_to); the budget is below what channel pruning reaches"
+    return target_ms * goal / measured * 0.98, None
+
+
 def search(
     model: nn.Module,
     lm: LatencyModel,
@@ -228,26 +303,12 @@ def search(
     target_ms, iterations = budget_ms * (1 - margin), []
     chans = graph.widths()
     refs = reference_models(model, graph, example=example, round_to=floor_rt)
-    chosen, candidates, test, best, pruned_by_iteration = None, None, None, None, []
+    choice = Choice()
+    best, pruned_by_iteration = None, []
     for it in range(max_iters):
         lm.fit(graph)
-        if recipes is None:
-            widths = greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
-        elif chosen is None:  # rank every recipe once, at the first target; keep the winner's recipe after that
-            proposals = {name: recipe(lm, target_ms) for name, recipe in recipes.items()}
-            unique: dict[tuple, str] = {}
-            for name, w in proposals.items():
-                unique.setdefault(tuple(sorted(w.items())), name)
-            scored = dict(rank({name: proposals[name] for name in unique.values()}))
-            correct = {name: scored[unique[tuple(sorted(w.items()))]] for name, w in proposals.items()}
-            chosen, test = choose(correct)
-            candidates = [{"recipe": name, "score": float(correct[name].float().mean()), "predicted_ms": lm.predict(graph, w),
-                           "macs": sum(r.macs for r in graph.layer_shapes(w)), "widths": dict(w)} for name, w in proposals.items()]
-            log.info("structured search: recipes ranked %s; chose %s%s", ", ".join(f"{c['recipe']} {c['score']:.3f}" for c in candidates),
-                     chosen, f" (best {test['best']} vs {test['vs']}: p = {test['p_value']:.3g})" if test else "")
-            widths = proposals[chosen]
-        else:
-            widths = recipes[chosen](lm, target_ms)
+        widths = propose(lm, graph, target_ms, cost=cost, round_to=round_to, min_keep=min_keep, size_params=size_params,
+                         recipes=recipes, rank=rank, choice=choice)
         seen = next((i for i in iterations if i["widths"] == widths), None)
         if seen is not None:  # widths step: the corrected target gives widths already measured
             if seen["measured_ms"] <= seen["goal_ms_same_run"]:  # loosening came back to a model that met the goal
@@ -256,36 +317,19 @@ def search(
             # it missed: tighten below these widths' own prediction, so the next widths are new, without measuring again
             target_ms = min(target_ms * seen["goal_ms_same_run"] / seen["measured_ms"] * 0.98, lm.predict(graph, widths) * 0.99)
             continue
-        pred = lm.predict(graph, widths)
-        pruned = prune_to_widths(model, widths, example=example, round_to=1, scores=scores)
+        pruned, record = measure_widths(model, lm, graph, widths, refs, target=target, input_shape=input_shape, runs=runs,
+                                        in_process=in_process, budget_ms=budget_ms, budget_fraction=budget_fraction, margin=margin,
+                                        floor_round_to=floor_rt, scores=scores, iteration=it, target_ms=target_ms)
         pruned_by_iteration.append(pruned)
-        # the dense and floor models are timed in the same interleaved run: a fraction is checked against that
-        # dense reading (a ratio measured side by side survives machine drift between runs; absolute ms do not),
-        # and both anchor the latency model's sample (pqd.structured.latency_model)
-        ms = measure_int8({"chosen": pruned} | refs, target=target, input_shape=input_shape, runs=runs, in_process=in_process)
-        measured, run_dense, run_floor = ms["chosen"], ms["dense"], ms.get("floor")
-        run_budget = budget_ms if budget_fraction is None else budget_fraction * run_dense
-        pred_run = lm.predict_in_run(graph, widths, dense_ms=run_dense, floor_ms=run_floor)
-        lm.add(chans, run_dense, "search_dense", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_rt)
-        goal = run_budget * (1 - margin)
-        iterations.append({"iteration": it, "target_ms": target_ms, "predicted_ms": pred, "measured_ms": measured,
-                           "dense_ms_same_run": run_dense, "budget_ms_same_run": run_budget, "met": measured <= run_budget,
-                           "goal_ms_same_run": goal, "floor_ms_same_run": run_floor,
-                           "predicted_ms_same_run": pred_run, "prediction_error_same_run": pred_run / measured - 1,
-                           "widths": dict(widths), "prediction_error": pred / measured - 1})
-        log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms, dense %.3f ms in the same run)",
-                 it, target_ms, pred, measured, run_budget, run_dense)
-        lm.add(widths, measured, "search", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_rt)
+        iterations.append(record)
+        measured, goal = record["measured_ms"], record["goal_ms_same_run"]
         if measured <= goal and (best is None or measured / goal > best[0]):
             best = (measured / goal, len(iterations) - 1)
-        if goal * (1 - UNDERSHOOT) <= measured <= goal:
+        target_ms, stopped = next_target(record, target_ms)
+        if stopped is not None:
+            if stopped:
+                record["stopped"] = stopped
             break
-        if measured > goal and pred > target_ms:  # every group is at its floor: tightening the target cannot change the widths
-            iterations[-1]["stopped"] = "every group at its floor (min_keep / round_to); the budget is below what channel pruning reaches"
-            break
-        # too slow: tighten by the miss plus 2%; far under the goal (the prediction was made in another machine
-        # state, or the widths step): loosen toward it, keeping the best model that met the goal
-        target_ms = target_ms * goal / measured * 0.98
     if use_cache:
         save(lm, cache_dir)
     # the measured model nearest under the goal; the last one when none met it
@@ -301,7 +345,7 @@ def search(
         "dense_widths": chans, "keep_ratio": {g: widths[g] / chans[g] for g in chans},
         "macs": sum(r.macs for r in graph.layer_shapes(widths)), "dense_macs": sum(r.macs for r in graph.layers),
         "round_to": round_to, "criterion": "sensitivity" if sensitivity else "importance",
-        "recipe": chosen, "candidates": candidates, "choice_test": test if recipes is not None else None,
+        "recipe": choice.recipe, "candidates": choice.candidates, "choice_test": choice.test if recipes is not None else None,
         "latency_model": report(lm, graph),
     }
     return pruned, record
