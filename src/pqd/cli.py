@@ -10,6 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import pqd
 from pqd.errors import ConfigError, PqdError
 
 
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pqd: error: {exc}", file=sys.stderr)
             return 2
     parser = argparse.ArgumentParser(prog="pqd", description="Prune -> INT8 QAT -> Distill for CPU deployment, measured.")
+    parser.add_argument("--version", action="version", version=f"pqd {pqd.__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("analyze", help="per-group pruning and per-layer INT8 sensitivity table + plot (pqd analyze --help)")
     p_run = sub.add_parser("run", help="run (or resume) a compression pipeline from a YAML config")
