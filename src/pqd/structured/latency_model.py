@@ -55,6 +55,7 @@ from torch import nn
 
 from pqd.errors import ConfigError, ModelError, RuntimeCrash
 from pqd.isolate import run_isolated
+from pqd.measure.workers import runtime_name
 from pqd.qoptions import QuantOptions
 
 log = logging.getLogger("pqd.structured")
@@ -126,7 +127,6 @@ def export_int8(model: nn.Module, example: torch.Tensor, runtime: str, path: Pat
 
 
 RUNTIME_PROBE = "pqd._worker:probe"  # loads a worker spec's model and runs it once
-RUNTIME_LABELS = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -150,7 +150,7 @@ def check_runtime(model: nn.Module, *, target: Target, input_shape: Sequence[int
     """
     if target.runtime == "pytorch":
         return {}
-    name = RUNTIME_LABELS[target.runtime]
+    name = runtime_name(target.runtime)
     with tempfile.TemporaryDirectory(prefix="pqd_rtcheck_") as tmp:
         part = export_int8(model, torch.zeros(2, *input_shape), target.runtime, Path(tmp) / "dense", target=target)
         spec = part | {"threads": target.threads, "input_shape": list(input_shape), "batch_sizes": [target.batch], "seed": 0}
