@@ -195,7 +195,7 @@ def _bench_or_export(args) -> int:
     print(f"\nwritten: {rd.file(rd.BENCH_JSON)}, {rd.file(rd.BENCH_MD)}" + (f", {rd.METRICS}['bench']" if merged else ""))
     for k, v in (result.get("failed") or {}).items():
         print(f"FAILED {k}: {v}", file=sys.stderr)
-    return 0
+    return 2 if result.get("failed") else 0  # the rule of export too: results written, exit 2 when a runtime failed
 
 
 def main(argv: list[str] | None = None) -> int:
