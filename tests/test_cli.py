@@ -19,6 +19,18 @@ def test_models_and_config_commands(capsys, tmp_path):
     assert yaml.safe_load(capsys.readouterr().out)["prune"]["sparsity"] == 0.8
 
 
+def test_version_is_defined_once_and_printed(capsys):
+    import importlib.metadata
+
+    import pqd
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pqd {pqd.__version__}"
+    assert importlib.metadata.version("pqd") == pqd.__version__
+
+
 def test_bad_config_is_a_clear_error_not_a_traceback(capsys, tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("prune: {sparsity: 1.5}\n")

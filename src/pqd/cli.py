@@ -10,6 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import pqd
 from pqd.config import MEASURE
 from pqd.errors import ConfigError, PqdError
 
@@ -197,7 +198,7 @@ def _bench_or_export(args) -> int:
     print(f"\nwritten: {rd.file(rd.BENCH_JSON)}, {rd.file(rd.BENCH_MD)}" + (f", {rd.METRICS}['bench']" if merged else ""))
     for k, v in (result.get("failed") or {}).items():
         print(f"FAILED {k}: {v}", file=sys.stderr)
-    return 0
+    return 2 if result.get("failed") else 0  # the rule of export too: results written, exit 2 when a runtime failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pqd: error: {exc}", file=sys.stderr)
             return 2
     parser = argparse.ArgumentParser(prog="pqd", description="Prune -> INT8 QAT -> Distill for CPU deployment, measured.")
+    parser.add_argument("--version", action="version", version=f"pqd {pqd.__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("analyze", help="per-group pruning and per-layer INT8 sensitivity table + plot (pqd analyze --help)")
     p_run = sub.add_parser("run", help="run (or resume) a compression pipeline from a YAML config")

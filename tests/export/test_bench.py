@@ -90,3 +90,49 @@ def test_cli_bench(int8_run, capsys, tmp_path):
     assert "pqd: error:" in err and "not a pqd run directory" in err and "Traceback" not in err
     assert main(["bench", str(int8_run), "--runtimes", "tensorrt", "--quiet"]) == 2
     assert "unknown runtime" in capsys.readouterr().err
+
+
+def test_cli_bench_times_pytorch_when_the_onnx_export_fails_and_exits_2(int8_run, capsys, monkeypatch):
+    import json
+
+    import torch
+
+    report = ("Failed to export the model with torch.export. This is step 1/3 of exporting the model to ONNX.\n"
+              "## Exception summary\n\n\x1b[31m<class 'torch._dynamo.exc.Unsupported'>: data-dependent branch in Gate.forward\x1b[0m\n"
+              + "".join(f"  dump line {i}\n" for i in range(150)))
+
+    def failing_export(*a, **k):
+        raise RuntimeError(report)
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    args = ["bench", str(int8_run), "--threads", "1", "--batch-sizes", "1", "--runs", "2", "--warmup", "0",
+            "--no-rss", "--runtimes", "pytorch,onnxruntime", "--force-export", "--quiet"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "pytorch_int8" in captured.out and "pytorch_fp32_eager" in captured.out
+    failed = [ln for ln in captured.err.splitlines() if ln.startswith("FAILED onnxruntime")]
+    assert len(failed) == 1 and "<class 'torch._dynamo.exc.Unsupported'>: data-dependent branch in Gate.forward" in failed[0]
+    assert "\x1b" not in captured.err and "dump line" not in captured.err
+    result = json.loads((int8_run / "bench.json").read_text())
+    assert {r["model"] for r in result["latency"]} == {"pytorch_fp32_eager", "pytorch_int8"}
+    assert "dump line 149" in result["failed_detail"]["onnx_export"]
+
+
+def test_cli_export_writes_its_files_and_exits_2_when_one_runtime_check_crashes(int8_run, capsys, monkeypatch):
+    """The same exit rule as bench: results written and printed, FAILED on stderr, exit 2."""
+    import pqd.safety.isolate
+    from pqd.errors import RuntimeCrash
+
+    real = pqd.safety.isolate.run_isolated
+
+    def ov_crashes(target, args=None, **kw):
+        if kw.get("runtime") == "openvino":
+            raise RuntimeCrash("runtime openvino / model 'resnet18' crashed with SIGSEGV (exit status -11): a native crash")
+        return real(target, args, **kw)
+
+    monkeypatch.setattr(pqd.safety.isolate, "run_isolated", ov_crashes)
+    assert main(["export", str(int8_run), "--force", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "onnxruntime_int8:" in captured.out and "agreement" in captured.out
+    assert "FAILED openvino_int8: runtime openvino" in captured.err and "SIGSEGV" in captured.err
+    assert (int8_run / "model_int8.onnx").is_file() and (int8_run / "teacher_fp32.onnx").is_file()

@@ -73,3 +73,34 @@ def test_a_worker_that_cannot_load_names_the_variant_and_the_cause(tmp_path):
     with pytest.raises(WorkerError, match="unknown worker kind 'tensorrt'"):
         with start_workers({"bad": BASE | {"kind": "tensorrt"}}):
             pass
+
+
+@pytest.fixture
+def segv_python(tmp_path, monkeypatch):
+    """Workers start through a stand-in interpreter that dies by SIGSEGV unless the spec asks for a
+    dynamic batch (as OpenVINO 2026.4 does compiling some INT8 models at a static batch)."""
+    import sys
+
+    script = tmp_path / "python-standin"
+    script.write_text(f"#!/bin/sh\ncase \"$*\" in *'\"dynamic_batch\": true'*) exec {sys.executable} \"$@\";; esac\nkill -SEGV $$\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(script))
+
+
+def test_a_native_crash_names_the_runtime_the_signal_and_what_to_do(tiny_onnx, segv_python):
+    with pytest.raises(WorkerError) as err:
+        with start_workers({"s0": BASE | {"kind": "onnxruntime", "path": str(tiny_onnx)}}):
+            pass
+    msg = str(err.value)
+    assert "'s0'" in msg and "ONNX Runtime" in msg and "relu.onnx" in msg and "SIGSEGV" in msg and "exit status -11" in msg
+    assert "structured.runtime: onnxruntime" in msg and "not in pqd" in msg
+    assert err.value.signal == "SIGSEGV"
+
+
+def test_openvino_crashing_at_a_static_batch_is_timed_with_a_dynamic_batch(tiny_onnx, segv_python, caplog):
+    pytest.importorskip("openvino")
+    with start_workers({"s0": BASE | {"kind": "openvino", "path": str(tiny_onnx)}}) as ws:
+        assert ws["s0"].info["settings"]["batch_shape"] == "dynamic"
+        for bs in (1, 2):
+            ws["s0"].warmup(bs, 2)
+    assert any("SIGSEGV" in r.getMessage() and "dynamic batch" in r.getMessage() for r in caplog.records)

@@ -28,7 +28,7 @@ def _config(factory: str, stages: str = "P:1,Q:1,D:1", teacher_epochs: int = 6) 
     [
         ("mobilenet", []),  # depthwise-separable convs, ReLU6
         ("densenet", []),  # torch.cat skips
-        ("functional", ["flatten"]),  # F.relu / F.hardswish / x.relu(); Tensor.flatten has no x86 pattern
+        ("functional", []),  # F.relu / F.hardswish / x.relu(); Tensor.flatten keeps the quantized tensor
         ("float_layers", ["act", "silu"]),  # nn.GELU and F.silu stay float; LayerNorm is quantized
     ],
 )

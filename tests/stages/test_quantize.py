@@ -102,3 +102,70 @@ def test_builtin_models_quantize_completely(name):
     m = prepare(create_model(name, width=0.125), torch.zeros(2, 3, 32, 32), mode="ptq")
     m(torch.randn(4, 3, 32, 32))
     assert float_modules(convert_student(Student(m, form="ptq"))) == []
+
+
+class _Gate(torch.nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:  # data-dependent control flow
+            return x * 2
+        return x
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gate, self.fc = torch.nn.Conv2d(3, 4, 3), _Gate(), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.conv(x)).mean((2, 3)))
+
+
+def test_prepare_qat_and_ptq_take_leaf_modules_and_the_error_names_the_keyword_and_the_yaml_key():
+    from pqd.compress.qat import prepare_ptq, prepare_qat
+
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ModelError) as err:
+        prepare_qat(_Gated(), x)
+    assert "leaf_modules=['<its path>']" in str(err.value) and "quantize.leaf_modules:" in str(err.value)
+    assert "gate" in str(err.value)
+    assert prepare_qat(_Gated(), x, leaf_modules=["gate"])(x).shape == (2, 4)
+    assert prepare_ptq(_Gated(), x, leaf_modules=["gate"])(x).shape == (2, 4)
+
+
+class _Flattens(torch.nn.Module):
+    """The flatten spellings users write: nn.Flatten, Tensor.flatten, torch.flatten, view, reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu = torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()
+        self.pool, self.flat = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.pool(self.relu(self.conv(x)))
+        return (self.fc1(self.flat(y)) + self.fc2(y.flatten(1)) + self.fc3(torch.flatten(y, 1))
+                + self.fc1(y.view(y.size(0), -1)) + self.fc2(y.reshape(-1, 8)))
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_flatten_keeps_the_tensor_quantized(mode):
+    from pqd.compress.qat import calibrate, float_modules, freeze, prepare
+    from pqd.compress.qat import convert as convert_model
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    prepared = prepare(_Flattens(), x, mode=mode)
+    calibrate(prepared, [x])
+    if mode == "qat":
+        freeze(prepared.eval())
+    int8 = convert_model(prepared)
+    assert float_modules(int8) == []
+    for node in int8.graph.nodes:
+        if node.op == "call_method" and node.target == "dequantize":
+            # the only dequantize left hands the float logits to the caller
+            assert [u.op for u in node.users] == ["output"], node.format_node()
+    flat = [n for n in int8.graph.nodes if n.target in ("flatten", "flat")]
+    assert len(flat) == 2 and all(u.target is not torch.quantize_per_tensor for n in flat for u in n.users)
+    with torch.no_grad():
+        assert torch.allclose(int8(x), prepared.eval()(x), atol=0.1)
+        assert torch.equal(to_torchscript(int8, x)(x), int8(x))

@@ -53,3 +53,34 @@ class Plain(nn.Module):
 
     def forward(self, x):
         return self.fc(self.features(x).mean((2, 3)))
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt-style: depthwise conv, pointwise MLP and a per-channel layer-scale ``gamma`` (a bare parameter)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.pw1, self.pw2 = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, c, 1)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma.view(1, -1, 1, 1) * self.pw2(torch.relu(self.pw1(self.bn(self.dw(x)))))
+
+
+class LayerScaleNet(nn.Module):
+    """A stem, two layer-scale blocks and a linear head."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(LayerScaleBlock(16), LayerScaleBlock(16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def layer_scale(num_classes: int = 10) -> nn.Module:
+    return LayerScaleNet(num_classes)

@@ -102,3 +102,37 @@ def test_stage_with_adapted_bn_selection_records_the_ranked_recipes(tiny_data, t
     else:
         assert next(c for c in rec["candidates"] if c["recipe"] == rec["recipe"])["score"] == best
     assert ChannelGraph(out.model, torch.zeros(2, 3, 16, 16)).widths() == rec["widths"]
+
+
+def test_stage_quantizes_its_latency_models_with_the_runs_quantize_settings(tiny_data, tmp_path, monkeypatch):
+    """A model the quantize stage accepts only with quantize.leaf_modules (data-dependent control
+    flow): the S stage's INT8 latency measurements use the same leaf modules and weight options."""
+    import pqd.structured.latency_model as L
+    import pqd.structured.search as S
+    from pqd.config import QuantizeConfig
+
+    import pqd_user_models as um
+
+    torch.manual_seed(0)
+    model = um.Untraceable(num_classes=4)
+    cfg = StructuredConfig(budget_fraction=0.9, runtime="pytorch", threads=1, samples=3, runs=5, max_iters=2, cache_dir=str(tmp_path))
+    quant = QuantizeConfig(leaf_modules=("gate",), granularity="per_tensor")
+    ctx = StageContext(data=tiny_data, teacher=None, config=RunConfig(structured=cfg, quantize=quant),
+                       train_config=TrainConfig(batch_size=32, progress=False), seed=0, augment=False, device=torch.device("cpu"))
+    seen = []
+    real = L.export_int8
+
+    def spy(*a, **k):
+        seen.append(k.get("target"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(L, "export_int8", spy)
+    real_measure = L.measure_int8
+    in_process = lambda *a, **k: real_measure(*a, **{**k, "in_process": True})  # noqa: E731
+    monkeypatch.setattr(L, "measure_int8", in_process)
+    monkeypatch.setattr(S, "measure_int8", in_process)
+    out = STAGE.run(Student(model), ctx, epochs=0, checkpoint=None, index=0)
+    assert out.model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
+    assert seen and all(t.leaf_modules == ("gate",) and t.options.granularity == "per_tensor" for t in seen)
+    assert out.records["1_structured"]["latency_model"]["target"]["quantization"] == {"weights": "per_tensor/symmetric",
+                                                                                       "leaf_modules": ["gate"]}

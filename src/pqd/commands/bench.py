@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pqd.config import MEASURE
-from pqd.errors import ConfigError, PqdError
+from pqd.errors import ConfigError, ModelError, PqdError
 
 log = logging.getLogger("pqd.bench")
 
@@ -177,10 +177,17 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
     out = Path(run_dir)
     wanted, skipped = _resolve_runtimes(runtimes)
     run = load_run(out, allow_code=allow_code)
-    export = None
-    if "onnxruntime" in wanted or "openvino" in wanted:
-        export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted, allow_code=allow_code,
-                            runtimes=[r for r in wanted if r in ("onnxruntime", "openvino")])
+    export, export_failed, failed_detail = None, {}, {}
+    onnx_runtimes = [r for r in wanted if r in ("onnxruntime", "openvino")]
+    if onnx_runtimes:
+        try:
+            export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted, allow_code=allow_code,
+                                runtimes=onnx_runtimes)
+        except ModelError as exc:  # the ONNX runtimes cannot be timed; PyTorch still is
+            log.error("bench: %s not timed: %s", " and ".join(onnx_runtimes), exc)
+            export_failed = {rt: f"not timed: {exc}" for rt in onnx_runtimes}
+            failed_detail = {"onnx_export": getattr(exc, "detail", str(exc))}
+            wanted = [r for r in wanted if r not in onnx_runtimes]
     variants = _variants(run, out, wanted, batch_sizes, seed)
     for v in variants:
         if v.spec.get("kind") == "eager_student":
@@ -237,7 +244,8 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
                      "peak_rss": "VmHWM of each variant's worker process after all its timed calls at the largest thread count" if rss else None},
         "variants": settings,
         "skipped": skipped | ((export or {}).get("skipped") or {}),
-        "failed": failed | ((export or {}).get("failed") or {}),
+        "failed": failed | export_failed | ((export or {}).get("failed") or {}),
+        "failed_detail": failed_detail,
         "latency": records,
         "proxies": prox,
         "peak_rss_mb": rss_rec,

@@ -30,7 +30,7 @@ from pqd.compress.sparsity import as_masks
 from pqd.errors import ModelError
 
 __all__ = [
-    "BACKEND", "calibrate", "convert", "float_modules", "freeze", "fx_modules", "model_device", "prepare",
+    "BACKEND", "backend_config", "calibrate", "convert", "float_modules", "freeze", "fx_modules", "model_device", "prepare",
     "prepare_ptq", "prepare_qat", "qconfig_mapping", "to_torchscript", "unfreeze",
 ]
 
@@ -92,6 +92,26 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     return mapping.set_global(tq.QConfig(activation=act, weight=weight))
 
 
+def backend_config():
+    """PyTorch's x86 backend config, plus ``nn.Flatten`` and ``Tensor.flatten`` as shape ops.
+
+    x86 already lets ``torch.flatten``, ``view`` and ``reshape`` pass a quantized tensor through
+    (the output shares its input's scale and zero point); the module and method spellings of the
+    same flatten are missing, so FX would wrap them in a dequantize/quantize pair and run them in
+    float. Every prepare and convert of pqd uses this config.
+    """
+    from torch.ao.quantization.backend_config import BackendPatternConfig
+    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+
+    fx_modules()  # imports the backend_config package whole (its utils module)
+    config = get_x86_backend_config()
+    shape_op = next(c for c in config.configs if c.pattern == "reshape")
+    for pattern in (nn.Flatten, "flatten"):
+        config.set_backend_pattern_config(
+            BackendPatternConfig(pattern).set_observation_type(shape_op.observation_type).set_dtype_configs(shape_op.dtype_configs))
+    return config
+
+
 def _leaf_config(leaf_modules: Sequence[str]):
     """FX PrepareCustomConfig marking ``leaf_modules`` untraceable (kept whole, left FP32):
     entries 'package.module:Class' name classes (imported), others submodule paths ('layer3.0')."""
@@ -131,34 +151,42 @@ def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduc
     custom = _leaf_config(leaf_modules)
     device = model_device(model)
     mapping = qconfig_mapping(mode, reduce_range=reduce_range, options=options)
+    backend = backend_config()
     if not inplace:
         model = copy.deepcopy(model)  # FX fusion shares parameters with its input: keep the caller's model intact
     example = example.to(device)
     try:
         if mode == "qat":
-            prepared = qfx.prepare_qat_fx(model.train(), mapping, (example,), prepare_custom_config=custom)
+            prepared = qfx.prepare_qat_fx(model.train(), mapping, (example,), prepare_custom_config=custom,
+                                          backend_config=backend)
         else:
-            prepared = qfx.prepare_fx(model.eval(), mapping, (example,), prepare_custom_config=custom)
+            prepared = qfx.prepare_fx(model.eval(), mapping, (example,), prepare_custom_config=custom,
+                                      backend_config=backend)
     except Exception as exc:  # torch.fx raises many types for untraceable code
         culprit = _untraceable_submodule(model)
         where = f" The first module that cannot be traced on its own is {culprit[0]!r} ({culprit[1]})." if culprit else ""
         raise ModelError(
             f"cannot quantize {type(model).__name__}: torch.fx could not trace it ({type(exc).__name__}: {str(exc)[:300]}).{where} "
             "Make forward() free of data-dependent Python control flow, or keep the offending submodule whole (it stays FP32): "
-            "quantize.leaf_modules: ['<its path>'] or ['package.module:Class'] (--set 'quantize.leaf_modules=[...]')."
+            "in Python pass leaf_modules=['<its path>'] or ['package.module:Class'] to prepare/prepare_qat/prepare_ptq; "
+            "in a run config set quantize.leaf_modules: [...] (--set 'quantize.leaf_modules=[...]')."
         ) from None
     # FX creates the observers / fake-quant modules it inserts on the CPU: bring them to the model.
     return prepared.to(device)
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False, inplace: bool = False) -> nn.Module:
-    """A trainable fake-quant copy of ``model`` on the same device (observers on); see :func:`prepare`."""
-    return prepare(model, example, mode="qat", reduce_range=reduce_range, inplace=inplace)
+def prepare_qat(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False, inplace: bool = False,
+                leaf_modules: Sequence[str] = ()) -> nn.Module:
+    """A trainable fake-quant copy of ``model`` on the same device (observers on); see :func:`prepare`
+    (``leaf_modules``: submodules kept whole and FP32, as ``quantize.leaf_modules`` in a run config)."""
+    return prepare(model, example, mode="qat", reduce_range=reduce_range, inplace=inplace, leaf_modules=leaf_modules)
 
 
-def prepare_ptq(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False) -> nn.Module:
-    """An observer copy of ``model`` on the same device, to :func:`calibrate` then :func:`convert`."""
-    return prepare(model, example, mode="ptq", reduce_range=reduce_range)
+def prepare_ptq(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False,
+                leaf_modules: Sequence[str] = ()) -> nn.Module:
+    """An observer copy of ``model`` on the same device, to :func:`calibrate` then :func:`convert`
+    (``leaf_modules`` as in :func:`prepare_qat`)."""
+    return prepare(model, example, mode="ptq", reduce_range=reduce_range, leaf_modules=leaf_modules)
 
 
 def _untraceable_submodule(model: nn.Module) -> tuple[str, str] | None:
@@ -224,7 +252,36 @@ def convert(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | None = None
     copy_ = copy.deepcopy(model).cpu().eval()
     if masks:
         as_masks(copy_, {k: v.cpu() for k, v in masks.items()}).apply()
-    return qfx.convert_fx(copy_)
+    return _flatten_quantized(qfx.convert_fx(copy_, backend_config=backend_config()))
+
+
+def _flatten_quantized(int8_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Run ``nn.Flatten`` / ``Tensor.flatten`` on the quantized tensor.
+
+    :func:`backend_config` makes their output share the input's scale and zero point, but FX's
+    lowering knows only ``torch.flatten`` as a pass-through op and leaves the others as
+    ``dequantize -> flatten -> quantize`` with those same qparams: a float round trip that
+    changes no value. Flatten takes a quantized tensor as it is, so the pair is dropped.
+    """
+    modules = dict(int8_model.named_modules())
+    graph, changed = int8_model.graph, False
+    for node in list(graph.nodes):
+        flat = ((node.op == "call_method" and node.target == "flatten")
+                or (node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten)))
+        if not flat or not node.args:
+            continue
+        source, users = node.args[0], list(node.users)
+        if not (isinstance(source, torch.fx.Node) and source.target in _DEQUANTIZE and len(users) == 1
+                and users[0].target is torch.quantize_per_tensor):
+            continue
+        node.replace_input_with(source, source.args[0])
+        users[0].replace_all_uses_with(node)
+        graph.erase_node(users[0])
+        changed = True
+    if changed:
+        graph.eliminate_dead_code()
+        int8_model.recompile()
+    return int8_model
 
 
 def _is_fake_quant_or_observer(m: nn.Module) -> bool:

@@ -24,6 +24,7 @@ import copy
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +38,8 @@ from pqd.data import batches
 from pqd.deploy.runtimes import require
 from pqd.errors import ModelError
 from pqd.train.loop import apply_masks
+
+log = logging.getLogger("pqd.export")
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -148,6 +151,20 @@ def fold_weights(model) -> int:
     return folded
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def first_useful_line(text: str, limit: int = 300) -> str:
+    """The line of an exporter's error that says what failed: torch.export's long reports start with
+    boilerplate ('Failed to export the model with torch.export. This is step 1/3 ...') and headings,
+    and name the exception under '## Exception summary' as "<class '...'>: message"."""
+    lines = [ln.strip() for ln in ANSI.sub("", text).splitlines() if ln.strip()]
+    summary = [ln for ln in lines if ln.startswith("<class '")]
+    plain = [ln for ln in lines if not ln.startswith(("#", "Failed to export the model with torch.export"))]
+    line = (summary or plain or lines or ["no message"])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, str] | None = None,
                 fold: bool = True) -> dict:
     """Export ``model`` (FP32 or FX reference INT8) to ONNX with a dynamic batch dimension.
@@ -165,7 +182,11 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
             prog = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                      dynamic_shapes=({0: batch},), optimize=True, verbose=False)
     except Exception as exc:  # the exporter raises many types
-        raise ModelError(f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}): {str(exc)[:600]}") from None
+        detail = ANSI.sub("", str(exc))
+        log.debug("ONNX export of %s failed; the exporter's full message:\n%s", type(model).__name__, detail)
+        err = ModelError(f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}): {first_useful_line(detail)}")
+        err.detail = detail
+        raise err from None
     proto = prog.model_proto
     folded = fold_weights(proto) if fold else 0
     for n in proto.graph.node:  # the exporter's per-node provenance (stack traces...) doubles a small file

@@ -82,24 +82,33 @@ class OpenVinoRunner:
 
     runtime = "openvino"
 
-    def __init__(self, path: str | Path, *, threads: int, batch_sizes: Iterable[int] = (), precision: str = OPENVINO_PRECISION):
+    def __init__(self, path: str | Path, *, threads: int, batch_sizes: Iterable[int] = (), precision: str = OPENVINO_PRECISION,
+                 dynamic_batch: bool = False):
         ov = require("openvino")
         self._ov, self.path, self.core = ov, str(path), ov.Core()
+        self.dynamic_batch, self._compiled = dynamic_batch, None
         self.config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
                        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
         self._requests: dict[tuple, Any] = {}
         self.settings = {"runtime": "openvino", "version": ov.get_version(), "file": Path(path).name, "device": "CPU",
-                         "config": {k: str(v) for k, v in self.config.items()}}
+                         "config": {k: str(v) for k, v in self.config.items()},
+                         "batch_shape": "dynamic" if dynamic_batch else "static"}
         for bs in batch_sizes:
             self._request((bs,))
 
     def _request(self, key: tuple):
         req = self._requests.get(key)
         if req is None:
-            model = self.core.read_model(self.path)
-            shape = list(model.inputs[0].get_partial_shape())
-            model.reshape({model.inputs[0]: [key[0], *[d.get_length() for d in shape[1:]]]})
-            compiled = self.core.compile_model(model, "CPU", self.config)
+            compiled = self._compiled
+            if compiled is None:
+                model = self.core.read_model(self.path)
+                shape = list(model.inputs[0].get_partial_shape())
+                # static: one compilation per batch size (what a deployment with a fixed batch does); dynamic:
+                # one compilation for every batch, the fallback for models whose static compile crashes
+                model.reshape({model.inputs[0]: [-1 if self.dynamic_batch else key[0], *[d.get_length() for d in shape[1:]]]})
+                compiled = self.core.compile_model(model, "CPU", self.config)
+                if self.dynamic_batch:
+                    self._compiled = compiled
             req = self._requests[key] = compiled.create_infer_request()
             if "inference_precision_hint" not in self.settings:
                 hint = compiled.get_property("INFERENCE_PRECISION_HINT")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,10 +17,24 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from pqd.errors import PqdError
+from pqd.safety.isolate import signal_name
+
+log = logging.getLogger("pqd.measure")
 
 
 class WorkerError(PqdError):
-    """A benchmark worker failed to load its variant or died while timing it."""
+    """A benchmark worker failed to load its variant or died while timing it (``signal``: the
+    signal that killed it, e.g. 'SIGSEGV', or None)."""
+
+    signal: str | None = None
+
+
+RUNTIME_NAMES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+
+
+def runtime_name(kind: str) -> str:
+    """The runtime a worker ``kind`` runs, for messages ('OpenVINO', 'ONNX Runtime', 'PyTorch')."""
+    return RUNTIME_NAMES.get(kind, "PyTorch")
 
 
 def _import_path(src_root: str) -> list[str]:
@@ -52,8 +67,19 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=self.timeout)
-            tail = (self.proc.stderr.read() or "").strip().splitlines()[-5:]
-            raise WorkerError(f"bench worker for {self.name!r} exited (code {self.proc.returncode}): " + " | ".join(tail))
+            tail = [t for t in (self.proc.stderr.read() or "").strip().splitlines() if t.strip()][-5:]
+            rc, rt = self.proc.returncode, runtime_name(self.spec.get("kind", ""))
+            sig = signal_name(rc)
+            what = f"bench worker for {self.name!r} (runtime {rt}{', file ' + Path(self.spec['path']).name if self.spec.get('path') else ''})"
+            if sig:
+                msg = (f"{what} crashed with {sig} (exit status {rc}) {'while loading' if not self.info else 'while timing'}: "
+                       f"a native crash in {rt}, not in pqd. Measure on another runtime (structured.runtime: onnxruntime "
+                       "or pytorch; pqd bench --runtimes), or report the model to the runtime's developers")
+            else:
+                msg = f"{what} exited with status {rc} without answering"
+            err = WorkerError(msg + (f"; its last stderr lines: {' | '.join(tail)}" if tail else ""))
+            err.signal = sig
+            raise err
         msg = json.loads(line)
         if "error" in msg:
             raise WorkerError(f"bench worker for {self.name!r}: {msg['error']}")
@@ -100,8 +126,19 @@ def start_workers(specs: Mapping[str, dict]) -> Iterator[dict[str, Worker]]:
     try:
         for name, spec in specs.items():
             workers[name] = Worker(name, spec)
-        for w in workers.values():
-            w.wait_ready()
+        for name, w in list(workers.items()):
+            try:
+                w.wait_ready()
+            except WorkerError as exc:
+                if not (exc.signal and w.spec.get("kind") == "openvino" and not w.spec.get("dynamic_batch")):
+                    raise
+                # OpenVINO crashes compiling some INT8 models at a static batch that it compiles with a
+                # dynamic one: the crash killed only that worker, so load the model again with a dynamic batch
+                log.warning("OpenVINO crashed (%s) compiling %r at a static batch; timing it with a dynamic batch instead",
+                            exc.signal, name)
+                w.close()
+                workers[name] = Worker(name, dict(w.spec, dynamic_batch=True))
+                workers[name].wait_ready()
         yield workers
     finally:
         for w in workers.values():

@@ -144,18 +144,28 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _state_mismatch(path: Path, model: nn.Module, state: Mapping[str, Any], exc: BaseException) -> str:
-    """A short summary of a state_dict that does not fit (not torch's key list of many KB)."""
-    have, want = set(state), set(model.state_dict())
+    """A short summary of a state_dict that does not fit (not torch's key list of many KB), with its cause."""
+    built = model.state_dict()
+    have, want = set(state), set(built)
     missing, unexpected = sorted(want - have), sorted(have - want)
+    shapes = [f"{k} saved {tuple(state[k].shape)} vs built {tuple(built[k].shape)}" for k in sorted(have & want)
+              if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(built[k].shape)]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:5])}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:5])}")
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) of another shape, e.g. {'; '.join(shapes[:3])}")
     if not parts:
         parts.append(str(exc).splitlines()[0][:300] if str(exc) else "shapes differ")
-    return (f"checkpoint {str(path)!r} does not fit this stage's model ({'; '.join(parts)}); it may come from another "
-            "stage or run: delete it to recompute")
+    if missing or unexpected:
+        cause = ("the file holds another model's tensors: check that config.yaml's model (name, width, leaf modules) "
+                 "is the one this run trained")
+    else:
+        cause = ("the file has this model's tensors but pqd could not rebuild their shapes; the file is intact: "
+                 "check that config.yaml's model is the one this run trained, and report the model if it is")
+    return f"checkpoint {str(path)!r} does not fit this stage's model ({'; '.join(parts)}): {cause}"
 
 
 class RunDir:

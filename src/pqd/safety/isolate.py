@@ -36,12 +36,13 @@ from typing import Any
 import pqd.errors as errors
 from pqd.errors import PqdError, RuntimeCrash
 
-__all__ = ["run_isolated", "isolate_each"]
+__all__ = ["isolate_each", "run_isolated", "signal_name"]
 
 _STDERR_LINES = 15
 
 
-def _signal_name(rc: int) -> str | None:
+def signal_name(rc: int) -> str | None:
+    """'SIGSEGV' etc. for a process's exit status (negative: killed by that signal; 129-159 via a shell), else None."""
     num = -rc if rc < 0 else rc - 128 if 128 < rc < 160 else None  # exit 139 via a shell = 128 + SIGSEGV
     if num is None:
         return None
@@ -126,7 +127,7 @@ def run_isolated(
         except (OSError, ValueError):
             record = None
     if record is None:
-        sig = _signal_name(rc)
+        sig = signal_name(rc)
         how = f"crashed with {sig} (exit status {rc})" if sig else f"exited with status {rc} without a result"
         raise _crash(f"{label} {how}: a native crash in that runtime, not in pqd; the other checks go on",
                      returncode=rc, sig=sig, timed_out=False, stderr=stderr or "")

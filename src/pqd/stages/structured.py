@@ -19,13 +19,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from pqd.compress.channels.graph import MIN_KEEP, ROUND_TO
 from pqd.compress.kd import KDLoss, distillation_loss
+from pqd.compress.qoptions import quant_options
 from pqd.compress.student import Student
 from pqd.config import Section
 from pqd.errors import ConfigError, ModelError
@@ -124,13 +125,29 @@ def _with_record(student: Student, model, key: str, record: dict) -> Student:
     return Student(model, {}, student.form, student.freeze_fraction, records={**student.records, key: record})
 
 
+def deployment_target(cfg, quantize_config=None):
+    """The :class:`~pqd.structured.latency_model.Target` of a ``structured`` config section, quantized
+    as ``quantize_config`` (:class:`pqd.stages.quantize.QuantizeConfig`; default: pqd's defaults) says."""
+    from pqd.structured.latency_model import Target
+
+    target = Target(cfg.runtime, cfg.batch, cfg.threads)
+    if quantize_config is None:
+        return target
+    return replace(target, reduce_range=quantize_config.reduce_range, options=quant_options(quantize_config),
+                   leaf_modules=tuple(quantize_config.leaf_modules))
+
+
 def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
                      augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None,
-                     tracker=None) -> tuple[Student, dict]:
-    """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record)."""
+                     tracker=None, quantize_config=None) -> tuple[Student, dict]:
+    """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record).
+
+    ``quantize_config`` (:class:`pqd.stages.quantize.QuantizeConfig`): how the later quantize stage will
+    quantize the model (leaf modules, weight options, activation range); the latency model
+    measures INT8 models quantized the same way (default: pqd's defaults)."""
     from pqd.compress.channels.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
     from pqd.compress.channels.importance import group_scores
-    from pqd.structured.latency_model import Target, build
+    from pqd.structured.latency_model import build
     from pqd.structured.search import search
     from pqd.train.loop import train
 
@@ -150,7 +167,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
         pruned = prune_to_widths(model, record["widths"], example=example, round_to=1, scores=scores, ignore=cfg.ignore)
         log.info("structured: resumed widths from %s", state)
     else:
-        target = Target(cfg.runtime, cfg.batch, cfg.threads)
+        target = deployment_target(cfg, quantize_config)
         lm = build(model, graph, target=target, input_shape=input_shape, samples=cfg.samples, runs=cfg.runs,
                    round_to=cfg.round_to, min_keep=cfg.min_keep, cache_dir=cfg.cache_dir, seed=seed)
         sens = None
@@ -202,10 +219,18 @@ class StructuredStage(Stage):
     name, letter, section, config_class = "structured", "S", "structured", StructuredConfig
     structural = True
 
+    def preflight(self, model, config, example: torch.Tensor) -> None:
+        """The target runtime loads and runs the model's INT8 form (raises ModelError otherwise)."""
+        from pqd.structured.latency_model import check_runtime
+
+        check_runtime(copy.deepcopy(model).cpu().eval(), target=deployment_target(config.structured, config.quantize),
+                      input_shape=tuple(example.shape[1:]))
+
     def run(self, student: Student, section_config: StructuredConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
         out, record = structured_prune(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                                        checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
-                                       teacher=ctx.teacher, distill_config=ctx.config.distill, tracker=ctx.tracker)
+                                       teacher=ctx.teacher, distill_config=ctx.config.distill, tracker=ctx.tracker,
+                                       quantize_config=ctx.config.quantize)
         return _with_record(student, out.model, f"{ctx.index + 1}_{self.name}", record)
 
 

@@ -43,8 +43,9 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -54,9 +55,12 @@ from torch import nn
 
 from pqd.compress.channels.graph import MIN_KEEP, ROUND_TO
 from pqd.compress.qat import convert, prepare, to_torchscript
+from pqd.compress.qoptions import QuantOptions
 from pqd.compress.student import Student
 from pqd.deploy.onnx import export_onnx, reference_int8
-from pqd.errors import ConfigError, ModelError
+from pqd.errors import ConfigError, ModelError, RuntimeCrash
+from pqd.measure.workers import runtime_name
+from pqd.safety.isolate import run_isolated
 
 log = logging.getLogger("pqd.structured")
 
@@ -68,11 +72,27 @@ CACHE_SCHEMA = 1
 
 @dataclass(frozen=True)
 class Target:
-    """Where the model is deployed: runtime, batch size, threads."""
+    """Where the model is deployed: runtime, batch size, threads, and how it is quantized
+    (the run's ``quantize`` settings: activation range, weight options, FP32 leaf modules)."""
 
     runtime: str = "openvino"
     batch: int = 1
     threads: int = 2
+    reduce_range: bool = False
+    options: QuantOptions = QuantOptions()
+    leaf_modules: tuple[str, ...] = ()
+
+    @property
+    def quantization(self) -> dict:
+        """The non-default quantize settings (empty for pqd's defaults), for cache keys and records."""
+        out = {}
+        if self.reduce_range:
+            out["reduce_range"] = True
+        if not self.options.default:
+            out["weights"] = self.options.label()
+        if self.leaf_modules:
+            out["leaf_modules"] = list(self.leaf_modules)
+        return out
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -84,9 +104,12 @@ class Target:
 # --------------------------------------------------------------------------- measuring
 
 
-def export_int8(model: nn.Module, example: torch.Tensor, runtime: str, path: Path) -> dict:
-    """Quantize ``model`` (static INT8, random calibration) and write what ``runtime`` runs; returns a worker spec part."""
-    prepared = prepare(model.cpu().eval(), example, mode="ptq")
+def export_int8(model: nn.Module, example: torch.Tensor, runtime: str, path: Path, *, target: Target | None = None) -> dict:
+    """Quantize ``model`` (static INT8, random calibration, with ``target``'s quantize settings) and
+    write what ``runtime`` runs; returns a worker spec part."""
+    target = target or Target(runtime)
+    prepared = prepare(model.cpu().eval(), example, mode="ptq", reduce_range=target.reduce_range, options=target.options,
+                       leaf_modules=target.leaf_modules)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _ in range(2):
@@ -100,6 +123,57 @@ def export_int8(model: nn.Module, example: torch.Tensor, runtime: str, path: Pat
     p = path.with_suffix(".onnx")
     export_onnx(reference_int8(student), p, tuple(example.shape[1:]))
     return {"kind": runtime, "path": str(p)}
+
+
+RUNTIME_PROBE = "pqd.measure.worker:probe"  # loads a worker spec's model and runs it once
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def failing_operation(message: str) -> str:
+    """The line of a runtime's error that names what failed (OpenVINO's '[Transformation] ...'
+    line when there is one), without colour codes, for a one-line message."""
+    head = _ANSI.sub("", message.split("\n--- ")[0])
+    lines = [ln.strip() for ln in head.splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.search(r"\[[A-Za-z][\w:]*\]", ln)]
+    return ((named or lines or ["no message"])[0])[:300]
+
+
+def check_runtime(model: nn.Module, *, target: Target, input_shape: Sequence[int], timeout: float = 600.0) -> dict:
+    """Export ``model``'s INT8 form for ``target.runtime`` and load and run it once in a process of
+    its own, so that the S stage learns before any training whether it can time candidates there.
+
+    Returns ``{"batch_shape": "static" | "dynamic"}`` (OpenVINO: a static-batch compile that
+    crashes natively is retried with a dynamic batch, as the timing workers then do); ``{}`` for
+    PyTorch. Raises :class:`ModelError` naming the runtime, the failing operation and the
+    alternative runtimes when the runtime cannot take the model at all.
+    """
+    if target.runtime == "pytorch":
+        return {}
+    name = runtime_name(target.runtime)
+    with tempfile.TemporaryDirectory(prefix="pqd_rtcheck_") as tmp:
+        part = export_int8(model, torch.zeros(2, *input_shape), target.runtime, Path(tmp) / "dense", target=target)
+        spec = part | {"threads": target.threads, "input_shape": list(input_shape), "batch_sizes": [target.batch], "seed": 0}
+        shapes = ("static", "dynamic") if target.runtime == "openvino" else ("static",)
+        failure = None
+        for shape in shapes:
+            try:
+                run_isolated(RUNTIME_PROBE, {"spec": spec | {"dynamic_batch": shape == "dynamic"}}, timeout=timeout,
+                             runtime=target.runtime, model=type(model).__name__)
+            except RuntimeCrash as exc:
+                if failure is None:
+                    failure = exc
+                if not exc.signal:  # an error, not a crash: another batch shape will not help
+                    break
+                continue
+            if shape == "dynamic":
+                log.warning("structured: %s crashed (%s) compiling this model's INT8 form at a static batch; its candidates are "
+                            "timed with a dynamic batch", name, failure.signal)
+            return {"batch_shape": shape}
+    how = f"it crashed with {failure.signal}" if failure.signal else failing_operation(str(failure).split(" failed: ", 1)[-1])
+    raise ModelError(
+        f"structured.runtime: {target.runtime}: {name} cannot run this model's INT8 form ({how}). The S stage times every "
+        f"candidate on that runtime, so the run stops here, before training. Set structured.runtime: onnxruntime "
+        f"(or pytorch) to measure latency on a runtime that takes this model")
 
 
 def measure_int8(
@@ -128,7 +202,7 @@ def measure_int8(
         fns = {}
         with tempfile.TemporaryDirectory(prefix="pqd_lat_", dir=workdir) as tmp:
             for i, (name, m) in enumerate(models.items()):
-                fns[name] = torch.jit.load(export_int8(m, example, "pytorch", Path(tmp) / f"m{i}")["path"])
+                fns[name] = torch.jit.load(export_int8(m, example, "pytorch", Path(tmp) / f"m{i}", target=target)["path"])
         recs = measure_latency(fns, input_shape=tuple(input_shape), batch_sizes=(target.batch,), threads=target.threads,
                                warmup=warmup, runs=runs, large_batch_runs=max(3, runs // 5))
         return {r["model"]: r["median_ms"] for r in recs}
@@ -137,7 +211,7 @@ def measure_int8(
     with tempfile.TemporaryDirectory(prefix="pqd_lat_", dir=workdir) as tmp:
         specs = {}
         for i, (name, m) in enumerate(models.items()):
-            part = export_int8(m, example, target.runtime, Path(tmp) / f"m{i}")
+            part = export_int8(m, example, target.runtime, Path(tmp) / f"m{i}", target=target)
             specs[name] = part | {"threads": target.threads, "input_shape": list(input_shape), "batch_sizes": [target.batch], "seed": 0}
         with start_workers(specs) as workers:
             recs = interleave(workers, batch_sizes=(target.batch,), threads=target.threads, warmup=warmup, runs=runs,
@@ -327,8 +401,11 @@ def cache_key(graph, target: Target, input_shape: Sequence[int]) -> dict:
         rt_version = onnxruntime.__version__
     layers = [(r.name, r.kind, r.cin, r.cout, r.groups, r.kernel, r.out_hw) for r in graph.layers]
     arch = hashlib.sha256(json.dumps([list(input_shape), layers]).encode()).hexdigest()[:16]
-    return {"cpu_model": env["cpu_model"], "runtime": target.runtime, "runtime_version": rt_version, "torch": torch.__version__,
-            "threads": target.threads, "batch": target.batch, "input_shape": list(input_shape), "architecture": arch}
+    key = {"cpu_model": env["cpu_model"], "runtime": target.runtime, "runtime_version": rt_version, "torch": torch.__version__,
+           "threads": target.threads, "batch": target.batch, "input_shape": list(input_shape), "architecture": arch}
+    if target.quantization:  # only non-default settings: the keys of caches made with the defaults stay valid
+        key["quantization"] = target.quantization
+    return key
 
 
 def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
@@ -451,4 +528,4 @@ def report(lm: LatencyModel, graph) -> dict:
             "loo_abs_error_max": float(np.max(np.abs(errs))) if errs else None,
             "fit": lm.fit_kind, "relative": lm.relative, "dense_ms_median": lm.dense_ms(graph) if lm.relative else None,
             "floor_ms_median": lm.offset if lm.fit_kind == "anchored" else None,
-            "target": asdict(Target(lm.key["runtime"], lm.key["batch"], lm.key["threads"]))}
+            "target": {k: lm.key[k] for k in ("runtime", "batch", "threads", "quantization") if k in lm.key}}

@@ -1,8 +1,10 @@
 """Restore a structurally pruned model without pickling: resize layers to saved tensor shapes.
 
 A student saved after structured pruning has thinner conv/linear/norm layers than the
-model its factory builds. :func:`fit_to_state_dict` rebuilds those layers in place with the
-shapes found in a state dict (safetensors), so that ``load_state_dict`` then succeeds.
+model its factory builds, and thinner bare parameters and buffers too (a layer-scale
+``gamma`` that Torch-Pruning prunes with its channels). :func:`fit_to_state_dict` rebuilds
+those in place with the shapes found in a state dict (safetensors), so that
+``load_state_dict`` then succeeds.
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ def _param(old: nn.Parameter | None, shape) -> nn.Parameter | None:
 
 
 def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Resize Conv/Linear/BatchNorm/LayerNorm/GroupNorm modules of ``model`` (in place) to ``state``'s shapes.
+    """Resize the layers, parameters and buffers of ``model`` (in place) to ``state``'s shapes.
 
-    Only layers whose saved weight shape differs are touched; values are left for
-    ``load_state_dict``. A depthwise conv (``groups == in == out``) stays depthwise;
-    another grouped conv keeps its group count. Returns ``model``.
+    Conv/Linear/BatchNorm/LayerNorm/GroupNorm modules get their attributes (channel counts,
+    groups) updated with their tensors; any other parameter or buffer whose saved shape
+    differs (a layer-scale ``gamma``, a user module's own buffer) is replaced by a tensor of
+    the saved shape with the same number of dimensions. Only tensors whose saved shape
+    differs are touched; values are left for ``load_state_dict``. A depthwise conv
+    (``groups == in == out``) stays depthwise; another grouped conv keeps its group count.
+    Returns ``model``; a tensor that cannot take its saved shape raises :class:`CheckpointError`.
     """
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -99,4 +105,25 @@ def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn
                 m.weight = _param(m.weight, shape)
                 if m.bias is not None:
                     m.bias = _param(m.bias, shape)
+    _fit_tensors(model, state)
     return model
+
+
+def _fit_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Resize every remaining parameter and buffer whose saved shape differs (same rank only)."""
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for kind, table in (("parameter", m._parameters), ("buffer", m._buffers)):
+            for key, old in list(table.items()):
+                saved = state.get(prefix + key)
+                if old is None or saved is None or tuple(saved.shape) == tuple(old.shape):
+                    continue
+                if saved.dim() != old.dim():
+                    raise CheckpointError(
+                        f"{prefix}{key}: the saved {kind} has shape {tuple(saved.shape)} but {type(m).__name__} builds "
+                        f"{tuple(old.shape)} (another number of dimensions, so it was not written by pruning this model's "
+                        "channels): check that config.yaml's model is the one this run trained")
+                if kind == "parameter":
+                    table[key] = _param(old, tuple(saved.shape))
+                else:
+                    table[key] = _new(old, tuple(saved.shape))
