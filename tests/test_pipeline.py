@@ -138,6 +138,8 @@ def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(tiny_co
         m = run_pipeline(cfg, tmp_path)
     assert {r["harness"] for r in m["latency"]} == {"in-process"}
     assert all(r["median_ms"] > 0 for r in m["latency"])
+    # timed under this process's own environment, and recorded as such
+    assert m["latency_env"]["harness"] == "in-process" and m["latency_env"]["inherited"] is True
     assert any("timing in this process instead of worker processes" in r.getMessage() and "only_here_resnet" in r.getMessage()
                for r in caplog.records)
 
