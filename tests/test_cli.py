@@ -123,3 +123,8 @@ def test_run_summary_names_the_latency_sides_and_the_test_set():
     assert "62.00% [60.0, 64.0]" in out and "full test split (n=10000)" in out
     assert "4.00x (PyTorch eager FP32 vs TorchScript INT8)" in out and "pqd bench" in out
     assert "x faster" not in out
+    assert "own threading environment" not in out  # the controlled worker environment (or not recorded): nothing to say
+    inherited = m | {"schema": 4, "latency_env": {"inherited": True, "harness": "worker processes",
+                                                  "variables": {"OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "PASSIVE"}}}
+    assert "(latency timed in this shell's own threading environment, not the controlled one: OMP_WAIT_POLICY=PASSIVE)" \
+        in format_table(inherited)

@@ -1,5 +1,6 @@
 import itertools
 import json
+import os
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ ORDERS = [",".join(f"{s}:2" for s in perm) for perm in itertools.permutations("P
 
 
 def _check_common(m, cfg):
-    assert m["schema"] == 3 and m["stages"] == cfg.stage_string()
+    assert m["schema"] == 4 and m["stages"] == cfg.stage_string()
     assert m["stage_order"] == [s.stage for s in cfg.stages]
     assert 0.0 <= m["accuracy"]["final_top1"] <= 1.0
     assert m["size_bytes"]["teacher_fp32"] > 0 and m["size_bytes"]["final"] > 0
@@ -137,6 +138,8 @@ def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(tiny_co
         m = run_pipeline(cfg, tmp_path)
     assert {r["harness"] for r in m["latency"]} == {"in-process"}
     assert all(r["median_ms"] > 0 for r in m["latency"])
+    # timed under this process's own environment, and recorded as such
+    assert m["latency_env"]["harness"] == "in-process" and m["latency_env"]["inherited"] is True
     assert any("timing in this process instead of worker processes" in r.getMessage() and "only_here_resnet" in r.getMessage()
                for r in caplog.records)
 
@@ -230,3 +233,17 @@ def test_stage_list_validation():
     assert RunConfig.from_dict({"stages": []}).stages == ()
     assert [s.stage for s in RunConfig.from_dict({"stages": [{"stage": "P", "epochs": 1}, {"stage": "kd", "epochs": 1}]}).stages] \
         == ["prune", "distill"]
+
+
+def test_latency_is_timed_in_the_controlled_environment_unless_inherit_env(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as advised for training processes side by side
+    cfg = tiny_config | {"stages": "", "teacher": {"epochs": 1, "lr": 0.05}}
+    for inherit in (False, True):
+        out = tmp_path / f"inherit-{inherit}"
+        m = run_pipeline(RunConfig.from_dict(cfg | {"measure": tiny_config["measure"] | {"inherit_env": inherit}}), out)
+        env = m["latency_env"]
+        assert env["inherited"] is inherit and env["harness"] == "worker processes"
+        assert env["variables"]["OMP_WAIT_POLICY"] == ("PASSIVE" if inherit else None)
+        assert env["variables"]["OMP_NUM_THREADS"] == ("1" if not inherit else os.environ.get("OMP_NUM_THREADS"))
+        assert ("OMP_WAIT_POLICY" in env["ignored_from_caller"]) is not inherit
+        assert json.loads((out / "env.json").read_text())["latency_env"] == env

@@ -102,7 +102,7 @@ def _metrics() -> Metrics:
 def test_metrics_round_trip_merge_and_fields(tmp_path):
     m = _metrics()
     d = m.to_dict()
-    assert d["schema"] == SCHEMA == 3 and Metrics.from_dict(d) == m and json.loads(json.dumps(d)) == d
+    assert d["schema"] == SCHEMA == 4 and Metrics.from_dict(d) == m and json.loads(json.dumps(d)) == d
     assert m.stage_label == "P>Q" and m.final_model_name == "final_int8" and m.median_ms("final_int8", 1) == 1.0
     run = RunDir(tmp_path)
     run.merge_metrics(bench={"x": 1})  # no metrics.json yet: nothing to merge into
@@ -111,6 +111,18 @@ def test_metrics_round_trip_merge_and_fields(tmp_path):
     run.merge_metrics(bench={"x": 1})
     written = run.write_metrics(m)  # re-measuring keeps what `pqd bench` added
     assert written["bench"] == {"x": 1} and run.metrics().extra == {"bench": {"x": 1}}
+
+
+def test_metrics_carry_the_latency_environment_and_older_files_read_without_it():
+    env = {"inherited": False, "variables": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None},
+           "ignored_from_caller": {"OMP_WAIT_POLICY": "PASSIVE"}, "policy": "controlled", "harness": "worker processes"}
+    m = _metrics()
+    m.latency_env = env
+    d = m.to_dict()
+    assert d["latency_env"] == env and Metrics.from_dict(json.loads(json.dumps(d))) == m
+    schema3 = {k: v for k, v in d.items() if k != "latency_env"} | {"schema": 3}
+    old = Metrics.from_dict(schema3)
+    assert old.latency_env is None and old.schema == 3 and "latency_env" not in old.extra
 
 
 def test_schema_1_metrics_are_read_with_their_facts():

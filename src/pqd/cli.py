@@ -59,6 +59,9 @@ def format_table(metrics: dict) -> str:
         lines.append(f"(accuracy on the {acc.test_label}; Wilson 95% intervals)")
     thr = m.latency[0].extra.get("threads") if m.latency else "?"
     lines.append(f"(latency: {thr} threads, each model in its own worker process, timed interleaved; sizes are bytes of the files on disk)")
+    if (m.latency_env or {}).get("inherited"):
+        shown = ", ".join(f"{k}={v}" for k, v in m.latency_env["variables"].items() if v is not None) or "none set"
+        lines.append(f"(latency timed in this shell's own threading environment, not the controlled one: {shown})")
     if m.final_form == "int8":
         lines.append("(the ratio above mixes INT8 with leaving PyTorch eager mode, a PyTorch-eager-vs-compiled extra; "
                      "same-runtime INT8 vs FP32 speed-ups: `pqd bench RUN_DIR`)")
@@ -155,6 +158,9 @@ def _add_bench_parsers(sub) -> None:
                    help="subset of pytorch,onnxruntime,openvino (default: every installed one)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--force-export", action="store_true", help="re-export the ONNX files even if up to date")
+    p.add_argument("--inherit-env", action="store_true",
+                   help="time in this shell's threading environment (OMP_*, KMP_*, MKL_* ...) instead of the controlled "
+                        "one every worker gets by default; recorded in bench.json")
     p.add_argument("--quiet", action="store_true")
     e = sub.add_parser("export", help="export a finished run to ONNX (INT8 QDQ + FP32 teacher) and check it in each runtime")
     e.add_argument("run_dir", type=Path)
@@ -186,7 +192,7 @@ def _bench_or_export(args) -> int:
 
     result = bench_run(args.run_dir, threads=args.threads, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
                        large_batch_runs=args.large_batch_runs, runtimes=args.runtimes, rss=not args.no_rss,
-                       force_export=args.force_export, allow_code=args.allow_code)
+                       force_export=args.force_export, allow_code=args.allow_code, inherit_env=args.inherit_env)
     print(format_markdown(result))
     from pqd.rundir import RunDir
 

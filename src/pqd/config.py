@@ -459,13 +459,16 @@ def parse_stages(spec: str | typing.Sequence[Any] | None) -> tuple[StageSpec, ..
 
 @dataclass(frozen=True)
 class MeasureConfig(Section):
-    """Latency measurement: fixed threads, warm-up, many interleaved runs."""
+    """Latency measurement: fixed threads, warm-up, many interleaved runs. ``inherit_env``: time
+    in this process's threading environment (OMP_*, KMP_*, MKL_* ...) as it is, instead of the
+    controlled one every latency worker gets (:func:`pqd.measure.workers.worker_environment`)."""
 
     threads: int = 2
     warmup: int = 20
     runs: int = 200
     batch_sizes: tuple[int, ...] = (1, 64)
     large_batch_runs: int = 20
+    inherit_env: bool = False
 
     def __post_init__(self):
         _range("measure.threads", self.threads, 1, 4096)

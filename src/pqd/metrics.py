@@ -9,7 +9,8 @@ Schema history: 1 — the untyped dict of pqd ≤ 0.x; 2 — this module: adds `
 ``pruned``, ``quantize_mode``, ``prune_criterion``, ``image_shape``; stage lists may repeat
 or be empty (a dense run); 3 — accuracy gains Wilson intervals (``*_top1_ci``), ``test_n``,
 ``test_full_split``, prediction files; ``speedup`` (labelled ratios, every one naming both
-sides and runtime; the pipeline's own teacher-vs-final ratio is ``pytorch_eager_extra``).
+sides and runtime; the pipeline's own teacher-vs-final ratio is ``pytorch_eager_extra``);
+4 — ``latency_env``: the threading environment the latency was measured in (absent before).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SCHEMA = 3
+SCHEMA = 4
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +219,9 @@ class Metrics:
     stage_records: list[StageRecord] = field(default_factory=list)
     degradation: dict[str, Any] | None = None  # pqd.measure.degradation.compare_degradation (teacher vs deployed)
     speedup: dict[str, Any] | None = None  # pqd.measure.speedup.speedup_summary of ``latency``
+    # the threading environment ``latency`` was timed in: pqd.measure.workers.WorkerEnvironment.record
+    # ({"inherited", "variables", "ignored_from_caller", "policy"}) and "harness"; None before schema 4
+    latency_env: dict[str, Any] | None = None
     wall_time_s: float | None = None
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by other commands (e.g. 'bench')
@@ -277,6 +281,7 @@ class Metrics:
             stage_records=[StageRecord.from_dict(r) for r in d.get("stage_records") or []],
             degradation=d.get("degradation"),
             speedup=d.get("speedup"),
+            latency_env=d.get("latency_env"),
             wall_time_s=d.get("wall_time_s"),
             schema=d.get("schema", 1),
             extra={k: v for k, v in d.items() if k not in names},

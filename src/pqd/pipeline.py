@@ -11,7 +11,9 @@ An empty stage list is a dense run: the teacher alone, finalized and timed like 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from pqd.measure.degradation import compare_degradation
 from pqd.measure.faithfulness import faithfulness
 from pqd.measure.speedup import speedup_summary
 from pqd.measure.stats import correct_vector, top1_record
+from pqd.measure.workers import (WorkerError, start_workers, this_process_environment, thread_variables, worker_environment,
+                                 workers_environment)
 from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
 from pqd.rundir import RunDir, build_model, model_kwargs, with_teacher_base
 from pqd.stages import Student, convert, global_sparsity, prunable_layers
@@ -44,17 +48,19 @@ __all__ = ["build_model", "finalize", "init_distributed", "measure_run_latency",
 
 
 def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, teacher_path: Path, deployed: nn.Module,
-                        deployed_path: Path, final_name: str) -> list[dict]:
-    """Teacher vs deployed model latency, each timed from its file in a worker process of its own.
+                        deployed_path: Path, final_name: str) -> tuple[list[dict], dict]:
+    """Teacher vs deployed model latency, each timed from its file in a worker process of its own;
+    returns (latency records, the record of the threading environment they were timed in).
 
     The harness of ``pqd bench`` (:mod:`pqd.measure.workers`): a long training process is a
     poor place to time inference (its heap and thread pools are not a deployment's; figures in
-    docs/BENCHMARKS.md, "How pqd times, and an independent check"). If a worker
-    cannot load the model (a user model not importable in a fresh interpreter, say), the
-    models are timed in this process instead, with a warning; each record says which.
+    docs/BENCHMARKS.md, "How pqd times, and an independent check"). The workers start in the
+    controlled threading environment (:func:`pqd.measure.workers.worker_environment`), or this
+    process's own with ``measure.inherit_env``. If a worker cannot load the model (a user model
+    not importable in a fresh interpreter, say), the models are timed in this process instead,
+    under its own environment, with a warning; each record and the environment record say which.
     """
     from pqd.measure.latency import interleave
-    from pqd.measure.workers import WorkerError, start_workers
 
     m = config.measure
     base = {"input_shape": list(data.image_shape), "batch_sizes": list(m.batch_sizes), "seed": config.seed, "threads": m.threads}
@@ -63,15 +69,16 @@ def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, 
              final_name: (base | {"kind": "torchscript", "path": str(deployed_path)}) if deployed_path.suffix == ".pt"
              else eager | {"weights": str(deployed_path)}}
     try:
-        with start_workers(specs) as workers:
+        with start_workers(specs, inherit_env=m.inherit_env) as workers:
+            env = workers_environment(workers)
             recs = interleave(workers, batch_sizes=tuple(m.batch_sizes), threads=m.threads, warmup=m.warmup, runs=m.runs,
                               large_batch_runs=m.large_batch_runs)
-        return [r | {"harness": "worker processes"} for r in recs]
+        return [r | {"harness": "worker processes"} for r in recs], env | {"harness": "worker processes"}
     except WorkerError as exc:
         log.warning("measure: timing in this process instead of worker processes (%s)", exc)
     recs = measure_latency({"teacher_fp32": teacher, final_name: deployed}, input_shape=data.image_shape, batch_sizes=m.batch_sizes,
                            threads=m.threads, warmup=m.warmup, runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed)
-    return [r | {"harness": "in-process"} for r in recs]
+    return [r | {"harness": "in-process"} for r in recs], this_process_environment() | {"harness": "in-process"}
 
 
 def preflight(config: RunConfig, data: Splits) -> None:
@@ -234,7 +241,10 @@ def _run_pipeline(config: RunConfig, run: RunDir, *, device, teacher_base) -> di
     torch.manual_seed(config.seed)
     device = torch.device(device) if device is not None else default_device()
     if main:
-        run.write_env(environment(config.measure.threads) | {"train_threads": torch.get_num_threads()})
+        # this process's threading variables, and those the latency workers will get (updated once they ran)
+        run.write_env(environment(config.measure.threads) | {
+            "train_threads": torch.get_num_threads(), "thread_env": thread_variables(os.environ),
+            "latency_env": worker_environment(config.measure.threads, inherit_env=config.measure.inherit_env).record()})
 
     data = load_data(config.data, seed=config.seed)
     log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
@@ -358,8 +368,9 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     target = max([config.prune.sparsity] * pruned_by_config + own_targets, default=0.0)
     sparsity = Sparsity(target=target, achieved=global_sparsity(final.model, layers),
                         achieved_int8=measured, prunable_layers=len(layers))
-    lat = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
-                              deployed_path=deployed_path, final_name=final_name)
+    lat, lat_env = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
+                                       deployed_path=deployed_path, final_name=final_name)
+    _record_latency_env(run, lat_env)
     lat = [r | {"runtime": "pytorch", "precision": "fp32" if r["model"].endswith("fp32") else "int8",
                 "form": "eager" if r["model"].endswith("fp32") else "TorchScript"} for r in lat]
     epochs = {"teacher": 0 if config.teacher.weights else config.teacher.epochs}
@@ -380,7 +391,18 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         stage_records=_stage_records(config, student, stage_times or {}),
         degradation=compare_degradation(t_logits, d_logits, data.test.y),
         speedup=speedup_summary(lat),
+        latency_env=lat_env,
     )
+
+
+def _record_latency_env(run: RunDir, record: dict) -> None:
+    """Put the environment the latency was measured in into env.json (written at the run's start)."""
+    try:
+        env = json.loads(run.env_path.read_text())
+    except (OSError, ValueError):
+        env = None
+    if isinstance(env, dict):
+        run.write_env(env | {"latency_env": record})
 
 
 def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits: torch.Tensor, d_logits: torch.Tensor,

@@ -76,6 +76,8 @@ def test_nncf_ptq_openvino_on_a_tiny_model(digits_teacher, tmp_path):
     assert [(r["model"], r["runtime"], r["precision"]) for r in lat] == [("openvino_fp32", "openvino", "fp32"),
                                                                           ("nncf_ptq_int8", "openvino", "int8")]
     assert all(r["median_ms"] > 0 for r in lat)
+    # in the controlled worker environment, recorded with every record
+    assert all(r["latency_env"]["inherited"] is False and r["latency_env"]["variables"]["OMP_NUM_THREADS"] == "1" for r in lat)
 
 
 @needs
@@ -110,6 +112,7 @@ def test_peer_run_writes_metrics(digits_teacher, tmp_path):
     m = peer_run(cfg, tmp_path / "run", nncf=NncfPtqConfig(calibration_size=32, threads=2))
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["kind"] == "peer" and saved["final_form"] == "int8" and saved["accuracy"]["test_n"] == 100
+    assert saved["latency_env"]["inherited"] is False and saved["latency_env"]["variables"]["OMP_NUM_THREADS"] == "1"
     assert m["accuracy"]["final_top1_ci"]["ci_low"] <= m["accuracy"]["final_top1"] <= m["accuracy"]["final_top1_ci"]["ci_high"]
     same = m["speedup"]["same_runtime"]
     assert len(same) == 1 and same[0]["numerator"] == "teacher FP32 @ OpenVINO" and same[0]["denominator"] == "NNCF PTQ INT8 @ OpenVINO"
