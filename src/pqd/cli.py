@@ -103,7 +103,7 @@ def _sweep_or_report(args) -> int:
             from pqd.fsguard import check_writable_run_dir
             from pqd.rundir import SWEEP_DIR_FILES
 
-            if args.dir.is_dir():  # adopt an older sweep folder (its report files are pqd's); no lock: a sweep may run
+            if args.dir.is_dir():  # only a sweep folder pqd marked; no lock: a sweep may run
                 check_writable_run_dir(args.dir, expected_files=SWEEP_DIR_FILES, kind="sweep", what="sweep folder")
             guard = contextlib.nullcontext()
         else:

@@ -38,13 +38,31 @@ def test_user_config_in_out_dir_is_refused_and_kept(tmp_path: Path):
     p = tmp_path / "p"
     p.mkdir()
     (p / "config.yaml").write_text("db: {password: x}\n")
-    with pytest.raises(RunDirError, match="not a pqd run's output"):
+    with pytest.raises(RunDirError, match="no .pqd-run marker"):
         check_writable_run_dir(p, expected_files=RUN_FILES)
     assert (p / "config.yaml").read_text() == "db: {password: x}\n"
     assert not (p / MARKER).exists()
     with pytest.raises(RunDirError, match="was not written by pqd"):
         safe_replace(p / "config.yaml", b"stages: P:1\n")
     assert (p / "config.yaml").read_text() == "db: {password: x}\n"
+
+
+def test_users_own_pqd_config_without_marker_is_refused_and_kept(tmp_path: Path):
+    """A folder holding only a hand-written pqd config (pqd's file name, a valid pqd config) is
+    the user's, not an older run to take over: refused, never marked, the file untouched."""
+    p = tmp_path / "mine"
+    p.mkdir()
+    text = "# my tuned config\nstages: P:1,Q:1\nmodel: {name: resnet18, width: 0.125}\nteacher: {epochs: 3}\n"
+    (p / "config.yaml").write_text(text)
+    (p / "metrics.json").write_text("{}")
+    (p / "stages").mkdir()
+    with pytest.raises(RunDirError, match=r"holds config.yaml, metrics.json, stages but no .pqd-run marker"):
+        check_writable_run_dir(p, expected_files=RUN_FILES)
+    assert (p / "config.yaml").read_text() == text
+    assert not (p / MARKER).exists()
+    with pytest.raises(RunDirError, match="was not written by pqd"):
+        safe_replace(p / "config.yaml", b"stages: P:1\n")
+    assert (p / "config.yaml").read_text() == text
 
 
 def test_sweep_into_users_folder_is_refused(tmp_path: Path):
@@ -64,14 +82,6 @@ def test_new_empty_marked_and_legacy_folders(tmp_path: Path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / ".config.yaml.abc.tmp").write_bytes(b"x")  # left by a kill during an atomic write
     assert check_writable_run_dir(tmp_path / "e", expected_files=RUN_FILES) == "empty"
-    legacy = tmp_path / "old"
-    legacy.mkdir()
-    (legacy / "config.yaml").write_text("stages: P:1,Q:1\nmodel: {name: resnet18, width: 0.125}\n")
-    (legacy / "metrics.json").write_text("{}")
-    (legacy / "stage1_prune").mkdir()
-    assert check_writable_run_dir(legacy, expected_files=RUN_FILES) == "adopted"
-    assert set(read_marker(legacy)["files"]) == {"config.yaml", "metrics.json"}
-    safe_replace(legacy / "metrics.json", b'{"a": 1}')  # adopted files may be replaced
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(RunDirError, match="is a file, not a directory"):
