@@ -111,3 +111,38 @@ def test_run_summary_names_the_latency_sides_and_the_test_set():
     assert "62.00% [60.0, 64.0]" in out and "full test split (n=10000)" in out
     assert "4.00x (PyTorch eager FP32 vs TorchScript INT8)" in out and "pqd bench" in out
     assert "x faster" not in out
+
+
+@pytest.mark.parametrize("argv", [["run", "c.yaml", "--out", "r dir"], ["sweep", "s.yaml", "--out", "sw"], ["export", "r"]])
+def test_ctrl_c_prints_one_resume_line_and_exits_130(argv, monkeypatch, capsys):
+    import pqd.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pqd.cli, "_main", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"pqd: interrupted; finished steps are kept. Resume with: pqd {' '.join(argv)}"
+                                        .replace("r dir", "'r dir'")]
+
+
+@pytest.mark.slow
+def test_sigint_during_pqd_run_is_one_line_exit_130(tiny_config, tmp_path):
+    """A real Ctrl-C (SIGINT to the process group) while the teacher trains."""
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config | {"teacher": {"epochs": 50, "lr": 0.05}}))
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(_pqd("run", str(cfg_path), "--out", str(out)), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    target = out / "teacher.epoch.safetensors"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert target.exists(), "the teacher never finished an epoch"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"pqd: interrupted; finished steps are kept. Resume with: pqd run {cfg_path} --out {out}"

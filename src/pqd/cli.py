@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
@@ -197,8 +198,30 @@ def _bench_or_export(args) -> int:
     return 0
 
 
+RESUMABLE = ("run", "demo", "sweep", "export", "bench")  # commands whose finished steps are kept on disk
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """The one line printed on Ctrl-C: what was kept and the command that resumes."""
+    cmd = argv[0] if argv else ""
+    again = "pqd " + shlex.join(argv)
+    if cmd in RESUMABLE:
+        return f"pqd: interrupted; finished steps are kept. Resume with: {again}"
+    return f"pqd: interrupted; run it again with: {again}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``pqd`` on the command line. Exit codes: 0 done, 2 a clear error (``pqd: error: ...``),
+    130 interrupted (Ctrl-C: one line naming the command that resumes, no traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(interrupted_message(argv), file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["predict"]:  # its own parser: pqd.predict owns the options
         from pqd.predict import predict_main
 
