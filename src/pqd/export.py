@@ -31,7 +31,6 @@ import copy
 import io
 import json
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from pqd.errors import ConfigError, ModelError
+from pqd.fsguard import atomic_output, check_replaceable, safe_replace
 from pqd.rundir import LoadedRun, RunDir
 from pqd.runtimes import OPENVINO_PRECISION, OpenVinoRunner, OrtRunner, available, require  # noqa: F401 (re-exported)
 
@@ -175,8 +175,11 @@ def fold_weights(model) -> int:
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, str] | None = None,
-                fold: bool = True) -> dict:
+                fold: bool = True, overwrite: bool = False) -> dict:
     """Export ``model`` (FP32 or FX reference INT8) to ONNX with a dynamic batch dimension.
+
+    An existing file at ``path`` is replaced only when pqd wrote it and nobody changed it
+    since, or with ``overwrite`` (:func:`pqd.fsguard.atomic_output`).
 
     Returns a small record: file name, bytes on disk, opset, node counts by type and, for a
     QDQ model, the number of weights folded to int8 initializers.
@@ -201,10 +204,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        onnx.save(proto, str(tmp))
     ops: dict[str, int] = {}
     for n in proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
@@ -319,6 +320,8 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
     sources = [run.deployed_file, student_file, rd.teacher_path]
     final_name = INT8_ONNX if run.quantized else FINAL_FP32_ONNX
     record_path = out / EXPORT_JSON
+    # before any work: never replace an export.json or ONNX file pqd did not write (the user's own)
+    check_replaceable([record_path, out / final_name, out / TEACHER_ONNX], overwrite=force)
     old: dict = {}
     if record_path.is_file() and not force:
         with contextlib.suppress(ValueError):
@@ -333,7 +336,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
         final_form = "int8_qdq" if run.quantized else "fp32"
         log.info("export: %s -> %s", student_file.name, final_name)
         final_rec = export_onnx(final_model, out / final_name, shape, metadata=_metadata(run, final_form) | _predict_meta(run, final_form),
-                                fold=run.quantized)
+                                fold=run.quantized, overwrite=force)
         final_rec.update(form=final_form, source=str(student_file.relative_to(out)))
         if run.quantized:
             zeros = int8_initializer_zeros(out / final_name)
@@ -341,7 +344,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
             final_rec["int8_weight_zero_fraction"] = z / n if n else None
         log.info("export: teacher -> %s", TEACHER_ONNX)
         teacher_rec = export_onnx(run.teacher, out / TEACHER_ONNX, shape, metadata=_metadata(run, "fp32") | _predict_meta(run, "fp32"),
-                                  fold=False)
+                                  fold=False, overwrite=force)
         teacher_rec.update(form="fp32", source=rd.TEACHER)
         record = {
             "schema": EXPORT_SCHEMA,
@@ -356,9 +359,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
         }
     if check:
         _run_checks(record, run, out, final_name, openvino, ort=ort)
-    from pqd.train.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())
+    safe_replace(record_path, json.dumps(record, indent=2).encode(), overwrite=force)
     return record
 
 

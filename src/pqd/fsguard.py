@@ -68,7 +68,7 @@ _ALWAYS_OURS = (MARKER, LOCK, ".*.tmp")  # marker, lock, and temp files of an in
 __all__ = [
     "MARKER", "LOCK", "file_mode", "current_umask", "atomic_write_bytes", "atomic_output", "safe_replace",
     "record_written", "commit_file", "rescue_write", "check_path_encodable", "mark_dir", "read_marker", "check_writable_run_dir",
-    "DirLock", "storage_error", "storage_errors",
+    "check_replaceable", "DirLock", "storage_error", "storage_errors",
 ]
 
 # --------------------------------------------------------------------------- modes
@@ -302,6 +302,14 @@ def _check_replace(path: Path, overwrite: bool) -> dict[str, Any] | None:
         f"{str(path)!r} already exists and {why}; pqd never overwrites such a file. "
         "Move it away, or choose another --out (or pass --force where offered to replace it)."
     )
+
+
+def check_replaceable(paths: Iterable[str | os.PathLike], *, overwrite: bool = False) -> None:
+    """Refuse (:class:`RunDirError`) before any work when one of ``paths`` exists and pqd did not
+    write it, or it was changed since (the rule of :func:`safe_replace`, checked up front for a
+    command that writes several files, so it writes none of them)."""
+    for p in paths:
+        _check_replace(Path(p), overwrite)
 
 
 def _record(path: Path, digest: str, rec: dict[str, Any] | None, *, pending: bool = False) -> None:
