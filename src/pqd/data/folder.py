@@ -24,13 +24,19 @@ MAX_MEMBER_BYTES = 64 << 20  # one image file in an archive; a bigger member is 
 _Files = dict[str, dict[str, list[tuple[str, "bytes | Path"]]]]
 
 
+def check_bit_depth(im: Image.Image, name: str) -> None:
+    """Refuse a 16-bit or floating-point image: PIL's ``convert("RGB")`` would clip it to 0/255 (a
+    silently white image). The one rule for training data and ``pqd predict``."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        raise DataError(f"image {name} has {im.mode} pixels (16-bit or floating point); pqd reads 8-bit images "
+                        "and would clip it. Convert it to 8-bit RGB (or grey) first.")
+
+
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one image file to a uint8 ``[H, W, 3]`` RGB array (grey/RGBA/palette are converted)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert("RGB") would clip these to 0/255
-                raise DataError(f"image {name} has {im.mode} pixels (16-bit or floating point); pqd reads 8-bit images "
-                                "and would clip it. Convert it to 8-bit RGB (or grey) first.")
+            check_bit_depth(im, name)
             if im.mode != "RGB":
                 im = im.convert("RGB")
             return np.asarray(im)
