@@ -120,6 +120,11 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+# where to write instead; not every command has --out (export and bench write into the run folder)
+_ELSEWHERE = ("write to a folder you can write to instead (run/sweep: another --out; export/bench: copy the run "
+              "folder to a writable place first)")
+
+
 def _from_errno(code: int | None, path: Path, action: str, detail: str) -> StorageError | None:
     where = f"{str(path)!r}"
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
@@ -127,20 +132,20 @@ def _from_errno(code: int | None, path: Path, action: str, detail: str) -> Stora
         left = f" ({_human(free)} free now)" if free is not None else ""
         return DiskFullError(
             f"no space left on the device while {action} {where}{left}; nothing partial was kept. "
-            "Free some space (or choose an --out on another disk) and re-run: finished steps are kept and resume.",
+            "Free some space (or write to a folder on another disk) and re-run: finished steps are kept and resume.",
             path=str(path))
     if code == errno.EROFS:
         return ReadOnlyStorageError(
-            f"{action} {where} failed: the folder is on a read-only file system; choose a writable --out",
+            f"{action} {where} failed: the folder is on a read-only file system; {_ELSEWHERE}",
             path=str(path))
     if code in (errno.EACCES, errno.EPERM):
         return ReadOnlyStorageError(
-            f"permission denied {action} {where}; choose an --out you can write to, or fix the folder's permissions",
+            f"permission denied {action} {where}; fix the folder's permissions, or {_ELSEWHERE}",
             path=str(path))
     if code == errno.ELOOP:
         return StorageError(f"{where}: too many levels of symbolic links (a symlink loop); remove the loop", path=str(path))
     if code == errno.ENAMETOOLONG:
-        return StorageError(f"{where}: the file name is too long for this file system; choose a shorter --out", path=str(path))
+        return StorageError(f"{where}: the file name is too long for this file system; choose a shorter path", path=str(path))
     if code == errno.EIO:
         return StorageError(f"I/O error {action} {where}: the storage may be failing; check the disk and re-run", path=str(path))
     if code is not None:
@@ -300,7 +305,7 @@ def _check_replace(path: Path, overwrite: bool) -> dict[str, Any] | None:
     why = "was changed since pqd wrote it" if state == "changed" else "was not written by pqd"
     raise RunDirError(
         f"{str(path)!r} already exists and {why}; pqd never overwrites such a file. "
-        "Move it away, or choose another --out (or pass --force where offered to replace it)."
+        "Move it away, or write to another folder (or pass --force where offered to replace it)."
     )
 
 
@@ -538,7 +543,7 @@ class DirLock:
                 os.close(fd)
                 raise RunDirBusy(
                     f"{self.what} {str(self.folder)!r} is in use by {holder}; wait for it to finish (or stop it), "
-                    "or choose another --out. Two processes writing one folder would mix their results."
+                    "or use another folder. Two processes writing one folder would mix their results."
                 ) from None
             except OSError as exc:
                 if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):

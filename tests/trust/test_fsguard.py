@@ -323,3 +323,16 @@ def test_kill_between_rename_and_manifest_update_keeps_the_file_ours(tmp_path: P
     assert (run / "metrics.json").read_bytes() == b"second"
     safe_replace(run / "metrics.json", b"third")  # resumed run: still pqd's file
     assert read_marker(run)["files"]["metrics.json"] == [__import__("hashlib").sha256(b"third").hexdigest()]
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOSPC, errno.ENAMETOOLONG])
+def test_storage_messages_name_no_option_a_command_lacks(tmp_path: Path, code):
+    """export and bench write into the run folder and have no --out: the advice must fit them too."""
+    err = storage_error(OSError(code, os.strerror(code), str(tmp_path / "run" / "export.json")), tmp_path)
+    assert err is not None and "--out" not in str(err).replace("run/sweep: another --out", ""), str(err)
+    if code in (errno.EROFS, errno.EACCES):
+        assert "export/bench: copy the run folder to a writable place first" in str(err)
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    with pytest.raises(RunDirError) as exc:
+        safe_replace(tmp_path / "m.onnx", b"y")
+    assert "--out" not in str(exc.value)
