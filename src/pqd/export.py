@@ -31,10 +31,11 @@ import copy
 import io
 import json
 import logging
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -373,6 +374,21 @@ def _predict_meta(run: LoadedRun, form: str) -> dict[str, str]:
                                          normalization="outside", extra={"form": form, "model": run.config.model.name}))
 
 
+SCRATCH_PREFIX, SCRATCH_SUFFIX = ".pqd-export-", ".tmp"  # hidden, and a name pqd's run-folder guard treats as its own
+
+
+@contextlib.contextmanager
+def scratch_dir(run_dir: Path) -> Iterator[str]:
+    """A scratch folder inside the run folder (never in the system temp folder, where a killed
+    export would leave it behind unnoticed), removed afterwards; a previous, killed export's
+    scratch folders are removed first."""
+    for old in Path(run_dir).glob(f"{SCRATCH_PREFIX}*{SCRATCH_SUFFIX}"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, suffix=SCRATCH_SUFFIX, dir=run_dir) as tmp:
+        yield tmp
+
+
 def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None, *, ort: bool = True) -> None:
     from safetensors.torch import save_file
 
@@ -394,7 +410,7 @@ def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvi
     ref_teacher = run_logits(run.teacher, d.test, mean=d.mean, std=d.std)
     final_ref_name = "pytorch_int8 (model_int8.pt)" if run.quantized else "pytorch_fp32 (final student)"
     threads = max(1, torch.get_num_threads())
-    with tempfile.TemporaryDirectory(prefix="pqd-export-") as tmp:
+    with scratch_dir(out) as tmp:
         refs = {form: str(Path(tmp) / "final.safetensors"), "fp32": str(Path(tmp) / "teacher.safetensors")}
         save_file({"logits": ref_final.contiguous()}, refs[form])
         save_file({"logits": ref_teacher.contiguous()}, refs["fp32"])

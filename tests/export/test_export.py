@@ -127,3 +127,35 @@ def test_export_never_replaces_files_pqd_did_not_write(int8_run, tmp_path):
     (run / EXPORT_JSON).unlink()  # not up to date any more: a re-export over pqd's own files needs no --force
     export_run(run, check=False)
     assert (run / EXPORT_JSON).is_file()
+
+
+def test_export_scratch_lives_in_the_run_folder_and_a_killed_ones_is_removed(tmp_path):
+    import signal
+    import subprocess
+    import tempfile
+    import textwrap
+    from pathlib import Path
+
+    from pqd.export import scratch_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    before = set(Path(tempfile.gettempdir()).glob("pqd-*"))
+    code = textwrap.dedent(f"""
+        import os, time
+        from pathlib import Path
+        from pqd.export import scratch_dir
+        with scratch_dir(Path({str(run)!r})) as tmp:
+            (Path(tmp) / "ref.safetensors").write_bytes(b"x")
+            print(tmp, flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    left = Path(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert left.parent == run and left.is_dir()  # a kill leaves it in the run folder, not in the temp folder
+    assert set(Path(tempfile.gettempdir()).glob("pqd-*")) - before == set()
+    with scratch_dir(run) as tmp:
+        assert Path(tmp).parent == run and not left.exists()  # the next export removes the killed one's
+    assert list(run.iterdir()) == []
