@@ -120,3 +120,29 @@ def test_schema_1_metrics_are_read_with_their_facts():
            "latency": [{"model": "teacher_fp32", "batch": 1, "median_ms": 2.0}]}
     m = Metrics.from_dict(old)
     assert (m.schema, m.stage_order, m.pruned, m.quantize_mode, m.stage_label) == (1, ["prune", "quantize"], True, "qat", "P>Q")
+
+
+def test_a_lower_lr_for_an_unfinished_stage_resumes_and_restarts_only_that_stage(tmp_path):
+    """After divergence the remedy is a lower lr: accepted for a stage that has not finished; its
+    partial epoch checkpoint and later stages restart, the teacher and finished stages are kept."""
+    cfg = {"stages": "P:1,Q:1,D:1", "model": {"name": "resnet18", "width": 0.125}, "teacher": {"epochs": 1}}
+    run = RunDir(tmp_path / "r")
+    run.check_config(RunConfig.from_dict(cfg))
+    names = ["prune", "quantize", "distill"]
+    done = [run.teacher_path, run.student_path(0, "prune")]
+    partial = run.stage_epoch_path(1, "quantize")
+    for p in done + [partial]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    lower = RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}})
+    run.check_config(lower)
+    assert yaml.safe_load(run.config_path.read_text())["quantize"]["lr"] == 0.0005
+    assert all(p.read_bytes() == b"x" for p in done) and not partial.exists()
+    with pytest.raises(ConfigError, match=r"different config \(differs at: prune.lr\)"):  # a finished stage
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "prune": {"lr": 0.001}}))
+    with pytest.raises(ConfigError, match=r"differs at: distill.lr, prune.sparsity"):  # not only an lr
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "distill": {"lr": 0.001},
+                                                    "prune": {"sparsity": 0.3}}))
+    with pytest.raises(ConfigError, match="teacher.lr"):  # the teacher finished
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "teacher": {"lr": 0.01}}))
+    assert names and run.student_path(0, "prune").exists()
