@@ -146,3 +146,31 @@ def test_sigint_during_pqd_run_is_one_line_exit_130(tiny_config, tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == f"pqd: interrupted; finished steps are kept. Resume with: pqd run {cfg_path} --out {out}"
+
+
+def test_size_change_says_larger_when_the_file_grew():
+    from pqd.cli import size_change
+
+    assert size_change(10_000, 16_000) == "1.6x larger"
+    assert size_change(16_000, 4_000) == "4.0x smaller"
+    assert size_change(5, 5) == "the same size"
+
+
+def test_warning_lines_carry_a_level_marker_and_information_lines_none():
+    import logging
+
+    from pqd.cli import LevelMarkFormatter
+
+    f = LevelMarkFormatter("%(levelmark)s%(name)s: %(message)s")
+    make = lambda level: logging.LogRecord("pqd", level, __file__, 1, "msg", None, None)  # noqa: E731
+    assert f.format(make(logging.INFO)) == "pqd: msg"
+    assert f.format(make(logging.WARNING)) == "WARNING pqd: msg"
+    assert f.format(make(logging.ERROR)) == "ERROR pqd: msg"
+
+
+def test_a_module_path_without_factory_is_told_the_module_factory_form(capsys, tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name: mypkg.nets}\n")
+    assert main(["run", str(p), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "give its factory too: 'mypkg.nets:factory'" in err and "'resnet18'" in err

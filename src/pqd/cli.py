@@ -14,6 +14,15 @@ from pathlib import Path
 from pqd.errors import ConfigError, PqdError
 
 
+class LevelMarkFormatter(logging.Formatter):
+    """Console and log.txt lines: ``12:00:01 WARNING pqd: ...`` for warnings and errors, so they do
+    not read as information; information lines carry no marker (``12:00:01 pqd: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelmark = f"{record.levelname} " if record.levelno >= logging.WARNING else ""
+        return super().format(record)
+
+
 def _setup_logging(out: Path | None, quiet: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     # under torchrun only rank 0 claims and writes the folder (log.txt included)
@@ -27,8 +36,17 @@ def _setup_logging(out: Path | None, quiet: bool) -> None:
             handlers.append(logging.FileHandler(RunDir(out).log_path))
         except OSError as exc:
             raise ConfigError(f"--out {str(out)!r} cannot be used as the run directory: {exc.strerror or exc}") from None
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+    formatter = LevelMarkFormatter("%(asctime)s %(levelmark)s%(name)s: %(message)s", datefmt="%H:%M:%S")
+    for h in handlers:
+        h.setFormatter(formatter)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=handlers, force=True)
+
+
+def size_change(before: int, after: int) -> str:
+    """"3.9x smaller", "1.6x larger" or "the same size": never "0.6x smaller" for a file that grew."""
+    if after == before:
+        return "the same size"
+    return f"{before / after:.1f}x smaller" if after < before else f"{after / before:.1f}x larger"
 
 
 def format_table(metrics: dict) -> str:
@@ -45,7 +63,7 @@ def format_table(metrics: dict) -> str:
     rows.append(("top-1 accuracy (95% CI)" if acc.final_top1_ci else "top-1 accuracy", pct(acc.teacher_top1, acc.teacher_top1_ci),
                  pct(acc.final_top1, acc.final_top1_ci)))
     rows.append(("sparsity", "0%", f"{100 * m.sparsity.achieved:.1f}%"))
-    rows.append(("file size", f"{size.teacher_fp32 / 1e6:.2f} MB", f"{size.final / 1e6:.2f} MB ({size.teacher_fp32 / size.final:.1f}x smaller)"))
+    rows.append(("file size", f"{size.teacher_fp32 / 1e6:.2f} MB", f"{size.final / 1e6:.2f} MB ({size_change(size.teacher_fp32, size.final)})"))
     sides = "PyTorch eager FP32 vs TorchScript INT8" if m.final_form == "int8" else "PyTorch eager FP32, both"
     for bs in sorted({r.batch for r in m.latency}):
         recs = {r.model: r for r in m.latency if r.batch == bs}
