@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from pqd.data.adapters import require_splits
 from pqd.errors import ModelError
 from pqd.stages.common import Student
 
@@ -36,6 +37,7 @@ def _with_record(student: Student, model, key: str, record: dict) -> Student:
 def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
                      augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None) -> tuple[Student, dict]:
     """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record)."""
+    data = require_splits(data, where="structured_prune(..., data=)")
     from pqd.structured.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
     from pqd.structured.importance import group_scores
     from pqd.structured.latency_model import Target, build
