@@ -128,3 +128,68 @@ def test_run_summary_names_the_latency_sides_and_the_test_set():
                                                   "variables": {"OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "PASSIVE"}}}
     assert "(latency timed in this shell's own threading environment, not the controlled one: OMP_WAIT_POLICY=PASSIVE)" \
         in format_table(inherited)
+
+
+
+
+@pytest.mark.parametrize("argv", [["run", "c.yaml", "--out", "r dir"], ["sweep", "s.yaml", "--out", "sw"], ["export", "r"]])
+def test_ctrl_c_prints_one_resume_line_and_exits_130(argv, monkeypatch, capsys):
+    import pqd.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pqd.cli, "_main", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"pqd: interrupted; finished steps are kept. Resume with: pqd {' '.join(argv)}"
+                                        .replace("r dir", "'r dir'")]
+
+
+@pytest.mark.slow
+def test_sigint_during_pqd_run_is_one_line_exit_130(tiny_config, tmp_path):
+    """A real Ctrl-C (SIGINT to the process group) while the teacher trains."""
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config | {"teacher": {"epochs": 50, "lr": 0.05}}))
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(_pqd("run", str(cfg_path), "--out", str(out)), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    target = out / "teacher.epoch.safetensors"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert target.exists(), "the teacher never finished an epoch"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"pqd: interrupted; finished steps are kept. Resume with: pqd run {cfg_path} --out {out}"
+
+
+def test_size_change_says_larger_when_the_file_grew():
+    from pqd.cli import size_change
+
+    assert size_change(10_000, 16_000) == "1.6x larger"
+    assert size_change(16_000, 4_000) == "4.0x smaller"
+    assert size_change(5, 5) == "the same size"
+
+
+def test_warning_lines_carry_a_level_marker_and_information_lines_none():
+    import logging
+
+    from pqd.cli import LevelMarkFormatter
+
+    f = LevelMarkFormatter("%(levelmark)s%(name)s: %(message)s")
+    make = lambda level: logging.LogRecord("pqd", level, __file__, 1, "msg", None, None)  # noqa: E731
+    assert f.format(make(logging.INFO)) == "pqd: msg"
+    assert f.format(make(logging.WARNING)) == "WARNING pqd: msg"
+    assert f.format(make(logging.ERROR)) == "ERROR pqd: msg"
+
+
+def test_a_module_path_without_factory_is_told_the_module_factory_form(capsys, tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name: mypkg.nets}\n")
+    assert main(["run", str(p), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "give its factory too: 'mypkg.nets:factory'" in err and "'resnet18'" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,53 @@ def test_schema_1_metrics_are_read_with_their_facts():
            "latency": [{"model": "teacher_fp32", "batch": 1, "median_ms": 2.0}]}
     m = Metrics.from_dict(old)
     assert (m.schema, m.stage_order, m.pruned, m.quantize_mode, m.stage_label) == (1, ["prune", "quantize"], True, "qat", "P>Q")
+
+
+def test_a_lower_lr_for_an_unfinished_stage_resumes_and_restarts_only_that_stage(tmp_path):
+    """After divergence the remedy is a lower lr: accepted for a stage that has not finished; its
+    partial epoch checkpoint and later stages restart, the teacher and finished stages are kept."""
+    cfg = {"stages": "P:1,Q:1,D:1", "model": {"name": "resnet18", "width": 0.125}, "teacher": {"epochs": 1}}
+    run = RunDir(tmp_path / "r")
+    run.check_config(RunConfig.from_dict(cfg))
+    names = ["prune", "quantize", "distill"]
+    done = [run.teacher_path, run.student_path(0, "prune")]
+    partial = run.stage_epoch_path(1, "quantize")
+    for p in done + [partial]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    lower = RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}})
+    run.check_config(lower)
+    assert yaml.safe_load(run.config_path.read_text())["quantize"]["lr"] == 0.0005
+    assert all(p.read_bytes() == b"x" for p in done) and not partial.exists()
+    with pytest.raises(ConfigError, match=r"different config \(differs at: prune.lr\)"):  # a finished stage
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "prune": {"lr": 0.001}}))
+    with pytest.raises(ConfigError, match=r"differs at: distill.lr, prune.sparsity"):  # not only an lr
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "distill": {"lr": 0.001},
+                                                    "prune": {"sparsity": 0.3}}))
+    with pytest.raises(ConfigError, match="teacher.lr"):  # the teacher finished
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "teacher": {"lr": 0.01}}))
+    assert names and run.student_path(0, "prune").exists()
+
+
+def test_torchscript_size_depends_on_the_process_counter_not_the_weights():
+    """Why a resumed run's model_int8.pt can differ by a few bytes (docs/TROUBLESHOOTING.md,
+    Reproducibility): the same module saved after more compilations in the process gets longer
+    mangled class names; the weights are equal."""
+    import io
+    import re
+
+    def saved(m):
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.trace(m, torch.zeros(1, 4)), buf)
+        return buf.getvalue()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    first = saved(model)
+    for _ in range(120):  # the other models an uninterrupted run compiles before its last one
+        saved(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+    later = saved(model)
+    counters = [sorted({int(x) for x in re.findall(rb"___torch_mangle_(\d+)", b)}) for b in (first, later)]
+    assert counters[0] != counters[1] and len(first) != len(later)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "TROUBLESHOOTING.md").read_text()
+    assert "whether interrupted or not, and the same `model_int8.pqdz` size" in doc and "`size_bytes`, whether" not in doc

@@ -137,7 +137,12 @@ class ModelConfig(Section):
         if ":" not in self.name:
             from pqd.registry import list_models
 
-            _choice("model.name", self.name, list_models())
+            names = list_models()
+            if self.name not in names:
+                dotted = "." in self.name and all(p.isidentifier() for p in self.name.split("."))
+                hint = (f"; for your own model give its factory too: '{self.name}:factory'" if dotted
+                        else "; or your own model as an import path 'package.module:factory'")
+                _fail("model.name", f"{self.name!r} is not valid; choose one of {', '.join(map(repr, names))}{hint}")
         else:
             module, _, attr = self.name.partition(":")
             if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):

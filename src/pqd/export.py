@@ -31,18 +31,19 @@ import copy
 import io
 import json
 import logging
-import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from pqd.errors import ConfigError, ModelError
+from pqd.fsguard import atomic_output, check_replaceable, safe_replace
 from pqd.rundir import LoadedRun, RunDir
 from pqd.runtimes import OPENVINO_PRECISION, OpenVinoRunner, OrtRunner, available, require  # noqa: F401 (re-exported)
 
@@ -190,8 +191,11 @@ def first_useful_line(text: str, limit: int = 300) -> str:
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, str] | None = None,
-                fold: bool = True) -> dict:
+                fold: bool = True, overwrite: bool = False) -> dict:
     """Export ``model`` (FP32 or FX reference INT8) to ONNX with a dynamic batch dimension.
+
+    An existing file at ``path`` is replaced only when pqd wrote it and nobody changed it
+    since, or with ``overwrite`` (:func:`pqd.fsguard.atomic_output`).
 
     Returns a small record: file name, bytes on disk, opset, node counts by type and, for a
     QDQ model, the number of weights folded to int8 initializers.
@@ -220,10 +224,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        onnx.save(proto, str(tmp))
     ops: dict[str, int] = {}
     for n in proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
@@ -338,6 +340,8 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
     sources = [run.deployed_file, student_file, rd.teacher_path]
     final_name = INT8_ONNX if run.quantized else FINAL_FP32_ONNX
     record_path = out / EXPORT_JSON
+    # before any work: never replace an export.json or ONNX file pqd did not write (the user's own)
+    check_replaceable([record_path, out / final_name, out / TEACHER_ONNX], overwrite=force)
     old: dict = {}
     if record_path.is_file() and not force:
         with contextlib.suppress(ValueError):
@@ -352,7 +356,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
         final_form = "int8_qdq" if run.quantized else "fp32"
         log.info("export: %s -> %s", student_file.name, final_name)
         final_rec = export_onnx(final_model, out / final_name, shape, metadata=_metadata(run, final_form) | _predict_meta(run, final_form),
-                                fold=run.quantized)
+                                fold=run.quantized, overwrite=force)
         final_rec.update(form=final_form, source=str(student_file.relative_to(out)))
         if run.quantized:
             zeros = int8_initializer_zeros(out / final_name)
@@ -360,7 +364,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
             final_rec["int8_weight_zero_fraction"] = z / n if n else None
         log.info("export: teacher -> %s", TEACHER_ONNX)
         teacher_rec = export_onnx(run.teacher, out / TEACHER_ONNX, shape, metadata=_metadata(run, "fp32") | _predict_meta(run, "fp32"),
-                                  fold=False)
+                                  fold=False, overwrite=force)
         teacher_rec.update(form="fp32", source=rd.TEACHER)
         record = {
             "schema": EXPORT_SCHEMA,
@@ -375,9 +379,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
         }
     if check:
         _run_checks(record, run, out, final_name, openvino, ort=ort)
-    from pqd.train.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())
+    safe_replace(record_path, json.dumps(record, indent=2).encode(), overwrite=force)
     return record
 
 
@@ -389,6 +391,21 @@ def _predict_meta(run: LoadedRun, form: str) -> dict[str, str]:
     d = run.data
     return onnx_metadata(deployable_meta(mean=d.mean, std=d.std, class_names=d.test.classes, input_shape=d.image_shape,
                                          normalization="outside", extra={"form": form, "model": run.config.model.name}))
+
+
+SCRATCH_PREFIX, SCRATCH_SUFFIX = ".pqd-export-", ".tmp"  # hidden, and a name pqd's run-folder guard treats as its own
+
+
+@contextlib.contextmanager
+def scratch_dir(run_dir: Path) -> Iterator[str]:
+    """A scratch folder inside the run folder (never in the system temp folder, where a killed
+    export would leave it behind unnoticed), removed afterwards; a previous, killed export's
+    scratch folders are removed first."""
+    for old in Path(run_dir).glob(f"{SCRATCH_PREFIX}*{SCRATCH_SUFFIX}"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, suffix=SCRATCH_SUFFIX, dir=run_dir) as tmp:
+        yield tmp
 
 
 def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None, *, ort: bool = True) -> None:
@@ -412,7 +429,7 @@ def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvi
     ref_teacher = run_logits(run.teacher, d.test, mean=d.mean, std=d.std)
     final_ref_name = "pytorch_int8 (model_int8.pt)" if run.quantized else "pytorch_fp32 (final student)"
     threads = max(1, torch.get_num_threads())
-    with tempfile.TemporaryDirectory(prefix="pqd-export-") as tmp:
+    with scratch_dir(out) as tmp:
         refs = {form: str(Path(tmp) / "final.safetensors"), "fp32": str(Path(tmp) / "teacher.safetensors")}
         save_file({"logits": ref_final.contiguous()}, refs[form])
         save_file({"logits": ref_teacher.contiguous()}, refs["fp32"])

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from pqd.errors import CheckpointError, DataError, PqdError
+from pqd.data.folder import check_bit_depth
+from pqd.errors import CheckpointError, ConfigError, DataError, PqdError
 from pqd.deployable import (  # noqa: F401  (re-exported: the deployable format)
     DEPLOYABLE_NAMES,
     FORMAT,
@@ -142,6 +143,7 @@ def load_image(path: str | Path, *, size: tuple[int, int], channels: int) -> tor
     h, w = size
     try:
         with Image.open(path) as img:
+            check_bit_depth(img, repr(str(path)))  # the training loader's rule: never a clipped image
             img = img.convert("RGB" if channels == 3 else "L")
             s = max(h / img.height, w / img.width)
             nh, nw = max(h, round(img.height * s)), max(w, round(img.width * s))
@@ -181,8 +183,10 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
     dep = source if isinstance(source, Deployable) else load_deployable(source)
     c, h, w = dep.input_shape
     names = dep.class_names
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k = {top_k!r}: give how many best classes to list, 1 or more")
     paths = _expand(image_paths)
-    k = max(1, min(top_k, len(names)))
+    k = min(top_k, len(names))
     out: list[dict[str, Any]] = []
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
@@ -200,13 +204,23 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
     return out
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of classes, 1 or more, got {text!r}")
+    return value
+
+
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """``pqd predict RUN_DIR|MODEL IMAGE... [--top-k K] [--json]``."""
     parser = argparse.ArgumentParser(prog="pqd predict", description="classify images with a finished run's deployable model, "
                                      "the way a user of the exported file would (preprocessing from the file)")
     parser.add_argument("model", type=Path, help="run folder, or a model_int8.pt / .onnx file written by pqd")
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
-    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--top-k", type=_positive_int, default=1, help="list the K best classes (K >= 1; default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     args = parser.parse_args(argv)
     try:

@@ -61,7 +61,7 @@ import yaml
 
 from pqd.config import RunConfig, apply_overrides
 from pqd.errors import ConfigError, PqdError, StorageError
-from pqd.fsguard import record_written, safe_replace, storage_errors
+from pqd.fsguard import atomic_output, record_written, safe_replace, storage_errors
 from pqd.metrics import Metrics
 from pqd.rundir import RunDir, claim_dir, comparable_config, with_teacher_base
 from pqd.safeyaml import MAX_GRID, grid_size_guard, load_yaml
@@ -492,6 +492,9 @@ class ResultTable:
         self.path = Path(path)
         with storage_errors(self.path):  # disk full / read-only / locked: a clear StorageError
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():  # made under a temporary name: a full disk never leaves a 0-byte table
+                with atomic_output(self.path) as tmp, contextlib.closing(sqlite3.connect(tmp)) as conn, conn as db:
+                    db.execute(f"CREATE TABLE runs ({', '.join(f'{n} {t}' for n, t in COLUMNS)})")
             with contextlib.closing(self._connect()) as conn, conn as db:
                 db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{n} {t}' for n, t in COLUMNS)})")
                 have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}

@@ -46,9 +46,20 @@ def test_item1_run_never_overwrites_users_config(tiny: Path, tmp_path: Path):
     p.mkdir()
     (p / "config.yaml").write_text("db: {password: x}\n")
     r = pqd("run", str(tiny), "--out", str(p), "--set", "train.batch_size=100000")
-    assert r.returncode == 2 and ("pqd did not write" in r.stderr or "not a pqd run's output" in r.stderr), r.stderr
+    assert r.returncode == 2 and ("pqd did not write" in r.stderr or "no .pqd-run marker" in r.stderr), r.stderr
     assert (p / "config.yaml").read_text() == "db: {password: x}\n"
     assert sorted(x.name for x in p.iterdir()) == ["config.yaml"]  # no env.json, no log.txt
+
+
+def test_run_never_replaces_users_own_pqd_config(tiny: Path, tmp_path: Path):
+    p = tmp_path / "mine"
+    p.mkdir()
+    text = "# hand-written\n" + yaml.safe_dump({**TINY, "teacher": {**TINY.get("teacher", {}), "epochs": 7}})
+    (p / "config.yaml").write_text(text)
+    r = pqd("run", str(tiny), "--out", str(p))
+    assert r.returncode == 2 and "no .pqd-run marker" in r.stderr, r.stderr
+    assert (p / "config.yaml").read_text() == text
+    assert sorted(x.name for x in p.iterdir()) == ["config.yaml"]
 
 
 def test_item1_sweep_never_rewrites_users_sweep_file(tiny: Path, tmp_path: Path):

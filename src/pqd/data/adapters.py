@@ -19,7 +19,7 @@ from pqd.data import channel_stats
 from pqd.data.base import Dataset, Splits
 from pqd.errors import DataError
 
-__all__ = ["as_dataset", "as_splits"]
+__all__ = ["as_dataset", "as_splits", "require_splits"]
 
 _TOLERANCE = 1.0 / 512  # float images off [0, 1] by less than half a uint8 step are rounding noise
 
@@ -120,6 +120,16 @@ def as_dataset(
     if int(y.max()) >= len(classes):
         raise DataError(f"label {int(y.max())} is outside the {len(classes)} classes {tuple(classes)[:10]}")
     return Dataset(x.contiguous(), y, tuple(classes))
+
+
+def require_splits(data: Any, *, where: str) -> Splits:
+    """``data`` when it is a :class:`pqd.data.Splits`; anything else (a ``DataLoader``, a
+    dataset...) is refused with a :class:`DataError` that names the adapter, instead of an
+    ``AttributeError`` deep inside training."""
+    if isinstance(data, Splits):
+        return data
+    raise DataError(f"{where} takes a pqd.data.Splits, got a {type(data).__module__}.{type(data).__name__}; wrap your data "
+                    "with pqd.data.adapters.as_splits(train_loader, test=test_loader) first")
 
 
 def as_splits(

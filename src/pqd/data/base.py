@@ -9,6 +9,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from pqd.errors import DataError
+
 log = logging.getLogger("pqd.data")
 
 
@@ -27,13 +29,14 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise ValueError(f"Dataset.x must be uint8 [N, C, H, W], got {self.x.dtype} {tuple(self.x.shape)}")
+            raise DataError(f"Dataset.x must be uint8 [N, C, H, W], got {self.x.dtype} {tuple(self.x.shape)}; for float images "
+                            "or a DataLoader use pqd.data.adapters.as_dataset / as_splits, which convert them")
         if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
-            raise ValueError(f"Dataset.y must be int64 [{self.x.shape[0]}], got {self.y.dtype} {tuple(self.y.shape)}")
+            raise DataError(f"Dataset.y must be int64 [{self.x.shape[0]}], got {self.y.dtype} {tuple(self.y.shape)}")
         object.__setattr__(self, "x", self.x.contiguous())
         object.__setattr__(self, "classes", tuple(self.classes))
         if len(self.y) and not (0 <= int(self.y.min()) and int(self.y.max()) < len(self.classes)):
-            raise ValueError(f"Dataset.y has labels outside [0, {len(self.classes)})")
+            raise DataError(f"Dataset.y has labels outside [0, {len(self.classes)})")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

@@ -18,18 +18,25 @@ from pqd.errors import DataError
 
 SPLITS = ("train", "test")
 LAYOUT = "train/<class>/* and test/<class>/*"
+MAX_MEMBER_BYTES = 64 << 20  # one image file in an archive; a bigger member is not an image pqd could use
 
 # split -> class -> [(display name, bytes or path)]
 _Files = dict[str, dict[str, list[tuple[str, "bytes | Path"]]]]
+
+
+def check_bit_depth(im: Image.Image, name: str) -> None:
+    """Refuse a 16-bit or floating-point image: PIL's ``convert("RGB")`` would clip it to 0/255 (a
+    silently white image). The one rule for training data and ``pqd predict``."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        raise DataError(f"image {name} has {im.mode} pixels (16-bit or floating point); pqd reads 8-bit images "
+                        "and would clip it. Convert it to 8-bit RGB (or grey) first.")
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one image file to a uint8 ``[H, W, 3]`` RGB array (grey/RGBA/palette are converted)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert("RGB") would clip these to 0/255
-                raise DataError(f"image {name} has {im.mode} pixels (16-bit or floating point); pqd reads 8-bit images "
-                                "and would clip it. Convert it to 8-bit RGB (or grey) first.")
+            check_bit_depth(im, name)
             if im.mode != "RGB":
                 im = im.convert("RGB")
             return np.asarray(im)
@@ -45,7 +52,13 @@ def iter_tar(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, boo
                 if m.isdir():
                     yield m.name, True, None
                 elif m.isfile():
-                    data = tf.extractfile(m).read() if want(m.name) else None  # type: ignore[union-attr]
+                    data = None
+                    if want(m.name):
+                        if m.size > MAX_MEMBER_BYTES:  # never read a member whole into memory past the cap
+                            raise DataError(
+                                f"archive {path}: member {m.name} is {m.size:,} bytes, more than the "
+                                f"{MAX_MEMBER_BYTES >> 20} MiB an image file may have; remove it from the archive")
+                        data = tf.extractfile(m).read(MAX_MEMBER_BYTES + 1)  # type: ignore[union-attr]
                     yield m.name, False, data
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(f"archive {path} is corrupt or truncated ({exc}); download or create it again") from None
@@ -155,6 +168,9 @@ def _assemble(path: Path, files: _Files, dirs: dict[str, set[str]]) -> Raw:
             diff.append(f"only in test/: {', '.join(sorted(test_cls - train_cls))}")
         raise DataError(f"train/ and test/ in {path} have different classes ({'; '.join(diff)}); both need the same class folders")
     classes = tuple(sorted(train_cls))
+    if len(classes) < 2:
+        raise DataError(f"{path} has one class folder ({classes[0]}); a classifier needs at least 2 classes. "
+                        f"Add a folder per class under both train/ and test/ ({LAYOUT})")
     first: tuple[str, tuple[int, ...]] | None = None
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in SPLITS:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pqd.data.adapters import require_splits
 from pqd.errors import ModelError
 from pqd.qoptions import quant_options
 from pqd.stages.common import Student
@@ -55,6 +56,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
     ``quantize_config`` (:class:`pqd.config.QuantizeConfig`): how the later quantize stage will
     quantize the model (leaf modules, weight options, activation range); the latency model
     measures INT8 models quantized the same way (default: pqd's defaults)."""
+    data = require_splits(data, where="structured_prune(..., data=)")
     from pqd.structured.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
     from pqd.structured.importance import group_scores
     from pqd.structured.latency_model import build

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pqd.config import TrainConfig
 from pqd.data import Splits, batches
+from pqd.data.adapters import require_splits
 from pqd.integrations.tracking import Tracker
 from pqd.sparsity import Masks, as_masks, masked_weight
 from pqd.errors import CheckpointError
@@ -101,6 +102,7 @@ def train(
     ``tracker`` (:mod:`pqd.integrations.tracking`) receives ``<tag>.loss``, ``<tag>.train_top1``,
     ``<tag>.images_per_s`` and ``<tag>.lr`` after every epoch, with the epoch as step.
     """
+    data = require_splits(data, where="pqd.train.train(model, data)")
     caller_masks = {} if masks is None else masks
     masks = as_masks(model, caller_masks)
     loss_fn = loss_fn or cross_entropy(config.label_smoothing)
