@@ -369,7 +369,8 @@ def _predict_meta(run: LoadedRun, form: str) -> dict[str, str]:
 
     d = run.data
     return onnx_metadata(deployable_meta(mean=d.mean, std=d.std, class_names=d.test.classes, input_shape=d.image_shape,
-                                         normalization="outside", extra={"form": form, "model": run.config.model.name}))
+                                         normalization="outside", extra={"form": form, "model": run.config.model.name},
+                                         preprocess=d.preprocess))
 
 
 def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None, *, ort: bool = True) -> None:

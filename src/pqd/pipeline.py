@@ -332,7 +332,8 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         save_compact(int8, run.compact_path, meta={
             "model": config.model.name, "width": config.model.width, "num_classes": data.num_classes,
             "image_shape": list(data.image_shape), "quantize_mode": final.form, "dataset": data.name,
-            "mean": list(data.mean), "std": list(data.std), "class_names": [str(c) for c in data.test.classes]})
+            "mean": list(data.mean), "std": list(data.std), "class_names": [str(c) for c in data.test.classes],
+            **({"preprocess": data.preprocess} if data.preprocess else {})})
         verify_compact(run.compact_path, int8)  # decodes it and compares bit for bit
         compact = {"compact_int8": file_bytes(run.compact_path), "compact_file": run.compact_path.name}
         quantization = Quantization(backend="x86", float_modules=float_modules(int8))
@@ -410,7 +411,7 @@ def _deploy_meta(config: RunConfig, data: Splits, *, form: str | None = None, no
 
     extra = {"model": config.model.name, "stages": config.stage_string()} | ({"form": form} if form else {})
     return deployable_meta(mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape,
-                           normalization=normalization, extra=extra)
+                           normalization=normalization, extra=extra, preprocess=data.preprocess)
 
 
 def int8_sparsity(int8: nn.Module, student: Student) -> float | None:
