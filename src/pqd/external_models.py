@@ -56,4 +56,41 @@ def create_external(name: str, *, num_classes: int, width: float = 1.0, dropout:
     timm = _import("timm")
     if not timm.is_model(arch):
         raise ModelError(f"timm has no model {arch!r}; choose one of timm.list_models(), e.g. efficientnet_b0, regnetx_002")
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    split_norm_act(model, timm.layers.BatchNormAct2d)
+    return model
+
+
+class NormAct(nn.Sequential):
+    """timm's ``BatchNormAct2d`` as three modules: ``nn.BatchNorm2d``, dropout, activation.
+
+    FX traces through ``BatchNormAct2d`` into a functional batch norm with the training flag of
+    the moment baked in, so it neither fuses into the convolution nor quantizes; split, the
+    batch norm folds into the convolution and the activation is quantized (or listed in
+    ``quantization.float_modules``). timm's flat keys (``bn1.weight``) load into it
+    (``bn1.0.weight``)."""
+
+    KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, src: nn.BatchNorm2d) -> None:
+        bn = nn.BatchNorm2d(src.num_features, eps=src.eps, momentum=src.momentum, affine=src.affine,
+                            track_running_stats=src.track_running_stats)
+        bn.load_state_dict({k: v for k, v in src.state_dict().items() if k in self.KEYS})
+        super().__init__(bn, getattr(src, "drop", nn.Identity()), getattr(src, "act", nn.Identity()))
+        self._register_load_state_dict_pre_hook(self._flat_keys)
+
+    def _flat_keys(self, state_dict, prefix, *args) -> None:
+        for k in self.KEYS:
+            if prefix + k in state_dict:
+                state_dict[prefix + "0." + k] = state_dict.pop(prefix + k)
+
+
+def split_norm_act(model: nn.Module, kind: type) -> int:
+    """Replace every module of exactly type ``kind`` (timm's ``BatchNormAct2d``) by :class:`NormAct`;
+    returns how many."""
+    targets = [name for name, m in model.named_modules() if type(m) is kind]
+    for name in targets:
+        parent, _, attr = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        setattr(holder, attr, NormAct(getattr(holder, attr)))
+    return len(targets)

@@ -35,7 +35,7 @@ from pqd.stages.quantize import float_modules
 from pqd.stages.registry import StageContext, get_stage
 from pqd.train import train
 from pqd.deployable import deployable_torchscript, normalized_callable, save_torchscript
-from pqd.train.checkpoint import load_weights, save_checkpoint
+from pqd.train.checkpoint import load_weights, save_checkpoint, state_dict_mismatch
 from pqd.train.loop import default_device, masked_weight
 
 log = logging.getLogger("pqd")
@@ -127,11 +127,12 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
                 f"teacher.weights {config.teacher.weights!r} has {state[head].shape[0]} outputs at {head!r}, but dataset "
                 f"{data.name} has {data.num_classes} classes ({shown}); give weights trained on these classes, or leave "
                 "teacher.weights unset to train the teacher")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
+        mismatch = state_dict_mismatch(model, state)
+        if mismatch:
             raise CheckpointError(f"teacher.weights {config.teacher.weights!r} does not fit model {config.model.name!r} "
-                                  f"with {data.num_classes} classes: {str(exc)[:400]}") from None
+                                  f"with {data.num_classes} classes: {mismatch}. Give weights saved from this architecture "
+                                  "(model.name, model.width) as a state_dict")
+        model.load_state_dict(state)
     else:
         train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
               checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", amp=True, augment=config.data.augment,
