@@ -11,6 +11,7 @@ from pqd.config import ModelConfig
 from pqd.errors import ModelError, UntrustedCodeError
 from pqd.qat import convert, float_modules, prepare_qat
 from pqd.registry import create_model
+from pqd.structured.graph import ChannelGraph, prune_to_widths
 from pqd.train.checkpoint import load_weights, state_dict_mismatch
 from pqd.trustpolicy import check_config_code, is_import_path
 
@@ -99,3 +100,17 @@ def test_fx_int8_and_float_modules(name, kw, float_types):
     if not float_types:
         assert float_modules(int8) == []
 
+
+
+@pytest.mark.parametrize("name, kw", [("torchvision:mobilenet_v3_small", {"width": 0.5}), ("timm:test_efficientnet", {})])
+def test_channel_groups_through_depthwise_and_se_prune_and_quantize(name, kw):
+    pytest.importorskip("torch_pruning")
+    x = torch.randn(2, 3, 32, 32)
+    model = create_model(name, num_classes=3, **kw).eval()
+    graph = ChannelGraph(model, x)
+    keep = {g.id: max(8, g.channels // 2) for g in graph.groups}
+    pruned = prune_to_widths(model, keep, example=x, round_to=8)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters()) / 2
+    qat = prepare_qat(pruned, x)
+    qat(x)
+    assert convert(qat.eval())(x).shape == (2, 3)
