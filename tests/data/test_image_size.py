@@ -100,7 +100,7 @@ def test_streaming_gives_the_in_memory_batches(folder):
         a = list(batches(mem.train, generator=torch.Generator().manual_seed(3), **kw))
         b = list(batches(streamed.train, generator=torch.Generator().manual_seed(3), **kw))
         assert len(a) == len(b) == 5
-        for (xa, ya), (xb, yb) in zip(a, b):
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 

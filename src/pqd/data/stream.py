@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pqd.data.base import Dataset, log
+from pqd.data.base import Dataset
 from pqd.data.folder import decode_image, read_source
 from pqd.data.transforms import apply_rrc, draw_rrc
 
@@ -129,7 +129,7 @@ def stream_batches(ds: FileDataset, order: torch.Tensor, *, batch_size: int, sca
             idx = order[start:start + batch_size].tolist()
             if augment:
                 draws = draw_rrc(len(idx), ds.image_size, scale=rrc, hflip=hflip, generator=generator)
-                yield list(zip(idx, draws))
+                yield list(zip(idx, draws, strict=True))
             else:
                 yield idx
 

@@ -56,13 +56,13 @@ def draw_rrc(b: int, size: int, *, scale: tuple[float, float], hflip: bool, gene
     for i in range(b):
         u = torch.rand(ATTEMPTS, 4, generator=generator).tolist()
         box = (0, 0, size, size)  # fallback: the whole image
-        for a, r, t, l in u:
+        for a, r, t, lft in u:
             target = area * (scale[0] + a * (scale[1] - scale[0]))
             aspect = math.exp(log_ratio[0] + r * (log_ratio[1] - log_ratio[0]))
             w = int(round(math.sqrt(target * aspect)))
             h = int(round(math.sqrt(target / aspect)))
             if 0 < w <= size and 0 < h <= size:
-                box = (int(t * (size - h + 1)), int(l * (size - w + 1)), h, w)
+                box = (int(t * (size - h + 1)), int(lft * (size - w + 1)), h, w)
                 break
         out[i, :4] = torch.tensor(box)
     if hflip:
