@@ -4,6 +4,7 @@ path (in memory, streamed, pqd predict, the deployable file), streaming == in me
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 
@@ -87,10 +88,13 @@ def test_predict_and_deployable_see_the_training_eval_tensor(folder, tmp_path):
     assert got == want.tolist()
 
 
-def test_streaming_gives_the_in_memory_batches(folder):
+def test_streaming_gives_the_in_memory_batches(folder, caplog):
     root, _ = folder
+    caplog.set_level(logging.INFO, logger="pqd.data")
     mem = load_data(_cfg(root, max_memory_gb=10.0))
+    assert "within data.max_memory_gb=10: decoding them into memory" in caplog.text
     streamed = load_data(_cfg(root, max_memory_gb=0.0))
+    assert "over data.max_memory_gb=0: streaming them from disk" in caplog.text
     assert isinstance(streamed.train, FileDataset) and isinstance(streamed.test, FileDataset)
     assert not isinstance(mem.train, FileDataset)
     # mean/std from the same images (all of them: fewer than the streaming sample)
