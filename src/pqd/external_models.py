@@ -31,6 +31,9 @@ def _import(library: str) -> Any:
         return importlib.import_module(library)
     except ImportError as exc:
         raise ModelError(f"model names '{library}:...' need {library}: pip install 'pqd[{library}]' ({exc})") from None
+    except RuntimeError as exc:  # e.g. a torchvision build for another torch: its compiled ops do not load
+        raise ModelError(f"{library} is installed but cannot be imported ({str(exc)[:200]}); install the {library} "
+                         "build made for this torch version") from None
 
 
 def create_external(name: str, *, num_classes: int, width: float = 1.0, dropout: float = 0.0, **kwargs: Any) -> nn.Module:

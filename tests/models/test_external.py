@@ -15,8 +15,11 @@ from pqd.structured.graph import ChannelGraph, prune_to_widths
 from pqd.train.checkpoint import load_weights, state_dict_mismatch
 from pqd.trustpolicy import check_config_code, is_import_path
 
-torchvision = pytest.importorskip("torchvision")
-timm = pytest.importorskip("timm")
+try:  # a torchvision built for another torch raises RuntimeError on import: skip, as for a missing one
+    import timm
+    import torchvision
+except (ImportError, RuntimeError) as exc:
+    pytest.skip(f"torchvision/timm not importable: {exc}", allow_module_level=True)
 
 
 def test_torchvision_model_by_name_with_width_and_classes():

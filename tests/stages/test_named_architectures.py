@@ -20,8 +20,11 @@ from pqd.pipeline import run_pipeline
 from pqd.predict import load_deployable, predict_files
 from pqd.rundir import RunDir
 
-pytest.importorskip("torchvision")
-pytest.importorskip("timm")
+try:  # a torchvision built for another torch raises RuntimeError on import: skip, as for a missing one
+    import timm  # noqa: F401
+    import torchvision  # noqa: F401
+except (ImportError, RuntimeError) as exc:
+    pytest.skip(f"torchvision/timm not importable: {exc}", allow_module_level=True)
 
 _spec = importlib.util.spec_from_file_location("mixedfolder", Path(__file__).parents[1] / "data" / "mixedfolder.py")
 mixedfolder = importlib.util.module_from_spec(_spec)
