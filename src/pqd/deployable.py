@@ -89,9 +89,13 @@ def deployable_meta(
     input_shape: Sequence[int],
     normalization: str = "inside",
     extra: dict[str, Any] | None = None,
+    preprocess: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record a deployable carries. ``normalization``: "inside" (the file takes raw
-    uint8 [0,255] or float [0,1] images) or "outside" (it takes normalised float32)."""
+    uint8 [0,255] or float [0,1] images) or "outside" (it takes normalised float32).
+    ``preprocess``: how an image file becomes the input (``data.image_size`` runs:
+    :func:`pqd.data.transforms.preprocess_record`, shorter-side resize + centre crop); absent,
+    ``pqd predict`` resizes the shorter side to the input size and centre-crops."""
     if normalization not in ("inside", "outside"):
         raise ValueError(f"normalization must be 'inside' or 'outside', got {normalization!r}")
     raw = "uint8 [0, 255] or float32 [0, 1]"
@@ -102,6 +106,7 @@ def deployable_meta(
                   "normalization": normalization},
         "mean": [float(m) for m in mean], "std": [float(s) for s in std],
         "class_names": [str(n) for n in class_names],
+        **({"preprocess": dict(preprocess)} if preprocess else {}),
         **(extra or {}),
     }
 

@@ -390,7 +390,8 @@ def _predict_meta(run: LoadedRun, form: str) -> dict[str, str]:
 
     d = run.data
     return onnx_metadata(deployable_meta(mean=d.mean, std=d.std, class_names=d.test.classes, input_shape=d.image_shape,
-                                         normalization="outside", extra={"form": form, "model": run.config.model.name}))
+                                         normalization="outside", extra={"form": form, "model": run.config.model.name},
+                                         preprocess=d.preprocess))
 
 
 SCRATCH_PREFIX, SCRATCH_SUFFIX = ".pqd-export-", ".tmp"  # hidden, and a name pqd's run-folder guard treats as its own

@@ -39,7 +39,7 @@ from pqd.stages.quantize import float_modules
 from pqd.stages.registry import StageContext, get_stage
 from pqd.train import train
 from pqd.deployable import deployable_torchscript, normalized_callable, save_torchscript
-from pqd.train.checkpoint import load_weights, save_checkpoint
+from pqd.train.checkpoint import load_weights, save_checkpoint, state_dict_mismatch
 from pqd.train.loop import default_device, masked_weight
 
 log = logging.getLogger("pqd")
@@ -134,11 +134,12 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
                 f"teacher.weights {config.teacher.weights!r} has {state[head].shape[0]} outputs at {head!r}, but dataset "
                 f"{data.name} has {data.num_classes} classes ({shown}); give weights trained on these classes, or leave "
                 "teacher.weights unset to train the teacher")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
+        mismatch = state_dict_mismatch(model, state)
+        if mismatch:
             raise CheckpointError(f"teacher.weights {config.teacher.weights!r} does not fit model {config.model.name!r} "
-                                  f"with {data.num_classes} classes: {str(exc)[:400]}") from None
+                                  f"with {data.num_classes} classes: {mismatch}. Give weights saved from this architecture "
+                                  "(model.name, model.width) as a state_dict")
+        model.load_state_dict(state)
     else:
         train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
               checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", amp=True, augment=config.data.augment,
@@ -342,7 +343,8 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         save_compact(int8, run.compact_path, meta={
             "model": config.model.name, "width": config.model.width, "num_classes": data.num_classes,
             "image_shape": list(data.image_shape), "quantize_mode": final.form, "dataset": data.name,
-            "mean": list(data.mean), "std": list(data.std), "class_names": [str(c) for c in data.test.classes]})
+            "mean": list(data.mean), "std": list(data.std), "class_names": [str(c) for c in data.test.classes],
+            **({"preprocess": data.preprocess} if data.preprocess else {})})
         verify_compact(run.compact_path, int8)  # decodes it and compares bit for bit
         compact = {"compact_int8": file_bytes(run.compact_path), "compact_file": run.compact_path.name}
         quantization = Quantization(backend="x86", float_modules=float_modules(int8))
@@ -432,7 +434,7 @@ def _deploy_meta(config: RunConfig, data: Splits, *, form: str | None = None, no
 
     extra = {"model": config.model.name, "stages": config.stage_string()} | ({"form": form} if form else {})
     return deployable_meta(mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape,
-                           normalization=normalization, extra=extra)
+                           normalization=normalization, extra=extra, preprocess=data.preprocess)
 
 
 def int8_sparsity(int8: nn.Module, student: Student) -> float | None:

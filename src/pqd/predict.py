@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pqd.data.folder import check_bit_depth
+from pqd.data.folder import check_bit_depth, decode_image
 from pqd.errors import CheckpointError, ConfigError, DataError, PqdError
 from pqd.deployable import (  # noqa: F401  (re-exported: the deployable format)
     DEPLOYABLE_NAMES,
@@ -54,7 +54,8 @@ def _legacy_meta(run_dir: Path) -> dict[str, Any] | None:
         return None
     n = int(cm.get("num_classes") or 0)
     names = cm.get("class_names") or [str(i) for i in range(n)]
-    return deployable_meta(mean=cm["mean"], std=cm["std"], class_names=names, input_shape=cm["image_shape"], normalization="outside")
+    return deployable_meta(mean=cm["mean"], std=cm["std"], class_names=names, input_shape=cm["image_shape"], normalization="outside",
+                           preprocess=cm.get("preprocess"))
 
 
 def _find_model(source: Path) -> Path:
@@ -134,13 +135,26 @@ def _load_onnx(path: Path) -> Deployable:
 # --------------------------------------------------------------------------- images
 
 
-def load_image(path: str | Path, *, size: tuple[int, int], channels: int) -> torch.Tensor:
+def load_image(path: str | Path, *, size: tuple[int, int], channels: int, preprocess: dict[str, Any] | None = None) -> torch.Tensor:
     """Decode ``path`` to uint8 ``[channels, H, W]``: shorter side resized to fit, then a
-    centre crop to ``size`` (H, W). Unreadable files raise :class:`DataError`."""
+    centre crop to ``size`` (H, W). With a deployable's ``preprocess`` record (``data.image_size``
+    runs), exactly the evaluation crop of training (:func:`pqd.data.transforms.eval_crop`).
+    Unreadable files raise :class:`DataError`."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     h, w = size
+    if preprocess is not None:
+        crop, resize = int(preprocess["center_crop"]), int(preprocess["resize_shorter"])
+        if (crop, crop) != (h, w) or channels != 3:
+            raise CheckpointError(f"preprocess record {preprocess} does not match the model input {channels}x{h}x{w}")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"image {str(path)!r} does not exist") from None
+        except OSError as exc:
+            raise DataError(f"image {str(path)!r} cannot be read: {exc}") from None
+        return torch.from_numpy(decode_image(data, str(path), crop=(crop, resize)).transpose(2, 0, 1).copy())
     try:
         with Image.open(path) as img:
             check_bit_depth(img, repr(str(path)))  # the training loader's rule: never a clipped image
@@ -191,7 +205,7 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
-            x = torch.stack([load_image(p, size=(h, w), channels=c) for p in chunk])
+            x = torch.stack([load_image(p, size=(h, w), channels=c, preprocess=dep.meta.get("preprocess")) for p in chunk])
             logits = dep.run(x)
             if logits.ndim != 2 or logits.shape[1] != len(names):
                 raise CheckpointError(f"{dep.path}: the model gives logits of shape {tuple(logits.shape)} "

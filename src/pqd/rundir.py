@@ -78,7 +78,7 @@ REPORT_FILES = ("report.md", "report.html", "plots")
 
 # Settings that change no trained result: a resume ignores differences in them (item 4 of issue 11).
 RESULT_NEUTRAL_KEYS = ("train.progress", "train.tracker", "train.tracker_dir", "train.threads", "train.eval_batch_size",
-                       "data.cache_dir", "measure")
+                       "data.cache_dir", "data.workers", "data.max_memory_gb", "measure")
 
 _SHARED_TEACHER = re.compile(r"(^|/)(runs/teacher-[0-9A-Za-z_-]+/teacher\.safetensors)$")
 

@@ -18,13 +18,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from pqd.errors import ModelError, UntrustedCodeError
+from pqd.external_models import is_external
 
 __all__ = ["is_import_path", "resolve_model_name", "check_config_code"]
 
 
 def is_import_path(name: str) -> bool:
-    """True for ``package.module:factory`` (anything with a colon); False for registry names."""
-    return ":" in name
+    """True for ``package.module:factory`` (anything with a colon); False for registry names and
+    for ``torchvision:<name>`` / ``timm:<name>`` (architectures of installed libraries, built by name)."""
+    return ":" in name and not is_external(name)
 
 
 def resolve_model_name(name: Any, *, allow_import: bool, source: str | None = None) -> str:

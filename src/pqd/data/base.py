@@ -42,6 +42,11 @@ class Dataset:
         return int(self.x.shape[0])
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x.shape[1:]
+        return (int(c), int(h), int(w))
+
+    @property
     def nbytes(self) -> int:
         """Bytes of images plus labels (what a device-resident copy occupies)."""
         return self.x.numel() * self.x.element_size() + self.y.numel() * self.y.element_size()
@@ -82,7 +87,11 @@ def _device_key(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Splits:
-    """Train / optional val / test datasets plus train-set normalisation statistics."""
+    """Train / optional val / test datasets plus train-set normalisation statistics.
+
+    With ``data.image_size``: ``preprocess`` is the evaluation preprocessing the deployables carry
+    (:func:`pqd.data.transforms.preprocess_record`), ``crop_scale`` the RandomResizedCrop area range of
+    training, and the datasets may be :class:`pqd.data.stream.FileDataset` (streamed from disk)."""
 
     name: str
     train: Dataset
@@ -91,6 +100,8 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool
+    preprocess: dict | None = None
+    crop_scale: tuple[float, float] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -98,8 +109,7 @@ class Splits:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train.x.shape[1:]
-        return (int(c), int(h), int(w))
+        return self.train.image_shape
 
 
 class Raw(NamedTuple):

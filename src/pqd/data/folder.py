@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pqd.data.base import Raw
+from pqd.data.transforms import eval_crop
 from pqd.errors import DataError
 
 SPLITS = ("train", "test")
@@ -32,14 +33,17 @@ def check_bit_depth(im: Image.Image, name: str) -> None:
                         "and would clip it. Convert it to 8-bit RGB (or grey) first.")
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Decode one image file to a uint8 ``[H, W, 3]`` RGB array (grey/RGBA/palette are converted)."""
+def decode_image(data: bytes, name: str, *, crop: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode one image file to a uint8 ``[H, W, 3]`` RGB array (grey/RGBA/palette are converted;
+    16-bit and float images are refused by :func:`check_bit_depth`). ``crop=(image_size, resize_size)``:
+    then the evaluation crop of :func:`pqd.data.transforms.eval_crop`, ``[image_size, image_size, 3]``."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             check_bit_depth(im, name)
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im)
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            if crop is not None:
+                return eval_crop(rgb, image_size=crop[0], resize_size=crop[1])
+            return np.asarray(rgb)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {name}: {exc}. Replace or delete that file.") from None
 
@@ -152,7 +156,24 @@ def _scan_tar(path: Path) -> tuple[_Files, dict[str, set[str]]]:
     return files, dirs
 
 
-def _assemble(path: Path, files: _Files, dirs: dict[str, set[str]]) -> Raw:
+def list_image_folder(path: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, bytes | Path, int]]]]:
+    """``(classes, {split: [(display name, bytes or path, label)]})`` of an image folder (directory or
+    tar archive; a tar's files are read into memory), in a fixed order, without decoding any image."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist; set data.root to a directory or .tar.gz with {LAYOUT}")
+    if path.is_dir():
+        files, dirs = _scan_dir(path)
+    elif is_archive(path):
+        files, dirs = _scan_tar(path)
+    else:
+        raise DataError(f"{path} is neither a directory nor a tar/.tar.gz archive; data.root needs {LAYOUT}")
+    classes = _check_classes(path, files, dirs)
+    out = {split: [(name, src, label) for label, cls in enumerate(classes)
+                   for name, src in sorted(files[split][cls], key=lambda t: t[0])] for split in SPLITS}
+    return classes, out
+
+
+def _check_classes(path: Path, files: _Files, dirs: dict[str, set[str]]) -> tuple[str, ...]:
     for split in SPLITS:
         if not dirs[split]:
             raise DataError(f"{path} has no {split}/ folder with class sub-folders; expected {LAYOUT}")
@@ -171,6 +192,21 @@ def _assemble(path: Path, files: _Files, dirs: dict[str, set[str]]) -> Raw:
     if len(classes) < 2:
         raise DataError(f"{path} has one class folder ({classes[0]}); a classifier needs at least 2 classes. "
                         f"Add a folder per class under both train/ and test/ ({LAYOUT})")
+    return classes
+
+
+def read_source(name: str, src: bytes | Path) -> bytes:
+    """The bytes of one image file of :func:`list_image_folder`."""
+    if isinstance(src, Path):
+        try:
+            return src.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read image {name}: {exc}. Check its permissions or delete it.") from None
+    return src
+
+
+def _assemble(path: Path, files: _Files, dirs: dict[str, set[str]]) -> Raw:
+    classes = _check_classes(path, files, dirs)
     first: tuple[str, tuple[int, ...]] | None = None
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in SPLITS:
@@ -178,17 +214,12 @@ def _assemble(path: Path, files: _Files, dirs: dict[str, set[str]]) -> Raw:
         labels: list[int] = []
         for label, cls in enumerate(classes):
             for name, src in sorted(files[split][cls], key=lambda t: t[0]):
-                if isinstance(src, Path):
-                    try:
-                        src = src.read_bytes()
-                    except OSError as exc:
-                        raise DataError(f"cannot read image {name}: {exc}. Check its permissions or delete it.") from None
-                img = decode_image(src, name)
+                img = decode_image(read_source(name, src), name)
                 if first is None:
                     first = (name, img.shape)
                 elif img.shape != first[1]:
                     (h, w, _), (fh, fw, _) = img.shape, first[1]
-                    raise DataError(f"image {name} is {w}x{h} but {first[0]} is {fw}x{fh}; all images must share one size, resize them first")
+                    raise DataError(f"image {name} is {w}x{h} but {first[0]} is {fw}x{fh}; all images must share one size: set data.image_size (e.g. 224) to resize and crop them")
                 images.append(img)
                 labels.append(label)
         out[split] = (np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)), np.asarray(labels, dtype=np.int64))

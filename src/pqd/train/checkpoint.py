@@ -146,3 +146,19 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"weights file {str(path)!r} does not hold a state_dict of tensors")
     return obj
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], *, shown: int = 6) -> str | None:
+    """What keeps ``state`` from loading into ``model`` (missing keys, unexpected keys, shapes that
+    differ, each list cut to ``shown`` names), or None when it fits exactly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+
+    def cut(items: list[str]) -> str:
+        return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
+
+    parts = [f"missing keys: {cut(missing)}" if missing else "", f"unexpected keys: {cut(unexpected)}" if unexpected else "",
+             f"shapes differ (file vs model): {cut(shapes)}" if shapes else ""]
+    return "; ".join(p for p in parts if p) or None
