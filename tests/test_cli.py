@@ -46,9 +46,9 @@ def _pqd(*args):
 
 
 @pytest.mark.slow
-def test_kill_mid_stage_then_resume(tiny_config, tmp_path):
+def test_kill_mid_stage_then_resume(tiny_config, tiny_teacher, tmp_path):
     """SIGKILL `pqd run` once a stage has checkpointed an epoch; the same command resumes."""
-    cfg = tiny_config | {"stages": "P:3,Q:3,D:3"}
+    cfg = tiny_config | {"stages": "P:3,Q:3,D:3", "teacher": tiny_teacher}
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -97,9 +97,9 @@ def test_demo_meets_its_promises(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pqd_run_under_torchrun_two_gloo_processes(tiny_config, tmp_path):
+def test_pqd_run_under_torchrun_two_gloo_processes(tiny_config, tiny_teacher, tmp_path):
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_config | {"stages": "P:1,Q:1,D:1"}))
+    cfg_path.write_text(yaml.safe_dump(tiny_config | {"stages": "P:1,Q:1,D:1", "teacher": tiny_teacher}))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pqd.cli",
            "run", str(cfg_path), "--out", str(tmp_path / "run"), "--quiet"]

@@ -19,15 +19,15 @@ needs = pytest.mark.skipif(not (HAVE_NNCF and HAVE_OV and HAVE_ORT),
 
 
 @pytest.fixture(scope="module")
-def digits_teacher():
+def digits_teacher(tiny_teacher):
+    """The shared trained tiny teacher (ResNet-18 x0.125 on digits) and a small digits split."""
     from pqd.data import load_data
     from pqd.registry import create_model
-    from pqd.train.loop import train
+    from pqd.train.checkpoint import load_weights
 
-    torch.manual_seed(0)
     data = load_data(pqd.DataConfig(dataset="digits", train_subset=300, test_subset=100))
     model = create_model("resnet18", num_classes=data.num_classes, width=0.125)
-    train(model, data, epochs=4, lr=0.05, config=pqd.TrainConfig(batch_size=32, progress=False, threads=2), seed=0)
+    model.load_state_dict(load_weights(tiny_teacher["weights"]))
     return model.eval(), data
 
 

@@ -1,4 +1,4 @@
-"""Issue 11 items 1, 2, 8 and the 0600 outputs: ownership, locking, storage errors, modes."""
+"""Run folders: ownership, locking, storage errors and file modes."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ RUN_FILES = ["config.yaml", "env.json", "metrics.json", "teacher.safetensors", "
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-# ----------------------------------------------------------------- item 1: never overwrite user files
+# ----------------------------------------------------------------- never overwrite user files
 
 
 def test_user_config_in_out_dir_is_refused_and_kept(tmp_path: Path):
@@ -133,7 +133,7 @@ def test_modes_follow_umask(tmp_path: Path, umask: int, mode: int):
         assert p.stat().st_mode & 0o777 == mode, p
 
 
-# ----------------------------------------------------------------- item 2: one process per folder
+# ----------------------------------------------------------------- one process per folder
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -162,7 +162,7 @@ def test_lock_refuses_second_process_and_dies_with_holder(tmp_path: Path):
     assert lock._key is None
 
 
-# ----------------------------------------------------------------- item 8: storage errors
+# ----------------------------------------------------------------- storage errors
 
 
 def test_disk_full_on_write_keeps_old_file_and_no_partial(tmp_path: Path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Issue 11 item 7: a native crash in one runtime's check becomes an error naming runtime and
+"""A native crash in one runtime's check becomes an error naming runtime and
 model, and the other checks still report."""
 
 from __future__ import annotations

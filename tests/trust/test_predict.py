@@ -1,4 +1,4 @@
-"""Issue 11 item 6: deployables carry their preprocessing and class names; `pqd predict`
+"""Deployables carry their preprocessing and class names; `pqd predict`
 runs the deployed file on raw images the way a user would."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_wrapper_on_raw_uint8_matches_bare_model_on_normalised(digits_model):
     with torch.no_grad():
         raw_u8 = wrapped(data.test.x)
         raw_f = wrapped(data.test.x.float() / 255)
-        bare_on_01 = model(data.test.x.float() / 255)  # the issue: the bare file fed [0,1] images
+        bare_on_01 = model(data.test.x.float() / 255)  # the mistake: the bare file fed [0,1] images
     assert torch.equal(raw_u8, ref)  # the loader's arithmetic exactly
     assert torch.equal(raw_f.argmax(1), ref.argmax(1))
     y = data.test.y
