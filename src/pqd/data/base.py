@@ -88,6 +88,7 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool
+    augment: bool = True  # whether training may augment these images (random crops, and flips if ``hflip``)
 
     @property
     def num_classes(self) -> int:
