@@ -193,3 +193,19 @@ def test_a_module_path_without_factory_is_told_the_module_factory_form(capsys, t
     assert main(["run", str(p), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "give its factory too: 'mypkg.nets:factory'" in err and "'resnet18'" in err
+
+
+def test_run_summary_says_when_latency_fell_back_to_this_process_and_lists_warnings():
+    from pqd.cli import format_table
+
+    def metrics(harness: str) -> dict:
+        lat = [{"model": m, "batch": 1, "median_ms": ms, "p90_ms": ms, "threads": 2, "harness": harness}
+               for m, ms in (("teacher_fp32", 4.0), ("final_int8", 1.0))]
+        return {"schema": 3, "model": "resnet18", "dataset": "cifar10", "stages": "Q:1", "final_form": "int8",
+                "accuracy": {"teacher_top1": 0.6, "final_top1": 0.62}, "warnings": ["structured: budget missed"],
+                "size_bytes": {"teacher_fp32": 4_000_000, "final": 1_000_000, "final_file": "model_int8.pt"}, "latency": lat}
+
+    fell_back = format_table(metrics("in-process"))
+    assert "own worker process" not in fell_back and "in this process" in fell_back
+    assert "own worker process" in format_table(metrics("worker processes"))
+    assert "WARNING: structured: budget missed" in fell_back

@@ -77,13 +77,17 @@ def format_table(metrics: dict) -> str:
     if acc.test_label:
         lines.append(f"(accuracy on the {acc.test_label}; Wilson 95% intervals)")
     thr = m.latency[0].extra.get("threads") if m.latency else "?"
-    lines.append(f"(latency: {thr} threads, each model in its own worker process, timed interleaved; sizes are bytes of the files on disk)")
+    harness = "all models in this process (worker processes failed: see the log)" \
+        if any(r.extra.get("harness") == "in-process" for r in m.latency) else "each model in its own worker process"
+    lines.append(f"(latency: {thr} threads, {harness}, timed interleaved; sizes are bytes of the files on disk)")
     if (m.latency_env or {}).get("inherited"):
         shown = ", ".join(f"{k}={v}" for k, v in m.latency_env["variables"].items() if v is not None) or "none set"
         lines.append(f"(latency timed in this shell's own threading environment, not the controlled one: {shown})")
     if m.final_form == "int8":
         lines.append("(the ratio above mixes INT8 with leaving PyTorch eager mode, a PyTorch-eager-vs-compiled extra; "
                      "same-runtime INT8 vs FP32 speed-ups: `pqd bench RUN_DIR`)")
+    for warning in metrics.get("warnings") or ():
+        lines.append(f"WARNING: {warning}")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pqd.errors import CheckpointError
+from pqd.qat import trace
 
 FORMAT = "pqd-deployable"
 VERSION = 1
@@ -117,7 +118,7 @@ def deployable_torchscript(model: nn.Module, *, mean: Sequence[float], std: Sequ
     :class:`Preprocessed` around it: a TorchScript module that takes raw images."""
     example = torch.zeros(1, *input_shape)
     with torch.no_grad():
-        inner = torch.jit.trace(model.eval(), example)
+        inner = trace(model.eval(), example)
         scripted = torch.jit.script(Preprocessed(inner, mean, std, class_names).eval())
         # freezing inlines the weights (faster, as to_torchscript does); keep what predict and pqd's evaluation read
         return torch.jit.freeze(scripted, preserved_attrs=["class_names", "mean", "std", "forward_normalized"])

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from pqd.compact import save_compact, verify_compact
 from pqd.config import RunConfig
 from pqd.data import TEST_SUBSET_SEED, Splits, load_data
-from pqd.errors import CheckpointError, ConfigError, DivergenceError, ModelError
+from pqd.errors import CheckpointError, ConfigError, DivergenceError, FrozenBranchWarning, ModelError
 from pqd.integrations.tracking import make_tracker
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
 from pqd.measure.degradation import compare_degradation
@@ -288,6 +289,10 @@ def _run_stages(config: RunConfig, data: Splits, run: RunDir, device: torch.devi
 
     if not main:
         return {}
+    for rec in (getattr(student, "records", None) or {}).values():  # what the stages recorded, a resumed run's too
+        for warning in (rec.get("warnings") or []) if isinstance(rec, dict) else []:
+            if warning not in _WARNINGS:
+                _WARNINGS.append(warning)
     metrics = finalize(config, data, teacher, student, run, stage_times=times)
     metrics.wall_time_s = round(time.perf_counter() - t_start, 2)
     metrics.extra["preprocessing"] = _deploy_meta(config, data, normalization="inside")
@@ -331,8 +336,15 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     if int8 is not None:
         deployed_path = run.deployed_path(config)
         # self-contained deployable: takes raw images (normalisation inside), carries pqd.json and class names
-        save_torchscript(deployable_torchscript(int8, mean=mean, std=std, class_names=data.test.classes, input_shape=data.image_shape),
-                         deployed_path, meta=_deploy_meta(config, data, form="int8"), overwrite=True)
+        with warnings.catch_warnings(record=True) as caught:  # control flow frozen by tracing: into metrics.json
+            warnings.simplefilter("always", FrozenBranchWarning)
+            scripted = deployable_torchscript(int8, mean=mean, std=std, class_names=data.test.classes, input_shape=data.image_shape)
+        for w in caught:
+            if issubclass(w.category, FrozenBranchWarning):
+                _note(f"export: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        save_torchscript(scripted, deployed_path, meta=_deploy_meta(config, data, form="int8"), overwrite=True)
         deployed = normalized_callable(torch.jit.load(str(deployed_path), map_location="cpu"))  # bare model: same logits
         d_logits = predict(deployed, data.test, mean=mean, std=std, batch_size=ebs)
         if final.form == "qat":

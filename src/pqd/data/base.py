@@ -102,6 +102,7 @@ class Splits:
     hflip: bool
     preprocess: dict | None = None
     crop_scale: tuple[float, float] | None = None
+    augment: bool = True  # whether training may augment these images (random crops, and flips if ``hflip``)
 
     @property
     def num_classes(self) -> int:

@@ -16,7 +16,7 @@ from pqd.integrations.tracking import Tracker
 from pqd.kd import KDLoss, kd_loss
 from pqd.qat import freeze, model_device
 from pqd.stages.common import Student
-from pqd.stages.quantize import qat_epoch_hook
+from pqd.stages.quantize import freeze_check, note_freeze_check, qat_epoch_hook
 from pqd.train.loop import train
 
 __all__ = ["distill", "kd_loss"]
@@ -46,9 +46,12 @@ def distill(
             t_logits = teacher(x.to(teacher_device))
         return kd(logits, t_logits, y)
 
-    train(student.model, as_splits(data), epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
-          before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill", tracker=tracker,
+    data = as_splits(data)
+    check = freeze_check(student, data, lr_key="distill.lr")
+    train(student.model, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
+          before_epoch=qat_epoch_hook(student, epochs, check), checkpoint=checkpoint, seed=seed, tag="distill", tracker=tracker,
           amp=not student.quantized, augment=augment)
+    note_freeze_check(student, check, tag="distill")
     if student.quantized:
         freeze(student.model)
     return student

@@ -26,7 +26,7 @@ from pqd.train.loop import train
 
 __all__ = [
     "BACKEND", "calibrate", "convert", "float_modules", "freeze", "prepare", "qat_epoch_hook", "qconfig_mapping",
-    "quantize", "to_torchscript", "unfreeze",
+    "quantize", "to_torchscript", "unfreeze", "freeze_check", "note_freeze_check",
 ]
 
 log = logging.getLogger("pqd.quantize")
@@ -35,7 +35,32 @@ log = logging.getLogger("pqd.quantize")
 _fx = qat.fx_modules
 
 
-def qat_epoch_hook(student: Student, epochs: int):
+def freeze_check(student: Student, data: Splits, *, lr_key: str, batch_size: int = 256) -> qat.FreezeCheck | None:
+    """A :class:`pqd.qat.FreezeCheck` for a fake-quant stage, on up to ``batch_size`` validation images
+    (training images, unaugmented, without a validation split); None for other forms."""
+    if student.form != "qat":
+        return None
+    ds = data.val if data.val is not None and len(data.val) else data.train
+    x, y = next(iter(batches(ds.subset(torch.arange(min(batch_size, len(ds)))), batch_size=batch_size, mean=data.mean,
+                             std=data.std)))
+    advice = (f"lower {lr_key} (a tenth is a good start) or quantize.freeze_fraction, then re-run "
+              "(see docs/TROUBLESHOOTING.md, \"Training that went wrong\")")
+    return qat.FreezeCheck(student.model, (x, y), advice=advice)
+
+
+def note_freeze_check(student: Student, check: qat.FreezeCheck | None, *, tag: str) -> None:
+    """Log and record (``student.records[tag]['warnings']``, for metrics.json) a collapse since the freeze."""
+    if check is None or check.before is None:
+        return
+    message = check.finish()
+    if message:
+        message = f"{tag}: {message}"
+        log.warning("%s", message)
+        rec = student.records.setdefault(tag, {})
+        rec["warnings"] = [*rec.get("warnings", []), message]
+
+
+def qat_epoch_hook(student: Student, epochs: int, check: qat.FreezeCheck | None = None):
     """``before_epoch`` hook for any stage that trains a fake-quant student: observers and BN
     statistics update until the last ``student.freeze_fraction`` of the epochs, then freeze.
 
@@ -48,6 +73,8 @@ def qat_epoch_hook(student: Student, epochs: int):
     freeze_from = epochs - int(round(student.freeze_fraction * epochs))
 
     def hook(epoch: int) -> None:
+        if check is not None and epoch == freeze_from:
+            check.start()  # freezes, and measures the held-out batch at the boundary
         (freeze if epoch >= freeze_from else unfreeze)(student.model)
 
     return hook
@@ -73,8 +100,10 @@ def quantize(
         # PTQ observers have no off switch: convert before running it on anything else.
         return replace(student, model=model, masks=dict(masks), form="ptq")
     out = replace(student, model=model, masks=dict(masks), form="qat", freeze_fraction=config.freeze_fraction)
-    train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs),
+    check = freeze_check(out, data, lr_key="quantize.lr")
+    train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs, check),
           checkpoint=checkpoint, seed=seed, tag="quantize", tracker=tracker, amp=False, augment=augment)
+    note_freeze_check(out, check, tag="quantize")
     # Observers left on would keep re-estimating ranges on every later forward, evaluation
     # included, so the model would drift from what conversion sees: a stage ends frozen.
     freeze(model)

@@ -109,8 +109,9 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
             state.parent.mkdir(parents=True, exist_ok=True)
             state.write_text(json.dumps(record, indent=1))
     if not record.get("met", True):
-        log.warning("structured: measured %.3f ms misses the budget %.3f ms after %d iterations",
-                    record["measured_ms"], record["budget_ms"], len(record["iterations"]))
+        message = missed_budget_message(record)
+        log.warning("%s", message)
+        record["warnings"] = [message]
     if device is not None:
         pruned.to(device)
     if epochs > 0:
@@ -131,6 +132,16 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
               tag="structured", amp=True, augment=augment)
     pruned.eval()
     return Student(pruned, {}, student.form, student.freeze_fraction), record
+
+
+def missed_budget_message(record: dict) -> str:
+    """What a search record that missed its budget says: both numbers of the same timing run, why, and what was kept."""
+    dense, budget = record["dense_ms_same_run"], record["budget_ms_same_run"]
+    why = record.get("missed_because") or "no measured model met the budget"
+    return (f"structured: budget missed: the kept model measured {record['measured_ms']:.3f} ms against a budget of "
+            f"{budget:.3f} ms (dense {dense:.3f} ms in the same timing run, {record['measured_ms'] / dense:.2f}x dense); "
+            f"{why}. Kept the fastest measured model (iteration {record['chosen_iteration']}); raise the budget, or lower "
+            "structured.min_keep / structured.round_to")
 
 
 class StructuredStage:

@@ -148,7 +148,7 @@ def train(
         t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
         it = batches(
             data.train, batch_size=config.batch_size, mean=data.mean, std=data.std, shuffle=True,
-            augment=augment, hflip=data.hflip, generator=gen, device=device, crop_scale=getattr(data, "crop_scale", None),
+            augment=augment and data.augment, hflip=data.hflip, generator=gen, device=device, crop_scale=getattr(data, "crop_scale", None),
             channels_last=config.channels_last, drop_last=True, rank=rank, world_size=world,
         )
         bar = tqdm(it, total=steps_per_epoch, desc=f"{tag} {epoch + 1}/{epochs}", leave=False, disable=not config.progress or rank != 0 or None)
