@@ -5,8 +5,9 @@
 
 Each repeat runs ``pqd bench RUN_DIR --threads T --batch-sizes 1 --no-rss`` (all
 each variant in its own worker process, interleaved, as pqd measures), then times each INT8 file of the
-run in its own fresh Python process with nothing but the runtime's public API and the
-same thread count (no pqd import): 50 warm-up calls, then ``--runs`` (default 2,000, about
+run in its own fresh Python process with nothing but the runtime's public API, the same
+thread count and the threading variables pqd's workers recorded (``latency_env`` in
+bench.json; no pqd import): 50 warm-up calls, then ``--runs`` (default 2,000, about
 2 s for ResNet-18, so that a short burst of host noise cannot decide the figure) calls
 back to back, median.
 
@@ -95,13 +96,18 @@ def main() -> None:
         ov_settings = next(iter(bench["variants"].get("openvino_int8", {}).get("by_threads", {"": {}}).values()))
         ov_config = {k: (int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v))
                      for k, v in ov_settings.get("config", {}).items()}
+        # the independent timer gets the threading environment pqd's workers recorded (the same variables)
+        lenv = (bench.get("latency_env") or {}).get(str(args.threads)) or {}
+        timer_env = env if not lenv or lenv.get("inherited") else (
+            {k: v for k, v in env.items() if k not in (lenv.get("ignored_from_caller") or {})}
+            | {k: v for k, v in (lenv.get("variables") or {}).items() if v is not None})
         for key, fname in FILES.items():
             rec = next((r for r in bench["latency"] if r["model"] == key and r["batch"] == 1), None)
             if rec is None:
                 continue
             pqd_ms[key].append(rec["median_ms"])
             out = subprocess.run([sys.executable, "-c", TIMER, key, str(args.run_dir / fname), str(args.threads), str(args.runs), json.dumps(ov_config)],
-                                 check=True, capture_output=True, text=True, env=env)
+                                 check=True, capture_output=True, text=True, env=timer_env)
             ind_ms[key].append(json.loads(out.stdout.strip().splitlines()[-1])["median_ms"])
         print(f"repeat {rep + 1}: " + ", ".join(f"{k} pqd {pqd_ms[k][-1]:.3f} / independent {ind_ms[k][-1]:.3f} ms"
                                                  for k in FILES if pqd_ms[k]), flush=True)

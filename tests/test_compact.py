@@ -12,16 +12,16 @@ import pytest
 import torch
 import yaml
 
+from pqd.compress.qat import prepare
+from pqd.compress.sparsity import prunable_layers
+from pqd.compress.student import Student, convert_student
 from pqd.deploy import compact
 from pqd.errors import CheckpointError
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
 from pqd.run.loader import load_int8_module
 from pqd.run.rundir import RunDir
-from pqd.compress.sparsity import prunable_layers
-from pqd.compress.student import convert_student, Student
 from pqd.stages.prune import compute_masks
-from pqd.compress.qat import prepare
 from pqd.train import apply_masks
 
 SPARSITIES = (0.0, 0.5, 0.9, 0.99)
@@ -291,3 +291,24 @@ def test_int8_module_rebuilt_from_a_run_dir(models, tmp_path):
     loaded = load_int8_module(tmp_path)
     x = torch.randn(8, 3, 32, 32)
     assert compact.state_mismatches(int8, loaded) == [] and torch.equal(int8(x), loaded(x))
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"num_classes": 10**9, "image_shape": [3, 32, 32]}, "meta 'num_classes' = 1000000000 does not fit the file"),
+    ({"num_classes": 10, "image_shape": [3, 10**6, 10**6]}, "meta 'image_shape' = \\[3, 1000000, 1000000\\] is not an image shape"),
+    ({"num_classes": "10", "image_shape": [3, 32, 32]}, "meta 'num_classes' = 10 does not fit"),
+])
+def test_declared_sizes_are_checked_against_the_file_before_building(meta, message, tmp_path):
+    """A crafted (self-consistent, checksummed) file whose meta declares a billion classes made
+    load_run build a 240 GB classifier; it is refused from the file alone, before any model."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig.from_dict({"stages": "Q:1", "model": {"name": "resnet18", "width": 0.125},
+                               "data": {"dataset": "digits"}})
+    (run / RunDir.CONFIG).write_text(yaml.safe_dump(cfg.to_dict()))
+    state = {"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}
+    compact.save_compact(state, run / "model_int8.pqdz", meta=meta)
+    with pytest.raises(CheckpointError, match=message):
+        compact.load_run(run)
+    with pytest.raises(CheckpointError, match=message):
+        compact.read_compact(run / "model_int8.pqdz")

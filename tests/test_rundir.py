@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def _metrics() -> Metrics:
 def test_metrics_round_trip_merge_and_fields(tmp_path):
     m = _metrics()
     d = m.to_dict()
-    assert d["schema"] == SCHEMA == 3 and Metrics.from_dict(d) == m and json.loads(json.dumps(d)) == d
+    assert d["schema"] == SCHEMA == 4 and Metrics.from_dict(d) == m and json.loads(json.dumps(d)) == d
     assert m.stage_label == "P>Q" and m.final_model_name == "final_int8" and m.median_ms("final_int8", 1) == 1.0
     run = RunDir(tmp_path)
     run.merge_metrics(bench={"x": 1})  # no metrics.json yet: nothing to merge into
@@ -113,11 +114,73 @@ def test_metrics_round_trip_merge_and_fields(tmp_path):
     assert written["bench"] == {"x": 1} and run.metrics().extra == {"bench": {"x": 1}}
 
 
+def test_metrics_carry_the_latency_environment_and_older_files_read_without_it():
+    env = {"inherited": False, "variables": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None},
+           "ignored_from_caller": {"OMP_WAIT_POLICY": "PASSIVE"}, "policy": "controlled", "harness": "worker processes"}
+    m = _metrics()
+    m.latency_env = env
+    d = m.to_dict()
+    assert d["latency_env"] == env and Metrics.from_dict(json.loads(json.dumps(d))) == m
+    schema3 = {k: v for k, v in d.items() if k != "latency_env"} | {"schema": 3}
+    old = Metrics.from_dict(schema3)
+    assert old.latency_env is None and old.schema == 3 and "latency_env" not in old.extra
+
+
 @pytest.mark.parametrize("schema", [1, 2, None])
 def test_metrics_of_an_older_schema_are_refused_with_what_to_do(schema):
     old = {"schema": schema, "model": "resnet18", "dataset": "digits", "stages": "P:1,Q:2", "final_form": "int8",
            "accuracy": {"teacher_top1": 0.9, "final_top1": 0.8, "fake_quant_top1": 0.8},
            "sparsity": {"target": 0.5, "achieved": 0.5}, "size_bytes": {"teacher_fp32": 1, "final": 1, "final_file": "x"},
            "latency": [{"model": "teacher_fp32", "batch": 1, "median_ms": 2.0}]}
-    with pytest.raises(CheckpointError, match=f"schema {schema!r}.*reads schema 3 only.*pqd run"):
+    with pytest.raises(CheckpointError, match=f"schema {schema!r}.*reads schemas 3.*pqd run"):
         Metrics.from_dict(old)
+
+
+def test_a_lower_lr_for_an_unfinished_stage_resumes_and_restarts_only_that_stage(tmp_path):
+    """After divergence the remedy is a lower lr: accepted for a stage that has not finished; its
+    partial epoch checkpoint and later stages restart, the teacher and finished stages are kept."""
+    cfg = {"stages": "P:1,Q:1,D:1", "model": {"name": "resnet18", "width": 0.125}, "teacher": {"epochs": 1}}
+    run = RunDir(tmp_path / "r")
+    run.check_config(RunConfig.from_dict(cfg))
+    names = ["prune", "quantize", "distill"]
+    done = [run.teacher_path, run.student_path(0, "prune")]
+    partial = run.stage_epoch_path(1, "quantize")
+    for p in done + [partial]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    lower = RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}})
+    run.check_config(lower)
+    assert yaml.safe_load(run.config_path.read_text())["quantize"]["lr"] == 0.0005
+    assert all(p.read_bytes() == b"x" for p in done) and not partial.exists()
+    with pytest.raises(ConfigError, match=r"different config \(differs at: prune.lr\)"):  # a finished stage
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "prune": {"lr": 0.001}}))
+    with pytest.raises(ConfigError, match=r"differs at: distill.lr, prune.sparsity"):  # not only an lr
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "distill": {"lr": 0.001},
+                                                    "prune": {"sparsity": 0.3}}))
+    with pytest.raises(ConfigError, match="teacher.lr"):  # the teacher finished
+        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "teacher": {"lr": 0.01}}))
+    assert names and run.student_path(0, "prune").exists()
+
+
+def test_torchscript_size_depends_on_the_process_counter_not_the_weights():
+    """Why a resumed run's model_int8.pt can differ by a few bytes (docs/TROUBLESHOOTING.md,
+    Reproducibility): the same module saved after more compilations in the process gets longer
+    mangled class names; the weights are equal."""
+    import io
+    import re
+
+    def saved(m):
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.trace(m, torch.zeros(1, 4)), buf)
+        return buf.getvalue()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    first = saved(model)
+    for _ in range(120):  # the other models an uninterrupted run compiles before its last one
+        saved(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+    later = saved(model)
+    counters = [sorted({int(x) for x in re.findall(rb"___torch_mangle_(\d+)", b)}) for b in (first, later)]
+    assert counters[0] != counters[1] and len(first) != len(later)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "TROUBLESHOOTING.md").read_text()
+    assert "whether interrupted or not, and the same `model_int8.pqdz` size" in doc and "`size_bytes`, whether" not in doc

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
@@ -13,6 +14,15 @@ from pathlib import Path
 import pqd
 from pqd.config import MEASURE
 from pqd.errors import ConfigError, PqdError
+
+
+class LevelMarkFormatter(logging.Formatter):
+    """Console and log.txt lines: ``12:00:01 WARNING pqd: ...`` for warnings and errors, so they do
+    not read as information; information lines carry no marker (``12:00:01 pqd: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelmark = f"{record.levelname} " if record.levelno >= logging.WARNING else ""
+        return super().format(record)
 
 
 def _setup_logging(out: Path | None, quiet: bool) -> None:
@@ -28,8 +38,17 @@ def _setup_logging(out: Path | None, quiet: bool) -> None:
             handlers.append(logging.FileHandler(RunDir(out).log_path))
         except OSError as exc:
             raise ConfigError(f"--out {str(out)!r} cannot be used as the run directory: {exc.strerror or exc}") from None
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+    formatter = LevelMarkFormatter("%(asctime)s %(levelmark)s%(name)s: %(message)s", datefmt="%H:%M:%S")
+    for h in handlers:
+        h.setFormatter(formatter)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=handlers, force=True)
+
+
+def size_change(before: int, after: int) -> str:
+    """"3.9x smaller", "1.6x larger" or "the same size": never "0.6x smaller" for a file that grew."""
+    if after == before:
+        return "the same size"
+    return f"{before / after:.1f}x smaller" if after < before else f"{after / before:.1f}x larger"
 
 
 def format_table(metrics: dict) -> str:
@@ -46,7 +65,7 @@ def format_table(metrics: dict) -> str:
     rows.append(("top-1 accuracy (95% CI)" if acc.final_top1_ci else "top-1 accuracy", pct(acc.teacher_top1, acc.teacher_top1_ci),
                  pct(acc.final_top1, acc.final_top1_ci)))
     rows.append(("sparsity", "0%", f"{100 * m.sparsity.achieved:.1f}%"))
-    rows.append(("file size", f"{size.teacher_fp32 / 1e6:.2f} MB", f"{size.final / 1e6:.2f} MB ({size.teacher_fp32 / size.final:.1f}x smaller)"))
+    rows.append(("file size", f"{size.teacher_fp32 / 1e6:.2f} MB", f"{size.final / 1e6:.2f} MB ({size_change(size.teacher_fp32, size.final)})"))
     sides = "PyTorch eager FP32 vs TorchScript INT8" if m.final_form == "int8" else "PyTorch eager FP32, both"
     for bs in sorted({r.batch for r in m.latency}):
         recs = {r.model: r for r in m.latency if r.batch == bs}
@@ -59,10 +78,17 @@ def format_table(metrics: dict) -> str:
     if acc.test_label:
         lines.append(f"(accuracy on the {acc.test_label}; Wilson 95% intervals)")
     thr = m.latency[0].extra.get("threads") if m.latency else "?"
-    lines.append(f"(latency: {thr} threads, each model in its own worker process, timed interleaved; sizes are bytes of the files on disk)")
+    harness = "all models in this process (worker processes failed: see the log)" \
+        if any(r.extra.get("harness") == "in-process" for r in m.latency) else "each model in its own worker process"
+    lines.append(f"(latency: {thr} threads, {harness}, timed interleaved; sizes are bytes of the files on disk)")
+    if (m.latency_env or {}).get("inherited"):
+        shown = ", ".join(f"{k}={v}" for k, v in m.latency_env["variables"].items() if v is not None) or "none set"
+        lines.append(f"(latency timed in this shell's own threading environment, not the controlled one: {shown})")
     if m.final_form == "int8":
         lines.append("(the ratio above mixes INT8 with leaving PyTorch eager mode, a PyTorch-eager-vs-compiled extra; "
                      "same-runtime INT8 vs FP32 speed-ups: `pqd bench RUN_DIR`)")
+    for warning in metrics.get("warnings") or ():
+        lines.append(f"WARNING: {warning}")
     return "\n".join(lines)
 
 
@@ -105,7 +131,7 @@ def _sweep_or_report(args) -> int:
             from pqd.run.rundir import SWEEP_DIR_FILES
             from pqd.safety.fsguard import check_writable_run_dir
 
-            if args.dir.is_dir():  # adopt an older sweep folder (its report files are pqd's); no lock: a sweep may run
+            if args.dir.is_dir():  # only a sweep folder pqd marked; no lock: a sweep may run
                 check_writable_run_dir(args.dir, expected_files=SWEEP_DIR_FILES, kind="sweep", what="sweep folder")
             guard = contextlib.nullcontext()
         else:
@@ -158,6 +184,9 @@ def _add_bench_parsers(sub) -> None:
                    help="subset of pytorch,onnxruntime,openvino (default: every installed one)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--force-export", action="store_true", help="re-export the ONNX files even if up to date")
+    p.add_argument("--inherit-env", action="store_true",
+                   help="time in this shell's threading environment (OMP_*, KMP_*, MKL_* ...) instead of the controlled "
+                        "one every worker gets by default; recorded in bench.json")
     p.add_argument("--quiet", action="store_true")
     e = sub.add_parser("export", help="export a finished run to ONNX (INT8 QDQ + FP32 teacher) and check it in each runtime")
     e.add_argument("run_dir", type=Path)
@@ -189,7 +218,7 @@ def _bench_or_export(args) -> int:
 
     result = bench_run(args.run_dir, threads=args.threads, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
                        large_batch_runs=args.large_batch_runs, runtimes=args.runtimes, rss=not args.no_rss,
-                       force_export=args.force_export, allow_code=args.allow_code)
+                       force_export=args.force_export, allow_code=args.allow_code, inherit_env=args.inherit_env)
     print(format_markdown(result))
     from pqd.run.rundir import RunDir
 
@@ -201,8 +230,30 @@ def _bench_or_export(args) -> int:
     return 2 if result.get("failed") else 0  # the rule of export too: results written, exit 2 when a runtime failed
 
 
+RESUMABLE = ("run", "demo", "sweep", "export", "bench")  # commands whose finished steps are kept on disk
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """The one line printed on Ctrl-C: what was kept and the command that resumes."""
+    cmd = argv[0] if argv else ""
+    again = "pqd " + shlex.join(argv)
+    if cmd in RESUMABLE:
+        return f"pqd: interrupted; finished steps are kept. Resume with: {again}"
+    return f"pqd: interrupted; run it again with: {again}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``pqd`` on the command line. Exit codes: 0 done, 2 a clear error (``pqd: error: ...``),
+    130 interrupted (Ctrl-C: one line naming the command that resumes, no traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(interrupted_message(argv), file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["predict"]:  # its own parser: pqd.commands.predict owns the options
         from pqd.commands.predict import predict_main
 

@@ -19,6 +19,14 @@ from typing import Any, Mapping
 from pqd.errors import ConfigError
 from pqd.safety.safeyaml import parse_scalar
 
+EXTERNAL_LIBRARIES = ("torchvision", "timm")  # model.name 'torchvision:<arch>' / 'timm:<arch>' (pqd.models.external)
+
+
+def is_external(name: str) -> bool:
+    """Whether ``name`` is ``torchvision:<name>`` or ``timm:<name>``."""
+    return name.partition(":")[0] in EXTERNAL_LIBRARIES and bool(name.partition(":")[2])
+
+
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
 
 
@@ -127,14 +135,15 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    """Backbone: a registry name (``pqd.list_models()``) or ``package.module:factory``."""
+    """Backbone: a registry name (``pqd.list_models()``), ``torchvision:<name>`` / ``timm:<name>``
+    (:mod:`pqd.models.external`), or ``package.module:factory``."""
 
     name: str = "resnet18"
     width: float = 1.0
     dropout: float = 0.0
 
     def __post_init__(self):
-        if ":" in self.name:  # a registry name is checked against the registry by the run's config
+        if ":" in self.name and not is_external(self.name):  # a registry name is checked against the registry by the run config
             module, _, attr = self.name.partition(":")
             if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
                 fail("model.name", f"{self.name!r} is not an import path 'package.module:factory'")
@@ -149,7 +158,14 @@ class DataConfig(Section):
     ``val_fraction``: share of the training images held out as a validation split (not trained
     on). pqd uses it, never the test split, for its early checks (the teacher's chance-level
     check) and for ``pqd analyze`` sensitivity; 0 means those checks use a slice of the
-    training split instead (and ``analyze`` the test split)."""
+    training split instead (and ``analyze`` the test split).
+
+    ``image_size`` (folders): images of any size are resized (shorter side to ``resize_size``,
+    default ``round(image_size / 0.875)``) and centre-cropped to ``image_size`` squares for
+    evaluation and deployment; training augments with RandomResizedCrop (area ``scale``) + flip.
+    ``mean``/``std``: given, or computed from the training split. The decoded set stays in memory
+    when it fits ``max_memory_gb``, else it is streamed from disk by ``workers`` processes
+    (default: up to 4). None keeps the same-size behaviour (32x32 research data)."""
 
     dataset: str = "digits"
     root: str | None = None
@@ -159,6 +175,13 @@ class DataConfig(Section):
     test_subset: int | None = None
     augment: bool = True
     cache_dir: str | None = None
+    image_size: int | None = None
+    resize_size: int | None = None
+    scale: tuple[float, ...] = (0.08, 1.0)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    max_memory_gb: float = 4.0
+    workers: int | None = None
 
     def __post_init__(self):
         choice("data.dataset", self.dataset, DATASETS)
@@ -169,6 +192,27 @@ class DataConfig(Section):
             v = getattr(self, k)
             if v is not None:
                 in_range(f"data.{k}", v, 1)
+        if self.image_size is not None:
+            in_range("data.image_size", self.image_size, 8)
+            if self.dataset != "folder":
+                fail("data.image_size", f"resizing is for image folders (data.dataset: folder), not {self.dataset!r}")
+        if self.resize_size is not None:
+            if self.image_size is None:
+                fail("data.resize_size", "needs data.image_size (the crop taken after the resize)")
+            in_range("data.resize_size", self.resize_size, self.image_size)
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            fail("data.scale", f"{list(self.scale)} is not [low, high] with 0 < low <= high <= 1 (share of the image area)")
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if v is not None and len(v) != 3:
+                fail(f"data.{k}", f"needs 3 values (R, G, B), got {list(v)}")
+        if (self.mean is None) != (self.std is None):
+            fail("data.mean", "give data.mean and data.std together (or neither: computed from the training split)")
+        if self.std is not None and min(self.std) <= 0:
+            fail("data.std", f"{list(self.std)}: every value must be positive")
+        in_range("data.max_memory_gb", self.max_memory_gb, 0.0)
+        if self.workers is not None:
+            in_range("data.workers", self.workers, 0)
 
 
 @dataclass(frozen=True)
@@ -218,13 +262,16 @@ class TeacherConfig(Section):
 
 @dataclass(frozen=True)
 class MeasureConfig(Section):
-    """Latency measurement: fixed threads, warm-up, many interleaved runs."""
+    """Latency measurement: fixed threads, warm-up, many interleaved runs. ``inherit_env``: time
+    in this process's threading environment (OMP_*, KMP_*, MKL_* ...) as it is, instead of the
+    controlled one every latency worker gets (:func:`pqd.measure.workers.worker_environment`)."""
 
     threads: int = 2
     warmup: int = 20
     runs: int = 200
     batch_sizes: tuple[int, ...] = (1, 64)
     large_batch_runs: int = 20
+    inherit_env: bool = False
 
     def __post_init__(self):
         in_range("measure.threads", self.threads, 1, 4096)

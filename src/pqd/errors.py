@@ -66,3 +66,13 @@ class RuntimeCrash(PqdError):
 class UntrustedCodeError(ModelError):
     """Rebuilding a model would import code named by a file on disk, and the caller did
     not allow it."""
+
+
+class CollapseWarning(UserWarning):
+    """Training after freezing observers and BN statistics made a model much worse on held-out
+    data (see :class:`pqd.compress.qat.FreezeCheck`)."""
+
+
+class FrozenBranchWarning(UserWarning):
+    """Tracing for TorchScript froze data-dependent Python control flow: the saved model always
+    takes the branch the example input took."""

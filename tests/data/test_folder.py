@@ -177,7 +177,9 @@ def test_cache_dir_falls_back_to_env(folder_factory, tmp_path):
 
 
 def test_dataset_validates():
-    with pytest.raises(ValueError, match="uint8"):
+    from pqd.errors import DataError
+
+    with pytest.raises(DataError, match="uint8.*pqd.data.adapters.as_dataset"):
         Dataset(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.int64), ("a",))
-    with pytest.raises(ValueError, match="labels outside"):
+    with pytest.raises(DataError, match="labels outside"):
         Dataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ("a",))

@@ -136,3 +136,48 @@ def test_cli_export_writes_its_files_and_exits_2_when_one_runtime_check_crashes(
     assert "onnxruntime_int8:" in captured.out and "agreement" in captured.out
     assert "FAILED openvino_int8: runtime openvino" in captured.err and "SIGSEGV" in captured.err
     assert (int8_run / "model_int8.onnx").is_file() and (int8_run / "teacher_fp32.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_bench_records_the_worker_environment_and_flags_a_slower_thread_count(int8_run, monkeypatch, caplog, capsys):
+    """A deterministic stand-in for the timed calls: FP32 eager 'takes' longer with 2 threads than with 1."""
+    from pqd.measure.workers import Worker
+
+    ms = {("pytorch_fp32_eager", 1): 2.0, ("pytorch_fp32_eager", 2): 4.0, ("pytorch_int8", 1): 0.6, ("pytorch_int8", 2): 0.5}
+    monkeypatch.setattr(Worker, "warmup", lambda self, batch, n: None)
+    monkeypatch.setattr(Worker, "block", lambda self, batch, *, settle_ms, timed: (
+        [ms[(self.name, self.spec["threads"])] / 1e3] * timed, 1))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    r = bench_run(int8_run, threads=(1, 2), batch_sizes=(1,), warmup=0, runs=3, runtimes=("pytorch",), rss=False)
+    (flag,) = r["slower_with_more_threads"]
+    assert (flag["variant"], flag["threads"], flag["fewer_threads"], flag["ratio"]) == ("pytorch_fp32_eager", 2, 1, 2.0)
+    assert any(rec.levelname == "WARNING" and "teacher FP32 @ PyTorch eager is 2.00x slower with 2 threads than with 1 thread"
+               in rec.getMessage() for rec in caplog.records)
+    (over,) = r["speedup_summary"]["fastest_over_threads"]
+    assert (over["fastest_variant"], over["threads"]) == ("pytorch_int8", 2)
+    assert set(r["latency_env"]) == {"1", "2"}
+    for t, env in r["latency_env"].items():
+        assert env["inherited"] is False and env["variables"]["OMP_NUM_THREADS"] == t
+        assert env["variables"]["OMP_WAIT_POLICY"] is None and env["ignored_from_caller"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    on_disk = json.loads((int8_run / "bench.json").read_text())
+    assert on_disk["latency_env"] == r["latency_env"] and on_disk["slower_with_more_threads"] == [flag]
+    md = (int8_run / "bench.md").read_text()
+    assert "Worker threading environment: controlled" in md and "Ignored from the caller: " in md
+    assert "WARNING: teacher FP32 @ PyTorch eager is 2.00x slower with 2 threads" in md
+    # --inherit-env: the caller's environment, recorded as such
+    assert main(["bench", str(int8_run), "--threads", "1", "--batch-sizes", "1", "--runs", "2", "--warmup", "0", "--no-rss",
+                 "--runtimes", "pytorch", "--inherit-env", "--quiet"]) == 0
+    assert "inherited from the caller's environment (--inherit-env)" in capsys.readouterr().out
+    env = json.loads((int8_run / "bench.json").read_text())["latency_env"]["1"]
+    assert env["inherited"] is True and env["variables"]["OMP_WAIT_POLICY"] == "PASSIVE" and env["variables"]["OMP_NUM_THREADS"] == "7"
+
+
+@pytest.mark.slow
+def test_run_metrics_and_env_record_the_latency_environment(int8_run):
+    m = json.loads((int8_run / "metrics.json").read_text())
+    env = json.loads((int8_run / "env.json").read_text())
+    lat = m["latency_env"]
+    assert lat["harness"] == "worker processes" and lat["inherited"] is False
+    assert lat["variables"]["OMP_NUM_THREADS"] == "1" and "OMP_WAIT_POLICY" in lat["variables"]  # measure.threads: 1
+    assert env["latency_env"] == lat and isinstance(env["thread_env"], dict)

@@ -95,3 +95,69 @@ def test_openvino_runs_the_export_in_int8_with_an_f32_hint(int8_run):
     assert r.settings["inference_precision_hint"] == "f32"
     assert r.settings["int8_layers"] and r.settings["int8_layers"] >= 21  # every conv and the classifier run in u8/i8
     assert r(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # another batch size compiles on first use
+
+
+def test_export_never_replaces_files_pqd_did_not_write(int8_run, tmp_path):
+    """The user's own model_int8.onnx / teacher_fp32.onnx / export.json in a run folder are
+    refused before any work (the rule of bench and report); --force replaces them, and files
+    pqd exported itself are replaced on a later export without --force."""
+    import shutil
+
+    from pqd.cli import main
+    from pqd.commands.export import EXPORT_JSON
+    from pqd.errors import RunDirError
+
+    run = tmp_path / "run"
+    shutil.copytree(int8_run, run)
+    mine = {INT8_ONNX: b"my own int8 model", TEACHER_ONNX: b"my own teacher", EXPORT_JSON: b'{"mine": true}'}
+    for name, data in mine.items():
+        (run / name).write_bytes(data)
+    for name in mine:  # each file alone is enough to refuse
+        others = {n: d for n, d in mine.items() if n != name}
+        for n in others:
+            (run / n).unlink()
+        with pytest.raises(RunDirError, match=rf"{name}' already exists and was not written by pqd"):
+            export_run(run, check=False)
+        assert (run / name).read_bytes() == mine[name]
+        for n, d in others.items():
+            assert not (run / n).exists()  # nothing written
+            (run / n).write_bytes(d)
+    assert main(["export", str(run), "--runtimes", "onnxruntime"]) == 2
+    assert all((run / n).read_bytes() == d for n, d in mine.items())
+    rec = export_run(run, check=False, force=True)
+    assert (run / INT8_ONNX).read_bytes() != mine[INT8_ONNX] and rec["artefacts"]["final"]["file"] == INT8_ONNX
+    (run / EXPORT_JSON).unlink()  # not up to date any more: a re-export over pqd's own files needs no --force
+    export_run(run, check=False)
+    assert (run / EXPORT_JSON).is_file()
+
+
+def test_export_scratch_lives_in_the_run_folder_and_a_killed_ones_is_removed(tmp_path):
+    import signal
+    import subprocess
+    import tempfile
+    import textwrap
+    from pathlib import Path
+
+    from pqd.commands.export import scratch_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    before = set(Path(tempfile.gettempdir()).glob("pqd-*"))
+    code = textwrap.dedent(f"""
+        import os, time
+        from pathlib import Path
+        from pqd.commands.export import scratch_dir
+        with scratch_dir(Path({str(run)!r})) as tmp:
+            (Path(tmp) / "ref.safetensors").write_bytes(b"x")
+            print(tmp, flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    left = Path(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert left.parent == run and left.is_dir()  # a kill leaves it in the run folder, not in the temp folder
+    assert set(Path(tempfile.gettempdir()).glob("pqd-*")) - before == set()
+    with scratch_dir(run) as tmp:
+        assert Path(tmp).parent == run and not left.exists()  # the next export removes the killed one's
+    assert list(run.iterdir()) == []

@@ -1,7 +1,16 @@
 import pytest
 
 from pqd.measure.speedup import (
-    best_deployment_ratios, deployments, fastest_deployments, format_ratio, format_summary, same_runtime_ratios, speedup_summary,
+    THREAD_SLOWDOWN_MARGIN,
+    best_deployment_ratios,
+    deployments,
+    fastest_deployments,
+    format_ratio,
+    format_summary,
+    format_thread_flag,
+    same_runtime_ratios,
+    slower_with_more_threads,
+    speedup_summary,
 )
 
 
@@ -97,3 +106,43 @@ def test_a_peer_variant_in_bench_is_named_by_its_variant():
     recs = [_rec("openvino_fp32", "openvino", "fp32", "teacher", 2.0), _rec("nncf_ptq_int8", "openvino", "int8", "teacher", 1.0)]
     assert [d.label for d in deployments(recs)] == ["teacher FP32 @ OpenVINO", "NNCF PTQ INT8 @ OpenVINO"]
 
+
+
+def two_thread_counts(fp32_eager_2t: float = 4.4):
+    """bench records at 1 and 2 threads; PyTorch FP32 eager is slower with 2 threads than with 1."""
+    one = [_rec("pytorch_fp32_eager", "pytorch", "fp32", "teacher", 2.15, threads=1),
+           _rec("pytorch_int8", "pytorch", "int8", "final", 0.60, threads=1),
+           _rec("onnxruntime_int8", "onnxruntime", "int8", "final", 0.50, threads=1)]
+    two = [_rec("pytorch_fp32_eager", "pytorch", "fp32", "teacher", fp32_eager_2t, threads=2),
+           _rec("pytorch_int8", "pytorch", "int8", "final", 0.45, threads=2),
+           _rec("onnxruntime_int8", "onnxruntime", "int8", "final", 0.52, threads=2)]  # within the margin: not flagged
+    return one + two
+
+
+def test_a_thread_count_slower_than_a_smaller_one_is_flagged():
+    (f,) = slower_with_more_threads(two_thread_counts())
+    assert (f["variant"], f["deployment"], f["threads"], f["fewer_threads"], f["batch"]) == (
+        "pytorch_fp32_eager", "teacher FP32 @ PyTorch eager", 2, 1, 1)
+    assert f["ratio"] == pytest.approx(4.4 / 2.15) and (f["ms"], f["fewer_threads_ms"]) == (4.4, 2.15)
+    assert format_thread_flag(f) == ("teacher FP32 @ PyTorch eager is 2.05x slower with 2 threads than with 1 thread "
+                                     "(batch 1, median 4.400 vs 2.150 ms)")
+    assert slower_with_more_threads(two_thread_counts(2.15 * THREAD_SLOWDOWN_MARGIN * 0.99)) == []
+    assert slower_with_more_threads(bench_records()) == [], "one thread count: nothing to compare"
+
+
+def test_the_fastest_deployment_verdict_names_the_faster_thread_count():
+    recs = two_thread_counts() + [_rec("pytorch_int8", "pytorch", "int8", "final", 0.30, threads=1, batch=4),
+                                  _rec("pytorch_int8", "pytorch", "int8", "final", 0.40, threads=2, batch=4)]
+    s = speedup_summary(recs)
+    over = {f["batch"]: f for f in s["fastest_over_threads"]}
+    assert (over[1]["fastest"], over[1]["threads"], over[1]["threads_timed"]) == ("pqd INT8 @ PyTorch TorchScript", 2, [1, 2])
+    assert (over[4]["threads"], over[4]["fastest_ms"]) == (1, 0.30)
+    per = {(f["batch"], f["threads"]): f for f in s["fastest"]}
+    assert per[(4, 2)]["faster_with_fewer_threads"] == {"threads": 1, "ms": 0.30}
+    assert per[(1, 2)]["faster_with_fewer_threads"] is None
+    lines = format_summary(s)
+    assert "Fastest measured deployment at batch 4 over 1, 2 threads: pqd INT8 @ PyTorch TorchScript with 1 thread " \
+           "(0.300 ms median)" in lines
+    assert any(ln.startswith("Fastest measured deployment (batch 4, 2 threads)") and ln.endswith("faster with 1 thread (0.300 ms)")
+               for ln in lines)
+    assert speedup_summary(bench_records())["fastest_over_threads"] == []

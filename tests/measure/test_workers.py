@@ -104,3 +104,85 @@ def test_openvino_crashing_at_a_static_batch_is_timed_with_a_dynamic_batch(tiny_
         for bs in (1, 2):
             ws["s0"].warmup(bs, 2)
     assert any("SIGSEGV" in r.getMessage() and "dynamic batch" in r.getMessage() for r in caplog.records)
+
+
+CALLER_THREADING = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "7", "MKL_NUM_THREADS": "7", "KMP_BLOCKTIME": "0",
+                    "GOMP_SPINCOUNT": "0", "OMP_PROC_BIND": "true"}
+
+
+def test_worker_environment_is_defined_once_and_ignores_the_callers_threading_variables():
+    from pqd.measure.workers import worker_environment
+
+    caller = {"PATH": "/bin", "HOME": "/h", "MALLOC_ARENA_MAX": "2"} | CALLER_THREADING
+    we = worker_environment(3, environ=caller)
+    assert we.env == {"PATH": "/bin", "HOME": "/h", "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    assert not we.inherited and we.ignored == CALLER_THREADING
+    rec = we.record()
+    assert rec["inherited"] is False and rec["variables"]["OMP_NUM_THREADS"] == "3"
+    assert rec["variables"]["OMP_WAIT_POLICY"] is None, "unset: the runtime's default, shown as such"
+    inherited = worker_environment(3, inherit_env=True, environ=caller)
+    assert inherited.inherited and inherited.env == caller and inherited.ignored == {}
+    assert inherited.record()["variables"]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_worker_sees_the_controlled_environment_whatever_the_caller_sets(scripted, monkeypatch, threads):
+    for k, v in CALLER_THREADING.items():
+        monkeypatch.setenv(k, v)
+    with start_workers({"ts": BASE | {"kind": "torchscript", "path": str(scripted), "threads": threads}}) as ws:
+        w = ws["ts"]
+        # what the worker process itself found in os.environ, and its torch thread count
+        assert w.info["thread_env"] == {"MKL_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        assert w.info["settings"]["threads"] == threads
+        env = w.environment
+    assert env["inherited"] is False and env["variables"]["OMP_WAIT_POLICY"] is None
+    assert env["variables"]["OMP_NUM_THREADS"] == str(threads) and env["ignored_from_caller"]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_inherit_env_times_in_the_callers_environment_and_records_it(scripted, monkeypatch):
+    from pqd.measure.workers import workers_environment
+
+    for k, v in CALLER_THREADING.items():
+        monkeypatch.setenv(k, v)
+    with start_workers({"a": BASE | {"kind": "torchscript", "path": str(scripted)},
+                        "b": BASE | {"kind": "torchscript", "path": str(scripted)}}, inherit_env=True) as ws:
+        assert ws["a"].info["thread_env"] == CALLER_THREADING
+        assert ws["a"].info["settings"]["threads"] == 1, "the runtime's own thread count is still the one asked for"
+        env = workers_environment(ws)
+    assert env["inherited"] is True and env["ignored_from_caller"] == {}
+    assert {k: env["variables"][k] for k in CALLER_THREADING} == CALLER_THREADING
+
+
+PLANTED = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\nraise SystemExit('planted module ran')\n"
+
+
+def test_a_module_in_the_working_folder_never_replaces_the_standard_library(scripted, tmp_path, monkeypatch):
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    marker = tmp_path / "planted-ran"
+    for name in ("json", "contextlib", "numpy"):
+        (hostile / f"{name}.py").write_text(PLANTED.format(marker=str(marker)))
+    monkeypatch.chdir(hostile)
+    with start_workers({"ts": BASE | {"kind": "torchscript", "path": str(scripted)}}) as ws:
+        times, _ = ws["ts"].block(1, settle_ms=0, timed=2)
+    assert len(times) == 2 and not marker.exists()
+
+
+def test_a_user_model_folder_on_sys_path_reaches_the_worker_after_the_standard_library(tmp_path, monkeypatch):
+    from pqd.train.checkpoint import save_checkpoint
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "latenv_user_model.py").write_text(
+        "from torch import nn\n\ndef make(num_classes=10):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(48, num_classes))\n")
+    marker = tmp_path / "planted-ran"
+    (user / "json.py").write_text(PLANTED.format(marker=str(marker)))  # beside the model: still not the stdlib's json
+    monkeypatch.syspath_prepend(str(user))
+    from latenv_user_model import make
+
+    weights = save_checkpoint(tmp_path / "w.safetensors", make(num_classes=5).state_dict())
+    spec = BASE | {"kind": "eager", "model": "latenv_user_model:make", "kwargs": {}, "num_classes": 5, "weights": str(weights)}
+    with start_workers({"user": spec}) as ws:
+        times, _ = ws["user"].block(1, settle_ms=0, timed=2)
+    assert len(times) == 2 and not marker.exists()

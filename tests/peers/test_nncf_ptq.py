@@ -19,15 +19,15 @@ needs = pytest.mark.skipif(not (HAVE_NNCF and HAVE_OV and HAVE_ORT),
 
 
 @pytest.fixture(scope="module")
-def digits_teacher():
+def digits_teacher(tiny_teacher):
+    """The shared trained tiny teacher (ResNet-18 x0.125 on digits) and a small digits split."""
     from pqd.data import load_data
     from pqd.models.registry import create_model
-    from pqd.train.loop import train
+    from pqd.train.checkpoint import load_weights
 
-    torch.manual_seed(0)
     data = load_data(pqd.DataConfig(dataset="digits", train_subset=300, test_subset=100))
     model = create_model("resnet18", num_classes=data.num_classes, width=0.125)
-    train(model, data, epochs=4, lr=0.05, config=pqd.TrainConfig(batch_size=32, progress=False, threads=2), seed=0)
+    model.load_state_dict(load_weights(tiny_teacher["weights"]))
     return model.eval(), data
 
 
@@ -76,6 +76,8 @@ def test_nncf_ptq_openvino_on_a_tiny_model(digits_teacher, tmp_path):
     assert [(r["model"], r["runtime"], r["precision"]) for r in lat] == [("openvino_fp32", "openvino", "fp32"),
                                                                           ("nncf_ptq_int8", "openvino", "int8")]
     assert all(r["median_ms"] > 0 for r in lat)
+    # in the controlled worker environment, recorded with every record
+    assert all(r["latency_env"]["inherited"] is False and r["latency_env"]["variables"]["OMP_NUM_THREADS"] == "1" for r in lat)
 
 
 @needs
@@ -110,6 +112,7 @@ def test_peer_run_writes_metrics(digits_teacher, tmp_path):
     m = peer_run(cfg, tmp_path / "run", nncf=NncfPtqConfig(calibration_size=32, threads=2))
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["kind"] == "peer" and saved["final_form"] == "int8" and saved["accuracy"]["test_n"] == 100
+    assert saved["latency_env"]["inherited"] is False and saved["latency_env"]["variables"]["OMP_NUM_THREADS"] == "1"
     assert m["accuracy"]["final_top1_ci"]["ci_low"] <= m["accuracy"]["final_top1"] <= m["accuracy"]["final_top1_ci"]["ci_high"]
     same = m["speedup"]["same_runtime"]
     assert len(same) == 1 and same[0]["numerator"] == "teacher FP32 @ OpenVINO" and same[0]["denominator"] == "NNCF PTQ INT8 @ OpenVINO"

@@ -1,4 +1,4 @@
-"""Fixtures of the robustness tests (GitHub issue 5); the helpers live in ``rbhelpers.py``."""
+"""Fixtures of the robustness tests; the helpers live in ``rbhelpers.py``."""
 
 from __future__ import annotations
 

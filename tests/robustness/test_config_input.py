@@ -197,6 +197,9 @@ def _cli_error(capsys, argv: list[str]) -> str:
         ("seed: 0\n", ["seed=123456789012345678901234567890"], "seed:"),
         ("seed: 0\n", ["model.name=..evil:x"], "import path"),
         ("seed: 0\n", ["train.batch_size=1.5"], "train.batch_size: expected an integer"),
+        ("seed: " + "9" * 5000 + "\n", [], "an integer of 5,000 digits at line 1"),
+        ("seed: 0\n", ["seed=" + "1" * 4301], "an integer of 4,301 digits"),
+        ("seed: 0\n", ["prune.sparsity=-" + "1" * 4400], "an integer of 4,400 digits"),
     ],
 )
 def test_bad_config_or_override_exits_2(capsys, tmp_path, content, overrides, fragment):
@@ -205,6 +208,13 @@ def test_bad_config_or_override_exits_2(capsys, tmp_path, content, overrides, fr
     err = _cli_error(capsys, ["run", str(cfg), "--out", str(tmp_path / "run"), *sum((["--set", o] for o in overrides), [])])
     assert fragment in err
     assert not (tmp_path / "run").exists(), "a bad config must be refused before the run directory is made"
+
+
+def test_a_huge_integer_in_a_sweep_file_is_a_config_error(capsys, tmp_path):
+    (tmp_path / "s.yaml").write_text("base: {seed: 0}\nvariants: {a: {seed: " + "7" * 4400 + "}}\n")
+    err = _cli_error(capsys, ["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "sw")])
+    assert "an integer of 4,400 digits" in err
+    assert not (tmp_path / "sw").exists()
 
 
 def test_bad_config_paths_exit_2(capsys, tmp_path):

@@ -126,3 +126,27 @@ def test_grey_rgba_and_palette_images_are_converted_and_run(capsys, tmp_path):
     assert main(["run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(out), "--quiet"]) == 0
     m = read_metrics(out)
     assert m["num_classes"] == 2 and m["final_form"] == "int8"
+
+
+def test_one_class_folder_is_refused_before_training(capsys, tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    for split in ("train", "test"):
+        for d in sorted((root / split).iterdir())[1:]:
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+    _fails_before_training(capsys, tmp_path, folder_config(root), "one class folder", "at least 2 classes")
+
+
+def test_archive_member_too_big_for_an_image_is_refused_unread(capsys, tmp_path):
+    import io
+
+    src = write_folder(tmp_path / "imgs")
+    arc = tmp_path / "imgs.tar.gz"
+    with tarfile.open(arc, "w:gz", compresslevel=1) as tf:
+        tf.add(src / "train", arcname="train")
+        tf.add(src / "test", arcname="test")
+        info = tarfile.TarInfo("train/ant/huge.png")
+        info.size = (64 << 20) + 1
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+    _fails_before_training(capsys, tmp_path, folder_config(arc), "train/ant/huge.png is 67,108,865 bytes", "64 MiB")

@@ -9,11 +9,11 @@ import pytest
 import torch
 from rbhelpers import cli_env, pqd_cmd, read_metrics, tiny, write_config
 
+from pqd.compress.qat import prepare
+from pqd.compress.student import Student, convert_student
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
 from pqd.run.pipeline import run_pipeline
-from pqd.compress.qat import prepare
-from pqd.compress.student import convert_student, Student
 from pqd.train.checkpoint import load_checkpoint
 
 
@@ -33,11 +33,11 @@ def test_two_runs_of_one_command_give_identical_metrics(tmp_path):
     assert (tmp_path / "a" / "teacher.safetensors").read_bytes() == (tmp_path / "b" / "teacher.safetensors").read_bytes()
 
 
-def test_prune_then_ptq_deploys_the_saved_calibration(tmp_path):
+def test_prune_then_ptq_deploys_the_saved_calibration(tiny_teacher, tmp_path):
     """P -> PTQ used to crash (masks addressed 'conv1', PTQ's eval fusion puts a ConvReLU2d there), and
     finalize evaluated the observer model on the test set before converting it, so the deployed INT8
     model was calibrated on test images too (and differed from what a resumed run converts)."""
-    cfg = RunConfig.from_dict(tiny(stages="P:1,Q:0", quantize={"mode": "ptq", "calibration_batches": 2}))
+    cfg = RunConfig.from_dict(tiny(stages="P:1,Q:0", quantize={"mode": "ptq", "calibration_batches": 2}, teacher=tiny_teacher))
     m = run_pipeline(cfg, tmp_path)
     assert m["final_form"] == "int8"
     assert m["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01) and m["sparsity"]["achieved_int8"] >= 0.49

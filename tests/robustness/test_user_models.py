@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from rbhelpers import tiny
 
 from pqd.errors import ModelError
@@ -68,3 +69,24 @@ def test_model_with_wrong_output_shape_is_refused_before_training(tmp_path):
     with pytest.raises(ModelError, match=r"returns \(2, 1000\).*expected logits of shape \(2, 10\)"):
         run_pipeline(cfg, tmp_path)
     assert not (tmp_path / "teacher.epoch.safetensors").exists()
+
+
+def test_control_flow_frozen_into_the_int8_file_is_recorded_naming_the_module(tmp_path):
+    """quantize.leaf_modules keeps the data-dependent branch out of torch.fx, but TorchScript tracing freezes it:
+    metrics.json's warnings (and so the summary) say so, naming the module."""
+    cfg = _config("untraceable", stages="Q:1", teacher_epochs=1)
+    cfg = RunConfig.from_dict(cfg.to_dict() | {"quantize": cfg.to_dict()["quantize"] | {"leaf_modules": ["gate"]}})
+    m = run_pipeline(cfg, tmp_path)
+    assert m["final_form"] == "int8"
+    frozen = [w for w in m.get("warnings", []) if "froze data-dependent control flow" in w]
+    assert len(frozen) == 1 and "module 'gate' (Gate)" in frozen[0], m.get("warnings")
+
+
+def test_trace_names_the_module_whose_branch_it_froze():
+    from pqd_user_models import untraceable
+
+    from pqd.compress.qat import to_torchscript
+    from pqd.errors import FrozenBranchWarning
+
+    with pytest.warns(FrozenBranchWarning, match=r"module 'gate' \(Gate\) at pqd_user_models.py:\d+"):
+        to_torchscript(untraceable(10), torch.zeros(1, 3, 32, 32))

@@ -1,4 +1,4 @@
-"""Every stage keeps the student on the device it was given (issue 10, item 6).
+"""Every stage keeps the student on the device it was given.
 
 CI has no GPU, so two CPU-only checks stand in for one:
 * a model on the 'meta' device (tensors without data): any hidden ``.cpu()`` copy of it fails,

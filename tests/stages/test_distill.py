@@ -102,3 +102,27 @@ def test_distillation_loss_honours_kd_weight_and_skips_the_teacher_when_it_is_ze
     half = distillation_loss(KDLoss(temperature=2.0, alpha=0.5, kd_weight=0.5), teacher)(s, x, y)
     assert half.item() == pytest.approx(kd_loss(s, t, y, temperature=2.0, alpha=0.5, kd_weight=0.5).item(), rel=1e-5)
     assert not teacher.training
+
+
+def test_a_collapse_after_the_freeze_boundary_is_recorded_and_a_safe_rate_is_not(tiny_data):
+    """The D stage measures a held-out batch when observers and BN statistics freeze and at its end: a
+    learning rate too high for frozen BN statistics is recorded (for metrics.json) with what to do; an
+    unchanged model is not."""
+    from dataclasses import replace
+
+    from pqd.stages.quantize import QuantizeConfig, quantize
+
+    data = replace(tiny_data, val=tiny_data.test)
+    cfg = TrainConfig(batch_size=32, progress=False)
+    torch.manual_seed(0)
+    teacher = create_model("resnet18", num_classes=4, width=0.125)
+    train(teacher, data, epochs=2, lr=0.05, config=cfg)
+    records = {}
+    for lr in (0.5, 1e-9):  # far too high for frozen BN statistics / no change at all
+        student = Student(copy.deepcopy(teacher))
+        student = quantize(student, QuantizeConfig(freeze_fraction=0.0), data=data, epochs=1, train_config=cfg)
+        student.freeze_fraction = 1.0  # frozen from the first distill epoch
+        records[lr] = distill(student, DistillConfig(lr=lr), teacher=teacher, data=data, epochs=2, train_config=cfg).records
+    (warning,) = records[0.5]["distill"]["warnings"]
+    assert "collapsed the model" in warning and "lower distill.lr" in warning
+    assert "distill" not in records[1e-9]  # the measurement itself raises no false alarm

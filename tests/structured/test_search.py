@@ -254,3 +254,44 @@ def test_structured_config_margin_is_validated():
     for bad in (-0.1, 0.5):
         with pytest.raises(ConfigError, match="margin"):
             StructuredConfig(margin=bad)
+
+
+def test_a_missed_budget_keeps_the_fastest_model_relative_to_dense_and_says_why(monkeypatch):
+    """No iteration meets the budget (the latency model was calibrated in a machine state twice as fast, and
+    the later timing runs are disturbed): the search returns the model measured fastest relative to the dense
+    model of its own run, not the last one, and the record says why it missed."""
+    import pqd.structured.search as S
+    from pqd.compress.channels.graph import prune_to_widths
+    from pqd.stages.structured import missed_budget_message
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, width=0.125).eval()
+    graph = ChannelGraph(model, X)
+
+    def stopwatch(models, **kw):
+        return {k: 1.2 * sum(r.macs for r in ChannelGraph(m, X).layers) / 1e6 for k, m in models.items()}
+
+    calls = []
+
+    def disturbed(models, **kw):  # the timing runs after the first measure the chosen model 3x slow
+        calls.append(1)
+        ms = stopwatch(models)
+        return ms | {"chosen": ms["chosen"] * (3.0 if len(calls) > 1 else 1.0)}
+
+    scores = group_scores(graph, "l1")
+    dense = stopwatch({"d": model})["d"]
+    lm = L.LatencyModel(key={"runtime": "pytorch", "batch": 1, "threads": 1}, pad=1)
+    for w in L.sample_widths(graph, 10, round_to=4, min_keep=0.1):
+        lm.add(w, 0.5 * stopwatch({"m": prune_to_widths(model, w, example=X, round_to=1, scores=scores)})["m"], "fast state")
+    monkeypatch.setattr(S, "measure_int8", disturbed)
+    pruned, rec = search(model, lm, graph, target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.3,
+                         dense_ms=dense, scores=scores, max_iters=3, use_cache=False)
+    its = rec["iterations"]
+    assert len(its) >= 2 and not any(it["met"] for it in its) and not rec["met"]
+    ratios = [it["measured_ms"] / it["dense_ms_same_run"] for it in its]
+    assert rec["chosen_iteration"] == ratios.index(min(ratios)) != len(its) - 1
+    assert rec["widths"] == its[rec["chosen_iteration"]]["widths"] == ChannelGraph(pruned, X).widths()
+    assert "every group at its floor" in rec["missed_because"]  # tightening could not change the widths
+    message = missed_budget_message(rec)
+    assert f"{rec['measured_ms']:.3f} ms" in message and f"{rec['budget_ms_same_run']:.3f} ms" in message
+    assert rec["missed_because"] in message

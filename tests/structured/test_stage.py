@@ -107,11 +107,11 @@ def test_stage_with_adapted_bn_selection_records_the_ranked_recipes(tiny_data, t
 def test_stage_quantizes_its_latency_models_with_the_runs_quantize_settings(tiny_data, tmp_path, monkeypatch):
     """A model the quantize stage accepts only with quantize.leaf_modules (data-dependent control
     flow): the S stage's INT8 latency measurements use the same leaf modules and weight options."""
+    import pqd_user_models as um
+
     import pqd.structured.latency_model as L
     import pqd.structured.search as S
-    from pqd.config import QuantizeConfig
-
-    import pqd_user_models as um
+    from pqd.stages.quantize import QuantizeConfig
 
     torch.manual_seed(0)
     model = um.Untraceable(num_classes=4)

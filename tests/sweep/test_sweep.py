@@ -381,3 +381,26 @@ def test_peer_runs_in_the_sweep_table_with_runtime_labels_and_failures_do_not_st
     with pytest.raises(PqdError, match=r"1 of 3 runs failed \(nncf__seed0: .*pqd\[peers\]"):
         run_sweep(spec2, tmp_path / "b", progress=False)
     assert sorted(r["variant"] for r in read_table(tmp_path / "b")) == ["qat", "teacher"]
+
+
+def test_a_full_disk_never_leaves_an_empty_results_table(tmp_path, monkeypatch):
+    """sqlite creates the file on connect; a full disk then failed CREATE TABLE and left a 0-byte
+    results.sqlite. The table is made under a temporary name and renamed only when complete."""
+    from pathlib import Path
+
+    from pqd.commands.sweep import ResultTable
+    from pqd.errors import DiskFullError
+
+    real = sqlite3.connect
+
+    def full_disk(path, *args, **kwargs):
+        Path(path).touch()  # what sqlite does on open
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(sqlite3, "connect", full_disk)
+    with pytest.raises(DiskFullError, match="no space left"):
+        ResultTable(tmp_path / "results.sqlite")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(sqlite3, "connect", real)
+    table = ResultTable(tmp_path / "results.sqlite")  # space freed: the same command makes it
+    assert table.rows() == [] and sorted(p.name for p in tmp_path.iterdir()) == ["results.sqlite"]

@@ -67,3 +67,41 @@ def test_plain_state_dict_and_safetensors_load(tmp_path):
     assert torch.equal(ck.load_weights(tmp_path / "w.safetensors")["w"], sd["w"])
     with pytest.raises(CheckpointError, match="does not exist"):
         ck.load_weights(tmp_path / "nope.safetensors")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_pickle_refusal_keeps_the_reason_whole_and_the_code_execution_warning(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"fc.weight": _RunsCode()}, path)
+    with pytest.raises(CheckpointError) as exc:
+        ck.load_weights(path)
+    msg = str(exc.value)
+    assert "\x1b" not in msg and "[1m" not in msg
+    assert "unsupported GLOBAL posix.getcwd" in msg  # torch's reason, not cut mid-word
+    assert "can run arbitrary code" in msg and "Only if you trust its source" in msg
+
+
+def test_unpickling_reason_strips_colour_codes_and_cuts_at_a_word():
+    err = RuntimeError("Weights only load failed. \x1b[1mdo those steps only if you trust the source\x1b[0m\n"
+                       "(1) Re-running with weights_only=False ...\nWeightsUnpickler error: " + "word " * 200)
+    reason = ck.unpickling_reason(err)
+    assert "\x1b" not in reason and "[0m" not in reason and "(1)" not in reason
+    assert reason.startswith("RuntimeError: WeightsUnpickler error: word") and reason.endswith("word ...")
+
+
+def test_a_damaged_user_weights_file_is_never_to_be_deleted(tmp_path):
+    path = tmp_path / "mine.safetensors"
+    ck.save_checkpoint(path, {"w": torch.ones(3)})
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="delete it to recompute"):
+        ck.load_checkpoint(path)
+    with pytest.raises(CheckpointError) as exc:
+        ck.load_checkpoint(path, user_file=True)
+    assert "delete" not in str(exc.value).replace("never changes or deletes", "")
+    assert "copy it again" in str(exc.value)

@@ -91,3 +91,21 @@ def test_tracker_gets_per_epoch_metrics(tiny_data):
     assert [s for s, _ in rec.calls] == [0, 1]
     assert set(rec.calls[0][1]) == {"prune.loss", "prune.train_top1", "prune.images_per_s", "prune.lr"}
     assert all(0 <= m["prune.train_top1"] <= 1 and m["prune.loss"] > 0 for _, m in rec.calls)
+
+
+def test_a_dataloader_is_refused_naming_the_adapter():
+    """A raw DataLoader raised AttributeError deep inside training; now a DataError naming as_splits."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pqd.compress.student import Student
+    from pqd.errors import DataError
+    from pqd.stages.structured import structured_prune
+    from pqd.train.loop import train as train_fn
+
+    loader = DataLoader(TensorDataset(torch.rand(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    with pytest.raises(DataError, match=r"pqd.train.train\(model, data\) takes a pqd.data.Splits, got a "
+                                        r"torch.utils.data.dataloader.DataLoader.*pqd.data.adapters.as_splits"):
+        train_fn(model, loader, epochs=1, lr=0.1)
+    with pytest.raises(DataError, match=r"structured_prune\(..., data=\) takes a pqd.data.Splits.*as_splits"):
+        structured_prune(Student(model), None, data=loader, epochs=1, train_config=None)

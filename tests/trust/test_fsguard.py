@@ -1,4 +1,4 @@
-"""Issue 11 items 1, 2, 8 and the 0600 outputs: ownership, locking, storage errors, modes."""
+"""Run folders: ownership, locking, storage errors and file modes."""
 
 from __future__ import annotations
 
@@ -31,20 +31,38 @@ RUN_FILES = ["config.yaml", "env.json", "metrics.json", "teacher.safetensors", "
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-# ----------------------------------------------------------------- item 1: never overwrite user files
+# ----------------------------------------------------------------- never overwrite user files
 
 
 def test_user_config_in_out_dir_is_refused_and_kept(tmp_path: Path):
     p = tmp_path / "p"
     p.mkdir()
     (p / "config.yaml").write_text("db: {password: x}\n")
-    with pytest.raises(RunDirError, match="not a pqd run's output"):
+    with pytest.raises(RunDirError, match="no .pqd-run marker"):
         check_writable_run_dir(p, expected_files=RUN_FILES)
     assert (p / "config.yaml").read_text() == "db: {password: x}\n"
     assert not (p / MARKER).exists()
     with pytest.raises(RunDirError, match="was not written by pqd"):
         safe_replace(p / "config.yaml", b"stages: P:1\n")
     assert (p / "config.yaml").read_text() == "db: {password: x}\n"
+
+
+def test_users_own_pqd_config_without_marker_is_refused_and_kept(tmp_path: Path):
+    """A folder holding only a hand-written pqd config (pqd's file name, a valid pqd config) is
+    the user's, not an older run to take over: refused, never marked, the file untouched."""
+    p = tmp_path / "mine"
+    p.mkdir()
+    text = "# my tuned config\nstages: P:1,Q:1\nmodel: {name: resnet18, width: 0.125}\nteacher: {epochs: 3}\n"
+    (p / "config.yaml").write_text(text)
+    (p / "metrics.json").write_text("{}")
+    (p / "stages").mkdir()
+    with pytest.raises(RunDirError, match=r"holds config.yaml, metrics.json, stages but no .pqd-run marker"):
+        check_writable_run_dir(p, expected_files=RUN_FILES)
+    assert (p / "config.yaml").read_text() == text
+    assert not (p / MARKER).exists()
+    with pytest.raises(RunDirError, match="was not written by pqd"):
+        safe_replace(p / "config.yaml", b"stages: P:1\n")
+    assert (p / "config.yaml").read_text() == text
 
 
 def test_sweep_into_users_folder_is_refused(tmp_path: Path):
@@ -64,14 +82,6 @@ def test_new_empty_marked_and_legacy_folders(tmp_path: Path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / ".config.yaml.abc.tmp").write_bytes(b"x")  # left by a kill during an atomic write
     assert check_writable_run_dir(tmp_path / "e", expected_files=RUN_FILES) == "empty"
-    legacy = tmp_path / "old"
-    legacy.mkdir()
-    (legacy / "config.yaml").write_text("stages: P:1,Q:1\nmodel: {name: resnet18, width: 0.125}\n")
-    (legacy / "metrics.json").write_text("{}")
-    (legacy / "stage1_prune").mkdir()
-    assert check_writable_run_dir(legacy, expected_files=RUN_FILES) == "adopted"
-    assert set(read_marker(legacy)["files"]) == {"config.yaml", "metrics.json"}
-    safe_replace(legacy / "metrics.json", b'{"a": 1}')  # adopted files may be replaced
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(RunDirError, match="is a file, not a directory"):
@@ -123,7 +133,7 @@ def test_modes_follow_umask(tmp_path: Path, umask: int, mode: int):
         assert p.stat().st_mode & 0o777 == mode, p
 
 
-# ----------------------------------------------------------------- item 2: one process per folder
+# ----------------------------------------------------------------- one process per folder
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -152,7 +162,7 @@ def test_lock_refuses_second_process_and_dies_with_holder(tmp_path: Path):
     assert lock._key is None
 
 
-# ----------------------------------------------------------------- item 8: storage errors
+# ----------------------------------------------------------------- storage errors
 
 
 def test_disk_full_on_write_keeps_old_file_and_no_partial(tmp_path: Path, monkeypatch):
@@ -313,3 +323,16 @@ def test_kill_between_rename_and_manifest_update_keeps_the_file_ours(tmp_path: P
     assert (run / "metrics.json").read_bytes() == b"second"
     safe_replace(run / "metrics.json", b"third")  # resumed run: still pqd's file
     assert read_marker(run)["files"]["metrics.json"] == [__import__("hashlib").sha256(b"third").hexdigest()]
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOSPC, errno.ENAMETOOLONG])
+def test_storage_messages_name_no_option_a_command_lacks(tmp_path: Path, code):
+    """export and bench write into the run folder and have no --out: the advice must fit them too."""
+    err = storage_error(OSError(code, os.strerror(code), str(tmp_path / "run" / "export.json")), tmp_path)
+    assert err is not None and "--out" not in str(err).replace("run/sweep: another --out", ""), str(err)
+    if code in (errno.EROFS, errno.EACCES):
+        assert "export/bench: copy the run folder to a writable place first" in str(err)
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    with pytest.raises(RunDirError) as exc:
+        safe_replace(tmp_path / "m.onnx", b"y")
+    assert "--out" not in str(exc.value)

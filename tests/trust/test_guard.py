@@ -1,4 +1,4 @@
-"""Issue 11 item 5: divergence is noticed; a chance-level teacher is flagged."""
+"""Divergence is noticed; a chance-level teacher is flagged."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ CFG = TrainConfig(batch_size=64, progress=False)
 
 
 def test_huge_lr_leaves_nan_model_that_the_guard_catches(tiny_data):
-    # the issue's reproduction: teacher.lr=1e6 trains "successfully" into a NaN model
+    # teacher.lr=1e6 trains "successfully" into a NaN model
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=4, width=0.125)
     try:
@@ -71,7 +71,7 @@ def test_explain_turns_observer_error_into_divergence():
         next(m.parameters()).fill_(float("nan"))
     g = DivergenceGuard("quantize", lr_key="quantize.lr")
     with pytest.raises(RuntimeError, match="zero_point") as info:
-        m(torch.randn(2, 3, 8, 8))  # the raw error the issue reports
+        m(torch.randn(2, 3, 8, 8))  # the raw error a user would otherwise see
     err = g.explain(info.value, m, epoch=2, step=9, lr=0.01)
     assert isinstance(err, DivergenceError) and "quantize: training diverged" in str(err) and "epoch 3" in str(err)
     assert g.explain(RuntimeError("other"), nn.Linear(2, 2), epoch=0, step=0) is None

@@ -1,4 +1,4 @@
-"""Issue 11 item 7: a native crash in one runtime's check becomes an error naming runtime and
+"""A native crash in one runtime's check becomes an error naming runtime and
 model, and the other checks still report."""
 
 from __future__ import annotations
@@ -75,3 +75,32 @@ def test_working_folder_is_not_on_the_childs_path(tmp_path, monkeypatch):
     assert out["sum"] == 2
     with pytest.raises(RuntimeCrash, match="ModuleNotFoundError"):  # not importable without extra_path
         run_isolated(f"{T}:add", {"a": 1, "b": 1}, timeout=60)
+
+
+def test_a_standard_module_planted_in_the_working_folder_does_not_run(tmp_path, monkeypatch):
+    marker = tmp_path / "planted-ran"
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "json.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nraise SystemExit(9)\n")
+    monkeypatch.chdir(hostile)
+    assert run_isolated(f"{T}:add", {"a": 1, "b": 2}, timeout=60, extra_path=HERE)["sum"] == 3
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("version", [(3, 10, 0), (3, 11, 0)])
+def test_child_command_keeps_the_working_folder_off_sys_path(tmp_path, monkeypatch, version):
+    import subprocess
+    import sys
+
+    from pqd.safety.isolate import child_environ, python_command
+
+    with monkeypatch.context() as m:
+        m.setattr(sys, "version_info", version)  # the command Python 3.10 (no -P) would get, run by this Python
+        cmd = python_command("site")  # `python -m site` prints sys.path
+    assert ("-P" in cmd) == (version >= (3, 11))
+    out = subprocess.run(cmd, check=False, cwd=tmp_path, env=child_environ(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import pqd
+
+    assert f"'{Path(pqd.__file__).resolve().parent.parent}'," in out.stdout  # the listing is there, pqd's folder in it
+    assert f"'{tmp_path}'" not in out.stdout and "    ''," not in out.stdout

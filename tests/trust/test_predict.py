@@ -1,4 +1,4 @@
-"""Issue 11 item 6: deployables carry their preprocessing and class names; `pqd predict`
+"""Deployables carry their preprocessing and class names; `pqd predict`
 runs the deployed file on raw images the way a user would."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_wrapper_on_raw_uint8_matches_bare_model_on_normalised(digits_model):
     with torch.no_grad():
         raw_u8 = wrapped(data.test.x)
         raw_f = wrapped(data.test.x.float() / 255)
-        bare_on_01 = model(data.test.x.float() / 255)  # the issue: the bare file fed [0,1] images
+        bare_on_01 = model(data.test.x.float() / 255)  # the mistake: the bare file fed [0,1] images
     assert torch.equal(raw_u8, ref)  # the loader's arithmetic exactly
     assert torch.equal(raw_f.argmax(1), ref.argmax(1))
     y = data.test.y
@@ -172,3 +172,41 @@ def test_onnx_deployable_with_normalisation_inside(digits_model, tmp_path: Path)
     out = predict_files(tmp_path / "model_fp32.onnx", images)
     ref = normalised_logits(model, data)[:8].argmax(1)
     assert [r["class"] for r in out] == [str(int(i)) for i in ref]
+
+
+def test_sixteen_bit_images_are_refused_like_training_does(digits_model, tmp_path: Path, capsys):
+    """PIL's convert clips 16-bit grey to 0/255: predict gave wrong classes silently. The training
+    loader's rule applies: refused, naming the file."""
+    import numpy as np
+
+    from pqd.errors import DataError
+
+    model, data = digits_model
+    run = tmp_path / "run"
+    save_torchscript(deployable_torchscript(model, mean=data.mean, std=data.std, class_names=data.test.classes,
+                                            input_shape=data.image_shape), run / "model_int8.pt", meta=_meta(data))
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.arange(1024).reshape(32, 32) * 60).astype(np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    with pytest.raises(DataError, match=r"deep.png' has I;16 pixels \(16-bit or floating point\)"):
+        predict_files(run, [deep])
+    assert predict_main([str(run), str(deep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pqd: error: image") and "16-bit" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "x"])
+def test_top_k_below_one_is_refused(digits_model, tmp_path: Path, capsys, k):
+    from pqd.errors import ConfigError
+
+    model, data = digits_model
+    run = tmp_path / "run"
+    save_torchscript(deployable_torchscript(model, mean=data.mean, std=data.std, class_names=data.test.classes,
+                                            input_shape=data.image_shape), run / "model_int8.pt", meta=_meta(data))
+    images = _write_pngs(data, tmp_path / "imgs", 1)
+    with pytest.raises(SystemExit) as exc:
+        predict_main([str(run), str(images[0]), "--top-k", k])
+    assert exc.value.code == 2 and "--top-k: expected a whole number of classes, 1 or more" in capsys.readouterr().err
+    if k != "x":
+        with pytest.raises(ConfigError, match="top_k"):
+            predict_files(run, images, top_k=int(k))

@@ -1,4 +1,4 @@
-"""Issue 11 item 11: rebuilding a model from a folder on disk imports no code unless allowed."""
+"""Rebuilding a model from a folder on disk imports no code unless allowed."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""Issue 11 end to end, through the CLI. These pass once the trust modules are wired in
-(see the trust helper's wiring notes); rename this file to test_wired.py at that point.
-Each test reproduces one numbered item of issue 11 with a tiny digits config."""
+"""The safety checks end to end, through the CLI, each with a tiny digits config."""
 
 from __future__ import annotations
 
@@ -41,17 +39,28 @@ def tiny(tmp_path: Path) -> Path:
     return p
 
 
-def test_item1_run_never_overwrites_users_config(tiny: Path, tmp_path: Path):
+def test_run_never_overwrites_users_config(tiny: Path, tmp_path: Path):
     p = tmp_path / "p"
     p.mkdir()
     (p / "config.yaml").write_text("db: {password: x}\n")
     r = pqd("run", str(tiny), "--out", str(p), "--set", "train.batch_size=100000")
-    assert r.returncode == 2 and ("pqd did not write" in r.stderr or "not a pqd run's output" in r.stderr), r.stderr
+    assert r.returncode == 2 and ("pqd did not write" in r.stderr or "no .pqd-run marker" in r.stderr), r.stderr
     assert (p / "config.yaml").read_text() == "db: {password: x}\n"
     assert sorted(x.name for x in p.iterdir()) == ["config.yaml"]  # no env.json, no log.txt
 
 
-def test_item1_sweep_never_rewrites_users_sweep_file(tiny: Path, tmp_path: Path):
+def test_run_never_replaces_users_own_pqd_config(tiny: Path, tmp_path: Path):
+    p = tmp_path / "mine"
+    p.mkdir()
+    text = "# hand-written\n" + yaml.safe_dump({**TINY, "teacher": {**TINY.get("teacher", {}), "epochs": 7}})
+    (p / "config.yaml").write_text(text)
+    r = pqd("run", str(tiny), "--out", str(p))
+    assert r.returncode == 2 and "no .pqd-run marker" in r.stderr, r.stderr
+    assert (p / "config.yaml").read_text() == text
+    assert sorted(x.name for x in p.iterdir()) == ["config.yaml"]
+
+
+def test_sweep_never_rewrites_users_sweep_file(tiny: Path, tmp_path: Path):
     text = "# my sweep\nbase: tiny.yaml\nvariants:\n  pqd: {stages: 'P:1'}\n"
     (tmp_path / "sweep.yaml").write_text(text)
     r = pqd("sweep", "sweep.yaml", "--out", ".", "--set", "prune.sparsity=0.6", cwd=tmp_path)
@@ -59,7 +68,7 @@ def test_item1_sweep_never_rewrites_users_sweep_file(tiny: Path, tmp_path: Path)
     assert (tmp_path / "sweep.yaml").read_text() == text
 
 
-def test_item2_second_process_refused_while_a_run_holds_the_folder(tiny: Path, tmp_path: Path):
+def test_second_process_refused_while_a_run_holds_the_folder(tiny: Path, tmp_path: Path):
     run = tmp_path / "r"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time; sys.path.insert(0, {SRC!r})
@@ -77,14 +86,14 @@ def test_item2_second_process_refused_while_a_run_holds_the_folder(tiny: Path, t
         holder.wait()
 
 
-def test_item5_divergence_stops_the_run(tiny: Path, tmp_path: Path):
+def test_divergence_stops_the_run(tiny: Path, tmp_path: Path):
     r = pqd("run", str(tiny), "--out", str(tmp_path / "r"), "--set", "teacher.lr=1000000")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "teacher: training diverged" in r.stderr and "teacher.lr" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
-def test_item10_yaml_bombs_refused_fast(tiny: Path, tmp_path: Path):
+def test_yaml_bombs_refused_fast(tiny: Path, tmp_path: Path):
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for prev, name in zip("abcdefgh", "bcdefghi"):
         lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
@@ -112,7 +121,7 @@ def test_set_float_without_dot(tiny: Path):
     assert yaml.safe_load(r.stdout)["prune"]["lr"] == 0.001
 
 
-def test_item11_load_run_imports_no_code(downloaded_run):
+def test_load_run_imports_no_code(downloaded_run):
     from pqd.errors import UntrustedCodeError
     from pqd.run.loader import load_int8_module as load_run
 
@@ -142,7 +151,7 @@ def test_outputs_follow_umask_and_predict_runs_the_deployable(tiny: Path, tmp_pa
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     # raw PNGs through `pqd predict` give exactly the deployed model's answers on pqd's own
-    # normalised test tensors (the issue: 10% instead of 97% when fed [0,1] images)
+    # normalised test tensors (not the bare file fed [0,1] images, which scores near chance)
     import torch
 
     from pqd.data import batches
@@ -155,7 +164,7 @@ def test_outputs_follow_umask_and_predict_runs_the_deployable(tiny: Path, tmp_pa
 
 
 def test_every_yaml_read_goes_through_safeyaml():
-    """Item 10: one unbounded yaml.safe_load left anywhere (a sweep's base, a saved config.yaml)
+    """One unbounded yaml.safe_load left anywhere (a sweep's base, a saved config.yaml)
     is enough for a YAML bomb."""
     import re
 

@@ -1,5 +1,5 @@
-"""Issue 11 wiring, in process and fast: resume comparison (items 3, 4), checkpoint errors and
-the sweep table (item 8), leaf modules for the FX tracer (item 9), no code from disk (item 11)."""
+"""The safety checks as wired into pqd, in process and fast: resume comparison, checkpoint errors and
+the sweep table, leaf modules for the FX tracer, no code from disk."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ TINY = {"stages": "P:1,D:1", "model": {"name": "resnet18", "width": 0.125},
         "data": {"dataset": "digits", "train_subset": 100, "test_subset": 50}, "teacher": {"epochs": 1}}
 
 
-def test_item4_resume_ignores_missing_keys_and_result_neutral_settings(tmp_path):
+def test_resume_ignores_missing_keys_and_result_neutral_settings(tmp_path):
     cfg = RunConfig.from_dict(TINY)
     old = cfg.to_dict()
     del old["quantize"]["reduce_range"]  # written by an older pqd that lacked this key
@@ -37,7 +37,7 @@ def test_item4_resume_ignores_missing_keys_and_result_neutral_settings(tmp_path)
         run.check_config(changed)
 
 
-def test_item3_sweep_teacher_path_relative_and_old_absolute(tmp_path):
+def test_sweep_teacher_path_relative_and_old_absolute(tmp_path):
     teacher = tmp_path / "runs" / "teacher-abc123" / "teacher.safetensors"
     teacher.parent.mkdir(parents=True)
     teacher.write_bytes(b"x")
@@ -50,7 +50,7 @@ def test_item3_sweep_teacher_path_relative_and_old_absolute(tmp_path):
     assert comparable_config(other, teacher_base=tmp_path) != comparable_config(rel, teacher_base=tmp_path)
 
 
-def test_item8_malformed_checkpoint_metadata(tmp_path):
+def test_malformed_checkpoint_metadata_is_a_checkpoint_error(tmp_path):
     from safetensors.torch import save_file
 
     p = tmp_path / "c.safetensors"
@@ -59,7 +59,7 @@ def test_item8_malformed_checkpoint_metadata(tmp_path):
         load_checkpoint(p)
 
 
-def test_item8_wrong_stage_checkpoint_is_a_short_message(tmp_path):
+def test_wrong_stage_checkpoint_is_a_short_message(tmp_path):
     cfg = RunConfig.from_dict(TINY)
     run = RunDir(tmp_path)
     save_checkpoint(run.student_path(0, "prune"), {"model.foo.weight": torch.zeros(3)}, {"form": "fp32"})
@@ -69,7 +69,7 @@ def test_item8_wrong_stage_checkpoint_is_a_short_message(tmp_path):
     assert "missing key" in msg and "unexpected key" in msg and "another model's tensors" in msg and "delete" not in msg and len(msg) < 1500
 
 
-def test_item8_sqlite_disk_full_is_a_storage_error(tmp_path, monkeypatch):
+def test_sqlite_disk_full_is_a_storage_error(tmp_path, monkeypatch):
     from pqd.commands import sweep
 
     table = sweep.ResultTable(tmp_path / "results.sqlite")
@@ -82,7 +82,7 @@ def test_item8_sqlite_disk_full_is_a_storage_error(tmp_path, monkeypatch):
         table.upsert({"run_id": "x"})
 
 
-def test_item8_garbled_config_in_a_sweep_run_is_not_finished(tmp_path):
+def test_garbled_config_in_a_sweep_run_is_not_finished(tmp_path):
     from pqd.commands.sweep import expand, finished_metrics, run_dir
 
     sw = expand({"base": TINY, "variants": {"a": {"stages": "P:1"}}}, tmp_path)
@@ -94,7 +94,7 @@ def test_item8_garbled_config_in_a_sweep_run_is_not_finished(tmp_path):
     assert finished_metrics(tmp_path, run) is None
 
 
-def test_item8_symlink_loop_in_image_folder(tmp_path):
+def test_symlink_loop_in_image_folder_is_a_data_error(tmp_path):
     from pqd.data.folder import read_image_folder
 
     for split in ("train", "test"):
@@ -126,7 +126,7 @@ class Net(nn.Module):
         return self.head(self.block(self.stem(x)).mean((2, 3)))
 
 
-def test_item9_leaf_modules_make_an_untraceable_model_quantizable():
+def test_leaf_modules_make_an_untraceable_model_quantizable():
     from pqd.compress.qat import prepare
 
     x = torch.randn(2, 3, 8, 8)
@@ -140,7 +140,7 @@ def test_item9_leaf_modules_make_an_untraceable_model_quantizable():
     assert cfg.quantize.leaf_modules == ("layer1.0",)
 
 
-def test_item11_leaf_class_from_disk_needs_allow_code():
+def test_leaf_class_from_disk_needs_allow_code():
     from pqd.safety.trustpolicy import check_config_code
 
     cfg = RunConfig.from_dict(TINY | {"quantize": {"leaf_modules": ["evil.mod:Block"]}})
@@ -150,7 +150,7 @@ def test_item11_leaf_class_from_disk_needs_allow_code():
     check_config_code(RunConfig.from_dict(TINY | {"quantize": {"leaf_modules": ["layer1.0"]}}), allow_code=False)
 
 
-def test_item4_peer_run_config_gets_defaults_filled_too():
+def test_peer_run_config_gets_defaults_filled_too():
     # a sweep's peer run stores {"peer": ...} beside the RunConfig; a key added to pqd after the run
     # finished must not make its resume fail (seen: structured.margin on a finished nncf_ptq run)
     cfg = RunConfig.from_dict(TINY | {"stages": ""})

@@ -3,7 +3,7 @@ from pqd.commands.sweep import read_table, run_sweep
 
 
 def test_variants_are_labelled_in_the_sweep_table_and_the_report(digits_config, tmp_path):
-    base = digits_config | {"teacher": {"epochs": 1, "lr": 0.05}, "data": {"dataset": "digits", "train_subset": 300, "test_subset": 100}}
+    base = digits_config | {"data": {"dataset": "digits", "train_subset": 300, "test_subset": 100}}
     spec = {"name": "labels", "base": base, "variants": {
         "dense": {"stages": ""},
         "imp": {"stages": "L:2", "imp": {"rounds": 1, "fraction": 0.5}},

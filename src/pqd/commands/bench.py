@@ -1,6 +1,6 @@
 """``pqd bench RUN_DIR``: a finished run's models timed in every installed CPU runtime.
 
-    pqd bench RUN_DIR [--threads 1,2] [--batch-sizes 1,64] [--runs 200]
+    pqd bench RUN_DIR [--threads 1,2] [--batch-sizes 1,64] [--runs 200] [--inherit-env]
 
 Variants (teacher = dense FP32 model, final = the run's deployable INT8 model):
 
@@ -18,11 +18,17 @@ calls (the hand-over from the previous variant) and then consecutive timed calls
 figure is the steady-state latency a serving loop sees, and machine drift hits every
 variant alike. ``runs`` timed calls at batch 1 and ``large_batch_runs`` at larger
 batches; median, p90, mean and std, each also as "x faster than PyTorch FP32 eager"
-(FP32-eager time / this time, same threads, same batch, same run). Every runtime runs with
-its own defaults but the thread count (ONNX Runtime's thread spinning stays on; OpenVINO's
-precision hint is set to f32, see :mod:`pqd.deploy.runtimes`). Peak resident memory is each
-worker's ``VmHWM`` after all its timed calls at the largest thread count (Linux's
-``ru_maxrss`` would carry the parent's high-water mark across fork + exec). Proxies
+(FP32-eager time / this time, same threads, same batch, same run). Every worker starts in
+the controlled threading environment of :func:`pqd.measure.workers.worker_environment` (the
+caller's OpenMP/MKL variables removed, ``OMP_NUM_THREADS`` = the threads timed), whatever the
+caller's shell holds, unless ``inherit_env`` (``--inherit-env``); ``latency_env`` records it per
+thread count. A deployment timed slower at a thread count than at a smaller one is flagged
+(``slower_with_more_threads``, and a warning), and the speed-up summary names the fastest
+deployment over every thread count. Every runtime runs with its own defaults but the thread
+count (ONNX Runtime's thread spinning stays on; OpenVINO's precision hint is set to f32, see
+:mod:`pqd.deploy.runtimes`). Peak resident memory is each worker's ``VmHWM`` after all its timed
+calls at the largest thread count (Linux's ``ru_maxrss`` would carry the parent's high-water
+mark across fork + exec). Proxies
 (parameters, MACs, MACs on non-zero weights; :mod:`pqd.measure.proxies`) sit beside the
 latencies: unstructured zeros cut the proxy but not the dense kernels' work.
 
@@ -142,7 +148,7 @@ def _ratio(base: float, x: float) -> float | None:
 def bench_run(
     run_dir: str | Path, *, threads: Sequence[int] | None = None, batch_sizes: Sequence[int] = MEASURE.batch_sizes, warmup: int = MEASURE.warmup,
     runs: int = MEASURE.runs, large_batch_runs: int = MEASURE.large_batch_runs, runtimes: Sequence[str] | None = None, rss: bool = True,
-    write: bool = True, force_export: bool = False, seed: int = 0, allow_code: bool = False,
+    write: bool = True, force_export: bool = False, seed: int = 0, allow_code: bool = False, inherit_env: bool = False,
 ) -> dict:
     """Benchmark a finished run in every installed runtime; see the module docstring.
 
@@ -153,22 +159,25 @@ def bench_run(
     variant is first loaded and called once in a process of its own: one that crashes (a
     native runtime crash) is listed under ``failed`` and left out, the others still report.
     The run folder is locked meanwhile; model code named by import path needs ``allow_code``.
+    ``inherit_env``: time in this process's environment as it is, not the controlled worker
+    environment (recorded under ``latency_env``).
     """
     from pqd.run.rundir import RunDir
 
     with RunDir(run_dir).claim():
         return _bench_run(run_dir, threads=threads, batch_sizes=batch_sizes, warmup=warmup, runs=runs,
                           large_batch_runs=large_batch_runs, runtimes=runtimes, rss=rss, write=write,
-                          force_export=force_export, seed=seed, allow_code=allow_code)
+                          force_export=force_export, seed=seed, allow_code=allow_code, inherit_env=inherit_env)
 
 
 def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs, runtimes, rss, write, force_export, seed,
-               allow_code) -> dict:
+               allow_code, inherit_env) -> dict:
     from pqd.commands.export import export_run
     from pqd.measure import environment
     from pqd.measure.latency import LARGE_BATCH_BLOCKS, SMALL_BATCH_BLOCKS, interleave
     from pqd.measure.proxies import proxies
-    from pqd.measure.workers import start_workers
+    from pqd.measure.speedup import format_thread_flag, slower_with_more_threads, speedup_summary
+    from pqd.measure.workers import start_workers, workers_environment
     from pqd.run.loader import load_run
 
     threads = tuple(threads) if threads else default_threads()
@@ -192,14 +201,16 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
     for v in variants:
         if v.spec.get("kind") == "eager_student":
             v.spec["allow_code"] = allow_code
-    failed = _probe(variants, run.config.model.name)
+    failed = _probe(variants, run.config.model.name, inherit_env=inherit_env)
     variants = [v for v in variants if v.name not in failed]
     records: list[dict] = []
     settings: dict[str, dict] = {}
     rss_rec: dict[str, dict] = {}
+    latency_env: dict[str, dict] = {}
     for t in threads:
         log.info("bench: %d threads, %s (one worker process each)", t, ", ".join(v.name for v in variants))
-        with start_workers({v.name: v.spec | {"threads": t} for v in variants}) as workers:
+        with start_workers({v.name: v.spec | {"threads": t} for v in variants}, inherit_env=inherit_env) as workers:
+            latency_env[str(t)] = workers_environment(workers)
             for v in variants:
                 info = workers[v.name].info
                 settings.setdefault(v.name, {"runtime": v.runtime, "precision": v.precision, "model": v.model, "by_threads": {}})
@@ -223,7 +234,10 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
     # on a copy: a PTQ student's observers record every forward pass, and proxies runs one
     prox = {"teacher": proxies(run.teacher, run.input_shape), "final": proxies(copy.deepcopy(run.student.model), run.input_shape)}
     env = environment(max(threads)) | {"runtimes": _versions()}
-    from pqd.measure.speedup import speedup_summary
+    thread_flags = slower_with_more_threads(records)
+    for f in thread_flags:
+        log.warning("bench: %s; the thread counts are timed one after the other, so host drift can cause this too: "
+                    "re-run to confirm before deploying with more threads", format_thread_flag(f))
 
     result = {
         "schema": BENCH_SCHEMA,
@@ -247,6 +261,10 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
         "failed": failed | export_failed | ((export or {}).get("failed") or {}),
         "failed_detail": failed_detail,
         "latency": records,
+        # the threading environment every worker timed in, per thread count (inherited or controlled)
+        "latency_env": latency_env,
+        # deployments timed slower with more threads than with fewer (a warning each)
+        "slower_with_more_threads": thread_flags,
         "proxies": prox,
         "peak_rss_mb": rss_rec,
         "export": {"route": export.get("route"), "artefacts": export.get("artefacts"),
@@ -258,16 +276,20 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
     return result
 
 
-def _probe(variants: list, model: str) -> dict[str, str]:
-    """Load and call each variant once in a process of its own (:func:`pqd.safety.isolate.run_isolated`):
-    the names of those that crash or fail, with the reason. The FP32 baseline must work."""
+def _probe(variants: list, model: str, *, inherit_env: bool) -> dict[str, str]:
+    """Load and call each variant once in a process of its own (:func:`pqd.safety.isolate.run_isolated`),
+    in the environment its worker will have: the names of those that crash or fail, with the
+    reason. The FP32 baseline must work."""
     from pqd.errors import RuntimeCrash
+    from pqd.measure.workers import worker_environment
     from pqd.safety.isolate import run_isolated
 
     failed: dict[str, str] = {}
+    env = worker_environment(1, inherit_env=inherit_env).env
     for v in variants:
         try:
-            run_isolated("pqd.measure.worker:probe", {"spec": v.spec | {"threads": 1}}, timeout=600, runtime=v.name, model=model)
+            run_isolated("pqd.measure.worker:probe", {"spec": v.spec | {"threads": 1}}, timeout=600, runtime=v.name, model=model,
+                         env=env, parent_path=True)
         except (RuntimeCrash, PqdError) as exc:
             if v.name == BASELINE:
                 raise
@@ -317,6 +339,9 @@ def format_markdown(result: dict) -> str:
         lines += ["", "## Timings", ""]
     lines.append(f"CPU: {env['cpu_model']} ({env['logical_cpus']} logical CPUs; flags: {', '.join(env['cpu_flags']) or '-'}); "
                  f"torch {env['torch']}, " + ", ".join(f"{k} {v}" for k, v in env["runtimes"].items() if v))
+    lenv = result.get("latency_env")
+    if lenv:
+        lines.append(format_latency_env(lenv))
     b1, bl = s.get("blocks_batch1"), s.get("blocks_large_batch")
     how = (f"in rotating rounds of one block per variant ({b1['settle_ms']:g} ms of untimed calls, then {b1['timed']} timed "
            f"calls at batch 1, {bl['timed']} at larger batches)" if b1 and bl else "round-robin")
@@ -355,6 +380,27 @@ def format_markdown(result: dict) -> str:
     if rss:
         lines += ["", "Peak RSS: each variant's own worker process (interpreter + runtime + model + every timed call); "
                   "ONNX Runtime / OpenVINO workers do not import torch."]
+    if result.get("slower_with_more_threads"):
+        from pqd.measure.speedup import format_thread_flag
+
+        lines += ["", "Slower with more threads (the thread counts are timed one after the other; re-run to confirm):"]
+        lines += [f"- WARNING: {format_thread_flag(f)}" for f in result["slower_with_more_threads"]]
     if result.get("skipped"):
         lines += [""] + [f"Skipped {k}: {v}" for k, v in result["skipped"].items()]
     return "\n".join(lines)
+
+
+def format_latency_env(latency_env: dict) -> str:
+    """One line on the threading environment of ``bench.json``'s ``latency_env`` ({threads: record})."""
+    parts = []
+    for t, rec in latency_env.items():
+        set_ = ", ".join(f"{k}={v}" for k, v in (rec.get("variables") or {}).items() if v is not None) or "none set"
+        parts.append(f"{t} thread{'s' if t != '1' else ''}: {set_}")
+    inherited = any(rec.get("inherited") for rec in latency_env.values())
+    ignored = next(iter(latency_env.values())).get("ignored_from_caller") or {}
+    how = ("inherited from the caller's environment (--inherit-env)" if inherited else
+           "controlled (the caller's threading variables removed; unset ones are the runtime's default)")
+    line = f"Worker threading environment: {how}; " + "; ".join(parts)
+    if ignored:
+        line += ". Ignored from the caller: " + ", ".join(f"{k}={v}" for k, v in ignored.items())
+    return line + "."

@@ -30,9 +30,10 @@ import contextlib
 import copy
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -41,6 +42,7 @@ from pqd.deploy.runtimes import OpenVinoRunner, OrtRunner, available, require
 from pqd.errors import ConfigError
 from pqd.run.loader import LoadedRun, load_run
 from pqd.run.rundir import RunDir
+from pqd.safety.fsguard import check_replaceable, safe_replace
 
 log = logging.getLogger("pqd.export")
 
@@ -128,6 +130,8 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
     sources = [run.deployed_file, student_file, rd.teacher_path]
     final_name = INT8_ONNX if run.quantized else FINAL_FP32_ONNX
     record_path = out / EXPORT_JSON
+    # before any work: never replace an export.json or ONNX file pqd did not write (the user's own)
+    check_replaceable([record_path, out / final_name, out / TEACHER_ONNX], overwrite=force)
     old: dict = {}
     if record_path.is_file() and not force:
         with contextlib.suppress(ValueError):
@@ -142,7 +146,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
         final_form = "int8_qdq" if run.quantized else "fp32"
         log.info("export: %s -> %s", student_file.name, final_name)
         final_rec = export_onnx(final_model, out / final_name, shape, metadata=_metadata(run, final_form) | _predict_meta(run, final_form),
-                                fold=run.quantized)
+                                fold=run.quantized, overwrite=force)
         final_rec.update(form=final_form, source=str(student_file.relative_to(out)))
         if run.quantized:
             zeros = int8_initializer_zeros(out / final_name)
@@ -150,7 +154,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
             final_rec["int8_weight_zero_fraction"] = z / n if n else None
         log.info("export: teacher -> %s", TEACHER_ONNX)
         teacher_rec = export_onnx(run.teacher, out / TEACHER_ONNX, shape, metadata=_metadata(run, "fp32") | _predict_meta(run, "fp32"),
-                                  fold=False)
+                                  fold=False, overwrite=force)
         teacher_rec.update(form="fp32", source=rd.TEACHER)
         record = {
             "schema": EXPORT_SCHEMA,
@@ -165,9 +169,7 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
         }
     if check:
         _run_checks(record, run, out, final_name, openvino, ort=ort)
-    from pqd.train.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())
+    safe_replace(record_path, json.dumps(record, indent=2).encode(), overwrite=force)
     return record
 
 
@@ -178,7 +180,23 @@ def _predict_meta(run: LoadedRun, form: str) -> dict[str, str]:
 
     d = run.data
     return onnx_metadata(deployable_meta(mean=d.mean, std=d.std, class_names=d.test.classes, input_shape=d.image_shape,
-                                         normalization="outside", extra={"form": form, "model": run.config.model.name}))
+                                         normalization="outside", extra={"form": form, "model": run.config.model.name},
+                                         preprocess=d.preprocess))
+
+
+SCRATCH_PREFIX, SCRATCH_SUFFIX = ".pqd-export-", ".tmp"  # hidden, and a name pqd's run-folder guard treats as its own
+
+
+@contextlib.contextmanager
+def scratch_dir(run_dir: Path) -> Iterator[str]:
+    """A scratch folder inside the run folder (never in the system temp folder, where a killed
+    export would leave it behind unnoticed), removed afterwards; a previous, killed export's
+    scratch folders are removed first."""
+    for old in Path(run_dir).glob(f"{SCRATCH_PREFIX}*{SCRATCH_SUFFIX}"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, suffix=SCRATCH_SUFFIX, dir=run_dir) as tmp:
+        yield tmp
 
 
 def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None, *, ort: bool = True) -> None:
@@ -202,7 +220,7 @@ def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvi
     ref_teacher = run_logits(run.teacher, d.test, mean=d.mean, std=d.std)
     final_ref_name = "pytorch_int8 (model_int8.pt)" if run.quantized else "pytorch_fp32 (final student)"
     threads = max(1, torch.get_num_threads())
-    with tempfile.TemporaryDirectory(prefix="pqd-export-") as tmp:
+    with scratch_dir(out) as tmp:
         refs = {form: str(Path(tmp) / "final.safetensors"), "fp32": str(Path(tmp) / "teacher.safetensors")}
         save_file({"logits": ref_final.contiguous()}, refs[form])
         save_file({"logits": ref_teacher.contiguous()}, refs["fp32"])

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pqd.data.folder import check_bit_depth, decode_image
 from pqd.deploy.deployable import (
     DEPLOYABLE_NAMES,
     IMAGE_SUFFIXES,
@@ -26,7 +27,7 @@ from pqd.deploy.deployable import (
     read_torchscript_meta,
     validate_meta,
 )
-from pqd.errors import CheckpointError, DataError, PqdError
+from pqd.errors import CheckpointError, ConfigError, DataError, PqdError
 
 __all__ = ["load_deployable", "load_image", "predict_files", "predict_main"]
 
@@ -103,15 +104,29 @@ def _load_onnx(path: Path) -> Deployable:
 # --------------------------------------------------------------------------- images
 
 
-def load_image(path: str | Path, *, size: tuple[int, int], channels: int) -> torch.Tensor:
+def load_image(path: str | Path, *, size: tuple[int, int], channels: int, preprocess: dict[str, Any] | None = None) -> torch.Tensor:
     """Decode ``path`` to uint8 ``[channels, H, W]``: shorter side resized to fit, then a
-    centre crop to ``size`` (H, W). Unreadable files raise :class:`DataError`."""
+    centre crop to ``size`` (H, W). With a deployable's ``preprocess`` record (``data.image_size``
+    runs), exactly the evaluation crop of training (:func:`pqd.data.transforms.eval_crop`).
+    Unreadable files raise :class:`DataError`."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     h, w = size
+    if preprocess is not None:
+        crop, resize = int(preprocess["center_crop"]), int(preprocess["resize_shorter"])
+        if (crop, crop) != (h, w) or channels != 3:
+            raise CheckpointError(f"preprocess record {preprocess} does not match the model input {channels}x{h}x{w}")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"image {str(path)!r} does not exist") from None
+        except OSError as exc:
+            raise DataError(f"image {str(path)!r} cannot be read: {exc}") from None
+        return torch.from_numpy(decode_image(data, str(path), crop=(crop, resize)).transpose(2, 0, 1).copy())
     try:
         with Image.open(path) as img:
+            check_bit_depth(img, repr(str(path)))  # the training loader's rule: never a clipped image
             img = img.convert("RGB" if channels == 3 else "L")
             s = max(h / img.height, w / img.width)
             nh, nw = max(h, round(img.height * s)), max(w, round(img.width * s))
@@ -151,13 +166,15 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
     dep = source if isinstance(source, Deployable) else load_deployable(source)
     c, h, w = dep.input_shape
     names = dep.class_names
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k = {top_k!r}: give how many best classes to list, 1 or more")
     paths = _expand(image_paths)
-    k = max(1, min(top_k, len(names)))
+    k = min(top_k, len(names))
     out: list[dict[str, Any]] = []
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
-            x = torch.stack([load_image(p, size=(h, w), channels=c) for p in chunk])
+            x = torch.stack([load_image(p, size=(h, w), channels=c, preprocess=dep.meta.get("preprocess")) for p in chunk])
             logits = dep.run(x)
             if logits.ndim != 2 or logits.shape[1] != len(names):
                 raise CheckpointError(f"{dep.path}: the model gives logits of shape {tuple(logits.shape)} "
@@ -170,13 +187,23 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
     return out
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of classes, 1 or more, got {text!r}")
+    return value
+
+
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """``pqd predict RUN_DIR|MODEL IMAGE... [--top-k K] [--json]``."""
     parser = argparse.ArgumentParser(prog="pqd predict", description="classify images with a finished run's deployable model, "
                                      "the way a user of the exported file would (preprocessing from the file)")
     parser.add_argument("model", type=Path, help="run folder, or a model_int8.pt / .onnx file written by pqd")
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
-    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--top-k", type=_positive_int, default=1, help="list the K best classes (K >= 1; default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     args = parser.parse_args(argv)
     try:

@@ -64,7 +64,7 @@ from pqd.errors import ConfigError, PqdError, StorageError
 from pqd.run.config import RunConfig
 from pqd.run.metrics import Metrics
 from pqd.run.rundir import RunDir, claim_dir, comparable_config, with_teacher_base
-from pqd.safety.fsguard import record_written, safe_replace, storage_errors
+from pqd.safety.fsguard import atomic_output, record_written, safe_replace, storage_errors
 from pqd.safety.safeyaml import MAX_GRID, grid_size_guard, load_yaml
 
 log = logging.getLogger("pqd.sweep")
@@ -493,6 +493,9 @@ class ResultTable:
         self.path = Path(path)
         with storage_errors(self.path):  # disk full / read-only / locked: a clear StorageError
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():  # made under a temporary name: a full disk never leaves a 0-byte table
+                with atomic_output(self.path) as tmp, contextlib.closing(sqlite3.connect(tmp)) as conn, conn as db:
+                    db.execute(f"CREATE TABLE runs ({', '.join(f'{n} {t}' for n, t in COLUMNS)})")
             with contextlib.closing(self._connect()) as conn, conn as db:
                 db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{n} {t}' for n, t in COLUMNS)})")
                 have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}

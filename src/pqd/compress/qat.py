@@ -18,20 +18,24 @@ the FX-converted model runs on fbgemm/oneDNN integer kernels directly, with no c
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import math
+import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from pqd.compress.qoptions import MODES, QuantOptions, dynamic_qconfig_mapping, weight_fake_quant, weight_observer
 from pqd.compress.sparsity import as_masks
-from pqd.errors import ModelError
+from pqd.errors import CollapseWarning, FrozenBranchWarning, ModelError
 
 __all__ = [
-    "BACKEND", "backend_config", "calibrate", "convert", "float_modules", "freeze", "fx_modules", "model_device", "prepare",
-    "prepare_ptq", "prepare_qat", "qconfig_mapping", "to_torchscript", "unfreeze",
+    "BACKEND", "FreezeCheck", "backend_config", "calibrate", "convert", "float_modules", "freeze", "frozen", "fx_modules",
+    "model_device", "prepare", "prepare_ptq", "prepare_qat", "qconfig_mapping", "to_torchscript", "trace", "unfreeze",
 ]
 
 BACKEND = "x86"
@@ -243,6 +247,64 @@ def unfreeze(model: nn.Module) -> nn.Module:
     return model
 
 
+class FreezeCheck:
+    """Held-out accuracy and loss of a fake-quant model from the moment its observers and BN
+    statistics freeze: :meth:`start` freezes and measures, :meth:`finish` measures again and
+    returns a message when training since has collapsed the model (accuracy fell by more than
+    ``max_drop``, or the loss became non-finite), else None.
+
+    Frozen BN statistics take away the scale invariance BN gives the weights, so a learning rate
+    that was safe before freezing can wreck the model after it; this catches that at the boundary.
+    ``held_out``: ``(images, labels)`` the model does not train on, already as the model takes them.
+    """
+
+    def __init__(self, model: nn.Module, held_out: tuple[torch.Tensor, torch.Tensor], *, max_drop: float = 0.1,
+                 advice: str = "lower the learning rate after freeze() (a tenth is a good start), or keep training with "
+                               "observers and BN statistics live and freeze only for the last steps") -> None:
+        self.model, self.max_drop, self.advice = model, max_drop, advice
+        self.x, self.y = held_out
+        self.before: tuple[float, float] | None = None
+        self.after: tuple[float, float] | None = None
+
+    def measure(self) -> tuple[float, float]:
+        """``(top-1, cross-entropy)`` of the model on the held-out batch, in eval mode."""
+        was = self.model.training
+        self.model.eval()
+        device = model_device(self.model)
+        with torch.no_grad():
+            logits = self.model(self.x.to(device)).float()
+            y = self.y.to(logits.device)
+            result = float((logits.argmax(1) == y).float().mean()), float(torch.nn.functional.cross_entropy(logits, y))
+        self.model.train(was)
+        return result
+
+    def start(self) -> FreezeCheck:
+        freeze(self.model)
+        self.before = self.measure()
+        return self
+
+    def finish(self) -> str | None:
+        if self.before is None:
+            raise RuntimeError("FreezeCheck.finish() before start()")
+        self.after = self.measure()
+        (acc0, loss0), (acc1, loss1) = self.before, self.after
+        if acc0 - acc1 <= self.max_drop and math.isfinite(loss1):
+            return None
+        return (f"training after freezing observers and BN statistics collapsed the model: held-out accuracy "
+                f"{100 * acc0:.1f}% -> {100 * acc1:.1f}%, loss {loss0:.3f} -> {loss1:.3f}; {self.advice}")
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module, held_out: tuple[torch.Tensor, torch.Tensor], *, max_drop: float = 0.1) -> Iterator[FreezeCheck]:
+    """Freeze ``model`` (:func:`freeze`) for the block and warn (:class:`pqd.errors.CollapseWarning`)
+    when training inside it collapsed the model on ``held_out`` (:class:`FreezeCheck`)."""
+    check = FreezeCheck(model, held_out, max_drop=max_drop).start()
+    yield check
+    message = check.finish()
+    if message:
+        warnings.warn(message, CollapseWarning, stacklevel=3)
+
+
 def convert(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """A real INT8 copy of a prepared (QAT or calibrated PTQ) model, on the CPU where the x86
     integer kernels run; ``masks`` are re-applied first. ``model`` is neither changed nor moved."""
@@ -293,7 +355,48 @@ def _is_fake_quant_or_observer(m: nn.Module) -> bool:
 def to_torchscript(int8_model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """Trace and freeze for deployment (freezing folds constants and inlines the integer ops)."""
     with torch.no_grad():
-        return torch.jit.freeze(torch.jit.trace(int8_model.eval(), example))
+        return torch.jit.freeze(trace(int8_model.eval(), example))
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``torch.jit.trace``, with each of PyTorch's TracerWarnings (data-dependent control flow or
+    values frozen into the trace) reissued as a :class:`pqd.errors.FrozenBranchWarning` that names
+    the submodule whose code caused it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, example)
+    seen = set()
+    for w in caught:
+        if not issubclass(w.category, torch.jit.TracerWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        name, cls = _module_at(model, w.filename, w.lineno)
+        if (name, w.filename, w.lineno) in seen:
+            continue
+        seen.add((name, w.filename, w.lineno))
+        where = f"module {name!r} ({cls})" if name is not None else "the model"
+        warnings.warn(
+            f"tracing for TorchScript froze data-dependent control flow in {where} at {os.path.basename(w.filename)}:{w.lineno}: "
+            f"the saved model always takes the branch the example input took ({str(w.message).splitlines()[0][:160]}). "
+            "Write that code with tensor operations (torch.where) instead of Python if/loops on tensor values, "
+            "or check the deployed model's outputs on real inputs", FrozenBranchWarning, stacklevel=2)
+    return traced
+
+
+def _module_at(model: nn.Module, filename: str, lineno: int) -> tuple[str | None, str | None]:
+    """``(path, class name)`` of the deepest submodule whose ``forward`` source holds ``filename:lineno``."""
+    found, depth = (None, None), -1
+    for name, module in model.named_modules():
+        forward = type(module).forward
+        try:
+            lines, start = inspect.getsourcelines(forward)
+            source = inspect.getsourcefile(forward)
+        except (OSError, TypeError):
+            continue
+        if source and os.path.abspath(source) == os.path.abspath(filename) and start <= lineno < start + len(lines):
+            if len(name) > depth:
+                found, depth = (name or type(module).__name__, type(module).__name__), len(name)
+    return found
 
 
 _DEQUANTIZE = {"dequantize", torch.dequantize}

@@ -63,19 +63,22 @@ def convert_student(student: Student) -> nn.Module:
     return qat.convert(student.model, masks=student.masks)
 
 
-def qat_epoch_hook(student: Student, epochs: int):
+def qat_epoch_hook(student: Student, epochs: int, check: qat.FreezeCheck | None = None):
     """``before_epoch`` hook for any stage that trains a fake-quant student: observers and BN
     statistics update until the last ``student.freeze_fraction`` of the epochs, then freeze.
 
     Frozen BN removes the scale invariance that BN gives the weights, so training with it
     frozen tolerates only a small learning rate, which the cosine schedule's tail gives only when the
-    stage is long enough (see docs/TROUBLESHOOTING.md, "Training that went wrong").
+    stage is long enough (see docs/TROUBLESHOOTING.md, "Training that went wrong"). ``check``
+    (:class:`pqd.compress.qat.FreezeCheck`) is started at the freeze boundary.
     """
     if student.form != "qat":
         return None
     freeze_from = epochs - int(round(student.freeze_fraction * epochs))
 
     def hook(epoch: int) -> None:
+        if check is not None and epoch == freeze_from:
+            check.start()  # freezes, and measures the held-out batch at the boundary
         (qat.freeze if epoch >= freeze_from else qat.unfreeze)(student.model)
 
     return hook

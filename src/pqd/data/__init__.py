@@ -18,13 +18,16 @@ from pqd.data.base import Dataset, Raw, Splits, log
 from pqd.data.cache import cache_root, cached
 from pqd.data.cifar import SPECS, RestrictedUnpickler, locate, read_cifar, restricted_loads
 from pqd.data.digits import read_digits
-from pqd.data.folder import read_image_folder
+from pqd.data.folder import list_image_folder, read_image_folder
 from pqd.data.loader import DEVICE_DATA_ENV, batches, device_data_limit, epoch_order, num_batches, resident_default
+from pqd.data.stream import FileDataset, decode_to_memory, default_workers, make_file_dataset, sample_stats
+from pqd.data.transforms import default_resize, preprocess_record
 from pqd.errors import DataError
 
 __all__ = [
     "DEVICE_DATA_ENV",
     "Dataset",
+    "FileDataset",
     "RestrictedUnpickler",
     "Splits",
     "batches",
@@ -33,6 +36,7 @@ __all__ = [
     "device_data_limit",
     "epoch_order",
     "load_data",
+    "load_sized_folder",
     "num_batches",
     "resident_default",
     "restricted_loads",
@@ -51,6 +55,8 @@ def load_data(cfg: DataConfig, *, seed: int = 0) -> Splits:
     Order: ``train_subset`` picks from the train split, then ``val_fraction`` of that is carved off as val;
     ``test_subset`` uses a fixed seed. mean/std come from the final train split.
     """
+    if cfg.image_size is not None:
+        return load_sized_folder(cfg, seed=seed)
     raw, name, hflip = _read(cfg)
     train, test = raw.to_datasets()
     if cfg.train_subset is not None:
@@ -61,9 +67,50 @@ def load_data(cfg: DataConfig, *, seed: int = 0) -> Splits:
     if cfg.val_fraction > 0:
         keep, held = stratified_split(train.y, cfg.val_fraction, _rng(seed, _VAL_SPLIT))
         train, val = train.subset(keep), train.subset(held)
-    mean, std = channel_stats(train.x)
+    mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean is not None and cfg.std is not None else channel_stats(train.x)
     log.debug("%s: train %d, val %d, test %d, image %s", name, len(train), len(val or ()), len(test), tuple(train.x.shape[1:]))
     return Splits(name, train, val, test, mean, std, hflip)
+
+
+def load_sized_folder(cfg: DataConfig, *, seed: int = 0) -> Splits:
+    """An image folder at ``cfg.image_size``: subsets and validation split as :func:`load_data` takes
+    them (on the file list, before decoding), then each split decoded into memory when the whole
+    decoded set fits ``cfg.max_memory_gb``, else streamed from disk (the log says which and why)."""
+    assert cfg.image_size is not None
+    size = cfg.image_size
+    resize = cfg.resize_size or default_resize(size)
+    path = Path(str(cfg.root)).expanduser()
+    classes, entries = list_image_folder(path)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    train, test = (make_file_dataset(entries[s], classes, image_size=size, resize_size=resize, workers=workers) for s in ("train", "test"))
+    if cfg.train_subset is not None:
+        train = train.subset(stratified_subset(train.y, cfg.train_subset, _rng(seed, _TRAIN_SUBSET)))
+    if cfg.test_subset is not None:
+        test = test.subset(stratified_subset(test.y, cfg.test_subset, _rng(TEST_SUBSET_SEED, _TEST_SUBSET)))
+    val = None
+    if cfg.val_fraction > 0:
+        keep, held = stratified_split(train.y, cfg.val_fraction, _rng(seed, _VAL_SPLIT))
+        train, val = train.subset(keep), train.subset(held)
+    parts = {"train": train, "val": val, "test": test}
+    need = sum(d.nbytes for d in parts.values() if d is not None)
+    budget = cfg.max_memory_gb * 1e9
+    if need <= budget:
+        log.info("data: %d images at %dx%d need %.2f GB decoded, within data.max_memory_gb=%g: decoding them into memory "
+                 "(%d workers)", sum(len(d) for d in parts.values() if d is not None), size, size, need / 1e9, cfg.max_memory_gb, workers)
+        decoded = {k: decode_to_memory(d, desc=f"decoding {k}") if d is not None else None for k, d in parts.items()}
+        stats_from = decoded["train"]
+    else:
+        log.info("data: %d images at %dx%d would need %.2f GB decoded, over data.max_memory_gb=%g: streaming them from disk "
+                 "with %d workers (decode + augment in the workers); raise data.max_memory_gb to hold them in memory",
+                 sum(len(d) for d in parts.values() if d is not None), size, size, need / 1e9, cfg.max_memory_gb, workers)
+        decoded = parts
+        stats_from = sample_stats(train) if cfg.mean is None else None
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
+    else:
+        mean, std = channel_stats(stats_from.x)
+    return Splits(f"folder:{cfg.root}", decoded["train"], decoded["val"], decoded["test"], mean, std, True,
+                  preprocess=preprocess_record(size, resize), crop_scale=(float(cfg.scale[0]), float(cfg.scale[1])))
 
 
 def _read(cfg: DataConfig) -> tuple[Raw, str, bool]:

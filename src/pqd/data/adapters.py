@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from pqd.data import channel_stats
 from pqd.data.base import Dataset, Splits
 from pqd.errors import DataError
 
-__all__ = ["as_dataset", "as_splits"]
+__all__ = ["as_dataset", "as_splits", "require_splits"]
 
 _TOLERANCE = 1.0 / 512  # float images off [0, 1] by less than half a uint8 step are rounding noise
 
@@ -122,14 +121,30 @@ def as_dataset(
     return Dataset(x.contiguous(), y, tuple(classes))
 
 
+def require_splits(data: Any, *, where: str) -> Splits:
+    """``data`` when it is a :class:`pqd.data.Splits`; anything else (a ``DataLoader``, a
+    dataset...) is refused with a :class:`DataError` that names the adapter, instead of an
+    ``AttributeError`` deep inside training."""
+    if isinstance(data, Splits):
+        return data
+    raise DataError(f"{where} takes a pqd.data.Splits, got a {type(data).__module__}.{type(data).__name__}; wrap your data "
+                    "with pqd.data.adapters.as_splits(train_loader, test=test_loader) first")
+
+
 def as_splits(
     train: Any, *, test: Any = None, val: Any = None, classes: Sequence[str] | None = None,
-    normalized_with: tuple[Sequence[float], Sequence[float]] | None = None, hflip: bool = True, name: str = "user",
+    normalized_with: tuple[Sequence[float], Sequence[float]] | None = None, augment: bool = False, hflip: bool = False,
+    name: str = "user",
 ) -> Splits:
     """:class:`pqd.data.Splits` from user data (a Splits is returned as is). Each of ``train``,
     ``test``, ``val`` is anything :func:`as_dataset` takes; without ``test`` the test split is
-    empty. Normalisation statistics are computed from the training images. ``hflip``: whether
-    random horizontal flips are a valid augmentation for these images."""
+    empty.
+
+    The model gets the user's tensors unchanged: ``[0, 1]`` floats as they are (uint8 images as
+    ``x / 255``), images normalised with ``normalized_with=(mean, std)`` normalised the same way
+    again, so a model trained on the result takes the user's loader's batches as they come
+    (``pqd.integrations.evaluation.evaluate``). Nothing is augmented unless asked: ``augment``
+    turns on random crops, ``hflip`` (with ``augment``) random horizontal flips."""
     if isinstance(train, Splits):
         return train
     if train is None:
@@ -141,5 +156,7 @@ def as_splits(
     for label, ds in (("test", te), ("val", va)):
         if ds is not None and len(ds) and ds.x.shape[1:] != tr.x.shape[1:]:
             raise DataError(f"{label} images are {tuple(ds.x.shape[1:])} but training images are {tuple(tr.x.shape[1:])}")
-    mean, std = channel_stats(tr.x)
-    return Splits(name, tr, va, te, mean, std, hflip)
+    c = int(tr.x.shape[1])
+    mean, std = (tuple(map(float, normalized_with[0])), tuple(map(float, normalized_with[1]))) if normalized_with is not None \
+        else ((0.0,) * c, (1.0,) * c)
+    return Splits(name, tr, va, te, mean, std, hflip, augment)

@@ -9,6 +9,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from pqd.errors import DataError
+
 log = logging.getLogger("pqd.data")
 
 
@@ -27,16 +29,22 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise ValueError(f"Dataset.x must be uint8 [N, C, H, W], got {self.x.dtype} {tuple(self.x.shape)}")
+            raise DataError(f"Dataset.x must be uint8 [N, C, H, W], got {self.x.dtype} {tuple(self.x.shape)}; for float images "
+                            "or a DataLoader use pqd.data.adapters.as_dataset / as_splits, which convert them")
         if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
-            raise ValueError(f"Dataset.y must be int64 [{self.x.shape[0]}], got {self.y.dtype} {tuple(self.y.shape)}")
+            raise DataError(f"Dataset.y must be int64 [{self.x.shape[0]}], got {self.y.dtype} {tuple(self.y.shape)}")
         object.__setattr__(self, "x", self.x.contiguous())
         object.__setattr__(self, "classes", tuple(self.classes))
         if len(self.y) and not (0 <= int(self.y.min()) and int(self.y.max()) < len(self.classes)):
-            raise ValueError(f"Dataset.y has labels outside [0, {len(self.classes)})")
+            raise DataError(f"Dataset.y has labels outside [0, {len(self.classes)})")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x.shape[1:]
+        return (int(c), int(h), int(w))
 
     @property
     def nbytes(self) -> int:
@@ -79,7 +87,11 @@ def _device_key(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Splits:
-    """Train / optional val / test datasets plus train-set normalisation statistics."""
+    """Train / optional val / test datasets plus train-set normalisation statistics.
+
+    With ``data.image_size``: ``preprocess`` is the evaluation preprocessing the deployables carry
+    (:func:`pqd.data.transforms.preprocess_record`), ``crop_scale`` the RandomResizedCrop area range of
+    training, and the datasets may be :class:`pqd.data.stream.FileDataset` (streamed from disk)."""
 
     name: str
     train: Dataset
@@ -88,6 +100,9 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool
+    preprocess: dict | None = None
+    crop_scale: tuple[float, float] | None = None
+    augment: bool = True  # whether training may augment these images (random crops, and flips if ``hflip``)
 
     @property
     def num_classes(self) -> int:
@@ -95,8 +110,7 @@ class Splits:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train.x.shape[1:]
-        return (int(c), int(h), int(w))
+        return self.train.image_shape
 
 
 class Raw(NamedTuple):

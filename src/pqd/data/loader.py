@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from pqd.data.base import Dataset
+from pqd.data.stream import FileDataset, stream_batches
+from pqd.data.transforms import apply_rrc, draw_rrc
 
 PAD = 4  # random-crop padding, reflect mode (mirror without repeating the edge pixel)
 DEVICE_DATA_ENV = "PQD_DEVICE_DATA_MB"  # cap (MB) on a device-resident dataset; 0 turns the device path off
@@ -122,7 +124,7 @@ def crop_flip_index(b: int, h: int, w: int, *, hflip: bool, generator: torch.Gen
 
 
 def batches(
-    ds: Dataset,
+    ds: Dataset | FileDataset,
     *,
     batch_size: int,
     mean: Sequence[float],
@@ -137,6 +139,7 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     resident: bool | None = None,
+    crop_scale: Sequence[float] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)``: float32 ``(x/255 - mean) / std`` on ``device`` and int64 labels.
 
@@ -147,8 +150,13 @@ def batches(
     ``resident``: gather and augment on ``device`` from a copy of the dataset kept there (True) or on
     the CPU (False); ``None`` picks :func:`resident_default` (the device path on an accelerator when the
     dataset fits). Both give the same batches for the same generator (see the module docstring).
+
+    ``crop_scale`` (with ``augment``): RandomResizedCrop with that area range + optional flip instead
+    of the padded crop (:mod:`pqd.data.transforms`; images of ``data.image_size``). A
+    :class:`~pqd.data.stream.FileDataset` is decoded from disk by worker processes
+    (:func:`~pqd.data.stream.stream_batches`), with the same values as its decoded images give here.
     """
-    c = ds.x.shape[1]
+    c = ds.image_shape[0]
     if len(mean) != c or len(std) != c:
         raise ValueError(f"mean/std need {c} values (one per channel), got {len(mean)} and {len(std)}")
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -157,6 +165,12 @@ def batches(
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, c, 1, 1)
     bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, c, 1, 1)
     order = epoch_order(len(ds), shuffle=shuffle, generator=generator, rank=rank, world_size=world_size)
+    if isinstance(ds, FileDataset):
+        return stream_batches(ds, order, batch_size=batch_size, scale=scale, bias=bias, augment=augment, hflip=hflip,
+                              crop_scale=crop_scale, generator=generator, device=device, channels_last=channels_last,
+                              drop_last=drop_last)
+    if augment and crop_scale is not None:
+        return _iterate_rrc(ds, order, batch_size, scale, bias, tuple(crop_scale), hflip, generator, device, channels_last, drop_last)
     if resident is None:
         resident = resident_default(ds, device)
     run = _iterate_resident if resident else _iterate
@@ -179,6 +193,18 @@ def _iterate(ds, order, batch_size, scale, bias, augment, hflip, generator, devi
             xb = xb.contiguous(memory_format=torch.channels_last)
         xf = xb.to(torch.float32).mul_(scale).add_(bias)
         yield xf, ds.y[idx].to(device, non_blocking=True)
+
+
+def _iterate_rrc(ds, order, batch_size, scale, bias, crop_scale, hflip, generator, device, channels_last, drop_last):
+    size = ds.x.shape[-1]
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        draws = draw_rrc(len(idx), size, scale=crop_scale, hflip=hflip, generator=generator)
+        xb = apply_rrc(ds.x[idx], draws).to(device, non_blocking=True)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yield xb.to(torch.float32).mul_(scale).add_(bias), ds.y[idx].to(device, non_blocking=True)
 
 
 def _iterate_resident(ds, order, batch_size, scale, bias, augment, hflip, generator, device, channels_last, drop_last):

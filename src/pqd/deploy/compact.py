@@ -560,8 +560,38 @@ def _decode_qtensor(spec: dict, r: _Reader, key: str) -> torch.Tensor:
     raise CheckpointError(f"{key}: refusing quantization scheme {scheme!r}")
 
 
+_MAX_IMAGE_VALUES = 1 << 26  # values of one input image a meta may declare (e.g. 3 x 4096 x 4096 is 50M)
+
+
+def _numel(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel()
+    return sum(_numel(x) for x in v) if isinstance(v, (tuple, list)) else 0
+
+
+def _check_meta_sizes(meta: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """The sizes a meta declares (a model is built from them before the state is loaded) must fit
+    the file: ``num_classes`` outputs need at least as many stored weights, and ``image_shape``
+    must be a plausible image. A crafted meta would otherwise make the skeleton allocate any size."""
+    stored = sum(_numel(v) for v in state.values())
+    c = meta.get("num_classes")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= max(stored, 1)):
+        raise CheckpointError(f"meta 'num_classes' = {str(c)[:40]} does not fit the file, which stores {stored:,} weights in all; "
+                              "the file is damaged or was not written by pqd: export it again from its run")
+    shape = meta.get("image_shape")
+    if shape is not None:
+        ok = (isinstance(shape, list) and 1 <= len(shape) <= 4
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
+        if not ok or math.prod(shape) > _MAX_IMAGE_VALUES:
+            raise CheckpointError(f"meta 'image_shape' = {str(shape)[:60]} is not an image shape pqd can build a model for "
+                                  f"(1 to 4 positive sizes, at most {_MAX_IMAGE_VALUES:,} values); the file is damaged or was "
+                                  "not written by pqd: export it again from its run")
+
+
 def read_compact(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify and decode a compact file into ``(state_dict, meta)``; nothing is executed."""
+    """Verify and decode a compact file into ``(state_dict, meta)``; nothing is executed. The sizes
+    its meta declares (classes, image shape) are checked against the file before anyone builds a
+    model from them."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"compact checkpoint {str(path)!r} does not exist")
@@ -607,6 +637,7 @@ def read_compact(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
             if item[0] in state:
                 raise CheckpointError(f"entry {item[0]!r} appears twice")
             state[item[0]] = _decode_value(item[1], reader, item[0])
+        _check_meta_sizes(meta, state)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError, RecursionError, UnicodeDecodeError) as exc:

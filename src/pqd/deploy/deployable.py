@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from pqd.compress.qat import trace
 from pqd.errors import CheckpointError
 
 FORMAT = "pqd-deployable"
@@ -89,9 +90,13 @@ def deployable_meta(
     input_shape: Sequence[int],
     normalization: str = "inside",
     extra: dict[str, Any] | None = None,
+    preprocess: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record a deployable carries. ``normalization``: "inside" (the file takes raw
-    uint8 [0,255] or float [0,1] images) or "outside" (it takes normalised float32)."""
+    uint8 [0,255] or float [0,1] images) or "outside" (it takes normalised float32).
+    ``preprocess``: how an image file becomes the input (``data.image_size`` runs:
+    :func:`pqd.data.transforms.preprocess_record`, shorter-side resize + centre crop); absent,
+    ``pqd predict`` resizes the shorter side to the input size and centre-crops."""
     if normalization not in ("inside", "outside"):
         raise ValueError(f"normalization must be 'inside' or 'outside', got {normalization!r}")
     raw = "uint8 [0, 255] or float32 [0, 1]"
@@ -102,6 +107,7 @@ def deployable_meta(
                   "normalization": normalization},
         "mean": [float(m) for m in mean], "std": [float(s) for s in std],
         "class_names": [str(n) for n in class_names],
+        **({"preprocess": dict(preprocess)} if preprocess else {}),
         **(extra or {}),
     }
 
@@ -112,7 +118,7 @@ def deployable_torchscript(model: nn.Module, *, mean: Sequence[float], std: Sequ
     :class:`Preprocessed` around it: a TorchScript module that takes raw images."""
     example = torch.zeros(1, *input_shape)
     with torch.no_grad():
-        inner = torch.jit.trace(model.eval(), example)
+        inner = trace(model.eval(), example)
         scripted = torch.jit.script(Preprocessed(inner, mean, std, class_names).eval())
         # freezing inlines the weights (faster, as to_torchscript does); keep what predict and pqd's evaluation read
         return torch.jit.freeze(scripted, preserved_attrs=["class_names", "mean", "std", "forward_normalized"])

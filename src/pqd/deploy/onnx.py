@@ -23,7 +23,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
 import re
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from pqd.compress.qat import qconfig_mapping
 from pqd.data import batches
 from pqd.deploy.runtimes import require
 from pqd.errors import ModelError
+from pqd.safety.fsguard import atomic_output
 from pqd.train.loop import apply_masks
 
 log = logging.getLogger("pqd.export")
@@ -166,11 +166,14 @@ def first_useful_line(text: str, limit: int = 300) -> str:
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, str] | None = None,
-                fold: bool = True) -> dict:
+                fold: bool = True, overwrite: bool = False) -> dict:
     """Export ``model`` (FP32 or FX reference INT8) to ONNX with a dynamic batch dimension.
 
     Returns a small record: file name, bytes on disk, opset, node counts by type and, for a
     QDQ model, the number of weights folded to int8 initializers.
+
+    An existing file at ``path`` is replaced only when pqd wrote it and nobody changed it
+    since, or with ``overwrite`` (:func:`pqd.safety.fsguard.atomic_output`).
     """
     onnx = require("onnx")
     require("onnxscript")  # torch.onnx's dynamo exporter translates through onnxscript
@@ -196,10 +199,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        onnx.save(proto, str(tmp))
     ops: dict[str, int] = {}
     for n in proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1

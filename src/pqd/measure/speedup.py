@@ -19,6 +19,11 @@ Input: latency records as :func:`pqd.measure.latency.interleave` makes them and 
 ``batch``, ``threads``, ``median_ms``, ``p90_ms``. Records of several bench calls may be
 concatenated; ratios only pair records of the same batch and thread count.
 
+More threads are not always faster (a small model on few cores can lose more to
+synchronisation than it gains): :func:`slower_with_more_threads` flags a deployment that timed
+slower at a thread count than at a smaller one, and :func:`fastest_over_threads` names the
+fastest deployment of each batch size over every thread count, with its thread count.
+
 Kinds: ``same_runtime`` (both sides in one runtime and form: ONNX Runtime, OpenVINO),
 ``pytorch_eager_vs_compiled`` (PyTorch FP32 eager vs TorchScript INT8: the same library but
 not the same execution mode; kept as a labelled extra), ``best_deployment`` (the fastest
@@ -159,7 +164,8 @@ def fastest_deployments(records: Iterable[Mapping[str, Any]], *, stat: str = "me
     the fastest INT8 one, and how the fastest compares with the runner-up."""
     _check_stat(stat)
     out = []
-    for (bs, th), deps in _groups(deployments(records)).items():
+    every = deployments(records)
+    for (bs, th), deps in _groups(every).items():
         ranked = sorted((d for d in deps if d.time(stat)), key=lambda d: d.time(stat))
         if not ranked:
             continue
@@ -171,20 +177,84 @@ def fastest_deployments(records: Iterable[Mapping[str, Any]], *, stat: str = "me
                     "fastest_ms": best.time(stat), "fastest_precision": best.precision,
                     "fastest_fp32": fp32.label if fp32 else None, "fastest_int8": int8.label if int8 else None,
                     "int8_is_fastest": best.precision == "int8",
-                    "vs_runner_up": ratio_record(runner, best, stat=stat, kind="fastest_vs_runner_up") if runner else None})
+                    "vs_runner_up": ratio_record(runner, best, stat=stat, kind="fastest_vs_runner_up") if runner else None,
+                    "faster_with_fewer_threads": _faster_with_fewer(best, every, stat)})
+    return out
+
+
+def _faster_with_fewer(best: Deployment, every: Sequence[Deployment], stat: str) -> dict | None:
+    """The same deployment at fewer threads, when it timed faster there: ``{"threads", "ms"}``."""
+    fewer = _fastest((d for d in every if d.name == best.name and d.batch == best.batch and d.threads < best.threads), stat)
+    if fewer is None or fewer.time(stat) >= best.time(stat):
+        return None
+    return {"threads": fewer.threads, "ms": fewer.time(stat)}
+
+
+#: A deployment is flagged when it is more than this much slower at a larger thread count, so that
+#: the noise between two medians of the same speed is not flagged.
+THREAD_SLOWDOWN_MARGIN = 1.10
+
+
+def _thread_label(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
+def slower_with_more_threads(records: Iterable[Mapping[str, Any]], *, stat: str = "median",
+                             margin: float = THREAD_SLOWDOWN_MARGIN) -> list[dict]:
+    """Each (deployment, batch, thread count) whose ``stat`` is more than ``margin`` times the
+    fastest reading of the same deployment and batch at fewer threads."""
+    _check_stat(stat)
+    by: dict[tuple, list[Deployment]] = {}
+    for d in deployments(records):
+        if d.time(stat):
+            by.setdefault((d.name, d.batch), []).append(d)
+    out = []
+    for (_, batch), deps in by.items():
+        for d in sorted(deps, key=lambda x: x.threads):
+            fewer = _fastest((x for x in deps if x.threads < d.threads), stat)
+            if fewer is not None and d.time(stat) > margin * fewer.time(stat):
+                out.append({"variant": d.name, "deployment": d.label, "runtime": d.runtime, "precision": d.precision,
+                            "batch": batch, "threads": d.threads, "ms": d.time(stat), "fewer_threads": fewer.threads,
+                            "fewer_threads_ms": fewer.time(stat), "ratio": d.time(stat) / fewer.time(stat), "stat": stat})
+    return out
+
+
+def format_thread_flag(f: Mapping[str, Any]) -> str:
+    """One line for a :func:`slower_with_more_threads` entry."""
+    return (f"{f['deployment']} is {f['ratio']:.2f}x slower with {_thread_label(f['threads'])} than with "
+            f"{_thread_label(f['fewer_threads'])} (batch {f['batch']}, {f['stat']} {f['ms']:.3f} vs {f['fewer_threads_ms']:.3f} ms)")
+
+
+def fastest_over_threads(records: Iterable[Mapping[str, Any]], *, stat: str = "median") -> list[dict]:
+    """Per batch size timed at more than one thread count: the fastest deployment over all of
+    them, with the thread count it was fastest at."""
+    _check_stat(stat)
+    by: dict[int, list[Deployment]] = {}
+    for d in deployments(records):
+        by.setdefault(d.batch, []).append(d)
+    out = []
+    for bs, deps in sorted(by.items()):
+        best = _fastest(deps, stat)
+        counts = sorted({d.threads for d in deps})
+        if best is None or len(counts) < 2:
+            continue
+        out.append({"batch": bs, "stat": stat, "threads_timed": counts, "fastest": best.label, "fastest_variant": best.name,
+                    "threads": best.threads, "fastest_ms": best.time(stat)})
     return out
 
 
 def speedup_summary(records: Iterable[Mapping[str, Any]], *, stat: str = "median") -> dict:
     """Everything above in one dict: ``same_runtime`` (headline), ``best_deployment``,
-    ``pytorch_eager_extra`` (PyTorch eager vs compiled, labelled extra) and ``fastest``."""
+    ``pytorch_eager_extra`` (PyTorch eager vs compiled, labelled extra), ``fastest`` (per batch and
+    thread count) and ``fastest_over_threads`` (per batch, naming the thread count)."""
     recs = list(records)
     same = same_runtime_ratios(recs, stat=stat)
     return {"stat": stat, "ratio": "numerator time / denominator time (>1: the denominator is faster)",
             "same_runtime": [r for r in same if r["kind"] == "same_runtime"],
             "best_deployment": best_deployment_ratios(recs, stat=stat),
             "pytorch_eager_extra": [r for r in same if r["kind"] != "same_runtime"],
-            "fastest": fastest_deployments(recs, stat=stat)}
+            "fastest": fastest_deployments(recs, stat=stat),
+            "fastest_over_threads": fastest_over_threads(recs, stat=stat)}
 
 
 def format_ratio(r: Mapping[str, Any]) -> str:
@@ -214,5 +284,11 @@ def format_summary(summary: Mapping[str, Any]) -> list[str]:
             line += f", {f['vs_runner_up']['ratio']:.2f}x ahead of {f['vs_runner_up']['numerator']}"
         if not f["int8_is_fastest"]:
             line += " - FP32, not INT8"
+        if f.get("faster_with_fewer_threads"):
+            few = f["faster_with_fewer_threads"]
+            line += f" - faster with {_thread_label(few['threads'])} ({few['ms']:.3f} ms)"
         lines.append(line)
+    for f in summary.get("fastest_over_threads") or []:
+        lines.append(f"Fastest measured deployment at batch {f['batch']} over {', '.join(map(str, f['threads_timed']))} threads: "
+                     f"{f['fastest']} with {_thread_label(f['threads'])} ({f['fastest_ms']:.3f} ms {f['stat']})")
     return lines

@@ -1,6 +1,6 @@
 """A benchmark worker: one model variant in its own lean process, timed on command.
 
-    python -m pqd.measure.worker SPEC_JSON        (started by :class:`pqd.measure.workers.Worker`)
+    python -P -m pqd.measure.worker SPEC_JSON     (started by :class:`pqd.measure.workers.Worker`)
 
 ``pqd bench`` times every variant in a worker of its own, so each runtime runs in a
 process that holds only itself, as a deployment would: ONNX Runtime and OpenVINO workers
@@ -10,8 +10,9 @@ variant alike. Measured reason (docs/BENCHMARKS.md): in one shared process, once
 Runtime session had run, OpenVINO INT8 ran 5-10% slower for the rest of the process's
 life, even timed back to back.
 
-Protocol: one JSON object per line. The worker answers ``{"ready": ..., "settings": ...}``
-after loading, then serves commands from stdin:
+Protocol: one JSON object per line. The worker answers ``{"ready": ..., "settings": ...,
+"thread_env": ...}`` after loading (``thread_env``: the variables of its environment whose
+names start with one of the spec's ``report_env`` prefixes), then serves commands from stdin:
 
     {"op": "warmup", "batch": B, "n": N}                      -> {"ok": true}
     {"op": "block", "batch": B, "settle_ms": S, "timed": K}   -> {"times": [s, ...], "settle_calls": C}
@@ -31,6 +32,8 @@ import sys
 import time
 
 import numpy as np
+
+from pqd.safety.isolate import adopt_parent_path
 
 TORCH_KINDS = ("eager", "eager_student", "torchscript")
 
@@ -132,8 +135,10 @@ def serve(spec: dict, proto) -> None:
         return
     rng = np.random.default_rng(spec.get("seed", 0))
     inputs = {bs: to_input(rng.standard_normal((bs, *spec["input_shape"]), dtype=np.float32)) for bs in spec["batch_sizes"]}
+    prefixes = tuple(spec.get("report_env") or ())
     send({"ready": True, "settings": settings, "pid": os.getpid(), "imports_torch": "torch" in sys.modules,
-          "after_import_mb": after_import, "after_load_mb": status_mb("VmRSS")})
+          "after_import_mb": after_import, "after_load_mb": status_mb("VmRSS"),
+          "thread_env": {k: v for k, v in sorted(os.environ.items()) if prefixes and k.startswith(prefixes)}})
     with ctx:
         for line in sys.stdin:
             cmd = json.loads(line)
@@ -156,6 +161,7 @@ def serve(spec: dict, proto) -> None:
 
 
 def main() -> None:
+    adopt_parent_path()  # a user model's folder, after the standard library and site-packages
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # library chatter on stdout must not corrupt the protocol
     serve(json.loads(sys.argv[1]), proto)

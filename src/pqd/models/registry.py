@@ -1,7 +1,9 @@
 """Model registry in the spirit of timm: ``@register_model`` + ``create_model(name, **kw)``.
 
-Besides the registered names, ``create_model`` accepts an import path
-``package.module:factory`` for a user's own ``nn.Module`` factory.
+Besides the registered names, ``create_model`` accepts ``torchvision:<name>`` and
+``timm:<name>`` (architectures of those libraries, built by name with ``num_classes``;
+:mod:`pqd.models.external`) and an import path ``package.module:factory`` for a user's own
+``nn.Module`` factory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Callable
 
 from torch import nn
 
+from pqd.config import EXTERNAL_LIBRARIES as LIBRARIES
 from pqd.errors import ModelError
+from pqd.models.external import create_external
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -56,6 +60,8 @@ def create_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
     Keyword arguments (``width``, ``dropout``...) are passed to the factory; for a user
     factory only ``num_classes`` and explicitly given keywords are passed.
     """
+    if name.partition(":")[0] in LIBRARIES:
+        return create_external(name, num_classes=num_classes, **kwargs)
     factory = _resolve(name)
     try:
         model = factory(num_classes=num_classes, **kwargs)

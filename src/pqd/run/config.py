@@ -140,8 +140,12 @@ class RunConfig(Section):
         return out | protocol.sections()
 
     def __post_init__(self):
-        if ":" not in self.model.name:
-            choice("model.name", self.model.name, list_models())
+        if ":" not in self.model.name and self.model.name not in (names := list_models()):
+            name = self.model.name
+            dotted = "." in name and all(p.isidentifier() for p in name.split("."))
+            hint = (f"; for your own model give its factory too: '{name}:factory'" if dotted
+                    else "; or your own model as an import path 'package.module:factory'")
+            fail("model.name", f"{name!r} is not valid; choose one of {', '.join(map(repr, names))}{hint}")
         in_range("seed", self.seed, 0, 2**63 - 1)  # torch.manual_seed overflows beyond 64 bits
         if isinstance(self.stages, str) or (self.stages and not isinstance(self.stages[0], StageSpec)):
             object.__setattr__(self, "stages", parse_stages(self.stages))

@@ -9,7 +9,8 @@ Schema history: 1 — the untyped dict of pqd ≤ 0.x; 2 — this module: adds `
 ``pruned``, ``quantize_mode``, ``prune_criterion``, ``image_shape``; stage lists may repeat
 or be empty (a dense run); 3 — accuracy gains Wilson intervals (``*_top1_ci``), ``test_n``,
 ``test_full_split``, prediction files; ``speedup`` (labelled ratios, every one naming both
-sides and runtime; the pipeline's own teacher-vs-final ratio is ``pytorch_eager_extra``).
+sides and runtime; the pipeline's own teacher-vs-final ratio is ``pytorch_eager_extra``);
+4 — ``latency_env``: the threading environment the latency was measured in (absent before).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any, Mapping
 
 from pqd.errors import CheckpointError
 
-SCHEMA = 3
+SCHEMA = 4
+READABLE = (3, SCHEMA)  # schema 3 files read without latency_env; older ones are refused
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +207,9 @@ class Metrics:
     stage_records: list[StageRecord] = field(default_factory=list)
     degradation: dict[str, Any] | None = None  # pqd.measure.degradation.compare_degradation (teacher vs deployed)
     speedup: dict[str, Any] | None = None  # pqd.measure.speedup.speedup_summary of ``latency``
+    # the threading environment ``latency`` was timed in: pqd.measure.workers.WorkerEnvironment.record
+    # ({"inherited", "variables", "ignored_from_caller", "policy"}) and "harness"; None before schema 4
+    latency_env: dict[str, Any] | None = None
     wall_time_s: float | None = None
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by other commands (e.g. 'bench')
@@ -244,9 +249,10 @@ class Metrics:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Metrics:
         """Read a metrics.json of this schema; older schemas (pre-release pqd) are refused."""
-        if d.get("schema") != SCHEMA:
-            raise CheckpointError(f"metrics.json has schema {d.get('schema')!r}, and this pqd reads schema {SCHEMA} only (an older "
-                                  f"run folder); run the same config again with `pqd run CONFIG --out RUN_DIR` to measure it anew")
+        if d.get("schema") not in READABLE:
+            raise CheckpointError(f"metrics.json has schema {d.get('schema')!r}, and this pqd reads schemas "
+                                  f"{', '.join(map(str, READABLE))} (an older run folder); run the same config again with "
+                                  "`pqd run CONFIG --out RUN_DIR` to measure it anew")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         order = list(d.get("stage_order") or [])
         acc = d.get("accuracy") or {}
@@ -267,6 +273,7 @@ class Metrics:
             stage_records=[StageRecord.from_dict(r) for r in d.get("stage_records") or []],
             degradation=d.get("degradation"),
             speedup=d.get("speedup"),
+            latency_env=d.get("latency_env"),
             wall_time_s=d.get("wall_time_s"),
             schema=d["schema"],
             extra={k: v for k, v in d.items() if k not in names},

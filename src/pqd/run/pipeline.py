@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,18 +28,26 @@ from pqd.compress.student import Student, convert_student
 from pqd.data import TEST_SUBSET_SEED, Splits, load_data
 from pqd.deploy.compact import save_compact, verify_compact
 from pqd.deploy.deployable import deployable_torchscript, normalized_callable, save_torchscript
-from pqd.errors import CheckpointError, ConfigError, DivergenceError, ModelError
+from pqd.errors import CheckpointError, ConfigError, DivergenceError, FrozenBranchWarning, ModelError
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
 from pqd.measure.degradation import compare_degradation
 from pqd.measure.faithfulness import faithfulness
 from pqd.measure.speedup import speedup_summary
 from pqd.measure.stats import correct_vector, top1_record
+from pqd.measure.workers import (
+    WorkerError,
+    start_workers,
+    this_process_environment,
+    thread_variables,
+    worker_environment,
+    workers_environment,
+)
 from pqd.run.config import RunConfig
 from pqd.run.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
 from pqd.run.rundir import RunDir, build_model, model_kwargs, with_teacher_base
 from pqd.stages.protocol import StageContext, get_stage
 from pqd.train import train
-from pqd.train.checkpoint import load_weights, save_checkpoint
+from pqd.train.checkpoint import load_weights, save_checkpoint, state_dict_mismatch
 from pqd.train.loop import default_device, masked_weight, process_rank
 from pqd.train.tracking import make_tracker
 
@@ -46,17 +57,19 @@ __all__ = ["build_model", "finalize", "init_distributed", "measure_run_latency",
 
 
 def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, teacher_path: Path, deployed: nn.Module,
-                        deployed_path: Path, final_name: str) -> list[dict]:
-    """Teacher vs deployed model latency, each timed from its file in a worker process of its own.
+                        deployed_path: Path, final_name: str) -> tuple[list[dict], dict]:
+    """Teacher vs deployed model latency, each timed from its file in a worker process of its own;
+    returns (latency records, the record of the threading environment they were timed in).
 
     The harness of ``pqd bench`` (:mod:`pqd.measure.workers`): a long training process is a
     poor place to time inference (its heap and thread pools are not a deployment's; figures in
-    docs/BENCHMARKS.md, "How pqd times, and an independent check"). If a worker
-    cannot load the model (a user model not importable in a fresh interpreter, say), the
-    models are timed in this process instead, with a warning; each record says which.
+    docs/BENCHMARKS.md, "How pqd times, and an independent check"). The workers start in the
+    controlled threading environment (:func:`pqd.measure.workers.worker_environment`), or this
+    process's own with ``measure.inherit_env``. If a worker cannot load the model (a user model
+    not importable in a fresh interpreter, say), the models are timed in this process instead,
+    under its own environment, with a warning; each record and the environment record say which.
     """
     from pqd.measure.latency import interleave
-    from pqd.measure.workers import WorkerError, start_workers
 
     m = config.measure
     base = {"input_shape": list(data.image_shape), "batch_sizes": list(m.batch_sizes), "seed": config.seed, "threads": m.threads}
@@ -65,15 +78,16 @@ def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, 
              final_name: (base | {"kind": "torchscript", "path": str(deployed_path)}) if deployed_path.suffix == ".pt"
              else eager | {"weights": str(deployed_path)}}
     try:
-        with start_workers(specs) as workers:
+        with start_workers(specs, inherit_env=m.inherit_env) as workers:
+            env = workers_environment(workers)
             recs = interleave(workers, batch_sizes=tuple(m.batch_sizes), threads=m.threads, warmup=m.warmup, runs=m.runs,
                               large_batch_runs=m.large_batch_runs)
-        return [r | {"harness": "worker processes"} for r in recs]
+        return [r | {"harness": "worker processes"} for r in recs], env | {"harness": "worker processes"}
     except WorkerError as exc:
         log.warning("measure: timing in this process instead of worker processes (%s)", exc)
     recs = measure_latency({"teacher_fp32": teacher, final_name: deployed}, input_shape=data.image_shape, batch_sizes=m.batch_sizes,
                            threads=m.threads, warmup=m.warmup, runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed)
-    return [r | {"harness": "in-process"} for r in recs]
+    return [r | {"harness": "in-process"} for r in recs], this_process_environment() | {"harness": "in-process"}
 
 
 def preflight(config: RunConfig, data: Splits) -> None:
@@ -128,11 +142,12 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
                 f"teacher.weights {config.teacher.weights!r} has {state[head].shape[0]} outputs at {head!r}, but dataset "
                 f"{data.name} has {data.num_classes} classes ({shown}); give weights trained on these classes, or leave "
                 "teacher.weights unset to train the teacher")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
+        mismatch = state_dict_mismatch(model, state)
+        if mismatch:
             raise CheckpointError(f"teacher.weights {config.teacher.weights!r} does not fit model {config.model.name!r} "
-                                  f"with {data.num_classes} classes: {str(exc)[:400]}") from None
+                                  f"with {data.num_classes} classes: {mismatch}. Give weights saved from this architecture "
+                                  "(model.name, model.width) as a state_dict")
+        model.load_state_dict(state)
     else:
         train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
               checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", lr_key="teacher.lr", amp=True, augment=config.data.augment,
@@ -230,7 +245,10 @@ def _run_pipeline(config: RunConfig, run: RunDir, *, device, teacher_base) -> di
     torch.manual_seed(config.seed)
     device = torch.device(device) if device is not None else default_device()
     if main:
-        run.write_env(environment(config.measure.threads) | {"train_threads": torch.get_num_threads()})
+        # this process's threading variables, and those the latency workers will get (updated once they ran)
+        run.write_env(environment(config.measure.threads) | {
+            "train_threads": torch.get_num_threads(), "thread_env": thread_variables(os.environ),
+            "latency_env": worker_environment(config.measure.threads, inherit_env=config.measure.inherit_env).record()})
 
     data = load_data(config.data, seed=config.seed)
     log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
@@ -273,6 +291,10 @@ def _run_stages(config: RunConfig, data: Splits, run: RunDir, device: torch.devi
 
     if not main:
         return {}
+    for rec in (getattr(student, "records", None) or {}).values():  # what the stages recorded, a resumed run's too
+        for warning in (rec.get("warnings") or []) if isinstance(rec, dict) else []:
+            if warning not in _WARNINGS:
+                _WARNINGS.append(warning)
     metrics = finalize(config, data, teacher, student, run, stage_times=times)
     metrics.wall_time_s = round(time.perf_counter() - t_start, 2)
     metrics.extra["preprocessing"] = _deploy_meta(config, data, normalization="inside")
@@ -316,8 +338,15 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     if int8 is not None:
         deployed_path = run.deployed_path(config)
         # self-contained deployable: takes raw images (normalisation inside), carries pqd.json and class names
-        save_torchscript(deployable_torchscript(int8, mean=mean, std=std, class_names=data.test.classes, input_shape=data.image_shape),
-                         deployed_path, meta=_deploy_meta(config, data, form="int8"), overwrite=True)
+        with warnings.catch_warnings(record=True) as caught:  # control flow frozen by tracing: into metrics.json
+            warnings.simplefilter("always", FrozenBranchWarning)
+            scripted = deployable_torchscript(int8, mean=mean, std=std, class_names=data.test.classes, input_shape=data.image_shape)
+        for w in caught:
+            if issubclass(w.category, FrozenBranchWarning):
+                _note(f"export: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        save_torchscript(scripted, deployed_path, meta=_deploy_meta(config, data, form="int8"), overwrite=True)
         deployed = normalized_callable(torch.jit.load(str(deployed_path), map_location="cpu"))  # bare model: same logits
         d_logits = predict(deployed, data.test, mean=mean, std=std, batch_size=ebs)
         if final.form == "qat":
@@ -328,7 +357,8 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         save_compact(int8, run.compact_path, meta={
             "model": config.model.name, "width": config.model.width, "num_classes": data.num_classes,
             "image_shape": list(data.image_shape), "quantize_mode": final.form, "dataset": data.name,
-            "mean": list(data.mean), "std": list(data.std), "class_names": [str(c) for c in data.test.classes]})
+            "mean": list(data.mean), "std": list(data.std), "class_names": [str(c) for c in data.test.classes],
+            **({"preprocess": data.preprocess} if data.preprocess else {})})
         verify_compact(run.compact_path, int8)  # decodes it and compares bit for bit
         compact = {"compact_int8": file_bytes(run.compact_path), "compact_file": run.compact_path.name}
         quantization = Quantization(backend="x86", float_modules=float_modules(int8))
@@ -355,8 +385,9 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     target = max(targets, default=0.0)
     sparsity = Sparsity(target=target, achieved=global_sparsity(final.model, layers),
                         achieved_int8=measured, prunable_layers=len(layers))
-    lat = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
-                              deployed_path=deployed_path, final_name=final_name)
+    lat, lat_env = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
+                                       deployed_path=deployed_path, final_name=final_name)
+    _record_latency_env(run, lat_env)
     lat = [r | {"runtime": "pytorch", "precision": "fp32" if r["model"].endswith("fp32") else "int8",
                 "form": "eager" if r["model"].endswith("fp32") else "TorchScript"} for r in lat]
     epochs = {"teacher": 0 if config.teacher.weights else config.teacher.epochs}
@@ -377,7 +408,18 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         stage_records=_stage_records(config, student, stage_times or {}),
         degradation=compare_degradation(t_logits, d_logits, data.test.y),
         speedup=speedup_summary(lat),
+        latency_env=lat_env,
     )
+
+
+def _record_latency_env(run: RunDir, record: dict) -> None:
+    """Put the environment the latency was measured in into env.json (written at the run's start)."""
+    try:
+        env = json.loads(run.env_path.read_text())
+    except (OSError, ValueError):
+        env = None
+    if isinstance(env, dict):
+        run.write_env(env | {"latency_env": record})
 
 
 def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits: torch.Tensor, d_logits: torch.Tensor,
@@ -407,7 +449,7 @@ def _deploy_meta(config: RunConfig, data: Splits, *, form: str | None = None, no
 
     extra = {"model": config.model.name, "stages": config.stage_string()} | ({"form": form} if form else {})
     return deployable_meta(mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape,
-                           normalization=normalization, extra=extra)
+                           normalization=normalization, extra=extra, preprocess=data.preprocess)
 
 
 def int8_sparsity(int8: nn.Module, student: Student) -> float | None:

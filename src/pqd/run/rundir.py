@@ -76,7 +76,7 @@ REPORT_FILES = ("report.md", "report.html", "plots")
 
 # Settings that change no trained result: a resume ignores differences in them (item 4 of issue 11).
 RESULT_NEUTRAL_KEYS = ("train.progress", "train.tracker", "train.tracker_dir", "train.threads", "train.eval_batch_size",
-                       "data.cache_dir", "measure")
+                       "data.cache_dir", "data.workers", "data.max_memory_gb", "measure")
 
 _SHARED_TEACHER = re.compile(r"(^|/)(runs/teacher-[0-9A-Za-z_-]+/teacher\.safetensors)$")
 
@@ -269,6 +269,9 @@ class RunDir:
         elif not same and self.has_results():
             diff = sorted(_diff_keys(comparable_config(have, teacher_base=teacher_base),
                                      comparable_config(want, teacher_base=teacher_base)))
+            if self._restart_unfinished_for_lr(config, diff):
+                atomic_write_bytes(self.config_path, yaml.safe_dump(want, sort_keys=False).encode())
+                return
             raise ConfigError(
                 f"{self.path} holds a run with a different config (differs at: {', '.join(diff) or '?'}); "
                 "re-run with the same config to resume, or choose a new --out directory")
@@ -277,6 +280,33 @@ class RunDir:
         else:
             return  # the saved config stays (a resume with harmless differences keeps the original record)
         atomic_write_bytes(self.config_path, yaml.safe_dump(want, sort_keys=False).encode())
+
+    def _restart_unfinished_for_lr(self, config: RunConfig, diff: list[str]) -> bool:
+        """A new learning rate for the teacher or a stage that has not finished (the remedy for a
+        diverged stage): accepted when every differing key is such an ``lr`` and no result from
+        that point on exists. The partial epoch checkpoints from that point on are discarded (they
+        were trained with the old rate); everything before it is kept. False: not such a change."""
+        names = [s.stage for s in config.stages]
+        first = []
+        for key in diff:
+            section, _, leaf = key.partition(".")
+            if leaf != "lr" or (section != "teacher" and section not in names):
+                return False
+            first.append(-1 if section == "teacher" else names.index(section))
+        if not first:
+            return False
+        start = min(first)
+        later = [self.student_path(i, n) for i, n in enumerate(names) if i >= start]
+        if self.metrics_path.exists() or any(p.exists() for p in later) or (start < 0 and self.teacher_path.exists()):
+            return False
+        stale = [self.stage_epoch_path(i, n) for i, n in enumerate(names) if i >= start]
+        stale += [self.teacher_epoch_path] if start < 0 else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        where = "the teacher" if start < 0 else f"stage {start + 1} ({names[start]})"
+        log.info("%s: new learning rate (%s) for an unfinished stage: %s and later stages restart, earlier results are kept",
+                 self.path, ", ".join(diff), where)
+        return True
 
     def read_config(self, *, allow_code: bool = True) -> RunConfig:
         if not self.config_path.is_file():

@@ -2,14 +2,14 @@
 per output folder, storage failures as clear errors, modes that respect the umask.
 
 Ownership
-    A folder pqd creates or adopts for output (a run, a sweep, an export or bench folder)
+    A folder pqd creates for output (a run, a sweep, an export or bench folder)
     holds a marker file ``.pqd-run``: JSON with a format tag, the folder's kind (``run``,
     ``sweep``...) and a manifest ``{file name: sha256}`` of the files pqd wrote there through
     :func:`safe_replace` / :func:`atomic_output`. :func:`check_writable_run_dir` accepts a
-    folder that does not exist, is empty, carries the marker of the same kind, or (an
-    output of an older pqd without the marker) holds only the expected file names and passes
-    a content check; anything else is refused with a :class:`pqd.errors.RunDirError` that
-    names the foreign files. :func:`safe_replace` replaces an existing file only when the
+    folder that does not exist, is empty, or carries the marker of the same kind; anything
+    else (a folder holding files but no marker, even files with pqd's names such as a
+    user's own ``config.yaml``) is refused with a :class:`pqd.errors.RunDirError` that
+    names the files. :func:`safe_replace` replaces an existing file only when the
     manifest says pqd wrote it and its content is unchanged since (or ``overwrite=True``,
     an explicit ``--force``).
 
@@ -59,8 +59,8 @@ _ALWAYS_OURS = (MARKER, LOCK, ".*.tmp")  # marker, lock, and temp files of an in
 
 __all__ = [
     "MARKER", "LOCK", "file_mode", "current_umask", "atomic_write_bytes", "atomic_output", "safe_replace",
-    "record_written", "commit_file", "rescue_write", "check_path_encodable", "mark_dir", "read_marker", "check_writable_run_dir", "looks_like_pqd_run",
-    "looks_like_pqd_sweep", "DirLock", "storage_error", "storage_errors",
+    "record_written", "commit_file", "rescue_write", "check_path_encodable", "mark_dir", "read_marker", "check_writable_run_dir",
+    "check_replaceable", "DirLock", "storage_error", "storage_errors",
 ]
 
 # --------------------------------------------------------------------------- modes
@@ -112,6 +112,11 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+# where to write instead; not every command has --out (export and bench write into the run folder)
+_ELSEWHERE = ("write to a folder you can write to instead (run/sweep: another --out; export/bench: copy the run "
+              "folder to a writable place first)")
+
+
 def _from_errno(code: int | None, path: Path, action: str, detail: str) -> StorageError | None:
     where = f"{str(path)!r}"
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
@@ -119,20 +124,20 @@ def _from_errno(code: int | None, path: Path, action: str, detail: str) -> Stora
         left = f" ({_human(free)} free now)" if free is not None else ""
         return DiskFullError(
             f"no space left on the device while {action} {where}{left}; nothing partial was kept. "
-            "Free some space (or choose an --out on another disk) and re-run: finished steps are kept and resume.",
+            "Free some space (or write to a folder on another disk) and re-run: finished steps are kept and resume.",
             path=str(path))
     if code == errno.EROFS:
         return ReadOnlyStorageError(
-            f"{action} {where} failed: the folder is on a read-only file system; choose a writable --out",
+            f"{action} {where} failed: the folder is on a read-only file system; {_ELSEWHERE}",
             path=str(path))
     if code in (errno.EACCES, errno.EPERM):
         return ReadOnlyStorageError(
-            f"permission denied {action} {where}; choose an --out you can write to, or fix the folder's permissions",
+            f"permission denied {action} {where}; fix the folder's permissions, or {_ELSEWHERE}",
             path=str(path))
     if code == errno.ELOOP:
         return StorageError(f"{where}: too many levels of symbolic links (a symlink loop); remove the loop", path=str(path))
     if code == errno.ENAMETOOLONG:
-        return StorageError(f"{where}: the file name is too long for this file system; choose a shorter --out", path=str(path))
+        return StorageError(f"{where}: the file name is too long for this file system; choose a shorter path", path=str(path))
     if code == errno.EIO:
         return StorageError(f"I/O error {action} {where}: the storage may be failing; check the disk and re-run", path=str(path))
     if code is not None:
@@ -253,9 +258,8 @@ def _write_marker(folder: Path, rec: dict[str, Any]) -> None:
         _raw_write(folder / MARKER, json.dumps(rec, indent=1, sort_keys=True).encode())
 
 
-def mark_dir(folder: str | os.PathLike, *, kind: str, adopt: Iterable[str] = ()) -> dict[str, Any]:
-    """Create ``folder`` (parents too) and its marker if it has none; ``adopt`` lists files
-    already there to record as pqd's (an older pqd's output being taken over)."""
+def mark_dir(folder: str | os.PathLike, *, kind: str) -> dict[str, Any]:
+    """Create ``folder`` (parents too) and its marker if it has none."""
     folder = Path(folder)
     with storage_errors(folder, action="creating"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -263,9 +267,6 @@ def mark_dir(folder: str | os.PathLike, *, kind: str, adopt: Iterable[str] = ())
     if rec is None:
         rec = {"format": FORMAT, "version": VERSION, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "files": {}}
-    for name in adopt:
-        if (folder / name).is_file():
-            rec["files"][name] = [_sha256_file(folder / name)]
     _write_marker(folder, rec)
     return rec
 
@@ -296,8 +297,16 @@ def _check_replace(path: Path, overwrite: bool) -> dict[str, Any] | None:
     why = "was changed since pqd wrote it" if state == "changed" else "was not written by pqd"
     raise RunDirError(
         f"{str(path)!r} already exists and {why}; pqd never overwrites such a file. "
-        "Move it away, or choose another --out (or pass --force where offered to replace it)."
+        "Move it away, or write to another folder (or pass --force where offered to replace it)."
     )
+
+
+def check_replaceable(paths: Iterable[str | os.PathLike], *, overwrite: bool = False) -> None:
+    """Refuse (:class:`RunDirError`) before any work when one of ``paths`` exists and pqd did not
+    write it, or it was changed since (the rule of :func:`safe_replace`, checked up front for a
+    command that writes several files, so it writes none of them)."""
+    for p in paths:
+        _check_replace(Path(p), overwrite)
 
 
 def _record(path: Path, digest: str, rec: dict[str, Any] | None, *, pending: bool = False) -> None:
@@ -427,51 +436,21 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def looks_like_pqd_run(folder: Path) -> bool:
-    """An unmarked folder written by an older pqd: its ``config.yaml`` is a pqd run config."""
-    from pqd.errors import ConfigError
-    from pqd.safety.safeyaml import load_yaml  # local: keeps fsguard importable without yaml for tooling
-
-    try:
-        cfg = load_yaml(folder / "config.yaml", max_bytes=256 * 1024)
-    except ConfigError:
-        return False
-    return (isinstance(cfg, dict) and "stages" in cfg and isinstance(cfg.get("model"), dict) and "name" in cfg["model"]
-            and all(isinstance(v, (dict, str, int, float, type(None))) for v in cfg.values()))
-
-
-def looks_like_pqd_sweep(folder: Path) -> bool:
-    """An unmarked folder written by an older pqd sweep: ``sweep.yaml`` with variants and a results table."""
-    from pqd.errors import ConfigError
-    from pqd.safety.safeyaml import load_yaml
-
-    try:
-        spec = load_yaml(folder / "sweep.yaml", max_bytes=1 << 20)
-    except ConfigError:
-        return False
-    return isinstance(spec, dict) and isinstance(spec.get("variants"), dict) and (folder / "results.sqlite").is_file()
-
-
-_RECOGNISERS: dict[str, Callable[[Path], bool]] = {"run": looks_like_pqd_run, "sweep": looks_like_pqd_sweep}
-
-
 def check_writable_run_dir(
     path: str | os.PathLike,
     *,
     expected_files: Iterable[str],
     kind: str = "run",
-    recognise: Callable[[Path], bool] | None = None,
     what: str = "--out",
 ) -> str:
     """Make sure pqd may write its ``kind`` of output into ``path``, and mark it.
 
     ``expected_files``: the names (``fnmatch`` patterns, top level only) pqd writes there,
     e.g. ``["config.yaml", "env.json", "metrics.json", "stage*", "*.safetensors"]``.
-    Returns how the folder was found: ``"new"``, ``"empty"``, ``"pqd"`` (marked by pqd) or
-    ``"adopted"`` (an older pqd's output, recognised by ``recognise``, default by kind:
-    :func:`looks_like_pqd_run` / :func:`looks_like_pqd_sweep`). Raises
-    :class:`RunDirError` for a file, a folder of another kind, or a folder holding files
-    pqd did not write.
+    Returns how the folder was found: ``"new"``, ``"empty"`` or ``"pqd"`` (marked by pqd).
+    Raises :class:`RunDirError` for a file, a folder of another kind, or a folder holding
+    files but no marker: without the marker nothing proves pqd wrote them, and a folder
+    holding only a user's own ``config.yaml`` looks exactly like a run pqd started.
     """
     folder = Path(path)
     expected = list(expected_files) + list(_ALWAYS_OURS)
@@ -480,9 +459,9 @@ def check_writable_run_dir(
         if folder.exists() and not folder.is_dir():
             raise RunDirError(f"{shown} is a file, not a directory; choose a directory for the {kind}")
 
-    def mark(adopt: Iterable[str] = ()) -> None:
+    def mark() -> None:
         try:
-            mark_dir(folder, kind=kind, adopt=adopt)
+            mark_dir(folder, kind=kind)
         except StorageError as exc:
             raise RunDirError(f"{shown} cannot be used as the {kind} directory: {exc}") from None
 
@@ -506,15 +485,12 @@ def check_writable_run_dir(
             f"{shown} already holds files pqd did not write ({listed}); pqd never overwrites or mixes with "
             "them. Choose a new or empty folder."
         )
-    recognise = recognise or _RECOGNISERS.get(kind)
-    if recognise is None or not recognise(folder):
-        listed = ", ".join(entries[:5])
-        raise RunDirError(
-            f"{shown} holds {listed} but no {MARKER} marker, and they are not a pqd {kind}'s output; pqd never "
-            "overwrites files it did not write. Choose a new or empty folder."
-        )
-    mark(adopt=[e for e in entries if (folder / e).is_file() and not _matches(e, _ALWAYS_OURS)])
-    return "adopted"
+    listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise RunDirError(
+        f"{shown} holds {listed} but no {MARKER} marker, so pqd cannot tell that it wrote them; pqd never "
+        "overwrites or mixes with files it did not write. Choose a new or empty folder (move your own files "
+        "out, e.g. a config.yaml to pass to pqd run)."
+    )
 
 
 # --------------------------------------------------------------------------- lock
@@ -559,7 +535,7 @@ class DirLock:
                 os.close(fd)
                 raise RunDirBusy(
                     f"{self.what} {str(self.folder)!r} is in use by {holder}; wait for it to finish (or stop it), "
-                    "or choose another --out. Two processes writing one folder would mix their results."
+                    "or use another folder. Two processes writing one folder would mix their results."
                 ) from None
             except OSError as exc:
                 if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):

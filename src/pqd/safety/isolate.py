@@ -16,6 +16,13 @@ pickled either way. The outcome:
 
 :func:`isolate_each` runs several such calls one after the other and reports every
 outcome, so one runtime's crash does not hide the others' results.
+
+Every Python process pqd starts (these, and the latency workers of :mod:`pqd.measure.workers`)
+is started by :func:`python_command` with :func:`child_environ`: the current folder is never
+on the child's ``sys.path`` (a ``json.py`` there must not replace the standard library's), pqd
+itself comes first, the inherited ``PYTHONPATH`` keeps its place, and the folders this process
+added to its own ``sys.path`` (a user model's package, say) are appended after the standard
+library and site-packages by :func:`adopt_parent_path`, so they add modules without shadowing any.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Any
 import pqd.errors as errors
 from pqd.errors import PqdError, RuntimeCrash
 
-__all__ = ["isolate_each", "run_isolated", "signal_name"]
+__all__ = ["adopt_parent_path", "child_environ", "isolate_each", "python_command", "run_isolated", "signal_name"]
 
 _STDERR_LINES = 15
 
@@ -70,13 +77,50 @@ def _crash(message: str, *, returncode: int | None, sig: str | None, timed_out: 
     return err
 
 
-def _child_env(extra_path: Sequence[str | os.PathLike], env: Mapping[str, str] | None) -> dict[str, str]:
+#: The child's copy of the folders this process added to ``sys.path``, appended there by :func:`adopt_parent_path`.
+PARENT_PATH_VAR = "PQD_PARENT_SYS_PATH"
+
+# Python 3.10 has no -P: run the module from -c after dropping the '' (current folder) entry -c puts first
+_NO_CWD_RUNNER = ("import sys; del sys.path[0]; sys.argv = sys.argv[1:]; import runpy; "
+                  "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    """``python -m module args...`` with the current folder kept off ``sys.path`` (``-P``)."""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", module, *args]
+    return [sys.executable, "-c", _NO_CWD_RUNNER, module, *args]
+
+
+def _parent_additions() -> list[str]:
+    """What this process has on ``sys.path`` beyond a fresh interpreter's defaults (its prefixes) and PYTHONPATH."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    inherited = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    return [os.path.abspath(p) for p in sys.path if p and os.path.abspath(p) not in inherited
+            and not any(os.path.realpath(p).startswith(pre) for pre in prefixes)]
+
+
+def child_environ(*, extra_path: Sequence[str | os.PathLike] = (), env: Mapping[str, str] | None = None,
+                  parent_path: bool = False) -> dict[str, str]:
+    """The environment of a Python child started with :func:`python_command`: ``env`` (default: this
+    process's) with ``PYTHONPATH`` = ``extra_path``, this pqd's folder, the inherited entries; with
+    ``parent_path``, this process's other ``sys.path`` folders too, for :func:`adopt_parent_path`."""
     out = dict(os.environ if env is None else env)
     root = str(Path(__file__).resolve().parent.parent)  # the folder holding this pqd package
     paths = [os.fspath(p) for p in extra_path] + [root] + [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
     out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    given = {os.path.abspath(p) for p in paths}
+    added = [p for p in dict.fromkeys(_parent_additions()) if p not in given] if parent_path else []
+    out[PARENT_PATH_VAR] = os.pathsep.join(added)
     out.setdefault("PYTHONFAULTHANDLER", "1")
     return out
+
+
+def adopt_parent_path() -> None:
+    """In a child: append the parent's own ``sys.path`` folders (:func:`child_environ`) after everything else."""
+    for p in os.environ.get(PARENT_PATH_VAR, "").split(os.pathsep):
+        if p and p not in sys.path:
+            sys.path.append(p)
 
 
 def run_isolated(
@@ -89,11 +133,13 @@ def run_isolated(
     extra_path: Sequence[str | os.PathLike] = (),
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
+    parent_path: bool = False,
 ) -> Any:
     """Call ``target`` ("package.module:function") with keyword ``args`` in a new process
     and return its JSON result (see the module doc for errors). ``timeout`` in seconds;
     the child's whole process group is killed when it passes. ``extra_path`` is prepended
-    to the child's ``PYTHONPATH`` (this pqd's folder always is)."""
+    to the child's ``PYTHONPATH`` (this pqd's folder always is); ``parent_path`` appends this
+    process's own ``sys.path`` folders to the child's (:func:`child_environ`)."""
     module, sep, func = target.partition(":")
     if not sep or not module or not func:
         raise ValueError(f"target must be 'package.module:function', got {target!r}")
@@ -105,11 +151,11 @@ def run_isolated(
     with tempfile.TemporaryDirectory(prefix="pqd-isolate-") as tmp:
         result = Path(tmp) / "result.json"
         proc = subprocess.Popen(
-            # -P (3.11+): the current folder is not put on sys.path, so a stray pqd/ or a module named
-            # like the target in the working folder is never imported in its place
-            [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "pqd.safety.isolate", target, str(result)],
+            # the current folder is not on the child's sys.path, so a stray pqd/ or a module named
+            # like the target (or like a standard module) in the working folder is never imported in its place
+            python_command("pqd.safety.isolate", target, str(result)),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_child_env(extra_path, env), cwd=cwd, start_new_session=True, text=True, errors="replace",
+            env=child_environ(extra_path=extra_path, env=env, parent_path=parent_path), cwd=cwd, start_new_session=True, text=True, errors="replace",
         )
         try:
             _, stderr = proc.communicate(payload, timeout=timeout)
@@ -174,6 +220,7 @@ def _write_result(path: Path, record: dict[str, Any]) -> None:
 
 def _child(argv: list[str]) -> int:
     faulthandler.enable()
+    adopt_parent_path()
     target, result = argv[0], Path(argv[1])
     try:
         args = json.loads(sys.stdin.read() or "{}")

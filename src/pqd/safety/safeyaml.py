@@ -41,6 +41,7 @@ __all__ = ["load_yaml", "parse_scalar", "grid_size_guard", "MAX_BYTES", "MAX_DEP
 MAX_BYTES = 1 << 20  # a config or sweep file is a few KB; 1 MiB leaves room for long grids
 MAX_DEPTH = 64
 MAX_NODES = 200_000
+MAX_INT_DIGITS = 100  # an integer setting longer than this is a mistake (and Python's int() stops at 4,300 digits)
 MAX_ALIASES = 1_000
 MAX_GRID = 10_000  # runs in one sweep
 
@@ -128,6 +129,19 @@ class _BoundedLoader(yaml.SafeLoader):
                     seen[k] = key.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
+
+    def construct_yaml_int(self, node):  # noqa: ANN001 (PyYAML's signature)
+        # Python refuses int() of more than 4,300 digits with a bare ValueError; no pqd setting needs 100.
+        digits = sum(c.isalnum() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise ConfigError(
+                f"{self.limits.where}: an integer of {digits:,} digits at line {node.start_mark.line + 1}; pqd reads "
+                f"integers of at most {MAX_INT_DIGITS} digits. Write the intended value."
+            )
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 # Own copy of the implicit resolvers with the float pattern replaced (never mutate SafeLoader's).
 _BoundedLoader.yaml_implicit_resolvers = {

@@ -17,14 +17,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pqd.config import is_external
 from pqd.errors import ModelError, UntrustedCodeError
 
 __all__ = ["is_import_path", "resolve_model_name", "check_config_code"]
 
 
 def is_import_path(name: str) -> bool:
-    """True for ``package.module:factory`` (anything with a colon); False for registry names."""
-    return ":" in name
+    """True for ``package.module:factory`` (anything with a colon); False for registry names and
+    for ``torchvision:<name>`` / ``timm:<name>`` (architectures of installed libraries, built by name)."""
+    return ":" in name and not is_external(name)
 
 
 def resolve_model_name(name: Any, *, allow_import: bool, source: str | None = None) -> str:

@@ -18,6 +18,7 @@ from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
 from pqd.stages.protocol import Stage, register_stage
+from pqd.stages.quantize import freeze_check, note_freeze_check
 from pqd.train.loop import train
 from pqd.train.tracking import Tracker
 
@@ -77,9 +78,12 @@ def distill(
         teacher.to(memory_format=torch.channels_last)
     loss = distillation_loss(kd, teacher)
 
-    train(student.model, as_splits(data), epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
-          before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill", lr_key="distill.lr", tracker=tracker,
+    data = as_splits(data)
+    check = freeze_check(student, data, lr_key="distill.lr")
+    train(student.model, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
+          before_epoch=qat_epoch_hook(student, epochs, check), checkpoint=checkpoint, seed=seed, tag="distill", lr_key="distill.lr", tracker=tracker,
           amp=not student.quantized, augment=augment)
+    note_freeze_check(student, check, tag="distill")
     if student.quantized:
         freeze(student.model)
     return student

@@ -33,10 +33,13 @@ import torch
 from torch import nn
 
 from pqd.compress.student import Student
+from pqd.config import TrainConfig
+from pqd.data import Splits
 from pqd.errors import ConfigError
 
-# Annotations name pqd.run.config.RunConfig / StageSpec, pqd.config.TrainConfig / Section and
-# pqd.data.Splits as strings only: the run config sits above this layer and imports it.
+# The run config (pqd.run.config.RunConfig / StageSpec) sits above this layer and imports it, so it is
+# annotated as RunConfig = Any here.
+RunConfig = StageSpec = Any
 
 
 @dataclass(frozen=True)

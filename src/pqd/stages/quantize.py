@@ -25,7 +25,7 @@ from pqd.stages.protocol import Stage, register_stage
 from pqd.train.loop import train
 from pqd.train.tracking import Tracker
 
-__all__ = ["QuantizeConfig", "QuantizeStage", "quantize"]
+__all__ = ["QuantizeConfig", "QuantizeStage", "freeze_check", "note_freeze_check", "quantize"]
 
 log = logging.getLogger("pqd.quantize")
 
@@ -58,6 +58,31 @@ class QuantizeConfig(Section):
         in_range("quantize.calibration_batches", self.calibration_batches, 1)
 
 
+def freeze_check(student: Student, data: Splits, *, lr_key: str, batch_size: int = 256) -> qat.FreezeCheck | None:
+    """A :class:`pqd.compress.qat.FreezeCheck` for a fake-quant stage, on up to ``batch_size`` validation images
+    (training images, unaugmented, without a validation split); None for other forms."""
+    if student.form != "qat":
+        return None
+    ds = data.val if data.val is not None and len(data.val) else data.train
+    x, y = next(iter(batches(ds.subset(torch.arange(min(batch_size, len(ds)))), batch_size=batch_size, mean=data.mean,
+                             std=data.std)))
+    advice = (f"lower {lr_key} (a tenth is a good start) or quantize.freeze_fraction, then re-run "
+              "(see docs/TROUBLESHOOTING.md, \"Training that went wrong\")")
+    return qat.FreezeCheck(student.model, (x, y), advice=advice)
+
+
+def note_freeze_check(student: Student, check: qat.FreezeCheck | None, *, tag: str) -> None:
+    """Log and record (``student.records[tag]['warnings']``, for metrics.json) a collapse since the freeze."""
+    if check is None or check.before is None:
+        return
+    message = check.finish()
+    if message:
+        message = f"{tag}: {message}"
+        log.warning("%s", message)
+        rec = student.records.setdefault(tag, {})
+        rec["warnings"] = [*rec.get("warnings", []), message]
+
+
 
 def quantize(
     student: Student, config: QuantizeConfig, *, data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(),
@@ -79,8 +104,10 @@ def quantize(
         # PTQ observers have no off switch: convert before running it on anything else.
         return replace(student, model=model, masks=dict(masks), form="ptq")
     out = replace(student, model=model, masks=dict(masks), form="qat", freeze_fraction=config.freeze_fraction)
-    train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs),
+    check = freeze_check(out, data, lr_key="quantize.lr")
+    train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs, check),
           checkpoint=checkpoint, seed=seed, tag="quantize", lr_key="quantize.lr", tracker=tracker, amp=False, augment=augment)
+    note_freeze_check(out, check, tag="quantize")
     # Observers left on would keep re-estimating ranges on every later forward, evaluation
     # included, so the model would drift from what conversion sees: a stage ends frozen.
     freeze(model)

@@ -29,6 +29,7 @@ from pqd.compress.kd import KDLoss, distillation_loss
 from pqd.compress.qoptions import quant_options
 from pqd.compress.student import Student
 from pqd.config import Section
+from pqd.data.adapters import require_splits
 from pqd.errors import ConfigError, ModelError
 from pqd.stages.distill import DistillConfig
 from pqd.stages.protocol import Stage, register_stage
@@ -145,6 +146,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
     ``quantize_config`` (:class:`pqd.stages.quantize.QuantizeConfig`): how the later quantize stage will
     quantize the model (leaf modules, weight options, activation range); the latency model
     measures INT8 models quantized the same way (default: pqd's defaults)."""
+    data = require_splits(data, where="structured_prune(..., data=)")
     from pqd.compress.channels.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
     from pqd.compress.channels.importance import group_scores
     from pqd.structured.latency_model import build
@@ -197,8 +199,9 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
             state.parent.mkdir(parents=True, exist_ok=True)
             state.write_text(json.dumps(record, indent=1))
     if not record.get("met", True):
-        log.warning("structured: measured %.3f ms misses the budget %.3f ms after %d iterations",
-                    record["measured_ms"], record["budget_ms"], len(record["iterations"]))
+        message = missed_budget_message(record)
+        log.warning("%s", message)
+        record["warnings"] = [message]
     if device is not None:
         pruned.to(device)
     if epochs > 0:
@@ -211,6 +214,16 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
               tag="structured", lr_key="structured.lr", tracker=tracker, amp=True, augment=augment)
     pruned.eval()
     return Student(pruned, {}, student.form, student.freeze_fraction), record
+
+
+def missed_budget_message(record: dict) -> str:
+    """What a search record that missed its budget says: both numbers of the same timing run, why, and what was kept."""
+    dense, budget = record["dense_ms_same_run"], record["budget_ms_same_run"]
+    why = record.get("missed_because") or "no measured model met the budget"
+    return (f"structured: budget missed: the kept model measured {record['measured_ms']:.3f} ms against a budget of "
+            f"{budget:.3f} ms (dense {dense:.3f} ms in the same timing run, {record['measured_ms'] / dense:.2f}x dense); "
+            f"{why}. Kept the fastest measured model (iteration {record['chosen_iteration']}); raise the budget, or lower "
+            "structured.min_keep / structured.round_to")
 
 
 class StructuredStage(Stage):

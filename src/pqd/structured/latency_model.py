@@ -188,6 +188,10 @@ def measure_int8(
 ) -> dict[str, float]:
     """Median INT8 latency (ms) of each model on ``target``, timed interleaved in worker processes.
 
+    The workers always start in the controlled threading environment
+    (:func:`pqd.measure.workers.worker_environment`), never the caller's: the samples are cached
+    for every later run on this machine, so they must not depend on one run's shell.
+
     ``in_process=True`` (PyTorch runtime only) times the TorchScript INT8 modules in this
     process instead: no worker start-up, for quick checks and tests.
     """

@@ -332,8 +332,9 @@ def search(
             break
     if use_cache:
         save(lm, cache_dir)
-    # the measured model nearest under the goal; the last one when none met it
-    pick = best[1] if best is not None else len(iterations) - 1
+    # the measured model nearest under the goal; when none met it, the fastest relative to dense in its own run
+    pick = best[1] if best is not None else \
+        min(range(len(iterations)), key=lambda i: iterations[i]["measured_ms"] / iterations[i]["dense_ms_same_run"])
     pruned, widths, last = pruned_by_iteration[pick], iterations[pick]["widths"], iterations[pick]
     record = {
         "target": {"runtime": target.runtime, "batch": target.batch, "threads": target.threads},
@@ -348,6 +349,9 @@ def search(
         "recipe": choice.recipe, "candidates": choice.candidates, "choice_test": choice.test if recipes is not None else None,
         "latency_model": report(lm, graph),
     }
+    if not last["met"]:
+        record["missed_because"] = iterations[-1].get("stopped") or \
+            f"structured.max_iters ({max_iters}) iterations ran out before a measured model met the budget"
     return pruned, record
 
 

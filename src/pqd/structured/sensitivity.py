@@ -219,7 +219,7 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
         from pqd.compress.channels.reshape import fit_to_state_dict
         from pqd.train.checkpoint import load_checkpoint
 
-        state = load_checkpoint(a.weights)[0]
+        state = load_checkpoint(a.weights, user_file=True)[0]
         fit_to_state_dict(model, state)
         model.load_state_dict(state)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,13 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load and verify a checkpoint written by :func:`save_checkpoint`."""
+def load_checkpoint(path: str | Path, *, user_file: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a checkpoint written by :func:`save_checkpoint`. ``user_file``: a file the
+    user passed (e.g. ``pqd analyze --weights``), not one a run recomputes: a damaged one is never
+    to be deleted, so the advice says to copy it again instead."""
     path = Path(path)
+    remedy = ("copy it again from where it came (pqd never changes or deletes your file)" if user_file
+              else "delete it to recompute")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -84,7 +89,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raw = (f.metadata() or {}).get(_META_KEY)
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc}); delete it to recompute") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc}); {remedy}") from None
     if raw is None:
         raise CheckpointError(f"checkpoint {str(path)!r} has no pqd metadata; it was not written by pqd")
     try:
@@ -92,10 +97,28 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         if not isinstance(record, dict) or not isinstance(record.get("meta", {}), dict):
             raise ValueError("not an object")
     except ValueError:
-        raise CheckpointError(f"checkpoint {str(path)!r} has malformed pqd metadata; delete it to recompute") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} has malformed pqd metadata; {remedy}") from None
     if record.get("sha256") != _digest(tensors):
-        raise CheckpointError(f"checkpoint {str(path)!r} fails its checksum (corrupt file); delete it to recompute")
+        raise CheckpointError(f"checkpoint {str(path)!r} fails its checksum (corrupt file); {remedy}")
     return tensors, record.get("meta", {})
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# torch's own advice around the reason (its substance is in pqd's message: never weights_only=False unless trusted)
+_TORCH_BOILERPLATE = ("Weights only load failed", "In PyTorch", "Re-running", "Check the documentation", "(1)", "(2)",
+                      "Do it only", "You can use", "This file can still be loaded")
+
+
+def unpickling_reason(exc: BaseException) -> str:
+    """The reason torch gives for refusing a file under ``weights_only=True`` (e.g. "Trying to
+    load unsupported GLOBAL posix.system ..."), whole sentences, without terminal colour codes."""
+    text = _ANSI.sub("", str(exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reasons = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)]
+    reason = " ".join(reasons) or (lines[0] if lines else "")
+    if len(reason) > 400:  # cut at a word, never inside one
+        reason = reason[:400].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -113,11 +136,29 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError for unsafe or corrupt files
         raise CheckpointError(
-            f"refusing to load {str(path)!r}: it is not a plain tensor state_dict ({type(exc).__name__}: {str(exc)[:200]}). "
-            "pqd loads weights only with weights_only=True; convert it to .safetensors."
+            f"refusing to load {str(path)!r}: it is not a plain tensor state_dict ({unpickling_reason(exc)}). pqd loads "
+            "weights only with weights_only=True: loading this file with weights_only=False can run arbitrary code "
+            "from it. Only if you trust its source, load it yourself and save its state_dict with "
+            "safetensors.torch.save_file, then pass the .safetensors file."
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"weights file {str(path)!r} does not hold a state_dict of tensors")
     return obj
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], *, shown: int = 6) -> str | None:
+    """What keeps ``state`` from loading into ``model`` (missing keys, unexpected keys, shapes that
+    differ, each list cut to ``shown`` names), or None when it fits exactly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+
+    def cut(items: list[str]) -> str:
+        return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
+
+    parts = [f"missing keys: {cut(missing)}" if missing else "", f"unexpected keys: {cut(unexpected)}" if unexpected else "",
+             f"shapes differ (file vs model): {cut(shapes)}" if shapes else ""]
+    return "; ".join(p for p in parts if p) or None

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pqd.compress.sparsity import Masks, as_masks, masked_weight
 from pqd.config import TrainConfig
 from pqd.data import Splits, batches
+from pqd.data.adapters import require_splits
 from pqd.errors import CheckpointError
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.guard import DivergenceGuard
@@ -111,6 +112,7 @@ def train(
     ``tracker`` (:mod:`pqd.train.tracking`) receives ``<tag>.loss``, ``<tag>.train_top1``,
     ``<tag>.images_per_s`` and ``<tag>.lr`` after every epoch, with the epoch as step.
     """
+    data = require_splits(data, where="pqd.train.train(model, data)")
     caller_masks = {} if masks is None else masks
     masks = as_masks(model, caller_masks)
     loss_fn = loss_fn or cross_entropy(config.label_smoothing)
@@ -156,7 +158,7 @@ def train(
         t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
         it = batches(
             data.train, batch_size=config.batch_size, mean=data.mean, std=data.std, shuffle=True,
-            augment=augment, hflip=data.hflip, generator=gen, device=device,
+            augment=augment and data.augment, hflip=data.hflip, generator=gen, device=device, crop_scale=getattr(data, "crop_scale", None),
             channels_last=config.channels_last, drop_last=True, rank=rank, world_size=world,
         )
         bar = tqdm(it, total=steps_per_epoch, desc=f"{tag} {epoch + 1}/{epochs}", leave=False, disable=not config.progress or rank != 0 or None)

@@ -284,17 +284,18 @@ def peer_worker_spec(record: dict, *, input_shape: Sequence[int], batch_sizes: S
 
 def time_peer(
     record: dict, *, input_shape: Sequence[int], threads: Sequence[int] = (1, 2), batch_sizes: Sequence[int] = (1, 64),
-    warmup: int = 20, runs: int = 200, large_batch_runs: int = 20, seed: int = 0,
+    warmup: int = 20, runs: int = 200, large_batch_runs: int = 20, seed: int = 0, inherit_env: bool = False,
 ) -> list[dict]:
     """Time the NNCF INT8 model against its FP32 teacher ONNX in the same runtime.
 
     Each in a worker process of its own, interleaved in blocks (:func:`pqd.measure.latency.interleave`),
     the way ``pqd bench`` times its variants; the first variant, ``<runtime>_fp32``, is the
     baseline of ``ratio_to_baseline``. Records gain ``runtime`` and ``precision`` (the shape
-    :mod:`pqd.measure.speedup` reads).
+    :mod:`pqd.measure.speedup` reads) and ``latency_env``, the threading environment of their
+    workers (controlled, or the caller's with ``inherit_env``: :func:`pqd.measure.workers.worker_environment`).
     """
     from pqd.measure.latency import interleave
-    from pqd.measure.workers import start_workers
+    from pqd.measure.workers import start_workers, workers_environment
 
     rt = record["runtime"]
     base = {"input_shape": list(input_shape), "batch_sizes": list(batch_sizes), "seed": seed}
@@ -303,10 +304,12 @@ def time_peer(
     meta = {f"{rt}_fp32": ("fp32", "teacher"), f"{PEER_NAME}_int8": ("int8", PEER_NAME)}
     out: list[dict] = []
     for t in threads:
-        with start_workers({k: v | {"threads": t} for k, v in specs.items()}) as workers:
+        with start_workers({k: v | {"threads": t} for k, v in specs.items()}, inherit_env=inherit_env) as workers:
+            env = workers_environment(workers)
             recs = interleave(workers, batch_sizes=tuple(batch_sizes), threads=t, warmup=warmup, runs=runs,
                               large_batch_runs=large_batch_runs)
         for r in recs:
             r["runtime"], (r["precision"], r["source_model"]) = rt, meta[r["model"]]
+            r["latency_env"] = env
         out += recs
     return out

@@ -61,7 +61,7 @@ def peer_run(config, out_dir: str | Path, *, peer: str = PEER_NAME, teacher_weig
     rec = nncf_ptq(teacher, data, out, config=cfg, write=write)
     m = config.measure
     lat = time_peer(rec, input_shape=data.image_shape, threads=(m.threads,), batch_sizes=tuple(m.batch_sizes), warmup=m.warmup,
-                    runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed)
+                    runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed, inherit_env=m.inherit_env)
     ev = rec["evaluation"]
     metrics = {
         "schema": PEER_METRICS_SCHEMA,
@@ -82,6 +82,7 @@ def peer_run(config, out_dir: str | Path, *, peer: str = PEER_NAME, teacher_weig
         "size_bytes": {"final": rec["artefact"]["bytes"], "final_file": rec["artefact"]["file"]},
         "latency": lat,
         "speedup": speedup_summary(lat),
+        "latency_env": lat[0]["latency_env"] if lat else None,  # one thread count: the same for every record
         "peer_record": rec,
         "wall_time_s": round(time.perf_counter() - t0, 2),
     }
