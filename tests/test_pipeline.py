@@ -2,7 +2,6 @@ import itertools
 import json
 
 import pytest
-import torch
 
 from pqd.config import RunConfig
 from pqd.errors import ConfigError

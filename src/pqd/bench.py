@@ -41,10 +41,9 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
-
 
 from pqd.errors import ConfigError, PqdError
 
@@ -162,11 +161,11 @@ def bench_run(
 def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs, runtimes, rss, write, force_export, seed,
                allow_code) -> dict:
     from pqd.export import export_run
-    from pqd.rundir import RunDir
     from pqd.measure import environment
     from pqd.measure.latency import LARGE_BATCH_BLOCKS, SMALL_BATCH_BLOCKS, interleave
-    from pqd.measure.workers import start_workers
     from pqd.measure.proxies import proxies
+    from pqd.measure.workers import start_workers
+    from pqd.rundir import RunDir
 
     threads = tuple(threads) if threads else default_threads()
     if any(t < 1 for t in threads) or any(b < 1 for b in batch_sizes) or runs < 1 or large_batch_runs < 1 or warmup < 0:
@@ -289,8 +288,8 @@ def _fmt_int(n: int | None) -> str:
 
 
 def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
-    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(n) for x, n in zip(r, w)) + " |"  # noqa: E731
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(n) for x, n in zip(r, w, strict=True)) + " |"  # noqa: E731
     return [line(header), "|" + "|".join("-" * (n + 2) for n in w) + "|", *map(line, rows)]
 
 

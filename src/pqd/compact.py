@@ -59,8 +59,9 @@ import struct
 import sys
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -631,7 +632,7 @@ def _same(a: Any, b: Any) -> bool:
                 and torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
                 and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points()))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
 

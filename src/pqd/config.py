@@ -13,9 +13,10 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pqd.errors import ConfigError
 
@@ -508,7 +509,7 @@ class RunConfig(Section):
                             "so keep one quantizing stage")
         structural = [i for i, k in enumerate(kinds) if k.structural]
         if quantizing and structural and max(structural) > quantizing[0]:
-            works = [s for s, k in zip(self.stages, kinds) if k.structural] + [s for s, k in zip(self.stages, kinds) if not k.structural]
+            works = [s for s, k in zip(self.stages, kinds, strict=True) if k.structural] + [s for s, k in zip(self.stages, kinds, strict=True) if not k.structural]
             _fail("stages", f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
                             f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}")
         if self.quantize.mode in ("ptq", "dynamic") and "quantize" in names:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ class Preprocessed(nn.Module):
         self.model = model
         self.register_buffer("scale_u8", torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, c, 1, 1))
         self.register_buffer("scale_f", torch.tensor([1.0 / s for s in std]).view(1, c, 1, 1))
-        self.register_buffer("bias", torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, c, 1, 1))
+        self.register_buffer("bias", torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, c, 1, 1))
         self.class_names = [str(n) for n in class_names]
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]

@@ -34,8 +34,8 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ def _quiet_exporter():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, old):
+        for lg, level in zip(loggers, old, strict=True):
             lg.setLevel(level)
 
 

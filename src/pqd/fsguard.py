@@ -31,6 +31,7 @@ Storage errors
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -202,10 +203,8 @@ def storage_errors(path: str | os.PathLike, *, action: str = "writing", cleanup:
         if err is None:
             raise
         for p in cleanup:
-            try:
+            with contextlib.suppress(OSError):
                 Path(p).unlink(missing_ok=True)
-            except OSError:
-                pass
         raise err from exc
 
 
@@ -437,8 +436,8 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 def looks_like_pqd_run(folder: Path) -> bool:
     """An unmarked folder written by an older pqd: its ``config.yaml`` is a pqd run config."""
-    from pqd.safeyaml import load_yaml  # local: keeps fsguard importable without yaml for tooling
     from pqd.errors import ConfigError
+    from pqd.safeyaml import load_yaml  # local: keeps fsguard importable without yaml for tooling
 
     try:
         cfg = load_yaml(folder / "config.yaml", max_bytes=256 * 1024)
@@ -450,8 +449,8 @@ def looks_like_pqd_run(folder: Path) -> bool:
 
 def looks_like_pqd_sweep(folder: Path) -> bool:
     """An unmarked folder written by an older pqd sweep: ``sweep.yaml`` with variants and a results table."""
-    from pqd.safeyaml import load_yaml
     from pqd.errors import ConfigError
+    from pqd.safeyaml import load_yaml
 
     try:
         spec = load_yaml(folder / "sweep.yaml", max_bytes=1 << 20)
@@ -574,7 +573,10 @@ class DirLock:
                     os.close(fd)
                     return self
                 os.close(fd)
-                raise storage_error(exc, path, action="locking") or exc
+                err = storage_error(exc, path, action="locking")
+                if err is None:
+                    raise
+                raise err from exc
             info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "argv": sys.argv[:6]}
             try:

@@ -115,7 +115,7 @@ class DivergenceGuard:
 
     def explain(self, exc: BaseException, model: nn.Module, *, epoch: int, step: int, lr: float | None = None) -> DivergenceError | None:
         """A :class:`DivergenceError` when ``exc`` (raised by a forward/backward pass) came
-        from non-finite weights, else None: ``raise guard.explain(e, ...) or e``."""
+        from non-finite weights, else None: raise it ``from e``, or re-raise ``e`` on None."""
         name = first_nonfinite(model)
         if name is None:
             return None

@@ -21,6 +21,7 @@ from torch import nn
 from pqd.compact import save_compact, verify_compact
 from pqd.config import RunConfig
 from pqd.data import TEST_SUBSET_SEED, Splits, load_data
+from pqd.deployable import deployable_torchscript, normalized_callable, save_torchscript
 from pqd.errors import CheckpointError, ConfigError, DivergenceError, ModelError
 from pqd.integrations.tracking import make_tracker
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
@@ -34,7 +35,6 @@ from pqd.stages import Student, convert, global_sparsity, prunable_layers
 from pqd.stages.quantize import float_modules
 from pqd.stages.registry import StageContext, get_stage
 from pqd.train import train
-from pqd.deployable import deployable_torchscript, normalized_callable, save_torchscript
 from pqd.train.checkpoint import load_weights, save_checkpoint
 from pqd.train.loop import default_device, masked_weight
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from pqd.errors import CheckpointError, DataError, PqdError
 from pqd.deployable import (  # noqa: F401  (re-exported: the deployable format)
     DEPLOYABLE_NAMES,
     FORMAT,
@@ -33,6 +32,7 @@ from pqd.deployable import (  # noqa: F401  (re-exported: the deployable format)
     save_torchscript,
     validate_meta,
 )
+from pqd.errors import CheckpointError, DataError, PqdError
 
 __all__ = [
     "FORMAT", "META_NAME", "DEPLOYABLE_NAMES", "Preprocessed", "normalized_callable", "deployable_meta", "deployable_torchscript",
@@ -194,8 +194,8 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
                                       f"for {len(names)} class names")
             prob = torch.softmax(logits.float(), dim=1)
             pv, pi = prob.topk(k, dim=1)
-            for p, vals, idx in zip(chunk, pv.tolist(), pi.tolist()):
-                top = [{"class": names[j], "index": j, "probability": v} for v, j in zip(vals, idx)]
+            for p, vals, idx in zip(chunk, pv.tolist(), pi.tolist(), strict=True):
+                top = [{"class": names[j], "index": j, "probability": v} for v, j in zip(vals, idx, strict=True)]
                 out.append({"image": str(p), "class": top[0]["class"], "probability": top[0]["probability"], "top": top})
     return out
 

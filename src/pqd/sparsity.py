@@ -254,7 +254,7 @@ class GlobalPruner:
         weights = [masked_weight(self.model, p) for p in self.layers]
         device = weights[0].device
         scores = []
-        for path, w in zip(self.layers, weights):
+        for path, w in zip(self.layers, weights, strict=True):
             s = self.importance(w, generator=gen).to(device=device, dtype=torch.float32)
             old = self.masks.get(path)
             if old is not None:
@@ -266,7 +266,7 @@ class GlobalPruner:
         if n_prune > 0:
             keep[torch.topk(flat, n_prune, largest=False, sorted=False).indices] = False
         out, offset = {}, 0
-        for path, w in zip(self.layers, weights):
+        for path, w in zip(self.layers, weights, strict=True):
             out[path] = keep[offset: offset + w.numel()].view(w.shape)
             offset += w.numel()
         return out

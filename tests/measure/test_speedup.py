@@ -1,7 +1,13 @@
 import pytest
 
 from pqd.measure.speedup import (
-    best_deployment_ratios, deployments, fastest_deployments, format_ratio, format_summary, same_runtime_ratios, speedup_summary,
+    best_deployment_ratios,
+    deployments,
+    fastest_deployments,
+    format_ratio,
+    format_summary,
+    same_runtime_ratios,
+    speedup_summary,
 )
 
 

@@ -67,9 +67,8 @@ def test_workers_interleave_with_in_process_timers(scripted):
 
 
 def test_a_worker_that_cannot_load_names_the_variant_and_the_cause(tmp_path):
-    with pytest.raises(WorkerError, match=r"'broken'.*(No such file|not exist|open file)"):
-        with start_workers({"broken": BASE | {"kind": "torchscript", "path": str(tmp_path / "missing.pt")}}):
-            pass
-    with pytest.raises(WorkerError, match="unknown worker kind 'tensorrt'"):
-        with start_workers({"bad": BASE | {"kind": "tensorrt"}}):
-            pass
+    with pytest.raises(WorkerError, match=r"'broken'.*(No such file|not exist|open file)"), \
+            start_workers({"broken": BASE | {"kind": "torchscript", "path": str(tmp_path / "missing.pt")}}):
+        pass
+    with pytest.raises(WorkerError, match="unknown worker kind 'tensorrt'"), start_workers({"bad": BASE | {"kind": "tensorrt"}}):
+        pass

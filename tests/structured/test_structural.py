@@ -1,16 +1,15 @@
 from __future__ import annotations
 
+import pqd_user_models as um
 import pytest
 import torch
+from structured_user_models import SENet
 
 from pqd.registry import create_model
 from pqd.stages.structural import fit_to_state_dict
 from pqd.structured.graph import ChannelGraph, prune_to_widths
 from pqd.structured.importance import uniform_widths
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
-
-import pqd_user_models as um
-from structured_user_models import SENet
 
 X = torch.randn(2, 3, 32, 32)
 

@@ -4,8 +4,15 @@ import torch.nn.functional as F
 
 from pqd.config import DistillConfig, RunConfig, TrainConfig
 from pqd.errors import ConfigError, ModelError
-from pqd.kd_variants import (AttentionLoss, FeatureTaps, HintLoss, MutualLearningLoss, SelfDistillationLoss, attention_map,
-                             auto_layers)
+from pqd.kd_variants import (
+    AttentionLoss,
+    FeatureTaps,
+    HintLoss,
+    MutualLearningLoss,
+    SelfDistillationLoss,
+    attention_map,
+    auto_layers,
+)
 from pqd.pipeline import run_pipeline
 from pqd.qat import prepare
 from pqd.registry import create_model

@@ -27,7 +27,6 @@ import torch
 
 from pqd.data.base import Dataset
 
-
 PAD = 4  # random-crop padding, reflect mode (mirror without repeating the edge pixel)
 DEVICE_DATA_ENV = "PQD_DEVICE_DATA_MB"  # cap (MB) on a device-resident dataset; 0 turns the device path off
 DEFAULT_DEVICE_DATA_MB = 4096
@@ -156,7 +155,7 @@ def batches(
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
     device = torch.device(device)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, c, 1, 1)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, c, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device).view(1, c, 1, 1)
     order = epoch_order(len(ds), shuffle=shuffle, generator=generator, rank=rank, world_size=world_size)
     if resident is None:
         resident = resident_default(ds, device)

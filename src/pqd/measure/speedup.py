@@ -27,8 +27,9 @@ INT8 deployment of a model over every runtime vs the fastest FP32 teacher deploy
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 RUNTIME_LABELS = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 SOURCE_LABELS = {"teacher": "teacher", "final": "pqd", "nncf_ptq": "NNCF PTQ"}

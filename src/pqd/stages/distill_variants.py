@@ -33,7 +33,15 @@ from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
 from pqd.kd import KDLoss
-from pqd.kd_variants import AttentionLoss, FeatureTaps, HintLoss, MutualLearningLoss, SelfDistillationLoss, auto_layers, feature_shapes
+from pqd.kd_variants import (
+    AttentionLoss,
+    FeatureTaps,
+    HintLoss,
+    MutualLearningLoss,
+    SelfDistillationLoss,
+    auto_layers,
+    feature_shapes,
+)
 from pqd.qat import freeze, model_device
 from pqd.stages.common import Student
 from pqd.stages.imp import reinitialize

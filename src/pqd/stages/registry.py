@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -31,8 +31,9 @@ from torch import nn
 from pqd.errors import ConfigError
 from pqd.stages.common import Student
 
-# Annotations name pqd.config.RunConfig / TrainConfig and pqd.data.Splits as strings only: pqd.config
-# imports this module (to validate stage lists), so this module imports neither.
+if TYPE_CHECKING:  # pqd.config imports this module (to validate stage lists): for annotations only
+    from pqd.config import RunConfig, TrainConfig
+    from pqd.data.base import Splits
 
 
 @dataclass(frozen=True)

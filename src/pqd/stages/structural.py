@@ -7,7 +7,7 @@ shapes found in a state dict (safetensors), so that ``load_state_dict`` then suc
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

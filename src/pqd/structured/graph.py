@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ class Layer:
     def macs(self) -> int:
         return self.out_hw * self.cout * (self.cin // self.groups) * self.kernel
 
-    def resized(self, cin: int, cout: int) -> "Layer":
+    def resized(self, cin: int, cout: int) -> Layer:
         groups = self.groups
         if self.kind == "depthwise":
             groups = cin = cout

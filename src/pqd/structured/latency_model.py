@@ -44,9 +44,9 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -233,7 +233,7 @@ class LatencyModel:
             return s["floor_ms"], s["dense_ms"] - s["floor_ms"]
         return (0.0, s["dense_ms"]) if kind == "relative" else (0.0, 1.0)
 
-    def fit(self, graph) -> "LatencyModel":
+    def fit(self, graph) -> LatencyModel:
         if len(self.samples) < 2:
             raise ModelError("the latency model needs at least 2 measured samples")
         self._x_floor = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ def _interp(points: Sequence[tuple[float, float]], r: float) -> float:
         (r0, d0), (r1, d1) = pts[0], pts[1] if len(pts) > 1 else (1.0, 0.0)
         slope = (d1 - d0) / (r1 - r0) if r1 != r0 else 0.0
         return d0 + (r - r0) * slope
-    for (r0, d0), (r1, d1) in zip(pts, pts[1:]):
+    for (r0, d0), (r1, d1) in zip(pts, pts[1:], strict=False):
         if r0 <= r <= r1:
             return d0 + (d1 - d0) * (r - r0) / (r1 - r0)
     return 0.0

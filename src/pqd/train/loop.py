@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +21,14 @@ from tqdm.auto import tqdm
 
 from pqd.config import TrainConfig
 from pqd.data import Splits, batches
-from pqd.integrations.tracking import Tracker
-from pqd.sparsity import Masks, as_masks, masked_weight
 from pqd.errors import CheckpointError
 from pqd.guard import DivergenceGuard
+from pqd.integrations.tracking import Tracker
+from pqd.sparsity import Masks, as_masks, masked_weight
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
+from pqd.train.schedule import lr_at
 
 _LR_SECTIONS = ("teacher", "prune", "quantize", "distill", "structured")
-from pqd.train.schedule import lr_at
 
 log = logging.getLogger("pqd.train")
 
@@ -162,7 +162,10 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             except RuntimeError as exc:  # e.g. "zero_point must be between quant_min and quant_max" from NaN weights
-                raise guard.explain(exc, model, epoch=epoch, step=i, lr=step_lr) or exc
+                explained = guard.explain(exc, model, epoch=epoch, step=i, lr=step_lr)
+                if explained is None:
+                    raise
+                raise explained from exc
             opt.step()  # the masks' step hook zeroes the pruned weights again
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
