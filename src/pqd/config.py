@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pqd.errors import ConfigError
 
@@ -43,6 +43,8 @@ def _range(key: str, value: float, lo: float | None = None, hi: float | None = N
 
 class Section:
     """Mixin: dict round-trip with validation of keys and types."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every Section is a dataclass
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, *, prefix: str = ""):

@@ -44,6 +44,10 @@ class Preprocessed(nn.Module):
     Input layout NCHW with the channel count of ``mean``.
     """
 
+    scale_u8: torch.Tensor  # buffers, registered in __init__
+    scale_f: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str]) -> None:
         super().__init__()
         if len(mean) != len(std) or not len(mean):
@@ -172,7 +176,7 @@ class Deployable:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta["input"]["shape"])  # type: ignore[return-value]
+        return tuple(self.meta["input"]["shape"])
 
     @property
     def class_names(self) -> list[str]:

@@ -113,7 +113,7 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -395,9 +395,8 @@ def rescue_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
                 f.write(data)
         except OSError:
             raise exc from None
-        err = type(exc)(f"{exc} The data was saved to {rescue}; copy it to {str(path)!r} once there is room.", path=exc.path)
-        err.rescue_path = rescue
-        raise err from exc
+        raise type(exc)(f"{exc} The data was saved to {rescue}; copy it to {str(path)!r} once there is room.",
+                        path=exc.path, rescue_path=rescue) from exc
 
 
 def commit_file(tmp: str | os.PathLike, path: str | os.PathLike, *, _rec: dict[str, Any] | None = None) -> Path:

@@ -176,8 +176,8 @@ def check_sparsity(target: float, achieved: float, *, tolerance: float = 0.05, w
 def summary(model: nn.Module) -> dict[str, Any]:
     """Largest absolute weight and count of non-finite values (for logs and metrics)."""
     bad, biggest = 0, 0.0
-    for t in model.parameters():
-        t = t.detach()
+    for p in model.parameters():
+        t = p.detach()
         fin = torch.isfinite(t)
         bad += int((~fin).sum())
         if bool(fin.any()):

@@ -64,9 +64,8 @@ def _tail(text: str, n: int = _STDERR_LINES) -> str:
 
 def _crash(message: str, *, returncode: int | None, sig: str | None, timed_out: bool, stderr: str) -> RuntimeCrash:
     tail = _tail(stderr)
-    err = RuntimeCrash(message + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""))
-    err.returncode, err.signal, err.timed_out, err.stderr = returncode, sig, timed_out, stderr
-    return err
+    return RuntimeCrash(message + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""),
+                        returncode=returncode, signal=sig, timed_out=timed_out, stderr=stderr)
 
 
 def _child_env(extra_path: Sequence[str | os.PathLike], env: Mapping[str, str] | None) -> dict[str, str]:

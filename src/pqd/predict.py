@@ -146,7 +146,7 @@ def load_image(path: str | Path, *, size: tuple[int, int], channels: int) -> tor
             s = max(h / img.height, w / img.width)
             nh, nw = max(h, round(img.height * s)), max(w, round(img.width * s))
             if (nh, nw) != (img.height, img.width):
-                img = img.resize((nw, nh), Image.BILINEAR)
+                img = img.resize((nw, nh), Image.Resampling.BILINEAR)
             top, left = (nh - h) // 2, (nw - w) // 2
             img = img.crop((left, top, left + w, top + h))
             data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)

@@ -183,7 +183,7 @@ class RandomImportance:
         return torch.rand(weight.shape, generator=generator)
 
 
-IMPORTANCE = {"magnitude": MagnitudeImportance, "random": RandomImportance}
+IMPORTANCE: dict[str, Callable[[], Importance]] = {"magnitude": MagnitudeImportance, "random": RandomImportance}
 
 
 def importance(name: str) -> Importance:

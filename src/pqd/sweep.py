@@ -358,6 +358,7 @@ def _execute_peer(run: Run, out: Path, sweep_dir: str | Path) -> dict:
     from pqd.peers import peer_run
     from pqd.train.checkpoint import atomic_write_bytes
 
+    assert run.peer is not None  # kind "peer"
     d = RunDir(out)
     saved = d.saved_config_dict()
     if saved is not None and (comparable_config(saved, teacher_base=sweep_dir)

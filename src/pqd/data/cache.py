@@ -69,7 +69,7 @@ def _load(entry: Path) -> Raw | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring a damaged cache entry %s (%s); decoding again", entry, exc)
         return None
-    return Raw(*arrays, classes)
+    return Raw(arrays[0], arrays[1], arrays[2], arrays[3], classes)
 
 
 def _save(entry: Path, raw: Raw) -> None:

@@ -134,9 +134,14 @@ def same_runtime_ratios(records: Iterable[Mapping[str, Any]], *, stat: str = "me
     return out
 
 
+def _ranked(deps: Iterable[Deployment], stat: str) -> list[Deployment]:
+    """The deployments timed at ``stat``, fastest first (ties in their order)."""
+    timed = [(t, d) for d in deps if (t := d.time(stat))]
+    return [d for _, d in sorted(timed, key=lambda td: td[0])]
+
+
 def _fastest(deps: Iterable[Deployment], stat: str) -> Deployment | None:
-    timed = [d for d in deps if d.time(stat)]
-    return min(timed, key=lambda d: d.time(stat)) if timed else None
+    return next(iter(_ranked(deps, stat)), None)
 
 
 def best_deployment_ratios(records: Iterable[Mapping[str, Any]], *, stat: str = "median",
@@ -161,7 +166,7 @@ def fastest_deployments(records: Iterable[Mapping[str, Any]], *, stat: str = "me
     _check_stat(stat)
     out = []
     for (bs, th), deps in _groups(deployments(records)).items():
-        ranked = sorted((d for d in deps if d.time(stat)), key=lambda d: d.time(stat))
+        ranked = _ranked(deps, stat)
         if not ranked:
             continue
         best = ranked[0]

@@ -44,6 +44,8 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join(_import_path(str(Path(pqd.__file__).resolve().parent.parent)))
         self.proc = subprocess.Popen([sys.executable, "-m", "pqd._worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1)
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr  # all three are pipes
+        self.stdin, self.stdout, self.stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self.info: dict = {}
 
     def wait_ready(self) -> dict:
@@ -51,10 +53,10 @@ class Worker:
         return self.info
 
     def _read(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self.stdout.readline()
         if not line:
             self.proc.wait(timeout=self.timeout)
-            tail = (self.proc.stderr.read() or "").strip().splitlines()[-5:]
+            tail = (self.stderr.read() or "").strip().splitlines()[-5:]
             raise WorkerError(f"bench worker for {self.name!r} exited (code {self.proc.returncode}): " + " | ".join(tail))
         msg = json.loads(line)
         if "error" in msg:
@@ -63,8 +65,8 @@ class Worker:
 
     def _ask(self, cmd: dict) -> dict:
         try:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
-            self.proc.stdin.flush()
+            self.stdin.write(json.dumps(cmd) + "\n")
+            self.stdin.flush()
         except BrokenPipeError:
             pass  # _read reports how the worker died
         return self._read()
@@ -83,14 +85,14 @@ class Worker:
     def close(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(BrokenPipeError, OSError):
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.flush()
+                self.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.stdin.flush()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for f in (self.stdin, self.stdout, self.stderr):
             with contextlib.suppress(OSError):
                 f.close()
 

@@ -61,7 +61,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         t_acc, _, _ = _mean_std(100 * r["teacher_top1"] for r in rs if r["teacher_top1"] is not None)
         rl, rl_sd, _ = _mean_std(rel)
         first = rs[0]
-        counted = [(r["final_top1"], r.get("test_n")) for r in rs if r["final_top1"] is not None and r.get("test_n")]
+        counted = [(r["final_top1"], int(r["test_n"])) for r in rs if r["final_top1"] is not None and r.get("test_n")]
         # Wilson interval of the pooled correct count over seeds (every seed tested on the same images)
         pooled = counts_record(round(sum(t * n for t, n in counted)), sum(n for _, n in counted)) if counted else None
         out.append({
@@ -297,7 +297,7 @@ def _numeric_leaves(obj: Any, prefix: str) -> dict[str, float]:
 def proxies(metrics: dict) -> dict[str, float]:
     """Cost proxies of the final model, if metrics.json has them: ``bench.proxies.final`` (written by
     ``pqd bench``), else numeric values under any top-level key that mentions 'proxy'."""
-    bench = metrics.get("bench") if isinstance(metrics.get("bench"), dict) else {}
+    bench = b if isinstance(b := metrics.get("bench"), dict) else {}
     for src, name in ((bench.get("proxies"), "proxies"), (metrics.get("proxies"), "proxies")):
         if isinstance(src, dict) and src:
             final = src.get("final", src)

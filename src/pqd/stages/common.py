@@ -44,10 +44,10 @@ class Student:
 
 def chain(*hooks):
     """Combine ``before_epoch`` hooks (``None`` entries are skipped)."""
-    hooks = [h for h in hooks if h is not None]
+    live = [h for h in hooks if h is not None]
 
     def run(epoch: int) -> None:
-        for h in hooks:
+        for h in live:
             h(epoch)
 
-    return run if hooks else None
+    return run if live else None

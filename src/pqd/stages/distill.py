@@ -36,7 +36,7 @@ def distill(
     if kd.needs_teacher:
         teacher.eval()
         if train_config.channels_last:
-            teacher.to(memory_format=torch.channels_last)
+            teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's overloads omit it
         teacher_device = model_device(teacher)
 
     def loss(logits, x, y):

@@ -80,13 +80,15 @@ def distill_variant(
     data = as_splits(data)
     model = student.model
     device = model_device(model)
-    beta = config.beta if getattr(config, "beta", None) is not None else DEFAULT_BETA[kind]
+    beta = config.beta if config.beta is not None else DEFAULT_BETA[kind]
     example = torch.zeros(2, *data.image_shape, device=device)
     layers = list(config.layers) or auto_layers(model, example)
-    taps = teacher_taps = None
+    taps: list[FeatureTaps] = []  # removed when training ends
+    aux: nn.Module
     record: dict = {"kind": kind, "beta": beta}
 
     if kind in ("feature", "attention"):
+        assert teacher is not None  # NEEDS_TEACHER, checked above
         teacher.eval()
         t_dev = model_device(teacher)
         s_shapes = feature_shapes(model, layers, example)
@@ -94,13 +96,14 @@ def distill_variant(
         feat = HintLoss([s[1] for s in s_shapes], [t[1] for t in t_shapes]) if kind == "feature" else AttentionLoss()
         aux = feat.to(device)
         kd = KDLoss(temperature=config.temperature, alpha=config.alpha)
-        taps, teacher_taps = FeatureTaps(model, layers), FeatureTaps(teacher, layers)
+        s_taps, t_taps = FeatureTaps(model, layers), FeatureTaps(teacher, layers)
+        taps += [s_taps, t_taps]
         record["layers"] = layers
 
         def loss(logits, x, y):
             with torch.no_grad():
                 t_logits = teacher(x.to(t_dev))
-            return kd(logits, t_logits, y) + beta * feat(taps.get(), teacher_taps.get())
+            return kd(logits, t_logits, y) + beta * feat(s_taps.get(), t_taps.get())
     elif kind == "mutual":
         peers = nn.ModuleList(reinitialize(model, seed=epoch_seed(seed, "mutual-peer", i)) for i in range(config.peers))
         aux = peers
@@ -118,11 +121,12 @@ def distill_variant(
         sd = SelfDistillationLoss([s[1] for s in shapes], num_classes, temperature=config.temperature, alpha=config.alpha,
                                   beta=beta).to(device)
         aux = sd
-        taps = FeatureTaps(model, shallow)
+        s_taps = FeatureTaps(model, shallow)
+        taps.append(s_taps)
         record["layers"] = shallow
 
         def loss(logits, x, y):
-            return sd(logits, taps.get(), y)
+            return sd(logits, s_taps.get(), y)
     else:  # config validation keeps this unreachable
         raise ConfigError(f"distill.kind {kind!r} is not known")
 
@@ -134,9 +138,8 @@ def distill_variant(
               before_epoch=qat_hook, checkpoint=checkpoint, seed=seed, tag=f"distill-{kind}", amp=not student.quantized,
               augment=augment)
     finally:
-        for t in (taps, teacher_taps):
-            if t is not None:
-                t.remove()
+        for t in taps:
+            t.remove()
     if student.quantized:
         freeze(model)
     out_masks = {k[5:]: v for k, v in masks.items()}

@@ -72,7 +72,7 @@ def joint(
         log.info("joint epoch %d: target sparsity %.4f", epoch + 1, target)
 
     loss_fn = None
-    if config.kd:
+    if config.kd and teacher is not None:  # kd without a teacher raised above
         teacher.eval()
         kd = KDLoss(temperature=config.temperature, alpha=config.alpha)
         t_dev = model_device(teacher)

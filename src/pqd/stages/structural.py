@@ -8,6 +8,7 @@ shapes found in a state dict (safetensors), so that ``load_state_dict`` then suc
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import overload
 
 import torch
 from torch import nn
@@ -24,7 +25,11 @@ def _new(like: torch.Tensor | None, shape) -> torch.Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def _param(old: nn.Parameter | None, shape) -> nn.Parameter | None:
+@overload
+def _param(old: torch.Tensor, shape: tuple[int, ...]) -> nn.Parameter: ...
+@overload
+def _param(old: torch.Tensor | None, shape: tuple[int, ...]) -> nn.Parameter | None: ...
+def _param(old: torch.Tensor | None, shape: tuple[int, ...]) -> nn.Parameter | None:
     if old is None:
         return None
     return nn.Parameter(_new(old.data, shape), requires_grad=old.requires_grad)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -216,6 +217,7 @@ def search(
     # the floor model the latency model's samples were anchored to (the search's rounding, for a model without samples)
     floor_rt = next((int(s["floor_round_to"]) for s in lm.samples if "floor_round_to" in s), round_to)
     if budget_ms is None:
+        assert budget_fraction is not None  # exactly one of the two, checked above
         if dense_ms is None:
             ms = measure_int8(reference_models(model, graph, example=example, round_to=floor_rt), target=target,
                               input_shape=input_shape, runs=runs, in_process=in_process)
@@ -225,15 +227,18 @@ def search(
         budget_ms = budget_fraction * dense_ms
     size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
     cost = cost_function(graph, scores, sensitivity)
-    target_ms, iterations = budget_ms * (1 - margin), []
+    target_ms = budget_ms * (1 - margin)
+    iterations: list[dict[str, Any]] = []
     chans = graph.widths()
     refs = reference_models(model, graph, example=example, round_to=floor_rt)
-    chosen, candidates, test, best, pruned_by_iteration = None, None, None, None, []
+    chosen: str | None = None
+    candidates, test, best, pruned_by_iteration = None, None, None, []
     for it in range(max_iters):
         lm.fit(graph)
         if recipes is None:
             widths = greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
         elif chosen is None:  # rank every recipe once, at the first target; keep the winner's recipe after that
+            assert rank is not None  # given with recipes, checked above
             proposals = {name: recipe(lm, target_ms) for name, recipe in recipes.items()}
             unique: dict[tuple, str] = {}
             for name, w in proposals.items():

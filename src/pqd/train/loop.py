@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 
 import torch
@@ -61,7 +61,8 @@ def _dist() -> tuple[int, int]:
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -83,7 +84,7 @@ def train(
     lr: float,
     config: TrainConfig = TrainConfig(),
     loss_fn: LossFn | None = None,
-    masks: Mapping[str, torch.Tensor] | None = None,
+    masks: MutableMapping[str, torch.Tensor] | None = None,
     before_epoch: Callable[[int], None] | None = None,
     checkpoint: str | Path | None = None,
     seed: int = 0,
@@ -107,7 +108,7 @@ def train(
     device = next(model.parameters()).device
     rank, world = _dist()
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's overloads omit it
     opt = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=lr, momentum=config.momentum, nesterov=config.nesterov)
     hook = masks.attach(opt)
     steps_per_epoch = max(1, len(data.train) // (config.batch_size * world))
@@ -188,11 +189,11 @@ def train(
             torch.distributed.barrier()
     hook.remove()
     if config.channels_last:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's overloads omit it
     return model
 
 
-def _sync(dst: Mapping[str, torch.Tensor], src: Mapping[str, torch.Tensor]) -> None:
+def _sync(dst: MutableMapping[str, torch.Tensor], src: Mapping[str, torch.Tensor]) -> None:
     """Make ``dst`` hold ``src``'s masks (no-op when they are the same object)."""
     if dst is not src:
         dst.clear()
