@@ -19,8 +19,10 @@ the FX-converted model runs on fbgemm/oneDNN integer kernels directly, with no c
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +30,10 @@ from torch import nn
 from pqd.errors import ModelError
 from pqd.qoptions import QuantOptions, dynamic_qconfig_mapping, weight_fake_quant, weight_observer
 from pqd.sparsity import as_masks
+
+if TYPE_CHECKING:  # imported at run time only after fx_modules() has set the engine and silenced torch's warnings
+    from torch.ao.quantization import QConfigMapping
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 
 __all__ = [
     "BACKEND", "calibrate", "convert", "float_modules", "freeze", "fx_modules", "model_device", "prepare",
@@ -37,7 +43,7 @@ __all__ = [
 BACKEND = "x86"
 
 
-def fx_modules():
+def fx_modules() -> tuple[types.ModuleType, types.ModuleType]:
     """``(torch.ao.quantization, torch.ao.quantization.quantize_fx)`` with the x86 engine selected
     and torch's migration warnings silenced."""
     torch.backends.quantized.engine = BACKEND
@@ -59,7 +65,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: QuantOptions | None = None):
+def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: QuantOptions | None = None) -> QConfigMapping:
     """PyTorch's x86 mapping with the global activation range set by ``reduce_range``.
 
     PyTorch's default (``reduce_range=True``) simulates 7-bit activations so that u8×s8
@@ -81,7 +87,7 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     from torch.ao.quantization import observer as ob
 
     if mode == "qat":
-        mapping = tq.get_default_qat_qconfig_mapping(BACKEND)
+        mapping: QConfigMapping = tq.get_default_qat_qconfig_mapping(BACKEND)
         act = fq.FusedMovingAvgObsFakeQuantize.with_args(
             observer=ob.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=reduce_range)
         weight = weight_fake_quant(options)
@@ -92,7 +98,7 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     return mapping.set_global(tq.QConfig(activation=act, weight=weight))
 
 
-def _leaf_config(leaf_modules: Sequence[str]):
+def _leaf_config(leaf_modules: Sequence[str]) -> PrepareCustomConfig | None:
     """FX PrepareCustomConfig marking ``leaf_modules`` untraceable (kept whole, left FP32):
     entries 'package.module:Class' name classes (imported), others submodule paths ('layer3.0')."""
     if not leaf_modules:
@@ -136,7 +142,7 @@ def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduc
     example = example.to(device)
     try:
         if mode == "qat":
-            prepared = qfx.prepare_qat_fx(model.train(), mapping, (example,), prepare_custom_config=custom)
+            prepared: nn.Module = qfx.prepare_qat_fx(model.train(), mapping, (example,), prepare_custom_config=custom)
         else:
             prepared = qfx.prepare_fx(model.eval(), mapping, (example,), prepare_custom_config=custom)
     except Exception as exc:  # torch.fx raises many types for untraceable code
@@ -174,7 +180,7 @@ def _untraceable_submodule(model: nn.Module) -> tuple[str, str] | None:
     return innermost[0] if innermost else None
 
 
-def calibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = None) -> nn.Module:
+def calibrate(model: nn.Module, data: Iterable[Any], *, num_batches: int | None = None) -> nn.Module:
     """Run ``model`` (eval mode, no grad) over ``data`` so its PTQ observers see real activations.
 
     ``data`` is any iterable of image batches or ``(images, labels, ...)`` tuples/lists, e.g. a
@@ -224,7 +230,8 @@ def convert(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | None = None
     copy_ = copy.deepcopy(model).cpu().eval()
     if masks:
         as_masks(copy_, {k: v.cpu() for k, v in masks.items()}).apply()
-    return qfx.convert_fx(copy_)
+    int8: nn.Module = qfx.convert_fx(copy_)
+    return int8
 
 
 def _is_fake_quant_or_observer(m: nn.Module) -> bool:
@@ -236,7 +243,8 @@ def _is_fake_quant_or_observer(m: nn.Module) -> bool:
 def to_torchscript(int8_model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """Trace and freeze for deployment (freezing folds constants and inlines the integer ops)."""
     with torch.no_grad():
-        return torch.jit.freeze(torch.jit.trace(int8_model.eval(), example))
+        frozen: torch.jit.ScriptModule = torch.jit.freeze(torch.jit.trace(int8_model.eval(), example))  # freeze is untyped in torch
+    return frozen
 
 
 _DEQUANTIZE = {"dequantize", torch.dequantize}

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from pqd.errors import ConfigError, ModelError
 
@@ -87,7 +88,7 @@ def global_sparsity(model: nn.Module, layers: list[str]) -> float:
 # --------------------------------------------------------------------------- masks
 
 
-class Masks(MutableMapping):
+class Masks(MutableMapping[str, torch.Tensor]):
     """Bool masks of the weights of ``model``, keyed by module path (``True`` = kept).
 
     A mapping ``path -> bool tensor``; ``dict(masks)`` is what :class:`pqd.stages.Student`
@@ -140,7 +141,7 @@ class Masks(MutableMapping):
                         self._masks[path] = mask
                 w.mul_(mask)
 
-    def attach(self, optimizer: torch.optim.Optimizer):
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Re-apply the masks after every ``optimizer.step()``; returns a removable handle."""
         return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply())
 

@@ -39,12 +39,13 @@ def distill(
             teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's overloads omit it
         teacher_device = model_device(teacher)
 
-    def loss(logits, x, y):
-        if not kd.needs_teacher:
-            return kd(logits, None, y)
-        with torch.no_grad():
-            t_logits = teacher(x.to(teacher_device))
-        return kd(logits, t_logits, y)
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t_logits = None
+        if kd.needs_teacher:
+            with torch.no_grad():
+                t_logits = teacher(x.to(teacher_device))
+        out: torch.Tensor = kd(logits, t_logits, y)
+        return out
 
     train(student.model, as_splits(data), epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
           before_epoch=qat_epoch_hook(student, epochs), checkpoint=checkpoint, seed=seed, tag="distill", tracker=tracker,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +65,8 @@ class Bundle(nn.Module):
         self.aux = aux
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
+        out: torch.Tensor = self.main(x)
+        return out
 
 
 def distill_variant(
@@ -85,7 +87,7 @@ def distill_variant(
     layers = list(config.layers) or auto_layers(model, example)
     taps: list[FeatureTaps] = []  # removed when training ends
     aux: nn.Module
-    record: dict = {"kind": kind, "beta": beta}
+    record: dict[str, Any] = {"kind": kind, "beta": beta}
 
     if kind in ("feature", "attention"):
         assert teacher is not None  # NEEDS_TEACHER, checked above
@@ -100,18 +102,20 @@ def distill_variant(
         taps += [s_taps, t_taps]
         record["layers"] = layers
 
-        def loss(logits, x, y):
+        def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 t_logits = teacher(x.to(t_dev))
-            return kd(logits, t_logits, y) + beta * feat(s_taps.get(), t_taps.get())
+            out: torch.Tensor = kd(logits, t_logits, y) + beta * feat(s_taps.get(), t_taps.get())
+            return out
     elif kind == "mutual":
         peers = nn.ModuleList(reinitialize(model, seed=epoch_seed(seed, "mutual-peer", i)) for i in range(config.peers))
         aux = peers
         dml = MutualLearningLoss(temperature=config.temperature)
         record["peers"] = config.peers
 
-        def loss(logits, x, y):
-            return dml([logits, *(p(x) for p in peers)], y)
+        def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = dml([logits, *(p(x) for p in peers)], y)
+            return out
     elif kind == "self":
         if len(layers) < 2 and not config.layers:
             raise ConfigError(f"distill.kind 'self' needs at least two blocks to tap; {type(model).__name__} has {layers}")
@@ -125,8 +129,9 @@ def distill_variant(
         taps.append(s_taps)
         record["layers"] = shallow
 
-        def loss(logits, x, y):
-            return sd(logits, s_taps.get(), y)
+        def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = sd(logits, s_taps.get(), y)
+            return out
     else:  # config validation keeps this unreachable
         raise ConfigError(f"distill.kind {kind!r} is not known")
 
@@ -151,6 +156,6 @@ def _eval_out(model: nn.Module, example: torch.Tensor) -> int:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        n = model(example[:1]).shape[1]
+        n = int(model(example[:1]).shape[1])
     model.train(was_training)
     return n

@@ -32,11 +32,12 @@ import copy
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pqd.config import ImpConfig, TrainConfig
+from pqd.config import ImpConfig, RunConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
@@ -46,6 +47,9 @@ from pqd.stages.common import Student, chain
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.loop import epoch_seed, train
+
+if TYPE_CHECKING:  # the stage registry imports the stage modules: for annotations only
+    from pqd.stages.registry import StageContext
 
 __all__ = ["ImpStage", "imp", "reinitialize", "segments"]
 
@@ -155,7 +159,7 @@ class ImpStage:
     structural = False
     aliases = ("lottery", "lth")
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         from pqd.sparsity import prunable_layers
 
         prunable_layers(model, config.imp.exclude)
@@ -166,9 +170,9 @@ class ImpStage:
                     raise ConfigError(f"imp.rewind: epoch {config.imp.rewind} is past the first training segment "
                                       f"({segs[0]} of {s.epochs} epochs)")
 
-    def target_sparsity(self, config) -> float:
+    def target_sparsity(self, config: RunConfig) -> float:
         return config.imp.sparsity
 
-    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
+    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         return imp(student, ctx.config.imp, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                    checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)

@@ -6,6 +6,7 @@ drives it with pqd's loop and data and keeps the stage-level names (``prepare``,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +36,7 @@ log = logging.getLogger("pqd.quantize")
 _fx = qat.fx_modules
 
 
-def qat_epoch_hook(student: Student, epochs: int):
+def qat_epoch_hook(student: Student, epochs: int) -> Callable[[int], None] | None:
     """``before_epoch`` hook for any stage that trains a fake-quant student: observers and BN
     statistics update until the last ``student.freeze_fraction`` of the epochs, then freeze.
 

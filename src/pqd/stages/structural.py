@@ -19,7 +19,7 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _new(like: torch.Tensor | None, shape) -> torch.Tensor:
+def _new(like: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
     if like is None:
         return torch.empty(shape)
     return torch.zeros(shape, dtype=like.dtype, device=like.device)

@@ -20,21 +20,29 @@ import copy
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from pqd.errors import ModelError
 from pqd.stages.common import Student
 
+if TYPE_CHECKING:  # annotations only: the stage registry imports this module, pqd.config imports the registry
+    from pqd.config import DistillConfig, StructuredConfig, TrainConfig
+    from pqd.data import Splits
+    from pqd.stages.registry import StageContext
+
 log = logging.getLogger("pqd.structured")
 
 
-def _with_record(student: Student, model, key: str, record: dict) -> Student:
+def _with_record(student: Student, model: nn.Module, key: str, record: dict[str, Any]) -> Student:
     return Student(model, {}, student.form, student.freeze_fraction, records={**student.records, key: record})
 
 
-def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
-                     augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None) -> tuple[Student, dict]:
+def structured_prune(student: Student, cfg: StructuredConfig, *, data: Splits, epochs: int, train_config: TrainConfig,
+                     checkpoint: Path | None = None, seed: int = 0, augment: bool = True, device: torch.device | None = None,
+                     teacher: nn.Module | None = None, distill_config: DistillConfig | None = None) -> tuple[Student, dict[str, Any]]:
     """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record)."""
     from pqd.structured.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
     from pqd.structured.importance import group_scores
@@ -101,7 +109,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
             dc = distill_config or DistillConfig()
             teacher.eval()
 
-            def loss_fn(logits, x, y):
+            def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
                     t = teacher(x).float()
                 return kd_loss(logits, t, y, temperature=dc.temperature, alpha=dc.alpha)
@@ -121,7 +129,7 @@ class StructuredStage:
     quantizes = False
     structural = True
 
-    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
+    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         out, record = structured_prune(student, ctx.config.structured, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                                        checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
                                        teacher=ctx.teacher, distill_config=ctx.config.distill)
