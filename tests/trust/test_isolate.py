@@ -75,3 +75,12 @@ def test_working_folder_is_not_on_the_childs_path(tmp_path, monkeypatch):
     assert out["sum"] == 2
     with pytest.raises(RuntimeCrash, match="ModuleNotFoundError"):  # not importable without extra_path
         run_isolated(f"{T}:add", {"a": 1, "b": 1}, timeout=60)
+
+
+def test_crash_and_storage_errors_carry_their_fields_with_defaults():
+    bare = RuntimeCrash("died")  # raised without the process details: isolate_each still classifies it
+    assert (bare.returncode, bare.signal, bare.timed_out, bare.stderr) == (None, None, False, "")
+    crash = RuntimeCrash("killed", returncode=-11, signal="SIGSEGV", stderr="boom")
+    assert (crash.returncode, crash.signal, crash.timed_out, crash.stderr) == (-11, "SIGSEGV", False, "boom")
+    assert StorageError("full", path="/x").rescue_path is None
+    assert StorageError("full", path="/x", rescue_path="/tmp/r").rescue_path == "/tmp/r"
