@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,9 +44,10 @@ class Preprocessed(nn.Module):
     Input layout NCHW with the channel count of ``mean``.
     """
 
-    scale_u8: torch.Tensor  # buffers, registered in __init__
-    scale_f: torch.Tensor
-    bias: torch.Tensor
+    if TYPE_CHECKING:  # buffers, registered in __init__ (class annotations would confuse torch.jit.script)
+        scale_u8: torch.Tensor
+        scale_f: torch.Tensor
+        bias: torch.Tensor
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str]) -> None:
         super().__init__()
