@@ -38,10 +38,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from structured_consistency import SHAPE, recorded_models, recorded_target  # noqa: E402
+
 from pqd.measure.latency import interleave  # noqa: E402
 from pqd.measure.workers import start_workers  # noqa: E402
 from pqd.structured import latency_model as L  # noqa: E402
-from structured_consistency import SHAPE, recorded_models, recorded_target  # noqa: E402
 
 
 def cpu_ticks() -> tuple[int, int]:

@@ -47,9 +47,9 @@ def main() -> None:
     fx_ts = to_torchscript(convert(Student(fx, form="ptq")), x1)
     fx_s = time.perf_counter() - t
 
+    import torch._inductor.config as inductor_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-    import torch._inductor.config as inductor_config
 
     t = time.perf_counter()
     batch = torch.export.Dim("batch", max=4096)

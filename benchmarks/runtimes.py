@@ -45,8 +45,8 @@ import torch
 from pqd.export import OpenVinoRunner, OrtRunner, available, export_onnx, reference_int8
 from pqd.measure import environment
 from pqd.measure.latency import interleave
-from pqd.measure.workers import start_workers
 from pqd.measure.proxies import proxies
+from pqd.measure.workers import start_workers
 from pqd.registry import create_model
 from pqd.stages import Student, convert, prunable_layers, to_torchscript
 from pqd.stages.prune import compute_masks

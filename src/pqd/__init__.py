@@ -1,8 +1,16 @@
 """pqd: Prune -> INT8 Quantize -> Distill for CPU deployment, judged by measurement."""
 
 from pqd.config import (
-    DataConfig, DistillConfig, MeasureConfig, ModelConfig, PruneConfig, QuantizeConfig, RunConfig, TeacherConfig,
-    TrainConfig, load_config,
+    DataConfig,
+    DistillConfig,
+    MeasureConfig,
+    ModelConfig,
+    PruneConfig,
+    QuantizeConfig,
+    RunConfig,
+    TeacherConfig,
+    TrainConfig,
+    load_config,
 )
 from pqd.errors import CheckpointError, ConfigError, DataError, ModelError, PqdError
 

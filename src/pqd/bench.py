@@ -47,10 +47,9 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
-
 
 from pqd.errors import ConfigError, ModelError, PqdError
 
@@ -82,7 +81,7 @@ class Variant:
 def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
-    out = {}
+    out: dict[str, str | None] = {}
     for pkg in ("onnx", "onnxscript", "onnxruntime", "openvino"):
         try:
             out[pkg] = metadata.version(pkg)
@@ -170,12 +169,12 @@ def bench_run(
 def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs, runtimes, rss, write, force_export, seed,
                allow_code, inherit_env) -> dict:
     from pqd.export import export_run
-    from pqd.rundir import RunDir
     from pqd.measure import environment
     from pqd.measure.latency import LARGE_BATCH_BLOCKS, SMALL_BATCH_BLOCKS, interleave
-    from pqd.measure.workers import start_workers, workers_environment
     from pqd.measure.proxies import proxies
     from pqd.measure.speedup import format_thread_flag, slower_with_more_threads, speedup_summary
+    from pqd.measure.workers import start_workers, workers_environment
+    from pqd.rundir import RunDir
 
     threads = tuple(threads) if threads else default_threads()
     if any(t < 1 for t in threads) or any(b < 1 for b in batch_sizes) or runs < 1 or large_batch_runs < 1 or warmup < 0:
@@ -318,9 +317,9 @@ def _fmt_int(n: int | None) -> str:
     return str(n)
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
-    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(n) for x, n in zip(r, w)) + " |"  # noqa: E731
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(n) for x, n in zip(r, w, strict=True)) + " |"  # noqa: E731
     return [line(header), "|" + "|".join("-" * (n + 2) for n in w) + "|", *map(line, rows)]
 
 

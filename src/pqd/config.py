@@ -13,12 +13,18 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pqd.errors import ConfigError
 from pqd.external_models import is_external
+
+if TYPE_CHECKING:  # pqd.stages.registry imports this module: for annotations only
+    from pqd.stages.registry import Stage
+
+_S = TypeVar("_S", bound="Section")
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
 
@@ -44,8 +50,10 @@ def _range(key: str, value: float, lo: float | None = None, hi: float | None = N
 class Section:
     """Mixin: dict round-trip with validation of keys and types."""
 
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every Section is a dataclass
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, *, prefix: str = ""):
+    def from_dict(cls: type[_S], data: Mapping[str, Any] | None, *, prefix: str = "") -> _S:
         data = {} if data is None else data
         if not isinstance(data, Mapping):
             _fail(prefix.rstrip(".") or "config", f"expected a mapping, got {type(data).__name__}")
@@ -135,7 +143,7 @@ class ModelConfig(Section):
     width: float = 1.0
     dropout: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if ":" not in self.name:
             from pqd.registry import list_models
 
@@ -185,7 +193,7 @@ class DataConfig(Section):
     max_memory_gb: float = 4.0
     workers: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
         if self.dataset == "folder" and not self.root:
             _fail("data.root", "dataset 'folder' needs data.root: a directory or .tar.gz with train/<class>/* and test/<class>/*")
@@ -235,7 +243,7 @@ class TrainConfig(Section):
     tracker: str = "none"  # none | tensorboard | mlflow: per-epoch and final metrics to your tracker
     tracker_dir: str | None = None  # default: RUN_DIR/tracker
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _choice("train.tracker", self.tracker, ("none", "tensorboard", "mlflow"))
         _range("train.batch_size", self.batch_size, 1)
         _range("train.eval_batch_size", self.eval_batch_size, 1)
@@ -255,7 +263,7 @@ class TeacherConfig(Section):
     lr: float = 0.1
     weights: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _range("teacher.epochs", self.epochs, 0)
         _range("teacher.lr", self.lr, 0.0)
         if self.weights is None and self.epochs == 0:
@@ -278,7 +286,7 @@ class PruneConfig(Section):
     lr: float = 0.01
     prune_fraction: float = 0.75
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _range("prune.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         _choice("prune.schedule", self.schedule, ("gradual", "oneshot"))
         _choice("prune.criterion", self.criterion, ("magnitude", "random"))
@@ -307,7 +315,7 @@ class QuantizeConfig(Section):
     symmetric: bool = True
     leaf_modules: tuple[str, ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _choice("quantize.mode", self.mode, ("qat", "ptq", "dynamic"))
         _choice("quantize.granularity", self.granularity, ("per_channel", "per_tensor"))
         _range("quantize.lr", self.lr, 0.0)
@@ -339,7 +347,7 @@ class DistillConfig(Section):
     peers: int = 1
     kd_weight: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
         if self.beta is not None:
             _range("distill.beta", self.beta, 0.0)
@@ -353,7 +361,7 @@ class DistillConfig(Section):
                   "control (cross-entropy only) or kd_weight > 0")
 
 
-def _stage_registry():
+def _stage_registry() -> types.ModuleType:
     # imported at call time: pqd.stages.registry sits in pqd.stages, whose modules import this one
     from pqd.stages import registry
 
@@ -365,7 +373,7 @@ STRUCTURED_CRITERIA = ("l1", "l2", "bn", "taylor", "random")
 STRUCTURED_SELECT = ("greedy", "adapted_bn")
 
 
-def _sfail(key: str, msg: str):
+def _sfail(key: str, msg: str) -> typing.NoReturn:
     raise ConfigError(f"structured.{key}: {msg}")
 
 
@@ -412,7 +420,7 @@ class StructuredConfig(Section):
     ignore: tuple[str, ...] = ()
     cache_dir: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if (self.budget_ms is None) == (self.budget_fraction is None):
             _sfail("budget_fraction", "give exactly one of structured.budget_fraction and structured.budget_ms "
                   "(set the other to null)")
@@ -452,7 +460,7 @@ class StageSpec(Section):
     stage: str = "prune"
     epochs: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         try:
             canonical = _stage_registry().get_stage(self.stage).name
         except ConfigError:
@@ -462,7 +470,8 @@ class StageSpec(Section):
 
     @property
     def letter(self) -> str:
-        return _stage_registry().get_stage(self.stage).letter
+        stage: Stage = _stage_registry().get_stage(self.stage)
+        return stage.letter
 
 
 def _stage_help() -> str:
@@ -512,7 +521,7 @@ class MeasureConfig(Section):
     large_batch_runs: int = 20
     inherit_env: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _range("measure.threads", self.threads, 1, 4096)
         _range("measure.warmup", self.warmup, 0)
         _range("measure.runs", self.runs, 1)
@@ -540,7 +549,7 @@ class RunConfig(Section):
     imp: ImpConfig = field(default_factory=lambda: ImpConfig())
     joint: JointConfig = field(default_factory=lambda: JointConfig())
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _range("seed", self.seed, 0, 2**63 - 1)  # torch.manual_seed overflows beyond 64 bits
         if isinstance(self.stages, str) or (self.stages and not isinstance(self.stages[0], StageSpec)):
             object.__setattr__(self, "stages", parse_stages(self.stages))
@@ -553,7 +562,7 @@ class RunConfig(Section):
                             "so keep one quantizing stage")
         structural = [i for i, k in enumerate(kinds) if k.structural]
         if quantizing and structural and max(structural) > quantizing[0]:
-            works = [s for s, k in zip(self.stages, kinds) if k.structural] + [s for s, k in zip(self.stages, kinds) if not k.structural]
+            works = [s for s, k in zip(self.stages, kinds, strict=True) if k.structural] + [s for s, k in zip(self.stages, kinds, strict=True) if not k.structural]
             _fail("stages", f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
                             f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}")
         if self.quantize.mode in ("ptq", "dynamic") and "quantize" in names:
@@ -575,7 +584,7 @@ class RunConfig(Section):
             _fail("stages", "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only")
 
     @classmethod
-    def from_dict(cls, data, *, prefix: str = ""):
+    def from_dict(cls: type[_S], data: Mapping[str, Any] | None, *, prefix: str = "") -> _S:
         if data is not None and not isinstance(data, Mapping):
             _fail("config", f"expected a mapping of sections (seed, stages, model, ...), got {type(data).__name__}")
         data = dict(data or {})
@@ -583,7 +592,7 @@ class RunConfig(Section):
             data["stages"] = parse_stages(data["stages"])
         return super().from_dict(data, prefix=prefix)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["stages"] = self.stage_string()
         return d
@@ -623,7 +632,7 @@ class ImpConfig(Section):
     lr: float = 0.01
     exclude: tuple[str, ...] = ("@first",)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _range("imp.rounds", self.rounds, 1, 100)
         _range("imp.fraction", self.fraction, 0.0, 1.0, hi_open=True)
         if self.fraction <= 0.0:
@@ -655,7 +664,7 @@ class JointConfig(Section):
     temperature: float = 4.0
     alpha: float = 0.5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _range("joint.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         _range("joint.prune_fraction", self.prune_fraction, 0.0, 1.0)
         _range("joint.lr", self.lr, 0.0)
@@ -669,7 +678,7 @@ def _parse_scalar(text: str, where: str = "--set value") -> Any:
     return parse_scalar(text, where=where)
 
 
-def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+def apply_overrides(data: Mapping[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a config dict."""
     out = _deep_copy(data)
     for item in overrides:
@@ -686,7 +695,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     return out
 
 
-def _deep_copy(d):
+def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
@@ -697,7 +706,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     YAML bombs are refused); nothing named in it is imported here."""
     from pqd.safeyaml import load_yaml
 
-    data: dict = {}
+    data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():

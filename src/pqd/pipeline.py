@@ -24,6 +24,7 @@ from torch import nn
 from pqd.compact import save_compact, verify_compact
 from pqd.config import RunConfig
 from pqd.data import TEST_SUBSET_SEED, Splits, load_data
+from pqd.deployable import deployable_torchscript, normalized_callable, save_torchscript
 from pqd.errors import CheckpointError, ConfigError, DivergenceError, FrozenBranchWarning, ModelError
 from pqd.integrations.tracking import make_tracker
 from pqd.measure import agreement, environment, file_bytes, measure_latency, predict, top1
@@ -31,15 +32,20 @@ from pqd.measure.degradation import compare_degradation
 from pqd.measure.faithfulness import faithfulness
 from pqd.measure.speedup import speedup_summary
 from pqd.measure.stats import correct_vector, top1_record
-from pqd.measure.workers import (WorkerError, start_workers, this_process_environment, thread_variables, worker_environment,
-                                 workers_environment)
+from pqd.measure.workers import (
+    WorkerError,
+    start_workers,
+    this_process_environment,
+    thread_variables,
+    worker_environment,
+    workers_environment,
+)
 from pqd.metrics import Accuracy, LatencyRecord, Metrics, Quantization, Sizes, Sparsity, StageRecord
 from pqd.rundir import RunDir, build_model, model_kwargs, with_teacher_base
 from pqd.stages import Student, convert, global_sparsity, prunable_layers
 from pqd.stages.quantize import float_modules
 from pqd.stages.registry import StageContext, get_stage
 from pqd.train import train
-from pqd.deployable import deployable_torchscript, normalized_callable, save_torchscript
 from pqd.train.checkpoint import load_weights, save_checkpoint, state_dict_mismatch
 from pqd.train.loop import default_device, masked_weight
 
@@ -129,7 +135,7 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
     if config.teacher.weights:
         state = load_weights(config.teacher.weights)
         head = f"{prunable_layers(model)[-1]}.weight"  # the classifier: the last conv/linear layer
-        if head in state and state[head].shape[:1] != model.get_submodule(head[:-7]).weight.shape[:1]:
+        if head in state and state[head].shape[:1] != model.get_parameter(head).shape[:1]:
             shown = ", ".join(data.train.classes[:8]) + (", ..." if data.num_classes > 8 else "")
             raise CheckpointError(
                 f"teacher.weights {config.teacher.weights!r} has {state[head].shape[0]} outputs at {head!r}, but dataset "
@@ -178,7 +184,7 @@ def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str |
     if bad is not None:
         raise DivergenceError(f"teacher: {bad!r} holds NaN/inf values; lower teacher.lr (--set teacher.lr=...) or check "
                               "teacher.weights, then re-run")
-    ds = data.val if getattr(data, "val", None) is not None and len(data.val) else \
+    ds = data.val if data.val is not None and len(data.val) else \
         data.train.subset(torch.arange(min(2000, len(data.train))))
     was = teacher.training
     logits = predict(teacher, ds, mean=data.mean, std=data.std, batch_size=config.train.eval_batch_size)
@@ -454,7 +460,8 @@ def int8_sparsity(int8: nn.Module, student: Student) -> float | None:
     zeros = total = 0
     for path in student.masks:
         mod = int8.get_submodule(path)
-        w = mod.weight() if callable(getattr(mod, "weight", None)) else masked_weight(int8, path).detach()  # a layer left FP32
+        weight = getattr(mod, "weight", None)
+        w = weight() if callable(weight) else masked_weight(int8, path).detach()  # a layer left FP32
         q = w.int_repr() if w.is_quantized else w
         zeros += int((q == 0).sum())
         total += q.numel()

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from pqd.data.folder import check_bit_depth, decode_image
-from pqd.errors import CheckpointError, ConfigError, DataError, PqdError
 from pqd.deployable import (  # noqa: F401  (re-exported: the deployable format)
     DEPLOYABLE_NAMES,
     FORMAT,
@@ -34,6 +33,7 @@ from pqd.deployable import (  # noqa: F401  (re-exported: the deployable format)
     save_torchscript,
     validate_meta,
 )
+from pqd.errors import CheckpointError, ConfigError, DataError, PqdError
 
 __all__ = [
     "FORMAT", "META_NAME", "DEPLOYABLE_NAMES", "Preprocessed", "normalized_callable", "deployable_meta", "deployable_torchscript",
@@ -162,7 +162,7 @@ def load_image(path: str | Path, *, size: tuple[int, int], channels: int, prepro
             s = max(h / img.height, w / img.width)
             nh, nw = max(h, round(img.height * s)), max(w, round(img.width * s))
             if (nh, nw) != (img.height, img.width):
-                img = img.resize((nw, nh), Image.BILINEAR)
+                img = img.resize((nw, nh), Image.Resampling.BILINEAR)
             top, left = (nh - h) // 2, (nw - w) // 2
             img = img.crop((left, top, left + w, top + h))
             data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
@@ -212,8 +212,8 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
                                       f"for {len(names)} class names")
             prob = torch.softmax(logits.float(), dim=1)
             pv, pi = prob.topk(k, dim=1)
-            for p, vals, idx in zip(chunk, pv.tolist(), pi.tolist()):
-                top = [{"class": names[j], "index": j, "probability": v} for v, j in zip(vals, idx)]
+            for p, vals, idx in zip(chunk, pv.tolist(), pi.tolist(), strict=True):
+                top = [{"class": names[j], "index": j, "probability": v} for v, j in zip(vals, idx, strict=True)]
                 out.append({"image": str(p), "class": top[0]["class"], "probability": top[0]["probability"], "top": top})
     return out
 

@@ -27,9 +27,10 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import yaml
@@ -38,15 +39,15 @@ from torch import nn
 from pqd.config import RunConfig, load_config
 from pqd.errors import CheckpointError, ConfigError
 from pqd.fsguard import DirLock, check_path_encodable, check_writable_run_dir
-from pqd.safeyaml import load_yaml
-from pqd.trustpolicy import check_config_code
 from pqd.metrics import Metrics
 from pqd.qoptions import quant_options
 from pqd.registry import create_model
+from pqd.safeyaml import load_yaml
 from pqd.stages.common import Student
 from pqd.stages.quantize import BACKEND, convert, freeze, prepare
 from pqd.stages.structural import fit_to_state_dict
 from pqd.train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from pqd.trustpolicy import check_config_code
 
 log = logging.getLogger("pqd")
 
@@ -130,7 +131,7 @@ def comparable_config(saved: Mapping[str, Any], *, teacher_base: str | Path | No
         d["peer"] = peer
     for key in RESULT_NEUTRAL_KEYS:
         *parents, leaf = key.split(".")
-        node = d
+        node: Any = d
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):

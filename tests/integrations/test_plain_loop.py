@@ -137,11 +137,10 @@ def test_frozen_warns_when_training_after_freezing_collapses_the_model():
     qat = prepare_qat(model, x[:2])
     with torch.no_grad():
         qat(x)  # observers see the data once, as QAT training would have done before the freeze boundary
-    with pytest.warns(CollapseWarning, match="lower the learning rate after freeze"):
-        with pqd.qat.frozen(qat, (x, y)) as check:
-            with torch.no_grad():  # what a much too high learning rate does to the weights
-                for p in qat.parameters():
-                    p.add_(torch.randn_like(p) * 10)
+    with pytest.warns(CollapseWarning, match="lower the learning rate after freeze"), pqd.qat.frozen(qat, (x, y)) as check:
+        with torch.no_grad():  # what a much too high learning rate does to the weights
+            for p in qat.parameters():
+                p.add_(torch.randn_like(p) * 10)
     assert check.before[0] - check.after[0] > 0.1
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollapseWarning)

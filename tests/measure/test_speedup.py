@@ -1,8 +1,16 @@
 import pytest
 
 from pqd.measure.speedup import (
-    THREAD_SLOWDOWN_MARGIN, best_deployment_ratios, deployments, fastest_deployments, format_ratio, format_summary,
-    format_thread_flag, same_runtime_ratios, slower_with_more_threads, speedup_summary,
+    THREAD_SLOWDOWN_MARGIN,
+    best_deployment_ratios,
+    deployments,
+    fastest_deployments,
+    format_ratio,
+    format_summary,
+    format_thread_flag,
+    same_runtime_ratios,
+    slower_with_more_threads,
+    speedup_summary,
 )
 
 

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from pqd.measure.stats import (
-    EXACT_BELOW, bootstrap_interval, correct_vector, counts_record, mcnemar, mcnemar_paired, top1_record, wilson_interval,
+    EXACT_BELOW,
+    bootstrap_interval,
+    correct_vector,
+    counts_record,
+    mcnemar,
+    mcnemar_paired,
+    top1_record,
+    wilson_interval,
 )
 
 

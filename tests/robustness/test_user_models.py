@@ -83,9 +83,10 @@ def test_control_flow_frozen_into_the_int8_file_is_recorded_naming_the_module(tm
 
 
 def test_trace_names_the_module_whose_branch_it_froze():
+    from pqd_user_models import untraceable
+
     from pqd.errors import FrozenBranchWarning
     from pqd.qat import to_torchscript
-    from pqd_user_models import untraceable
 
     with pytest.warns(FrozenBranchWarning, match=r"module 'gate' \(Gate\) at pqd_user_models.py:\d+"):
         to_torchscript(untraceable(10), torch.zeros(1, 3, 32, 32))

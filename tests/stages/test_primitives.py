@@ -9,7 +9,15 @@ from pqd.errors import ConfigError, ModelError
 from pqd.kd import KDLoss, kd_loss
 from pqd.qat import calibrate, convert, prepare_ptq, prepare_qat
 from pqd.registry import create_model
-from pqd.sparsity import GlobalPruner, Masks, MagnitudeImportance, RandomImportance, agp_sparsity, global_sparsity, oneshot_sparsity
+from pqd.sparsity import (
+    GlobalPruner,
+    MagnitudeImportance,
+    Masks,
+    RandomImportance,
+    agp_sparsity,
+    global_sparsity,
+    oneshot_sparsity,
+)
 
 
 def _model():

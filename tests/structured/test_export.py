@@ -3,13 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_graph import MODELS, X, trained_bn
 
 from pqd.runtimes import available
 from pqd.structured.graph import ChannelGraph, prune_to_widths
 from pqd.structured.importance import uniform_widths
 from pqd.structured.latency_model import export_int8
-
-from test_graph import MODELS, X, trained_bn
 
 pytestmark = pytest.mark.skipif(not (available("onnx") and available("onnxscript") and available("onnxruntime")),
                                 reason="needs pqd[onnx]")

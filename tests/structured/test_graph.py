@@ -1,15 +1,14 @@
 from __future__ import annotations
 
+import pqd_user_models as um
 import pytest
 import torch
+from structured_user_models import SENet
 
 from pqd.errors import ModelError
 from pqd.registry import create_model
 from pqd.structured.graph import ChannelGraph, count_macs, prune_to_widths, round_width
 from pqd.structured.importance import global_widths, group_scores, uniform_widths
-
-import pqd_user_models as um
-from structured_user_models import SENet
 
 X = torch.randn(2, 3, 32, 32)
 

@@ -6,13 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+from structured_user_models import LayerScaleNet
 
 import pqd.structured.latency_model as L
 from pqd.config import load_config
 from pqd.errors import ModelError
 from pqd.pipeline import run_pipeline
-
-from structured_user_models import LayerScaleNet
 
 HERE = Path(__file__).resolve().parent
 

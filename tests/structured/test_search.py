@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from structured_user_models import Plain
 
 from pqd.errors import ConfigError, ModelError
 from pqd.registry import create_model
@@ -12,8 +13,6 @@ from pqd.structured import latency_model as L
 from pqd.structured.graph import ChannelGraph
 from pqd.structured.importance import group_scores
 from pqd.structured.search import cost_function, greedy_widths, search
-
-from structured_user_models import Plain
 
 X = torch.zeros(2, 3, 32, 32)
 
@@ -144,7 +143,7 @@ def test_latency_anchored_to_dense_and_floor_readings_removes_a_per_run_fixed_co
     ratios = (0.9, 0.8, 0.6, 0.45, 0.3, 0.2)
     lm = L.LatencyModel(key={}, pad=1)
     states = ((1.0, 0.0), (1.1, 0.5))
-    for (speed, fixed), run in zip(states, (ratios[::2], ratios[1::2])):
+    for (speed, fixed), run in zip(states, (ratios[::2], ratios[1::2]), strict=True):
         dense, fl = true_ms(chans, speed, fixed), true_ms(floor, speed, fixed)
         for r in run:
             w = uniform_widths(chans, r, round_to=8)

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from structured_user_models import Plain
 
 from pqd.structured.graph import ChannelGraph, trace_layers
 from pqd.structured.sensitivity import analyze, analyze_main, read_csv, write
 from pqd.train.loop import train
-
-from structured_user_models import Plain
 
 
 def test_rows_per_group_and_per_layer(tiny_data, tmp_path):

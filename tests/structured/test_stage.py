@@ -5,17 +5,15 @@ import json
 
 import pytest
 import torch
+from structured_user_models import Plain
 
-from pqd.config import TrainConfig
+from pqd.config import RunConfig, TrainConfig
 from pqd.errors import ConfigError, ModelError
 from pqd.stages.common import Student
-from pqd.config import RunConfig
 from pqd.stages.registry import StageContext
 from pqd.stages.structured import STAGE, structured_prune
 from pqd.structured.config import StructuredConfig
 from pqd.structured.graph import ChannelGraph
-
-from structured_user_models import Plain
 
 
 def test_config_validates():
@@ -65,7 +63,7 @@ def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkey
     monkeypatch.setattr(S, "measure_int8", lambda *a, **k: pytest.fail("resume must not measure"))
     again, rec2 = structured_prune(Student(model), cfg, data=tiny_data, epochs=1, train_config=ctx.train_config, checkpoint=ckpt)
     assert rec2["widths"] == rec["widths"]
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), out.model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), out.model.state_dict().values(), strict=True))
 
 
 def test_stage_refuses_wrong_order(tiny_data):
@@ -109,11 +107,11 @@ def test_stage_with_adapted_bn_selection_records_the_ranked_recipes(tiny_data, t
 def test_stage_quantizes_its_latency_models_with_the_runs_quantize_settings(tiny_data, tmp_path, monkeypatch):
     """A model the quantize stage accepts only with quantize.leaf_modules (data-dependent control
     flow): the S stage's INT8 latency measurements use the same leaf modules and weight options."""
+    import pqd_user_models as um
+
     import pqd.structured.latency_model as L
     import pqd.structured.search as S
     from pqd.config import QuantizeConfig
-
-    import pqd_user_models as um
 
     torch.manual_seed(0)
     model = um.Untraceable(num_classes=4)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import pqd_user_models as um
 import pytest
 import torch
+from structured_user_models import LayerScaleNet, SENet
 
 from pqd.errors import CheckpointError
 from pqd.registry import create_model
@@ -9,9 +11,6 @@ from pqd.stages.structural import fit_to_state_dict
 from pqd.structured.graph import ChannelGraph, prune_to_widths
 from pqd.structured.importance import uniform_widths
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
-
-import pqd_user_models as um
-from structured_user_models import LayerScaleNet, SENet
 
 X = torch.randn(2, 3, 32, 32)
 

@@ -4,8 +4,15 @@ import torch.nn.functional as F
 
 from pqd.config import DistillConfig, RunConfig, TrainConfig
 from pqd.errors import ConfigError, ModelError
-from pqd.kd_variants import (AttentionLoss, FeatureTaps, HintLoss, MutualLearningLoss, SelfDistillationLoss, attention_map,
-                             auto_layers)
+from pqd.kd_variants import (
+    AttentionLoss,
+    FeatureTaps,
+    HintLoss,
+    MutualLearningLoss,
+    SelfDistillationLoss,
+    attention_map,
+    auto_layers,
+)
 from pqd.pipeline import run_pipeline
 from pqd.qat import prepare
 from pqd.registry import create_model
@@ -45,6 +52,15 @@ def test_attention_loss_is_scale_free_and_channel_count_free():
     assert at([s], [t]).item() > 0
     q = attention_map(s)
     assert q.shape == (2, 16) and torch.allclose(q.norm(dim=1), torch.ones(2))
+
+
+def test_feature_losses_are_tensors_and_refuse_unpaired_features():
+    a, b = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 3, 3)
+    assert isinstance(AttentionLoss()([], []), torch.Tensor)
+    with pytest.raises(ValueError):  # one teacher map short: not silently dropped
+        AttentionLoss()([a, a], [b])
+    with pytest.raises(ValueError):
+        HintLoss([4], [8])([a, a], [b, b])
 
 
 def test_mutual_learning_gradient_of_each_student_is_its_own_term():

@@ -36,15 +36,16 @@ def distill(
     if kd.needs_teacher:
         teacher.eval()
         if train_config.channels_last:
-            teacher.to(memory_format=torch.channels_last)
+            teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's overloads omit it
         teacher_device = model_device(teacher)
 
-    def loss(logits, x, y):
-        if not kd.needs_teacher:
-            return kd(logits, None, y)
-        with torch.no_grad():
-            t_logits = teacher(x.to(teacher_device))
-        return kd(logits, t_logits, y)
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t_logits = None
+        if kd.needs_teacher:
+            with torch.no_grad():
+                t_logits = teacher(x.to(teacher_device))
+        out: torch.Tensor = kd(logits, t_logits, y)
+        return out
 
     data = as_splits(data)
     check = freeze_check(student, data, lr_key="distill.lr")

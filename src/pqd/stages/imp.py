@@ -32,11 +32,12 @@ import copy
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pqd.config import ImpConfig, TrainConfig
+from pqd.config import ImpConfig, RunConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
@@ -46,6 +47,9 @@ from pqd.stages.common import Student, chain
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.loop import epoch_seed, train
+
+if TYPE_CHECKING:  # the stage registry imports the stage modules: for annotations only
+    from pqd.stages.registry import StageContext
 
 __all__ = ["ImpStage", "imp", "reinitialize", "segments"]
 
@@ -129,6 +133,7 @@ def imp(
             break
         target = 1.0 - (1.0 - s0) * (1.0 - config.fraction) ** (r + 1)
         pruner.update(target)
+        assert rewind_state is not None  # taken by take_rewind(n) after segment 0 at the latest
         with torch.no_grad():
             model.load_state_dict(rewind_state)
         pruner.masks.apply()
@@ -136,7 +141,7 @@ def imp(
         log.info("imp round %d/%d: pruned to %.4f, rewound to %s", r + 1, config.rounds, target, rewind)
     if student.quantized:
         freeze(model)
-    if ckpt is not None:  # the pipeline removes the stage's own epoch file; these are ours
+    if ckpt is not None and rewind_file is not None:  # the pipeline removes the stage's own epoch file; these are ours
         for f in [rewind_file, *(ckpt.with_name(f"{ckpt.stem}.segment{r}.safetensors") for r in range(len(segs)))]:
             f.unlink(missing_ok=True)
     records = dict(student.records) | {"imp": {"rounds": config.rounds, "fraction": config.fraction, "rewind": str(rewind),
@@ -154,7 +159,7 @@ class ImpStage:
     structural = False
     aliases = ("lottery", "lth")
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         from pqd.sparsity import prunable_layers
 
         prunable_layers(model, config.imp.exclude)
@@ -165,9 +170,9 @@ class ImpStage:
                     raise ConfigError(f"imp.rewind: epoch {config.imp.rewind} is past the first training segment "
                                       f"({segs[0]} of {s.epochs} epochs)")
 
-    def target_sparsity(self, config) -> float:
+    def target_sparsity(self, config: RunConfig) -> float:
         return config.imp.sparsity
 
-    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
+    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         return imp(student, ctx.config.imp, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                    checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)

@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pqd.config import JointConfig, QuantizeConfig, TrainConfig
+from pqd.config import JointConfig, QuantizeConfig, RunConfig, TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ModelError
@@ -39,6 +40,9 @@ from pqd.sparsity import GlobalPruner, MagnitudeImportance, Masks, sparsity_at
 from pqd.stages.common import Student, chain
 from pqd.stages.quantize import qat_epoch_hook
 from pqd.train.loop import train
+
+if TYPE_CHECKING:  # the stage registry imports the stage modules: for annotations only
+    from pqd.stages.registry import StageContext
 
 __all__ = ["JointStage", "joint"]
 
@@ -72,15 +76,16 @@ def joint(
         log.info("joint epoch %d: target sparsity %.4f", epoch + 1, target)
 
     loss_fn = None
-    if config.kd:
+    if config.kd and teacher is not None:  # kd without a teacher raised above
         teacher.eval()
         kd = KDLoss(temperature=config.temperature, alpha=config.alpha)
         t_dev = model_device(teacher)
 
-        def loss_fn(logits, x, y):
+        def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 t = teacher(x.to(t_dev))
-            return kd(logits, t, y)
+            out: torch.Tensor = kd(logits, t, y)
+            return out
 
     train(model, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss_fn, masks=pruner.masks,
           before_epoch=chain(qat_epoch_hook(out, epochs), prune_hook), checkpoint=checkpoint, seed=seed, tag="joint",
@@ -102,15 +107,15 @@ class JointStage:
     structural = False
     aliases = ("jpqd",)
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         from pqd.sparsity import prunable_layers
 
         prunable_layers(model, config.joint.exclude)
         prepare(model, example, mode="qat", reduce_range=config.quantize.reduce_range, options=quant_options(config.quantize))
 
-    def target_sparsity(self, config) -> float:
+    def target_sparsity(self, config: RunConfig) -> float:
         return config.joint.sparsity
 
-    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
+    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         return joint(student, ctx.config.joint, quantize=ctx.config.quantize, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
                      train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)

@@ -16,8 +16,8 @@ from pqd import qat
 from pqd.config import QuantizeConfig, TrainConfig
 from pqd.data import Splits, batches
 from pqd.data.adapters import as_splits
-from pqd.integrations.tracking import Tracker
 from pqd.errors import ModelError
+from pqd.integrations.tracking import Tracker
 from pqd.qat import BACKEND, float_modules, freeze, prepare, qconfig_mapping, to_torchscript, unfreeze
 from pqd.qoptions import quant_options
 from pqd.sparsity import Masks

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -31,8 +31,9 @@ from torch import nn
 from pqd.errors import ConfigError
 from pqd.stages.common import Student
 
-# Annotations name pqd.config.RunConfig / TrainConfig and pqd.data.Splits as strings only: pqd.config
-# imports this module (to validate stage lists), so this module imports neither.
+if TYPE_CHECKING:  # pqd.config imports this module (to validate stage lists): for annotations only
+    from pqd.config import RunConfig, TrainConfig
+    from pqd.data.base import Splits
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,9 @@ class PruneStage:
     def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         module = import_module("pqd.stages.prune")  # the module; pqd.stages.prune is the function
 
-        return module.prune(student, ctx.config.prune, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+        out: Student = module.prune(student, ctx.config.prune, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                             checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+        return out
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,9 @@ class QuantizeStage:
     def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         module = import_module("pqd.stages.quantize")  # the module; pqd.stages.quantize is the function
 
-        return module.quantize(student, ctx.config.quantize, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
+        out: Student = module.quantize(student, ctx.config.quantize, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                                checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+        return out
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,15 @@ class DistillStage:
         module = import_module("pqd.stages.distill")  # the module; pqd.stages.distill is the function
 
         if getattr(ctx.config.distill, "kind", "response") != "response":  # feature/attention/mutual/self
-            return import_module("pqd.stages.distill_variants").distill_variant(
+            out: Student = import_module("pqd.stages.distill_variants").distill_variant(
                 student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                 checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment)
+            return out
         if ctx.teacher is None:
             raise ConfigError("stages: distill needs the dense teacher, and this context has none")
-        return module.distill(student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
+        out = module.distill(student, ctx.config.distill, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
                               train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+        return out
 
 
 def _builtin() -> list[Stage]:

@@ -21,18 +21,23 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from pqd.data.adapters import require_splits
 from pqd.errors import ModelError
 from pqd.qoptions import quant_options
 from pqd.stages.common import Student
 
+if TYPE_CHECKING:  # annotations only: the stage registry imports this module, pqd.config imports the registry
+    pass
+
 log = logging.getLogger("pqd.structured")
 
 
-def _with_record(student: Student, model, key: str, record: dict) -> Student:
+def _with_record(student: Student, model: nn.Module, key: str, record: dict[str, Any]) -> Student:
     return Student(model, {}, student.form, student.freeze_fraction, records={**student.records, key: record})
 
 
@@ -123,7 +128,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
             dc = distill_config or DistillConfig()
             teacher.eval()
 
-            def loss_fn(logits, x, y):
+            def loss_fn(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
                     t = teacher(x).float()
                 return kd_loss(logits, t, y, temperature=dc.temperature, alpha=dc.alpha)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ def _interp(points: Sequence[tuple[float, float]], r: float) -> float:
         (r0, d0), (r1, d1) = pts[0], pts[1] if len(pts) > 1 else (1.0, 0.0)
         slope = (d1 - d0) / (r1 - r0) if r1 != r0 else 0.0
         return d0 + (r - r0) * slope
-    for (r0, d0), (r1, d1) in zip(pts, pts[1:]):
+    for (r0, d0), (r1, d1) in zip(pts, pts[1:], strict=False):
         if r0 <= r <= r1:
             return d0 + (d1 - d0) * (r - r0) / (r1 - r0)
     return 0.0
@@ -216,6 +217,7 @@ def search(
     # the floor model the latency model's samples were anchored to (the search's rounding, for a model without samples)
     floor_rt = next((int(s["floor_round_to"]) for s in lm.samples if "floor_round_to" in s), round_to)
     if budget_ms is None:
+        assert budget_fraction is not None  # exactly one of the two, checked above
         if dense_ms is None:
             ms = measure_int8(reference_models(model, graph, example=example, round_to=floor_rt), target=target,
                               input_shape=input_shape, runs=runs, in_process=in_process)
@@ -225,15 +227,18 @@ def search(
         budget_ms = budget_fraction * dense_ms
     size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
     cost = cost_function(graph, scores, sensitivity)
-    target_ms, iterations = budget_ms * (1 - margin), []
+    target_ms = budget_ms * (1 - margin)
+    iterations: list[dict[str, Any]] = []
     chans = graph.widths()
     refs = reference_models(model, graph, example=example, round_to=floor_rt)
-    chosen, candidates, test, best, pruned_by_iteration = None, None, None, None, []
+    chosen: str | None = None
+    candidates, test, best, pruned_by_iteration = None, None, None, []
     for it in range(max_iters):
         lm.fit(graph)
         if recipes is None:
             widths = greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
         elif chosen is None:  # rank every recipe once, at the first target; keep the winner's recipe after that
+            assert rank is not None  # given with recipes, checked above
             proposals = {name: recipe(lm, target_ms) for name, recipe in recipes.items()}
             unique: dict[tuple, str] = {}
             for name, w in proposals.items():
