@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                 rec = compare(corr[lab_a], corr[lab_b])
                 if rec:
                     recs.append(rec | {"a": lab_a, "b_label": lab_b})
-        for rec, adj in zip(recs, holm([r["p"] for r in recs])):
+        for rec, adj in zip(recs, holm([r["p"] for r in recs]), strict=True):
             rec["p_holm"] = adj
             rec["verdict"] = verdict(rec["difference"], adj, rec["ci"][1], rec["seeds_b_better"])
         result["claims"][claim] = recs

@@ -116,7 +116,7 @@ def main() -> None:
         if not pqd_ms[key]:
             continue
         p, i = statistics.median(pqd_ms[key]), statistics.median(ind_ms[key])
-        paired = statistics.median(a / b for a, b in zip(pqd_ms[key], ind_ms[key]))
+        paired = statistics.median(a / b for a, b in zip(pqd_ms[key], ind_ms[key], strict=True))
         rows.append({"runtime": key, "pqd_median_ms": p, "independent_median_ms": i, "pqd_over_independent": p / i,
                      "paired_ratio_median": paired,
                      "pqd_per_repeat": pqd_ms[key], "independent_per_repeat": ind_ms[key]})
@@ -133,7 +133,7 @@ def main() -> None:
              "| per repeat (pqd / independent) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        per = "; ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(r["pqd_per_repeat"], r["independent_per_repeat"]))
+        per = "; ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(r["pqd_per_repeat"], r["independent_per_repeat"], strict=True))
         lines.append(f"| {r['runtime']} | {r['pqd_median_ms']:.3f} | {r['independent_median_ms']:.3f} | {r['pqd_over_independent']:.3f} "
                      f"| {r['paired_ratio_median']:.3f} | {per} |")
     lines += ["", f"Fastest runtime by pqd: {fastest['runtime']}; pqd / independent, median of the per-repeat ratios "

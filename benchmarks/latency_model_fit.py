@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def summary(errs, sources, which=None) -> dict:
-    e = np.abs([x for x, s in zip(errs, sources) if which is None or s == which])
+    e = np.abs([x for x, s in zip(errs, sources, strict=True) if which is None or s == which])
     return {"n": int(len(e)), "mean_abs": float(e.mean()), "max_abs": float(e.max()), "within_10pct": int((e <= 0.10).sum())}
 
 

@@ -67,7 +67,7 @@ def fit_predict(kind: str, graph, named: dict, sets: list[dict], rows: list[tupl
             s["floor_ms"], s["floor_round_to"] = sets[r]["floor"], FLOOR_ROUND_TO
         return s
 
-    lm = L.LatencyModel(key={}, samples=[sample(c, r) for (c, r), t in zip(rows, train) if t]).fit(graph)
+    lm = L.LatencyModel(key={}, samples=[sample(c, r) for (c, r), t in zip(rows, train, strict=True) if t]).fit(graph)
     assert lm.fit_kind == kind
     return np.array([lm.predict_in_run(graph, named[c], dense_ms=sets[r]["dense"], floor_ms=sets[r]["floor"]) for c, r in rows])
 

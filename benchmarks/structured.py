@@ -80,7 +80,7 @@ def closest(curve: list[dict], ms: float) -> dict:
 
 def paired(a: list, b: list) -> dict:
     """Pooled McNemar over seeds: ``a`` vs ``b`` (lists of per-image correctness, one per seed)."""
-    return mcnemar_pooled([(int((x & ~y).sum()), int((~x & y).sum())) for x, y in zip(a, b)])
+    return mcnemar_pooled([(int((x & ~y).sum()), int((~x & y).sum())) for x, y in zip(a, b, strict=True)])
 
 
 def finetune_and_quantize(model, teacher, data, args, seed: int) -> float:
@@ -230,7 +230,7 @@ def to_markdown(result: dict) -> str:
                              r["predicted_ms"] / dense_row["predicted_ms"] * dense_row["measured_ms"] / r["measured_ms"] - 1)
             acc = f"{r['int8_top1_mean']:.4f}" if r["int8_top1_mean"] is not None else "-"
             if r["int8_top1"]:
-                acc += " (" + "; ".join(f"{t:.4f} [{lo:.4f}, {hi:.4f}]" for t, (lo, hi) in zip(r["int8_top1"], r["int8_top1_ci95"])) + ")"
+                acc += " (" + "; ".join(f"{t:.4f} [{lo:.4f}, {hi:.4f}]" for t, (lo, hi) in zip(r["int8_top1"], r["int8_top1_ci95"], strict=True)) + ")"
             meets = {True: "yes", False: "no"}.get(r.get("meets_budget_final"), "")
 
             def pv(rec, sign=False):

@@ -158,7 +158,7 @@ def test_long_zero_runs_and_all_zero_tensors(tmp_path):
 
 def test_size_falls_with_sparsity(models, tmp_path):
     sizes = [compact.save_compact(models[s], tmp_path / f"{s}.pqdz")["bytes"] for s in SPARSITIES]
-    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
+    assert all(a > b for a, b in zip(sizes, sizes[1:], strict=False)), sizes
     bound = compact.entropy_bound(models[0.9])
     assert bound["density"] == pytest.approx(0.1, abs=0.002)
 

@@ -133,7 +133,7 @@ def _sweep_or_report(args) -> int:
 
             if args.dir.is_dir():  # only a sweep folder pqd marked; no lock: a sweep may run
                 check_writable_run_dir(args.dir, expected_files=SWEEP_DIR_FILES, kind="sweep", what="sweep folder")
-            guard = contextlib.nullcontext()
+            guard: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         else:
             guard = claim_dir(args.out, kind="report")  # never over a report pqd did not write
         with guard:

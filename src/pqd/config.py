@@ -13,8 +13,9 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, TypeVar
 
 from pqd.errors import ConfigError
 from pqd.safety.safeyaml import parse_scalar
@@ -26,6 +27,8 @@ def is_external(name: str) -> bool:
     """Whether ``name`` is ``torchvision:<name>`` or ``timm:<name>``."""
     return name.partition(":")[0] in EXTERNAL_LIBRARIES and bool(name.partition(":")[2])
 
+
+_S = TypeVar("_S", bound="Section")
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
 
@@ -51,8 +54,10 @@ def in_range(key: str, value: float, lo: float | None = None, hi: float | None =
 class Section:
     """Mixin: dict round-trip with validation of keys and types."""
 
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every Section is a dataclass
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, *, prefix: str = ""):
+    def from_dict(cls: type[_S], data: Mapping[str, Any] | None, *, prefix: str = "") -> _S:
         data = {} if data is None else data
         if not isinstance(data, Mapping):
             fail(prefix.rstrip(".") or "config", f"expected a mapping, got {type(data).__name__}")
@@ -285,7 +290,7 @@ class MeasureConfig(Section):
 MEASURE = MeasureConfig()  # the measurement defaults, named once for every signature that takes them
 
 
-def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+def apply_overrides(data: Mapping[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a config dict."""
     out = _deep_copy(data)
     for item in overrides:
@@ -302,5 +307,5 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     return out
 
 
-def _deep_copy(d):
+def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}

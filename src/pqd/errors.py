@@ -34,11 +34,13 @@ class RunDirBusy(RunDirError):
 class StorageError(PqdError):
     """A file could not be written or read because of the storage: disk full, read-only
     file system, missing permission, locked or full database, unencodable path.
-    ``path`` is the file concerned (or None)."""
+    ``path`` is the file concerned (or None); ``rescue_path`` the temp file that holds the
+    data which could not be written there (or None)."""
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
+    def __init__(self, message: str, *, path: str | None = None, rescue_path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+        self.rescue_path = rescue_path
 
 
 class DiskFullError(StorageError):
@@ -60,7 +62,13 @@ class DivergenceError(PqdError):
 
 class RuntimeCrash(PqdError):
     """A function run in its own process (a runtime's export check, a benchmark worker)
-    died natively (segfault, abort), timed out, or raised."""
+    died natively (segfault, abort), timed out, or raised: its exit code, the signal's name
+    that killed it (or None), whether it timed out, and its whole stderr."""
+
+    def __init__(self, message: str, *, returncode: int | None = None, signal: str | None = None,
+                 timed_out: bool = False, stderr: str = "") -> None:
+        super().__init__(message)
+        self.returncode, self.signal, self.timed_out, self.stderr = returncode, signal, timed_out, stderr
 
 
 class UntrustedCodeError(ModelError):

@@ -36,7 +36,7 @@ def _epoch(ds, *, resident, seed=3, device="cpu", **kw):
 def _assert_same(a, b):
     (ba, ga), (bb, gb) = a, b
     assert len(ba) == len(bb) > 0
-    for (x1, y1), (x2, y2) in zip(ba, bb):
+    for (x1, y1), (x2, y2) in zip(ba, bb, strict=True):
         assert x1.dtype == x2.dtype == torch.float32 and x1.stride() == x2.stride()
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert torch.equal(ga, gb), "both paths must leave the generator in the same state"

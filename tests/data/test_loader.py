@@ -51,7 +51,7 @@ def test_shuffle_augment_deterministic_per_seed():
     ds = _ds()
     run = lambda seed: _run(ds, shuffle=True, augment=True, generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True))
     assert not torch.equal(a[0][0], c[0][0])
     ids = torch.cat([_denorm(x)[:, 0, 0, 0] for x, _ in _run(ds, shuffle=True, generator=torch.Generator().manual_seed(0))])
     assert sorted(ids.tolist()) == list(range(37)) and ids.tolist() != list(range(37)), "a permutation"
@@ -73,7 +73,7 @@ def _match(ds, hflip):
     assert xb.shape == ds.x.shape
     aug = _denorm(xb)
     found = []
-    for orig, got in zip(ds.x, aug):
+    for orig, got in zip(ds.x, aug, strict=True):
         hits = [(dy, dx, fl) for dy, dx, fl, cand in _candidates(orig) if torch.equal(cand, got)]
         assert hits, "each augmented image is a reflect-padded crop (maybe flipped) of its source"
         found.append(hits[0])

@@ -42,10 +42,10 @@ def test_val_split_stratified_disjoint_seeded(cache_dir):
     cfg = DataConfig(dataset="digits", val_fraction=0.2, cache_dir=cache_dir)
     a, b, c = load_data(cfg, seed=3), load_data(cfg, seed=3), load_data(cfg, seed=4)
     assert a.val is not None and len(a.val) == round(0.2 * 1437) and len(a.train) + len(a.val) == 1437
-    for cls, (n_val, n_tr) in enumerate(zip(a.val.class_counts(), a.train.class_counts())):
+    for cls, (n_val, n_tr) in enumerate(zip(a.val.class_counts(), a.train.class_counts(), strict=True)):
         assert abs(n_val - 0.2 * (n_val + n_tr)) <= 1, f"class {cls}: {n_val} val of {n_val + n_tr}"
     full = load_data(DataConfig(dataset="digits", cache_dir=cache_dir))
-    key = lambda ds: Counter(bytes(img.numpy()) + bytes([int(lab)]) for img, lab in zip(ds.x, ds.y))
+    key = lambda ds: Counter(bytes(img.numpy()) + bytes([int(lab)]) for img, lab in zip(ds.x, ds.y, strict=True))
     assert key(a.val) + key(a.train) == key(full.train), "train and val partition the original train split"
     assert torch.equal(a.val.x, b.val.x) and not torch.equal(a.val.x, c.val.x)
     assert a.mean == channel_stats(a.train.x)[0] and a.mean != full.mean, "stats from the final train split"

@@ -84,12 +84,12 @@ def test_plain_loop_recipe_keeps_the_fake_quant_accuracy_on_depthwise_and_se_mod
     fake-quant accuracy it had when observers and BN statistics froze, and frozen() stays quiet."""
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    data = load_data(DataConfig(dataset="digits", train_subset=800, test_subset=300))
+    data = load_data(DataConfig(dataset="digits", test_subset=300))
     x, y = data.train.x.float() / 255, data.train.y
     x_test, y_test = data.test.x.float() / 255, data.test.y
     teacher = _user_factories()[arch](10)
     optimizer = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(4):
+    for _ in range(8):
         for xb, yb in DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, drop_last=True):
             optimizer.zero_grad()
             F.cross_entropy(teacher(xb), yb).backward()
@@ -135,11 +135,12 @@ def test_frozen_warns_when_training_after_freezing_collapses_the_model():
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
     qat = prepare_qat(model, x[:2])
-    with pytest.warns(CollapseWarning, match="lower the learning rate after freeze"):
-        with pqd.compress.qat.frozen(qat, (x, y)) as check:
-            with torch.no_grad():  # what a much too high learning rate does to the weights
-                for p in qat.parameters():
-                    p.add_(torch.randn_like(p) * 10)
+    with torch.no_grad():
+        qat(x)  # observers see the data once, as QAT training would have done before the freeze boundary
+    with pytest.warns(CollapseWarning, match="lower the learning rate after freeze"), pqd.compress.qat.frozen(qat, (x, y)) as check:
+        with torch.no_grad():  # what a much too high learning rate does to the weights
+            for p in qat.parameters():
+                p.add_(torch.randn_like(p) * 10)
     assert check.before[0] - check.after[0] > 0.1
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollapseWarning)

@@ -67,12 +67,11 @@ def test_workers_interleave_with_in_process_timers(scripted):
 
 
 def test_a_worker_that_cannot_load_names_the_variant_and_the_cause(tmp_path):
-    with pytest.raises(WorkerError, match=r"'broken'.*(No such file|not exist|open file)"):
-        with start_workers({"broken": BASE | {"kind": "torchscript", "path": str(tmp_path / "missing.pt")}}):
-            pass
-    with pytest.raises(WorkerError, match="unknown worker kind 'tensorrt'"):
-        with start_workers({"bad": BASE | {"kind": "tensorrt"}}):
-            pass
+    with pytest.raises(WorkerError, match=r"'broken'.*(No such file|not exist|open file)"), \
+            start_workers({"broken": BASE | {"kind": "torchscript", "path": str(tmp_path / "missing.pt")}}):
+        pass
+    with pytest.raises(WorkerError, match="unknown worker kind 'tensorrt'"), start_workers({"bad": BASE | {"kind": "tensorrt"}}):
+        pass
 
 
 @pytest.fixture
@@ -88,9 +87,8 @@ def segv_python(tmp_path, monkeypatch):
 
 
 def test_a_native_crash_names_the_runtime_the_signal_and_what_to_do(tiny_onnx, segv_python):
-    with pytest.raises(WorkerError) as err:
-        with start_workers({"s0": BASE | {"kind": "onnxruntime", "path": str(tiny_onnx)}}):
-            pass
+    with pytest.raises(WorkerError) as err, start_workers({"s0": BASE | {"kind": "onnxruntime", "path": str(tiny_onnx)}}):
+        pass
     msg = str(err.value)
     assert "'s0'" in msg and "ONNX Runtime" in msg and "relu.onnx" in msg and "SIGSEGV" in msg and "exit status -11" in msg
     assert "structured.runtime: onnxruntime" in msg and "not in pqd" in msg

@@ -93,7 +93,7 @@ def test_report_files_with_tables_and_embedded_plots(synthetic_sweep):
     for name in pngs:
         data = (paths["plots"] / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-        assert f"![" in md and f"(plots/{name})" in md
+        assert "![" in md and f"(plots/{name})" in md
         assert base64.b64encode(data).decode()[:200] in page  # embedded, self-contained
     assert page.count("data:image/png;base64,") == 2 and "plots/" not in page.replace("data:image", "")
     assert "## cifar10 · resnet18 (width 0.25)" in md
@@ -193,7 +193,7 @@ def test_report_intervals_latency_sides_and_pairwise_mcnemar(tmp_path):
     lines = [line for line in pairs.split("\n\n")[2].splitlines() if line.startswith("| ") and not line.startswith("| A ")]
     assert len(lines) == 6  # every pair of the 4 configurations
     # the PQD vs qat_only line: pooled over seeds, b = images PQD right and qat_only wrong
-    expect = mcnemar_pooled([(int((a & ~b).sum()), int((~a & b).sum())) for a, b in zip(tables["PQD"], tables["qat_only"])])
+    expect = mcnemar_pooled([(int((a & ~b).sum()), int((~a & b).sum())) for a, b in zip(tables["PQD"], tables["qat_only"], strict=True)])
     line = next(line for line in lines if {c.strip() for c in line.split("|")[1:3]} == {"PQD", "qat_only"})
     assert f"| {expect['b']} | {expect['c']} |" in line or f"| {expect['c']} | {expect['b']} |" in line
     ps = [float(line.split("|")[-3]) for line in lines]

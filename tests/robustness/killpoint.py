@@ -28,7 +28,7 @@ log_path, kill_at = sys.argv[1], int(sys.argv[2])
 argv = sys.argv[sys.argv.index("--") + 1 :]
 out_dir = Path(argv[argv.index("--out") + 1]).resolve()
 state = {"count": 0, "phase": "setup"}
-log = open(log_path, "w")
+Path(log_path).write_text("")  # each event appends one line and closes the file: nothing is lost at the kill
 
 
 def _name(path) -> str:
@@ -40,13 +40,12 @@ def event(kind: str, detail: str = "") -> bool:
     """Record an event; True when it is the one to die at."""
     i = state["count"]
     state["count"] += 1
-    log.write(json.dumps({"i": i, "phase": state["phase"], "kind": kind, "detail": detail}) + "\n")
-    log.flush()
+    with open(log_path, "a") as log:
+        log.write(json.dumps({"i": i, "phase": state["phase"], "kind": kind, "detail": detail}) + "\n")
     return i == kill_at
 
 
 def die() -> None:
-    log.close()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -132,5 +131,4 @@ os.replace = replace
 from pqd.cli import main  # noqa: E402
 
 code = main(argv)
-log.close()
 sys.exit(code)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import tarfile
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 from rbhelpers import folder_config, read_metrics, tiny, write_config, write_folder
 from safetensors.torch import save_file

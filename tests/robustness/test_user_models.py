@@ -88,5 +88,6 @@ def test_trace_names_the_module_whose_branch_it_froze():
     from pqd.compress.qat import to_torchscript
     from pqd.errors import FrozenBranchWarning
 
+
     with pytest.warns(FrozenBranchWarning, match=r"module 'gate' \(Gate\) at pqd_user_models.py:\d+"):
         to_torchscript(untraceable(10), torch.zeros(1, 3, 32, 32))

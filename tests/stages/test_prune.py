@@ -19,8 +19,8 @@ def _model():
 def test_cubic_schedule_reaches_target_then_holds():
     s = [sparsity_at(e, epochs=8, target=0.9, prune_fraction=0.5) for e in range(8)]
     assert s[0] > 0 and s[3] == pytest.approx(0.9) and s[-1] == pytest.approx(0.9)
-    assert all(a < b for a, b in zip(s[:4], s[1:4])), "ramp must increase"
-    inc = [b - a for a, b in zip([0] + s[:4], s[:4])]
+    assert all(a < b for a, b in zip(s[:4], s[1:4], strict=False)), "ramp must increase"
+    inc = [b - a for a, b in zip([0] + s[:4], s[:4], strict=False)]
     assert inc[0] > inc[-1], "cubic schedule prunes fastest early"
     assert sparsity_at(0, epochs=8, target=0.9, schedule="oneshot") == 0.9
 

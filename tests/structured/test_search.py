@@ -143,7 +143,7 @@ def test_latency_anchored_to_dense_and_floor_readings_removes_a_per_run_fixed_co
     ratios = (0.9, 0.8, 0.6, 0.45, 0.3, 0.2)
     lm = L.LatencyModel(key={}, pad=1)
     states = ((1.0, 0.0), (1.1, 0.5))
-    for (speed, fixed), run in zip(states, (ratios[::2], ratios[1::2])):
+    for (speed, fixed), run in zip(states, (ratios[::2], ratios[1::2]), strict=True):
         dense, fl = true_ms(chans, speed, fixed), true_ms(floor, speed, fixed)
         for r in run:
             w = uniform_widths(chans, r, round_to=8)

@@ -13,7 +13,8 @@ from pqd.config import TrainConfig
 from pqd.errors import ConfigError, ModelError
 from pqd.run.config import RunConfig
 from pqd.stages.protocol import StageContext
-from pqd.stages.structured import STAGE, StructuredConfig, structured_prune
+from pqd.stages.structured import STAGE, structured_prune
+from pqd.structured.config import StructuredConfig
 
 
 def test_config_validates():
@@ -63,7 +64,7 @@ def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkey
     monkeypatch.setattr(S, "measure_int8", lambda *a, **k: pytest.fail("resume must not measure"))
     again, rec2 = structured_prune(Student(model), cfg, data=tiny_data, epochs=1, train_config=ctx.train_config, checkpoint=ckpt)
     assert rec2["widths"] == rec["widths"]
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), out.model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), out.model.state_dict().values(), strict=True))
 
 
 def test_stage_refuses_wrong_order(tiny_data):

@@ -189,7 +189,7 @@ def test_result_table_holds_flat_keys_full_config_and_metrics(swept):
     assert len(table) == 4
     with sqlite3.connect(out / "results.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 4
-    for rid, r in table.items():
+    for r in table.values():
         m = json.loads((out / r["run_dir"] / "metrics.json").read_text())
         assert json.loads(r["metrics_json"]) == m
         cfg = json.loads(r["config_json"])

@@ -57,7 +57,7 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_data, tmp_path):
     calls = []
     resumed = train(_model(seed=99), tiny_data, epochs=3, lr=0.05, config=CFG, seed=1, checkpoint=ckpt, before_epoch=calls.append)
     assert calls == [2], "only the unfinished epoch may run again"
-    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 

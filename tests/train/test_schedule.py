@@ -9,7 +9,7 @@ def test_warmup_then_cosine_to_min():
     assert lrs[0] == pytest.approx(base / warm)
     assert lrs[warm - 1] == pytest.approx(base)
     assert lrs[warm] == pytest.approx(base)
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :])), "cosine phase must not increase"
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :], strict=False)), "cosine phase must not increase"
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
     assert lrs[(total + warm) // 2] == pytest.approx(base / 2, rel=1e-6)
 

@@ -108,9 +108,8 @@ def test_safe_replace_rules(tmp_path: Path):
     assert not (user / MARKER).exists()
     with pytest.raises(RunDirError):
         safe_replace(user / "m.onnx", b"onnx2")
-    with pytest.raises(RunDirError):  # the same rule for name-taking writers
-        with atomic_output(user / "m.onnx") as tmp:
-            tmp.write_bytes(b"x")
+    with pytest.raises(RunDirError), atomic_output(user / "m.onnx") as tmp:  # the same rule for name-taking writers
+        tmp.write_bytes(b"x")
     assert (user / "m.onnx").read_bytes() == b"onnx"
     assert sorted(p.name for p in user.iterdir()) == ["m.onnx"]
 
@@ -188,17 +187,14 @@ def test_real_enospc_from_dev_full():
         pytest.skip("/dev/full does not report ENOSPC in this sandbox")
     except OSError:
         pass
-    with pytest.raises(DiskFullError, match="/dev/full"):
-        with storage_errors("/dev/full"):
-            with open("/dev/full", "wb") as f:
-                f.write(b"x" * 10)
+    with pytest.raises(DiskFullError, match="/dev/full"), storage_errors("/dev/full"), open("/dev/full", "wb") as f:
+        f.write(b"x" * 10)
 
 
 def test_atomic_output_failure_removes_temp(tmp_path: Path):
-    with pytest.raises(ReadOnlyStorageError, match="read-only file system"):
-        with atomic_output(tmp_path / "model.pt") as tmp:
-            tmp.write_bytes(b"half")
-            raise OSError(errno.EROFS, "Read-only file system")
+    with pytest.raises(ReadOnlyStorageError, match="read-only file system"), atomic_output(tmp_path / "model.pt") as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(errno.EROFS, "Read-only file system")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -217,31 +213,26 @@ def test_sqlite_disk_full_and_locked(tmp_path: Path):
     db.execute("CREATE TABLE runs (name TEXT, blob BLOB)")
     db.commit()
     db.execute("PRAGMA max_page_count = 8")  # a full disk, in miniature
-    with pytest.raises(DiskFullError, match="results.sqlite"):
-        with storage_errors(db_path):
-            db.execute("INSERT INTO runs VALUES ('a', ?)", (b"x" * 100_000,))
+    with pytest.raises(DiskFullError, match="results.sqlite"), storage_errors(db_path):
+        db.execute("INSERT INTO runs VALUES ('a', ?)", (b"x" * 100_000,))
     db.rollback()
     db.execute("BEGIN EXCLUSIVE")
     other = sqlite3.connect(db_path, timeout=0.05)
-    with pytest.raises(DatabaseLockedError, match="stayed locked by another process"):
-        with storage_errors(db_path):
-            other.execute("INSERT INTO runs VALUES ('b', NULL)")
+    with pytest.raises(DatabaseLockedError, match="stayed locked by another process"), storage_errors(db_path):
+        other.execute("INSERT INTO runs VALUES ('b', NULL)")
     db.rollback()
     bad = tmp_path / "garbled.sqlite"
     bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StorageError, match="not a readable SQLite database"):
-        with storage_errors(bad, action="reading"):
-            sqlite3.connect(bad).execute("SELECT * FROM runs").fetchall()
+    with pytest.raises(StorageError, match="not a readable SQLite database"), storage_errors(bad, action="reading"):
+        sqlite3.connect(bad).execute("SELECT * FROM runs").fetchall()
 
 
 def test_non_utf8_path_and_unrelated_errors(tmp_path: Path):
     weird = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
-    with pytest.raises(StorageError, match="cannot be encoded"):
-        with storage_errors(weird):
-            weird.encode("utf-8")
-    with pytest.raises(KeyError):  # not a storage failure: unchanged
-        with storage_errors(tmp_path / "x"):
-            raise KeyError("k")
+    with pytest.raises(StorageError, match="cannot be encoded"), storage_errors(weird):
+        weird.encode("utf-8")
+    with pytest.raises(KeyError), storage_errors(tmp_path / "x"):  # not a storage failure: unchanged
+        raise KeyError("k")
     with pytest.raises(StorageError, match="symbolic links"):
         (tmp_path / "loop").symlink_to(tmp_path / "loop")
         with storage_errors(tmp_path / "loop", action="reading"):

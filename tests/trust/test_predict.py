@@ -122,7 +122,7 @@ def test_predict_files_and_cli(digits_model, tmp_path: Path, capsys):
     ref = normalised_logits(model, data)[:12]
     assert [r["class"] for r in out] == [str(int(i)) for i in ref.argmax(1)]
     probs = torch.softmax(ref, 1).max(1).values
-    assert all(abs(r["probability"] - float(p)) < 1e-5 for r, p in zip(out, probs))
+    assert all(abs(r["probability"] - float(p)) < 1e-5 for r, p in zip(out, probs, strict=True))
     assert len(out[0]["top"]) == 3 and out[0]["top"][0]["probability"] >= out[0]["top"][1]["probability"]
     # a bigger, non-square image is resized and centre-cropped to 32x32
     Image.fromarray(data.test.x[0].permute(1, 2, 0).numpy()).resize((96, 64)).save(tmp_path / "big.jpg")

@@ -95,7 +95,7 @@ def test_divergence_stops_the_run(tiny: Path, tmp_path: Path):
 
 def test_yaml_bombs_refused_fast(tiny: Path, tmp_path: Path):
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines) + "\n")

@@ -56,6 +56,15 @@ def test_attention_loss_is_scale_free_and_channel_count_free():
     assert q.shape == (2, 16) and torch.allclose(q.norm(dim=1), torch.ones(2))
 
 
+def test_feature_losses_are_tensors_and_refuse_unpaired_features():
+    a, b = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 3, 3)
+    assert isinstance(AttentionLoss()([], []), torch.Tensor)
+    with pytest.raises(ValueError):  # one teacher map short: not silently dropped
+        AttentionLoss()([a, a], [b])
+    with pytest.raises(ValueError):
+        HintLoss([4], [8])([a, a], [b, b])
+
+
 def test_mutual_learning_gradient_of_each_student_is_its_own_term():
     torch.manual_seed(0)
     z1, z2 = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)

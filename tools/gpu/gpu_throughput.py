@@ -35,9 +35,10 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +184,7 @@ def time_loop(model: nn.Module, data: Splits, cfg: TrainConfig, *, epochs: int, 
     sync(device)
     marks.append(time.perf_counter())
     per_epoch = (len(data.train) // cfg.batch_size) * cfg.batch_size
-    epoch_s = [b - a for a, b in zip(marks, marks[1:])]
+    epoch_s = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     timed = epoch_s[1:]
     return {"images_per_s": per_epoch * len(timed) / sum(timed), "epoch_s": [round(t, 4) for t in epoch_s],
             "images_per_epoch": per_epoch}
@@ -219,7 +220,7 @@ def time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn, a
 def foreach_masker(model: nn.Module, masks: dict[str, torch.Tensor]) -> Callable[[], None]:
     """Idea under test: float masks cached on the device once, applied by one multi-tensor multiply."""
     weights = [masked_weight(model, p) for p in masks]
-    cached = [m.to(device=w.device, dtype=w.dtype) for m, w in zip(masks.values(), weights)]
+    cached = [m.to(device=w.device, dtype=w.dtype) for m, w in zip(masks.values(), weights, strict=True)]
 
     def apply() -> None:
         with torch.no_grad():
@@ -234,9 +235,9 @@ def device_threshold_masks(model: nn.Module, layers: list[str], sparsity: float)
     flat = torch.cat([w.abs().float().flatten() for w in ws])
     k = int(round(sparsity * flat.numel()))
     if k == 0:
-        return {p: torch.ones_like(w, dtype=torch.bool) for p, w in zip(layers, ws)}
+        return {p: torch.ones_like(w, dtype=torch.bool) for p, w in zip(layers, ws, strict=True)}
     thr = torch.kthvalue(flat, k).values
-    return {p: w.abs().float() > thr for p, w in zip(layers, ws)}
+    return {p: w.abs().float() > thr for p, w in zip(layers, ws, strict=True)}
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

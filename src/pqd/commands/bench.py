@@ -47,9 +47,9 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from pqd.config import MEASURE
 from pqd.errors import ConfigError, ModelError, PqdError
@@ -84,7 +84,7 @@ class Variant:
 def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
-    out = {}
+    out: dict[str, str | None] = {}
     for pkg in ("onnx", "onnxscript", "onnxruntime", "openvino"):
         try:
             out[pkg] = metadata.version(pkg)
@@ -321,9 +321,9 @@ def _fmt_int(n: int | None) -> str:
     return str(n)
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
-    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(n) for x, n in zip(r, w)) + " |"  # noqa: E731
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(n) for x, n in zip(r, w, strict=True)) + " |"  # noqa: E731
     return [line(header), "|" + "|".join("-" * (n + 2) for n in w) + "|", *map(line, rows)]
 
 

@@ -131,7 +131,7 @@ def load_image(path: str | Path, *, size: tuple[int, int], channels: int, prepro
             s = max(h / img.height, w / img.width)
             nh, nw = max(h, round(img.height * s)), max(w, round(img.width * s))
             if (nh, nw) != (img.height, img.width):
-                img = img.resize((nw, nh), Image.BILINEAR)
+                img = img.resize((nw, nh), Image.Resampling.BILINEAR)
             top, left = (nh - h) // 2, (nw - w) // 2
             img = img.crop((left, top, left + w, top + h))
             data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
@@ -181,8 +181,8 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
                                       f"for {len(names)} class names")
             prob = torch.softmax(logits.float(), dim=1)
             pv, pi = prob.topk(k, dim=1)
-            for p, vals, idx in zip(chunk, pv.tolist(), pi.tolist()):
-                top = [{"class": names[j], "index": j, "probability": v} for v, j in zip(vals, idx)]
+            for p, vals, idx in zip(chunk, pv.tolist(), pi.tolist(), strict=True):
+                top = [{"class": names[j], "index": j, "probability": v} for v, j in zip(vals, idx, strict=True)]
                 out.append({"image": str(p), "class": top[0]["class"], "probability": top[0]["probability"], "top": top})
     return out
 

@@ -54,8 +54,9 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -234,7 +235,7 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
             raise ConfigError(f"sweep: {total:,} runs in all, more than the limit of {MAX_GRID:,}; split the sweep into several files")
         keys = list(vgrid)
         for values in itertools.product(*(vgrid[k] for k in keys)):
-            axes = tuple(zip(keys, values))
+            axes = tuple(zip(keys, values, strict=True))
             cfg = _merge_into(json.loads(json.dumps(merged)), _dotted_to_nested(dict(axes), f"variants.{vname}.grid"))
             expanded.append((vname, axes, cfg, peer))
 
@@ -358,6 +359,7 @@ def _execute_peer(run: Run, out: Path, sweep_dir: str | Path) -> dict:
     from pqd.commands.peers import peer_run
     from pqd.train.checkpoint import atomic_write_bytes
 
+    assert run.peer is not None  # kind "peer"
     d = RunDir(out)
     saved = d.saved_config_dict()
     if saved is not None and (comparable_config(saved, teacher_base=sweep_dir)

@@ -169,11 +169,11 @@ class HintLoss(nn.Module):
         if len(student_channels) != len(teacher_channels) or not student_channels:
             raise ConfigError("HintLoss needs one (student, teacher) channel pair per layer")
         self.adapters = nn.ModuleList(
-            nn.Identity() if s == t else nn.Conv2d(s, t, 1, bias=False) for s, t in zip(student_channels, teacher_channels))
+            nn.Identity() if s == t else nn.Conv2d(s, t, 1, bias=False) for s, t in zip(student_channels, teacher_channels, strict=True))
 
     def forward(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = 0.0
-        for adapter, s, t in zip(self.adapters, student_feats, teacher_feats):
+        total = torch.zeros(())  # a 0-dim CPU scalar: adds to a loss on any device
+        for adapter, s, t in zip(self.adapters, student_feats, teacher_feats, strict=True):
             s, t = _match_spatial(adapter(s.float()), t.detach().float().to(s.device))
             total = total + F.mse_loss(s, t)
         return total
@@ -192,8 +192,8 @@ class AttentionLoss(nn.Module):
         self.p = p
 
     def forward(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = 0.0
-        for s, t in zip(student_feats, teacher_feats):
+        total = torch.zeros(())  # a 0-dim CPU scalar: adds to a loss on any device
+        for s, t in zip(student_feats, teacher_feats, strict=True):
             s, t = _match_spatial(s, t.detach().to(s.device))
             total = total + (attention_map(s, self.p) - attention_map(t, self.p)).pow(2).mean()
         return total
@@ -213,7 +213,7 @@ class MutualLearningLoss(nn.Module):
         if len(logits) < 2:
             raise ConfigError("mutual learning needs at least two students")
         k, t = len(logits), self.temperature
-        total = 0.0
+        total = torch.zeros(())  # a 0-dim CPU scalar: adds to a loss on any device
         for i, zi in enumerate(logits):
             zi = zi.float()
             mimic = sum(F.kl_div(F.log_softmax(zi / t, 1), F.log_softmax(zj.detach().float() / t, 1), reduction="batchmean",
@@ -238,7 +238,7 @@ class SelfDistillationLoss(nn.Module):
         z = final_logits.float()
         soft = z.detach()
         total = F.cross_entropy(z, target)
-        for head, f in zip(self.heads, features):
+        for head, f in zip(self.heads, features, strict=True):
             a = head(f.float())
             total = total + self.beta * kd_loss(a, soft, target, temperature=self.temperature, alpha=self.alpha)
         return total

@@ -23,8 +23,10 @@ import copy
 import inspect
 import math
 import os
+import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +34,9 @@ from torch import nn
 from pqd.compress.qoptions import MODES, QuantOptions, dynamic_qconfig_mapping, weight_fake_quant, weight_observer
 from pqd.compress.sparsity import as_masks
 from pqd.errors import CollapseWarning, FrozenBranchWarning, ModelError
+
+if TYPE_CHECKING:  # imported at run time only after fx_modules() has set the engine and silenced torch's warnings
+    from torch.ao.quantization import QConfigMapping
 
 __all__ = [
     "BACKEND", "FreezeCheck", "backend_config", "calibrate", "convert", "float_modules", "freeze", "frozen", "fx_modules",
@@ -41,7 +46,7 @@ __all__ = [
 BACKEND = "x86"
 
 
-def fx_modules():
+def fx_modules() -> tuple[types.ModuleType, types.ModuleType]:
     """``(torch.ao.quantization, torch.ao.quantization.quantize_fx)`` with the x86 engine selected
     and torch's migration warnings silenced."""
     torch.backends.quantized.engine = BACKEND
@@ -58,12 +63,12 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (or buffer); CPU for a model without tensors."""
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
-def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: QuantOptions | None = None):
+def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: QuantOptions | None = None) -> QConfigMapping:
     """PyTorch's x86 mapping with the global activation range set by ``reduce_range``.
 
     PyTorch's default (``reduce_range=True``) simulates 7-bit activations so that u8×s8
@@ -85,7 +90,7 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     from torch.ao.quantization import observer as ob
 
     if mode == "qat":
-        mapping = tq.get_default_qat_qconfig_mapping(BACKEND)
+        mapping: QConfigMapping = tq.get_default_qat_qconfig_mapping(BACKEND)
         act = fq.FusedMovingAvgObsFakeQuantize.with_args(
             observer=ob.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=reduce_range)
         weight = weight_fake_quant(options)
@@ -206,7 +211,7 @@ def _untraceable_submodule(model: nn.Module) -> tuple[str, str] | None:
     return innermost[0] if innermost else None
 
 
-def calibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = None) -> nn.Module:
+def calibrate(model: nn.Module, data: Iterable[Any], *, num_batches: int | None = None) -> nn.Module:
     """Run ``model`` (eval mode, no grad) over ``data`` so its PTQ observers see real activations.
 
     ``data`` is any iterable of image batches or ``(images, labels, ...)`` tuples/lists, e.g. a
@@ -393,9 +398,9 @@ def _module_at(model: nn.Module, filename: str, lineno: int) -> tuple[str | None
             source = inspect.getsourcefile(forward)
         except (OSError, TypeError):
             continue
-        if source and os.path.abspath(source) == os.path.abspath(filename) and start <= lineno < start + len(lines):
-            if len(name) > depth:
-                found, depth = (name or type(module).__name__, type(module).__name__), len(name)
+        inside = source and os.path.abspath(source) == os.path.abspath(filename) and start <= lineno < start + len(lines)
+        if inside and len(name) > depth:
+            found, depth = (name or type(module).__name__, type(module).__name__), len(name)
     return found
 
 

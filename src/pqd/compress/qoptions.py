@@ -23,10 +23,14 @@ The measured trade-offs are in docs/QUANTIZATION.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pqd.errors import ModelError
+
+if TYPE_CHECKING:  # imported lazily at run time (torch.ao.quantization warns on import)
+    from torch.ao.quantization import QConfigMapping
 
 __all__ = ["GRANULARITIES", "MODES", "QuantOptions", "dynamic_qconfig_mapping", "quant_options", "weight_fake_quant", "weight_observer"]
 
@@ -82,7 +86,7 @@ def weight_fake_quant(options: QuantOptions = QuantOptions()):
                                                       qscheme=options.qscheme, **kwargs)
 
 
-def dynamic_qconfig_mapping(options: QuantOptions = QuantOptions()):
+def dynamic_qconfig_mapping(options: QuantOptions = QuantOptions()) -> QConfigMapping:
     """Dynamic PTQ: int8 weights for ``nn.Linear`` only (activations quantized at run time);
     everything else stays FP32."""
     from torch import nn

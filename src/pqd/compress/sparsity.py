@@ -22,6 +22,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from pqd.errors import ConfigError, ModelError
 
@@ -89,7 +90,7 @@ def global_sparsity(model: nn.Module, layers: list[str]) -> float:
 # --------------------------------------------------------------------------- masks
 
 
-class Masks(MutableMapping):
+class Masks(MutableMapping[str, torch.Tensor]):
     """Bool masks of the weights of ``model``, keyed by module path (``True`` = kept).
 
     A mapping ``path -> bool tensor``; ``dict(masks)`` is what :class:`pqd.stages.Student`
@@ -142,7 +143,7 @@ class Masks(MutableMapping):
                         self._masks[path] = mask
                 w.mul_(mask)
 
-    def attach(self, optimizer: torch.optim.Optimizer):
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Re-apply the masks after every ``optimizer.step()``; returns a removable handle."""
         return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply())
 
@@ -185,7 +186,7 @@ class RandomImportance:
         return torch.rand(weight.shape, generator=generator)
 
 
-IMPORTANCE = {"magnitude": MagnitudeImportance, "random": RandomImportance}
+IMPORTANCE: dict[str, Callable[[], Importance]] = {"magnitude": MagnitudeImportance, "random": RandomImportance}
 
 
 def importance(name: str) -> Importance:
@@ -256,7 +257,7 @@ class GlobalPruner:
         weights = [masked_weight(self.model, p) for p in self.layers]
         device = weights[0].device
         scores = []
-        for path, w in zip(self.layers, weights):
+        for path, w in zip(self.layers, weights, strict=True):
             s = self.importance(w, generator=gen).to(device=device, dtype=torch.float32)
             old = self.masks.get(path)
             if old is not None:
@@ -268,7 +269,7 @@ class GlobalPruner:
         if n_prune > 0:
             keep[torch.topk(flat, n_prune, largest=False, sorted=False).indices] = False
         out, offset = {}, 0
-        for path, w in zip(self.layers, weights):
+        for path, w in zip(self.layers, weights, strict=True):
             out[path] = keep[offset: offset + w.numel()].view(w.shape)
             offset += w.numel()
         return out

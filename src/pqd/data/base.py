@@ -35,7 +35,7 @@ class Dataset:
             raise DataError(f"Dataset.y must be int64 [{self.x.shape[0]}], got {self.y.dtype} {tuple(self.y.shape)}")
         object.__setattr__(self, "x", self.x.contiguous())
         object.__setattr__(self, "classes", tuple(self.classes))
-        if len(self.y) and not (0 <= int(self.y.min()) and int(self.y.max()) < len(self.classes)):
+        if len(self.y) and not (int(self.y.min()) >= 0 and int(self.y.max()) < len(self.classes)):
             raise DataError(f"Dataset.y has labels outside [0, {len(self.classes)})")
 
     def __len__(self) -> int:

@@ -69,7 +69,7 @@ def _load(entry: Path) -> Raw | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring a damaged cache entry %s (%s); decoding again", entry, exc)
         return None
-    return Raw(*arrays, classes)
+    return Raw(arrays[0], arrays[1], arrays[2], arrays[3], classes)
 
 
 def _save(entry: Path, raw: Raw) -> None:
@@ -77,7 +77,7 @@ def _save(entry: Path, raw: Raw) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
     try:
-        for name, arr in zip(_ARRAYS, raw[:4]):
+        for name, arr in zip(_ARRAYS, raw[:4], strict=True):
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         (tmp / "classes.json").write_text(json.dumps({"classes": list(raw.classes), "format": FORMAT_VERSION}))
         if entry.exists():  # a damaged entry that _load rejected

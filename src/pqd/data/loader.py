@@ -163,7 +163,7 @@ def batches(
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
     device = torch.device(device)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, c, 1, 1)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, c, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device).view(1, c, 1, 1)
     order = epoch_order(len(ds), shuffle=shuffle, generator=generator, rank=rank, world_size=world_size)
     if isinstance(ds, FileDataset):
         return stream_batches(ds, order, batch_size=batch_size, scale=scale, bias=bias, augment=augment, hflip=hflip,

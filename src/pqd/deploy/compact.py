@@ -59,8 +59,9 @@ import struct
 import sys
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -233,6 +234,7 @@ def encode_int8(
         spec = {"positions": "dense", "values": "raw", "nnz": nnz, "rows": rows}
         streams = [cand["dense"]]
     else:
+        assert sparse_pos is not None and sparse_val is not None  # no dense candidate: sparse streams were encoded
         spec = {"positions": sparse_pos, "values": sparse_val, "nnz": nnz, "rows": rows}
         streams = [cand[sparse_pos], cand[sparse_val]]
     return spec, streams, sizes
@@ -451,7 +453,8 @@ class _Reader:
     def __init__(self, blobs: Any, payload: bytes, level: int):
         if not isinstance(blobs, list) or not blobs:
             raise CheckpointError("header field 'blobs' must be a non-empty list")
-        self.blobs, self.payload, self.level, self.cache = blobs, payload, level, {}
+        self.blobs, self.payload, self.level = blobs, payload, level
+        self.cache: dict[int, bytes] = {}
         total = 0
         for i, b in enumerate(blobs):
             if not isinstance(b, dict):
@@ -517,7 +520,7 @@ def _decode_value(spec: Any, r: _Reader, key: str) -> Any:
     if t == "none":
         return None
     if t in ("int", "float", "bool"):
-        v = spec.get("v")
+        v: Any = spec.get("v")  # untrusted: checked below
         ok = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool), "bool": lambda x: isinstance(x, bool),
               "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)}[t](v)
         if not ok:
@@ -662,7 +665,7 @@ def _same(a: Any, b: Any) -> bool:
                 and torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
                 and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points()))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
 

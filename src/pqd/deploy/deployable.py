@@ -19,10 +19,10 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,6 +45,11 @@ class Preprocessed(nn.Module):
     Input layout NCHW with the channel count of ``mean``.
     """
 
+    if TYPE_CHECKING:  # buffers, registered in __init__ (class annotations would confuse torch.jit.script)
+        scale_u8: torch.Tensor
+        scale_f: torch.Tensor
+        bias: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str]) -> None:
         super().__init__()
         if len(mean) != len(std) or not len(mean):
@@ -57,7 +62,7 @@ class Preprocessed(nn.Module):
         self.model = model
         self.register_buffer("scale_u8", torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, c, 1, 1))
         self.register_buffer("scale_f", torch.tensor([1.0 / s for s in std]).view(1, c, 1, 1))
-        self.register_buffer("bias", torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, c, 1, 1))
+        self.register_buffer("bias", torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, c, 1, 1))
         self.class_names = [str(n) for n in class_names]
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
@@ -178,7 +183,7 @@ class Deployable:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta["input"]["shape"])  # type: ignore[return-value]
+        return tuple(self.meta["input"]["shape"])
 
     @property
     def class_names(self) -> list[str]:

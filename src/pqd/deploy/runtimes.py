@@ -9,9 +9,10 @@ torch tensor included); outputs are numpy arrays.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

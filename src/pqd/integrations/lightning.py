@@ -25,23 +25,27 @@ is not supported.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from pqd.compress import qat
 from pqd.compress.kd import KDLoss, teacher_logits
 from pqd.compress.sparsity import GlobalPruner, Importance, MagnitudeImportance, Masks, agp_sparsity
 from pqd.errors import ConfigError, ModelError
 
-try:
+if TYPE_CHECKING:  # checked against the unified package; the standalone one has the same Callback API
     import lightning.pytorch as pl
-except ImportError:  # pragma: no cover - exercised where lightning is absent
+else:
     try:
-        import pytorch_lightning as pl
-    except ImportError:
-        raise ImportError("pqd.integrations.lightning needs PyTorch Lightning: pip install 'pqd[lightning]' (or pip install lightning)") from None
+        import lightning.pytorch as pl
+    except ImportError:  # pragma: no cover - exercised where lightning is absent
+        try:
+            import pytorch_lightning as pl
+        except ImportError:
+            raise ImportError("pqd.integrations.lightning needs PyTorch Lightning: pip install 'pqd[lightning]' (or pip install lightning)") from None
 
 __all__ = ["PQDCallback"]
 
@@ -75,7 +79,7 @@ class PQDCallback(pl.Callback):
         self.pruner: GlobalPruner | None = None
         self.quantized = False
         self._last: tuple[Any, torch.Tensor] | None = None
-        self._hook = None
+        self._hook: RemovableHandle | None = None
         self._handles: list = []
 
     # ------------------------------------------------------------------ helpers
@@ -125,7 +129,7 @@ class PQDCallback(pl.Callback):
         epoch = trainer.current_epoch
         if self.qat_epoch is not None and epoch >= self.qat_epoch and not self.quantized:
             self._to_qat(pl_module)
-        if self.pruner is not None and epoch < self.prune_epochs:
+        if self.pruner is not None and self.pruner.schedule is not None and epoch < self.prune_epochs:
             self.pruner.update(self.pruner.schedule(epoch))
         if self.quantized and self.freeze_epoch is not None and epoch >= self.freeze_epoch:
             qat.freeze(self._net(pl_module))
@@ -147,7 +151,7 @@ class PQDCallback(pl.Callback):
         self.quantized = True
 
     def _add_kd(self, out):
-        if self._last is None:
+        if self._last is None or self.teacher is None or self.kd is None:  # _last is captured only with a teacher
             return out
         loss = out["loss"] if isinstance(out, dict) else out
         x, logits = self._last

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from pqd.data import Dataset, batches
 
 
-def predict(model: nn.Module, ds: Dataset, *, mean, std, batch_size: int = 500) -> torch.Tensor:
-    """Logits of ``model`` (eval mode) on every image of ``ds``, in order, on CPU."""
+def predict(model: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, *, mean, std, batch_size: int = 500) -> torch.Tensor:
+    """Logits of ``model`` (a module in eval mode, or any callable) on every image of ``ds``, in order, on CPU."""
     if isinstance(model, nn.Module):
         model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device if isinstance(model, nn.Module) else torch.device("cpu")

@@ -14,7 +14,7 @@ intervals; it is re-exported here.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

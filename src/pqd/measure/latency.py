@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
 
 import torch
 

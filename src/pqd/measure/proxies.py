@@ -22,7 +22,7 @@ from torch import nn
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def _layer_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
+def _layer_macs(m: nn.Linear | nn.modules.conv._ConvNd, inp: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
     """(dense MACs, MACs on non-zero weights) of one call, per image of the batch."""
     w = m.weight.detach()
     nnz = int(torch.count_nonzero(w))
@@ -51,7 +51,7 @@ def proxies(model: nn.Module, input_shape: tuple[int, ...], *, per_layer: bool =
     handles = []
 
     def hook(name: str):
-        def fn(m: nn.Module, args, out) -> None:
+        def fn(m: nn.Linear | nn.modules.conv._ConvNd, args, out) -> None:
             dense, nz = _layer_macs(m, args[0], out)
             layers.append({"layer": name, "type": type(m).__name__, "macs": dense, "nonzero_macs": nz})
         return fn

@@ -32,8 +32,9 @@ INT8 deployment of a model over every runtime vs the fastest FP32 teacher deploy
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 RUNTIME_LABELS = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 SOURCE_LABELS = {"teacher": "teacher", "final": "pqd", "nncf_ptq": "NNCF PTQ"}
@@ -138,9 +139,14 @@ def same_runtime_ratios(records: Iterable[Mapping[str, Any]], *, stat: str = "me
     return out
 
 
+def _ranked(deps: Iterable[Deployment], stat: str) -> list[Deployment]:
+    """The deployments timed at ``stat``, fastest first (ties in their order)."""
+    timed = [(t, d) for d in deps if (t := d.time(stat))]
+    return [d for _, d in sorted(timed, key=lambda td: td[0])]
+
+
 def _fastest(deps: Iterable[Deployment], stat: str) -> Deployment | None:
-    timed = [d for d in deps if d.time(stat)]
-    return min(timed, key=lambda d: d.time(stat)) if timed else None
+    return next(iter(_ranked(deps, stat)), None)
 
 
 def best_deployment_ratios(records: Iterable[Mapping[str, Any]], *, stat: str = "median",

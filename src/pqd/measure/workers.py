@@ -26,9 +26,9 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 from pqd.errors import PqdError
 from pqd.safety.isolate import child_environ, python_command, signal_name
@@ -127,7 +127,7 @@ class Worker:
         return self.info
 
     def _read(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self.stdout.readline()
         if not line:
             self.proc.wait(timeout=self.timeout)
             tail = [t for t in (self.proc.stderr.read() or "").strip().splitlines() if t.strip()][-5:]
@@ -150,8 +150,8 @@ class Worker:
 
     def _ask(self, cmd: dict) -> dict:
         try:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
-            self.proc.stdin.flush()
+            self.stdin.write(json.dumps(cmd) + "\n")
+            self.stdin.flush()
         except BrokenPipeError:
             pass  # _read reports how the worker died
         return self._read()
@@ -170,14 +170,14 @@ class Worker:
     def close(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(BrokenPipeError, OSError):
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.flush()
+                self.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.stdin.flush()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for f in (self.stdin, self.stdout, self.stderr):
             with contextlib.suppress(OSError):
                 f.close()
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -40,9 +41,10 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
         except Exception as exc:  # ImportError, or any error raised by the module's own code while importing
             raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {type(exc).__name__}: {exc}") from exc
         try:
-            return getattr(module, attr)
+            factory: Callable[..., nn.Module] = getattr(module, attr)  # create_model checks what it builds
         except AttributeError:
             raise ModelError(f"module {module_name!r} has no attribute {attr!r} (model {name!r})") from None
+        return factory
     names = list_models()
     if name not in _MODELS:
         close = difflib.get_close_matches(name, names, n=1)
@@ -54,7 +56,7 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
     return _MODELS[name]
 
 
-def create_model(name: str, *, num_classes: int = 10, **kwargs) -> nn.Module:
+def create_model(name: str, *, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     """Build a model by registry name or ``package.module:factory`` import path.
 
     Keyword arguments (``width``, ``dropout``...) are passed to the factory; for a user

@@ -39,7 +39,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         layers, cin = [], widths[0]
-        for i, (n, cout) in enumerate(zip(blocks, widths)):
+        for i, (n, cout) in enumerate(zip(blocks, widths, strict=True)):
             stage = []
             for j in range(n):
                 stage.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))

@@ -13,7 +13,8 @@ _CFG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 class VGG(nn.Module):
     def __init__(self, cfg, num_classes: int, width: float, in_chans: int = 3):
         super().__init__()
-        layers, cin = [], in_chans
+        layers: list[nn.Module] = []
+        cin = in_chans
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))

@@ -16,8 +16,9 @@ sides and runtime; the pipeline's own teacher-vs-final ratio is ``pytorch_eager_
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from pqd.errors import CheckpointError
 

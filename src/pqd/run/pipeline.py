@@ -136,7 +136,7 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
     if config.teacher.weights:
         state = load_weights(config.teacher.weights)
         head = f"{prunable_layers(model)[-1]}.weight"  # the classifier: the last conv/linear layer
-        if head in state and state[head].shape[:1] != model.get_submodule(head[:-7]).weight.shape[:1]:
+        if head in state and state[head].shape[:1] != model.get_parameter(head).shape[:1]:
             shown = ", ".join(data.train.classes[:8]) + (", ..." if data.num_classes > 8 else "")
             raise CheckpointError(
                 f"teacher.weights {config.teacher.weights!r} has {state[head].shape[0]} outputs at {head!r}, but dataset "
@@ -185,7 +185,7 @@ def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str |
     if bad is not None:
         raise DivergenceError(f"teacher: {bad!r} holds NaN/inf values; lower teacher.lr (--set teacher.lr=...) or check "
                               "teacher.weights, then re-run")
-    ds = data.val if getattr(data, "val", None) is not None and len(data.val) else \
+    ds = data.val if data.val is not None and len(data.val) else \
         data.train.subset(torch.arange(min(2000, len(data.train))))
     was = teacher.training
     logits = predict(teacher, ds, mean=data.mean, std=data.std, batch_size=config.train.eval_batch_size)
@@ -457,7 +457,8 @@ def int8_sparsity(int8: nn.Module, student: Student) -> float | None:
     zeros = total = 0
     for path in student.masks:
         mod = int8.get_submodule(path)
-        w = mod.weight() if callable(getattr(mod, "weight", None)) else masked_weight(int8, path).detach()  # a layer left FP32
+        weight = getattr(mod, "weight", None)
+        w = weight() if callable(weight) else masked_weight(int8, path).detach()  # a layer left FP32
         q = w.int_repr() if w.is_quantized else w
         zeros += int((q == 0).sum())
         total += q.numel()

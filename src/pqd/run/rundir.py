@@ -121,7 +121,7 @@ def comparable_config(saved: Mapping[str, Any], *, teacher_base: str | Path | No
         d["peer"] = peer
     for key in RESULT_NEUTRAL_KEYS:
         *parents, leaf = key.split(".")
-        node = d
+        node: Any = d
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):

@@ -31,6 +31,7 @@ Storage errors
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -104,7 +105,7 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -199,10 +200,8 @@ def storage_errors(path: str | os.PathLike, *, action: str = "writing", cleanup:
         if err is None:
             raise
         for p in cleanup:
-            try:
+            with contextlib.suppress(OSError):
                 Path(p).unlink(missing_ok=True)
-            except OSError:
-                pass
         raise err from exc
 
 
@@ -397,9 +396,8 @@ def rescue_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
                 f.write(data)
         except OSError:
             raise exc from None
-        err = type(exc)(f"{exc} The data was saved to {rescue}; copy it to {str(path)!r} once there is room.", path=exc.path)
-        err.rescue_path = rescue
-        raise err from exc
+        raise type(exc)(f"{exc} The data was saved to {rescue}; copy it to {str(path)!r} once there is room.",
+                        path=exc.path, rescue_path=rescue) from exc
 
 
 def commit_file(tmp: str | os.PathLike, path: str | os.PathLike, *, _rec: dict[str, Any] | None = None) -> Path:
@@ -542,7 +540,10 @@ class DirLock:
                     os.close(fd)
                     return self
                 os.close(fd)
-                raise storage_error(exc, path, action="locking") or exc
+                err = storage_error(exc, path, action="locking")
+                if err is None:
+                    raise
+                raise err from exc
             info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "argv": sys.argv[:6]}
             try:

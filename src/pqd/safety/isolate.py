@@ -72,9 +72,8 @@ def _tail(text: str, n: int = _STDERR_LINES) -> str:
 
 def _crash(message: str, *, returncode: int | None, sig: str | None, timed_out: bool, stderr: str) -> RuntimeCrash:
     tail = _tail(stderr)
-    err = RuntimeCrash(message + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""))
-    err.returncode, err.signal, err.timed_out, err.stderr = returncode, sig, timed_out, stderr
-    return err
+    return RuntimeCrash(message + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""),
+                        returncode=returncode, signal=sig, timed_out=timed_out, stderr=stderr)
 
 
 #: The child's copy of the folders this process added to ``sys.path``, appended there by :func:`adopt_parent_path`.

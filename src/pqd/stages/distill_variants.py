@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +65,8 @@ class Bundle(nn.Module):
         self.aux = aux
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
+        out: torch.Tensor = self.main(x)
+        return out
 
 
 def distill_variant(
@@ -81,13 +83,15 @@ def distill_variant(
     data = as_splits(data)
     model = student.model
     device = model_device(model)
-    beta = config.beta if getattr(config, "beta", None) is not None else DEFAULT_BETA[kind]
+    beta = config.beta if config.beta is not None else DEFAULT_BETA[kind]
     example = torch.zeros(2, *data.image_shape, device=device)
     layers = list(config.layers) or auto_layers(model, example)
-    taps = teacher_taps = None
-    record: dict = {"kind": kind, "beta": beta}
+    taps: list[FeatureTaps] = []  # removed when training ends
+    aux: nn.Module
+    record: dict[str, Any] = {"kind": kind, "beta": beta}
 
     if kind in ("feature", "attention"):
+        assert teacher is not None  # NEEDS_TEACHER, checked above
         teacher.eval()
         t_dev = model_device(teacher)
         s_shapes = feature_shapes(model, layers, example)
@@ -95,21 +99,23 @@ def distill_variant(
         feat = HintLoss([s[1] for s in s_shapes], [t[1] for t in t_shapes]) if kind == "feature" else AttentionLoss()
         aux = feat.to(device)
         kd = KDLoss(temperature=config.temperature, alpha=config.alpha)
-        taps, teacher_taps = FeatureTaps(model, layers), FeatureTaps(teacher, layers)
+        s_taps, t_taps = FeatureTaps(model, layers), FeatureTaps(teacher, layers)
+        taps += [s_taps, t_taps]
         record["layers"] = layers
 
         response = distillation_loss(kd, teacher)
 
         def loss(logits, x, y):
-            return response(logits, x, y) + beta * feat(taps.get(), teacher_taps.get())
+            return response(logits, x, y) + beta * feat(s_taps.get(), t_taps.get())
     elif kind == "mutual":
         peers = nn.ModuleList(reinitialize(model, seed=epoch_seed(seed, "mutual-peer", i)) for i in range(config.peers))
         aux = peers
         dml = MutualLearningLoss(temperature=config.temperature)
         record["peers"] = config.peers
 
-        def loss(logits, x, y):
-            return dml([logits, *(p(x) for p in peers)], y)
+        def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = dml([logits, *(p(x) for p in peers)], y)
+            return out
     elif kind == "self":
         if len(layers) < 2 and not config.layers:
             raise ConfigError(f"distill.kind 'self' needs at least two blocks to tap; {type(model).__name__} has {layers}")
@@ -119,11 +125,13 @@ def distill_variant(
         sd = SelfDistillationLoss([s[1] for s in shapes], num_classes, temperature=config.temperature, alpha=config.alpha,
                                   beta=beta).to(device)
         aux = sd
-        taps = FeatureTaps(model, shallow)
+        s_taps = FeatureTaps(model, shallow)
+        taps.append(s_taps)
         record["layers"] = shallow
 
-        def loss(logits, x, y):
-            return sd(logits, taps.get(), y)
+        def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = sd(logits, s_taps.get(), y)
+            return out
     else:  # config validation keeps this unreachable
         raise ConfigError(f"distill.kind {kind!r} is not known")
 
@@ -135,9 +143,8 @@ def distill_variant(
               before_epoch=qat_hook, checkpoint=checkpoint, seed=seed, tag=f"distill-{kind}", lr_key="distill.lr",
               tracker=tracker, amp=not student.quantized, augment=augment)
     finally:
-        for t in (taps, teacher_taps):
-            if t is not None:
-                t.remove()
+        for t in taps:
+            t.remove()
     if student.quantized:
         freeze(model)
     out_masks = {k[5:]: v for k, v in masks.items()}
@@ -149,6 +156,6 @@ def _eval_out(model: nn.Module, example: torch.Tensor) -> int:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        n = model(example[:1]).shape[1]
+        n = int(model(example[:1]).shape[1])
     model.train(was_training)
     return n

@@ -166,6 +166,7 @@ def imp(
             break
         target = 1.0 - (1.0 - s0) * (1.0 - config.fraction) ** (r + 1)
         pruner.update(target)
+        assert rewind_state is not None  # taken by take_rewind(n) after segment 0 at the latest
         with torch.no_grad():
             model.load_state_dict(rewind_state)
         pruner.masks.apply()
@@ -173,7 +174,7 @@ def imp(
         log.info("imp round %d/%d: pruned to %.4f, rewound to %s", r + 1, config.rounds, target, rewind)
     if student.quantized:
         freeze(model)
-    if ckpt is not None:  # the pipeline removes the stage's own epoch file; these are ours
+    if ckpt is not None and rewind_file is not None:  # the pipeline removes the stage's own epoch file; these are ours
         for f in [rewind_file, *(ckpt.with_name(f"{ckpt.stem}.segment{r}.safetensors") for r in range(len(segs)))]:
             f.unlink(missing_ok=True)
     records = dict(student.records) | {"imp": {"rounds": config.rounds, "fraction": config.fraction, "rewind": str(rewind),

@@ -45,9 +45,9 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -310,7 +310,7 @@ class LatencyModel:
             return s["floor_ms"], s["dense_ms"] - s["floor_ms"]
         return (0.0, s["dense_ms"]) if kind == "relative" else (0.0, 1.0)
 
-    def fit(self, graph) -> "LatencyModel":
+    def fit(self, graph) -> LatencyModel:
         if len(self.samples) < 2:
             raise ModelError("the latency model needs at least 2 measured samples")
         self._x_floor = None
@@ -327,6 +327,7 @@ class LatencyModel:
             self.scale, self.offset = 1.0, 0.0
         else:
             dense = self.dense_ms(graph)
+            assert dense is not None  # relative: every sample holds its run's dense reading
             self.offset = float(np.median([s["floor_ms"] for s in self.samples])) if kind == "anchored" else 0.0
             self.scale = dense - self.offset
         return self
@@ -478,7 +479,9 @@ def reference_readings(ms: Mapping[str, float], todo: Sequence[Mapping[str, int]
             return ms[name]
         return ms[f"s{list(todo).index(widths)}"] if widths in todo else None
 
-    return reading("dense", chans), (None if floor == chans else reading("floor", floor))
+    dense = reading("dense", chans)
+    assert dense is not None  # reference_models times the dense model unless a sample has its widths
+    return dense, (None if floor == chans else reading("floor", floor))
 
 
 def build(
@@ -526,8 +529,10 @@ def build(
 def report(lm: LatencyModel, graph) -> dict:
     """JSON-able summary: samples, coefficients, leave-one-out error."""
     errs = lm.loo_errors(graph)
+    coef = lm.coef if lm.coef is not None else lm.fit(graph).coef
+    assert coef is not None  # fit() sets it
     return {"key": lm.key, "samples": len(lm.samples), "features": list(FEATURES),
-            "coef": [float(c) for c in (lm.coef if lm.coef is not None else lm.fit(graph).coef)],
+            "coef": [float(c) for c in coef],
             "loo_abs_error_mean": float(np.mean(np.abs(errs))) if errs else None,
             "loo_abs_error_max": float(np.max(np.abs(errs))) if errs else None,
             "fit": lm.fit_kind, "relative": lm.relative, "dense_ms_median": lm.dense_ms(graph) if lm.relative else None,

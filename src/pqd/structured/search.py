@@ -45,7 +45,7 @@ def _interp(points: Sequence[tuple[float, float]], r: float) -> float:
         (r0, d0), (r1, d1) = pts[0], pts[1] if len(pts) > 1 else (1.0, 0.0)
         slope = (d1 - d0) / (r1 - r0) if r1 != r0 else 0.0
         return d0 + (r - r0) * slope
-    for (r0, d0), (r1, d1) in zip(pts, pts[1:]):
+    for (r0, d0), (r1, d1) in zip(pts, pts[1:], strict=False):
         if r0 <= r <= r1:
             return d0 + (d1 - d0) * (r - r0) / (r1 - r0)
     return 0.0
@@ -291,6 +291,7 @@ def search(
     # the floor model the latency model's samples were anchored to (the search's rounding, for a model without samples)
     floor_rt = next((int(s["floor_round_to"]) for s in lm.samples if "floor_round_to" in s), round_to)
     if budget_ms is None:
+        assert budget_fraction is not None  # exactly one of the two, checked above
         if dense_ms is None:
             ms = measure_int8(reference_models(model, graph, example=example, round_to=floor_rt), target=target,
                               input_shape=input_shape, runs=runs, in_process=in_process)
@@ -300,7 +301,8 @@ def search(
         budget_ms = budget_fraction * dense_ms
     size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
     cost = cost_function(graph, scores, sensitivity)
-    target_ms, iterations = budget_ms * (1 - margin), []
+    target_ms = budget_ms * (1 - margin)
+    iterations: list[dict[str, Any]] = []
     chans = graph.widths()
     refs = reference_models(model, graph, example=example, round_to=floor_rt)
     choice = Choice()

@@ -34,7 +34,7 @@ benchmarks/structured.py (``--select adapted_bn``).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ def adapt_bn(model: nn.Module, images: torch.Tensor, *, batch_size: int = 128) -
     model.train()
     for i in range(0, len(images), batch_size):
         model(images[i:i + batch_size])
-    for m, mom in zip(bns, saved):
+    for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     return model.eval()
 

@@ -21,8 +21,8 @@ import argparse
 import copy
 import csv
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn

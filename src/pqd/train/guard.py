@@ -115,7 +115,7 @@ class DivergenceGuard:
 
     def explain(self, exc: BaseException, model: nn.Module, *, epoch: int, step: int, lr: float | None = None) -> DivergenceError | None:
         """A :class:`DivergenceError` when ``exc`` (raised by a forward/backward pass) came
-        from non-finite weights, else None: ``raise guard.explain(e, ...) or e``."""
+        from non-finite weights, else None: raise it ``from e``, or re-raise ``e`` on None."""
         name = first_nonfinite(model)
         if name is None:
             return None
@@ -176,8 +176,8 @@ def check_sparsity(target: float, achieved: float, *, tolerance: float = 0.05, w
 def summary(model: nn.Module) -> dict[str, Any]:
     """Largest absolute weight and count of non-finite values (for logs and metrics)."""
     bad, biggest = 0, 0.0
-    for t in model.parameters():
-        t = t.detach()
+    for p in model.parameters():
+        t = p.detach()
         fin = torch.isfinite(t)
         bad += int((~fin).sum())
         if bool(fin.any()):

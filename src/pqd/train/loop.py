@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 
 import torch
@@ -70,7 +70,8 @@ def _dist() -> tuple[int, int]:
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -92,7 +93,7 @@ def train(
     lr: float,
     config: TrainConfig = TrainConfig(),
     loss_fn: LossFn | None = None,
-    masks: Mapping[str, torch.Tensor] | None = None,
+    masks: MutableMapping[str, torch.Tensor] | None = None,
     before_epoch: Callable[[int], None] | None = None,
     checkpoint: str | Path | None = None,
     seed: int = 0,
@@ -119,7 +120,7 @@ def train(
     device = next(model.parameters()).device
     rank, world = _dist()
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's overloads omit it
     opt = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=lr, momentum=config.momentum, nesterov=config.nesterov)
     hook = masks.attach(opt)
     steps_per_epoch = max(1, len(data.train) // (config.batch_size * world))
@@ -174,7 +175,10 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             except RuntimeError as exc:  # e.g. "zero_point must be between quant_min and quant_max" from NaN weights
-                raise guard.explain(exc, model, epoch=epoch, step=i, lr=step_lr) or exc
+                explained = guard.explain(exc, model, epoch=epoch, step=i, lr=step_lr)
+                if explained is None:
+                    raise
+                raise explained from exc
             opt.step()  # the masks' step hook zeroes the pruned weights again
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -197,11 +201,11 @@ def train(
             torch.distributed.barrier()
     hook.remove()
     if config.channels_last:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's overloads omit it
     return model
 
 
-def _sync(dst: Mapping[str, torch.Tensor], src: Mapping[str, torch.Tensor]) -> None:
+def _sync(dst: MutableMapping[str, torch.Tensor], src: Mapping[str, torch.Tensor]) -> None:
     """Make ``dst`` hold ``src``'s masks (no-op when they are the same object)."""
     if dst is not src:
         dst.clear()

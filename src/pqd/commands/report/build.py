@@ -15,8 +15,9 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pqd.commands.report.degradation import degradation_section
 from pqd.commands.report.pareto import dominators, pareto_front
@@ -60,7 +61,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         t_acc, _, _ = _mean_std(100 * r["teacher_top1"] for r in rs if r["teacher_top1"] is not None)
         rl, rl_sd, _ = _mean_std(rel)
         first = rs[0]
-        counted = [(r["final_top1"], r.get("test_n")) for r in rs if r["final_top1"] is not None and r.get("test_n")]
+        counted = [(r["final_top1"], int(r["test_n"])) for r in rs if r["final_top1"] is not None and r.get("test_n")]
         # Wilson interval of the pooled correct count over seeds (every seed tested on the same images)
         pooled = counts_record(round(sum(t * n for t, n in counted)), sum(n for _, n in counted)) if counted else None
         out.append({
@@ -230,7 +231,7 @@ def plot_tradeoffs(aggs: list[dict], front: set[int], title: str) -> bytes:
             pts = [(a[key], a["acc"]) for a in aggs if _n_stages(a) == n and a[key] is not None and a["acc"] is not None]
             if pts:
                 name = {0: "dense FP32", 1: "one technique", 2: "two stages", 3: "three stages"}[n]
-                ax.scatter(*zip(*pts), s=28, color=_COLORS[n], alpha=0.75, label=name, zorder=2)
+                ax.scatter(*zip(*pts, strict=True), s=28, color=_COLORS[n], alpha=0.75, label=name, zorder=2)
         # frontier: ringed, numbered by accuracy; the numbers are keyed in a box (labels never overlap the points)
         fr = sorted(((aggs[i][key], aggs[i]["acc"], aggs[i]["label"]) for i in front if aggs[i][key] is not None), key=lambda t: -t[1])
         if fr:
@@ -296,7 +297,7 @@ def _numeric_leaves(obj: Any, prefix: str) -> dict[str, float]:
 def proxies(metrics: dict) -> dict[str, float]:
     """Cost proxies of the final model, if metrics.json has them: ``bench.proxies.final`` (written by
     ``pqd bench``), else numeric values under any top-level key that mentions 'proxy'."""
-    bench = metrics.get("bench") if isinstance(metrics.get("bench"), dict) else {}
+    bench = b if isinstance(b := metrics.get("bench"), dict) else {}
     for src, name in ((bench.get("proxies"), "proxies"), (metrics.get("proxies"), "proxies")):
         if isinstance(src, dict) and src:
             final = src.get("final", src)
@@ -513,7 +514,7 @@ def paired_tests(aggs: list[dict], sweep_dir: Path) -> tuple[list[dict], list[st
     notes: list[str] = []
     labels: dict[tuple, Any] = {}
     preds: dict[int, dict[int, Any]] = {}  # aggregate index -> seed -> correct vector
-    for i, a in enumerate(aggs):
+    for a in aggs:
         for r in a["runs"]:
             if r["kind"] == "peer" or r.get("test_n") is None:
                 continue
@@ -554,7 +555,7 @@ def paired_tests(aggs: list[dict], sweep_dir: Path) -> tuple[list[dict], list[st
             rec = mcnemar_pooled(tables)
             out.append(rec | {"a": aggs[i]["label"], "b_label": aggs[j]["label"], "seeds": seeds, "n": n,
                               "top1_a": right_a / n, "top1_b": right_b / n, "difference": (right_a - right_b) / n})
-    for rec, adj in zip(out, holm([r["p_value"] for r in out])):
+    for rec, adj in zip(out, holm([r["p_value"] for r in out]), strict=True):
         rec["p_holm"] = adj
     return out, notes
 

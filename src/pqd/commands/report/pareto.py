@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 SENSES = ("max", "min")
 
@@ -22,7 +22,7 @@ def _check(points: Sequence[Sequence[float]], senses: Sequence[str]) -> None:
 def dominates(a: Sequence[float], b: Sequence[float], senses: Sequence[str]) -> bool:
     """``a`` is at least as good as ``b`` in every objective and strictly better in one."""
     better = False
-    for x, y, s in zip(a, b, senses):
+    for x, y, s in zip(a, b, senses, strict=True):
         if s == "min":
             x, y = -x, -y
         if x < y:

@@ -11,7 +11,8 @@ one against the other, so a reader sees where cutting MACs did not cut time.
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["structured_rows", "structured_section", "plot_structured"]
 
@@ -29,7 +30,7 @@ def structured_rows(aggs: list[dict], metrics_of: Callable[[dict], dict]) -> lis
         if not recs:
             continue
 
-        def mean(f):
+        def mean(f, recs=recs):
             vals = [v for v in (f(x) for x in recs) if v is not None]
             return statistics.fmean(vals) if vals else None
 

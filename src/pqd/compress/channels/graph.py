@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from torch import nn
 from pqd.errors import ModelError
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d  # one of CONVS
 
 ORDER_HINT = "structured pruning must come before quantize, e.g. S:5,P:20,Q:40,D:40"
 
@@ -75,14 +76,14 @@ class Layer:
     def macs(self) -> int:
         return self.out_hw * self.cout * (self.cin // self.groups) * self.kernel
 
-    def resized(self, cin: int, cout: int) -> "Layer":
+    def resized(self, cin: int, cout: int) -> Layer:
         groups = self.groups
         if self.kind == "depthwise":
             groups = cin = cout
         return Layer(self.name, self.kind, cin, cout, groups, self.kernel, self.out_hw)
 
 
-def _kind(m: nn.Module) -> str:
+def _kind(m: nn.Linear | Conv) -> str:
     if isinstance(m, nn.Linear):
         return "linear"
     if m.groups > 1:
@@ -191,7 +192,9 @@ class ChannelGraph:
             gid = self._names.get(root)
             if gid is None or gid in self._handlers:
                 continue
-            layers, outs, ins = [], [], []
+            layers: list[str] = []
+            outs: list[tuple[str, int]] = []
+            ins: list[tuple[str, int]] = []
             for dep, idxs in g:
                 m = dep.target.module
                 n = self._names.get(m)

@@ -17,7 +17,7 @@ different groups are comparable: :func:`global_widths` ranks all channels at onc
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

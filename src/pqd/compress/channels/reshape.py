@@ -9,7 +9,8 @@ those in place with the shapes found in a state dict (safetensors), so that
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+from typing import overload
 
 import torch
 from torch import nn
@@ -20,13 +21,17 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _new(like: torch.Tensor | None, shape) -> torch.Tensor:
+def _new(like: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
     if like is None:
         return torch.empty(shape)
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def _param(old: nn.Parameter | None, shape) -> nn.Parameter | None:
+@overload
+def _param(old: torch.Tensor, shape: tuple[int, ...]) -> nn.Parameter: ...
+@overload
+def _param(old: torch.Tensor | None, shape: tuple[int, ...]) -> nn.Parameter | None: ...
+def _param(old: torch.Tensor | None, shape: tuple[int, ...]) -> nn.Parameter | None:
     if old is None:
         return None
     return nn.Parameter(_new(old.data, shape), requires_grad=old.requires_grad)
