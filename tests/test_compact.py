@@ -309,6 +309,6 @@ def test_declared_sizes_are_checked_against_the_file_before_building(meta, messa
     state = {"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}
     compact.save_compact(state, run / "model_int8.pqdz", meta=meta)
     with pytest.raises(CheckpointError, match=message):
-        compact.load_run(run)
+        load_int8_module(run)
     with pytest.raises(CheckpointError, match=message):
         compact.read_compact(run / "model_int8.pqdz")

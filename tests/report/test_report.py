@@ -43,7 +43,8 @@ def _metrics(stages: str, acc: float, size: int, lat: float, sparsity: float, pr
     m = {
         "schema": 3, "model": "resnet18", "width": 0.25, "dataset": "cifar10", "num_classes": 10, "stages": stages,
         "stage_order": [get_stage(s.split(":")[0]).name for s in stages.split(",") if s], "pruned": "P" in stages,
-        "quantize_mode": "qat" if form == "int8" else None, "final_form": form, "accuracy": {"teacher_top1": 0.80, "final_top1": acc},
+        "quantize_mode": "qat" if form == "int8" else None, "prune_criterion": "magnitude" if "P" in stages else None,
+        "final_form": form, "accuracy": {"teacher_top1": 0.80, "final_top1": acc},
         "sparsity": {"target": sparsity, "achieved": sparsity, "achieved_int8": None, "prunable_layers": 20},
         "size_bytes": {"teacher_fp32": 2_800_000, "final": size, "final_file": "x"} | ({"compact_int8": int(size * (1 - sparsity) / 2)} if form == "int8" else {}),
         "latency": [

@@ -464,8 +464,6 @@ def row_for(run: Run, metrics: Mapping[str, Any], sweep_dir: str | Path) -> dict
     b1t, b1f = m.median_ms("teacher_fp32", 1), m.median_ms(final, 1)
     bmt, bmf = (m.median_ms("teacher_fp32", bmax), m.median_ms(final, bmax)) if bmax and bmax != 1 else (None, None)
     criterion = m.prune_criterion
-    if criterion is None and m.schema < 2 and m.pruned:  # schema-1 metrics did not record it
-        criterion = cfg["prune"]["criterion"]
     return {
         "run_id": run.run_id, "variant": run.variant, "kind": run.kind, "teacher_id": run.teacher_id,
         "model": m.model, "width": m.width, "dataset": m.dataset,

@@ -115,6 +115,8 @@ class Worker:
         self.proc = subprocess.Popen(python_command("pqd.measure.worker", json.dumps(request)), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                                      env=child_environ(env=self.started_env.env, parent_path=True))
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None  # PIPE above
+        self.stdin, self.stdout, self.stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self.info: dict = {}
 
     @property
