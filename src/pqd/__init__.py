@@ -8,6 +8,7 @@ from pqd.config import (
     PruneConfig,
     QuantizeConfig,
     RunConfig,
+    StructuredConfig,
     TeacherConfig,
     TrainConfig,
     load_config,
@@ -30,6 +31,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataConfig", "DataError", "DistillConfig", "MeasureConfig", "ModelConfig",
-    "ModelError", "PqdError", "PruneConfig", "QuantizeConfig", "RunConfig", "TeacherConfig", "TrainConfig",
+    "ModelError", "PqdError", "PruneConfig", "QuantizeConfig", "RunConfig", "StructuredConfig", "TeacherConfig", "TrainConfig",
     "create_model", "list_models", "load_config", "register_model",
 ]
