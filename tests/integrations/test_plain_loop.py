@@ -55,14 +55,12 @@ def test_plain_loop_example_runs(tmp_path, monkeypatch):
 
 
 def example_block(doc: Path, marker: str = "GlobalPruner(") -> tuple[str, str]:
-    """``(code, source)``: the README's python block holding ``marker`` once it has been moved there,
-    else the one in ``doc``."""
-    for path in (ROOT / "README.md", doc):
-        blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S) if marker in b]
-        if blocks:
-            assert len(blocks) == 1, f"{path} has several examples with {marker}"
-            return blocks[0], str(path)
-    raise AssertionError(f"no python block with {marker} in README.md or {doc}")
+    """``(code, source)``: the one python block of ``doc`` holding ``marker`` (the example lives there only)."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S) if marker in b]
+    assert len(blocks) == 1, f"{doc} must have exactly one python example with {marker}, has {len(blocks)}"
+    readme = (ROOT / "README.md").read_text()
+    assert marker not in "".join(re.findall(r"```python\n(.*?)```", readme, flags=re.S)), "the example lives in docs only"
+    return blocks[0], str(doc)
 
 
 def _user_factories():
@@ -137,12 +135,27 @@ def test_frozen_warns_when_training_after_freezing_collapses_the_model():
     qat = prepare_qat(model, x[:2])
     with torch.no_grad():
         qat(x)  # observers see the data once, as QAT training would have done before the freeze boundary
-    with pytest.warns(CollapseWarning, match="lower the learning rate after freeze"), pqd.compress.qat.frozen(qat, (x, y)) as check:
-        with torch.no_grad():  # what a much too high learning rate does to the weights
-            for p in qat.parameters():
-                p.add_(torch.randn_like(p) * 10)
+    with (pytest.warns(CollapseWarning, match="lower the learning rate after freeze"), pqd.compress.qat.frozen(qat, (x, y)) as check,
+          torch.no_grad()):  # what a much too high learning rate does to the weights
+        for p in qat.parameters():
+            p.add_(torch.randn_like(p) * 10)
     assert check.before[0] - check.after[0] > 0.1
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollapseWarning)
         with pqd.compress.qat.frozen(qat, (x, y)):
             pass  # nothing trained: no drop, no warning
+
+
+def test_structured_pruning_example_runs_and_removes_channels(tmp_path, monkeypatch):
+    pytest.importorskip("torch_pruning", reason="structured pruning needs the 'structured' extra (Torch-Pruning)")
+    pytest.importorskip("onnxruntime", reason="the example times its models in ONNX Runtime")
+    monkeypatch.chdir(tmp_path)
+    code, source = example_block(DOC, marker="structured_prune(")
+    ns: dict = {"__name__": "structured_example"}
+    exec(compile(code, source, "exec"), ns)
+    record, pruned = ns["record"], ns["pruned"]
+    widths, dense = record["widths"], record["dense_widths"]
+    assert set(widths) == set(dense) and all(widths[g] <= dense[g] for g in dense)
+    assert any(widths[g] < dense[g] for g in dense) and record["macs"] < record["dense_macs"]
+    assert record["measured_ms"] > 0 and record["budget_ms_same_run"] > 0 and isinstance(record["met"], bool)
+    assert pruned(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
