@@ -262,6 +262,11 @@ def test_ray_executor_gives_the_local_table(swept, tmp_path, monkeypatch):
         local = json.loads(next(x for x in rows[-1] if x["run_id"] == r["run_id"])["metrics_json"].replace(str(out.resolve()), "ROOT"))
         for k in ("latency", "speedup", "wall_time_s"):  # timings (and which model timed fastest) vary
             m.pop(k), local.pop(k)
+        # the workers timed in the same controlled environment; only what each caller had set (and
+        # the workers therefore ignored) differs between a Ray worker and this process
+        env, local_env = m.pop("latency_env"), local.pop("latency_env")
+        assert env["inherited"] is False and local_env["inherited"] is False
+        assert env["variables"] == local_env["variables"]
         for rec in m["stage_records"] + local["stage_records"]:
             rec.pop("wall_time_s")
         assert m["size_bytes"].pop("final") == pytest.approx(local["size_bytes"].pop("final"), rel=0.01)
