@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pqd.errors import ConfigError
-from pqd.external_models import is_external
 
 if TYPE_CHECKING:  # pqd.stages.registry imports this module: for annotations only
     from pqd.stages.registry import Stage
@@ -153,9 +152,11 @@ class ModelConfig(Section):
                 hint = (f"; for your own model give its factory too: '{self.name}:factory'" if dotted
                         else "; or your own model as an import path 'package.module:factory'")
                 _fail("model.name", f"{self.name!r} is not valid; choose one of {', '.join(map(repr, names))}{hint}")
-        elif not is_external(self.name):
+        else:
+            from pqd.external_models import is_external  # imports torch: `import pqd` must not (an ONNX timing worker)
+
             module, _, attr = self.name.partition(":")
-            if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
+            if not is_external(self.name) and not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
                 _fail("model.name", f"{self.name!r} is not an import path 'package.module:factory'")
         _range("model.width", self.width, 0.0625, 4.0)
         _range("model.dropout", self.dropout, 0.0, 1.0, hi_open=True)

@@ -215,6 +215,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
         err = ModelError(f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}): {first_useful_line(detail)}")
         err.detail = detail
         raise err from None
+    assert prog is not None  # the dynamo exporter returns its program
     proto = prog.model_proto
     folded = fold_weights(proto) if fold else 0
     for n in proto.graph.node:  # the exporter's per-node provenance (stack traces...) doubles a small file

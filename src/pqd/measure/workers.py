@@ -115,6 +115,8 @@ class Worker:
         self.proc = subprocess.Popen(python_command("pqd._worker", json.dumps(request)), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                                      env=child_environ(env=self.started_env.env, parent_path=True))
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr  # all three are pipes
+        self.stdin, self.stdout, self.stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self.info: dict = {}
 
     @property
@@ -130,7 +132,7 @@ class Worker:
         line = self.stdout.readline()
         if not line:
             self.proc.wait(timeout=self.timeout)
-            tail = [t for t in (self.proc.stderr.read() or "").strip().splitlines() if t.strip()][-5:]
+            tail = [t for t in (self.stderr.read() or "").strip().splitlines() if t.strip()][-5:]
             rc, rt = self.proc.returncode, runtime_name(self.spec.get("kind", ""))
             sig = signal_name(rc)
             what = f"bench worker for {self.name!r} (runtime {rt}{', file ' + Path(self.spec['path']).name if self.spec.get('path') else ''})"

@@ -6,6 +6,7 @@ drives it with pqd's loop and data and keeps the stage-level names (``prepare``,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def note_freeze_check(student: Student, check: qat.FreezeCheck | None, *, tag: s
         rec["warnings"] = [*rec.get("warnings", []), message]
 
 
-def qat_epoch_hook(student: Student, epochs: int, check: qat.FreezeCheck | None = None):
+def qat_epoch_hook(student: Student, epochs: int, check: qat.FreezeCheck | None = None) -> Callable[[int], None] | None:
     """``before_epoch`` hook for any stage that trains a fake-quant student: observers and BN
     statistics update until the last ``student.freeze_fraction`` of the epochs, then freeze.
 

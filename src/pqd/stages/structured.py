@@ -32,7 +32,10 @@ from pqd.qoptions import quant_options
 from pqd.stages.common import Student
 
 if TYPE_CHECKING:  # annotations only: the stage registry imports this module, pqd.config imports the registry
-    pass
+    from pqd.config import DistillConfig, QuantizeConfig, RunConfig, StructuredConfig, TrainConfig
+    from pqd.data import Splits
+    from pqd.stages.registry import StageContext
+    from pqd.structured.latency_model import Target
 
 log = logging.getLogger("pqd.structured")
 
@@ -41,7 +44,7 @@ def _with_record(student: Student, model: nn.Module, key: str, record: dict[str,
     return Student(model, {}, student.form, student.freeze_fraction, records={**student.records, key: record})
 
 
-def deployment_target(cfg, quantize_config=None):
+def deployment_target(cfg: StructuredConfig, quantize_config: QuantizeConfig | None = None) -> Target:
     """The :class:`~pqd.structured.latency_model.Target` of a ``structured`` config section, quantized
     as ``quantize_config`` (:class:`pqd.config.QuantizeConfig`; default: pqd's defaults) says."""
     from pqd.structured.latency_model import Target
@@ -53,9 +56,10 @@ def deployment_target(cfg, quantize_config=None):
                    leaf_modules=tuple(quantize_config.leaf_modules))
 
 
-def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
-                     augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None,
-                     quantize_config=None) -> tuple[Student, dict]:
+def structured_prune(student: Student, cfg: StructuredConfig, *, data: Splits, epochs: int, train_config: TrainConfig,
+                     checkpoint: Path | None = None, seed: int = 0, augment: bool = True, device: torch.device | None = None,
+                     teacher: nn.Module | None = None, distill_config: DistillConfig | None = None,
+                     quantize_config: QuantizeConfig | None = None) -> tuple[Student, dict[str, Any]]:
     """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record).
 
     ``quantize_config`` (:class:`pqd.config.QuantizeConfig`): how the later quantize stage will
@@ -139,7 +143,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
     return Student(pruned, {}, student.form, student.freeze_fraction), record
 
 
-def missed_budget_message(record: dict) -> str:
+def missed_budget_message(record: dict[str, Any]) -> str:
     """What a search record that missed its budget says: both numbers of the same timing run, why, and what was kept."""
     dense, budget = record["dense_ms_same_run"], record["budget_ms_same_run"]
     why = record.get("missed_because") or "no measured model met the budget"
@@ -158,14 +162,14 @@ class StructuredStage:
     quantizes = False
     structural = True
 
-    def preflight(self, model, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         """The target runtime loads and runs the model's INT8 form (raises ModelError otherwise)."""
         from pqd.structured.latency_model import check_runtime
 
         check_runtime(copy.deepcopy(model).cpu().eval(), target=deployment_target(config.structured, config.quantize),
                       input_shape=tuple(example.shape[1:]))
 
-    def run(self, student: Student, ctx, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
+    def run(self, student: Student, ctx: StageContext, *, epochs: int, checkpoint: Path | None, index: int) -> Student:
         out, record = structured_prune(student, ctx.config.structured, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                                        checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
                                        teacher=ctx.teacher, distill_config=ctx.config.distill,
