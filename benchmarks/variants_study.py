@@ -41,8 +41,8 @@ import torch
 from pqd.measure import predict
 from pqd.measure.faithfulness import mcnemar
 from pqd.run.config import RunConfig
-from pqd.run.pipeline import run_pipeline
 from pqd.run.loader import load_run
+from pqd.run.pipeline import run_pipeline
 from pqd.run.rundir import RunDir
 
 

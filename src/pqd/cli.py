@@ -81,8 +81,9 @@ def format_table(metrics: dict) -> str:
     harness = "all models in this process (worker processes failed: see the log)" \
         if any(r.extra.get("harness") == "in-process" for r in m.latency) else "each model in its own worker process"
     lines.append(f"(latency: {thr} threads, {harness}, timed interleaved; sizes are bytes of the files on disk)")
-    if (m.latency_env or {}).get("inherited"):
-        shown = ", ".join(f"{k}={v}" for k, v in m.latency_env["variables"].items() if v is not None) or "none set"
+    latency_env = m.latency_env or {}
+    if latency_env.get("inherited"):
+        shown = ", ".join(f"{k}={v}" for k, v in latency_env["variables"].items() if v is not None) or "none set"
         lines.append(f"(latency timed in this shell's own threading environment, not the controlled one: {shown})")
     if m.final_form == "int8":
         lines.append("(the ratio above mixes INT8 with leaving PyTorch eager mode, a PyTorch-eager-vs-compiled extra; "

@@ -15,7 +15,10 @@ class DataError(PqdError):
 
 
 class ModelError(PqdError):
-    """A model cannot be built, or cannot be handled by a stage."""
+    """A model cannot be built, or cannot be handled by a stage (``detail``: the whole report
+    of the tool that failed, e.g. the ONNX exporter's, when the message shows only its gist)."""
+
+    detail: str | None = None
 
 
 class CheckpointError(PqdError):

@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("lightning", reason="PyTorch Lightning is not installed (pqd's 'lightning' extra)")
 
 from pqd.compress.qat import prepare_qat  # noqa: E402
+from pqd.compress.student import Student, convert_student  # noqa: E402
 from pqd.models.registry import create_model  # noqa: E402
-from pqd.compress.student import convert_student, Student  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "LIGHTNING.md"

@@ -39,8 +39,8 @@ def test_proxies_count_params_and_macs_by_hand():
 
 
 def test_proxies_see_qat_modules_like_float_ones():
-    from pqd.models.registry import create_model
     from pqd.compress.qat import prepare
+    from pqd.models.registry import create_model
 
     model = create_model("resnet18", width=0.125, num_classes=4).eval()
     qat = prepare(model, torch.zeros(2, 3, 16, 16), mode="qat")

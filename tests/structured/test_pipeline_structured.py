@@ -8,8 +8,8 @@ import torch
 import pqd.structured.latency_model as L
 import pqd.structured.search as S
 from pqd.run.config import load_config
-from pqd.run.pipeline import run_pipeline
 from pqd.run.loader import load_run
+from pqd.run.pipeline import run_pipeline
 from pqd.run.rundir import RunDir
 
 TINY = """

@@ -7,8 +7,8 @@ from pqd.compress.student import Student
 from pqd.errors import ConfigError
 from pqd.models.registry import create_model
 from pqd.run.config import RunConfig
-from pqd.run.pipeline import run_pipeline
 from pqd.run.loader import load_run
+from pqd.run.pipeline import run_pipeline
 from pqd.stages.quantize import QuantizeConfig, quantize
 
 

@@ -118,12 +118,12 @@ def load_image(path: str | Path, *, size: tuple[int, int], channels: int, prepro
         if (crop, crop) != (h, w) or channels != 3:
             raise CheckpointError(f"preprocess record {preprocess} does not match the model input {channels}x{h}x{w}")
         try:
-            data = path.read_bytes()
+            encoded = path.read_bytes()
         except FileNotFoundError:
             raise DataError(f"image {str(path)!r} does not exist") from None
         except OSError as exc:
             raise DataError(f"image {str(path)!r} cannot be read: {exc}") from None
-        return torch.from_numpy(decode_image(data, str(path), crop=(crop, resize)).transpose(2, 0, 1).copy())
+        return torch.from_numpy(decode_image(encoded, str(path), crop=(crop, resize)).transpose(2, 0, 1).copy())
     try:
         with Image.open(path) as img:
             check_bit_depth(img, repr(str(path)))  # the training loader's rule: never a clipped image

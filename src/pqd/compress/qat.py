@@ -37,6 +37,8 @@ from pqd.errors import CollapseWarning, FrozenBranchWarning, ModelError
 
 if TYPE_CHECKING:  # imported at run time only after fx_modules() has set the engine and silenced torch's warnings
     from torch.ao.quantization import QConfigMapping
+    from torch.ao.quantization.backend_config import BackendConfig
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 
 __all__ = [
     "BACKEND", "FreezeCheck", "backend_config", "calibrate", "convert", "float_modules", "freeze", "frozen", "fx_modules",
@@ -101,7 +103,7 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     return mapping.set_global(tq.QConfig(activation=act, weight=weight))
 
 
-def backend_config():
+def backend_config() -> BackendConfig:
     """PyTorch's x86 backend config, plus ``nn.Flatten`` and ``Tensor.flatten`` as shape ops.
 
     x86 already lets ``torch.flatten``, ``view`` and ``reshape`` pass a quantized tensor through
@@ -121,7 +123,7 @@ def backend_config():
     return config
 
 
-def _leaf_config(leaf_modules: Sequence[str]):
+def _leaf_config(leaf_modules: Sequence[str]) -> PrepareCustomConfig | None:
     """FX PrepareCustomConfig marking ``leaf_modules`` untraceable (kept whole, left FP32):
     entries 'package.module:Class' name classes (imported), others submodule paths ('layer3.0')."""
     if not leaf_modules:
@@ -181,7 +183,8 @@ def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduc
             "in a run config set quantize.leaf_modules: [...] (--set 'quantize.leaf_modules=[...]')."
         ) from None
     # FX creates the observers / fake-quant modules it inserts on the CPU: bring them to the model.
-    return prepared.to(device)
+    on_device: nn.Module = prepared.to(device)
+    return on_device
 
 
 def prepare_qat(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False, inplace: bool = False,
@@ -360,7 +363,8 @@ def _is_fake_quant_or_observer(m: nn.Module) -> bool:
 def to_torchscript(int8_model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """Trace and freeze for deployment (freezing folds constants and inlines the integer ops)."""
     with torch.no_grad():
-        return torch.jit.freeze(trace(int8_model.eval(), example))
+        frozen_model: torch.jit.ScriptModule = torch.jit.freeze(trace(int8_model.eval(), example))  # freeze is untyped in torch
+    return frozen_model
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -369,7 +373,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     the submodule whose code caused it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        traced = torch.jit.trace(model, example)
+        traced: torch.jit.ScriptModule = torch.jit.trace(model, example)  # trace is untyped in torch
     seen = set()
     for w in caught:
         if not issubclass(w.category, torch.jit.TracerWarning):
@@ -390,7 +394,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
 
 def _module_at(model: nn.Module, filename: str, lineno: int) -> tuple[str | None, str | None]:
     """``(path, class name)`` of the deepest submodule whose ``forward`` source holds ``filename:lineno``."""
-    found, depth = (None, None), -1
+    found: tuple[str | None, str | None] = (None, None)
+    depth = -1
     for name, module in model.named_modules():
         forward = type(module).forward
         try:

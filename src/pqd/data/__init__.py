@@ -97,19 +97,23 @@ def load_sized_folder(cfg: DataConfig, *, seed: int = 0) -> Splits:
     if need <= budget:
         log.info("data: %d images at %dx%d need %.2f GB decoded, within data.max_memory_gb=%g: decoding them into memory "
                  "(%d workers)", sum(len(d) for d in parts.values() if d is not None), size, size, need / 1e9, cfg.max_memory_gb, workers)
-        decoded = {k: decode_to_memory(d, desc=f"decoding {k}") if d is not None else None for k, d in parts.items()}
-        stats_from = decoded["train"]
+        mem_train = decode_to_memory(train, desc="decoding train")
+        mem_val = decode_to_memory(val, desc="decoding val") if val is not None else None
+        splits: tuple[Dataset | FileDataset, Dataset | FileDataset | None, Dataset | FileDataset] = (
+            mem_train, mem_val, decode_to_memory(test, desc="decoding test"))
+        stats_from: Dataset | None = mem_train
     else:
         log.info("data: %d images at %dx%d would need %.2f GB decoded, over data.max_memory_gb=%g: streaming them from disk "
                  "with %d workers (decode + augment in the workers); raise data.max_memory_gb to hold them in memory",
                  sum(len(d) for d in parts.values() if d is not None), size, size, need / 1e9, cfg.max_memory_gb, workers)
-        decoded = parts
+        splits = (train, val, test)
         stats_from = sample_stats(train) if cfg.mean is None else None
     if cfg.mean is not None and cfg.std is not None:
         mean, std = tuple(cfg.mean), tuple(cfg.std)
     else:
+        assert stats_from is not None  # DataConfig takes data.mean and data.std together or neither
         mean, std = channel_stats(stats_from.x)
-    return Splits(f"folder:{cfg.root}", decoded["train"], decoded["val"], decoded["test"], mean, std, True,
+    return Splits(f"folder:{cfg.root}", *splits, mean, std, True,
                   preprocess=preprocess_record(size, resize), crop_scale=(float(cfg.scale[0]), float(cfg.scale[1])))
 
 

@@ -159,4 +159,4 @@ def as_splits(
     c = int(tr.x.shape[1])
     mean, std = (tuple(map(float, normalized_with[0])), tuple(map(float, normalized_with[1]))) if normalized_with is not None \
         else ((0.0,) * c, (1.0,) * c)
-    return Splits(name, tr, va, te, mean, std, hflip, augment)
+    return Splits(name, tr, va, te, mean, std, hflip, augment=augment)

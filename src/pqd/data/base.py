@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from pqd.errors import DataError
+
+if TYPE_CHECKING:  # pqd.data.stream imports this module
+    from pqd.data.stream import FileDataset
 
 log = logging.getLogger("pqd.data")
 
@@ -94,9 +97,9 @@ class Splits:
     training, and the datasets may be :class:`pqd.data.stream.FileDataset` (streamed from disk)."""
 
     name: str
-    train: Dataset
-    val: Dataset | None
-    test: Dataset
+    train: Dataset | FileDataset
+    val: Dataset | FileDataset | None
+    test: Dataset | FileDataset
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool

@@ -122,7 +122,7 @@ def stream_batches(ds: FileDataset, order: torch.Tensor, *, batch_size: int, sca
     :func:`pqd.data.batches` gives for the decoded images (augmentation: RandomResizedCrop +
     flip with ``crop_scale``, drawn here per batch from ``generator``)."""
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    rrc = tuple(crop_scale) if crop_scale is not None else (1.0, 1.0)
+    rrc = (float(crop_scale[0]), float(crop_scale[1])) if crop_scale is not None else (1.0, 1.0)
 
     def sampler():
         for start in range(0, stop, batch_size):

@@ -42,7 +42,7 @@ def eval_crop(img: Image.Image, *, image_size: int, resize_size: int) -> np.ndar
     s = resize_size / min(w, h)
     nw, nh = max(resize_size, round(w * s)), max(resize_size, round(h * s))
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BILINEAR)
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
     left, top = (nw - image_size) // 2, (nh - image_size) // 2
     return np.asarray(img.crop((left, top, left + image_size, top + image_size)))
 

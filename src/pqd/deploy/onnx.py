@@ -25,8 +25,8 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from pqd.data import Dataset, batches
+from pqd.data.stream import FileDataset
 
 
-def predict(model: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, *, mean, std, batch_size: int = 500) -> torch.Tensor:
+def predict(model: Callable[[torch.Tensor], torch.Tensor], ds: Dataset | FileDataset, *, mean, std, batch_size: int = 500) -> torch.Tensor:
     """Logits of ``model`` (a module in eval mode, or any callable) on every image of ``ds``, in order, on CPU."""
     if isinstance(model, nn.Module):
         model.eval()

@@ -149,6 +149,14 @@ def _fastest(deps: Iterable[Deployment], stat: str) -> Deployment | None:
     return next(iter(_ranked(deps, stat)), None)
 
 
+def _ms(d: Deployment, stat: str) -> float:
+    """The time at ``stat`` of a deployment known to be timed there (one :func:`_ranked` kept)."""
+    t = d.time(stat)
+    if not t:
+        raise ValueError(f"{d.label} has no {stat} time")
+    return t
+
+
 def best_deployment_ratios(records: Iterable[Mapping[str, Any]], *, stat: str = "median",
                            sources: Sequence[str] = ("final", "nncf_ptq")) -> list[dict]:
     """Fastest INT8 deployment of each model in ``sources`` (over runtimes) vs the fastest FP32 teacher deployment."""
@@ -172,7 +180,7 @@ def fastest_deployments(records: Iterable[Mapping[str, Any]], *, stat: str = "me
     out = []
     every = deployments(records)
     for (bs, th), deps in _groups(every).items():
-        ranked = sorted((d for d in deps if d.time(stat)), key=lambda d: d.time(stat))
+        ranked = _ranked(deps, stat)
         if not ranked:
             continue
         best = ranked[0]
@@ -191,7 +199,7 @@ def fastest_deployments(records: Iterable[Mapping[str, Any]], *, stat: str = "me
 def _faster_with_fewer(best: Deployment, every: Sequence[Deployment], stat: str) -> dict | None:
     """The same deployment at fewer threads, when it timed faster there: ``{"threads", "ms"}``."""
     fewer = _fastest((d for d in every if d.name == best.name and d.batch == best.batch and d.threads < best.threads), stat)
-    if fewer is None or fewer.time(stat) >= best.time(stat):
+    if fewer is None or _ms(fewer, stat) >= _ms(best, stat):
         return None
     return {"threads": fewer.threads, "ms": fewer.time(stat)}
 
@@ -218,10 +226,10 @@ def slower_with_more_threads(records: Iterable[Mapping[str, Any]], *, stat: str 
     for (_, batch), deps in by.items():
         for d in sorted(deps, key=lambda x: x.threads):
             fewer = _fastest((x for x in deps if x.threads < d.threads), stat)
-            if fewer is not None and d.time(stat) > margin * fewer.time(stat):
+            if fewer is not None and _ms(d, stat) > margin * _ms(fewer, stat):
                 out.append({"variant": d.name, "deployment": d.label, "runtime": d.runtime, "precision": d.precision,
                             "batch": batch, "threads": d.threads, "ms": d.time(stat), "fewer_threads": fewer.threads,
-                            "fewer_threads_ms": fewer.time(stat), "ratio": d.time(stat) / fewer.time(stat), "stat": stat})
+                            "fewer_threads_ms": fewer.time(stat), "ratio": _ms(d, stat) / _ms(fewer, stat), "stat": stat})
     return out
 
 

@@ -106,8 +106,8 @@ def build(spec: dict):
     if kind == "openvino":
         from pqd.deploy.runtimes import OpenVinoRunner
 
-        r = OpenVinoRunner(spec["path"], threads=threads, batch_sizes=spec["batch_sizes"], dynamic_batch=bool(spec.get("dynamic_batch")))
-        return r, np.ascontiguousarray, r.settings, contextlib.nullcontext()
+        ov = OpenVinoRunner(spec["path"], threads=threads, batch_sizes=spec["batch_sizes"], dynamic_batch=bool(spec.get("dynamic_batch")))
+        return ov, np.ascontiguousarray, ov.settings, contextlib.nullcontext()
     raise ValueError(f"unknown worker kind {kind!r}; expected one of {', '.join((*TORCH_KINDS, 'onnxruntime', 'openvino'))}")
 
 

@@ -132,7 +132,7 @@ class Worker:
         line = self.stdout.readline()
         if not line:
             self.proc.wait(timeout=self.timeout)
-            tail = [t for t in (self.proc.stderr.read() or "").strip().splitlines() if t.strip()][-5:]
+            tail = [t for t in (self.stderr.read() or "").strip().splitlines() if t.strip()][-5:]
             rc, rt = self.proc.returncode, runtime_name(self.spec.get("kind", ""))
             sig = signal_name(rc)
             what = f"bench worker for {self.name!r} (runtime {rt}{', file ' + Path(self.spec['path']).name if self.spec.get('path') else ''})"

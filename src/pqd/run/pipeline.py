@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,7 +57,8 @@ log = logging.getLogger("pqd")
 __all__ = ["build_model", "finalize", "init_distributed", "measure_run_latency", "model_kwargs", "preflight", "run_pipeline"]
 
 
-def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, teacher_path: Path, deployed: nn.Module,
+def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, teacher_path: Path,
+                        deployed: Callable[[torch.Tensor], torch.Tensor],
                         deployed_path: Path, final_name: str) -> tuple[list[dict], dict]:
     """Teacher vs deployed model latency, each timed from its file in a worker process of its own;
     returns (latency records, the record of the threading environment they were timed in).

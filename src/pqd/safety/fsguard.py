@@ -50,7 +50,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pqd.errors import DatabaseLockedError, DiskFullError, PqdError, ReadOnlyStorageError, RunDirBusy, RunDirError, StorageError
+from pqd.errors import (
+    DatabaseLockedError,
+    DiskFullError,
+    PqdError,
+    ReadOnlyStorageError,
+    RunDirBusy,
+    RunDirError,
+    StorageError,
+)
 
 MARKER = ".pqd-run"
 LOCK = ".pqd-lock"

@@ -31,7 +31,14 @@ from torch import nn
 from pqd.compress.kd import KDLoss, distillation_loss
 from pqd.compress.qat import freeze, prepare
 from pqd.compress.qoptions import quant_options
-from pqd.compress.sparsity import DEFAULT_EXCLUDE, GlobalPruner, MagnitudeImportance, Masks, prunable_layers, sparsity_at
+from pqd.compress.sparsity import (
+    DEFAULT_EXCLUDE,
+    GlobalPruner,
+    MagnitudeImportance,
+    Masks,
+    prunable_layers,
+    sparsity_at,
+)
 from pqd.compress.student import Student, chain, qat_epoch_hook
 from pqd.config import Section, TrainConfig, fail, in_range
 from pqd.data import Splits

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from pqd.compress.qat import freeze
-from pqd.compress.sparsity import DEFAULT_EXCLUDE, GlobalPruner, global_sparsity, importance, prunable_layers, sparsity_at
+from pqd.compress.sparsity import (
+    DEFAULT_EXCLUDE,
+    GlobalPruner,
+    global_sparsity,
+    importance,
+    prunable_layers,
+    sparsity_at,
+)
 from pqd.compress.student import Student, chain, qat_epoch_hook
 from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits

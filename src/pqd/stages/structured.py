@@ -126,7 +126,7 @@ def _with_record(student: Student, model, key: str, record: dict) -> Student:
     return Student(model, {}, student.form, student.freeze_fraction, records={**student.records, key: record})
 
 
-def deployment_target(cfg, quantize_config=None):
+def deployment_target(cfg: StructuredConfig, quantize_config: QuantizeConfig | None = None) -> Target:
     """The :class:`~pqd.structured.latency_model.Target` of a ``structured`` config section, quantized
     as ``quantize_config`` (:class:`pqd.stages.quantize.QuantizeConfig`; default: pqd's defaults) says."""
     from pqd.structured.latency_model import Target
@@ -216,7 +216,7 @@ def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, 
     return Student(pruned, {}, student.form, student.freeze_fraction), record
 
 
-def missed_budget_message(record: dict) -> str:
+def missed_budget_message(record: dict[str, Any]) -> str:
     """What a search record that missed its budget says: both numbers of the same timing run, why, and what was kept."""
     dense, budget = record["dense_ms_same_run"], record["budget_ms_same_run"]
     why = record.get("missed_because") or "no measured model met the budget"
@@ -232,7 +232,7 @@ class StructuredStage(Stage):
     name, letter, section, config_class = "structured", "S", "structured", StructuredConfig
     structural = True
 
-    def preflight(self, model, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         """The target runtime loads and runs the model's INT8 form (raises ModelError otherwise)."""
         from pqd.structured.latency_model import check_runtime
 

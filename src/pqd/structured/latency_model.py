@@ -48,6 +48,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class Target:
     @property
     def quantization(self) -> dict:
         """The non-default quantize settings (empty for pqd's defaults), for cache keys and records."""
-        out = {}
+        out: dict[str, Any] = {}
         if self.reduce_range:
             out["reduce_range"] = True
         if not self.options.default:
@@ -165,10 +166,11 @@ def check_runtime(model: nn.Module, *, target: Target, input_shape: Sequence[int
                 if not exc.signal:  # an error, not a crash: another batch shape will not help
                     break
                 continue
-            if shape == "dynamic":
+            if failure is not None:  # the static batch crashed, the dynamic one runs
                 log.warning("structured: %s crashed (%s) compiling this model's INT8 form at a static batch; its candidates are "
                             "timed with a dynamic batch", name, failure.signal)
             return {"batch_shape": shape}
+    assert failure is not None  # the loop returns as soon as a batch shape runs
     how = f"it crashed with {failure.signal}" if failure.signal else failing_operation(str(failure).split(" failed: ", 1)[-1])
     raise ModelError(
         f"structured.runtime: {target.runtime}: {name} cannot run this model's INT8 form ({how}). The S stage times every "
