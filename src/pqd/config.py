@@ -147,7 +147,7 @@ class ModelConfig(Section):
     width: float = 1.0
     dropout: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if ":" in self.name and not is_external(self.name):  # a registry name is checked against the registry by the run config
             module, _, attr = self.name.partition(":")
             if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
@@ -188,7 +188,7 @@ class DataConfig(Section):
     max_memory_gb: float = 4.0
     workers: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         choice("data.dataset", self.dataset, DATASETS)
         if self.dataset == "folder" and not self.root:
             fail("data.root", "dataset 'folder' needs data.root: a directory or .tar.gz with train/<class>/* and test/<class>/*")
@@ -238,7 +238,7 @@ class TrainConfig(Section):
     tracker: str = "none"  # none | tensorboard | mlflow: per-epoch and final metrics to your tracker
     tracker_dir: str | None = None  # default: RUN_DIR/tracker
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         choice("train.tracker", self.tracker, ("none", "tensorboard", "mlflow"))
         in_range("train.batch_size", self.batch_size, 1)
         in_range("train.eval_batch_size", self.eval_batch_size, 1)
@@ -258,7 +258,7 @@ class TeacherConfig(Section):
     lr: float = 0.1
     weights: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         in_range("teacher.epochs", self.epochs, 0)
         in_range("teacher.lr", self.lr, 0.0)
         if self.weights is None and self.epochs == 0:
@@ -278,7 +278,7 @@ class MeasureConfig(Section):
     large_batch_runs: int = 20
     inherit_env: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         in_range("measure.threads", self.threads, 1, 4096)
         in_range("measure.warmup", self.warmup, 0)
         in_range("measure.runs", self.runs, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,10 +75,11 @@ class KDLoss(nn.Module):
 def teacher_logits(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The teacher's logits for ``images``, moved to the teacher's device, without gradients."""
     with torch.no_grad():
-        return teacher(images.to(model_device(teacher)))
+        logits: torch.Tensor = teacher(images.to(model_device(teacher)))
+    return logits
 
 
-def distillation_loss(kd: KDLoss, teacher: nn.Module | None):
+def distillation_loss(kd: KDLoss, teacher: nn.Module | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training loop's loss ``(logits, images, labels) -> loss`` for ``kd`` against ``teacher``
     (put in eval mode). With ``kd.kd_weight == 0`` (the KD-off control) the teacher is never run."""
     if not kd.needs_teacher:

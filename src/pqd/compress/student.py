@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,15 +45,15 @@ class Student:
         return qat.model_device(self.model)
 
 
-def chain(*hooks):
+def chain(*hooks: Callable[[int], None] | None) -> Callable[[int], None] | None:
     """Combine ``before_epoch`` hooks (``None`` entries are skipped)."""
-    hooks = [h for h in hooks if h is not None]
+    live = [h for h in hooks if h is not None]
 
     def run(epoch: int) -> None:
-        for h in hooks:
+        for h in live:
             h(epoch)
 
-    return run if hooks else None
+    return run if live else None
 
 
 def convert_student(student: Student) -> nn.Module:

@@ -77,7 +77,7 @@ def _quiet_exporter():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, old):
+        for lg, level in zip(loggers, old, strict=True):
             lg.setLevel(level)
 
 
@@ -190,6 +190,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
         err = ModelError(f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}): {first_useful_line(detail)}")
         err.detail = detail
         raise err from None
+    if prog is None:  # dynamo=True always returns a program; None is the legacy exporter's return
+        raise ModelError(f"ONNX export of {type(model).__name__} returned no program")
     proto = prog.model_proto
     folded = fold_weights(proto) if fold else 0
     for n in proto.graph.node:  # the exporter's per-node provenance (stack traces...) doubles a small file

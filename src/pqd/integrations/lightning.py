@@ -49,6 +49,8 @@ else:
 
 __all__ = ["PQDCallback"]
 
+_MAGNITUDE = MagnitudeImportance()  # the default criterion: stateless, so one shared instance serves every callback
+
 
 class PQDCallback(pl.Callback):
     """Prune → QAT → KD for a LightningModule's ``attr`` network. All options are keyword-only;
@@ -56,7 +58,7 @@ class PQDCallback(pl.Callback):
 
     def __init__(
         self, *, attr: str = "model", sparsity: float = 0.0, prune_epochs: int = 1, exclude: tuple[str, ...] = ("@first",),
-        importance: Importance = MagnitudeImportance(), qat_epoch: int | None = None, freeze_epoch: int | None = None,
+        importance: Importance = _MAGNITUDE, qat_epoch: int | None = None, freeze_epoch: int | None = None,
         example: torch.Tensor | None = None, reduce_range: bool = False, teacher: nn.Module | None = None,
         temperature: float = 4.0, alpha: float = 0.5,
     ):

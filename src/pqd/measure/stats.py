@@ -255,6 +255,6 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
         return None
     rx, ry = _midranks(xs), _midranks(ys)
     mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
     return num / den if den else None

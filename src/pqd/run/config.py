@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pqd.config import (
     DataConfig,
@@ -32,6 +32,9 @@ from pqd.models import list_models
 from pqd.safety.safeyaml import load_yaml
 from pqd.stages import protocol
 
+_S = TypeVar("_S", bound=Section)
+_R = TypeVar("_R", bound="RunConfig")
+
 
 @dataclass(frozen=True)
 class StageSpec(Section):
@@ -40,7 +43,7 @@ class StageSpec(Section):
     stage: str = ""
     epochs: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         try:
             canonical = protocol.get_stage(self.stage).name
         except ConfigError:
@@ -125,7 +128,8 @@ class RunConfig(Section):
 
     def __getattr__(self, name: str) -> Section:
         if name != "sections":
-            for key, section in self.__dict__.get("sections", ()):
+            sections: tuple[tuple[str, Section], ...] = self.__dict__.get("sections", ())
+            for key, section in sections:
                 if key == name:
                     return section
         raise AttributeError(f"{type(self).__name__!r} has no section {name!r}")
@@ -140,7 +144,7 @@ class RunConfig(Section):
             out[key] = h if isinstance(h, type) and issubclass(h, Section) else None
         return out | protocol.sections()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if ":" not in self.model.name and self.model.name not in (names := list_models()):
             name = self.model.name
             dotted = "." in name and all(p.isidentifier() for p in name.split("."))
@@ -157,18 +161,27 @@ class RunConfig(Section):
                             "so keep one quantizing stage")
         structural = [i for i, k in enumerate(kinds) if k.structural]
         if quantizing and structural and max(structural) > quantizing[0]:
-            works = [s for s, k in zip(self.stages, kinds) if k.structural] + [s for s, k in zip(self.stages, kinds) if not k.structural]
+            works = ([s for s, k in zip(self.stages, kinds, strict=True) if k.structural]
+                     + [s for s, k in zip(self.stages, kinds, strict=True) if not k.structural])
             fail("stages", f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
                             f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}")
-        for spec, stage in zip(self.stages, kinds):
+        for spec, stage in zip(self.stages, kinds, strict=True):
             stage.validate(self, spec)
 
     def section(self, key: str | None) -> Section | None:
         """The section ``key`` (a stage's ``section``), or None for None."""
         return None if key is None else getattr(self, key)
 
+    def section_as(self, key: str, cls: type[_S]) -> _S:
+        """The stage section ``key`` typed as ``cls`` (its stage's ``config_class``), e.g.
+        ``config.section_as("quantize", QuantizeConfig)``: ``config.quantize`` for the type checker."""
+        section = getattr(self, key)
+        if not isinstance(section, cls):
+            raise TypeError(f"section {key!r} is a {type(section).__name__}, not a {cls.__name__}")  # a registry bug, not user input
+        return section
+
     @classmethod
-    def from_dict(cls, data, *, prefix: str = ""):
+    def from_dict(cls: type[_R], data: Mapping[str, Any] | None, *, prefix: str = "") -> _R:
         if data is not None and not isinstance(data, Mapping):
             fail("config", f"expected a mapping of sections (seed, stages, model, ...), got {type(data).__name__}")
         data = dict(data or {})
@@ -188,7 +201,7 @@ class RunConfig(Section):
                 kwargs[key] = coerce(f"{prefix}{key}", value, schema[key])
         return cls(**kwargs)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"seed": self.seed, "stages": self.stage_string()}
         d |= {key: getattr(self, key).to_dict() for key in _BASE[2:]}
         return d | {key: section.to_dict() for key, section in self.sections}
@@ -212,7 +225,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
     The file is read with :func:`pqd.safety.safeyaml.load_yaml` (size, depth, node and alias limits:
     YAML bombs are refused); nothing named in it is imported here."""
-    data: dict = {}
+    data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -23,6 +23,7 @@ from pqd.errors import CheckpointError
 from pqd.run.config import RunConfig
 from pqd.run.rundir import RunDir
 from pqd.safety.trustpolicy import check_config_code
+from pqd.stages.quantize import QuantizeConfig
 from pqd.train.checkpoint import load_checkpoint
 
 _IMAGE_SHAPES = {"digits": (3, 32, 32), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
@@ -115,7 +116,7 @@ def int8_skeleton(self: RunDir, meta: Mapping[str, Any] | None = None, *, allow_
     if not config.quantizes:
         raise CheckpointError(f"{self.path}: no stage of the run quantizes, so it has no INT8 model")
     num_classes, shape = run_facts(self, meta)
-    mode = config.quantize.mode
+    mode = config.section_as("quantize", QuantizeConfig).mode
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = self.rebuild_model(config, num_classes=num_classes, image_shape=shape, form=mode)

@@ -45,6 +45,7 @@ from pqd.run.metrics import Metrics
 from pqd.safety.fsguard import DirLock, check_path_encodable, check_writable_run_dir
 from pqd.safety.safeyaml import load_yaml
 from pqd.safety.trustpolicy import check_config_code
+from pqd.stages.quantize import QuantizeConfig
 from pqd.train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from pqd.train.loop import process_rank
 
@@ -355,9 +356,10 @@ class RunDir:
         if state is not None:
             fit_to_state_dict(model, state)
         if form != "fp32":
-            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=config.quantize.reduce_range,
-                            options=quant_options(config.quantize),
-                            leaf_modules=config.quantize.leaf_modules)
+            quantize = config.section_as("quantize", QuantizeConfig)
+            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=quantize.reduce_range,
+                            options=quant_options(quantize),
+                            leaf_modules=quantize.leaf_modules)
         return model
 
     def structural_state(self, config: RunConfig) -> dict[str, torch.Tensor] | None:
@@ -385,7 +387,7 @@ class RunDir:
         masks = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
         if form == "qat":
             freeze(model)  # every stage ends frozen; BN freezing is module state, not in the state_dict
-        student = Student(model.to(device), masks, form, config.quantize.freeze_fraction)
+        student = Student(model.to(device), masks, form, config.section_as("quantize", QuantizeConfig).freeze_fraction)
         records = meta.get("records") or {}
         if records and isinstance(getattr(student, "records", None), dict):
             student.records.update(records)
