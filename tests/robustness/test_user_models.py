@@ -91,3 +91,21 @@ def test_trace_names_the_module_whose_branch_it_froze():
 
     with pytest.warns(FrozenBranchWarning, match=r"module 'gate' \(Gate\) at pqd_user_models.py:\d+"):
         to_torchscript(untraceable(10), torch.zeros(1, 3, 32, 32))
+
+
+def test_tracing_an_int8_model_without_branches_warns_nothing():
+    """torch's own quantized operators raise TracerWarnings while tracing (a scale read as a float);
+    they are no branch of the model's code, so no FrozenBranchWarning reaches the user."""
+    import warnings
+
+    from pqd.compress.qat import convert, prepare_qat
+    from pqd.deploy.deployable import deployable_torchscript
+    from pqd.errors import FrozenBranchWarning
+    from pqd.models.registry import create_model
+
+    qat = prepare_qat(create_model("resnet18", num_classes=10, width=0.125).eval(), torch.zeros(2, 3, 32, 32))
+    qat(torch.rand(4, 3, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrozenBranchWarning)
+        deployable_torchscript(convert(qat), mean=(0.5,) * 3, std=(0.25,) * 3, class_names=[str(i) for i in range(10)],
+                               input_shape=(3, 32, 32))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import math
 import os
 import types
@@ -367,6 +368,10 @@ def to_torchscript(int8_model: nn.Module, example: torch.Tensor) -> torch.jit.Sc
     return frozen_model
 
 
+log = logging.getLogger("pqd.qat")
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """``torch.jit.trace``, with each of PyTorch's TracerWarnings (data-dependent control flow or
     values frozen into the trace) reissued as a :class:`pqd.errors.FrozenBranchWarning` that names
@@ -378,6 +383,11 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     for w in caught:
         if not issubclass(w.category, torch.jit.TracerWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        if os.path.abspath(w.filename).startswith(_TORCH_DIR):
+            # raised inside torch's own operators (a quantized op reading a scale as a float, say), not by
+            # a branch of the model's code: nothing the user can rewrite, and the traced graph is exact
+            log.debug("TorchScript tracing warning from inside torch (%s:%s): %s", w.filename, w.lineno, w.message)
             continue
         name, cls = _module_at(model, w.filename, w.lineno)
         if (name, w.filename, w.lineno) in seen:
