@@ -44,13 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pqd.compress.kd import kd_loss
 from pqd.compress.qat import freeze, prepare
 from pqd.compress.student import Student, convert_student, qat_epoch_hook
 from pqd.config import DataConfig, TrainConfig
 from pqd.data import DEVICE_DATA_ENV, Dataset, Splits, batches, load_data, resident_default
 from pqd.measure import agreement, predict, top1
 from pqd.models.registry import create_model
-from pqd.stages.distill import kd_loss
 from pqd.stages.prune import compute_masks, prunable_layers, sparsity_at
 from pqd.train import train
 from pqd.train.loop import apply_masks, masked_weight

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from pqd.config import DataConfig
-from pqd.data.base import Dataset, Raw, Splits, log
+from pqd.data.base import Dataset, Raw, log
 from pqd.data.cache import cache_root, cached
 from pqd.data.cifar import SPECS, RestrictedUnpickler, locate, read_cifar, restricted_loads
 from pqd.data.digits import read_digits
 from pqd.data.folder import list_image_folder, read_image_folder
 from pqd.data.loader import DEVICE_DATA_ENV, batches, device_data_limit, epoch_order, num_batches, resident_default
+from pqd.data.splits import Splits
 from pqd.data.stream import FileDataset, decode_to_memory, default_workers, make_file_dataset, sample_stats
 from pqd.data.transforms import default_resize, preprocess_record
 from pqd.errors import DataError

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from pqd.data.base import Dataset, Splits
+from pqd.data.base import Dataset
+from pqd.data.splits import Splits
 from pqd.errors import DataError
 
 __all__ = ["as_dataset", "as_splits", "require_splits"]

@@ -1,18 +1,16 @@
-"""Core containers: an in-memory :class:`Dataset` (one uint8 tensor) and :class:`Splits`."""
+"""Core containers: an in-memory :class:`Dataset` (one uint8 tensor) and decoded :class:`Raw` data
+(:class:`pqd.data.splits.Splits` holds the datasets of a run)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from pqd.errors import DataError
-
-if TYPE_CHECKING:  # pqd.data.stream imports this module
-    from pqd.data.stream import FileDataset
 
 log = logging.getLogger("pqd.data")
 
@@ -86,34 +84,6 @@ def _device_key(device: torch.device) -> str:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return str(device)
-
-
-@dataclass(frozen=True)
-class Splits:
-    """Train / optional val / test datasets plus train-set normalisation statistics.
-
-    With ``data.image_size``: ``preprocess`` is the evaluation preprocessing the deployables carry
-    (:func:`pqd.data.transforms.preprocess_record`), ``crop_scale`` the RandomResizedCrop area range of
-    training, and the datasets may be :class:`pqd.data.stream.FileDataset` (streamed from disk)."""
-
-    name: str
-    train: Dataset | FileDataset
-    val: Dataset | FileDataset | None
-    test: Dataset | FileDataset
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    hflip: bool
-    preprocess: dict | None = None
-    crop_scale: tuple[float, float] | None = None
-    augment: bool = True  # whether training may augment these images (random crops, and flips if ``hflip``)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.train.classes)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.train.image_shape
 
 
 class Raw(NamedTuple):
