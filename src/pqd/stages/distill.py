@@ -17,7 +17,7 @@ from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
-from pqd.stages.protocol import Stage, register_stage
+from pqd.stages.protocol import RunConfig, Stage, StageContext, StageSpec, register_stage
 from pqd.stages.quantize import freeze_check, note_freeze_check
 from pqd.train.loop import train
 from pqd.train.tracking import Tracker
@@ -48,7 +48,7 @@ class DistillConfig(Section):
     peers: int = 1
     kd_weight: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
         if self.beta is not None:
             in_range("distill.beta", self.beta, 0.0)
@@ -75,7 +75,7 @@ def distill(
     """
     kd = KDLoss(temperature=config.temperature, alpha=config.alpha, kd_weight=config.kd_weight)
     if kd.needs_teacher and train_config.channels_last:
-        teacher.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack Module.to(memory_format=)
     loss = distillation_loss(kd, teacher)
 
     data = as_splits(data)
@@ -95,11 +95,11 @@ class DistillStage(Stage):
     name, letter, section, config_class = "distill", "D", "distill", DistillConfig
     aliases = ("kd",)
 
-    def validate(self, config, spec) -> None:
+    def validate(self, config: RunConfig, spec: StageSpec) -> None:
         if spec.epochs == 0:
             fail("stages", "distill needs at least one epoch, e.g. 'D:10'")
 
-    def run(self, student: Student, section_config: DistillConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+    def run(self, student: Student, section_config: DistillConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
         if section_config.kind != "response":  # feature / attention / mutual / self
             from pqd.stages.distill_variants import distill_variant
 

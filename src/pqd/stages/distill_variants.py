@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from pqd.compress.kd_variants import (
 )
 from pqd.compress.qat import freeze, model_device
 from pqd.compress.student import Student, qat_epoch_hook
-from pqd.config import Section, TrainConfig
+from pqd.config import TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
@@ -53,6 +53,26 @@ __all__ = ["Bundle", "DEFAULT_BETA", "NEEDS_TEACHER", "distill_variant"]
 
 DEFAULT_BETA = {"feature": 1.0, "attention": 1000.0, "self": 1.0, "mutual": 0.0}
 NEEDS_TEACHER = ("response", "feature", "attention")
+
+
+class VariantConfig(Protocol):
+    """What :func:`distill_variant` reads of its config: the fields of :class:`pqd.stages.distill.DistillConfig`
+    (not imported: that module imports this one)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def layers(self) -> tuple[str, ...]: ...
+    @property
+    def beta(self) -> float | None: ...
+    @property
+    def peers(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def lr(self) -> float: ...
 
 
 class Bundle(nn.Module):
@@ -70,7 +90,7 @@ class Bundle(nn.Module):
 
 
 def distill_variant(
-    student: Student, config: Section, *, teacher: nn.Module | None, data: Splits, epochs: int,
+    student: Student, config: VariantConfig, *, teacher: nn.Module | None, data: Splits, epochs: int,
     train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
     tracker: Tracker | None = None,
 ) -> Student:
@@ -105,8 +125,9 @@ def distill_variant(
 
         response = distillation_loss(kd, teacher)
 
-        def loss(logits, x, y):
-            return response(logits, x, y) + beta * feat(s_taps.get(), t_taps.get())
+        def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = response(logits, x, y) + beta * feat(s_taps.get(), t_taps.get())
+            return out
     elif kind == "mutual":
         peers = nn.ModuleList(reinitialize(model, seed=epoch_seed(seed, "mutual-peer", i)) for i in range(config.peers))
         aux = peers

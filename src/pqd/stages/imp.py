@@ -43,7 +43,7 @@ from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
-from pqd.stages.protocol import Stage, register_stage
+from pqd.stages.protocol import RunConfig, Stage, StageContext, StageSpec, register_stage
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.loop import epoch_seed, train
 from pqd.train.tracking import Tracker
@@ -70,7 +70,7 @@ class ImpConfig(Section):
     lr: float = 0.01
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         in_range("imp.rounds", self.rounds, 1, 100)
         in_range("imp.fraction", self.fraction, 0.0, 1.0, hi_open=True)
         if self.fraction <= 0.0:
@@ -188,11 +188,11 @@ class ImpStage(Stage):
     name, letter, section, config_class = "imp", "L", "imp", ImpConfig
     aliases = ("lottery", "lth")
 
-    def validate(self, config, spec) -> None:
+    def validate(self, config: RunConfig, spec: StageSpec) -> None:
         if spec.epochs == 0:
             fail("stages", f"{self.name} trains, so it needs epochs, e.g. '{self.letter}:6'")
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         prunable_layers(model, config.imp.exclude)
         for s in config.stages:
             if s.stage == self.name:
@@ -210,7 +210,7 @@ class ImpStage(Stage):
     def prune_exclude(self, section_config: ImpConfig) -> tuple[str, ...]:
         return section_config.exclude
 
-    def run(self, student: Student, section_config: ImpConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+    def run(self, student: Student, section_config: ImpConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
         return imp(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                    checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
 

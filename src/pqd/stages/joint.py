@@ -44,7 +44,7 @@ from pqd.config import Section, TrainConfig, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ModelError
-from pqd.stages.protocol import Stage, register_stage
+from pqd.stages.protocol import RunConfig, Stage, StageContext, StageSpec, register_stage
 from pqd.stages.quantize import QuantizeConfig
 from pqd.train.loop import train
 from pqd.train.tracking import Tracker
@@ -68,7 +68,7 @@ class JointConfig(Section):
     temperature: float = 4.0
     alpha: float = 0.5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         in_range("joint.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         in_range("joint.prune_fraction", self.prune_fraction, 0.0, 1.0)
         in_range("joint.lr", self.lr, 0.0)
@@ -78,7 +78,7 @@ class JointConfig(Section):
 
 
 def joint(
-    student: Student, config: JointConfig, *, quantize: QuantizeConfig = QuantizeConfig(), teacher: nn.Module | None,
+    student: Student, config: JointConfig, *, quantize: QuantizeConfig | None = None, teacher: nn.Module | None,
     data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None,
     seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
 ) -> Student:
@@ -90,6 +90,7 @@ def joint(
         raise ModelError("joint trains: give it at least one epoch")
     if config.kd and teacher is None:
         raise ModelError("joint.kd is on but there is no teacher; pass teacher= or set joint.kd: false")
+    quantize = quantize or QuantizeConfig()
     data = as_splits(data)
     model = prepare(student.model, torch.zeros(2, *data.image_shape), mode="qat", reduce_range=quantize.reduce_range,
                     options=quant_options(quantize))
@@ -124,13 +125,13 @@ class JointStage(Stage):
     quantizes = True
     aliases = ("jpqd",)
 
-    def validate(self, config, spec) -> None:
+    def validate(self, config: RunConfig, spec: StageSpec) -> None:
         if config.quantize.mode == "dynamic":
             fail("quantize.mode", "the joint stage trains with fake quantization; use mode 'qat' (or 'ptq') with it")
         if spec.epochs == 0:
             fail("stages", f"{self.name} trains, so it needs epochs, e.g. '{self.letter}:6'")
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         prunable_layers(model, config.joint.exclude)
         prepare(model, example, mode="qat", reduce_range=config.quantize.reduce_range, options=quant_options(config.quantize))
 
@@ -143,7 +144,7 @@ class JointStage(Stage):
     def prune_exclude(self, section_config: JointConfig) -> tuple[str, ...]:
         return section_config.exclude
 
-    def run(self, student: Student, section_config: JointConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+    def run(self, student: Student, section_config: JointConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
         return joint(student, section_config, quantize=ctx.config.quantize, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
                      train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
@@ -38,8 +38,9 @@ from pqd.data import Splits
 from pqd.errors import ConfigError
 
 # The run config (pqd.run.config.RunConfig / StageSpec) sits above this layer and imports it, so it is
-# annotated as RunConfig = Any here.
-RunConfig = StageSpec = Any
+# annotated as Any here (an explicit alias: a plain assignment is a variable, not a type, to mypy).
+RunConfig: TypeAlias = Any
+StageSpec: TypeAlias = Any
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,10 @@ def register_stage(stage: Stage, *, replace: bool = False) -> Stage:
     if not stage.name.isidentifier() or len(stage.letter) != 1 or not stage.letter.isalpha():
         raise ValueError(f"stage {stage.name!r}: the name must be an identifier and the letter one letter, got {stage.letter!r}")
     for key in _keys(stage):
-        other = _STAGES.get(key)
-        if other is not None and other.name != stage.name:
-            raise ValueError(f"stage {stage.name!r}: {key!r} already names stage {other.name!r}")
-        if other is not None and not replace:
+        existing = _STAGES.get(key)
+        if existing is not None and existing.name != stage.name:
+            raise ValueError(f"stage {stage.name!r}: {key!r} already names stage {existing.name!r}")
+        if existing is not None and not replace:
             raise ValueError(f"stage {stage.name!r} is already registered; pass replace=True to replace it")
     unregister_stage(stage.name)
     for key in _keys(stage):
@@ -153,6 +154,6 @@ def sections() -> dict[str, type]:
     """Config key -> Section class of every registered stage that has options, in registration order."""
     out: dict[str, type] = {}
     for s in list_stages():
-        if s.section is not None:
+        if s.section is not None and s.config_class is not None:  # register_stage: both or neither
             out.setdefault(s.section, s.config_class)
     return out

@@ -24,7 +24,7 @@ from pqd.compress.student import Student, chain, qat_epoch_hook
 from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
-from pqd.stages.protocol import Stage, register_stage
+from pqd.stages.protocol import RunConfig, Stage, StageContext, StageSpec, register_stage
 from pqd.train.loop import epoch_seed, train
 from pqd.train.tracking import Tracker
 
@@ -48,7 +48,7 @@ class PruneConfig(Section):
     lr: float = 0.01
     prune_fraction: float = 0.75
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         in_range("prune.sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         choice("prune.schedule", self.schedule, ("gradual", "oneshot"))
         choice("prune.criterion", self.criterion, ("magnitude", "random"))
@@ -98,11 +98,11 @@ class PruneStage(Stage):
 
     name, letter, section, config_class = "prune", "P", "prune", PruneConfig
 
-    def validate(self, config, spec) -> None:
+    def validate(self, config: RunConfig, spec: StageSpec) -> None:
         if spec.epochs == 0 and config.prune.schedule == "gradual":
             fail("prune.schedule", "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning")
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         """prune.exclude matches layers of the model (raises ConfigError otherwise)."""
         prunable_layers(model, config.prune.exclude)
 
@@ -115,7 +115,7 @@ class PruneStage(Stage):
     def prune_exclude(self, section_config: PruneConfig) -> tuple[str, ...]:
         return section_config.exclude
 
-    def run(self, student: Student, section_config: PruneConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+    def run(self, student: Student, section_config: PruneConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
         return prune(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                      checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
 

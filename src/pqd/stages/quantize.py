@@ -21,7 +21,7 @@ from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits, batches
 from pqd.data.adapters import as_splits
 from pqd.errors import ModelError
-from pqd.stages.protocol import Stage, register_stage
+from pqd.stages.protocol import RunConfig, Stage, StageContext, StageSpec, register_stage
 from pqd.train.loop import train
 from pqd.train.tracking import Tracker
 
@@ -50,7 +50,7 @@ class QuantizeConfig(Section):
     symmetric: bool = True
     leaf_modules: tuple[str, ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         choice("quantize.mode", self.mode, MODES)
         choice("quantize.granularity", self.granularity, GRANULARITIES)
         in_range("quantize.lr", self.lr, 0.0)
@@ -127,7 +127,7 @@ class QuantizeStage(Stage):
     name, letter, section, config_class = "quantize", "Q", "quantize", QuantizeConfig
     quantizes = True
 
-    def validate(self, config, spec) -> None:
+    def validate(self, config: RunConfig, spec: StageSpec) -> None:
         mode = config.quantize.mode
         if mode in ("ptq", "dynamic"):
             if config.stages[-1].stage != self.name:
@@ -137,12 +137,12 @@ class QuantizeStage(Stage):
         elif spec.epochs == 0:
             fail("stages", "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only")
 
-    def preflight(self, model: nn.Module, config, example: torch.Tensor) -> None:
+    def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         """torch.fx can trace the model (raises ModelError naming the untraceable submodule)."""
         q = config.quantize
         prepare(model, example, mode=q.mode, reduce_range=q.reduce_range, options=quant_options(q), leaf_modules=q.leaf_modules)
 
-    def run(self, student: Student, section_config: QuantizeConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+    def run(self, student: Student, section_config: QuantizeConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
         return quantize(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                         checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
 

@@ -21,6 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -32,7 +33,16 @@ from pqd.config import Section
 from pqd.data.adapters import require_splits
 from pqd.errors import ConfigError, ModelError
 from pqd.stages.distill import DistillConfig
-from pqd.stages.protocol import Stage, register_stage
+from pqd.stages.protocol import RunConfig, Stage, StageContext, register_stage
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pqd.config import TrainConfig
+    from pqd.data import Splits
+    from pqd.stages.quantize import QuantizeConfig
+    from pqd.structured.latency_model import Target
+    from pqd.train.tracking import Tracker
 
 log = logging.getLogger("pqd.structured")
 
@@ -42,7 +52,7 @@ STRUCTURED_CRITERIA = ("l1", "l2", "bn", "taylor", "random")
 STRUCTURED_SELECT = ("greedy", "adapted_bn")
 
 
-def _sfail(key: str, msg: str):
+def _sfail(key: str, msg: str) -> NoReturn:
     raise ConfigError(f"structured.{key}: {msg}")
 
 
@@ -89,7 +99,7 @@ class StructuredConfig(Section):
     ignore: tuple[str, ...] = ()
     cache_dir: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if (self.budget_ms is None) == (self.budget_fraction is None):
             _sfail("budget_fraction", "give exactly one of structured.budget_fraction and structured.budget_ms "
                   "(set the other to null)")
@@ -122,7 +132,7 @@ class StructuredConfig(Section):
             _sfail("select", "'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb")
 
 
-def _with_record(student: Student, model, key: str, record: dict) -> Student:
+def _with_record(student: Student, model: nn.Module, key: str, record: dict[str, Any]) -> Student:
     return Student(model, {}, student.form, student.freeze_fraction, records={**student.records, key: record})
 
 
@@ -138,9 +148,11 @@ def deployment_target(cfg: StructuredConfig, quantize_config: QuantizeConfig | N
                    leaf_modules=tuple(quantize_config.leaf_modules))
 
 
-def structured_prune(student: Student, cfg, *, data, epochs: int, train_config, checkpoint: Path | None = None, seed: int = 0,
-                     augment: bool = True, device: torch.device | None = None, teacher=None, distill_config=None,
-                     tracker=None, quantize_config=None) -> tuple[Student, dict]:
+def structured_prune(student: Student, cfg: StructuredConfig, *, data: Splits, epochs: int, train_config: TrainConfig,
+                     checkpoint: Path | None = None, seed: int = 0, augment: bool = True, device: torch.device | None = None,
+                     teacher: nn.Module | None = None, distill_config: DistillConfig | None = None,
+                     tracker: Tracker | None = None, quantize_config: QuantizeConfig | None = None,
+                     ) -> tuple[Student, dict[str, Any]]:
     """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record).
 
     ``quantize_config`` (:class:`pqd.stages.quantize.QuantizeConfig`): how the later quantize stage will
@@ -239,7 +251,7 @@ class StructuredStage(Stage):
         check_runtime(copy.deepcopy(model).cpu().eval(), target=deployment_target(config.structured, config.quantize),
                       input_shape=tuple(example.shape[1:]))
 
-    def run(self, student: Student, section_config: StructuredConfig, ctx, *, epochs: int, checkpoint: Path | None) -> Student:
+    def run(self, student: Student, section_config: StructuredConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
         out, record = structured_prune(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
                                        checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
                                        teacher=ctx.teacher, distill_config=ctx.config.distill, tracker=ctx.tracker,
