@@ -14,7 +14,7 @@ from pqd.errors import ConfigError, ModelError
 from pqd.run.config import RunConfig
 from pqd.stages.protocol import StageContext
 from pqd.stages.structured import STAGE, structured_prune
-from pqd.structured.config import StructuredConfig
+from pqd.stages.structured import StructuredConfig
 
 
 def test_config_validates():
@@ -132,7 +132,7 @@ def test_stage_quantizes_its_latency_models_with_the_runs_quantize_settings(tiny
     in_process = lambda *a, **k: real_measure(*a, **{**k, "in_process": True})  # noqa: E731
     monkeypatch.setattr(L, "measure_int8", in_process)
     monkeypatch.setattr(S, "measure_int8", in_process)
-    out = STAGE.run(Student(model), ctx, epochs=0, checkpoint=None, index=0)
+    out = STAGE.run(Student(model), cfg, ctx, epochs=0, checkpoint=None)
     assert out.model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
     assert seen and all(t.leaf_modules == ("gate",) and t.options.granularity == "per_tensor" for t in seen)
     assert out.records["1_structured"]["latency_model"]["target"]["quantization"] == {"weights": "per_tensor/symmetric",
