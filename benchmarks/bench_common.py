@@ -35,8 +35,11 @@ def recorded_models(entry: dict, *, teacher_weights: str | None = None, keep=lam
     teacher.eval()
     example = torch.zeros(2, *SHAPE)
     scores = group_scores(ChannelGraph(copy.deepcopy(teacher), example), "l1")
-    return {r["variant"]: prune_to_widths(teacher, r["widths"], example=example, round_to=1, scores=scores)
-            for r in entry["rows"] if keep(r["variant"])}
+    return {
+        r["variant"]: prune_to_widths(teacher, r["widths"], example=example, round_to=1, scores=scores)
+        for r in entry["rows"]
+        if keep(r["variant"])
+    }
 
 
 def validation_images(data, args):
@@ -53,6 +56,6 @@ def bench_ranker(teacher, scores, example, data, args):
     images, scored on the ``args.val_images`` held-out images of :func:`validation_images`."""
     val = validation_images(data, args)
     perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(4321))
-    calib, _ = normalized_images(data.train, perm[:args.select_images], mean=data.mean, std=data.std)
+    calib, _ = normalized_images(data.train, perm[: args.select_images], mean=data.mean, std=data.std)
     val_x, val_y = normalized_images(val, torch.arange(len(val)), mean=data.mean, std=data.std)
     return adapted_bn_ranker(teacher, scores, example=example, calib=calib, val_x=val_x, val_y=val_y)

@@ -73,7 +73,9 @@ def _laplace_(model: torch.nn.Module, gen: torch.Generator) -> None:
                 m.weight.copy_(-b * torch.sign(u) * torch.log1p(-2 * u.abs()))
 
 
-def _int8(name: str, weights: str, sparsity: float, seed: int, calib: list[torch.Tensor]) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+def _int8(
+    name: str, weights: str, sparsity: float, seed: int, calib: list[torch.Tensor]
+) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     torch.manual_seed(seed)
     model = create_model(name, num_classes=10).eval()
     if weights == "laplace":
@@ -94,7 +96,9 @@ def _skeleton(name: str) -> torch.nn.Module:
     return convert_student(Student(prepare(model, torch.zeros(2, 3, 32, 32), mode="ptq"), form="ptq")).eval()
 
 
-def _compact(int8: torch.nn.Module, tmp: Path, codec: str = "zstd", level: int | None = None) -> tuple[dict, Path, float]:
+def _compact(
+    int8: torch.nn.Module, tmp: Path, codec: str = "zstd", level: int | None = None
+) -> tuple[dict, Path, float]:
     path = tmp / f"m.{codec}{level or ''}.pqdz"
     t = time.perf_counter()
     rep = compact.save_compact(int8, path, codec=codec, level=level)
@@ -117,7 +121,9 @@ def run(args: argparse.Namespace) -> dict:
                     t0 = time.perf_counter()
                     fp32, int8, dens = _int8(name, weights, sp, args.seed, calib)
                     build_s = time.perf_counter() - t0
-                    fp32_bytes = len(st_save({k: v.contiguous() for k, v in create_model(name, num_classes=10).state_dict().items()}))
+                    fp32_bytes = len(
+                        st_save({k: v.contiguous() for k, v in create_model(name, num_classes=10).state_dict().items()})
+                    )
                     buf = io.BytesIO()
                     torch.save(fp32.state_dict(), buf)
                     ts = io.BytesIO()
@@ -136,19 +142,33 @@ def run(args: argparse.Namespace) -> dict:
                     bound = compact.entropy_bound(int8)
                     codings = Counter(f"{t['positions']}+{t['values']}" for t in rep["tensors"].values())
                     row = {
-                        "model": name, "weights": weights, "sparsity": sp,
-                        "int8_sparsity": 1 - bound["density"], "value_entropy_bits": round(bound["value_entropy_bits"], 3),
-                        "all_zero_layers": sum(1 for v in dens.values() if v == 0.0), "layers": len(dens),
+                        "model": name,
+                        "weights": weights,
+                        "sparsity": sp,
+                        "int8_sparsity": 1 - bound["density"],
+                        "value_entropy_bits": round(bound["value_entropy_bits"], 3),
+                        "all_zero_layers": sum(1 for v in dens.values() if v == 0.0),
+                        "layers": len(dens),
                         "min_layer_density": round(min(dens.values()), 4),
-                        "fp32_safetensors": fp32_bytes, "fp32_torch_save": len(buf.getvalue()),
-                        "int8_ts": len(ts_bytes), "int8_ts_zstd19": ts_z,
-                        "compact": rep["bytes"], "compact_ints": rep["int_bytes"], "compact_misc": rep["misc_bytes"],
+                        "fp32_safetensors": fp32_bytes,
+                        "fp32_torch_save": len(buf.getvalue()),
+                        "int8_ts": len(ts_bytes),
+                        "int8_ts_zstd19": ts_z,
+                        "compact": rep["bytes"],
+                        "compact_ints": rep["int_bytes"],
+                        "compact_misc": rep["misc_bytes"],
                         "compact_header": rep["header_bytes"],
-                        "bound_per_tensor": round(bound["per_tensor"]), "bound_global": round(bound["global"]),
-                        "bound_per_tensor_mask": round(bound["per_tensor_mask"]), "bound_per_tensor_values": round(bound["per_tensor_values"]),
-                        "fp32_over_compact": fp32_bytes / rep["bytes"], "ts_zstd19_over_compact": ts_z / rep["bytes"],
+                        "bound_per_tensor": round(bound["per_tensor"]),
+                        "bound_global": round(bound["global"]),
+                        "bound_per_tensor_mask": round(bound["per_tensor_mask"]),
+                        "bound_per_tensor_values": round(bound["per_tensor_values"]),
+                        "fp32_over_compact": fp32_bytes / rep["bytes"],
+                        "ts_zstd19_over_compact": ts_z / rep["bytes"],
                         "ints_over_bound": rep["int_bytes"] / bound["per_tensor"] if bound["per_tensor"] else None,
-                        "codings": dict(codings), "save_s": round(save_s, 2), "load_s": round(load_s, 2), "build_s": round(build_s, 1),
+                        "codings": dict(codings),
+                        "save_s": round(save_s, 2),
+                        "load_s": round(load_s, 2),
+                        "build_s": round(build_s, 1),
                         "round_trip": "bit-exact, identical predictions",
                     }
                     if sp in args.codecs_at:
@@ -157,24 +177,33 @@ def run(args: argparse.Namespace) -> dict:
                             compact.verify_compact(p2, int8)
                             row[f"compact_{codec}{level}"], row[f"save_s_{codec}{level}"] = r2["bytes"], round(s2, 2)
                     rows.append(row)
-                    print(f"{name:10s} {weights:7s} {sp:4.2f}  fp32 {fp32_bytes:>10,}  ts {len(ts_bytes):>10,}  ts.zst {ts_z:>10,}  "
-                          f"compact {rep['bytes']:>10,}  bound {bound['per_tensor']:>12,.0f}  {fp32_bytes / rep['bytes']:5.1f}x  "
-                          f"{ts_z / rep['bytes']:4.2f}x vs ts.zst  ({save_s:.1f}s save){'  ' + str({k: v for k, v in row.items() if k.startswith('compact_lzma') or k.startswith('compact_zstd')}) if sp in args.codecs_at else ''}",
-                          flush=True)
-    return {"rows": rows, "env": {**environment(args.threads), "zstandard": zstandard.__version__}, "command": args.command}
+                    print(
+                        f"{name:10s} {weights:7s} {sp:4.2f}  fp32 {fp32_bytes:>10,}  ts {len(ts_bytes):>10,}  ts.zst {ts_z:>10,}  "
+                        f"compact {rep['bytes']:>10,}  bound {bound['per_tensor']:>12,.0f}  {fp32_bytes / rep['bytes']:5.1f}x  "
+                        f"{ts_z / rep['bytes']:4.2f}x vs ts.zst  ({save_s:.1f}s save){'  ' + str({k: v for k, v in row.items() if k.startswith('compact_lzma') or k.startswith('compact_zstd')}) if sp in args.codecs_at else ''}",
+                        flush=True,
+                    )
+    return {
+        "rows": rows,
+        "env": {**environment(args.threads), "zstandard": zstandard.__version__},
+        "command": args.command,
+    }
 
 
 def markdown(result: dict) -> str:
-    head = ("| model | weights | sparsity | FP32 safetensors | INT8 TorchScript | TS + zstd-19 | compact | ints / misc / header "
-            "| bound (per-tensor / global) | FP32 ÷ compact | TS.zst ÷ compact | ints ÷ bound |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| model | weights | sparsity | FP32 safetensors | INT8 TorchScript | TS + zstd-19 | compact | ints / misc / header "
+        "| bound (per-tensor / global) | FP32 ÷ compact | TS.zst ÷ compact | ints ÷ bound |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     lines = []
     for r in result["rows"]:
         ratio = f"{r['ints_over_bound']:.3f}" if r["ints_over_bound"] else "–"
         lines.append(
             f"| {r['model']} | {r['weights']} | {r['sparsity']:.0%} | {r['fp32_safetensors']:,} | {r['int8_ts']:,} | {r['int8_ts_zstd19']:,} "
             f"| **{r['compact']:,}** | {r['compact_ints']:,} / {r['compact_misc']:,} / {r['compact_header']:,} "
-            f"| {r['bound_per_tensor']:,} / {r['bound_global']:,} | {r['fp32_over_compact']:.1f}× | {r['ts_zstd19_over_compact']:.2f}× | {ratio} |")
+            f"| {r['bound_per_tensor']:,} / {r['bound_global']:,} | {r['fp32_over_compact']:.1f}× | {r['ts_zstd19_over_compact']:.2f}× | {ratio} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -191,15 +220,31 @@ def run_dir_sizes(run_dir: Path, seed: int = 0) -> dict:
         same = bool(torch.equal(model(x), jit(x)))
     bound = compact.entropy_bound(model)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"run_dir": str(run_dir), "model": metrics["model"], "width": metrics["width"], "stages": metrics["stages"],
-            "sparsity_int8": metrics["sparsity"]["achieved_int8"], "final_top1": metrics["accuracy"]["final_top1"],
-            "fp32_safetensors": fp32, "int8_ts": len(ts_bytes), "int8_ts_zstd19": ts_z, "compact": pqdz,
-            "bound_per_tensor": round(bound["per_tensor"]), "fp32_over_compact": fp32 / pqdz, "ts_zstd19_over_compact": ts_z / pqdz,
-            "fp32_over_ts_zstd19": fp32 / ts_z, "compact_predicts_as_torchscript": same}
+    return {
+        "run_dir": str(run_dir),
+        "model": metrics["model"],
+        "width": metrics["width"],
+        "stages": metrics["stages"],
+        "sparsity_int8": metrics["sparsity"]["achieved_int8"],
+        "final_top1": metrics["accuracy"]["final_top1"],
+        "fp32_safetensors": fp32,
+        "int8_ts": len(ts_bytes),
+        "int8_ts_zstd19": ts_z,
+        "compact": pqdz,
+        "bound_per_tensor": round(bound["per_tensor"]),
+        "fp32_over_compact": fp32 / pqdz,
+        "ts_zstd19_over_compact": ts_z / pqdz,
+        "fp32_over_ts_zstd19": fp32 / ts_z,
+        "compact_predicts_as_torchscript": same,
+    }
 
 
 def model_input_shape(run_dir: Path) -> tuple[int, ...]:
-    return tuple(json.loads((run_dir / "bench.json").read_text())["input_shape"]) if (run_dir / "bench.json").is_file() else (3, 32, 32)
+    return (
+        tuple(json.loads((run_dir / "bench.json").read_text())["input_shape"])
+        if (run_dir / "bench.json").is_file()
+        else (3, 32, 32)
+    )
 
 
 def main() -> None:
@@ -218,11 +263,13 @@ def main() -> None:
     args.command = "python benchmarks/compact_size.py " + " ".join(sys.argv[1:])
     if args.run_dir:
         r = run_dir_sizes(args.run_dir, args.seed) | {"command": args.command, "env": environment(args.threads)}
-        md = ("| run | sparsity (int8) | FP32 safetensors | INT8 TorchScript | TS + zstd-19 | compact | bound | FP32 ÷ compact "
-              "| TS.zst ÷ compact | compact predicts as TS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
-              f"| {r['model']} ×{r['width']} {r['stages']} | {r['sparsity_int8']:.1%} | {r['fp32_safetensors']:,} | {r['int8_ts']:,} "
-              f"| {r['int8_ts_zstd19']:,} | **{r['compact']:,}** | {r['bound_per_tensor']:,} | {r['fp32_over_compact']:.1f}× "
-              f"| {r['ts_zstd19_over_compact']:.2f}× | {r['compact_predicts_as_torchscript']} |\n")
+        md = (
+            "| run | sparsity (int8) | FP32 safetensors | INT8 TorchScript | TS + zstd-19 | compact | bound | FP32 ÷ compact "
+            "| TS.zst ÷ compact | compact predicts as TS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+            f"| {r['model']} ×{r['width']} {r['stages']} | {r['sparsity_int8']:.1%} | {r['fp32_safetensors']:,} | {r['int8_ts']:,} "
+            f"| {r['int8_ts_zstd19']:,} | **{r['compact']:,}** | {r['bound_per_tensor']:,} | {r['fp32_over_compact']:.1f}× "
+            f"| {r['ts_zstd19_over_compact']:.2f}× | {r['compact_predicts_as_torchscript']} |\n"
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(r, indent=2))
         args.out.with_suffix(".md").write_text(md)

@@ -42,7 +42,9 @@ def _vs(a: str, bs: list[str]) -> list[tuple[str, str]]:
 
 # section -> [(A, B), ...] comparisons "A beats B"; labels are the sweep's configuration labels
 CLAIMS = {
-    "3a. P→Q→D beats single techniques (shorter budgets)": _vs("PQD", ["ptq", "qat_only", "prune_only", "kd_only", "pq_nokd", "dense"]),
+    "3a. P→Q→D beats single techniques (shorter budgets)": _vs(
+        "PQD", ["ptq", "qat_only", "prune_only", "kd_only", "pq_nokd", "dense"]
+    ),
     "3b. P→Q→D beats equal-budget controls (13 epochs)": _vs("PQD", ["long_teacher", "ptq_long", "qat_long", "pq_ce4"]),
     "3c. P→Q→D beats the peer PTQ (NNCF)": _vs("PQD", ["nncf_ptq", "nncf_ptq_long"]),
     "4. P→Q→D is the best of the 6 orders": _vs("PQD", ["PDQ", "QPD", "QDP", "DPQ", "DQP"]),
@@ -50,8 +52,12 @@ CLAIMS = {
     "5b. KD last vs its epochs spent on more QAT (equal budget) and vs no KD stage": _vs("PQD", ["pq_ce4", "pq_nokd"]),
     "5c. KD alone vs the same fine-tuning without the teacher": _vs("kd_only", ["ft_ce2"]),
     # not a claim of the paper: what post-training quantization itself costs, each PTQ model against its own teacher
-    "PTQ vs its own FP32 teacher (what PTQ costs; a control)": [("ptq", "dense"), ("nncf_ptq", "dense"),
-                                                                ("ptq_long", "long_teacher"), ("nncf_ptq_long", "long_teacher")],
+    "PTQ vs its own FP32 teacher (what PTQ costs; a control)": [
+        ("ptq", "dense"),
+        ("nncf_ptq", "dense"),
+        ("ptq_long", "long_teacher"),
+        ("nncf_ptq_long", "long_teacher"),
+    ],
 }
 SPEED = ["dense", "PQD", "qat_only", "ptq", "prune_only", "kd_only", "sparsity__sparsity0.0", "nncf_ptq"]
 
@@ -92,9 +98,19 @@ def compare(ca: dict[int, np.ndarray], cb: dict[int, np.ndarray]) -> dict | None
     rec = mcnemar_pooled(tables)
     iv = paired_difference_interval(np.concatenate([ca[s] for s in seeds]), np.concatenate([cb[s] for s in seeds]))
     n = sum(len(ca[s]) for s in seeds)
-    return {"seeds": seeds, "n": n, "top1_a": sum(int(ca[s].sum()) for s in seeds) / n, "top1_b": sum(int(cb[s].sum()) for s in seeds) / n,
-            "difference": iv["difference"], "ci": [iv["ci_low"], iv["ci_high"]], "p": rec["p_value"], "b": rec["b"], "c": rec["c"],
-            "seeds_a_better": rec["strata_a_better"], "seeds_b_better": rec["strata_b_better"]}
+    return {
+        "seeds": seeds,
+        "n": n,
+        "top1_a": sum(int(ca[s].sum()) for s in seeds) / n,
+        "top1_b": sum(int(cb[s].sum()) for s in seeds) / n,
+        "difference": iv["difference"],
+        "ci": [iv["ci_low"], iv["ci_high"]],
+        "p": rec["p_value"],
+        "b": rec["b"],
+        "c": rec["c"],
+        "seeds_a_better": rec["strata_a_better"],
+        "seeds_b_better": rec["strata_b_better"],
+    }
 
 
 def main(argv=None) -> int:
@@ -107,8 +123,13 @@ def main(argv=None) -> int:
     aggs = aggregate(rows)
     corr = correctness(sweep, aggs)
     by_label = {g["label"]: g for g in aggs}
-    result = {"sweep": str(sweep), "command": "python benchmarks/evidence_claims.py " + " ".join(argv or sys.argv[1:]),
-              "configs": {}, "claims": {}, "latency": []}
+    result = {
+        "sweep": str(sweep),
+        "command": "python benchmarks/evidence_claims.py " + " ".join(argv or sys.argv[1:]),
+        "configs": {},
+        "claims": {},
+        "latency": [],
+    }
     for g in aggs:
         ci = None
         if g["label"] in corr:
@@ -117,9 +138,17 @@ def main(argv=None) -> int:
             from pqd.measure.stats import wilson_interval
 
             ci = [k / n, *wilson_interval(k, n), n]
-        result["configs"][g["label"]] = {"stages": g["stages"], "n_seeds": g["n"], "top1_mean": g["acc"], "top1_sd": g["acc_sd"],
-                                         "pooled_top1_ci_n": ci, "rel_lat_b1": g["rel_lat"], "rel_lat_b1_sd": g["rel_lat_sd"],
-                                         "lat_sides": g["lat_sides"], "size_mb": g["size_mb"]}
+        result["configs"][g["label"]] = {
+            "stages": g["stages"],
+            "n_seeds": g["n"],
+            "top1_mean": g["acc"],
+            "top1_sd": g["acc_sd"],
+            "pooled_top1_ci_n": ci,
+            "rel_lat_b1": g["rel_lat"],
+            "rel_lat_b1_sd": g["rel_lat_sd"],
+            "lat_sides": g["lat_sides"],
+            "size_mb": g["size_mb"],
+        }
     for claim, pairs in CLAIMS.items():
         recs = []
         for lab_a, lab_b in pairs:
@@ -134,8 +163,16 @@ def main(argv=None) -> int:
     for lab in SPEED:
         if lab in by_label:
             g = by_label[lab]
-            result["latency"].append({"label": lab, "stages": g["stages"], "rel_lat_b1": g["rel_lat"], "sd": g["rel_lat_sd"],
-                                      "sides": g["lat_sides"], "lat_ms": g["lat_ms"]})
+            result["latency"].append(
+                {
+                    "label": lab,
+                    "stages": g["stages"],
+                    "rel_lat_b1": g["rel_lat"],
+                    "sd": g["rel_lat_sd"],
+                    "sides": g["lat_sides"],
+                    "lat_ms": g["lat_ms"],
+                }
+            )
     out = Path(a.out) if a.out else sweep / "claims"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
@@ -149,29 +186,50 @@ def _f(v, fmt=".2f"):
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"# Evidence claims: {r['sweep']}", "", f"Command: `{r['command']}`", "",
-             "## Configurations (top-1 pooled over seeds on the full test split, Wilson 95% interval)", "",
-             "| configuration | stages | seeds | top-1 % mean ± sd | pooled top-1 % [95% CI] | rel. latency b1 (final / teacher) | sides | size MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Evidence claims: {r['sweep']}",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        "## Configurations (top-1 pooled over seeds on the full test split, Wilson 95% interval)",
+        "",
+        "| configuration | stages | seeds | top-1 % mean ± sd | pooled top-1 % [95% CI] | rel. latency b1 (final / teacher) | sides | size MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for lab, c in r["configs"].items():
         ci = c["pooled_top1_ci_n"]
         pooled = f"{100 * ci[0]:.2f} [{100 * ci[1]:.2f}, {100 * ci[2]:.2f}] (n={ci[3]})" if ci else "–"
-        lines.append(f"| {lab} | {c['stages'] or 'dense'} | {c['n_seeds']} | {_f(c['top1_mean'])} ± {_f(c['top1_sd'])} | {pooled} | "
-                     f"{_f(c['rel_lat_b1'], '.3f')} | {c['lat_sides']} | {_f(c['size_mb'], '.3f')} |")
+        lines.append(
+            f"| {lab} | {c['stages'] or 'dense'} | {c['n_seeds']} | {_f(c['top1_mean'])} ± {_f(c['top1_sd'])} | {pooled} | "
+            f"{_f(c['rel_lat_b1'], '.3f')} | {c['lat_sides']} | {_f(c['size_mb'], '.3f')} |"
+        )
     for claim, recs in r["claims"].items():
-        lines += ["", f"## {claim}", "",
-                  "| A | B | seeds | top-1 A % | top-1 B % | A − B (pts) [95% CI] | b / c | seeds A/B better | p | p (Holm, this claim) | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {claim}",
+            "",
+            "| A | B | seeds | top-1 A % | top-1 B % | A − B (pts) [95% CI] | b / c | seeds A/B better | p | p (Holm, this claim) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for x in recs:
-            lines.append(f"| {x['a']} | {x['b_label']} | {','.join(map(str, x['seeds']))} | {100 * x['top1_a']:.2f} | {100 * x['top1_b']:.2f} | "
-                         f"{100 * x['difference']:+.2f} [{100 * x['ci'][0]:+.2f}, {100 * x['ci'][1]:+.2f}] | {x['b']} / {x['c']} | "
-                         f"{x['seeds_a_better']}/{x['seeds_b_better']} | {x['p']:.3g} | {x['p_holm']:.3g} | **{x['verdict']}** |")
+            lines.append(
+                f"| {x['a']} | {x['b_label']} | {','.join(map(str, x['seeds']))} | {100 * x['top1_a']:.2f} | {100 * x['top1_b']:.2f} | "
+                f"{100 * x['difference']:+.2f} [{100 * x['ci'][0]:+.2f}, {100 * x['ci'][1]:+.2f}] | {x['b']} / {x['c']} | "
+                f"{x['seeds_a_better']}/{x['seeds_b_better']} | {x['p']:.3g} | {x['p_holm']:.3g} | **{x['verdict']}** |"
+            )
         if not recs:
             lines.append("| (no runs with predictions for this claim) | | | | | | | | | | |")
-    lines += ["", "## Latency (batch-1 median, final / teacher, timed interleaved in one run)", "",
-              "| configuration | stages | final ms | ratio | sides |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Latency (batch-1 median, final / teacher, timed interleaved in one run)",
+        "",
+        "| configuration | stages | final ms | ratio | sides |",
+        "|---|---|---|---|---|",
+    ]
     for x in r["latency"]:
-        lines.append(f"| {x['label']} | {x['stages'] or 'dense'} | {_f(x['lat_ms'], '.3f')} | {_f(x['rel_lat_b1'], '.3f')} ± {_f(x['sd'], '.3f')} | {x['sides']} |")
+        lines.append(
+            f"| {x['label']} | {x['stages'] or 'dense'} | {_f(x['lat_ms'], '.3f')} | {_f(x['rel_lat_b1'], '.3f')} ± {_f(x['sd'], '.3f')} | {x['sides']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -90,55 +90,127 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items()}
     bench: dict = {}
     for rep in range(args.repeats):
-        subprocess.run([sys.executable, "-m", "pqd.cli", "bench", str(args.run_dir), "--threads", str(args.threads),
-                        "--batch-sizes", "1", "--no-rss", "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pqd.cli",
+                "bench",
+                str(args.run_dir),
+                "--threads",
+                str(args.threads),
+                "--batch-sizes",
+                "1",
+                "--no-rss",
+                "--quiet",
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         bench = json.loads((args.run_dir / "bench.json").read_text())
         ov_settings = next(iter(bench["variants"].get("openvino_int8", {}).get("by_threads", {"": {}}).values()))
-        ov_config = {k: (int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v))
-                     for k, v in ov_settings.get("config", {}).items()}
+        ov_config = {
+            k: (int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v))
+            for k, v in ov_settings.get("config", {}).items()
+        }
         # the independent timer gets the threading environment pqd's workers recorded (the same variables)
         lenv = (bench.get("latency_env") or {}).get(str(args.threads)) or {}
-        timer_env = env if not lenv or lenv.get("inherited") else (
-            {k: v for k, v in env.items() if k not in (lenv.get("ignored_from_caller") or {})}
-            | {k: v for k, v in (lenv.get("variables") or {}).items() if v is not None})
+        timer_env = (
+            env
+            if not lenv or lenv.get("inherited")
+            else (
+                {k: v for k, v in env.items() if k not in (lenv.get("ignored_from_caller") or {})}
+                | {k: v for k, v in (lenv.get("variables") or {}).items() if v is not None}
+            )
+        )
         for key, fname in FILES.items():
             rec = next((r for r in bench["latency"] if r["model"] == key and r["batch"] == 1), None)
             if rec is None:
                 continue
             pqd_ms[key].append(rec["median_ms"])
-            out = subprocess.run([sys.executable, "-c", TIMER, key, str(args.run_dir / fname), str(args.threads), str(args.runs), json.dumps(ov_config)],
-                                 check=True, capture_output=True, text=True, env=timer_env)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    TIMER,
+                    key,
+                    str(args.run_dir / fname),
+                    str(args.threads),
+                    str(args.runs),
+                    json.dumps(ov_config),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=timer_env,
+            )
             ind_ms[key].append(json.loads(out.stdout.strip().splitlines()[-1])["median_ms"])
-        print(f"repeat {rep + 1}: " + ", ".join(f"{k} pqd {pqd_ms[k][-1]:.3f} / independent {ind_ms[k][-1]:.3f} ms"
-                                                 for k in FILES if pqd_ms[k]), flush=True)
+        print(
+            f"repeat {rep + 1}: "
+            + ", ".join(
+                f"{k} pqd {pqd_ms[k][-1]:.3f} / independent {ind_ms[k][-1]:.3f} ms" for k in FILES if pqd_ms[k]
+            ),
+            flush=True,
+        )
     rows = []
     for key in FILES:
         if not pqd_ms[key]:
             continue
         p, i = statistics.median(pqd_ms[key]), statistics.median(ind_ms[key])
         paired = statistics.median(a / b for a, b in zip(pqd_ms[key], ind_ms[key], strict=True))
-        rows.append({"runtime": key, "pqd_median_ms": p, "independent_median_ms": i, "pqd_over_independent": p / i,
-                     "paired_ratio_median": paired,
-                     "pqd_per_repeat": pqd_ms[key], "independent_per_repeat": ind_ms[key]})
+        rows.append(
+            {
+                "runtime": key,
+                "pqd_median_ms": p,
+                "independent_median_ms": i,
+                "pqd_over_independent": p / i,
+                "paired_ratio_median": paired,
+                "pqd_per_repeat": pqd_ms[key],
+                "independent_per_repeat": ind_ms[key],
+            }
+        )
     fastest = min(rows, key=lambda r: r["pqd_median_ms"])
     ok = abs(fastest["paired_ratio_median"] - 1) <= 0.10
     e = bench["env"]
-    result = {"run_dir": str(args.run_dir), "model": bench["model"], "width": bench["width"], "threads": args.threads,
-              "runs": args.runs, "repeats": args.repeats, "rows": rows, "fastest": fastest["runtime"], "within_10pct": ok,
-              "env": e, "pqd_settings": bench["settings"], "command": " ".join(["python", "benchmarks/independent_check.py", *sys.argv[1:]])}
-    lines = [f"# Independent latency check: {bench['model']} width {bench['width']}, batch 1, {args.threads} threads", "",
-             f"CPU: {e['cpu_model']}; torch {e['torch']}, " + ", ".join(f"{k} {v}" for k, v in e["runtimes"].items() if v),
-             f"Command: `{result['command']}`", "",
-             "| runtime | pqd bench median ms | independent median ms | ratio of medians | median of per-repeat ratios "
-             "| per repeat (pqd / independent) |",
-             "|---|---|---|---|---|---|"]
+    result = {
+        "run_dir": str(args.run_dir),
+        "model": bench["model"],
+        "width": bench["width"],
+        "threads": args.threads,
+        "runs": args.runs,
+        "repeats": args.repeats,
+        "rows": rows,
+        "fastest": fastest["runtime"],
+        "within_10pct": ok,
+        "env": e,
+        "pqd_settings": bench["settings"],
+        "command": " ".join(["python", "benchmarks/independent_check.py", *sys.argv[1:]]),
+    }
+    lines = [
+        f"# Independent latency check: {bench['model']} width {bench['width']}, batch 1, {args.threads} threads",
+        "",
+        f"CPU: {e['cpu_model']}; torch {e['torch']}, " + ", ".join(f"{k} {v}" for k, v in e["runtimes"].items() if v),
+        f"Command: `{result['command']}`",
+        "",
+        "| runtime | pqd bench median ms | independent median ms | ratio of medians | median of per-repeat ratios "
+        "| per repeat (pqd / independent) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        per = "; ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(r["pqd_per_repeat"], r["independent_per_repeat"], strict=True))
-        lines.append(f"| {r['runtime']} | {r['pqd_median_ms']:.3f} | {r['independent_median_ms']:.3f} | {r['pqd_over_independent']:.3f} "
-                     f"| {r['paired_ratio_median']:.3f} | {per} |")
-    lines += ["", f"Fastest runtime by pqd: {fastest['runtime']}; pqd / independent, median of the per-repeat ratios "
-              f"(each repeat pairs timings taken seconds apart): {fastest['paired_ratio_median']:.3f} "
-              f"-> {'within' if ok else 'NOT within'} 10%."]
+        per = "; ".join(
+            f"{a:.3f} / {b:.3f}" for a, b in zip(r["pqd_per_repeat"], r["independent_per_repeat"], strict=True)
+        )
+        lines.append(
+            f"| {r['runtime']} | {r['pqd_median_ms']:.3f} | {r['independent_median_ms']:.3f} | {r['pqd_over_independent']:.3f} "
+            f"| {r['paired_ratio_median']:.3f} | {per} |"
+        )
+    lines += [
+        "",
+        f"Fastest runtime by pqd: {fastest['runtime']}; pqd / independent, median of the per-repeat ratios "
+        f"(each repeat pairs timings taken seconds apart): {fastest['paired_ratio_median']:.3f} "
+        f"-> {'within' if ok else 'NOT within'} 10%.",
+    ]
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

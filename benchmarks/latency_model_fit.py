@@ -32,7 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def summary(errs, sources, which=None) -> dict:
     e = np.abs([x for x, s in zip(errs, sources, strict=True) if which is None or s == which])
-    return {"n": int(len(e)), "mean_abs": float(e.mean()), "max_abs": float(e.max()), "within_10pct": int((e <= 0.10).sum())}
+    return {
+        "n": int(len(e)),
+        "mean_abs": float(e.mean()),
+        "max_abs": float(e.max()),
+        "within_10pct": int((e <= 0.10).sum()),
+    }
 
 
 def main(argv=None) -> int:
@@ -40,27 +45,40 @@ def main(argv=None) -> int:
     p.add_argument("inputs", nargs="+", metavar="MODEL=CACHE.json")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency_model_fit"))
     a = p.parse_args(argv)
-    result = {"command": "python benchmarks/latency_model_fit.py " + " ".join(argv if argv is not None else sys.argv[1:]), "models": []}
-    lines = ["# Latency model: fitted in ms vs relative to the same run's dense model (leave-one-out)", "",
-             f"Command: `{result['command']}`", "",
-             "| model | samples | fit | all samples: mean / max abs error, within 10% | search samples: mean / max, within 10% |",
-             "|---|---|---|---|---|"]
+    result = {
+        "command": "python benchmarks/latency_model_fit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "models": [],
+    }
+    lines = [
+        "# Latency model: fitted in ms vs relative to the same run's dense model (leave-one-out)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| model | samples | fit | all samples: mean / max abs error, within 10% | search samples: mean / max, within 10% |",
+        "|---|---|---|---|---|",
+    ]
     for item in a.inputs:
         name, path = item.split("=", 1)
         d = json.loads(Path(path).read_text())
-        graph = ChannelGraph(create_model(name, num_classes=10, width=1.0).eval(), torch.zeros(2, *d["key"]["input_shape"]))
+        graph = ChannelGraph(
+            create_model(name, num_classes=10, width=1.0).eval(), torch.zeros(2, *d["key"]["input_shape"])
+        )
         sources = [s["source"] for s in d["samples"]]
         rec = {"model": name, "samples": len(sources), "key": d["key"]}
-        for fit, samples in (("ms", [{k: v for k, v in s.items() if k != "dense_ms"} for s in d["samples"]]),
-                             ("relative", d["samples"])):
+        for fit, samples in (
+            ("ms", [{k: v for k, v in s.items() if k != "dense_ms"} for s in d["samples"]]),
+            ("relative", d["samples"]),
+        ):
             lm = L.LatencyModel(d["key"], samples, d.get("pad", 16))
             if fit == "relative" and not lm.relative:
                 raise SystemExit(f"{path}: some samples have no same-run dense reading (dense_ms)")
             errs = lm.loo_errors(graph)
             rec[fit] = {"all": summary(errs, sources), "search": summary(errs, sources, "search"), "errors": errs}
             al, se = rec[fit]["all"], rec[fit]["search"]
-            lines.append(f"| {name} | {len(sources)} | {fit} | {al['mean_abs']:.3f} / {al['max_abs']:.3f}, {al['within_10pct']} of {al['n']} | "
-                         f"{se['mean_abs']:.3f} / {se['max_abs']:.3f}, {se['within_10pct']} of {se['n']} |")
+            lines.append(
+                f"| {name} | {len(sources)} | {fit} | {al['mean_abs']:.3f} / {al['max_abs']:.3f}, {al['within_10pct']} of {al['n']} | "
+                f"{se['mean_abs']:.3f} / {se['max_abs']:.3f}, {se['within_10pct']} of {se['n']} |"
+            )
         result["models"].append(rec)
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

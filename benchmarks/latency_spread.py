@@ -52,7 +52,12 @@ def export_all(models: dict, target: L.Target, shape, folder: Path) -> dict[str,
     specs = {}
     for i, (name, m) in enumerate(models.items()):
         part = L.export_int8(m, example, target.runtime, folder / f"m{i}")
-        specs[name] = part | {"threads": target.threads, "input_shape": list(shape), "batch_sizes": [target.batch], "seed": 0}
+        specs[name] = part | {
+            "threads": target.threads,
+            "input_shape": list(shape),
+            "batch_sizes": [target.batch],
+            "seed": 0,
+        }
     return specs
 
 
@@ -62,8 +67,14 @@ def digest(specs: dict) -> dict[str, str]:
 
 def timed(workers, target: L.Target, runs: int) -> dict:
     s0, t0 = cpu_ticks()
-    recs = interleave(workers, batch_sizes=(target.batch,), threads=target.threads, warmup=10, runs=runs,
-                      large_batch_runs=max(3, runs // 5))
+    recs = interleave(
+        workers,
+        batch_sizes=(target.batch,),
+        threads=target.threads,
+        warmup=10,
+        runs=runs,
+        large_batch_runs=max(3, runs // 5),
+    )
     s1, t1 = cpu_ticks()
     return {"ms": {r["model"]: r["median_ms"] for r in recs}, "steal_share": (s1 - s0) / max(1, t1 - t0)}
 
@@ -74,9 +85,14 @@ def summarize(reps: list[dict], names: list[str]) -> dict:
         if k == "dense":
             continue
         r = [x["ms"][k] / x["ms"]["dense"] for x in reps]
-        out[k] = {"ratios": r, "median": statistics.median(r), "min": min(r), "max": max(r),
-                  "range_over_median": (max(r) - min(r)) / statistics.median(r),
-                  "cv": statistics.pstdev(r) / statistics.fmean(r)}
+        out[k] = {
+            "ratios": r,
+            "median": statistics.median(r),
+            "min": min(r),
+            "max": max(r),
+            "range_over_median": (max(r) - min(r)) / statistics.median(r),
+            "cv": statistics.pstdev(r) / statistics.fmean(r),
+        }
     d = [x["ms"]["dense"] for x in reps]
     out["dense_ms"] = {"values": d, "min": min(d), "max": max(d), "cv": statistics.pstdev(d) / statistics.fmean(d)}
     return out
@@ -115,26 +131,42 @@ def main(argv=None) -> int:
             with start_workers(specs) as workers:
                 levels["fresh"].append(timed(workers, target, a.runs))
     out = {
-        "command": " ".join(sys.argv), "result": a.result, "model": m["model"], "target": vars(target),
-        "repeats": a.repeats, "runs": a.runs, "seconds": time.time() - t0,
-        "env": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__},
+        "command": " ".join(sys.argv),
+        "result": a.result,
+        "model": m["model"],
+        "target": vars(target),
+        "repeats": a.repeats,
+        "runs": a.runs,
+        "seconds": time.time() - t0,
+        "env": {
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "exports_identical": all(h == hashes[0] for h in hashes),
         "levels": {k: {"reps": v, "summary": summarize(v, names)} for k, v in levels.items()},
     }
     stem = Path(a.out)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    lines = [f"# Spread of measured latency ratios: {m['model']}, {target.runtime}, batch {target.batch}, {target.threads} threads",
-             "", f"`{out['command']}`", "",
-             f"{a.repeats} repeats per level, {a.runs} timed calls per model per repeat; exports byte-identical across "
-             f"fresh exports: {out['exports_identical']}; {out['seconds']:.0f} s.", "",
-             "| level | model | ratio median | min | max | (max-min)/median | dense ms min-max | steal share max |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Spread of measured latency ratios: {m['model']}, {target.runtime}, batch {target.batch}, {target.threads} threads",
+        "",
+        f"`{out['command']}`",
+        "",
+        f"{a.repeats} repeats per level, {a.runs} timed calls per model per repeat; exports byte-identical across "
+        f"fresh exports: {out['exports_identical']}; {out['seconds']:.0f} s.",
+        "",
+        "| level | model | ratio median | min | max | (max-min)/median | dense ms min-max | steal share max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for lv, v in out["levels"].items():
         s = v["summary"]
         steal = max(x["steal_share"] for x in v["reps"])
         for k in names[1:]:
-            lines.append(f"| {lv} | {k} | {s[k]['median']:.3f} | {s[k]['min']:.3f} | {s[k]['max']:.3f} | "
-                         f"{s[k]['range_over_median']:.1%} | {s['dense_ms']['min']:.3f}-{s['dense_ms']['max']:.3f} | {steal:.1%} |")
+            lines.append(
+                f"| {lv} | {k} | {s[k]['median']:.3f} | {s[k]['min']:.3f} | {s[k]['max']:.3f} | "
+                f"{s[k]['range_over_median']:.1%} | {s['dense_ms']['min']:.3f}-{s['dense_ms']['max']:.3f} | {steal:.1%} |"
+            )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -59,6 +59,7 @@ FLOOR_ROUND_TO = 8  # the floor model: every group at 8 channels, as pqd's defau
 def fit_predict(kind: str, graph, named: dict, sets: list[dict], rows: list[tuple], train: np.ndarray) -> np.ndarray:
     """Fit pqd's latency model (:class:`pqd.structured.latency_model.LatencyModel`) on rows ``train``, given
     the reference readings ``kind`` keeps, and predict every row's ms in its own run's readings."""
+
     def sample(c, r):
         s = {"widths": named[c], "ms": sets[r][c], "source": f"run {r}"}
         if kind != "ms":
@@ -69,7 +70,9 @@ def fit_predict(kind: str, graph, named: dict, sets: list[dict], rows: list[tupl
 
     lm = L.LatencyModel(key={}, samples=[sample(c, r) for (c, r), t in zip(rows, train, strict=True) if t]).fit(graph)
     assert lm.fit_kind == kind
-    return np.array([lm.predict_in_run(graph, named[c], dense_ms=sets[r]["dense"], floor_ms=sets[r]["floor"]) for c, r in rows])
+    return np.array(
+        [lm.predict_in_run(graph, named[c], dense_ms=sets[r]["dense"], floor_ms=sets[r]["floor"]) for c, r in rows]
+    )
 
 
 def time_sets(dense, named: dict, scores, example, target, a) -> list[dict]:
@@ -80,11 +83,21 @@ def time_sets(dense, named: dict, scores, example, target, a) -> list[dict]:
         specs = {}
         for i, (k, m) in enumerate(models.items()):
             specs[k] = L.export_int8(m, example, target.runtime, Path(tmp) / f"m{i}") | {
-                "threads": target.threads, "input_shape": [3, 32, 32], "batch_sizes": [target.batch], "seed": 0}
+                "threads": target.threads,
+                "input_shape": [3, 32, 32],
+                "batch_sizes": [target.batch],
+                "seed": 0,
+            }
         for r in range(a.sets):
             with start_workers(specs) as workers:
-                recs = interleave(workers, batch_sizes=(target.batch,), threads=target.threads, warmup=10,
-                                  runs=a.runs_per_set, large_batch_runs=3)
+                recs = interleave(
+                    workers,
+                    batch_sizes=(target.batch,),
+                    threads=target.threads,
+                    warmup=10,
+                    runs=a.runs_per_set,
+                    large_batch_runs=3,
+                )
             sets.append({rec["model"]: rec["median_ms"] for rec in recs} | {"t": time.time() - t0})
             print(a.out, r, {k: round(v, 3) for k, v in sets[-1].items()}, flush=True)
     return sets
@@ -100,8 +113,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     old = json.loads(Path(a.refit).read_text())["models"] if a.refit else {}
-    out = {"command": " ".join(sys.argv), "env": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                                                   "python": platform.python_version()}, "models": {}}
+    out = {
+        "command": " ".join(sys.argv),
+        "env": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "models": {},
+    }
     lines = ["# Latency predictions across machine states", "", f"`{out['command']}`", ""]
     for spec in a.files:
         name, path = spec.split("=", 1)
@@ -139,26 +159,50 @@ def main(argv=None) -> int:
                 test = np.array([cc == c for cc, _ in rows])
                 pred = fit_predict(kind, graph, named, sets, rows, ~test)
                 err[test] = (pred[test] - ms[test]) / ms[test]
-            res[kind] = {"errors": err.tolist(),
-                         "all": {"mean_abs": float(np.abs(err).mean()), "max_abs": float(np.abs(err).max()),
-                                 "within_10": int((np.abs(err) <= 0.10).sum()), "n": len(err)},
-                         "slow": {"mean_abs": float(np.abs(err[slow]).mean()) if slow.any() else None,
-                                  "within_10": int((np.abs(err[slow]) <= 0.10).sum()), "n": int(slow.sum())},
-                         "fast": {"mean_abs": float(np.abs(err[~slow]).mean()) if (~slow).any() else None,
-                                  "within_10": int((np.abs(err[~slow]) <= 0.10).sum()), "n": int((~slow).sum())}}
-        out["models"][name] = {"configs": named, "sets": sets, "rows": rows, "fits": res, "seconds": time.time() - t0,
-                               "target": vars(target)}
+            res[kind] = {
+                "errors": err.tolist(),
+                "all": {
+                    "mean_abs": float(np.abs(err).mean()),
+                    "max_abs": float(np.abs(err).max()),
+                    "within_10": int((np.abs(err) <= 0.10).sum()),
+                    "n": len(err),
+                },
+                "slow": {
+                    "mean_abs": float(np.abs(err[slow]).mean()) if slow.any() else None,
+                    "within_10": int((np.abs(err[slow]) <= 0.10).sum()),
+                    "n": int(slow.sum()),
+                },
+                "fast": {
+                    "mean_abs": float(np.abs(err[~slow]).mean()) if (~slow).any() else None,
+                    "within_10": int((np.abs(err[~slow]) <= 0.10).sum()),
+                    "n": int((~slow).sum()),
+                },
+            }
+        out["models"][name] = {
+            "configs": named,
+            "sets": sets,
+            "rows": rows,
+            "fits": res,
+            "seconds": time.time() - t0,
+            "target": vars(target),
+        }
         fl_all = [s["floor"] for s in sets]
         dn_all = [s["dense"] for s in sets]
-        lines += [f"## {name}: {len(cfg)} configurations x {len(sets)} runs ({out['models'][name]['seconds']:.0f} s)", "",
-                  f"Floor model {min(fl_all):.3f}-{max(fl_all):.3f} ms, dense {min(dn_all):.3f}-{max(dn_all):.3f} ms across runs; "
-                  f"runs split at the median floor reading ({floor_med:.3f} ms) into fast and slow.", "",
-                  "| fit | mean abs error | max abs error | within 10% (all) | within 10% (fast runs) | within 10% (slow runs) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {name}: {len(cfg)} configurations x {len(sets)} runs ({out['models'][name]['seconds']:.0f} s)",
+            "",
+            f"Floor model {min(fl_all):.3f}-{max(fl_all):.3f} ms, dense {min(dn_all):.3f}-{max(dn_all):.3f} ms across runs; "
+            f"runs split at the median floor reading ({floor_med:.3f} ms) into fast and slow.",
+            "",
+            "| fit | mean abs error | max abs error | within 10% (all) | within 10% (fast runs) | within 10% (slow runs) |",
+            "|---|---|---|---|---|---|",
+        ]
         for kind in FITS:
             s = res[kind]
-            lines.append(f"| {kind} | {s['all']['mean_abs']:.1%} | {s['all']['max_abs']:.1%} | {s['all']['within_10']} of {s['all']['n']} | "
-                         f"{s['fast']['within_10']} of {s['fast']['n']} | {s['slow']['within_10']} of {s['slow']['n']} |")
+            lines.append(
+                f"| {kind} | {s['all']['mean_abs']:.1%} | {s['all']['max_abs']:.1%} | {s['all']['within_10']} of {s['all']['n']} | "
+                f"{s['fast']['within_10']} of {s['fast']['n']} | {s['slow']['within_10']} of {s['slow']['n']} |"
+            )
         lines.append("")
     stem = Path(a.out)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1, default=str))

@@ -34,13 +34,24 @@ def main() -> None:
     data = load_data(pqd.DataConfig(dataset="digits", train_subset=max(300, a.calibration), test_subset=300))
     model = create_model("resnet18", num_classes=10, width=a.width).eval()
     t = time.perf_counter()
-    rec = nncf_ptq(model, data, a.out, config=NncfPtqConfig(calibration_size=a.calibration, threads=a.threads, backend=a.backend))
+    rec = nncf_ptq(
+        model, data, a.out, config=NncfPtqConfig(calibration_size=a.calibration, threads=a.threads, backend=a.backend)
+    )
     rec["timings_s"]["total_s"] = round(time.perf_counter() - t, 3)
-    out = {"width": a.width, "backend": a.backend, "calibration": a.calibration, "threads": a.threads, "timings_s": rec["timings_s"],
-           "bytes": rec["artefact"]["bytes"], "agreement_with_teacher": rec["evaluation"]["agreement_with_teacher"]}
+    out = {
+        "width": a.width,
+        "backend": a.backend,
+        "calibration": a.calibration,
+        "threads": a.threads,
+        "timings_s": rec["timings_s"],
+        "bytes": rec["artefact"]["bytes"],
+        "agreement_with_teacher": rec["evaluation"]["agreement_with_teacher"],
+    }
     if not a.no_latency:
         lat = time_peer(rec, input_shape=data.image_shape, threads=(a.threads,), batch_sizes=(1, 64))
-        out["latency"] = [{k: r[k] for k in ("model", "runtime", "precision", "batch", "threads", "median_ms", "p90_ms")} for r in lat]
+        out["latency"] = [
+            {k: r[k] for k in ("model", "runtime", "precision", "batch", "threads", "median_ms", "p90_ms")} for r in lat
+        ]
     print(json.dumps(out, indent=1))
 
 

@@ -68,15 +68,30 @@ def main() -> None:
         compiled(x1)
     compile_s = time.perf_counter() - t
 
-    recs = measure_latency({"fp32_eager": model, "fx_int8_torchscript": fx_ts, "pt2e_int8_inductor": compiled},
-                           input_shape=(3, 32, 32), batch_sizes=(1,), threads=args.threads, runs=args.runs)
-    result = {"width": args.width, "fx_prepare_convert_s": fx_s, "pt2e_prepare_convert_s": pt2e_prep_s,
-              "pt2e_compile_s": compile_s, "latency": recs, "env": environment(args.threads)}
+    recs = measure_latency(
+        {"fp32_eager": model, "fx_int8_torchscript": fx_ts, "pt2e_int8_inductor": compiled},
+        input_shape=(3, 32, 32),
+        batch_sizes=(1,),
+        threads=args.threads,
+        runs=args.runs,
+    )
+    result = {
+        "width": args.width,
+        "fx_prepare_convert_s": fx_s,
+        "pt2e_prepare_convert_s": pt2e_prep_s,
+        "pt2e_compile_s": compile_s,
+        "latency": recs,
+        "env": environment(args.threads),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     for r in recs:
-        print(f"{r['model']:<22} b=1 median {r['median_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  {r['ratio_to_baseline']:.2f}x vs FP32")
-    print(f"FX prepare+convert {fx_s:.1f} s; PT2E prepare+convert {pt2e_prep_s:.1f} s + Inductor compile {compile_s:.1f} s")
+        print(
+            f"{r['model']:<22} b=1 median {r['median_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  {r['ratio_to_baseline']:.2f}x vs FP32"
+        )
+    print(
+        f"FX prepare+convert {fx_s:.1f} s; PT2E prepare+convert {pt2e_prep_s:.1f} s + Inductor compile {compile_s:.1f} s"
+    )
 
 
 if __name__ == "__main__":

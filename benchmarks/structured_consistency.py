@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result")
-    ap.add_argument("--teacher", help="teacher safetensors (widths only matter for latency; default: untrained weights)")
+    ap.add_argument(
+        "--teacher", help="teacher safetensors (widths only matter for latency; default: untrained weights)"
+    )
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", required=True)
@@ -42,19 +44,39 @@ def main(argv=None) -> int:
         rec = {"model": m["model"], "alone": [], "pairs": [], "all": []}
         t0 = time.time()
         for _ in range(a.repeats):
-            rec["alone"].append({k: L.measure_int8({k: models[k]}, target=target, input_shape=shape, runs=a.runs)[k]
-                                 for k in ["dense"] + chosen})
-            rec["pairs"].append({k: L.measure_int8({"dense": models["dense"], k: models[k]}, target=target, input_shape=shape, runs=a.runs)
-                                 for k in chosen})
+            rec["alone"].append(
+                {
+                    k: L.measure_int8({k: models[k]}, target=target, input_shape=shape, runs=a.runs)[k]
+                    for k in ["dense"] + chosen
+                }
+            )
+            rec["pairs"].append(
+                {
+                    k: L.measure_int8(
+                        {"dense": models["dense"], k: models[k]}, target=target, input_shape=shape, runs=a.runs
+                    )
+                    for k in chosen
+                }
+            )
             rec["all"].append(L.measure_int8(models, target=target, input_shape=shape, runs=a.runs))
-        rec["ratios"] = {k: {"alone": [x[k] / x["dense"] for x in rec["alone"]],
-                             "pair": [p[k][k] / p[k]["dense"] for p in rec["pairs"]],
-                             "all": [x[k] / x["dense"] for x in rec["all"]],
-                             "budget": float(k.split("@")[1])} for k in chosen}
+        rec["ratios"] = {
+            k: {
+                "alone": [x[k] / x["dense"] for x in rec["alone"]],
+                "pair": [p[k][k] / p[k]["dense"] for p in rec["pairs"]],
+                "all": [x[k] / x["dense"] for x in rec["all"]],
+                "budget": float(k.split("@")[1]),
+            }
+            for k in chosen
+        }
         rec["seconds"] = time.time() - t0
         out["models"].append(rec)
         for k, r in rec["ratios"].items():
-            print(m["model"], k, {kk: [round(x, 3) for x in v] if isinstance(v, list) else v for kk, v in r.items()}, flush=True)
+            print(
+                m["model"],
+                k,
+                {kk: [round(x, 3) for x in v] if isinstance(v, list) else v for kk, v in r.items()},
+                flush=True,
+            )
     Path(a.out).write_text(json.dumps(out, indent=1, default=str))
     return 0
 

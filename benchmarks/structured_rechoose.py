@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("result", type=Path)
-    p.add_argument("--cache-dir", required=True, help="the --cache-dir of the benchmark run (its teacher is cached there)")
+    p.add_argument(
+        "--cache-dir", required=True, help="the --cache-dir of the benchmark run (its teacher is cached there)"
+    )
     p.add_argument("--data", default=None, help="default: the run's --data")
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--out", type=Path, default=None)
@@ -47,12 +49,20 @@ def main(argv=None) -> int:
         args.data = a.data
     torch.set_num_threads(args.threads_train)
     data = load_data(DataConfig(dataset="cifar10", root=args.data, train_subset=args.train_subset, test_subset=10))
-    out = {"command": "python benchmarks/structured_rechoose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "alpha": a.alpha, "models": []}
+    out = {
+        "command": "python benchmarks/structured_rechoose.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "alpha": a.alpha,
+        "models": [],
+    }
     for m in res["models"]:
         name = m["model"]
-        teacher = create_model(name, num_classes=data.num_classes, **({"width": args.width} if args.width != 1.0 else {}))
-        cached = Path(a.cache_dir) / f"teacher_{name}_w{args.width}_n{args.train_subset}_e{args.teacher_epochs}_lr{args.teacher_lr:g}.safetensors"
+        teacher = create_model(
+            name, num_classes=data.num_classes, **({"width": args.width} if args.width != 1.0 else {})
+        )
+        cached = (
+            Path(a.cache_dir)
+            / f"teacher_{name}_w{args.width}_n{args.train_subset}_e{args.teacher_epochs}_lr{args.teacher_lr:g}.safetensors"
+        )
         teacher.load_state_dict(load_checkpoint(cached)[0])
         teacher.eval()
         example = torch.zeros(2, *data.image_shape)
@@ -65,12 +75,28 @@ def main(argv=None) -> int:
             for c in s["candidates"]:
                 got = float(correct[c["recipe"]].float().mean())
                 if abs(got - c["score"]) > 1e-9:
-                    raise SystemExit(f"budget {budget}, {c['recipe']}: top-1 {got} differs from the stored {c['score']}: not the same ranking")
+                    raise SystemExit(
+                        f"budget {budget}, {c['recipe']}: top-1 {got} differs from the stored {c['score']}: not the same ranking"
+                    )
             chosen, test = choose(correct, alpha=a.alpha)
-            rows.append({"budget": float(budget), "chosen_then": s["recipe"], "chosen_now": chosen, "test": test,
-                         "scores": {n: float(c.float().mean()) for n, c in correct.items()}})
-            print(f"{name} @ {budget}: then {s['recipe']}, now {chosen}; " + (f"best {test['best']} vs uniform "
-                  f"{test['difference'] * 100:+.1f} pts, p = {test['p_value']:.3g}" if test else "uniform was the best"), flush=True)
+            rows.append(
+                {
+                    "budget": float(budget),
+                    "chosen_then": s["recipe"],
+                    "chosen_now": chosen,
+                    "test": test,
+                    "scores": {n: float(c.float().mean()) for n, c in correct.items()},
+                }
+            )
+            print(
+                f"{name} @ {budget}: then {s['recipe']}, now {chosen}; "
+                + (
+                    f"best {test['best']} vs uniform {test['difference'] * 100:+.1f} pts, p = {test['p_value']:.3g}"
+                    if test
+                    else "uniform was the best"
+                ),
+                flush=True,
+            )
         out["models"].append({"model": name, "budgets": rows})
     dest = a.out or a.result.with_name(a.result.stem + "_rechoose.json")
     dest.write_text(json.dumps(out, indent=1))

@@ -36,7 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--runtime", default="openvino", choices=L.RUNTIMES)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--configs", type=int, default=6, help="random keep-ratio configurations (plus uniform 0.7 and 0.45)")
+    p.add_argument(
+        "--configs", type=int, default=6, help="random keep-ratio configurations (plus uniform 0.7 and 0.45)"
+    )
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -58,27 +60,50 @@ def main(argv=None) -> int:
             w = {g: round_width(c * ratios[g], c, rt) for g, c in chans.items()}
             key = f"{name}/r{rt}"
             models[key] = prune_to_widths(model, w, example=x, round_to=1)
-            meta[key] = {"config": name, "round_to": rt, "widths": w, "macs": sum(r.macs for r in graph.layer_shapes(w))}
+            meta[key] = {
+                "config": name,
+                "round_to": rt,
+                "widths": w,
+                "macs": sum(r.macs for r in graph.layer_shapes(w)),
+            }
     ms = L.measure_int8(models, target=L.Target(a.runtime, a.batch, a.threads), input_shape=(3, 32, 32), runs=a.runs)
     rows = [{**meta[k], "measured_ms": ms[k]} for k in models]
-    lines = [f"# round_to vs measured INT8 latency ({a.model} x{a.width}, {a.runtime}, batch {a.batch}, {a.threads} threads)", "",
-             f"Command: `python benchmarks/structured_rounding.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             "| config | r1 ms | r8 ms | r16 ms | r1 MMACs | r8 MMACs | r16 MMACs | r8/r1 | r16/r1 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# round_to vs measured INT8 latency ({a.model} x{a.width}, {a.runtime}, batch {a.batch}, {a.threads} threads)",
+        "",
+        f"Command: `python benchmarks/structured_rounding.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+        "| config | r1 ms | r8 ms | r16 ms | r1 MMACs | r8 MMACs | r16 MMACs | r8/r1 | r16/r1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     ratios8, ratios16 = [], []
     for name in ratio_sets:
         r = {rt: next(x for x in rows if x["config"] == name and x["round_to"] == rt) for rt in (1, 8, 16)}
         q8, q16 = r[8]["measured_ms"] / r[1]["measured_ms"], r[16]["measured_ms"] / r[1]["measured_ms"]
         ratios8.append(q8)
         ratios16.append(q16)
-        lines.append(f"| {name} | {r[1]['measured_ms']:.3f} | {r[8]['measured_ms']:.3f} | {r[16]['measured_ms']:.3f} | "
-                     f"{r[1]['macs'] / 1e6:.1f} | {r[8]['macs'] / 1e6:.1f} | {r[16]['macs'] / 1e6:.1f} | {q8:.3f} | {q16:.3f} |")
-    lines += ["", f"Median latency ratio to round_to=1: round_to=8 {statistics.median(ratios8):.3f}, "
-                  f"round_to=16 {statistics.median(ratios16):.3f} (below 1: the rounded, larger model is faster)."]
+        lines.append(
+            f"| {name} | {r[1]['measured_ms']:.3f} | {r[8]['measured_ms']:.3f} | {r[16]['measured_ms']:.3f} | "
+            f"{r[1]['macs'] / 1e6:.1f} | {r[8]['macs'] / 1e6:.1f} | {r[16]['macs'] / 1e6:.1f} | {q8:.3f} | {q16:.3f} |"
+        )
+    lines += [
+        "",
+        f"Median latency ratio to round_to=1: round_to=8 {statistics.median(ratios8):.3f}, "
+        f"round_to=16 {statistics.median(ratios16):.3f} (below 1: the rounded, larger model is faster).",
+    ]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "structured_rounding_quick" if a.quick else "structured_rounding"
-    (out / f"{stem}.json").write_text(json.dumps({"args": vars(a), "env": {k: v for k, v in environment(a.threads).items()
-                                                                            if k != "cpu_flags"}, "rows": rows}, indent=1))
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "args": vars(a),
+                "env": {k: v for k, v in environment(a.threads).items() if k != "cpu_flags"},
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -38,8 +38,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    ds = Dataset(x=torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
-                 y=torch.randint(0, 10, (args.images,), generator=g), classes=tuple(map(str, range(10))))
+    ds = Dataset(
+        x=torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
+        y=torch.randint(0, 10, (args.images,), generator=g),
+        classes=tuple(map(str, range(10))),
+    )
     data = Splits(name="random", train=ds, val=None, test=ds, mean=(0.5,) * 3, std=(0.25,) * 3, hflip=True)
     cfg = TrainConfig(batch_size=128, progress=False)
     model = create_model("resnet18", width=args.width)
@@ -54,11 +57,18 @@ def main() -> None:
     timed("fp32", lambda: train(model, data, epochs=1, lr=0.01, config=cfg))
     teacher = copy.deepcopy(model)
     q = {}
-    timed("qat", lambda: q.setdefault("s", quantize(Student(model), QuantizeConfig(), data=data, epochs=1, train_config=cfg)))
+    timed(
+        "qat",
+        lambda: q.setdefault("s", quantize(Student(model), QuantizeConfig(), data=data, epochs=1, train_config=cfg)),
+    )
     timed("kd", lambda: distill(q["s"], DistillConfig(), teacher=teacher, data=data, epochs=1, train_config=cfg))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"width": args.width, "images": args.images, "images_per_s": results,
-                                    "env": environment(args.threads)}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"width": args.width, "images": args.images, "images_per_s": results, "env": environment(args.threads)},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -48,10 +48,34 @@ from pqd.run.rundir import RunDir
 
 def scale(quick: bool) -> dict:
     if quick:
-        return {"width": 0.125, "seeds": [0], "teacher_epochs": 3, "E": 3, "rounds": 2, "fraction": 0.5, "seq": (1, 1, 1),
-                "kd_epochs": 2, "kd_sparsity": 0.9, "train_subset": None, "runs": 10, "warmup": 2}
-    return {"width": 0.25, "seeds": [0, 1, 2], "teacher_epochs": 15, "E": 12, "rounds": 2, "fraction": 0.5, "seq": (4, 4, 4),
-            "kd_epochs": 6, "kd_sparsity": 0.9, "train_subset": None, "runs": 100, "warmup": 10}
+        return {
+            "width": 0.125,
+            "seeds": [0],
+            "teacher_epochs": 3,
+            "E": 3,
+            "rounds": 2,
+            "fraction": 0.5,
+            "seq": (1, 1, 1),
+            "kd_epochs": 2,
+            "kd_sparsity": 0.9,
+            "train_subset": None,
+            "runs": 10,
+            "warmup": 2,
+        }
+    return {
+        "width": 0.25,
+        "seeds": [0, 1, 2],
+        "teacher_epochs": 15,
+        "E": 12,
+        "rounds": 2,
+        "fraction": 0.5,
+        "seq": (4, 4, 4),
+        "kd_epochs": 6,
+        "kd_sparsity": 0.9,
+        "train_subset": None,
+        "runs": 100,
+        "warmup": 10,
+    }
 
 
 def groups(s: dict) -> dict[str, list[tuple[str, dict]]]:
@@ -67,22 +91,49 @@ def groups(s: dict) -> dict[str, list[tuple[str, dict]]]:
         # are frozen diverges (seen in pqd 115cf68 for 'Q:1,D:3' as for 'J:3'); a 1-epoch stage never freezes,
         # so the default would freeze J's last epochs but not D:1's and compare the freeze, not the order.
         "joint": [
-            ("sequential_PQD", {"stages": f"P:{a},Q:{b},D:{c}", "prune": {"sparsity": target}, "quantize": {"freeze_fraction": 0.0}}),
-            ("joint_J", {"stages": f"J:{a + b + c}", "joint": {"sparsity": target}, "quantize": {"freeze_fraction": 0.0}}),
+            (
+                "sequential_PQD",
+                {"stages": f"P:{a},Q:{b},D:{c}", "prune": {"sparsity": target}, "quantize": {"freeze_fraction": 0.0}},
+            ),
+            (
+                "joint_J",
+                {"stages": f"J:{a + b + c}", "joint": {"sparsity": target}, "quantize": {"freeze_fraction": 0.0}},
+            ),
         ],
         "kd": [
-            ("kd_response", {"stages": f"P:0,D:{s['kd_epochs']}", "prune": {"sparsity": s["kd_sparsity"], "schedule": "oneshot"},
-                             "distill": {"kind": "response"}}),
-            ("kd_feature", {"stages": f"P:0,D:{s['kd_epochs']}", "prune": {"sparsity": s["kd_sparsity"], "schedule": "oneshot"},
-                            "distill": {"kind": "feature"}}),
-            ("kd_attention", {"stages": f"P:0,D:{s['kd_epochs']}", "prune": {"sparsity": s["kd_sparsity"], "schedule": "oneshot"},
-                              "distill": {"kind": "attention"}}),
+            (
+                "kd_response",
+                {
+                    "stages": f"P:0,D:{s['kd_epochs']}",
+                    "prune": {"sparsity": s["kd_sparsity"], "schedule": "oneshot"},
+                    "distill": {"kind": "response"},
+                },
+            ),
+            (
+                "kd_feature",
+                {
+                    "stages": f"P:0,D:{s['kd_epochs']}",
+                    "prune": {"sparsity": s["kd_sparsity"], "schedule": "oneshot"},
+                    "distill": {"kind": "feature"},
+                },
+            ),
+            (
+                "kd_attention",
+                {
+                    "stages": f"P:0,D:{s['kd_epochs']}",
+                    "prune": {"sparsity": s["kd_sparsity"], "schedule": "oneshot"},
+                    "distill": {"kind": "attention"},
+                },
+            ),
         ],
         "quant": [
             ("ptq_per_channel_sym", {"stages": "Q:0", "quantize": {"mode": "ptq"}}),
             ("ptq_per_tensor_sym", {"stages": "Q:0", "quantize": {"mode": "ptq", "granularity": "per_tensor"}}),
             ("ptq_per_channel_affine", {"stages": "Q:0", "quantize": {"mode": "ptq", "symmetric": False}}),
-            ("ptq_per_tensor_affine", {"stages": "Q:0", "quantize": {"mode": "ptq", "granularity": "per_tensor", "symmetric": False}}),
+            (
+                "ptq_per_tensor_affine",
+                {"stages": "Q:0", "quantize": {"mode": "ptq", "granularity": "per_tensor", "symmetric": False}},
+            ),
             ("dynamic_linear", {"stages": "Q:0", "quantize": {"mode": "dynamic"}}),
         ],
     }
@@ -90,7 +141,8 @@ def groups(s: dict) -> dict[str, list[tuple[str, dict]]]:
 
 def base_config(s: dict, seed: int, threads: int) -> dict:
     return {
-        "seed": seed, "model": {"name": "resnet18", "width": s["width"]},
+        "seed": seed,
+        "model": {"name": "resnet18", "width": s["width"]},
         "data": {"dataset": "digits", "train_subset": s["train_subset"]},
         "train": {"batch_size": 64, "progress": False, "threads": threads},
         "teacher": {"epochs": s["teacher_epochs"], "lr": 0.05},
@@ -123,14 +175,21 @@ def paired(ref: torch.Tensor, other: torch.Tensor, *, resamples: int = 2000, see
     boot = diff[idx].mean(1).sort().values
     lo, hi = boot[int(0.025 * resamples)].item(), boot[int(0.975 * resamples) - 1].item()
     test = mcnemar(int(((ref == 1) & (other == 0)).sum()), int(((ref == 0) & (other == 1)).sum()))
-    return {"diff": diff.mean().item(), "ci95": [lo, hi], "mcnemar_p": test["p_value"], "n_images": len(diff),
-            "resolved": lo > 0 or hi < 0}
+    return {
+        "diff": diff.mean().item(),
+        "ci95": [lo, hi],
+        "mcnemar_p": test["p_value"],
+        "n_images": len(diff),
+        "resolved": lo > 0 or hi < 0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke scale: width 0.125, 1 seed, 3-epoch budgets")
-    ap.add_argument("--groups", default="pruning,joint,kd,quant", help="comma-separated subset of pruning,joint,kd,quant")
+    ap.add_argument(
+        "--groups", default="pruning,joint,kd,quant", help="comma-separated subset of pruning,joint,kd,quant"
+    )
     ap.add_argument("--work", default=None, help="folder for the runs (kept; default: a temporary folder, removed)")
     ap.add_argument("--out", default="benchmarks/results/variants", help="output path without suffix")
     ap.add_argument("--threads", type=int, default=2, help="training threads")
@@ -162,13 +221,26 @@ def main(argv: list[str] | None = None) -> int:
                 correct[(group, name, seed)] = ok
                 b1 = {r["model"]: r["median_ms"] for r in m["latency"] if r["batch"] == 1}
                 deg = m.get("degradation") or {}
-                runs.append({"group": group, "variant": name, "seed": seed, "stages": m["stages"], "top1": m["accuracy"]["final_top1"],
-                             "teacher_top1": m["accuracy"]["teacher_top1"], "sparsity_target": m["sparsity"]["target"],
-                             "sparsity_achieved": m["sparsity"]["achieved"], "sparsity_int8": m["sparsity"].get("achieved_int8"),
-                             "b1_ms": b1.get(f"final_{m['final_form']}"), "teacher_b1_ms": b1.get("teacher_fp32"),
-                             "size_bytes": m["size_bytes"]["final"], "compact_bytes": m["size_bytes"].get("compact_int8"),
-                             "degradation_factor": deg.get("degradation_factor"), "slice_failure": deg.get("slice_failure"),
-                             "wall_s": m.get("wall_time_s")})
+                runs.append(
+                    {
+                        "group": group,
+                        "variant": name,
+                        "seed": seed,
+                        "stages": m["stages"],
+                        "top1": m["accuracy"]["final_top1"],
+                        "teacher_top1": m["accuracy"]["teacher_top1"],
+                        "sparsity_target": m["sparsity"]["target"],
+                        "sparsity_achieved": m["sparsity"]["achieved"],
+                        "sparsity_int8": m["sparsity"].get("achieved_int8"),
+                        "b1_ms": b1.get(f"final_{m['final_form']}"),
+                        "teacher_b1_ms": b1.get("teacher_fp32"),
+                        "size_bytes": m["size_bytes"]["final"],
+                        "compact_bytes": m["size_bytes"].get("compact_int8"),
+                        "degradation_factor": deg.get("degradation_factor"),
+                        "slice_failure": deg.get("slice_failure"),
+                        "wall_s": m.get("wall_time_s"),
+                    }
+                )
     summary, claims = [], []
     for group, variants in plan.items():
         ref = variants[0][0]
@@ -177,19 +249,35 @@ def main(argv: list[str] | None = None) -> int:
             oks = torch.cat([correct[(group, name, sd)] for sd in s["seeds"]])
             lo, hi = wilson(int(oks.sum()), len(oks))
             rel = [r["b1_ms"] / r["teacher_b1_ms"] for r in rs if r["b1_ms"] and r["teacher_b1_ms"]]
-            summary.append({"group": group, "variant": name, "stages": rs[0]["stages"], "seeds": len(rs),
-                            "top1": oks.float().mean().item(), "top1_ci95": [lo, hi],
-                            "sparsity_achieved": sum(r["sparsity_achieved"] for r in rs) / len(rs),
-                            "rel_b1_latency": sum(rel) / len(rel) if rel else None,
-                            "compact_bytes": rs[0]["compact_bytes"], "size_bytes": rs[0]["size_bytes"],
-                            "degradation_factor": sum(r["degradation_factor"] or 0 for r in rs) / len(rs),
-                            "slice_failures": sum(bool(r["slice_failure"]) for r in rs)})
+            summary.append(
+                {
+                    "group": group,
+                    "variant": name,
+                    "stages": rs[0]["stages"],
+                    "seeds": len(rs),
+                    "top1": oks.float().mean().item(),
+                    "top1_ci95": [lo, hi],
+                    "sparsity_achieved": sum(r["sparsity_achieved"] for r in rs) / len(rs),
+                    "rel_b1_latency": sum(rel) / len(rel) if rel else None,
+                    "compact_bytes": rs[0]["compact_bytes"],
+                    "size_bytes": rs[0]["size_bytes"],
+                    "degradation_factor": sum(r["degradation_factor"] or 0 for r in rs) / len(rs),
+                    "slice_failures": sum(bool(r["slice_failure"]) for r in rs),
+                }
+            )
             if name != ref:
                 refs = torch.cat([correct[(group, ref, sd)] for sd in s["seeds"]])
                 claims.append({"group": group, "claim": f"{name} vs {ref}", **paired(refs, oks)})
-    result = {"quick": args.quick, "scale": s, "torch": torch.__version__, "wall_s": round(time.time() - t0, 1),
-              "command": "python benchmarks/variants_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "summary": summary, "claims": claims, "runs": runs}
+    result = {
+        "quick": args.quick,
+        "scale": s,
+        "torch": torch.__version__,
+        "wall_s": round(time.time() - t0, 1),
+        "command": "python benchmarks/variants_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "summary": summary,
+        "claims": claims,
+        "runs": runs,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -206,25 +294,38 @@ def _pct(x):
 
 def markdown(r: dict) -> str:
     s = r["scale"]
-    lines = [f"# Variants study ({'QUICK smoke scale: not evidence' if r['quick'] else 'CPU scale'})", "",
-             f"`{r['command']}` — digits, ResNet-18 width {s['width']}, seeds {s['seeds']}, teacher {s['teacher_epochs']} epochs, "
-             f"torch {r['torch']}, {r['wall_s']:.0f} s. Accuracy of the deployed model on the 360 test images "
-             "(pooled over seeds) with a 95% Wilson interval; latency = batch-1 median relative to the teacher timed "
-             "interleaved in the same run (1 thread).", "",
-             "| group | variant | stages | seeds | top-1 % [95% CI] | sparsity | rel. b1 latency | compact KB | DF | slice flags |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Variants study ({'QUICK smoke scale: not evidence' if r['quick'] else 'CPU scale'})",
+        "",
+        f"`{r['command']}` — digits, ResNet-18 width {s['width']}, seeds {s['seeds']}, teacher {s['teacher_epochs']} epochs, "
+        f"torch {r['torch']}, {r['wall_s']:.0f} s. Accuracy of the deployed model on the 360 test images "
+        "(pooled over seeds) with a 95% Wilson interval; latency = batch-1 median relative to the teacher timed "
+        "interleaved in the same run (1 thread).",
+        "",
+        "| group | variant | stages | seeds | top-1 % [95% CI] | sparsity | rel. b1 latency | compact KB | DF | slice flags |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for x in r["summary"]:
         lo, hi = x["top1_ci95"]
         rel = "-" if x["rel_b1_latency"] is None else f"{x['rel_b1_latency']:.2f}"
         kb = "-" if not x["compact_bytes"] else f"{x['compact_bytes'] / 1e3:.1f}"
-        lines.append(f"| {x['group']} | {x['variant']} | `{x['stages']}` | {x['seeds']} | {_pct(x['top1'])} [{_pct(lo)}, {_pct(hi)}] | "
-                     f"{x['sparsity_achieved']:.2f} | {rel} | {kb} | {x['degradation_factor']:.3f} | {x['slice_failures']} |")
-    lines += ["", "## Claims (paired, same test images, pooled over seeds)", "",
-              "| group | claim | Δ top-1 (pts) | 95% bootstrap CI | McNemar p | verdict |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {x['group']} | {x['variant']} | `{x['stages']}` | {x['seeds']} | {_pct(x['top1'])} [{_pct(lo)}, {_pct(hi)}] | "
+            f"{x['sparsity_achieved']:.2f} | {rel} | {kb} | {x['degradation_factor']:.3f} | {x['slice_failures']} |"
+        )
+    lines += [
+        "",
+        "## Claims (paired, same test images, pooled over seeds)",
+        "",
+        "| group | claim | Δ top-1 (pts) | 95% bootstrap CI | McNemar p | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in r["claims"]:
         verdict = ("better" if c["diff"] > 0 else "worse") if c["resolved"] else "not resolved at this scale"
-        lines.append(f"| {c['group']} | {c['claim']} | {100 * c['diff']:+.1f} | [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | "
-                     f"{c['mcnemar_p']:.3g} | {verdict} |")
+        lines.append(
+            f"| {c['group']} | {c['claim']} | {100 * c['diff']:+.1f} | [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | "
+            f"{c['mcnemar_p']:.3g} | {verdict} |"
+        )
     return "\n".join(lines) + "\n"
 
 

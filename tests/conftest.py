@@ -29,7 +29,9 @@ def _blobs(n: int, num_classes: int, size: int, seed: int) -> Dataset:
 def tiny_data() -> Splits:
     """A 4-class, 16x16 in-memory dataset: 256 train / 64 test images."""
     train, test = _blobs(256, 4, 16, 0), _blobs(64, 4, 16, 1)
-    return Splits(name="blobs", train=train, val=None, test=test, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), hflip=True)
+    return Splits(
+        name="blobs", train=train, val=None, test=test, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), hflip=True
+    )
 
 
 TINY_CONFIG = {
@@ -63,8 +65,17 @@ def tiny_teacher(tmp_path_factory) -> dict:
     data = load_data(cfg.data, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.num_classes)
-    train(model, data, epochs=cfg.teacher.epochs, lr=cfg.teacher.lr, config=cfg.train, seed=cfg.seed, tag="teacher", amp=True,
-          augment=cfg.data.augment)
+    train(
+        model,
+        data,
+        epochs=cfg.teacher.epochs,
+        lr=cfg.teacher.lr,
+        config=cfg.train,
+        seed=cfg.seed,
+        tag="teacher",
+        amp=True,
+        augment=cfg.data.augment,
+    )
     path = tmp_path_factory.mktemp("tiny_teacher") / "teacher.safetensors"
     save_checkpoint(path, model.state_dict(), {"model": cfg.model.name, "num_classes": data.num_classes})
     return {"epochs": 0, "weights": str(path)}
@@ -113,5 +124,7 @@ def shared_data_dir() -> Path:
     """``$PQD_DATA_DIR`` holding the CIFAR JPEG copies; skips when absent (fresh clones)."""
     root = os.environ.get("PQD_DATA_DIR")
     if not root or not (Path(root) / "cifar10-jpeg.tar.gz").is_file():
-        pytest.skip("set PQD_DATA_DIR to the folder holding cifar10-jpeg.tar.gz to run this test (CI uses ../shared/data)")
+        pytest.skip(
+            "set PQD_DATA_DIR to the folder holding cifar10-jpeg.tar.gz to run this test (CI uses ../shared/data)"
+        )
     return Path(root)

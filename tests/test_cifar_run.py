@@ -12,15 +12,39 @@ import pytest
 def test_pqd_run_resnet18_on_cifar10(shared_data_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "pqd.cli", "run", "configs/resnet18_cifar10_cpu.yaml", "--out", str(out),
-        "--set", f"data.root={shared_data_dir / 'cifar10-jpeg.tar.gz'}",
-        "--set", "data.train_subset=4000", "--set", "data.test_subset=1000", "--set", "teacher.epochs=3",
-        "--set", "stages=P:1,Q:1,D:1", "--set", "measure.runs=50",
+        sys.executable,
+        "-m",
+        "pqd.cli",
+        "run",
+        "configs/resnet18_cifar10_cpu.yaml",
+        "--out",
+        str(out),
+        "--set",
+        f"data.root={shared_data_dir / 'cifar10-jpeg.tar.gz'}",
+        "--set",
+        "data.train_subset=4000",
+        "--set",
+        "data.test_subset=1000",
+        "--set",
+        "teacher.epochs=3",
+        "--set",
+        "stages=P:1,Q:1,D:1",
+        "--set",
+        "measure.runs=50",
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
+    r = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__))
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    for f in ("config.yaml", "env.json", "teacher.safetensors", "model_int8.pt", "metrics.json", "stages/3_distill/student.safetensors"):
+    for f in (
+        "config.yaml",
+        "env.json",
+        "teacher.safetensors",
+        "model_int8.pt",
+        "metrics.json",
+        "stages/3_distill/student.safetensors",
+    ):
         assert (out / f).is_file(), f
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == "cifar10" and m["num_classes"] == 10

@@ -52,7 +52,9 @@ def test_kill_mid_stage_then_resume(tiny_config, tiny_teacher, tmp_path):
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen(_pqd("run", str(cfg_path), "--out", str(out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _pqd("run", str(cfg_path), "--out", str(out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     target = out / "stages" / "2_quantize" / "epoch.safetensors"
     deadline = time.time() + 240
     while not target.exists() and proc.poll() is None and time.time() < deadline:
@@ -64,7 +66,9 @@ def test_kill_mid_stage_then_resume(tiny_config, tiny_teacher, tmp_path):
     prune_mtime = (out / "stages" / "1_prune" / "student.safetensors").stat().st_mtime_ns
     assert not (out / "metrics.json").exists()
 
-    r = subprocess.run(_pqd("run", str(cfg_path), "--out", str(out)), env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _pqd("run", str(cfg_path), "--out", str(out)), env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming after stage 1 (prune)" in r.stderr
     assert "quantize: resumed from" in r.stderr
@@ -74,7 +78,9 @@ def test_kill_mid_stage_then_resume(tiny_config, tiny_teacher, tmp_path):
     resumed = json.loads((out / "metrics.json").read_text())
 
     fresh = tmp_path / "fresh"
-    r = subprocess.run(_pqd("run", str(cfg_path), "--out", str(fresh)), env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _pqd("run", str(cfg_path), "--out", str(fresh)), env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     clean = json.loads((fresh / "metrics.json").read_text())
     assert resumed["accuracy"] == clean["accuracy"], "an interrupted run must end where an uninterrupted one does"
@@ -100,8 +106,20 @@ def test_pqd_run_under_torchrun_two_gloo_processes(tiny_config, tiny_teacher, tm
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config | {"stages": "P:1,Q:1,D:1", "teacher": tiny_teacher}))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pqd.cli",
-           "run", str(cfg_path), "--out", str(tmp_path / "run"), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pqd.cli",
+        "run",
+        str(cfg_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -112,26 +130,57 @@ def test_pqd_run_under_torchrun_two_gloo_processes(tiny_config, tiny_teacher, tm
 def test_run_summary_names_the_latency_sides_and_the_test_set():
     from pqd.cli import format_table
 
-    ci = lambda t: {"top1": t, "ci_low": t - 0.02, "ci_high": t + 0.02, "n": 10000, "method": "wilson", "confidence": 0.95}  # noqa: E731
-    lat = [{"model": m, "batch": 1, "median_ms": ms, "p90_ms": ms, "threads": 2} for m, ms in (("teacher_fp32", 4.0), ("final_int8", 1.0))]
-    m = {"schema": 3, "model": "resnet18", "dataset": "cifar10", "stages": "P:1,Q:2,D:2", "final_form": "int8",
-         "accuracy": {"teacher_top1": 0.6, "final_top1": 0.62, "teacher_top1_ci": ci(0.6), "final_top1_ci": ci(0.62),
-                      "test_n": 10000, "test_full_split": True},
-         "size_bytes": {"teacher_fp32": 4_000_000, "final": 1_000_000, "final_file": "model_int8.pt"}, "latency": lat}
+    ci = lambda t: {
+        "top1": t,
+        "ci_low": t - 0.02,
+        "ci_high": t + 0.02,
+        "n": 10000,
+        "method": "wilson",
+        "confidence": 0.95,
+    }  # noqa: E731
+    lat = [
+        {"model": m, "batch": 1, "median_ms": ms, "p90_ms": ms, "threads": 2}
+        for m, ms in (("teacher_fp32", 4.0), ("final_int8", 1.0))
+    ]
+    m = {
+        "schema": 3,
+        "model": "resnet18",
+        "dataset": "cifar10",
+        "stages": "P:1,Q:2,D:2",
+        "final_form": "int8",
+        "accuracy": {
+            "teacher_top1": 0.6,
+            "final_top1": 0.62,
+            "teacher_top1_ci": ci(0.6),
+            "final_top1_ci": ci(0.62),
+            "test_n": 10000,
+            "test_full_split": True,
+        },
+        "size_bytes": {"teacher_fp32": 4_000_000, "final": 1_000_000, "final_file": "model_int8.pt"},
+        "latency": lat,
+    }
     out = format_table(m)
     assert "62.00% [60.0, 64.0]" in out and "full test split (n=10000)" in out
     assert "4.00x (PyTorch eager FP32 vs TorchScript INT8)" in out and "pqd bench" in out
     assert "x faster" not in out
     assert "own threading environment" not in out  # the controlled worker environment (or not recorded): nothing to say
-    inherited = m | {"schema": 4, "latency_env": {"inherited": True, "harness": "worker processes",
-                                                  "variables": {"OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "PASSIVE"}}}
-    assert "(latency timed in this shell's own threading environment, not the controlled one: OMP_WAIT_POLICY=PASSIVE)" \
+    inherited = m | {
+        "schema": 4,
+        "latency_env": {
+            "inherited": True,
+            "harness": "worker processes",
+            "variables": {"OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "PASSIVE"},
+        },
+    }
+    assert (
+        "(latency timed in this shell's own threading environment, not the controlled one: OMP_WAIT_POLICY=PASSIVE)"
         in format_table(inherited)
+    )
 
 
-
-
-@pytest.mark.parametrize("argv", [["run", "c.yaml", "--out", "r dir"], ["sweep", "s.yaml", "--out", "sw"], ["export", "r"]])
+@pytest.mark.parametrize(
+    "argv", [["run", "c.yaml", "--out", "r dir"], ["sweep", "s.yaml", "--out", "sw"], ["export", "r"]]
+)
 def test_ctrl_c_prints_one_resume_line_and_exits_130(argv, monkeypatch, capsys):
     import pqd.cli
 
@@ -141,8 +190,9 @@ def test_ctrl_c_prints_one_resume_line_and_exits_130(argv, monkeypatch, capsys):
     monkeypatch.setattr(pqd.cli, "_main", interrupted)
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == [f"pqd: interrupted; finished steps are kept. Resume with: pqd {' '.join(argv)}"
-                                        .replace("r dir", "'r dir'")]
+    assert err.strip().splitlines() == [
+        f"pqd: interrupted; finished steps are kept. Resume with: pqd {' '.join(argv)}".replace("r dir", "'r dir'")
+    ]
 
 
 @pytest.mark.slow
@@ -152,8 +202,14 @@ def test_sigint_during_pqd_run_is_one_line_exit_130(tiny_config, tmp_path):
     cfg_path.write_text(yaml.safe_dump(tiny_config | {"teacher": {"epochs": 50, "lr": 0.05}}))
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen(_pqd("run", str(cfg_path), "--out", str(out)), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _pqd("run", str(cfg_path), "--out", str(out)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     target = out / "teacher.epoch.safetensors"
     deadline = time.time() + 240
     while not target.exists() and proc.poll() is None and time.time() < deadline:
@@ -163,7 +219,10 @@ def test_sigint_during_pqd_run_is_one_line_exit_130(tiny_config, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == f"pqd: interrupted; finished steps are kept. Resume with: pqd run {cfg_path} --out {out}"
+    assert (
+        err.strip().splitlines()[-1]
+        == f"pqd: interrupted; finished steps are kept. Resume with: pqd run {cfg_path} --out {out}"
+    )
 
 
 def test_size_change_says_larger_when_the_file_grew():
@@ -198,11 +257,21 @@ def test_run_summary_says_when_latency_fell_back_to_this_process_and_lists_warni
     from pqd.cli import format_table
 
     def metrics(harness: str) -> dict:
-        lat = [{"model": m, "batch": 1, "median_ms": ms, "p90_ms": ms, "threads": 2, "harness": harness}
-               for m, ms in (("teacher_fp32", 4.0), ("final_int8", 1.0))]
-        return {"schema": 3, "model": "resnet18", "dataset": "cifar10", "stages": "Q:1", "final_form": "int8",
-                "accuracy": {"teacher_top1": 0.6, "final_top1": 0.62}, "warnings": ["structured: budget missed"],
-                "size_bytes": {"teacher_fp32": 4_000_000, "final": 1_000_000, "final_file": "model_int8.pt"}, "latency": lat}
+        lat = [
+            {"model": m, "batch": 1, "median_ms": ms, "p90_ms": ms, "threads": 2, "harness": harness}
+            for m, ms in (("teacher_fp32", 4.0), ("final_int8", 1.0))
+        ]
+        return {
+            "schema": 3,
+            "model": "resnet18",
+            "dataset": "cifar10",
+            "stages": "Q:1",
+            "final_form": "int8",
+            "accuracy": {"teacher_top1": 0.6, "final_top1": 0.62},
+            "warnings": ["structured: budget missed"],
+            "size_bytes": {"teacher_fp32": 4_000_000, "final": 1_000_000, "final_file": "model_int8.pt"},
+            "latency": lat,
+        }
 
     fell_back = format_table(metrics("in-process"))
     assert "own worker process" not in fell_back and "in this process" in fell_back

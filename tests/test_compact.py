@@ -90,7 +90,9 @@ def test_model_codings_are_the_smallest_candidates(models, tmp_path):
     for key, t in report["tensors"].items():
         c = t["candidates"]
         chosen = c["dense"] if t["positions"] == "dense" else c[t["positions"]] + c[t["values"]]
-        options = [c[p] + c[v] for p in ("bitmask", "delta") for v in ("raw", "chshift")] + ([c["dense"]] if "dense" in c else [])
+        options = [c[p] + c[v] for p in ("bitmask", "delta") for v in ("raw", "chshift")] + (
+            [c["dense"]] if "dense" in c else []
+        )
         assert chosen == t["bytes"] == min(options), key
         seen.add(t["positions"])
     assert {"bitmask", "delta"} <= seen, "a 90%-sparse ResNet has layers for both position codings"
@@ -137,8 +139,20 @@ def test_long_zero_runs_and_all_zero_tensors(tmp_path):
     zps = torch.zeros(16, dtype=torch.int64)
     state = {
         "sparse": torch.quantize_per_channel(w, scales, zps, 0, torch.qint8),
-        "all_zero": torch.quantize_per_channel(torch.zeros(64, 32, 3, 3), torch.ones(64, dtype=torch.float64), torch.zeros(64, dtype=torch.int64), 0, torch.qint8),
-        "dense_axis1": torch.quantize_per_channel(torch.randn(4, 6, generator=g), torch.full((6,), 0.02, dtype=torch.float64), torch.zeros(6, dtype=torch.int64), 1, torch.qint8),
+        "all_zero": torch.quantize_per_channel(
+            torch.zeros(64, 32, 3, 3),
+            torch.ones(64, dtype=torch.float64),
+            torch.zeros(64, dtype=torch.int64),
+            0,
+            torch.qint8,
+        ),
+        "dense_axis1": torch.quantize_per_channel(
+            torch.randn(4, 6, generator=g),
+            torch.full((6,), 0.02, dtype=torch.float64),
+            torch.zeros(6, dtype=torch.int64),
+            1,
+            torch.qint8,
+        ),
         "per_tensor_u8": torch.quantize_per_tensor(torch.rand(5, 5, generator=g), 0.01, 7, torch.quint8),
         "empty": torch.zeros(0, 3),
         "scalar": torch.tensor(0.125),
@@ -170,15 +184,18 @@ def valid_file(models, tmp_path_factory) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: b[: len(b) // 2], "truncated"),
-    (lambda b: b[:10], "truncated"),
-    (lambda b: b"", "truncated"),
-    (lambda b: b + b"\0", "extra bytes"),
-    (lambda b: b[:300] + bytes([b[300] ^ 1]) + b[301:], "checksum"),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 0x80]), "checksum"),
-    (lambda b: b"PK\3\4" + b[4:], "not a pqd compact file"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:10], "truncated"),
+        (lambda b: b"", "truncated"),
+        (lambda b: b + b"\0", "extra bytes"),
+        (lambda b: b[:300] + bytes([b[300] ^ 1]) + b[301:], "checksum"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 0x80]), "checksum"),
+        (lambda b: b"PK\3\4" + b[4:], "not a pqd compact file"),
+    ],
+)
 def test_corrupt_or_truncated_file_is_refused(damage, message, valid_file, skeleton, tmp_path):
     path = tmp_path / "bad.pqdz"
     path.write_bytes(damage(valid_file))
@@ -192,23 +209,57 @@ def test_missing_file_is_refused(tmp_path):
 
 
 def _header(entries, blobs=None, **extra):
-    return {"format": compact.FORMAT, "version": compact.VERSION, "codec": "zstd", "level": 19, "byteorder": "little",
-            "meta": {}, "blobs": blobs or [{"o": 0, "n": 4, "r": 4, "c": "raw"}], "entries": entries, **extra}
+    return {
+        "format": compact.FORMAT,
+        "version": compact.VERSION,
+        "codec": "zstd",
+        "level": 19,
+        "byteorder": "little",
+        "meta": {},
+        "blobs": blobs or [{"o": 0, "n": 4, "r": 4, "c": "raw"}],
+        "entries": entries,
+        **extra,
+    }
 
 
-@pytest.mark.parametrize("header, message", [
-    (_header([["w", {"t": "pickle", "data": "gASVAAAAAAAAAACMBXBvc2l4lIwGc3lzdGVtlJOUjAJpZJSFlFKULg=="}]]), "refusing entry type 'pickle'"),
-    (_header([["w", {"t": "object", "cls": "torch.nn.Module"}]]), "refusing entry type 'object'"),
-    (_header([["w", {"t": "tensor", "dtype": "object", "shape": [1], "at": [0, 4]}]]), "refusing dtype 'object'"),
-    (_header([["w", {"t": "dtype", "name": "torch.jit.ScriptModule"}]]), "refusing dtype"),
-    (_header([], blobs=[{"o": 0, "n": 4, "r": 4, "c": "pickle"}]), "codec 'pickle'"),
-    (_header([["w", {"t": "tensor", "dtype": "float32", "shape": [1], "at": [0, 4]}]], codec="torch.load"), "refusing codec"),
-    (_header([["w", {"t": "tensor", "dtype": "float32", "shape": [1000], "at": [0, 4]}]]), "does not match"),
-    (_header([["w", {"t": "qtensor", "dtype": "qint8", "shape": [4], "qscheme": "per_tensor_affine", "scale": 1.0,
-                     "zero_point": 0, "ints": {"positions": "dense", "values": "raw", "nnz": 4, "rows": 1, "streams": [7]}}]]),
-     "blob 7"),
-    ({"format": "pickle", "version": 1}, "header is not"),
-])
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (
+            _header([["w", {"t": "pickle", "data": "gASVAAAAAAAAAACMBXBvc2l4lIwGc3lzdGVtlJOUjAJpZJSFlFKULg=="}]]),
+            "refusing entry type 'pickle'",
+        ),
+        (_header([["w", {"t": "object", "cls": "torch.nn.Module"}]]), "refusing entry type 'object'"),
+        (_header([["w", {"t": "tensor", "dtype": "object", "shape": [1], "at": [0, 4]}]]), "refusing dtype 'object'"),
+        (_header([["w", {"t": "dtype", "name": "torch.jit.ScriptModule"}]]), "refusing dtype"),
+        (_header([], blobs=[{"o": 0, "n": 4, "r": 4, "c": "pickle"}]), "codec 'pickle'"),
+        (
+            _header([["w", {"t": "tensor", "dtype": "float32", "shape": [1], "at": [0, 4]}]], codec="torch.load"),
+            "refusing codec",
+        ),
+        (_header([["w", {"t": "tensor", "dtype": "float32", "shape": [1000], "at": [0, 4]}]]), "does not match"),
+        (
+            _header(
+                [
+                    [
+                        "w",
+                        {
+                            "t": "qtensor",
+                            "dtype": "qint8",
+                            "shape": [4],
+                            "qscheme": "per_tensor_affine",
+                            "scale": 1.0,
+                            "zero_point": 0,
+                            "ints": {"positions": "dense", "values": "raw", "nnz": 4, "rows": 1, "streams": [7]},
+                        },
+                    ]
+                ]
+            ),
+            "blob 7",
+        ),
+        ({"format": "pickle", "version": 1}, "header is not"),
+    ],
+)
 def test_crafted_header_is_refused(header, message, tmp_path, monkeypatch):
     path = tmp_path / "crafted.pqdz"
     path.write_bytes(compact._pack(header, b"\0" * 4))  # a valid checksum: the attacker can compute one too
@@ -244,11 +295,21 @@ def _partly_float(calibrate: bool) -> torch.nn.Module:
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.manual_seed(int(calibrate))
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 8),
+        nn.ReLU(),
+        nn.Linear(8, 4),
+    ).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, get_default_qconfig_mapping("x86").set_module_name("7", None), (torch.zeros(2, 3, 8, 8),))
+        prepared = prepare_fx(
+            model, get_default_qconfig_mapping("x86").set_module_name("7", None), (torch.zeros(2, 3, 8, 8),)
+        )
         if calibrate:
             with torch.no_grad():
                 prepared(torch.randn(16, 3, 8, 8))
@@ -280,8 +341,14 @@ def test_wrong_skeleton_is_refused_with_the_keys(models, skeleton, tmp_path):
 
 
 def test_int8_module_rebuilt_from_a_run_dir(models, tmp_path):
-    cfg = RunConfig.from_dict({"stages": "Q:0", "model": {"name": "resnet18", "width": 0.125},
-                               "quantize": {"mode": "ptq"}, "data": {"dataset": "digits"}})
+    cfg = RunConfig.from_dict(
+        {
+            "stages": "Q:0",
+            "model": {"name": "resnet18", "width": 0.125},
+            "quantize": {"mode": "ptq"},
+            "data": {"dataset": "digits"},
+        }
+    )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     int8 = models[0.9]
     compact.save_compact(int8, tmp_path / RunDir.COMPACT)  # no meta: facts come from metrics.json
@@ -293,18 +360,25 @@ def test_int8_module_rebuilt_from_a_run_dir(models, tmp_path):
     assert compact.state_mismatches(int8, loaded) == [] and torch.equal(int8(x), loaded(x))
 
 
-@pytest.mark.parametrize("meta, message", [
-    ({"num_classes": 10**9, "image_shape": [3, 32, 32]}, "meta 'num_classes' = 1000000000 does not fit the file"),
-    ({"num_classes": 10, "image_shape": [3, 10**6, 10**6]}, "meta 'image_shape' = \\[3, 1000000, 1000000\\] is not an image shape"),
-    ({"num_classes": "10", "image_shape": [3, 32, 32]}, "meta 'num_classes' = 10 does not fit"),
-])
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({"num_classes": 10**9, "image_shape": [3, 32, 32]}, "meta 'num_classes' = 1000000000 does not fit the file"),
+        (
+            {"num_classes": 10, "image_shape": [3, 10**6, 10**6]},
+            "meta 'image_shape' = \\[3, 1000000, 1000000\\] is not an image shape",
+        ),
+        ({"num_classes": "10", "image_shape": [3, 32, 32]}, "meta 'num_classes' = 10 does not fit"),
+    ],
+)
 def test_declared_sizes_are_checked_against_the_file_before_building(meta, message, tmp_path):
     """A crafted (self-consistent, checksummed) file whose meta declares a billion classes made
     load_run build a 240 GB classifier; it is refused from the file alone, before any model."""
     run = tmp_path / "run"
     run.mkdir()
-    cfg = RunConfig.from_dict({"stages": "Q:1", "model": {"name": "resnet18", "width": 0.125},
-                               "data": {"dataset": "digits"}})
+    cfg = RunConfig.from_dict(
+        {"stages": "Q:1", "model": {"name": "resnet18", "width": 0.125}, "data": {"dataset": "digits"}}
+    )
     (run / RunDir.CONFIG).write_text(yaml.safe_dump(cfg.to_dict()))
     state = {"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}
     compact.save_compact(state, run / "model_int8.pqdz", meta=meta)

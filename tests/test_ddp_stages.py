@@ -25,7 +25,9 @@ def _blobs(n: int, num_classes: int, size: int, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % num_classes
-    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[:num_classes].view(num_classes, 3, 1, 1) * 255
+    colours = (
+        torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[:num_classes].view(num_classes, 3, 1, 1) * 255
+    )
     x = colours[y] * 0.6 + torch.rand(n, 3, size, size, generator=g) * 255 * 0.4
     return Dataset(x=x.to(torch.uint8).contiguous(), y=y.long(), classes=tuple(str(i) for i in range(num_classes)))
 
@@ -52,13 +54,21 @@ def _worker(out: Path) -> None:
     dist.init_process_group(backend)
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    data = Splits(name="blobs", train=_blobs(128, 4, 16, 0), val=None, test=_blobs(32, 4, 16, 1), mean=(0.5,) * 3,
-                  std=(0.25,) * 3, hflip=True)
+    data = Splits(
+        name="blobs",
+        train=_blobs(128, 4, 16, 0),
+        val=None,
+        test=_blobs(32, 4, 16, 1),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        hflip=True,
+    )
     cfg = TrainConfig(batch_size=16, progress=False)
     common = dict(data=data, train_config=cfg, seed=0)
     torch.manual_seed(0)
     teacher = create_model("resnet18", num_classes=4, width=0.125).to(device)
     train(teacher, data, epochs=1, lr=0.05, config=cfg, seed=0, tag="teacher", amp=True)
+
     def snap(model, masks):  # state_dict() aliases the live tensors: copy them before the next stage trains
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in masks.items()}
 
@@ -103,12 +113,15 @@ def _check(s0: dict, s1: dict) -> None:
     for stage in STAGES:  # the run covered what it claims to
         assert any(k.startswith(f"{stage}/model/") and k.endswith("running_mean") for k in s0), stage
     for stage in ("quantize", "distill"):
-        scales = [k for k in s0 if k.startswith(f"{stage}/model/") and "activation_post_process" in k and k.endswith(".scale")]
+        scales = [
+            k for k in s0 if k.startswith(f"{stage}/model/") and "activation_post_process" in k and k.endswith(".scale")
+        ]
         ranges = [k for k in s0 if k.startswith(f"{stage}/model/") and k.endswith(".min_val")]
         assert scales and ranges, stage
         assert all(float(s0[k].min()) > 0 for k in scales) and any(float(s0[k].abs().max()) > 0 for k in ranges)
-        assert all(int(s0[k]) == 0 for k in s0 if k.startswith(f"{stage}/model/") and k.endswith("observer_enabled")), \
+        assert all(int(s0[k]) == 0 for k in s0 if k.startswith(f"{stage}/model/") and k.endswith("observer_enabled")), (
             "the stage ends with observers frozen"
+        )
     masks = [k for k in s0 if k.startswith("distill/mask/")]
     assert masks and sum(int((~s0[k]).sum()) for k in masks) > 0
 

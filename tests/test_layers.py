@@ -68,7 +68,9 @@ def imports(module: str, source: str, modules: set[str]) -> list[tuple[str, str 
     import statements at any depth, ``import_module('pqd...')`` / ``__import__`` calls, and string
     constants that name a pqd module (lazy tables), all counted."""
     tree = ast.parse(source)
-    logger_names = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) and _called(n) == "getLogger" for a in n.args}
+    logger_names = {
+        id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) and _called(n) == "getLogger" for a in n.args
+    }
     package = module if any(m.startswith(module + ".") for m in modules) else module.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
@@ -111,8 +113,10 @@ def check(sources: dict[str, str]) -> list[str]:
             graph[module].add(target)
             high = layer_of(target)
             if high > low:
-                problems.append(f"upward import: {module}:{line} (layer '{LAYERS[low][0]}') imports {target} "
-                                f"(layer '{LAYERS[high][0]}')")
+                problems.append(
+                    f"upward import: {module}:{line} (layer '{LAYERS[low][0]}') imports {target} "
+                    f"(layer '{LAYERS[high][0]}')"
+                )
             if name is not None and name.startswith("_") and not name.startswith("__"):
                 problems.append(f"private import: {module}:{line} imports {name} from {target}")
     problems += [f"import cycle among: {', '.join(c)}" for c in cycles(graph)]
@@ -194,12 +198,19 @@ def test_checker_finds_an_upward_import_inside_a_function():
 
 
 def test_checker_finds_an_upward_import_module_string():
-    bad = SYNTHETIC | {"pqd.models.extra": "from importlib import import_module\ndef f():\n    return import_module('pqd.stages')\n"}
-    assert check(bad) == ["upward import: pqd.models.extra:3 (layer 'models and data') imports pqd.stages (layer 'stages')"]
+    bad = SYNTHETIC | {
+        "pqd.models.extra": "from importlib import import_module\ndef f():\n    return import_module('pqd.stages')\n"
+    }
+    assert check(bad) == [
+        "upward import: pqd.models.extra:3 (layer 'models and data') imports pqd.stages (layer 'stages')"
+    ]
 
 
 def test_checker_finds_a_cycle_within_a_layer():
-    bad = SYNTHETIC | {"pqd.stages.a": "from pqd.stages.b import f\n", "pqd.stages.b": "def f():\n    import pqd.stages.a\n"}
+    bad = SYNTHETIC | {
+        "pqd.stages.a": "from pqd.stages.b import f\n",
+        "pqd.stages.b": "def f():\n    import pqd.stages.a\n",
+    }
     assert check(bad) == ["import cycle among: pqd.stages.a, pqd.stages.b"]
 
 

@@ -61,13 +61,17 @@ def test_baselines(stages, extra, form, tiny_config, tiny_teacher, tmp_path):
 
 def test_teacher_from_weights_file_and_changed_config_refused(tiny_config, tiny_teacher, finished_run, tmp_path):
     first, a = finished_run(RunConfig.from_dict(tiny_config | {"teacher": tiny_teacher, "stages": "P:1"}))
-    cfg = RunConfig.from_dict(tiny_config | {"stages": "Q:1", "teacher": {"epochs": 0, "weights": str(a / "teacher.safetensors")}})
+    cfg = RunConfig.from_dict(
+        tiny_config | {"stages": "Q:1", "teacher": {"epochs": 0, "weights": str(a / "teacher.safetensors")}}
+    )
     m = run_pipeline(cfg, tmp_path / "b")
     assert m["accuracy"]["teacher_top1"] == first["accuracy"]["teacher_top1"]
     shutil.copytree(a, tmp_path / "a")
     with pytest.raises(ConfigError, match="different config.*prune.sparsity"):
-        run_pipeline(RunConfig.from_dict(tiny_config | {"teacher": tiny_teacher, "stages": "P:1", "prune": {"sparsity": 0.3}}),
-                     tmp_path / "a")
+        run_pipeline(
+            RunConfig.from_dict(tiny_config | {"teacher": tiny_teacher, "stages": "P:1", "prune": {"sparsity": 0.3}}),
+            tmp_path / "a",
+        )
 
 
 def test_rerun_of_finished_run_recomputes_nothing(tiny_config, tiny_teacher, finished_run, tmp_path, monkeypatch):
@@ -79,8 +83,13 @@ def test_rerun_of_finished_run_recomputes_nothing(tiny_config, tiny_teacher, fin
         raise AssertionError("a finished stage was recomputed")
 
     # the functions the stage adapters and the teacher step call (looked up at call time)
-    for module, name in (("pqd.run.pipeline", "train"), ("pqd.stages.prune", "prune"), ("pqd.stages.quantize", "quantize"),
-                         ("pqd.stages.distill", "distill"), ("pqd.train.loop", "train")):
+    for module, name in (
+        ("pqd.run.pipeline", "train"),
+        ("pqd.stages.prune", "prune"),
+        ("pqd.stages.quantize", "quantize"),
+        ("pqd.stages.distill", "distill"),
+        ("pqd.train.loop", "train"),
+    ):
         monkeypatch.setattr(sys.modules[module], name, no_training)
     m2 = run_pipeline(cfg, tmp_path)
     assert m2["accuracy"] == m1["accuracy"] and m2["sparsity"] == m1["sparsity"]
@@ -126,10 +135,16 @@ def test_accuracy_carries_intervals_test_set_and_prediction_files(tiny_config, t
     full = RunDir(int8_run).read_config()
     assert full.data.test_subset is None
     acc = json.loads((int8_run / "metrics.json").read_text())["accuracy"]
-    assert acc["test_full_split"] is True and acc["test_n"] == len(load_data(full.data).test) and "test_subset_seed" not in acc
+    assert (
+        acc["test_full_split"] is True
+        and acc["test_n"] == len(load_data(full.data).test)
+        and "test_subset_seed" not in acc
+    )
 
 
-def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(tiny_config, tiny_teacher, monkeypatch, caplog):
+def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(
+    tiny_config, tiny_teacher, monkeypatch, caplog
+):
     """A model registered at run time exists only in this process: the worker cannot build
     the teacher, so the run's latency step falls back to in-process timing, says so, and loses nothing."""
     from pqd.data import load_data
@@ -141,21 +156,32 @@ def test_a_model_workers_cannot_build_is_timed_in_process_with_a_warning(tiny_co
         return resnet18(num_classes=num_classes, width=width, **kw)
 
     monkeypatch.setitem(registry._MODELS, "only_here_resnet", only_here_resnet)
-    cfg = RunConfig.from_dict(tiny_config | {"teacher": tiny_teacher, "stages": "Q:1", "model": {"name": "only_here_resnet", "width": 0.125}})
+    cfg = RunConfig.from_dict(
+        tiny_config | {"teacher": tiny_teacher, "stages": "Q:1", "model": {"name": "only_here_resnet", "width": 0.125}}
+    )
     data = load_data(cfg.data, seed=cfg.seed)
     teacher = build_model(cfg, data.num_classes)
     teacher.load_state_dict(load_weights(tiny_teacher["weights"]))
     weights = Path(tiny_teacher["weights"])
     with caplog.at_level("WARNING", logger="pqd"):
-        lat, env = measure_run_latency(cfg, data, teacher=teacher.eval(), teacher_path=weights, deployed=teacher, deployed_path=weights,
-                                  final_name="final_fp32")
+        lat, env = measure_run_latency(
+            cfg,
+            data,
+            teacher=teacher.eval(),
+            teacher_path=weights,
+            deployed=teacher,
+            deployed_path=weights,
+            final_name="final_fp32",
+        )
     assert {r["model"] for r in lat} == {"teacher_fp32", "final_fp32"}
     assert {r["harness"] for r in lat} == {"in-process"}
     assert all(r["median_ms"] > 0 for r in lat)
     # timed under this process's own environment, and recorded as such
     assert env["harness"] == "in-process" and env["inherited"] is True
-    assert any("timing in this process instead of worker processes" in r.getMessage() and "only_here_resnet" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "timing in this process instead of worker processes" in r.getMessage() and "only_here_resnet" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_rerun_guard_catches_a_recomputed_stage(tiny_config, tiny_teacher, finished_run, tmp_path, monkeypatch):
@@ -174,7 +200,9 @@ def test_rerun_guard_catches_a_recomputed_stage(tiny_config, tiny_teacher, finis
 
 
 def test_repeated_stages_and_typed_stage_records(tiny_config, tiny_teacher, tmp_path):
-    cfg = RunConfig.from_dict(tiny_config | {"teacher": tiny_teacher, "stages": "P:1,P:1", "prune": {"sparsity": 0.5, "schedule": "oneshot"}})
+    cfg = RunConfig.from_dict(
+        tiny_config | {"teacher": tiny_teacher, "stages": "P:1,P:1", "prune": {"sparsity": 0.5, "schedule": "oneshot"}}
+    )
     m = run_pipeline(cfg, tmp_path)
     assert m["stages"] == "P:1,P:1" and m["stage_order"] == ["prune", "prune"]
     assert {p.name for p in (tmp_path / "stages").iterdir()} == {"1_prune", "2_prune"}
@@ -235,8 +263,10 @@ def test_stage_list_validation():
         RunConfig.from_dict({"stages": "Q:1,S:1,D:1"})
     assert RunConfig.from_dict({"stages": "S:1,Q:1,D:1"}).stage_string() == "S:1,Q:1,D:1"
     assert RunConfig.from_dict({"stages": []}).stages == ()
-    assert [s.stage for s in RunConfig.from_dict({"stages": [{"stage": "P", "epochs": 1}, {"stage": "kd", "epochs": 1}]}).stages] \
-        == ["prune", "distill"]
+    assert [
+        s.stage
+        for s in RunConfig.from_dict({"stages": [{"stage": "P", "epochs": 1}, {"stage": "kd", "epochs": 1}]}).stages
+    ] == ["prune", "distill"]
 
 
 def test_latency_is_timed_in_the_controlled_environment_unless_inherit_env(tiny_config, tmp_path, monkeypatch):

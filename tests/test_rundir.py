@@ -77,10 +77,22 @@ def test_student_round_trip(tmp_path, form):
 
 
 def test_fit_to_state_dict_resizes_conv_linear_bn_and_keeps_depthwise():
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, groups=8, padding=1),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    small = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.Conv2d(5, 5, 3, groups=5, padding=1),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 4))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, groups=8, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    small = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.Conv2d(5, 5, 3, groups=5, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 4),
+    )
     state = small.state_dict()
     assert fit_to_state_dict(net, state) is net
     assert (net[0].out_channels, net[1].num_features, net[2].in_channels, net[5].in_features) == (5, 5, 5, 5)
@@ -91,13 +103,25 @@ def test_fit_to_state_dict_resizes_conv_linear_bn_and_keeps_depthwise():
 
 
 def _metrics() -> Metrics:
-    return Metrics(model="resnet18", width=0.125, dataset="digits", num_classes=10, stages="P:1,Q:1", stage_order=["prune", "quantize"],
-                   epochs={"teacher": 1, "prune": 1, "quantize": 1}, teacher_source="trained", final_form="int8",
-                   accuracy=Accuracy(0.9, 0.8, 0.85, fake_quant_top1=0.81), sparsity=Sparsity(0.5, 0.5, 0.49, 20),
-                   size_bytes=Sizes(100, 20, "model_int8.pt", compact_int8=5, compact_file="model_int8.pqdz"),
-                   latency=[LatencyRecord("teacher_fp32", 1, 2.0, 2.5, {"threads": 1}), LatencyRecord("final_int8", 1, 1.0, 1.2)],
-                   pruned=True, quantize_mode="qat", prune_criterion="magnitude",
-                   stage_records=[StageRecord(0, "prune", "P", 1), StageRecord(1, "quantize", "Q", 1, quantizes=True)])
+    return Metrics(
+        model="resnet18",
+        width=0.125,
+        dataset="digits",
+        num_classes=10,
+        stages="P:1,Q:1",
+        stage_order=["prune", "quantize"],
+        epochs={"teacher": 1, "prune": 1, "quantize": 1},
+        teacher_source="trained",
+        final_form="int8",
+        accuracy=Accuracy(0.9, 0.8, 0.85, fake_quant_top1=0.81),
+        sparsity=Sparsity(0.5, 0.5, 0.49, 20),
+        size_bytes=Sizes(100, 20, "model_int8.pt", compact_int8=5, compact_file="model_int8.pqdz"),
+        latency=[LatencyRecord("teacher_fp32", 1, 2.0, 2.5, {"threads": 1}), LatencyRecord("final_int8", 1, 1.0, 1.2)],
+        pruned=True,
+        quantize_mode="qat",
+        prune_criterion="magnitude",
+        stage_records=[StageRecord(0, "prune", "P", 1), StageRecord(1, "quantize", "Q", 1, quantizes=True)],
+    )
 
 
 def test_metrics_round_trip_merge_and_fields(tmp_path):
@@ -115,8 +139,13 @@ def test_metrics_round_trip_merge_and_fields(tmp_path):
 
 
 def test_metrics_carry_the_latency_environment_and_older_files_read_without_it():
-    env = {"inherited": False, "variables": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None},
-           "ignored_from_caller": {"OMP_WAIT_POLICY": "PASSIVE"}, "policy": "controlled", "harness": "worker processes"}
+    env = {
+        "inherited": False,
+        "variables": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None},
+        "ignored_from_caller": {"OMP_WAIT_POLICY": "PASSIVE"},
+        "policy": "controlled",
+        "harness": "worker processes",
+    }
     m = _metrics()
     m.latency_env = env
     d = m.to_dict()
@@ -128,10 +157,17 @@ def test_metrics_carry_the_latency_environment_and_older_files_read_without_it()
 
 @pytest.mark.parametrize("schema", [1, 2, None])
 def test_metrics_of_an_older_schema_are_refused_with_what_to_do(schema):
-    old = {"schema": schema, "model": "resnet18", "dataset": "digits", "stages": "P:1,Q:2", "final_form": "int8",
-           "accuracy": {"teacher_top1": 0.9, "final_top1": 0.8, "fake_quant_top1": 0.8},
-           "sparsity": {"target": 0.5, "achieved": 0.5}, "size_bytes": {"teacher_fp32": 1, "final": 1, "final_file": "x"},
-           "latency": [{"model": "teacher_fp32", "batch": 1, "median_ms": 2.0}]}
+    old = {
+        "schema": schema,
+        "model": "resnet18",
+        "dataset": "digits",
+        "stages": "P:1,Q:2",
+        "final_form": "int8",
+        "accuracy": {"teacher_top1": 0.9, "final_top1": 0.8, "fake_quant_top1": 0.8},
+        "sparsity": {"target": 0.5, "achieved": 0.5},
+        "size_bytes": {"teacher_fp32": 1, "final": 1, "final_file": "x"},
+        "latency": [{"model": "teacher_fp32", "batch": 1, "median_ms": 2.0}],
+    }
     with pytest.raises(CheckpointError, match=f"schema {schema!r}.*reads schemas 3.*pqd run"):
         Metrics.from_dict(old)
 
@@ -155,8 +191,11 @@ def test_a_lower_lr_for_an_unfinished_stage_resumes_and_restarts_only_that_stage
     with pytest.raises(ConfigError, match=r"different config \(differs at: prune.lr\)"):  # a finished stage
         run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "prune": {"lr": 0.001}}))
     with pytest.raises(ConfigError, match=r"differs at: distill.lr, prune.sparsity"):  # not only an lr
-        run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "distill": {"lr": 0.001},
-                                                    "prune": {"sparsity": 0.3}}))
+        run.check_config(
+            RunConfig.from_dict(
+                cfg | {"quantize": {"lr": 0.0005}, "distill": {"lr": 0.001}, "prune": {"sparsity": 0.3}}
+            )
+        )
     with pytest.raises(ConfigError, match="teacher.lr"):  # the teacher finished
         run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "teacher": {"lr": 0.01}}))
     assert names and run.student_path(0, "prune").exists()
@@ -183,4 +222,6 @@ def test_torchscript_size_depends_on_the_process_counter_not_the_weights():
     counters = [sorted({int(x) for x in re.findall(rb"___torch_mangle_(\d+)", b)}) for b in (first, later)]
     assert counters[0] != counters[1] and len(first) != len(later)
     doc = (Path(__file__).resolve().parents[1] / "docs" / "TROUBLESHOOTING.md").read_text()
-    assert "whether interrupted or not, and the same `model_int8.pqdz` size" in doc and "`size_bytes`, whether" not in doc
+    assert (
+        "whether interrupted or not, and the same `model_int8.pqdz` size" in doc and "`size_bytes`, whether" not in doc
+    )

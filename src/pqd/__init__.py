@@ -5,10 +5,19 @@ from pqd.errors import CheckpointError, ConfigError, DataError, ModelError, PqdE
 
 __version__ = "0.1.0"
 
-_LAZY = {"create_model": "pqd.models", "list_models": "pqd.models", "register_model": "pqd.models",
-         "RunConfig": "pqd.run.config", "load_config": "pqd.run.config",
-         "PruneConfig": "pqd.stages.prune", "QuantizeConfig": "pqd.stages.quantize", "DistillConfig": "pqd.stages.distill",
-         "StructuredConfig": "pqd.stages.structured", "ImpConfig": "pqd.stages.imp", "JointConfig": "pqd.stages.joint"}
+_LAZY = {
+    "create_model": "pqd.models",
+    "list_models": "pqd.models",
+    "register_model": "pqd.models",
+    "RunConfig": "pqd.run.config",
+    "load_config": "pqd.run.config",
+    "PruneConfig": "pqd.stages.prune",
+    "QuantizeConfig": "pqd.stages.quantize",
+    "DistillConfig": "pqd.stages.distill",
+    "StructuredConfig": "pqd.stages.structured",
+    "ImpConfig": "pqd.stages.imp",
+    "JointConfig": "pqd.stages.joint",
+}
 
 
 def __getattr__(name: str):
@@ -21,9 +30,27 @@ def __getattr__(name: str):
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'pqd' has no attribute {name!r}")
 
+
 __all__ = [
-    "CheckpointError", "ConfigError", "DataConfig", "DataError", "DistillConfig", "ImpConfig", "JointConfig", "MeasureConfig",
+    "CheckpointError",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "DistillConfig",
+    "ImpConfig",
+    "JointConfig",
+    "MeasureConfig",
     "ModelConfig",
-    "ModelError", "PqdError", "PruneConfig", "QuantizeConfig", "RunConfig", "StructuredConfig", "TeacherConfig", "TrainConfig",
-    "create_model", "list_models", "load_config", "register_model",
+    "ModelError",
+    "PqdError",
+    "PruneConfig",
+    "QuantizeConfig",
+    "RunConfig",
+    "StructuredConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "create_model",
+    "list_models",
+    "load_config",
+    "register_model",
 ]

@@ -37,7 +37,9 @@ def _setup_logging(out: Path | None, quiet: bool) -> None:
             out.mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(RunDir(out).log_path))
         except OSError as exc:
-            raise ConfigError(f"--out {str(out)!r} cannot be used as the run directory: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"--out {str(out)!r} cannot be used as the run directory: {exc.strerror or exc}"
+            ) from None
     formatter = LevelMarkFormatter("%(asctime)s %(levelmark)s%(name)s: %(message)s", datefmt="%H:%M:%S")
     for h in handlers:
         h.setFormatter(formatter)
@@ -45,7 +47,7 @@ def _setup_logging(out: Path | None, quiet: bool) -> None:
 
 
 def size_change(before: int, after: int) -> str:
-    """"3.9x smaller", "1.6x larger" or "the same size": never "0.6x smaller" for a file that grew."""
+    """ "3.9x smaller", "1.6x larger" or "the same size": never "0.6x smaller" for a file that grew."""
     if after == before:
         return "the same size"
     return f"{before / after:.1f}x smaller" if after < before else f"{after / before:.1f}x larger"
@@ -62,32 +64,53 @@ def format_table(metrics: dict) -> str:
     def pct(value: float, ci: dict | None) -> str:
         return f"{100 * value:.2f}%" + (f" [{100 * ci['ci_low']:.1f}, {100 * ci['ci_high']:.1f}]" if ci else "")
 
-    rows.append(("top-1 accuracy (95% CI)" if acc.final_top1_ci else "top-1 accuracy", pct(acc.teacher_top1, acc.teacher_top1_ci),
-                 pct(acc.final_top1, acc.final_top1_ci)))
+    rows.append(
+        (
+            "top-1 accuracy (95% CI)" if acc.final_top1_ci else "top-1 accuracy",
+            pct(acc.teacher_top1, acc.teacher_top1_ci),
+            pct(acc.final_top1, acc.final_top1_ci),
+        )
+    )
     rows.append(("sparsity", "0%", f"{100 * m.sparsity.achieved:.1f}%"))
-    rows.append(("file size", f"{size.teacher_fp32 / 1e6:.2f} MB", f"{size.final / 1e6:.2f} MB ({size_change(size.teacher_fp32, size.final)})"))
+    rows.append(
+        (
+            "file size",
+            f"{size.teacher_fp32 / 1e6:.2f} MB",
+            f"{size.final / 1e6:.2f} MB ({size_change(size.teacher_fp32, size.final)})",
+        )
+    )
     sides = "PyTorch eager FP32 vs TorchScript INT8" if m.final_form == "int8" else "PyTorch eager FP32, both"
     for bs in sorted({r.batch for r in m.latency}):
         recs = {r.model: r for r in m.latency if r.batch == bs}
         t, f = recs["teacher_fp32"], recs[m.final_model_name]
         ratio = f.extra.get("ratio_to_baseline") or t.median_ms / f.median_ms
-        rows.append((f"latency b={bs} median (p90)", f"{t.median_ms:.2f} ms ({t.p90_ms:.2f})",
-                     f"{f.median_ms:.2f} ms ({f.p90_ms:.2f}), {ratio:.2f}x ({sides})"))
+        rows.append(
+            (
+                f"latency b={bs} median (p90)",
+                f"{t.median_ms:.2f} ms ({t.p90_ms:.2f})",
+                f"{f.median_ms:.2f} ms ({f.p90_ms:.2f}), {ratio:.2f}x ({sides})",
+            )
+        )
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
     if acc.test_label:
         lines.append(f"(accuracy on the {acc.test_label}; Wilson 95% intervals)")
     thr = m.latency[0].extra.get("threads") if m.latency else "?"
-    harness = "all models in this process (worker processes failed: see the log)" \
-        if any(r.extra.get("harness") == "in-process" for r in m.latency) else "each model in its own worker process"
+    harness = (
+        "all models in this process (worker processes failed: see the log)"
+        if any(r.extra.get("harness") == "in-process" for r in m.latency)
+        else "each model in its own worker process"
+    )
     lines.append(f"(latency: {thr} threads, {harness}, timed interleaved; sizes are bytes of the files on disk)")
     latency_env = m.latency_env or {}
     if latency_env.get("inherited"):
         shown = ", ".join(f"{k}={v}" for k, v in latency_env["variables"].items() if v is not None) or "none set"
         lines.append(f"(latency timed in this shell's own threading environment, not the controlled one: {shown})")
     if m.final_form == "int8":
-        lines.append("(the ratio above mixes INT8 with leaving PyTorch eager mode, a PyTorch-eager-vs-compiled extra; "
-                     "same-runtime INT8 vs FP32 speed-ups: `pqd bench RUN_DIR`)")
+        lines.append(
+            "(the ratio above mixes INT8 with leaving PyTorch eager mode, a PyTorch-eager-vs-compiled extra; "
+            "same-runtime INT8 vs FP32 speed-ups: `pqd bench RUN_DIR`)"
+        )
     for warning in metrics.get("warnings") or ():
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines)
@@ -107,15 +130,29 @@ def _run(config, out: Path) -> int:
 
 
 def _add_sweep_parsers(sub) -> None:
-    p = sub.add_parser("sweep", help="run a sweep file (base config x variants x grid) into one results table; resumable")
+    p = sub.add_parser(
+        "sweep", help="run a sweep file (base config x variants x grid) into one results table; resumable"
+    )
     p.add_argument("sweep", type=Path)
     p.add_argument("--out", type=Path, required=True, help="sweep directory (re-run the same command to resume)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of the sweep's base config, e.g. --set data.root=PATH (repeatable)")
-    p.add_argument("--executor", choices=("local", "ray"), default="local", help="local: one run after another (default)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the sweep's base config, e.g. --set data.root=PATH (repeatable)",
+    )
+    p.add_argument(
+        "--executor", choices=("local", "ray"), default="local", help="local: one run after another (default)"
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--cpus-per-run", type=float, default=None, help="Ray CPUs per run (default: max of measure/train threads)")
-    p.add_argument("--only", action="append", default=None, metavar="VARIANT", help="run only these variants (repeatable)")
+    p.add_argument(
+        "--cpus-per-run", type=float, default=None, help="Ray CPUs per run (default: max of measure/train threads)"
+    )
+    p.add_argument(
+        "--only", action="append", default=None, metavar="VARIANT", help="run only these variants (repeatable)"
+    )
     p.add_argument("--dry-run", action="store_true", help="list the expanded runs and exit")
     p.add_argument("--quiet", action="store_true")
     r = sub.add_parser("report", help="Markdown + self-contained HTML report of a sweep directory")
@@ -155,8 +192,15 @@ def _sweep_or_report(args) -> int:
 
     with claim_dir(args.out, kind="sweep"):  # before log.txt: a user's folder is refused untouched
         _setup_logging(args.out, args.quiet)
-        rows = run_sweep(spec, args.out, executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
-                         only=args.only, progress=not args.quiet)
+        rows = run_sweep(
+            spec,
+            args.out,
+            executor=args.executor,
+            address=args.address,
+            cpus_per_run=args.cpus_per_run,
+            only=args.only,
+            progress=not args.quiet,
+        )
     print(f"{len(rows)} runs in {args.out / 'results.sqlite'}; next: pqd report {args.out}")
     return 0
 
@@ -175,29 +219,55 @@ def _add_bench_parsers(sub) -> None:
     p = sub.add_parser("bench", help="time a finished run's models in PyTorch, ONNX Runtime and OpenVINO (interleaved)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--threads", type=_int_list, default=None, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
-    p.add_argument("--batch-sizes", type=_int_list, default=MEASURE.batch_sizes,
-                   help=f"default: {','.join(map(str, MEASURE.batch_sizes))}")
-    p.add_argument("--runs", type=int, default=MEASURE.runs, help=f"timed runs per variant at batch 1 (default {MEASURE.runs})")
-    p.add_argument("--large-batch-runs", type=int, default=MEASURE.large_batch_runs,
-                   help=f"timed runs per variant at larger batches (default {MEASURE.large_batch_runs})")
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=MEASURE.batch_sizes,
+        help=f"default: {','.join(map(str, MEASURE.batch_sizes))}",
+    )
+    p.add_argument(
+        "--runs", type=int, default=MEASURE.runs, help=f"timed runs per variant at batch 1 (default {MEASURE.runs})"
+    )
+    p.add_argument(
+        "--large-batch-runs",
+        type=int,
+        default=MEASURE.large_batch_runs,
+        help=f"timed runs per variant at larger batches (default {MEASURE.large_batch_runs})",
+    )
     p.add_argument("--warmup", type=int, default=MEASURE.warmup)
-    p.add_argument("--runtimes", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
-                   help="subset of pytorch,onnxruntime,openvino (default: every installed one)")
+    p.add_argument(
+        "--runtimes",
+        type=lambda t: tuple(x for x in t.split(",") if x),
+        default=None,
+        help="subset of pytorch,onnxruntime,openvino (default: every installed one)",
+    )
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--force-export", action="store_true", help="re-export the ONNX files even if up to date")
-    p.add_argument("--inherit-env", action="store_true",
-                   help="time in this shell's threading environment (OMP_*, KMP_*, MKL_* ...) instead of the controlled "
-                        "one every worker gets by default; recorded in bench.json")
+    p.add_argument(
+        "--inherit-env",
+        action="store_true",
+        help="time in this shell's threading environment (OMP_*, KMP_*, MKL_* ...) instead of the controlled "
+        "one every worker gets by default; recorded in bench.json",
+    )
     p.add_argument("--quiet", action="store_true")
-    e = sub.add_parser("export", help="export a finished run to ONNX (INT8 QDQ + FP32 teacher) and check it in each runtime")
+    e = sub.add_parser(
+        "export", help="export a finished run to ONNX (INT8 QDQ + FP32 teacher) and check it in each runtime"
+    )
     e.add_argument("run_dir", type=Path)
     e.add_argument("--force", action="store_true", help="re-export even if the ONNX files are up to date")
-    e.add_argument("--runtimes", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
-                   help="runtimes to check the ONNX files in: subset of onnxruntime,openvino (default: every installed one)")
+    e.add_argument(
+        "--runtimes",
+        type=lambda t: tuple(x for x in t.split(",") if x),
+        default=None,
+        help="runtimes to check the ONNX files in: subset of onnxruntime,openvino (default: every installed one)",
+    )
     e.add_argument("--quiet", action="store_true")
     for q in (p, e):
-        q.add_argument("--allow-code", action="store_true",
-                       help="allow importing the model code a run's config.yaml names ('pkg.module:factory'); only for runs you trust")
+        q.add_argument(
+            "--allow-code",
+            action="store_true",
+            help="allow importing the model code a run's config.yaml names ('pkg.module:factory'); only for runs you trust",
+        )
 
 
 def _bench_or_export(args) -> int:
@@ -217,15 +287,27 @@ def _bench_or_export(args) -> int:
         return 2 if rec.get("failed") else 0
     from pqd.commands.bench import bench_run, format_markdown
 
-    result = bench_run(args.run_dir, threads=args.threads, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
-                       large_batch_runs=args.large_batch_runs, runtimes=args.runtimes, rss=not args.no_rss,
-                       force_export=args.force_export, allow_code=args.allow_code, inherit_env=args.inherit_env)
+    result = bench_run(
+        args.run_dir,
+        threads=args.threads,
+        batch_sizes=args.batch_sizes,
+        warmup=args.warmup,
+        runs=args.runs,
+        large_batch_runs=args.large_batch_runs,
+        runtimes=args.runtimes,
+        rss=not args.no_rss,
+        force_export=args.force_export,
+        allow_code=args.allow_code,
+        inherit_env=args.inherit_env,
+    )
     print(format_markdown(result))
     from pqd.run.rundir import RunDir
 
     rd = RunDir(args.run_dir)
     merged = "bench" in (rd.read_metrics() or {})  # not claimed when the merge was skipped
-    print(f"\nwritten: {rd.file(rd.BENCH_JSON)}, {rd.file(rd.BENCH_MD)}" + (f", {rd.METRICS}['bench']" if merged else ""))
+    print(
+        f"\nwritten: {rd.file(rd.BENCH_JSON)}, {rd.file(rd.BENCH_MD)}" + (f", {rd.METRICS}['bench']" if merged else "")
+    )
     for k, v in (result.get("failed") or {}).items():
         print(f"FAILED {k}: {v}", file=sys.stderr)
     return 2 if result.get("failed") else 0  # the rule of export too: results written, exit 2 when a runtime failed
@@ -271,21 +353,31 @@ def _main(argv: list[str]) -> int:
         except PqdError as exc:
             print(f"pqd: error: {exc}", file=sys.stderr)
             return 2
-    parser = argparse.ArgumentParser(prog="pqd", description="Prune -> INT8 QAT -> Distill for CPU deployment, measured.")
+    parser = argparse.ArgumentParser(
+        prog="pqd", description="Prune -> INT8 QAT -> Distill for CPU deployment, measured."
+    )
     parser.add_argument("--version", action="version", version=f"pqd {pqd.__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("analyze", help="per-group pruning and per-layer INT8 sensitivity table + plot (pqd analyze --help)")
     p_run = sub.add_parser("run", help="run (or resume) a compression pipeline from a YAML config")
     p_run.add_argument("config", type=Path)
-    p_run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set prune.sparsity=0.8 (repeatable)")
+    p_run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set prune.sparsity=0.8 (repeatable)",
+    )
     p_run.add_argument("--out", type=Path, required=True, help="run directory (re-run the same command to resume)")
     p_run.add_argument("--quiet", action="store_true")
     p_demo = sub.add_parser("demo", help="offline end-to-end demo on scikit-learn's digits (a few minutes on 2 cores)")
     p_demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     p_demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p_demo.add_argument("--quiet", action="store_true")
-    sub.add_parser("predict", help="classify image files with a finished run's deployed model (pqd predict RUN_DIR IMAGE...)")
+    sub.add_parser(
+        "predict", help="classify image files with a finished run's deployed model (pqd predict RUN_DIR IMAGE...)"
+    )
     sub.add_parser("models", help="list the registered model names")
     p_cfg = sub.add_parser("config", help="print the fully resolved config (defaults filled in) as YAML")
     p_cfg.add_argument("config", type=Path, nargs="?")
@@ -324,7 +416,6 @@ def _main(argv: list[str]) -> int:
     except PqdError as exc:
         print(f"pqd: error: {exc}", file=sys.stderr)
         return 2
-
 
 
 if __name__ == "__main__":

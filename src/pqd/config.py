@@ -42,7 +42,9 @@ def choice(key: str, value: Any, choices: typing.Sequence[str]) -> None:
         fail(key, f"{value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
 
 
-def in_range(key: str, value: float, lo: float | None = None, hi: float | None = None, *, hi_open: bool = False) -> None:
+def in_range(
+    key: str, value: float, lo: float | None = None, hi: float | None = None, *, hi_open: bool = False
+) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         fail(key, f"{value!r} is not a finite number")
     if lo is not None and value < lo:
@@ -73,7 +75,9 @@ class Section:
         try:
             return cls(**kwargs)
         except ConfigError as exc:
-            if prefix and not str(exc).startswith(prefix.split("[")[0].rstrip(".")):  # 'stages[].' vs 'stages.prune.epochs'
+            if prefix and not str(exc).startswith(
+                prefix.split("[")[0].rstrip(".")
+            ):  # 'stages[].' vs 'stages.prune.epochs'
                 raise ConfigError(f"{prefix}{exc}") from None
             raise
 
@@ -148,7 +152,9 @@ class ModelConfig(Section):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if ":" in self.name and not is_external(self.name):  # a registry name is checked against the registry by the run config
+        if ":" in self.name and not is_external(
+            self.name
+        ):  # a registry name is checked against the registry by the run config
             module, _, attr = self.name.partition(":")
             if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
                 fail("model.name", f"{self.name!r} is not an import path 'package.module:factory'")
@@ -191,7 +197,10 @@ class DataConfig(Section):
     def __post_init__(self) -> None:
         choice("data.dataset", self.dataset, DATASETS)
         if self.dataset == "folder" and not self.root:
-            fail("data.root", "dataset 'folder' needs data.root: a directory or .tar.gz with train/<class>/* and test/<class>/*")
+            fail(
+                "data.root",
+                "dataset 'folder' needs data.root: a directory or .tar.gz with train/<class>/* and test/<class>/*",
+            )
         in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=True)
         for k in ("train_subset", "test_subset"):
             v = getattr(self, k)
@@ -206,7 +215,10 @@ class DataConfig(Section):
                 fail("data.resize_size", "needs data.image_size (the crop taken after the resize)")
             in_range("data.resize_size", self.resize_size, self.image_size)
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            fail("data.scale", f"{list(self.scale)} is not [low, high] with 0 < low <= high <= 1 (share of the image area)")
+            fail(
+                "data.scale",
+                f"{list(self.scale)} is not [low, high] with 0 < low <= high <= 1 (share of the image area)",
+            )
         for k in ("mean", "std"):
             v = getattr(self, k)
             if v is not None and len(v) != 3:
@@ -262,7 +274,10 @@ class TeacherConfig(Section):
         in_range("teacher.epochs", self.epochs, 0)
         in_range("teacher.lr", self.lr, 0.0)
         if self.weights is None and self.epochs == 0:
-            fail("teacher.epochs", "is 0 and teacher.weights is not set: give the teacher epochs to train or a weights file to load")
+            fail(
+                "teacher.epochs",
+                "is 0 and teacher.weights is not set: give the teacher epochs to train or a weights file to load",
+            )
 
 
 @dataclass(frozen=True)

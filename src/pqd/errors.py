@@ -68,8 +68,15 @@ class RuntimeCrash(PqdError):
     died natively (segfault, abort), timed out, or raised: its exit code, the signal's name
     that killed it (or None), whether it timed out, and its whole stderr."""
 
-    def __init__(self, message: str, *, returncode: int | None = None, signal: str | None = None,
-                 timed_out: bool = False, stderr: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        returncode: int | None = None,
+        signal: str | None = None,
+        timed_out: bool = False,
+        stderr: str = "",
+    ) -> None:
         super().__init__(message)
         self.returncode, self.signal, self.timed_out, self.stderr = returncode, signal, timed_out, stderr
 

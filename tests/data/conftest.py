@@ -27,7 +27,9 @@ def cache_dir(tmp_path) -> str:
     return str(tmp_path / "cache")
 
 
-def write_folder(root: Path, classes=("cat", "dog", "emu"), n_train=4, n_test=2, size=(6, 5), seed=0, fmt="png") -> dict:
+def write_folder(
+    root: Path, classes=("cat", "dog", "emu"), n_train=4, n_test=2, size=(6, 5), seed=0, fmt="png"
+) -> dict:
     """train/<cls>/NNN.<fmt> + test/<cls>/...; returns {split: (x uint8 NCHW, y)} in load order."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -60,7 +62,9 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def write_cifar10_archive(path: Path, n_per_batch: int = 6, seed: int = 0, protocol: int = 4, poison: bytes | None = None) -> dict:
+def write_cifar10_archive(
+    path: Path, n_per_batch: int = 6, seed: int = 0, protocol: int = 4, poison: bytes | None = None
+) -> dict:
     """A structurally faithful cifar-10-python.tar.gz with random pixels (bytes keys like the real pickles)."""
     rng = np.random.default_rng(seed)
     out = {"train": ([], []), "test": ([], [])}
@@ -68,12 +72,21 @@ def write_cifar10_archive(path: Path, n_per_batch: int = 6, seed: int = 0, proto
         for name, split in [*((f"data_batch_{i}", "train") for i in range(1, 6)), ("test_batch", "test")]:
             data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
             labels = [int(v) for v in rng.integers(0, 10, n_per_batch)]
-            batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n_per_batch}
+            batch = {
+                b"batch_label": name.encode(),
+                b"labels": labels,
+                b"data": data,
+                b"filenames": [b"x.png"] * n_per_batch,
+            }
             blob = poison if (poison is not None and name == "data_batch_1") else pickle.dumps(batch, protocol=protocol)
             _add(tf, f"cifar-10-batches-py/{name}", blob)
             out[split][0].append(data.reshape(-1, 3, 32, 32))
             out[split][1].append(labels)
-        meta = {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_vis": 3072, b"num_cases_per_batch": n_per_batch}
+        meta = {
+            b"label_names": [n.encode() for n in CIFAR10_NAMES],
+            b"num_vis": 3072,
+            b"num_cases_per_batch": n_per_batch,
+        }
         _add(tf, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=protocol))
         _add(tf, "cifar-10-batches-py/readme.html", b"<html></html>")
     return {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in out.items()}
@@ -108,6 +121,9 @@ def folder_factory(tmp_path) -> Callable[..., tuple[Path, dict]]:
 def helpers() -> SimpleNamespace:
     """The writer functions above (conftest is not importable under every pytest import mode)."""
     return SimpleNamespace(
-        write_folder=write_folder, tar_dir=tar_dir, cifar10=write_cifar10_archive,
-        cifar100=write_cifar100_archive, CIFAR10_NAMES=CIFAR10_NAMES,
+        write_folder=write_folder,
+        tar_dir=tar_dir,
+        cifar10=write_cifar10_archive,
+        cifar100=write_cifar100_archive,
+        CIFAR10_NAMES=CIFAR10_NAMES,
     )

@@ -23,8 +23,10 @@ def image(rng: np.random.Generator, label: int, size: tuple[int, int]) -> np.nda
     w, h = size
     x = rng.integers(0, 90, (h, w, 3), dtype=np.uint8)
     top, left = rng.integers(0, h // 3 + 1), rng.integers(0, w // 3 + 1)
-    x[top:top + 2 * h // 3, left:left + 2 * w // 3, 2 - label] = rng.integers(170, 256)
-    x[top:top + 2 * h // 3, left:left + 2 * w // 3, (label + 1) % 3] //= 1 + label  # grey images still differ per class
+    x[top : top + 2 * h // 3, left : left + 2 * w // 3, 2 - label] = rng.integers(170, 256)
+    x[top : top + 2 * h // 3, left : left + 2 * w // 3, (label + 1) % 3] //= (
+        1 + label
+    )  # grey images still differ per class
     return x
 
 

@@ -55,7 +55,9 @@ def test_pickle_protocol_5_and_old_numpy_core_names(tmp_path, cache_dir, helpers
     src = helpers.cifar10(tmp_path / "p5.tar.gz", protocol=5)
     _check(load_data(_cfg(cache_dir, tmp_path / "p5.tar.gz")), src, helpers.CIFAR10_NAMES)
     # numpy 1.x pickles (like the real archive) name numpy.core.multiarray._reconstruct
-    blob = pickle.dumps({b"data": np.arange(6, dtype=np.uint8)}, protocol=3).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    blob = pickle.dumps({b"data": np.arange(6, dtype=np.uint8)}, protocol=3).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray"
+    )
     assert b"numpy.core.multiarray" in blob
     assert restricted_loads(blob, "x")[b"data"].tolist() == list(range(6))
 

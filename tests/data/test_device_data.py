@@ -82,8 +82,11 @@ def test_resident_path_really_runs_and_draws_lazily(monkeypatch):
 
 def test_training_is_identical_through_the_resident_path(monkeypatch):
     """A seeded training run gives bit-identical weights whichever path feeds the loop."""
-    train_ds = Dataset(torch.randint(0, 256, (96, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8),
-                       torch.arange(96) % 4, tuple("abcd"))
+    train_ds = Dataset(
+        torch.randint(0, 256, (96, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8),
+        torch.arange(96) % 4,
+        tuple("abcd"),
+    )
     data = Splits(name="rand", train=train_ds, val=None, test=train_ds, mean=(0.5,) * 3, std=(0.25,) * 3, hflip=True)
 
     def run(resident):

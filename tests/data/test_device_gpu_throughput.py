@@ -20,7 +20,9 @@ def test_quick_run_writes_every_phase(tmp_path):
     bench = _load()
     assert bench.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu_throughput.json").read_text())
-    assert res["schema"] == bench.SCHEMA and res["quick"] is True and res["partial"] is False and res["batch_size"] == 16
+    assert (
+        res["schema"] == bench.SCHEMA and res["quick"] is True and res["partial"] is False and res["batch_size"] == 16
+    )
     assert set(res["phases"]) == set(bench.PHASES)
     for name in bench.PHASES:
         p = res["phases"][name]
@@ -35,6 +37,8 @@ def test_quick_run_writes_every_phase(tmp_path):
     assert qat["ceiling_bf16_autocast_fp32_fake_quant"]["images_per_s"] > 0  # ... unless fed FP32
     ag = res["qat_bf16_int8_agreement"]
     assert ag["test_images"] == 32
-    assert 0 <= ag["int8_agreement_bf16_vs_fp32"] <= 1 and ag["int8_agreement_fp32_vs_fp32_rerun"] == 1.0  # CPU is deterministic
+    assert (
+        0 <= ag["int8_agreement_bf16_vs_fp32"] <= 1 and ag["int8_agreement_fp32_vs_fp32_rerun"] == 1.0
+    )  # CPU is deterministic
     md = (tmp_path / "gpu_throughput.md").read_text()
     assert "| qat_kd |" in md and "--quick" in md and res["optimisation_ideas"][0][:20] in md

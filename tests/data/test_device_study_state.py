@@ -66,10 +66,14 @@ def test_pack_keeps_finished_runs_small_files_and_the_teacher_then_unpacks(tmp_p
     assert st.unpack(tmp_path / "b", "study", tmp_path / "out")
     got = _files(tmp_path / "b")
     assert got == {
-        "study/sweep/sweep.yaml", "study/sweep/results.sqlite",
-        "study/sweep/runs/teacher-abc/config.yaml", "study/sweep/runs/teacher-abc/metrics.json",
+        "study/sweep/sweep.yaml",
+        "study/sweep/results.sqlite",
+        "study/sweep/runs/teacher-abc/config.yaml",
+        "study/sweep/runs/teacher-abc/metrics.json",
         "study/sweep/runs/teacher-abc/teacher.safetensors",
-        "study/sweep/runs/PQD/metrics.json", "study/sweep/runs/PQD/config.yaml", "study/sweep/runs/PQD/model_int8.pqdz",
+        "study/sweep/runs/PQD/metrics.json",
+        "study/sweep/runs/PQD/config.yaml",
+        "study/sweep/runs/PQD/model_int8.pqdz",
     }
     assert (tmp_path / "b/study/sweep/runs/teacher-abc/teacher.safetensors").read_bytes() == WEIGHTS
 

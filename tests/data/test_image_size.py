@@ -41,7 +41,11 @@ def test_mixed_sizes_without_image_size_name_the_key(folder, cache_dir):
 
 def test_mixed_sizes_and_modes_load_at_image_size(folder):
     data = load_data(_cfg(folder[0]))
-    assert data.image_shape == (3, 24, 24) and data.train.x.shape == (24, 3, 24, 24) and data.test.x.shape == (12, 3, 24, 24)
+    assert (
+        data.image_shape == (3, 24, 24)
+        and data.train.x.shape == (24, 3, 24, 24)
+        and data.test.x.shape == (12, 3, 24, 24)
+    )
     assert data.preprocess == {"resize_shorter": 27, "center_crop": 24, "interpolation": "bilinear", "mode": "RGB"}
     assert data.crop_scale == (0.08, 1.0)
     grey = [i for i, p in enumerate(folder[1]) if p.suffix == ".png" and _mode(p) == "L"]
@@ -75,10 +79,20 @@ def test_predict_and_deployable_see_the_training_eval_tensor(folder, tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3)).eval()
     model(torch.zeros(1, 3, 24, 24))
-    meta = deployable_meta(mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape,
-                           preprocess=data.preprocess)
-    path = save_torchscript(deployable_torchscript(model, mean=data.mean, std=data.std, class_names=data.test.classes,
-                                                   input_shape=data.image_shape), tmp_path / "model_int8.pt", meta=meta)
+    meta = deployable_meta(
+        mean=data.mean,
+        std=data.std,
+        class_names=data.test.classes,
+        input_shape=data.image_shape,
+        preprocess=data.preprocess,
+    )
+    path = save_torchscript(
+        deployable_torchscript(
+            model, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape
+        ),
+        tmp_path / "model_int8.pt",
+        meta=meta,
+    )
     dep = load_deployable(path)
     assert dep.meta["preprocess"] == data.preprocess
     x, _ = next(iter(batches(data.test, batch_size=len(data.test), mean=data.mean, std=data.std)))
@@ -125,8 +139,19 @@ def test_streaming_with_workers_and_same_accuracy(folder):
 
 def test_augmentation_is_random_resized_crop(folder):
     data = load_data(_cfg(root := folder[0], scale=(0.25, 0.25)))
-    x, _ = next(iter(batches(data.train, batch_size=24, mean=(0.0,) * 3, std=(1 / 255,) * 3, augment=True,
-                             crop_scale=data.crop_scale, generator=torch.Generator().manual_seed(0))))
+    x, _ = next(
+        iter(
+            batches(
+                data.train,
+                batch_size=24,
+                mean=(0.0,) * 3,
+                std=(1 / 255,) * 3,
+                augment=True,
+                crop_scale=data.crop_scale,
+                generator=torch.Generator().manual_seed(0),
+            )
+        )
+    )
     assert x.shape == (24, 3, 24, 24)
     assert not torch.equal(x, data.train.x.float())  # crops of a quarter of the area, resized back
     assert root
@@ -143,14 +168,17 @@ def test_given_mean_std_are_used(folder):
     assert data.mean == (0.5, 0.4, 0.3) and data.std == (0.2, 0.2, 0.2)
 
 
-@pytest.mark.parametrize("kw, key", [
-    (dict(dataset="digits", image_size=32), "data.image_size"),
-    (dict(dataset="folder", root="x", resize_size=40), "data.resize_size"),
-    (dict(dataset="folder", root="x", image_size=32, resize_size=20), "data.resize_size"),
-    (dict(dataset="folder", root="x", image_size=32, scale=(0.5, 0.2)), "data.scale"),
-    (dict(dataset="folder", root="x", image_size=32, mean=(0.5, 0.5, 0.5)), "data.mean"),
-    (dict(dataset="folder", root="x", image_size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.0, 0.2)), "data.std"),
-])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(dataset="digits", image_size=32), "data.image_size"),
+        (dict(dataset="folder", root="x", resize_size=40), "data.resize_size"),
+        (dict(dataset="folder", root="x", image_size=32, resize_size=20), "data.resize_size"),
+        (dict(dataset="folder", root="x", image_size=32, scale=(0.5, 0.2)), "data.scale"),
+        (dict(dataset="folder", root="x", image_size=32, mean=(0.5, 0.5, 0.5)), "data.mean"),
+        (dict(dataset="folder", root="x", image_size=32, mean=(0.5, 0.5, 0.5), std=(0.2, 0.0, 0.2)), "data.std"),
+    ],
+)
 def test_bad_image_settings_name_the_key(kw, key):
     with pytest.raises(ConfigError, match=key):
         DataConfig(**kw)

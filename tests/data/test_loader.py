@@ -36,7 +36,9 @@ def test_normalisation_order_and_sizes():
     assert [len(y) for _, y in out] == [8, 8, 8, 8, 5] and len(out) == num_batches(37, 8)
     x = torch.cat([b for b, _ in out])
     assert x.dtype == torch.float32 and torch.cat([y for _, y in out]).dtype == torch.int64
-    ref = (ds.x.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    ref = (ds.x.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        STD, dtype=torch.float64
+    ).view(1, 3, 1, 1)
     assert torch.allclose(x.double(), ref, atol=1e-5)
     assert torch.equal(torch.cat([y for _, y in out]), ds.y)
 
@@ -53,7 +55,9 @@ def test_shuffle_augment_deterministic_per_seed():
     a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True))
     assert not torch.equal(a[0][0], c[0][0])
-    ids = torch.cat([_denorm(x)[:, 0, 0, 0] for x, _ in _run(ds, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    ids = torch.cat(
+        [_denorm(x)[:, 0, 0, 0] for x, _ in _run(ds, shuffle=True, generator=torch.Generator().manual_seed(0))]
+    )
     assert sorted(ids.tolist()) == list(range(37)) and ids.tolist() != list(range(37)), "a permutation"
 
 
@@ -69,7 +73,19 @@ def _candidates(img: torch.Tensor, pad: int = 4) -> list[tuple[int, int, bool, t
 
 
 def _match(ds, hflip):
-    xb, _ = next(iter(batches(ds, batch_size=len(ds), mean=MEAN, std=STD, augment=True, hflip=hflip, generator=torch.Generator().manual_seed(5))))
+    xb, _ = next(
+        iter(
+            batches(
+                ds,
+                batch_size=len(ds),
+                mean=MEAN,
+                std=STD,
+                augment=True,
+                hflip=hflip,
+                generator=torch.Generator().manual_seed(5),
+            )
+        )
+    )
     assert xb.shape == ds.x.shape
     aug = _denorm(xb)
     found = []

@@ -75,13 +75,27 @@ def test_pipeline_metrics_carry_faithfulness(int8_run):
 
 @pytest.mark.slow
 def test_cli_bench(int8_run, capsys, tmp_path):
-    args = ["bench", str(int8_run), "--threads", "1", "--batch-sizes", "1", "--runs", "2", "--warmup", "0",
-            "--no-rss", "--runtimes", "pytorch,onnxruntime", "--quiet"]
+    args = [
+        "bench",
+        str(int8_run),
+        "--threads",
+        "1",
+        "--batch-sizes",
+        "1",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--no-rss",
+        "--runtimes",
+        "pytorch,onnxruntime",
+        "--quiet",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "onnxruntime_int8" in out and "pytorch_fp32_eager" in out and "openvino_int8" not in out
     # output leads with the labelled speed-ups: same runtime first, the PyTorch eager ratio only as an extra
-    body = out[out.index("## Speed-ups"):out.index("## Timings")]
+    body = out[out.index("## Speed-ups") : out.index("## Timings")]
     assert body.index("Same runtime, INT8 vs FP32 teacher:") < body.index("Extra (PyTorch eager FP32 vs compiled INT8")
     assert "pqd INT8 @ ONNX Runtime vs teacher FP32 @ ONNX Runtime" in body and "Fastest measured deployment" in body
     assert "x PyTorch FP32 eager (extra" in out
@@ -97,21 +111,41 @@ def test_cli_bench_times_pytorch_when_the_onnx_export_fails_and_exits_2(int8_run
 
     import torch
 
-    report = ("Failed to export the model with torch.export. This is step 1/3 of exporting the model to ONNX.\n"
-              "## Exception summary\n\n\x1b[31m<class 'torch._dynamo.exc.Unsupported'>: data-dependent branch in Gate.forward\x1b[0m\n"
-              + "".join(f"  dump line {i}\n" for i in range(150)))
+    report = (
+        "Failed to export the model with torch.export. This is step 1/3 of exporting the model to ONNX.\n"
+        "## Exception summary\n\n\x1b[31m<class 'torch._dynamo.exc.Unsupported'>: data-dependent branch in Gate.forward\x1b[0m\n"
+        + "".join(f"  dump line {i}\n" for i in range(150))
+    )
 
     def failing_export(*a, **k):
         raise RuntimeError(report)
 
     monkeypatch.setattr(torch.onnx, "export", failing_export)
-    args = ["bench", str(int8_run), "--threads", "1", "--batch-sizes", "1", "--runs", "2", "--warmup", "0",
-            "--no-rss", "--runtimes", "pytorch,onnxruntime", "--force-export", "--quiet"]
+    args = [
+        "bench",
+        str(int8_run),
+        "--threads",
+        "1",
+        "--batch-sizes",
+        "1",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--no-rss",
+        "--runtimes",
+        "pytorch,onnxruntime",
+        "--force-export",
+        "--quiet",
+    ]
     assert main(args) == 2
     captured = capsys.readouterr()
     assert "pytorch_int8" in captured.out and "pytorch_fp32_eager" in captured.out
     failed = [ln for ln in captured.err.splitlines() if ln.startswith("FAILED onnxruntime")]
-    assert len(failed) == 1 and "<class 'torch._dynamo.exc.Unsupported'>: data-dependent branch in Gate.forward" in failed[0]
+    assert (
+        len(failed) == 1
+        and "<class 'torch._dynamo.exc.Unsupported'>: data-dependent branch in Gate.forward" in failed[0]
+    )
     assert "\x1b" not in captured.err and "dump line" not in captured.err
     result = json.loads((int8_run / "bench.json").read_text())
     assert {r["model"] for r in result["latency"]} == {"pytorch_fp32_eager", "pytorch_int8"}
@@ -127,7 +161,9 @@ def test_cli_export_writes_its_files_and_exits_2_when_one_runtime_check_crashes(
 
     def ov_crashes(target, args=None, **kw):
         if kw.get("runtime") == "openvino":
-            raise RuntimeCrash("runtime openvino / model 'resnet18' crashed with SIGSEGV (exit status -11): a native crash")
+            raise RuntimeCrash(
+                "runtime openvino / model 'resnet18' crashed with SIGSEGV (exit status -11): a native crash"
+            )
         return real(target, args, **kw)
 
     monkeypatch.setattr(pqd.safety.isolate, "run_isolated", ov_crashes)
@@ -143,34 +179,71 @@ def test_bench_records_the_worker_environment_and_flags_a_slower_thread_count(in
     """A deterministic stand-in for the timed calls: FP32 eager 'takes' longer with 2 threads than with 1."""
     from pqd.measure.workers import Worker
 
-    ms = {("pytorch_fp32_eager", 1): 2.0, ("pytorch_fp32_eager", 2): 4.0, ("pytorch_int8", 1): 0.6, ("pytorch_int8", 2): 0.5}
+    ms = {
+        ("pytorch_fp32_eager", 1): 2.0,
+        ("pytorch_fp32_eager", 2): 4.0,
+        ("pytorch_int8", 1): 0.6,
+        ("pytorch_int8", 2): 0.5,
+    }
     monkeypatch.setattr(Worker, "warmup", lambda self, batch, n: None)
-    monkeypatch.setattr(Worker, "block", lambda self, batch, *, settle_ms, timed: (
-        [ms[(self.name, self.spec["threads"])] / 1e3] * timed, 1))
+    monkeypatch.setattr(
+        Worker,
+        "block",
+        lambda self, batch, *, settle_ms, timed: ([ms[(self.name, self.spec["threads"])] / 1e3] * timed, 1),
+    )
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     r = bench_run(int8_run, threads=(1, 2), batch_sizes=(1,), warmup=0, runs=3, runtimes=("pytorch",), rss=False)
     (flag,) = r["slower_with_more_threads"]
     assert (flag["variant"], flag["threads"], flag["fewer_threads"], flag["ratio"]) == ("pytorch_fp32_eager", 2, 1, 2.0)
-    assert any(rec.levelname == "WARNING" and "teacher FP32 @ PyTorch eager is 2.00x slower with 2 threads than with 1 thread"
-               in rec.getMessage() for rec in caplog.records)
+    assert any(
+        rec.levelname == "WARNING"
+        and "teacher FP32 @ PyTorch eager is 2.00x slower with 2 threads than with 1 thread" in rec.getMessage()
+        for rec in caplog.records
+    )
     (over,) = r["speedup_summary"]["fastest_over_threads"]
     assert (over["fastest_variant"], over["threads"]) == ("pytorch_int8", 2)
     assert set(r["latency_env"]) == {"1", "2"}
     for t, env in r["latency_env"].items():
         assert env["inherited"] is False and env["variables"]["OMP_NUM_THREADS"] == t
-        assert env["variables"]["OMP_WAIT_POLICY"] is None and env["ignored_from_caller"]["OMP_WAIT_POLICY"] == "PASSIVE"
+        assert (
+            env["variables"]["OMP_WAIT_POLICY"] is None and env["ignored_from_caller"]["OMP_WAIT_POLICY"] == "PASSIVE"
+        )
     on_disk = json.loads((int8_run / "bench.json").read_text())
     assert on_disk["latency_env"] == r["latency_env"] and on_disk["slower_with_more_threads"] == [flag]
     md = (int8_run / "bench.md").read_text()
     assert "Worker threading environment: controlled" in md and "Ignored from the caller: " in md
     assert "WARNING: teacher FP32 @ PyTorch eager is 2.00x slower with 2 threads" in md
     # --inherit-env: the caller's environment, recorded as such
-    assert main(["bench", str(int8_run), "--threads", "1", "--batch-sizes", "1", "--runs", "2", "--warmup", "0", "--no-rss",
-                 "--runtimes", "pytorch", "--inherit-env", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(int8_run),
+                "--threads",
+                "1",
+                "--batch-sizes",
+                "1",
+                "--runs",
+                "2",
+                "--warmup",
+                "0",
+                "--no-rss",
+                "--runtimes",
+                "pytorch",
+                "--inherit-env",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "inherited from the caller's environment (--inherit-env)" in capsys.readouterr().out
     env = json.loads((int8_run / "bench.json").read_text())["latency_env"]["1"]
-    assert env["inherited"] is True and env["variables"]["OMP_WAIT_POLICY"] == "PASSIVE" and env["variables"]["OMP_NUM_THREADS"] == "7"
+    assert (
+        env["inherited"] is True
+        and env["variables"]["OMP_WAIT_POLICY"] == "PASSIVE"
+        and env["variables"]["OMP_NUM_THREADS"] == "7"
+    )
 
 
 @pytest.mark.slow

@@ -52,12 +52,15 @@ def test_map_style_dataset_of_uint8_samples_and_normalised_floats():
     assert torch.equal(as_dataset(TensorDataset(normed, y), normalized_with=(mean, std)).x, x8)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (3, "cannot read images"),
-    (TensorDataset(torch.rand(8, 3, 16, 16), torch.rand(8)), "integer class indices"),
-    (TensorDataset(torch.rand(8, 16, 16), torch.zeros(8, dtype=torch.long)), r"\[N, C, H, W\]"),
-    ([], "no images"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (3, "cannot read images"),
+        (TensorDataset(torch.rand(8, 3, 16, 16), torch.rand(8)), "integer class indices"),
+        (TensorDataset(torch.rand(8, 16, 16), torch.zeros(8, dtype=torch.long)), r"\[N, C, H, W\]"),
+        ([], "no images"),
+    ],
+)
 def test_clear_errors(bad, match):
     with pytest.raises(DataError, match=match):
         as_dataset(bad)
@@ -68,8 +71,13 @@ def test_stage_accepts_a_dataloader():
     xf, y, _ = _pair(96)
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=4, width=0.125)
-    out = prune(Student(model), PruneConfig(sparsity=0.5), data=DataLoader(TensorDataset(xf, y), batch_size=32), epochs=1,
-                train_config=TrainConfig(batch_size=32, progress=False))
+    out = prune(
+        Student(model),
+        PruneConfig(sparsity=0.5),
+        data=DataLoader(TensorDataset(xf, y), batch_size=32),
+        epochs=1,
+        train_config=TrainConfig(batch_size=32, progress=False),
+    )
     assert out.masks
     splits = as_splits(TensorDataset(xf, y), test=(xf[:8], y[:8]))
     assert len(splits.train) == 96 and len(splits.test) == 8 and splits.num_classes == 4
@@ -80,8 +88,12 @@ class _Recorder(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                       torch.nn.Linear(4, 4))
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4, 4),
+        )
         self.seen: list[torch.Tensor] = []
 
     def forward(self, x):
@@ -99,8 +111,13 @@ def test_a_user_loader_reaches_the_model_unchanged_and_unaugmented():
     xf, y, _ = _pair(64)
     xf[:, :, :, :8] = 0.0  # left half dark: a horizontal flip or a shifted crop changes the image
     model = _Recorder()
-    train(model, as_splits(DataLoader(TensorDataset(xf, y), batch_size=16)), epochs=2, lr=0.01,
-          config=TrainConfig(batch_size=16, progress=False))
+    train(
+        model,
+        as_splits(DataLoader(TensorDataset(xf, y), batch_size=16)),
+        epochs=2,
+        lr=0.01,
+        config=TrainConfig(batch_size=16, progress=False),
+    )
     seen = torch.cat(model.seen)
     assert len(seen) >= 64
     assert float(_distance_to_nearest(seen, xf).max()) < 1e-4

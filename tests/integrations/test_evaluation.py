@@ -20,6 +20,8 @@ def test_evaluate_fp32_int8_and_torchscript_on_a_dataloader():
     assert evaluate(model, loader)["top1"] == pytest.approx((model(x).argmax(1) == y).float().mean().item())
     int8 = convert(calibrate(prepare_ptq(model, x[:2]), loader))
     scripted = to_torchscript(int8, x[:1])
-    assert evaluate(int8, loader)["images"] == 40 and evaluate(scripted, loader)["top1"] == evaluate(int8, loader)["top1"]
+    assert (
+        evaluate(int8, loader)["images"] == 40 and evaluate(scripted, loader)["top1"] == evaluate(int8, loader)["top1"]
+    )
     with pytest.raises(DataError, match="float"):
         evaluate(model, [(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.zeros(2))])

@@ -27,8 +27,14 @@ def test_lightning_example_runs(tmp_path, monkeypatch):
     assert cb.quantized and type(module.model).__name__ == "GraphModule"
     fq = [m for m in module.model.modules() if hasattr(m, "observer_enabled")]
     assert fq and all(int(m.observer_enabled) == 0 for m in fq), "observers must be frozen from freeze_epoch on"
-    ref = convert_student(Student(prepare_qat(create_model("resnet18", num_classes=10, width=0.125), torch.zeros(2, 3, 32, 32)), form="qat"))
-    assert {n: type(m).__name__ for n, m in int8.named_modules()} == {n: type(m).__name__ for n, m in ref.named_modules()}
+    ref = convert_student(
+        Student(
+            prepare_qat(create_model("resnet18", num_classes=10, width=0.125), torch.zeros(2, 3, 32, 32)), form="qat"
+        )
+    )
+    assert {n: type(m).__name__ for n, m in int8.named_modules()} == {
+        n: type(m).__name__ for n, m in ref.named_modules()
+    }
     zeros = total = 0
     for path, mask in cb.masks.items():
         w = int8.get_submodule(path).weight().int_repr()
@@ -68,7 +74,14 @@ def test_kd_changes_the_loss_and_trains_the_teacher_not():
     student = create_model("resnet18", num_classes=4, width=0.125)
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    kw = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    kw = dict(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     L.Trainer(**kw).fit(M(student), loader)
     cb = PQDCallback(teacher=teacher, temperature=2.0, alpha=0.5)
     L.Trainer(callbacks=[cb], **kw).fit(M(student), loader)

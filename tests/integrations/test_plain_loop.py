@@ -59,7 +59,9 @@ def example_block(doc: Path, marker: str = "GlobalPruner(") -> tuple[str, str]:
     blocks = [b for b in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S) if marker in b]
     assert len(blocks) == 1, f"{doc} must have exactly one python example with {marker}, has {len(blocks)}"
     readme = (ROOT / "README.md").read_text()
-    assert marker not in "".join(re.findall(r"```python\n(.*?)```", readme, flags=re.S)), "the example lives in docs only"
+    assert marker not in "".join(re.findall(r"```python\n(.*?)```", readme, flags=re.S)), (
+        "the example lives in docs only"
+    )
     return blocks[0], str(doc)
 
 
@@ -108,12 +110,18 @@ def test_plain_loop_recipe_keeps_the_fake_quant_accuracy_on_depthwise_and_se_mod
 
     monkeypatch.setattr(pqd.compress.qat, "frozen", measured)
     code, source = example_block(DOC)
-    code = code.replace("images, labels = torch.rand(128, 3, 32, 32), torch.randint(0, 10, (128,))", "images, labels = USER_DATA")
+    code = code.replace(
+        "images, labels = torch.rand(128, 3, 32, 32), torch.randint(0, 10, (128,))", "images, labels = USER_DATA"
+    )
     code = code.replace("held_out = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))", "held_out = USER_HELD_OUT")
     code = code.replace('teacher = pqd.create_model("resnet18", num_classes=10, width=0.125)', "teacher = USER_TEACHER")
     assert code.count("USER_") == 3, "the example's data and teacher lines changed: update this test"
-    ns = {"__name__": "plain_loop_example", "USER_DATA": (x[160:], y[160:]), "USER_HELD_OUT": (x[:160], y[:160]),
-          "USER_TEACHER": teacher}
+    ns = {
+        "__name__": "plain_loop_example",
+        "USER_DATA": (x[160:], y[160:]),
+        "USER_HELD_OUT": (x[:160], y[:160]),
+        "USER_TEACHER": teacher,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollapseWarning)
         exec(compile(code, source, "exec"), ns)
@@ -135,8 +143,11 @@ def test_frozen_warns_when_training_after_freezing_collapses_the_model():
     qat = prepare_qat(model, x[:2])
     with torch.no_grad():
         qat(x)  # observers see the data once, as QAT training would have done before the freeze boundary
-    with (pytest.warns(CollapseWarning, match="lower the learning rate after freeze"), pqd.compress.qat.frozen(qat, (x, y)) as check,
-          torch.no_grad()):  # what a much too high learning rate does to the weights
+    with (
+        pytest.warns(CollapseWarning, match="lower the learning rate after freeze"),
+        pqd.compress.qat.frozen(qat, (x, y)) as check,
+        torch.no_grad(),
+    ):  # what a much too high learning rate does to the weights
         for p in qat.parameters():
             p.add_(torch.randn_like(p) * 10)
     assert check.before[0] - check.after[0] > 0.1

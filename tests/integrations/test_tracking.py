@@ -7,7 +7,11 @@ from pqd.train.tracking import NullTracker, flatten_metrics, make_tracker
 
 
 def test_flatten_keeps_numbers_only():
-    assert flatten_metrics({"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2], "f": 0.5}) == {"a.b": 1.0, "d": 1.0, "f": 0.5}
+    assert flatten_metrics({"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2], "f": 0.5}) == {
+        "a.b": 1.0,
+        "d": 1.0,
+        "f": 0.5,
+    }
 
 
 def test_tensorboard_tracker_writes_scalars(tmp_path):

@@ -105,7 +105,11 @@ def test_mcnemar_paired_builds_the_table():
     r = mcnemar_paired(a, b)
     assert r["table"] == {"both_right": 2, "a_only": 3, "b_only": 1, "both_wrong": 2}
     assert (r["b"], r["c"], r["n"]) == (3, 1, 8)
-    assert r["top1_a"] == pytest.approx(5 / 8) and r["top1_b"] == pytest.approx(3 / 8) and r["difference"] == pytest.approx(0.25)
+    assert (
+        r["top1_a"] == pytest.approx(5 / 8)
+        and r["top1_b"] == pytest.approx(3 / 8)
+        and r["difference"] == pytest.approx(0.25)
+    )
     assert r["p_value"] == pytest.approx(2 * (1 + 4) / 16)
     assert mcnemar_paired([1, 0, 1], [1, 1, 0])["table"]["a_only"] == 1
     with pytest.raises(ValueError):
@@ -124,8 +128,14 @@ def test_correct_vector():
 def test_top1_records():
     x = np.array([True] * 50 + [False] * 50)
     r = top1_record(x)
-    assert r == {"top1": 0.5, "ci_low": pytest.approx(0.40383, abs=1e-5), "ci_high": pytest.approx(0.59617, abs=1e-5),
-                 "n": 100, "method": "wilson", "confidence": 0.95}
+    assert r == {
+        "top1": 0.5,
+        "ci_low": pytest.approx(0.40383, abs=1e-5),
+        "ci_high": pytest.approx(0.59617, abs=1e-5),
+        "n": 100,
+        "method": "wilson",
+        "confidence": 0.95,
+    }
     assert counts_record(50, 100) == r
     rb = top1_record(x, method="bootstrap", seed=1, resamples=500)
     assert rb["method"] == "bootstrap" and rb["n"] == 100 and rb["top1"] == 0.5 and rb["ci_low"] < 0.5 < rb["ci_high"]
@@ -152,9 +162,13 @@ def test_paired_difference_interval():
     b = np.array([0] * 10 + [1] * 4 + [1] * 60 + [0] * 26, dtype=bool)
     r = paired_difference_interval(a, b)
     half = 1.959963984540054 * math.sqrt(14 - 36 / 100) / 100  # = 0.0724
-    assert r["difference"] == pytest.approx(0.06) and (r["ci_low"], r["ci_high"]) == pytest.approx((0.06 - half, 0.06 + half))
+    assert r["difference"] == pytest.approx(0.06) and (r["ci_low"], r["ci_high"]) == pytest.approx(
+        (0.06 - half, 0.06 + half)
+    )
     rb = paired_difference_interval(a, b, method="bootstrap", seed=0)
-    assert rb["ci_low"] == pytest.approx(r["ci_low"], abs=0.02) and rb["ci_high"] == pytest.approx(r["ci_high"], abs=0.02)
+    assert rb["ci_low"] == pytest.approx(r["ci_low"], abs=0.02) and rb["ci_high"] == pytest.approx(
+        r["ci_high"], abs=0.02
+    )
     with pytest.raises(ValueError):
         paired_difference_interval(a, b, method="exact")
 
@@ -169,6 +183,6 @@ def test_holm():
 
 def test_spearman_known_values_ties_and_degenerate_inputs():
     assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
-    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(3 ** 0.5 / 2)  # tied values share the mean rank
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(3**0.5 / 2)  # tied values share the mean rank
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None

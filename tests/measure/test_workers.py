@@ -26,9 +26,12 @@ def tiny_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "g",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 4, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 4, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     path = tmp_path / "relu.onnx"
     onnx.save(model, str(path))
@@ -63,16 +66,27 @@ def test_workers_interleave_with_in_process_timers(scripted):
 
     local = InProcess(lambda x: x.sum(), {1: torch.zeros(1, 3, 4, 4)})
     with start_workers({"ts": BASE | {"kind": "torchscript", "path": str(scripted)}}) as ws:
-        recs = interleave({"local": local, "ts": ws["ts"]}, batch_sizes=(1,), threads=1, warmup=1, runs=6,
-                          blocks=Blocks(timed=4, settle_ms=0))
+        recs = interleave(
+            {"local": local, "ts": ws["ts"]},
+            batch_sizes=(1,),
+            threads=1,
+            warmup=1,
+            runs=6,
+            blocks=Blocks(timed=4, settle_ms=0),
+        )
     assert [(r["model"], r["runs"], r["blocks"]["rounds"]) for r in recs] == [("local", 6, 2), ("ts", 6, 2)]
 
 
 def test_a_worker_that_cannot_load_names_the_variant_and_the_cause(tmp_path):
-    with pytest.raises(WorkerError, match=r"'broken'.*(No such file|not exist|open file)"), \
-            start_workers({"broken": BASE | {"kind": "torchscript", "path": str(tmp_path / "missing.pt")}}):
+    with (
+        pytest.raises(WorkerError, match=r"'broken'.*(No such file|not exist|open file)"),
+        start_workers({"broken": BASE | {"kind": "torchscript", "path": str(tmp_path / "missing.pt")}}),
+    ):
         pass
-    with pytest.raises(WorkerError, match="unknown worker kind 'tensorrt'"), start_workers({"bad": BASE | {"kind": "tensorrt"}}):
+    with (
+        pytest.raises(WorkerError, match="unknown worker kind 'tensorrt'"),
+        start_workers({"bad": BASE | {"kind": "tensorrt"}}),
+    ):
         pass
 
 
@@ -83,16 +97,23 @@ def segv_python(tmp_path, monkeypatch):
     import sys
 
     script = tmp_path / "python-standin"
-    script.write_text(f"#!/bin/sh\ncase \"$*\" in *'\"dynamic_batch\": true'*) exec {sys.executable} \"$@\";; esac\nkill -SEGV $$\n")
+    script.write_text(
+        f'#!/bin/sh\ncase "$*" in *\'"dynamic_batch": true\'*) exec {sys.executable} "$@";; esac\nkill -SEGV $$\n'
+    )
     script.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(script))
 
 
 def test_a_native_crash_names_the_runtime_the_signal_and_what_to_do(tiny_onnx, segv_python):
-    with pytest.raises(WorkerError) as err, start_workers({"s0": BASE | {"kind": "onnxruntime", "path": str(tiny_onnx)}}):
+    with (
+        pytest.raises(WorkerError) as err,
+        start_workers({"s0": BASE | {"kind": "onnxruntime", "path": str(tiny_onnx)}}),
+    ):
         pass
     msg = str(err.value)
-    assert "'s0'" in msg and "ONNX Runtime" in msg and "relu.onnx" in msg and "SIGSEGV" in msg and "exit status -11" in msg
+    assert (
+        "'s0'" in msg and "ONNX Runtime" in msg and "relu.onnx" in msg and "SIGSEGV" in msg and "exit status -11" in msg
+    )
     assert "structured.runtime: onnxruntime" in msg and "not in pqd" in msg
     assert err.value.signal == "SIGSEGV"
 
@@ -106,8 +127,14 @@ def test_openvino_crashing_at_a_static_batch_is_timed_with_a_dynamic_batch(tiny_
     assert any("SIGSEGV" in r.getMessage() and "dynamic batch" in r.getMessage() for r in caplog.records)
 
 
-CALLER_THREADING = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "7", "MKL_NUM_THREADS": "7", "KMP_BLOCKTIME": "0",
-                    "GOMP_SPINCOUNT": "0", "OMP_PROC_BIND": "true"}
+CALLER_THREADING = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "OMP_NUM_THREADS": "7",
+    "MKL_NUM_THREADS": "7",
+    "KMP_BLOCKTIME": "0",
+    "GOMP_SPINCOUNT": "0",
+    "OMP_PROC_BIND": "true",
+}
 
 
 def test_worker_environment_is_defined_once_and_ignores_the_callers_threading_variables():
@@ -115,7 +142,13 @@ def test_worker_environment_is_defined_once_and_ignores_the_callers_threading_va
 
     caller = {"PATH": "/bin", "HOME": "/h", "MALLOC_ARENA_MAX": "2"} | CALLER_THREADING
     we = worker_environment(3, environ=caller)
-    assert we.env == {"PATH": "/bin", "HOME": "/h", "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    assert we.env == {
+        "PATH": "/bin",
+        "HOME": "/h",
+        "MALLOC_ARENA_MAX": "2",
+        "OMP_NUM_THREADS": "3",
+        "MKL_NUM_THREADS": "3",
+    }
     assert not we.inherited and we.ignored == CALLER_THREADING
     rec = we.record()
     assert rec["inherited"] is False and rec["variables"]["OMP_NUM_THREADS"] == "3"
@@ -136,7 +169,10 @@ def test_the_worker_sees_the_controlled_environment_whatever_the_caller_sets(scr
         assert w.info["settings"]["threads"] == threads
         env = w.environment
     assert env["inherited"] is False and env["variables"]["OMP_WAIT_POLICY"] is None
-    assert env["variables"]["OMP_NUM_THREADS"] == str(threads) and env["ignored_from_caller"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert (
+        env["variables"]["OMP_NUM_THREADS"] == str(threads)
+        and env["ignored_from_caller"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    )
 
 
 def test_inherit_env_times_in_the_callers_environment_and_records_it(scripted, monkeypatch):
@@ -144,8 +180,13 @@ def test_inherit_env_times_in_the_callers_environment_and_records_it(scripted, m
 
     for k, v in CALLER_THREADING.items():
         monkeypatch.setenv(k, v)
-    with start_workers({"a": BASE | {"kind": "torchscript", "path": str(scripted)},
-                        "b": BASE | {"kind": "torchscript", "path": str(scripted)}}, inherit_env=True) as ws:
+    with start_workers(
+        {
+            "a": BASE | {"kind": "torchscript", "path": str(scripted)},
+            "b": BASE | {"kind": "torchscript", "path": str(scripted)},
+        },
+        inherit_env=True,
+    ) as ws:
         # the caller's threading variables, all of them (libraries imported earlier, e.g. sklearn, may have added some)
         assert ws["a"].info["thread_env"] == thread_variables(os.environ)
         assert ws["a"].info["thread_env"].items() >= CALLER_THREADING.items()
@@ -177,14 +218,21 @@ def test_a_user_model_folder_on_sys_path_reaches_the_worker_after_the_standard_l
     user.mkdir()
     (user / "latenv_user_model.py").write_text(
         "from torch import nn\n\ndef make(num_classes=10):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(48, num_classes))\n")
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(48, num_classes))\n"
+    )
     marker = tmp_path / "planted-ran"
     (user / "json.py").write_text(PLANTED.format(marker=str(marker)))  # beside the model: still not the stdlib's json
     monkeypatch.syspath_prepend(str(user))
     from latenv_user_model import make
 
     weights = save_checkpoint(tmp_path / "w.safetensors", make(num_classes=5).state_dict())
-    spec = BASE | {"kind": "eager", "model": "latenv_user_model:make", "kwargs": {}, "num_classes": 5, "weights": str(weights)}
+    spec = BASE | {
+        "kind": "eager",
+        "model": "latenv_user_model:make",
+        "kwargs": {},
+        "num_classes": 5,
+        "weights": str(weights),
+    }
     with start_workers({"user": spec}) as ws:
         times, _ = ws["user"].block(1, settle_ms=0, timed=2)
     assert len(times) == 2 and not marker.exists()

@@ -34,12 +34,15 @@ def test_timm_model_by_name():
     assert not any(type(x) is timm.layers.BatchNormAct2d for x in m.modules())
 
 
-@pytest.mark.parametrize("name, kw, match", [
-    ("torchvision:resnet18", {"width": 0.5}, "no width multiplier"),
-    ("torchvision:resnet_18", {}, "torchvision has no model"),
-    ("timm:no_such_net", {}, "timm has no model"),
-    ("torchvision:resnet18", {"dropout": 0.2}, "model.dropout"),
-])
+@pytest.mark.parametrize(
+    "name, kw, match",
+    [
+        ("torchvision:resnet18", {"width": 0.5}, "no width multiplier"),
+        ("torchvision:resnet_18", {}, "torchvision has no model"),
+        ("timm:no_such_net", {}, "timm has no model"),
+        ("torchvision:resnet18", {"dropout": 0.2}, "model.dropout"),
+    ],
+)
 def test_bad_names_and_options(name, kw, match):
     with pytest.raises(ModelError, match=match):
         create_model(name, num_classes=3, **kw)
@@ -89,10 +92,13 @@ def test_timm_flat_keys_load_after_the_split(tmp_path):
     assert torch.allclose(m.eval()(x), ref.eval()(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("name, kw, float_types", [
-    ("torchvision:mobilenet_v3_small", {"width": 0.25}, set()),  # hardswish and SE quantized
-    ("timm:test_efficientnet", {}, {"SiLU"}),  # SiLU has no x86 integer kernel: FP32, listed
-])
+@pytest.mark.parametrize(
+    "name, kw, float_types",
+    [
+        ("torchvision:mobilenet_v3_small", {"width": 0.25}, set()),  # hardswish and SE quantized
+        ("timm:test_efficientnet", {}, {"SiLU"}),  # SiLU has no x86 integer kernel: FP32, listed
+    ],
+)
 def test_fx_int8_and_float_modules(name, kw, float_types):
     x = torch.randn(2, 3, 32, 32)
     qat = prepare_qat(create_model(name, num_classes=3, **kw), x)
@@ -104,8 +110,9 @@ def test_fx_int8_and_float_modules(name, kw, float_types):
         assert float_modules(int8) == []
 
 
-
-@pytest.mark.parametrize("name, kw", [("torchvision:mobilenet_v3_small", {"width": 0.5}), ("timm:test_efficientnet", {})])
+@pytest.mark.parametrize(
+    "name, kw", [("torchvision:mobilenet_v3_small", {"width": 0.5}), ("timm:test_efficientnet", {})]
+)
 def test_channel_groups_through_depthwise_and_se_prune_and_quantize(name, kw):
     pytest.importorskip("torch_pruning")
     x = torch.randn(2, 3, 32, 32)

@@ -20,7 +20,9 @@ def test_registered_models_build_and_run(name, num_classes):
 
 # ResNet-18 and WRN-28-10 match the published CIFAR counts; VGG-16-BN is 4,224 below the
 # common 14,728,266 because its convs carry no bias (BatchNorm follows each one).
-@pytest.mark.parametrize("name, params", [("resnet18", 11_173_962), ("vgg16_bn", 14_724_042), ("wrn_28_10", 36_479_194)])
+@pytest.mark.parametrize(
+    "name, params", [("resnet18", 11_173_962), ("vgg16_bn", 14_724_042), ("wrn_28_10", 36_479_194)]
+)
 def test_full_width_parameter_counts(name, params):
     model = create_model(name, num_classes=10)
     assert sum(p.numel() for p in model.parameters()) == params
@@ -45,7 +47,14 @@ def test_user_model_by_import_path(monkeypatch):
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 7)
 
 
-@pytest.mark.parametrize("name, fragment", [("resnet19", "Did you mean 'resnet18'"), ("no_such_pkg_x:f", "cannot import"), ("pqd.models.registry:nope", "no attribute")])
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("resnet19", "Did you mean 'resnet18'"),
+        ("no_such_pkg_x:f", "cannot import"),
+        ("pqd.models.registry:nope", "no attribute"),
+    ],
+)
 def test_model_errors(name, fragment):
     with pytest.raises(ModelError, match=fragment):
         create_model(name)

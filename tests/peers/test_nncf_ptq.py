@@ -14,8 +14,10 @@ from pqd.errors import ConfigError, PqdError
 HAVE_NNCF = importlib.util.find_spec("nncf") is not None
 HAVE_OV = importlib.util.find_spec("openvino") is not None
 HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
-needs = pytest.mark.skipif(not (HAVE_NNCF and HAVE_OV and HAVE_ORT),
-                           reason="NNCF peer baseline needs the extras: pip install 'pqd[peers,openvino]'")
+needs = pytest.mark.skipif(
+    not (HAVE_NNCF and HAVE_OV and HAVE_ORT),
+    reason="NNCF peer baseline needs the extras: pip install 'pqd[peers,openvino]'",
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +75,15 @@ def test_nncf_ptq_openvino_on_a_tiny_model(digits_teacher, tmp_path):
 
     # timed by pqd's worker harness against the same teacher in the same runtime
     lat = time_peer(rec, input_shape=data.image_shape, threads=(1,), batch_sizes=(1,), warmup=2, runs=10)
-    assert [(r["model"], r["runtime"], r["precision"]) for r in lat] == [("openvino_fp32", "openvino", "fp32"),
-                                                                          ("nncf_ptq_int8", "openvino", "int8")]
+    assert [(r["model"], r["runtime"], r["precision"]) for r in lat] == [
+        ("openvino_fp32", "openvino", "fp32"),
+        ("nncf_ptq_int8", "openvino", "int8"),
+    ]
     assert all(r["median_ms"] > 0 for r in lat)
     # in the controlled worker environment, recorded with every record
-    assert all(r["latency_env"]["inherited"] is False and r["latency_env"]["variables"]["OMP_NUM_THREADS"] == "1" for r in lat)
+    assert all(
+        r["latency_env"]["inherited"] is False and r["latency_env"]["variables"]["OMP_NUM_THREADS"] == "1" for r in lat
+    )
 
 
 @needs
@@ -86,7 +92,9 @@ def test_nncf_ptq_onnx_backend_and_calibration_iterable(digits_teacher, tmp_path
 
     teacher, data = digits_teacher
     loader = ((x, y) for x, y in batches(data.train, batch_size=16, mean=data.mean, std=data.std))
-    rec = nncf_ptq(teacher, data, tmp_path, config=NncfPtqConfig(backend="onnx", threads=2), calibration=loader, write=False)
+    rec = nncf_ptq(
+        teacher, data, tmp_path, config=NncfPtqConfig(backend="onnx", threads=2), calibration=loader, write=False
+    )
     assert rec["runtime"] == "onnxruntime" and rec["artefact"]["file"] == ARTEFACTS["onnx"]
     assert rec["calibration"] == {"images": 300, "source": "iterable"}
     assert not (tmp_path / RECORD).exists()
@@ -104,17 +112,32 @@ def test_peer_run_writes_metrics(digits_teacher, tmp_path):
 
     teacher, _ = digits_teacher
     w = save_checkpoint(tmp_path / "teacher.safetensors", teacher.state_dict())
-    cfg = pqd.RunConfig.from_dict({
-        "seed": 0, "stages": "Q:0", "quantize": {"mode": "ptq"}, "model": {"name": "resnet18", "width": 0.125},
-        "data": {"dataset": "digits", "train_subset": 300, "test_subset": 100}, "train": {"threads": 2, "progress": False},
-        "teacher": {"epochs": 4, "weights": str(w)},
-        "measure": {"threads": 1, "warmup": 2, "runs": 5, "batch_sizes": [1], "large_batch_runs": 2}})
+    cfg = pqd.RunConfig.from_dict(
+        {
+            "seed": 0,
+            "stages": "Q:0",
+            "quantize": {"mode": "ptq"},
+            "model": {"name": "resnet18", "width": 0.125},
+            "data": {"dataset": "digits", "train_subset": 300, "test_subset": 100},
+            "train": {"threads": 2, "progress": False},
+            "teacher": {"epochs": 4, "weights": str(w)},
+            "measure": {"threads": 1, "warmup": 2, "runs": 5, "batch_sizes": [1], "large_batch_runs": 2},
+        }
+    )
     m = peer_run(cfg, tmp_path / "run", nncf=NncfPtqConfig(calibration_size=32, threads=2))
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["kind"] == "peer" and saved["final_form"] == "int8" and saved["accuracy"]["test_n"] == 100
     assert saved["latency_env"]["inherited"] is False and saved["latency_env"]["variables"]["OMP_NUM_THREADS"] == "1"
-    assert m["accuracy"]["final_top1_ci"]["ci_low"] <= m["accuracy"]["final_top1"] <= m["accuracy"]["final_top1_ci"]["ci_high"]
+    assert (
+        m["accuracy"]["final_top1_ci"]["ci_low"]
+        <= m["accuracy"]["final_top1"]
+        <= m["accuracy"]["final_top1_ci"]["ci_high"]
+    )
     same = m["speedup"]["same_runtime"]
-    assert len(same) == 1 and same[0]["numerator"] == "teacher FP32 @ OpenVINO" and same[0]["denominator"] == "NNCF PTQ INT8 @ OpenVINO"
+    assert (
+        len(same) == 1
+        and same[0]["numerator"] == "teacher FP32 @ OpenVINO"
+        and same[0]["denominator"] == "NNCF PTQ INT8 @ OpenVINO"
+    )
     with pytest.raises(PqdError, match="teacher weights"):
         peer_run(cfg, tmp_path / "x", teacher_weights=tmp_path / "missing.safetensors")

@@ -20,12 +20,12 @@ MAX_MIN_MIN = ("max", "min", "min")  # accuracy up, size down, latency down
 def test_pareto_front_on_known_points():
     pts = [
         (90.0, 10.0, 5.0),  # 0 front
-        (85.0, 5.0, 5.0),   # 1 front (smaller)
+        (85.0, 5.0, 5.0),  # 1 front (smaller)
         (80.0, 20.0, 10.0),  # 2 dominated by 0 and 1
         (90.0, 10.0, 5.0),  # 3 duplicate of 0: neither dominates the other -> front
         (95.0, 30.0, 1.0),  # 4 front (most accurate, fastest)
         (89.0, 10.0, 5.0),  # 5 dominated by 0 and 3 only (1 is less accurate)
-        (85.0, 5.0, 6.0),   # 6 dominated by 1 (equal but slower)
+        (85.0, 5.0, 6.0),  # 6 dominated by 1 (equal but slower)
     ]
     assert pareto_front(pts, MAX_MIN_MIN) == [0, 1, 3, 4]
     assert dominators(pts, MAX_MIN_MIN) == {2: [0, 1, 3, 5, 6], 5: [0, 3], 6: [1]}
@@ -41,20 +41,33 @@ def test_pareto_front_on_known_points():
 def _metrics(stages: str, acc: float, size: int, lat: float, sparsity: float, proxy: float | None):
     form = "int8" if "Q" in stages else "fp32"
     m = {
-        "schema": 3, "model": "resnet18", "width": 0.25, "dataset": "cifar10", "num_classes": 10, "stages": stages,
-        "stage_order": [get_stage(s.split(":")[0]).name for s in stages.split(",") if s], "pruned": "P" in stages,
-        "quantize_mode": "qat" if form == "int8" else None, "prune_criterion": "magnitude" if "P" in stages else None,
-        "final_form": form, "accuracy": {"teacher_top1": 0.80, "final_top1": acc},
+        "schema": 3,
+        "model": "resnet18",
+        "width": 0.25,
+        "dataset": "cifar10",
+        "num_classes": 10,
+        "stages": stages,
+        "stage_order": [get_stage(s.split(":")[0]).name for s in stages.split(",") if s],
+        "pruned": "P" in stages,
+        "quantize_mode": "qat" if form == "int8" else None,
+        "prune_criterion": "magnitude" if "P" in stages else None,
+        "final_form": form,
+        "accuracy": {"teacher_top1": 0.80, "final_top1": acc},
         "sparsity": {"target": sparsity, "achieved": sparsity, "achieved_int8": None, "prunable_layers": 20},
-        "size_bytes": {"teacher_fp32": 2_800_000, "final": size, "final_file": "x"} | ({"compact_int8": int(size * (1 - sparsity) / 2)} if form == "int8" else {}),
+        "size_bytes": {"teacher_fp32": 2_800_000, "final": size, "final_file": "x"}
+        | ({"compact_int8": int(size * (1 - sparsity) / 2)} if form == "int8" else {}),
         "latency": [
-            {"model": "teacher_fp32", "batch": 1, "median_ms": 4.0}, {"model": f"final_{form}", "batch": 1, "median_ms": lat},
-            {"model": "teacher_fp32", "batch": 64, "median_ms": 100.0}, {"model": f"final_{form}", "batch": 64, "median_ms": lat * 20},
+            {"model": "teacher_fp32", "batch": 1, "median_ms": 4.0},
+            {"model": f"final_{form}", "batch": 1, "median_ms": lat},
+            {"model": "teacher_fp32", "batch": 64, "median_ms": 100.0},
+            {"model": f"final_{form}", "batch": 64, "median_ms": lat * 20},
         ],
         "wall_time_s": 1.0,
     }
     if proxy is not None:  # as `pqd bench` merges them into metrics.json
-        m["bench"] = {"proxies": {"teacher": {"macs": 5e7}, "final": {"macs": proxy, "nonzero_macs": proxy * (1 - sparsity)}}}
+        m["bench"] = {
+            "proxies": {"teacher": {"macs": 5e7}, "final": {"macs": proxy, "nonzero_macs": proxy * (1 - sparsity)}}
+        }
     return m
 
 
@@ -64,22 +77,29 @@ def synthetic_sweep(tmp_path):
     table = ResultTable(tmp_path / "results.sqlite")
     base = {"model": {"name": "resnet18", "width": 0.25}, "data": {"dataset": "cifar10"}, "teacher": {"epochs": 8}}
     entries = [("dense", "", 0.80, 2_800_000, 4.0, 0.0, "PQD")]
-    entries += [("qat_only", "Q:2", 0.78, 760_000, 1.4, 0.0, None), ("prune_only", "P:1", 0.76, 2_800_000, 4.1, 0.7, None),
-                ("kd_only", "D:2", 0.81, 2_800_000, 4.0, 0.0, None)]
+    entries += [
+        ("qat_only", "Q:2", 0.78, 760_000, 1.4, 0.0, None),
+        ("prune_only", "P:1", 0.76, 2_800_000, 4.1, 0.7, None),
+        ("kd_only", "D:2", 0.81, 2_800_000, 4.0, 0.0, None),
+    ]
     for i, perm in enumerate(itertools.permutations("PQD")):
         stages = ",".join({"P": "P:1", "Q": "Q:2", "D": "D:2"}[s] for s in perm)
         entries.append(("".join(perm), stages, 0.79 - 0.01 * i, 700_000, 1.3, 0.7, "PQD"))
     rows = []
     for name, stages, acc, size, lat, sp, _ in entries:
         for seed in (0, 1):
-            cfg = RunConfig.from_dict(base | {"seed": seed, "stages": stages or "D:1", "prune": {"sparsity": sp or 0.7}})
+            cfg = RunConfig.from_dict(
+                base | {"seed": seed, "stages": stages or "D:1", "prune": {"sparsity": sp or 0.7}}
+            )
             kind = "teacher" if not stages else "pipeline"
             rid = f"teacher-{seed}" if kind == "teacher" else f"{name}__seed{seed}"
             run = Run(rid, name, kind, cfg, (("seed", seed),), f"t{seed}")
             rows.append((run, _metrics(stages, acc + 0.002 * seed, size, lat, sp, 1e6 * lat if stages else None)))
     for sp in (0.0, 0.5, 0.9, 0.95):
         cfg = RunConfig.from_dict(base | {"seed": 0, "stages": "P:1,Q:2,D:2", "prune": {"sparsity": sp}})
-        run = Run(f"sparsity__seed0__sparsity{sp}", "sparsity", "pipeline", cfg, (("seed", 0), ("prune.sparsity", sp)), "t0")
+        run = Run(
+            f"sparsity__seed0__sparsity{sp}", "sparsity", "pipeline", cfg, (("seed", 0), ("prune.sparsity", sp)), "t0"
+        )
         rows.append((run, _metrics("P:1,Q:2,D:2", 0.785 - 0.1 * sp, 700_000, 1.3, sp, None)))
     for run, m in rows:
         table.upsert(row_for(run, m, tmp_path))
@@ -100,7 +120,9 @@ def test_report_files_with_tables_and_embedded_plots(synthetic_sweep):
     assert "## cifar10 · resnet18 (width 0.25)" in md
     # ordering ablation: all 6 orders, mean ± std over 2 seeds, sorted by accuracy (P>Q>D first here)
     abl = md.split("Stage order ablation")[1].split("###")[0]
-    orders = [line.split("|")[1].strip() for line in abl.splitlines() if line.startswith("| ") and ">" in line.split("|")[1]]
+    orders = [
+        line.split("|")[1].strip() for line in abl.splitlines() if line.startswith("| ") and ">" in line.split("|")[1]
+    ]
     assert orders == ["P>Q>D", "P>D>Q", "Q>P>D", "Q>D>P", "D>P>Q", "D>Q>P"]
     assert "79.10 ± 0.14" in abl
     # frontier: the fastest/smallest accurate config and the most accurate one; dominated list names the dominator
@@ -108,7 +130,9 @@ def test_report_files_with_tables_and_embedded_plots(synthetic_sweep):
     assert "`PQD`" in front and "`kd_only`" in front and "`QPD`" not in front
     assert "| QPD | 77.10 | 0.700 | 0.325 | PDQ, PQD, sparsity__sparsity0.0 |" in md
     assert "Sparsity sweep" in md and "95%" in md
-    assert "| sparsity__sparsity0.95 | P:1,Q:2,D:2 | 1 | 95% | 69.00 | 0.700 | 4.0x | 0.018 |" in md  # compact size column
+    assert (
+        "| sparsity__sparsity0.95 | P:1,Q:2,D:2 | 1 | 95% | 69.00 | 0.700 | 4.0x | 0.018 |" in md
+    )  # compact size column
     assert "Proxies vs measured" in md
     assert "| proxies.macs | 18 | 1.00 |" in md  # MACs proxy ranks the runs as the measured latency does
 
@@ -159,16 +183,38 @@ def test_report_intervals_latency_sides_and_pairwise_mcnemar(tmp_path):
             rd = RunDir(tmp_path / "runs" / rid)
             rd.path.mkdir(parents=True)
             acc = {"test_n": n, "test_full_split": True}
-            ci = {"top1": k / n, "ci_low": k / n - 0.04, "ci_high": k / n + 0.04, "n": n, "method": "wilson", "confidence": 0.95}
+            ci = {
+                "top1": k / n,
+                "ci_low": k / n - 0.04,
+                "ci_high": k / n + 0.04,
+                "n": n,
+                "method": "wilson",
+                "confidence": 0.95,
+            }
             if kind == "peer":
                 rd.save_predictions(pred)  # peers name their file in metrics
                 (rd.path / "predictions.npy").rename(rd.path / "nncf_int8_predictions.npy")
-                lat = [{"model": m, "batch": 1, "threads": 1, "median_ms": ms, "runtime": "openvino", "precision": p}
-                       for m, ms, p in (("openvino_fp32", 2.0, "fp32"), ("nncf_ptq_int8", 0.8, "int8"))]
-                m = {"kind": "peer", "peer": "nncf_ptq", "model": "resnet18", "width": 0.25, "dataset": "cifar10",
-                     "final_form": "int8", "size_bytes": {"final": 800_000},
-                     "accuracy": acc | {"teacher_top1": 0.75, "final_top1": k / n, "final_top1_ci": ci,
-                                        "predictions_file": "nncf_int8_predictions.npy"}, "latency": lat}
+                lat = [
+                    {"model": m, "batch": 1, "threads": 1, "median_ms": ms, "runtime": "openvino", "precision": p}
+                    for m, ms, p in (("openvino_fp32", 2.0, "fp32"), ("nncf_ptq_int8", 0.8, "int8"))
+                ]
+                m = {
+                    "kind": "peer",
+                    "peer": "nncf_ptq",
+                    "model": "resnet18",
+                    "width": 0.25,
+                    "dataset": "cifar10",
+                    "final_form": "int8",
+                    "size_bytes": {"final": 800_000},
+                    "accuracy": acc
+                    | {
+                        "teacher_top1": 0.75,
+                        "final_top1": k / n,
+                        "final_top1_ci": ci,
+                        "predictions_file": "nncf_int8_predictions.npy",
+                    },
+                    "latency": lat,
+                }
             else:
                 rd.save_predictions(pred)
                 rd.save_predictions(y, labels=True)
@@ -191,10 +237,14 @@ def test_report_intervals_latency_sides_and_pairwise_mcnemar(tmp_path):
     front = md.split("On the frontier: ")[1].splitlines()[0]
     assert "`nncf`" not in front  # another runtime's latency stays off the frontier
     pairs = md.split("Paired comparisons")[1].split("###")[0]
-    lines = [line for line in pairs.split("\n\n")[2].splitlines() if line.startswith("| ") and not line.startswith("| A ")]
+    lines = [
+        line for line in pairs.split("\n\n")[2].splitlines() if line.startswith("| ") and not line.startswith("| A ")
+    ]
     assert len(lines) == 6  # every pair of the 4 configurations
     # the PQD vs qat_only line: pooled over seeds, b = images PQD right and qat_only wrong
-    expect = mcnemar_pooled([(int((a & ~b).sum()), int((~a & b).sum())) for a, b in zip(tables["PQD"], tables["qat_only"], strict=True)])
+    expect = mcnemar_pooled(
+        [(int((a & ~b).sum()), int((~a & b).sum())) for a, b in zip(tables["PQD"], tables["qat_only"], strict=True)]
+    )
     line = next(line for line in lines if {c.strip() for c in line.split("|")[1:3]} == {"PQD", "qat_only"})
     assert f"| {expect['b']} | {expect['c']} |" in line or f"| {expect['c']} | {expect['b']} |" in line
     ps = [float(line.split("|")[-3]) for line in lines]
@@ -211,17 +261,35 @@ def test_report_structured_section_puts_macs_cut_beside_measured_latency_cut(syn
         for seed in (0, 1):
             stages = "S:1,P:1,Q:2,D:2"
             cfg = RunConfig.from_dict(base | {"seed": seed, "stages": stages, "structured": {"budget_fraction": frac}})
-            run = Run(f"structured_{frac}__seed{seed}", f"structured_{frac}", "pipeline", cfg, (("seed", seed),), f"t{seed}")
+            run = Run(
+                f"structured_{frac}__seed{seed}", f"structured_{frac}", "pipeline", cfg, (("seed", seed),), f"t{seed}"
+            )
             m = _metrics(stages, 0.70 + frac / 10, 400_000, 0.9, 0.7, None)
-            rec = {"target": {"runtime": "openvino", "batch": 1, "threads": 2}, "budget_fraction": frac, "budget_ms": 2.0 * frac,
-                   "dense_ms": 2.1, "dense_ms_same_run": 2.0, "measured_ms": ms, "predicted_ms": pred, "prediction_error": pred / ms - 1,
-                   "met": ms <= 2.0 * frac, "macs": macs_kept * 1e8, "dense_macs": 1e8, "widths": {"g0": 8}, "dense_widths": {"g0": 16}}
+            rec = {
+                "target": {"runtime": "openvino", "batch": 1, "threads": 2},
+                "budget_fraction": frac,
+                "budget_ms": 2.0 * frac,
+                "dense_ms": 2.1,
+                "dense_ms_same_run": 2.0,
+                "measured_ms": ms,
+                "predicted_ms": pred,
+                "prediction_error": pred / ms - 1,
+                "met": ms <= 2.0 * frac,
+                "macs": macs_kept * 1e8,
+                "dense_macs": 1e8,
+                "widths": {"g0": 8},
+                "dense_widths": {"g0": 16},
+            }
             m["stage_records"] = [{"index": 0, "stage": "structured", "letter": "S", "epochs": 1, "records": rec}]
             table.upsert(row_for(run, m, synthetic_sweep))
     paths = build_report(synthetic_sweep)
     md = paths["markdown"].read_text()
     sec = md.split("Structured pruning: latency budgets, measured")[1].split("\n#")[0]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in sec.splitlines() if line.startswith("| structured_")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+        for line in sec.splitlines()
+        if line.startswith("| structured_")
+    }
     assert set(rows) == {"structured_0.5", "structured_0.75"}
     half = rows["structured_0.5"]
     assert half[3] == "openvino INT8, batch 1, 2 threads" and half[4] == "0.5× dense = 1.000 ms"

@@ -59,8 +59,15 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def write_folder(root: Path, classes=("ant", "bee", "cow"), n_train: int = 8, n_test: int = 4, size: int = 12, seed: int = 0,
-                 mode: str = "RGB") -> Path:
+def write_folder(
+    root: Path,
+    classes=("ant", "bee", "cow"),
+    n_train: int = 8,
+    n_test: int = 4,
+    size: int = 12,
+    seed: int = 0,
+    mode: str = "RGB",
+) -> Path:
     """A learnable image folder ``root/{train,test}/<class>/NNN.png`` (one colour per class, plus noise)."""
     import numpy as np
     from PIL import Image
@@ -72,13 +79,24 @@ def write_folder(root: Path, classes=("ant", "bee", "cow"), n_train: int = 8, n_
             d = root / split / cls
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                img = np.clip(np.array(colours[label % len(colours)]) * 0.7 + rng.integers(0, 76, (size, size, 3)), 0, 255)
+                img = np.clip(
+                    np.array(colours[label % len(colours)]) * 0.7 + rng.integers(0, 76, (size, size, 3)), 0, 255
+                )
                 Image.fromarray(img.astype(np.uint8)).convert(mode).save(d / f"{i:03d}.png")
     return root
 
 
 def folder_config(root: Path, **sections) -> dict:
     """``tiny()`` on an image folder: small batches, teacher trained for one epoch."""
-    cfg = tiny(data={"dataset": "folder", "root": str(root), "train_subset": None, "test_subset": None},
-               train={"batch_size": 4}, teacher={"epochs": 1})
-    return {**cfg, **{k: ({**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v) for k, v in sections.items()}}
+    cfg = tiny(
+        data={"dataset": "folder", "root": str(root), "train_subset": None, "test_subset": None},
+        train={"batch_size": 4},
+        teacher={"epochs": 1},
+    )
+    return {
+        **cfg,
+        **{
+            k: ({**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v)
+            for k, v in sections.items()
+        },
+    }

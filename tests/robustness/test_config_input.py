@@ -27,22 +27,53 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 def _valid_paths() -> dict[str, list[str]]:
     """Section name -> its field names (top-level scalars map to [])."""
-    return {key: [g.name for g in dataclasses.fields(cls)] if cls is not None else [] for key, cls in RunConfig.schema().items()}
+    return {
+        key: [g.name for g in dataclasses.fields(cls)] if cls is not None else []
+        for key, cls in RunConfig.schema().items()
+    }
 
 
 SECTIONS = _valid_paths()
 STAGE_KEYS = ["stage", "epochs"]
 
 scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(min_value=-(2**1100), max_value=2**1100), st.integers(min_value=-3, max_value=60),
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=-0.5, max_value=1.5),
-    st.text(max_size=12), st.sampled_from(["P:2,Q:2,D:2", "Q:0", "resnet18", "vgg16_bn", "digits", "folder", "qat", "ptq",
-                                           "oneshot", "gradual", "random", "@first", "@last", "a:b", ":", "..x:y", "",
-                                           "mod.sub:factory", "yes", "1e3"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**1100), max_value=2**1100),
+    st.integers(min_value=-3, max_value=60),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-0.5, max_value=1.5),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "P:2,Q:2,D:2",
+            "Q:0",
+            "resnet18",
+            "vgg16_bn",
+            "digits",
+            "folder",
+            "qat",
+            "ptq",
+            "oneshot",
+            "gradual",
+            "random",
+            "@first",
+            "@last",
+            "a:b",
+            ":",
+            "..x:y",
+            "",
+            "mod.sub:factory",
+            "yes",
+            "1e3",
+        ]
+    ),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                      max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 @st.composite
@@ -59,7 +90,11 @@ def config_dicts(draw):
         if key in SECTIONS and SECTIONS[key] and draw(st.booleans()):
             out[key] = draw(section_dicts(key))
         elif key == "stages" and draw(st.booleans()):
-            out[key] = draw(st.lists(st.dictionaries(st.sampled_from(STAGE_KEYS) | st.text(max_size=5), values, max_size=3), max_size=4))
+            out[key] = draw(
+                st.lists(
+                    st.dictionaries(st.sampled_from(STAGE_KEYS) | st.text(max_size=5), values, max_size=3), max_size=4
+                )
+            )
         else:
             out[key] = draw(values)
     return out
@@ -136,12 +171,20 @@ def test_a_config_that_is_not_a_mapping_is_a_config_error(data):
         RunConfig.from_dict(data)
 
 
-override_keys = st.sampled_from([f"{s}.{f}" for s, fs in SECTIONS.items() for f in fs] + list(SECTIONS)) | st.text(max_size=12)
-override_values = st.text(max_size=12) | st.sampled_from(["[a", "{", "]", "!!python/object:os.system", "*x", "&a [1", ": :", "'", "- - -"])
+override_keys = st.sampled_from([f"{s}.{f}" for s, fs in SECTIONS.items() for f in fs] + list(SECTIONS)) | st.text(
+    max_size=12
+)
+override_values = st.text(max_size=12) | st.sampled_from(
+    ["[a", "{", "]", "!!python/object:os.system", "*x", "&a [1", ": :", "'", "- - -"]
+)
 
 
 @FUZZ
-@given(st.lists(st.tuples(override_keys, override_values).map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(max_size=12), max_size=3))
+@given(
+    st.lists(
+        st.tuples(override_keys, override_values).map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(max_size=12), max_size=3
+    )
+)
 def test_random_overrides_give_a_config_or_a_config_error(overrides):
     with contextlib.suppress(ConfigError):
         load_config(None, overrides)
@@ -168,6 +211,7 @@ def test_gaps_found_by_fuzzing_are_config_errors():
 
 
 # ---- through the CLI: exit code 2, 'pqd: error:', no traceback ----------------------------------
+
 
 def _cli_error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
@@ -204,7 +248,9 @@ def _cli_error(capsys, argv: list[str]) -> str:
 def test_bad_config_or_override_exits_2(capsys, tmp_path, content, overrides, fragment):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(content)
-    err = _cli_error(capsys, ["run", str(cfg), "--out", str(tmp_path / "run"), *sum((["--set", o] for o in overrides), [])])
+    err = _cli_error(
+        capsys, ["run", str(cfg), "--out", str(tmp_path / "run"), *sum((["--set", o] for o in overrides), [])]
+    )
     assert fragment in err
     assert not (tmp_path / "run").exists(), "a bad config must be refused before the run directory is made"
 
@@ -257,7 +303,9 @@ def test_corrupt_config_yaml_in_run_dir_exits_2(capsys, tmp_path):
     out.mkdir()
     from pqd.safety.fsguard import mark_dir
 
-    mark_dir(out, kind="run")  # a pqd run folder whose config.yaml got damaged (an unmarked one is refused as not pqd's)
+    mark_dir(
+        out, kind="run"
+    )  # a pqd run folder whose config.yaml got damaged (an unmarked one is refused as not pqd's)
     (out / "config.yaml").write_bytes(b"seed: [\xff")
     assert "config.yaml cannot be read" in _cli_error(capsys, ["run", str(cfg), "--out", str(out)])
 
@@ -266,13 +314,28 @@ def test_fixing_a_config_error_lets_the_same_out_dir_be_reused(capsys, tmp_path)
     """A run that failed before computing anything holds no results: the corrected command must not
     be refused as 'a different config' (it was, since config.yaml is written first)."""
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny(model={"width": 1.0}, teacher={"epochs": 0, "weights": str(tmp_path / "missing.safetensors")}))
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny(model={"width": 1.0}, teacher={"epochs": 0, "weights": str(tmp_path / "missing.safetensors")}),
+    )
     assert "missing.safetensors" in _cli_error(capsys, ["run", str(cfg), "--out", str(out)])
     assert (out / "config.yaml").exists() and not (out / "teacher.safetensors").exists()
     # fixed config (a different one) into the same directory: accepted; stop it at the model step to stay fast
     assert "model factory 'pqd_user_models:not_a_module' returned str" in _cli_error(
-        capsys, ["run", str(cfg), "--out", str(out), "--set", "teacher.weights=null", "--set", "teacher.epochs=1",
-                 "--set", "model.name=pqd_user_models:not_a_module"])
+        capsys,
+        [
+            "run",
+            str(cfg),
+            "--out",
+            str(out),
+            "--set",
+            "teacher.weights=null",
+            "--set",
+            "teacher.epochs=1",
+            "--set",
+            "model.name=pqd_user_models:not_a_module",
+        ],
+    )
     assert "pqd_user_models:not_a_module" in (out / "config.yaml").read_text()
 
 
@@ -282,7 +345,10 @@ def test_model_import_errors_are_model_errors(capsys, tmp_path):
     for name, fragment in [
         ("no_such_module_xyz:factory", "cannot import module 'no_such_module_xyz'"),
         ("pqd_user_models:missing", "has no attribute 'missing'"),
-        ("pqd_user_models:broken", "model factory 'pqd_user_models:broken' failed: RuntimeError: the user's factory failed"),
+        (
+            "pqd_user_models:broken",
+            "model factory 'pqd_user_models:broken' failed: RuntimeError: the user's factory failed",
+        ),
         ("pqd_user_models:not_a_module", "returned str, not a torch.nn.Module"),
     ]:
         assert fragment in _cli_error(capsys, ["run", str(cfg), "--out", out, "--set", f"model.name={name}"])

@@ -97,7 +97,9 @@ def test_teacher_weights_for_another_class_count(capsys, tmp_path):
     weights = tmp_path / "teacher10.safetensors"
     save_file(create_model("resnet18", num_classes=10, width=0.125).state_dict(), str(weights))
     cfg = folder_config(root, stages="Q:1", teacher={"epochs": 0, "weights": str(weights)})
-    _fails_before_training(capsys, tmp_path, cfg, str(weights), "10 outputs at 'fc.weight'", "3 classes (ant, bee, cow)")
+    _fails_before_training(
+        capsys, tmp_path, cfg, str(weights), "10 outputs at 'fc.weight'", "3 classes (ant, bee, cow)"
+    )
 
 
 def test_teacher_weights_for_another_width(capsys, tmp_path):
@@ -111,13 +113,17 @@ def test_teacher_weights_for_another_width(capsys, tmp_path):
 def test_more_batch_than_images_is_refused(capsys, tmp_path):
     """drop_last on a train split smaller than one batch made every epoch a silent no-op."""
     root = write_folder(tmp_path / "imgs", n_train=2)
-    _fails_before_training(capsys, tmp_path, folder_config(root, train={"batch_size": 8}), "train.batch_size", "6 training images")
+    _fails_before_training(
+        capsys, tmp_path, folder_config(root, train={"batch_size": 8}), "train.batch_size", "6 training images"
+    )
 
 
 def test_grey_rgba_and_palette_images_are_converted_and_run(capsys, tmp_path):
     """Non-RGB 8-bit images (L, RGBA, P) are a documented conversion, not an error: the run completes."""
     root = write_folder(tmp_path / "imgs", classes=("ant", "bee"), mode="L")
-    write_folder(tmp_path / "imgs", classes=("ant", "bee"), mode="RGBA", seed=1, n_train=2, n_test=1)  # overwrites some files
+    write_folder(
+        tmp_path / "imgs", classes=("ant", "bee"), mode="RGBA", seed=1, n_train=2, n_test=1
+    )  # overwrites some files
     Image.open(root / "train" / "bee" / "003.png").convert("P").save(root / "train" / "bee" / "003.png")
     out = tmp_path / "run"
     cfg = folder_config(root, stages="Q:0", quantize={"mode": "ptq", "calibration_batches": 1})

@@ -31,7 +31,18 @@ MAX_POINTS = len(PHASES) + 4 if WANT == "all" else int(WANT)
 
 
 def _killpoint(events_log, kill_at: int, cfg, out) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(HERE / "killpoint.py"), str(events_log), str(kill_at), "--", "run", str(cfg), "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        str(HERE / "killpoint.py"),
+        str(events_log),
+        str(kill_at),
+        "--",
+        "run",
+        str(cfg),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -57,13 +68,28 @@ def kill_points(reference):
     by_phase = {p: [e for e in events if e["phase"] == p] for p in PHASES}
     assert all(by_phase.values()), f"a phase has no events: {[p for p, v in by_phase.items() if not v]}"
     training = ("teacher", "prune", "quantize", "distill")
-    resumable = [e for e in events if e["kind"] == "step" and any(
-        x["phase"] == e["phase"] and x["kind"] == "after-rename" and x["detail"].endswith("epoch.safetensors") and x["i"] < e["i"]
-        for x in events)]
+    resumable = [
+        e
+        for e in events
+        if e["kind"] == "step"
+        and any(
+            x["phase"] == e["phase"]
+            and x["kind"] == "after-rename"
+            and x["detail"].endswith("epoch.safetensors")
+            and x["i"] < e["i"]
+            for x in events
+        )
+    ]
     first = [
         rng.choice(resumable),
         rng.choice([e for e in events if e["kind"] == "write-half" and e["phase"] in training]),
-        rng.choice([e for e in events if e["kind"] == "after-rename" and e["detail"].endswith(("student.safetensors", "teacher.safetensors"))]),
+        rng.choice(
+            [
+                e
+                for e in events
+                if e["kind"] == "after-rename" and e["detail"].endswith(("student.safetensors", "teacher.safetensors"))
+            ]
+        ),
     ]
     rest = [rng.choice(by_phase[p]) for p in PHASES] + [rng.choice([e for e in events if e["kind"] == "before-rename"])]
     rest = [e for e in rest if e not in first]
@@ -116,7 +142,12 @@ def test_sigkill_then_same_command_ends_like_an_uninterrupted_run(n, reference, 
     assert m["sparsity"] == clean["sparsity"], f"{where} changed the sparsity"
     assert m["size_bytes"]["teacher_fp32"] == clean["size_bytes"]["teacher_fp32"]
     # stronger than equal metrics: every saved tensor is bit-identical to the uninterrupted run's
-    for f in ["teacher.safetensors", *(str(p.relative_to(clean_dir)) for p in clean_dir.glob("stages/*/student.safetensors"))]:
+    for f in [
+        "teacher.safetensors",
+        *(str(p.relative_to(clean_dir)) for p in clean_dir.glob("stages/*/student.safetensors")),
+    ]:
         want, got = load_checkpoint(clean_dir / f)[0], load_checkpoint(out / f)[0]
-        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), f"{f} differs after a {where}"
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), (
+            f"{f} differs after a {where}"
+        )
     _nothing_half_written(out)

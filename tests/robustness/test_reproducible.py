@@ -21,8 +21,16 @@ def test_two_runs_of_one_command_give_identical_metrics(tmp_path):
     """Two fresh `pqd run` processes, same config and seed, two directories: accuracy, sparsity,
     file sizes and the float-op report agree exactly (latency and wall time are measurements)."""
     cfg = write_config(tmp_path / "c.yaml", tiny(data={"train_subset": 128, "test_subset": 128}))
-    procs = [subprocess.Popen(pqd_cmd("run", str(cfg), "--out", str(tmp_path / name), "--quiet"), env=cli_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            pqd_cmd("run", str(cfg), "--out", str(tmp_path / name), "--quiet"),
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     for p in procs:  # concurrently: one thread each
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
@@ -30,14 +38,18 @@ def test_two_runs_of_one_command_give_identical_metrics(tmp_path):
     for key in ("accuracy", "sparsity", "size_bytes", "quantization", "num_classes", "stages"):
         assert a[key] == b[key], key
     assert a["final_form"] == "int8" and a["size_bytes"]["final"] > 0
-    assert (tmp_path / "a" / "teacher.safetensors").read_bytes() == (tmp_path / "b" / "teacher.safetensors").read_bytes()
+    assert (tmp_path / "a" / "teacher.safetensors").read_bytes() == (
+        tmp_path / "b" / "teacher.safetensors"
+    ).read_bytes()
 
 
 def test_prune_then_ptq_deploys_the_saved_calibration(tiny_teacher, tmp_path):
     """P -> PTQ used to crash (masks addressed 'conv1', PTQ's eval fusion puts a ConvReLU2d there), and
     finalize evaluated the observer model on the test set before converting it, so the deployed INT8
     model was calibrated on test images too (and differed from what a resumed run converts)."""
-    cfg = RunConfig.from_dict(tiny(stages="P:1,Q:0", quantize={"mode": "ptq", "calibration_batches": 2}, teacher=tiny_teacher))
+    cfg = RunConfig.from_dict(
+        tiny(stages="P:1,Q:0", quantize={"mode": "ptq", "calibration_batches": 2}, teacher=tiny_teacher)
+    )
     m = run_pipeline(cfg, tmp_path)
     assert m["final_form"] == "int8"
     assert m["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01) and m["sparsity"]["achieved_int8"] >= 0.49
@@ -50,4 +62,6 @@ def test_prune_then_ptq_deploys_the_saved_calibration(tiny_teacher, tmp_path):
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         # model_int8.pt takes raw images; its forward_normalized is the bare INT8 model (normalised input)
-        assert torch.equal(deployed.forward_normalized(x), expected(x)), "the deployed INT8 model is not the saved calibrated student"
+        assert torch.equal(deployed.forward_normalized(x), expected(x)), (
+            "the deployed INT8 model is not the saved calibrated student"
+        )

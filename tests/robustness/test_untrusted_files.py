@@ -108,7 +108,11 @@ def test_no_pickle_based_loading_in_src():
             where = f"{py.relative_to(SRC)}:{n}: {line.strip()}"
             if "torch.load(" in code and "weights_only=True" not in code:
                 unsafe.append(where)
-            if re.search(r"\bpickle\.(load|loads|Unpickler)\b", code) and "RestrictedUnpickler" not in code and "class " not in code:
+            if (
+                re.search(r"\bpickle\.(load|loads|Unpickler)\b", code)
+                and "RestrictedUnpickler" not in code
+                and "class " not in code
+            ):
                 unsafe.append(where)
             if re.search(r"\bnp\.load\(", code) and "allow_pickle=False" not in code:
                 unsafe.append(where)

@@ -16,12 +16,14 @@ from pqd.run.pipeline import run_pipeline
 
 
 def _config(factory: str, stages: str = "P:1,Q:1,D:1", teacher_epochs: int = 6) -> RunConfig:
-    return RunConfig.from_dict(tiny(
-        stages=stages,
-        model={"name": f"pqd_user_models:{factory}", "width": 1.0},
-        data={"train_subset": 512, "test_subset": 256},
-        teacher={"epochs": teacher_epochs, "lr": 0.1},
-    ))
+    return RunConfig.from_dict(
+        tiny(
+            stages=stages,
+            model={"name": f"pqd_user_models:{factory}", "width": 1.0},
+            data={"train_subset": 512, "test_subset": 256},
+            teacher={"epochs": teacher_epochs, "lr": 0.1},
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -38,7 +40,9 @@ def test_user_architecture_compresses_to_a_faithful_int8_model(factory, float_op
     m = run_pipeline(_config(factory), tmp_path)
     acc = m["accuracy"]
     assert m["final_form"] == "int8" and (tmp_path / "model_int8.pt").is_file()
-    assert acc["final_top1"] >= 0.4, "the model must have learned something (chance is 0.1) for agreement to mean anything"
+    assert acc["final_top1"] >= 0.4, (
+        "the model must have learned something (chance is 0.1) for agreement to mean anything"
+    )
     assert acc["int8_vs_fake_quant_agreement"] >= 0.93, acc
     assert abs(acc["final_top1"] - acc["fake_quant_top1"]) <= 0.03, acc
     assert m["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
@@ -54,8 +58,9 @@ def test_user_architecture_compresses_to_a_faithful_int8_model(factory, float_op
 def test_untraceable_model_fails_before_training_naming_the_module(tmp_path):
     with pytest.raises(ModelError, match=r"torch.fx could not trace it.*'gate' \(Gate\)"):
         run_pipeline(_config("untraceable"), tmp_path)
-    assert not (tmp_path / "teacher.safetensors").exists() and not (tmp_path / "teacher.epoch.safetensors").exists(), \
+    assert not (tmp_path / "teacher.safetensors").exists() and not (tmp_path / "teacher.epoch.safetensors").exists(), (
         "the trace error must come before the teacher trains"
+    )
 
 
 def test_untraceable_model_without_quantize_stage_runs_in_fp32(tmp_path):
@@ -88,7 +93,6 @@ def test_trace_names_the_module_whose_branch_it_froze():
     from pqd.compress.qat import to_torchscript
     from pqd.errors import FrozenBranchWarning
 
-
     with pytest.warns(FrozenBranchWarning, match=r"module 'gate' \(Gate\) at pqd_user_models.py:\d+"):
         to_torchscript(untraceable(10), torch.zeros(1, 3, 32, 32))
 
@@ -107,5 +111,10 @@ def test_tracing_an_int8_model_without_branches_warns_nothing():
     qat(torch.rand(4, 3, 32, 32))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FrozenBranchWarning)
-        deployable_torchscript(convert(qat), mean=(0.5,) * 3, std=(0.25,) * 3, class_names=[str(i) for i in range(10)],
-                               input_shape=(3, 32, 32))
+        deployable_torchscript(
+            convert(qat),
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            class_names=[str(i) for i in range(10)],
+            input_shape=(3, 32, 32),
+        )

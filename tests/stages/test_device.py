@@ -46,7 +46,13 @@ def test_prepare_keeps_the_device(mode):
 
 def test_stages_keep_a_meta_student_on_meta(tiny_data):
     teacher = _model("meta")
-    s = prune(Student(_model("meta")), PruneConfig(sparsity=0.5, schedule="oneshot"), data=tiny_data, epochs=0, train_config=CFG)
+    s = prune(
+        Student(_model("meta")),
+        PruneConfig(sparsity=0.5, schedule="oneshot"),
+        data=tiny_data,
+        epochs=0,
+        train_config=CFG,
+    )
     assert _devices(s.model) == {"meta"} and {m.device.type for m in s.masks.values()} == {"meta"}
     q = quantize(s, QuantizeConfig(mode="qat"), data=tiny_data, epochs=0, train_config=CFG)
     assert q.form == "qat" and _devices(q.model) == {"meta"}

@@ -20,7 +20,9 @@ def test_kd_loss_formula():
     T, a = 3.0, 0.7
     p_t = F.softmax(t / T, 1)
     kl = (p_t * (p_t.log() - F.log_softmax(s / T, 1))).sum(1).mean()
-    assert kd_loss(s, t, y, temperature=T, alpha=a).item() == pytest.approx((T * T * kl + a * F.cross_entropy(s, y)).item(), rel=1e-5)
+    assert kd_loss(s, t, y, temperature=T, alpha=a).item() == pytest.approx(
+        (T * T * kl + a * F.cross_entropy(s, y)).item(), rel=1e-5
+    )
     assert kd_loss(t, t, y, temperature=T, alpha=0.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -32,7 +34,9 @@ def test_distill_moves_student_towards_teacher(tiny_data):
     t_logits = predict(teacher, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std)
     before = agreement(predict(student, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std), t_logits)
     teacher_state = copy.deepcopy(teacher.state_dict())
-    out = distill(Student(student), DistillConfig(alpha=0.0, lr=0.05), teacher=teacher, data=tiny_data, epochs=3, train_config=CFG)
+    out = distill(
+        Student(student), DistillConfig(alpha=0.0, lr=0.05), teacher=teacher, data=tiny_data, epochs=3, train_config=CFG
+    )
     after = agreement(predict(out.model, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std), t_logits)
     assert after > max(before, 0.6)
     assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items()), "teacher must stay frozen"
@@ -66,9 +70,17 @@ def test_kd_off_never_runs_the_teacher(tiny_data):
     torch.manual_seed(0)
     student = create_model("resnet18", num_classes=4, width=0.125)
     before = copy.deepcopy(student.state_dict())
-    out = distill(Student(student), DistillConfig(kd_weight=0.0, alpha=1.0, lr=0.05), teacher=Exploding(), data=tiny_data,
-                  epochs=1, train_config=CFG)
-    assert any(not torch.equal(before[k], v) for k, v in out.model.state_dict().items()), "the student still trains (CE)"
+    out = distill(
+        Student(student),
+        DistillConfig(kd_weight=0.0, alpha=1.0, lr=0.05),
+        teacher=Exploding(),
+        data=tiny_data,
+        epochs=1,
+        train_config=CFG,
+    )
+    assert any(not torch.equal(before[k], v) for k, v in out.model.state_dict().items()), (
+        "the student still trains (CE)"
+    )
 
 
 class _Recording(torch.nn.Module):
@@ -122,7 +134,9 @@ def test_a_collapse_after_the_freeze_boundary_is_recorded_and_a_safe_rate_is_not
         student = Student(copy.deepcopy(teacher))
         student = quantize(student, QuantizeConfig(freeze_fraction=0.0), data=data, epochs=1, train_config=cfg)
         student.freeze_fraction = 1.0  # frozen from the first distill epoch
-        records[lr] = distill(student, DistillConfig(lr=lr), teacher=teacher, data=data, epochs=2, train_config=cfg).records
+        records[lr] = distill(
+            student, DistillConfig(lr=lr), teacher=teacher, data=data, epochs=2, train_config=cfg
+        ).records
     (warning,) = records[0.5]["distill"]["warnings"]
     assert "collapsed the model" in warning and "lower distill.lr" in warning
     assert "distill" not in records[1e-9]  # the measurement itself raises no false alarm

@@ -48,7 +48,9 @@ def test_masks_attached_to_any_optimizer_keep_zeros():
     opt.zero_grad()
     F.cross_entropy(m(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()
-    assert torch.any(m.fc.weight[~masks["fc"]] != 0), "a removed hook must stop masking (else the test above proves nothing)"
+    assert torch.any(m.fc.weight[~masks["fc"]] != 0), (
+        "a removed hook must stop masking (else the test above proves nothing)"
+    )
 
 
 def test_masks_reject_wrong_shapes():
@@ -60,8 +62,13 @@ def test_masks_reject_wrong_shapes():
 @pytest.mark.parametrize("importance", [MagnitudeImportance(), RandomImportance()])
 def test_global_pruner_steps_along_a_schedule(importance):
     m = _model()
-    pruner = GlobalPruner(m, importance=importance, exclude=("@first",), schedule=lambda n: agp_sparsity(n, total_steps=2, target=0.6),
-                          generator=torch.Generator().manual_seed(0))
+    pruner = GlobalPruner(
+        m,
+        importance=importance,
+        exclude=("@first",),
+        schedule=lambda n: agp_sparsity(n, total_steps=2, target=0.6),
+        generator=torch.Generator().manual_seed(0),
+    )
     seen = []
     for _ in range(4):
         before = {k: v.clone() for k, v in pruner.masks.items()}

@@ -36,9 +36,16 @@ class Convs(nn.Module):
 
     def __init__(self, num_classes: int = 4):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.fc = nn.Linear(32, num_classes)
 
     def forward(self, x):
@@ -51,10 +58,20 @@ CASES = {  # stage -> run config overrides
     "distill": {},
     "imp": {"imp": {"rounds": 1}},
     "joint": {"joint": {"sparsity": 0.5}},
-    "structured": {"structured": {"budget_fraction": 0.9, "runtime": "pytorch", "threads": 1, "samples": 3, "runs": 10,
-                                  "max_iters": 2}},
-    **{f"distill-{kind}": {"distill": {"kind": kind, "layers": ["features.2", "features.5"]}}
-       for kind in ("feature", "attention", "mutual", "self")},
+    "structured": {
+        "structured": {
+            "budget_fraction": 0.9,
+            "runtime": "pytorch",
+            "threads": 1,
+            "samples": 3,
+            "runs": 10,
+            "max_iters": 2,
+        }
+    },
+    **{
+        f"distill-{kind}": {"distill": {"kind": kind, "layers": ["features.2", "features.5"]}}
+        for kind in ("feature", "attention", "mutual", "self")
+    },
 }
 
 
@@ -74,9 +91,16 @@ def test_every_stage_logs_to_the_run_tracker(case, tiny_data, tmp_path, monkeypa
     epochs = 2 if name == "imp" else 1  # imp: one training segment before and one after its round
     config = RunConfig.from_dict({"stages": f"{stage.letter}:{epochs}", **overrides})
     tracker = Recorder()
-    ctx = StageContext(data=tiny_data, teacher=copy.deepcopy(model).eval(), config=config,
-                       train_config=TrainConfig(batch_size=64, progress=False, channels_last=False), seed=0, augment=False,
-                       device=torch.device("cpu"), tracker=tracker)
+    ctx = StageContext(
+        data=tiny_data,
+        teacher=copy.deepcopy(model).eval(),
+        config=config,
+        train_config=TrainConfig(batch_size=64, progress=False, channels_last=False),
+        seed=0,
+        augment=False,
+        device=torch.device("cpu"),
+        tracker=tracker,
+    )
     stage.run(Student(model), config.section(stage.section), ctx, epochs=epochs, checkpoint=None)
     assert tracker.calls, f"stage {case} logged nothing to the tracker"
     assert all(any(k.endswith(".loss") for k in metrics) for _, metrics in tracker.calls)
@@ -124,8 +148,16 @@ def test_a_stage_with_options_is_one_registration(double_stage, capsys):
         RunConfig.from_dict({"double": {"factr": 3}})
     assert main(["config", "--set", "double.factor=4"]) == 0
     assert "double:\n  factor: 4.0\n" in capsys.readouterr().out
-    ctx = StageContext(data=None, teacher=None, config=cfg, train_config=TrainConfig(), seed=0, augment=False,
-                       device=torch.device("cpu"), index=0)
+    ctx = StageContext(
+        data=None,
+        teacher=None,
+        config=cfg,
+        train_config=TrainConfig(),
+        seed=0,
+        augment=False,
+        device=torch.device("cpu"),
+        index=0,
+    )
     student = get_stage("X").run(Student(nn.Linear(2, 2, bias=False)), cfg.double, ctx, epochs=0, checkpoint=None)
     assert student.records == {"1_double": {"factor": 3.0}}
 

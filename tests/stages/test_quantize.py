@@ -43,7 +43,9 @@ def test_qat_keeps_masks_and_int8_agrees_with_fake_quant(tiny_data, trained):
         assert torch.all(w.int_repr()[~mask] == 0), f"pruned position non-zero in INT8 weight of {path}"
         assert torch.all(w.q_per_channel_zero_points() == 0), "weights must be symmetric"
     fq_logits = predict(q.model, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std)
-    i8_logits = predict(to_torchscript(int8, torch.zeros(1, 3, 16, 16)), tiny_data.test, mean=tiny_data.mean, std=tiny_data.std)
+    i8_logits = predict(
+        to_torchscript(int8, torch.zeros(1, 3, 16, 16)), tiny_data.test, mean=tiny_data.mean, std=tiny_data.std
+    )
     # Both outputs are 8-bit quantized logits; the real kernels may round one step away from the
     # simulation, which flips exact ties. Judge agreement where the fake-quant winner is clear.
     step = fq_logits.unique().diff().min()
@@ -60,7 +62,13 @@ def test_qat_keeps_masks_and_int8_agrees_with_fake_quant(tiny_data, trained):
 
 def test_ptq_calibrates_without_training(tiny_data, trained):
     before = {k: v.clone() for k, v in trained.state_dict().items()}
-    q = quantize(Student(_copy(trained)), QuantizeConfig(mode="ptq", calibration_batches=2), data=tiny_data, epochs=0, train_config=CFG)
+    q = quantize(
+        Student(_copy(trained)),
+        QuantizeConfig(mode="ptq", calibration_batches=2),
+        data=tiny_data,
+        epochs=0,
+        train_config=CFG,
+    )
     assert q.form == "ptq"
     int8 = convert_student(q)
     acc = top1(predict(int8, tiny_data.test, mean=tiny_data.mean, std=tiny_data.std), tiny_data.test.y)
@@ -143,8 +151,13 @@ class _Flattens(torch.nn.Module):
 
     def forward(self, x):
         y = self.pool(self.relu(self.conv(x)))
-        return (self.fc1(self.flat(y)) + self.fc2(y.flatten(1)) + self.fc3(torch.flatten(y, 1))
-                + self.fc1(y.view(y.size(0), -1)) + self.fc2(y.reshape(-1, 8)))
+        return (
+            self.fc1(self.flat(y))
+            + self.fc2(y.flatten(1))
+            + self.fc3(torch.flatten(y, 1))
+            + self.fc1(y.view(y.size(0), -1))
+            + self.fc2(y.reshape(-1, 8))
+        )
 
 
 @pytest.mark.parametrize("mode", ["ptq", "qat"])

@@ -19,6 +19,8 @@ def probe_segv_always(*, spec):
 
 def probe_refuses(*, spec):
     """The error OpenVINO raises for a depthwise + layer-scale multiply INT8 model."""
-    raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\n"
-                       "\x1b[31mException from src/plugins/intel_cpu/src/plugin.cpp:552:\n"
-                       "[MultiplyPartialTransformation] Shape index '0' out of range\x1b[0m\n" + "dump line\n" * 100)
+    raise RuntimeError(
+        "Exception from src/inference/src/cpp/core.cpp:112:\n"
+        "\x1b[31mException from src/plugins/intel_cpu/src/plugin.cpp:552:\n"
+        "[MultiplyPartialTransformation] Shape index '0' out of range\x1b[0m\n" + "dump line\n" * 100
+    )

@@ -24,10 +24,19 @@ class SENet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         blocks = []
         for _ in range(2):
-            blocks.append(nn.Sequential(
-                nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(),
-                nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False), nn.BatchNorm2d(48), nn.ReLU(),
-                SE(48), nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16)))
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(16, 48, 1, bias=False),
+                    nn.BatchNorm2d(48),
+                    nn.ReLU(),
+                    nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False),
+                    nn.BatchNorm2d(48),
+                    nn.ReLU(),
+                    SE(48),
+                    nn.Conv2d(48, 16, 1, bias=False),
+                    nn.BatchNorm2d(16),
+                )
+            )
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
         self.fc = nn.Linear(32, num_classes)

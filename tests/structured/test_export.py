@@ -10,8 +10,9 @@ from pqd.compress.channels.importance import uniform_widths
 from pqd.deploy.runtimes import available
 from pqd.structured.latency_model import export_int8
 
-pytestmark = pytest.mark.skipif(not (available("onnx") and available("onnxscript") and available("onnxruntime")),
-                                reason="needs pqd[onnx]")
+pytestmark = pytest.mark.skipif(
+    not (available("onnx") and available("onnxscript") and available("onnxruntime")), reason="needs pqd[onnx]"
+)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

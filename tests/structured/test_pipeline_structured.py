@@ -55,9 +55,11 @@ def test_run_with_pruned_layer_scale_parameters_reloads_and_resumes(tmp_path, mo
     monkeypatch.setattr(L, "measure_int8", in_process)
     monkeypatch.setattr(S, "measure_int8", in_process)
     cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(TINY.replace("S:1,P:1,Q:1", "S:1,Q:1")
-                        .replace("{name: resnet18, width: 0.125}", "{name: 'structured_user_models:layer_scale', width: 1.0}")
-                        .replace("budget_fraction: 0.9", "budget_fraction: 0.5"))
+    cfg_path.write_text(
+        TINY.replace("S:1,P:1,Q:1", "S:1,Q:1")
+        .replace("{name: resnet18, width: 0.125}", "{name: 'structured_user_models:layer_scale', width: 1.0}")
+        .replace("budget_fraction: 0.9", "budget_fraction: 0.5")
+    )
     config = load_config(cfg_path, [f"structured.cache_dir={tmp_path / 'lat'}"])
     metrics = run_pipeline(config, tmp_path / "run")
     assert metrics["final_form"] == "int8"

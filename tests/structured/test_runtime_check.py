@@ -46,7 +46,9 @@ def test_a_runtime_that_cannot_take_the_model_names_runtime_operation_and_altern
 
 def test_a_crash_at_every_batch_shape_names_the_signal(standin):
     standin("probe_segv_always")
-    with pytest.raises(ModelError, match=r"OpenVINO cannot run this model's INT8 form \(it crashed with SIGSEGV\).*onnxruntime"):
+    with pytest.raises(
+        ModelError, match=r"OpenVINO cannot run this model's INT8 form \(it crashed with SIGSEGV\).*onnxruntime"
+    ):
         L.check_runtime(LayerScaleNet().eval(), target=L.Target("openvino", 1, 1), input_shape=(3, 16, 16))
 
 

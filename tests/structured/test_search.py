@@ -46,7 +46,9 @@ def test_sensitivity_table_drives_the_choice():
     for i, g in enumerate(graph.groups):
         for r in (0.25, 0.5, 0.75):
             rows.append({"kind": "prune", "group": g.id, "keep_ratio": r, "drop": (1 - r) * (10.0 if i == 0 else 0.01)})
-    widths = greedy_widths(graph, lm, cost_function(graph, None, rows), 0.6 * lm.predict(graph, graph.widths()), round_to=8)
+    widths = greedy_widths(
+        graph, lm, cost_function(graph, None, rows), 0.6 * lm.predict(graph, graph.widths()), round_to=8
+    )
     first = graph.groups[0].id
     assert widths[first] == graph.widths()[first]  # the sensitive group is left whole
     with pytest.raises(ModelError, match="no rows for group"):
@@ -59,7 +61,9 @@ def test_size_budget():
     lm = _macs_model(graph)
     scores = group_scores(graph, "l1")
     dense_params = sum(r.cin // r.groups * r.cout * r.kernel for r in graph.layers)
-    widths = greedy_widths(graph, lm, cost_function(graph, scores, None), 1e9, round_to=4, size_budget_params=dense_params // 3)
+    widths = greedy_widths(
+        graph, lm, cost_function(graph, scores, None), 1e9, round_to=4, size_budget_params=dense_params // 3
+    )
     assert sum(r.cin // r.groups * r.cout * r.kernel for r in graph.layer_shapes(widths)) <= dense_params // 3
 
 
@@ -69,21 +73,41 @@ def test_search_meets_a_measured_budget(tmp_path):
     model = Plain().eval()
     graph = ChannelGraph(model, X)
     target = L.Target("pytorch", 1, 1)
-    lm = L.build(model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True)
+    lm = L.build(
+        model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True
+    )
     assert len(lm.samples) == 4 and all(s["ms"] > 0 for s in lm.samples)
-    assert lm.relative and all(s["dense_ms"] == lm.samples[0]["ms"] for s in lm.samples)  # the dense model is sample 0 of the run
+    assert lm.relative and all(
+        s["dense_ms"] == lm.samples[0]["ms"] for s in lm.samples
+    )  # the dense model is sample 0 of the run
     # the floor model (every group at 8 channels) was timed in the same run and anchors every sample
     assert lm.fit_kind == "anchored" and len({s["floor_ms"] for s in lm.samples}) == 1
     assert 0 < lm.samples[0]["floor_ms"] < lm.samples[0]["ms"]
     assert list(tmp_path.rglob("*.json")), "latency samples are cached"
-    again = L.build(model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True)
+    again = L.build(
+        model, graph, target=target, input_shape=(3, 32, 32), samples=4, runs=20, cache_dir=tmp_path, in_process=True
+    )
     assert again.samples == lm.samples  # read from the cache, not re-measured
     dense = lm.samples[0]["ms"]
-    pruned, rec = search(model, lm, graph, target=target, input_shape=(3, 32, 32), budget_fraction=0.6, dense_ms=dense,
-                         scores=group_scores(graph, "l1"), runs=20, max_iters=4, cache_dir=tmp_path, in_process=True)
+    pruned, rec = search(
+        model,
+        lm,
+        graph,
+        target=target,
+        input_shape=(3, 32, 32),
+        budget_fraction=0.6,
+        dense_ms=dense,
+        scores=group_scores(graph, "l1"),
+        runs=20,
+        max_iters=4,
+        cache_dir=tmp_path,
+        in_process=True,
+    )
     assert rec["budget_ms"] == pytest.approx(0.6 * dense)
     # met = measured <= 0.6 x the dense model timed side by side in the same run
-    assert rec["met"] and rec["measured_ms"] <= rec["budget_ms_same_run"] == pytest.approx(0.6 * rec["dense_ms_same_run"])
+    assert rec["met"] and rec["measured_ms"] <= rec["budget_ms_same_run"] == pytest.approx(
+        0.6 * rec["dense_ms_same_run"]
+    )
     assert pruned(X).shape == (2, 10)
     assert ChannelGraph(pruned, X).widths() == rec["widths"]
     assert rec["macs"] < rec["dense_macs"]
@@ -91,7 +115,8 @@ def test_search_meets_a_measured_budget(tmp_path):
     assert rec["latency_model"]["samples"] >= 5
     last = rec["iterations"][-1]  # the search's runs timed the floor model too; its prediction is checked in that run
     assert last["floor_ms_same_run"] > 0 and rec["prediction_error_same_run"] == pytest.approx(
-        rec["predicted_ms_same_run"] / rec["measured_ms"] - 1)
+        rec["predicted_ms_same_run"] / rec["measured_ms"] - 1
+    )
     assert rec["latency_model"]["fit"] == "anchored"
 
 
@@ -108,7 +133,10 @@ def test_latency_relative_to_the_same_runs_dense_model_removes_drift_between_run
     chans = graph.widths()
     ratios = (1.0, 0.8, 0.6, 0.45, 0.3)
     lm = L.LatencyModel(key={}, pad=1)
-    for speed, run in ((1.0, ratios[::2]), (1.3, ratios[1::2])):  # each run times its own dense model beside its samples
+    for speed, run in (
+        (1.0, ratios[::2]),
+        (1.3, ratios[1::2]),
+    ):  # each run times its own dense model beside its samples
         dense = speed * true_ms(chans)
         for r in run:
             w = uniform_widths(chans, r, round_to=8)
@@ -116,11 +144,17 @@ def test_latency_relative_to_the_same_runs_dense_model_removes_drift_between_run
         lm.add(chans, dense, "run_dense", dense_ms=dense)
     assert lm.relative
     lm.fit(graph)
-    assert lm.scale == lm.dense_ms(graph) == pytest.approx(np.median([true_ms(chans), true_ms(chans), 1.3 * true_ms(chans)]))
+    assert (
+        lm.scale
+        == lm.dense_ms(graph)
+        == pytest.approx(np.median([true_ms(chans), true_ms(chans), 1.3 * true_ms(chans)]))
+    )
     w = uniform_widths(chans, 0.7, round_to=8)
     assert lm.predict(graph, w) / lm.predict(graph, chans) == pytest.approx(true_ms(w) / true_ms(chans), rel=1e-6)
     assert max(map(abs, lm.loo_errors(graph))) < 1e-3
-    absolute = L.LatencyModel(key={}, samples=[{k: v for k, v in s.items() if k != "dense_ms"} for s in lm.samples], pad=1)
+    absolute = L.LatencyModel(
+        key={}, samples=[{k: v for k, v in s.items() if k != "dense_ms"} for s in lm.samples], pad=1
+    )
     assert not absolute.relative
     assert max(map(abs, absolute.loo_errors(graph))) > 0.05  # the drift lands in the fit's error
     lm.add(w, 1.0, "old cache entry")  # one sample without a same-run dense reading: fitted in ms, as before
@@ -158,7 +192,9 @@ def test_latency_anchored_to_dense_and_floor_readings_removes_a_per_run_fixed_co
     rel = L.LatencyModel(key={}, samples=[{k: v for k, v in s.items() if k != "floor_ms"} for s in lm.samples], pad=1)
     assert rel.fit_kind == "relative"
     assert max(map(abs, rel.loo_errors(graph))) > 0.02  # the fixed cost lands in the ratio fit's error
-    lm.add(w, 1.0, "cached before the floor was timed", dense_ms=1.5)  # one sample without a floor reading: relative fit
+    lm.add(
+        w, 1.0, "cached before the floor was timed", dense_ms=1.5
+    )  # one sample without a floor reading: relative fit
     assert lm.fit_kind == "relative"
 
 
@@ -166,7 +202,15 @@ def test_budget_arguments_are_checked():
     model = create_model("resnet18", num_classes=10, width=0.125).eval()
     graph = ChannelGraph(model, X)
     with pytest.raises(ConfigError, match="exactly one"):
-        search(model, _macs_model(graph), graph, target=L.Target("pytorch"), input_shape=(3, 32, 32), budget_ms=1.0, budget_fraction=0.5)
+        search(
+            model,
+            _macs_model(graph),
+            graph,
+            target=L.Target("pytorch"),
+            input_shape=(3, 32, 32),
+            budget_ms=1.0,
+            budget_fraction=0.5,
+        )
     with pytest.raises(ConfigError, match="runtime"):
         L.Target("tensorrt")
 
@@ -187,8 +231,15 @@ def test_margin_keeps_correcting_until_the_measured_latency_leaves_room(monkeypa
     monkeypatch.setattr(S, "measure_int8", stopwatch)
     scores = group_scores(graph, "l1")
     dense = stopwatch({"d": model})["d"]
-    kw = dict(target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.6, dense_ms=dense, scores=scores,
-              max_iters=6, use_cache=False)
+    kw = dict(
+        target=L.Target("pytorch", 1, 1),
+        input_shape=(3, 32, 32),
+        budget_fraction=0.6,
+        dense_ms=dense,
+        scores=scores,
+        max_iters=6,
+        use_cache=False,
+    )
     from pqd.compress.channels.graph import prune_to_widths
     from pqd.compress.channels.importance import uniform_widths
 
@@ -210,8 +261,10 @@ def test_margin_keeps_correcting_until_the_measured_latency_leaves_room(monkeypa
     assert plain["margin"] == 0.0 and roomy["margin"] == margin
     assert roomy["measured_ms"] <= (1 - margin) * roomy["budget_ms_same_run"] < plain["measured_ms"]
     # it went on only while the measurement was over the goal, or far under it (then it grows the model back)
-    assert all(not (1 - S.UNDERSHOOT) * it["goal_ms_same_run"] <= it["measured_ms"] <= it["goal_ms_same_run"]
-               for it in roomy["iterations"][:-1])
+    assert all(
+        not (1 - S.UNDERSHOOT) * it["goal_ms_same_run"] <= it["measured_ms"] <= it["goal_ms_same_run"]
+        for it in roomy["iterations"][:-1]
+    )
     with pytest.raises(ConfigError, match="margin"):
         search(model, _macs_model(graph), graph, margin=0.5, **kw)
 
@@ -235,11 +288,25 @@ def test_search_grows_a_model_measured_far_under_its_goal(monkeypatch):
     dense = stopwatch({"d": model})["d"]
     lm = L.LatencyModel(key={"runtime": "pytorch", "batch": 1, "threads": 1}, pad=1)
     for w in L.sample_widths(graph, 16, round_to=4, min_keep=0.1):
-        lm.add(w, 2 * stopwatch({"m": prune_to_widths(model, w, example=X, round_to=1, scores=scores)})["m"], "slow state")
-    pruned, rec = search(model, lm, graph, target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.6,
-                         dense_ms=dense, scores=scores, max_iters=6, use_cache=False)
+        lm.add(
+            w, 2 * stopwatch({"m": prune_to_widths(model, w, example=X, round_to=1, scores=scores)})["m"], "slow state"
+        )
+    pruned, rec = search(
+        model,
+        lm,
+        graph,
+        target=L.Target("pytorch", 1, 1),
+        input_shape=(3, 32, 32),
+        budget_fraction=0.6,
+        dense_ms=dense,
+        scores=scores,
+        max_iters=6,
+        use_cache=False,
+    )
     first = rec["iterations"][0]
-    assert first["measured_ms"] < (1 - S.UNDERSHOOT) * first["goal_ms_same_run"]  # the undershoot the search must repair
+    assert (
+        first["measured_ms"] < (1 - S.UNDERSHOOT) * first["goal_ms_same_run"]
+    )  # the undershoot the search must repair
     assert rec["met"] and rec["chosen_iteration"] > 0
     assert first["measured_ms"] < rec["measured_ms"] <= rec["budget_ms_same_run"]
     assert rec["widths"] == rec["iterations"][rec["chosen_iteration"]]["widths"] == ChannelGraph(pruned, X).widths()
@@ -282,10 +349,24 @@ def test_a_missed_budget_keeps_the_fastest_model_relative_to_dense_and_says_why(
     dense = stopwatch({"d": model})["d"]
     lm = L.LatencyModel(key={"runtime": "pytorch", "batch": 1, "threads": 1}, pad=1)
     for w in L.sample_widths(graph, 10, round_to=4, min_keep=0.1):
-        lm.add(w, 0.5 * stopwatch({"m": prune_to_widths(model, w, example=X, round_to=1, scores=scores)})["m"], "fast state")
+        lm.add(
+            w,
+            0.5 * stopwatch({"m": prune_to_widths(model, w, example=X, round_to=1, scores=scores)})["m"],
+            "fast state",
+        )
     monkeypatch.setattr(S, "measure_int8", disturbed)
-    pruned, rec = search(model, lm, graph, target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.3,
-                         dense_ms=dense, scores=scores, max_iters=3, use_cache=False)
+    pruned, rec = search(
+        model,
+        lm,
+        graph,
+        target=L.Target("pytorch", 1, 1),
+        input_shape=(3, 32, 32),
+        budget_fraction=0.3,
+        dense_ms=dense,
+        scores=scores,
+        max_iters=3,
+        use_cache=False,
+    )
     its = rec["iterations"]
     assert len(its) >= 2 and not any(it["met"] for it in its) and not rec["met"]
     ratios = [it["measured_ms"] / it["dense_ms_same_run"] for it in its]

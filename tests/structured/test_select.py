@@ -39,7 +39,14 @@ def test_every_recipe_meets_the_predicted_target_and_uniform_is_the_largest_unif
     lm = _macs_model()
     target = 0.5 * lm.predict(graph, graph.widths())
     recipes = width_recipes(graph, scores, round_to=8, min_keep=0.1)
-    assert set(recipes) == {"greedy", "greedy_fraction", "uniform", "blend0.5_greedy", "blend0.5_greedy_fraction", "uniform_refill"}
+    assert set(recipes) == {
+        "greedy",
+        "greedy_fraction",
+        "uniform",
+        "blend0.5_greedy",
+        "blend0.5_greedy_fraction",
+        "uniform_refill",
+    }
     got = {name: r(lm, target) for name, r in recipes.items()}
     for name, w in got.items():
         assert lm.predict(graph, w) <= target, name
@@ -144,7 +151,7 @@ def test_choose_keeps_uniform_unless_the_best_beats_it_beyond_noise():
 
     def plus(k):  # k more images right than uniform, none fewer
         c = base.clone()
-        c[300:300 + k] = True
+        c[300 : 300 + k] = True
         return c
 
     chosen, test = choose({"greedy": plus(3), "uniform": base})  # +0.3 points: noise
@@ -186,8 +193,20 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
         lm.add(w, macs(prune_to_widths(model, w, example=X, round_to=1, scores=scores)), "sample")
     dense = stopwatch({"d": model})["d"]
     recipes = width_recipes(graph, scores, round_to=8, min_keep=0.1)
-    _, rec = search(model, lm, graph, target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.5, dense_ms=dense,
-                    scores=scores, max_iters=6, use_cache=False, recipes=recipes, rank=rank)
+    _, rec = search(
+        model,
+        lm,
+        graph,
+        target=L.Target("pytorch", 1, 1),
+        input_shape=(3, 32, 32),
+        budget_fraction=0.5,
+        dense_ms=dense,
+        scores=scores,
+        max_iters=6,
+        use_cache=False,
+        recipes=recipes,
+        rank=rank,
+    )
     assert len(calls) == 1  # ranked once
     assert rec["recipe"] == "uniform"
     assert {c["recipe"] for c in rec["candidates"]} == set(recipes)
@@ -197,8 +216,17 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
         assert len({round(w[g] / c, 1) for g, c in graph.widths().items()}) <= 2  # uniform throughout
     json.dumps(rec)
     with pytest.raises(ConfigError, match="together"):
-        search(model, lm, graph, target=L.Target("pytorch", 1, 1), input_shape=(3, 32, 32), budget_fraction=0.5, dense_ms=dense,
-               scores=scores, recipes=recipes)
+        search(
+            model,
+            lm,
+            graph,
+            target=L.Target("pytorch", 1, 1),
+            input_shape=(3, 32, 32),
+            budget_fraction=0.5,
+            dense_ms=dense,
+            scores=scores,
+            recipes=recipes,
+        )
 
 
 def test_structured_config_select_is_validated():

@@ -42,7 +42,22 @@ def test_rows_per_group_and_per_layer(tiny_data, tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    rc = analyze_main(["--model", "structured_user_models:Plain", "--dataset", "digits", "--train-subset", "200",
-                       "--test-subset", "100", "--keep-ratios", "0.5", "--no-quantize", "--out", str(tmp_path / "s")])
+    rc = analyze_main(
+        [
+            "--model",
+            "structured_user_models:Plain",
+            "--dataset",
+            "digits",
+            "--train-subset",
+            "200",
+            "--test-subset",
+            "100",
+            "--keep-ratios",
+            "0.5",
+            "--no-quantize",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "s" / "sensitivity.csv").exists()

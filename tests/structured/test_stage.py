@@ -13,8 +13,7 @@ from pqd.config import TrainConfig
 from pqd.errors import ConfigError, ModelError
 from pqd.run.config import RunConfig
 from pqd.stages.protocol import StageContext
-from pqd.stages.structured import STAGE, structured_prune
-from pqd.stages.structured import StructuredConfig
+from pqd.stages.structured import STAGE, StructuredConfig, structured_prune
 
 
 def test_config_validates():
@@ -34,15 +33,30 @@ def test_config_validates():
 
 
 def test_stage_protocol_attributes():
-    assert (STAGE.name, STAGE.letter, STAGE.section, STAGE.quantizes, STAGE.structural) == ("structured", "S", "structured", False, True)
+    assert (STAGE.name, STAGE.letter, STAGE.section, STAGE.quantizes, STAGE.structural) == (
+        "structured",
+        "S",
+        "structured",
+        False,
+        True,
+    )
 
 
 def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = Plain(num_classes=4, c=32)
-    cfg = StructuredConfig(budget_fraction=0.9, runtime="pytorch", threads=1, samples=3, runs=10, max_iters=4, cache_dir=str(tmp_path))
-    ctx = StageContext(data=tiny_data, teacher=copy.deepcopy(model).eval(), config=RunConfig(structured=cfg),
-                       train_config=TrainConfig(batch_size=32, progress=False), seed=0, augment=True, device=torch.device("cpu"))
+    cfg = StructuredConfig(
+        budget_fraction=0.9, runtime="pytorch", threads=1, samples=3, runs=10, max_iters=4, cache_dir=str(tmp_path)
+    )
+    ctx = StageContext(
+        data=tiny_data,
+        teacher=copy.deepcopy(model).eval(),
+        config=RunConfig(structured=cfg),
+        train_config=TrainConfig(batch_size=32, progress=False),
+        seed=0,
+        augment=True,
+        device=torch.device("cpu"),
+    )
     import pqd.structured.latency_model as L
     import pqd.structured.search as S
 
@@ -62,9 +76,14 @@ def test_stage_prunes_fine_tunes_records_and_resumes(tiny_data, tmp_path, monkey
     # resume: the widths come back from the file next to the checkpoint, with no measurement
     monkeypatch.setattr(L, "measure_int8", lambda *a, **k: pytest.fail("resume must not measure"))
     monkeypatch.setattr(S, "measure_int8", lambda *a, **k: pytest.fail("resume must not measure"))
-    again, rec2 = structured_prune(Student(model), cfg, data=tiny_data, epochs=1, train_config=ctx.train_config, checkpoint=ckpt)
+    again, rec2 = structured_prune(
+        Student(model), cfg, data=tiny_data, epochs=1, train_config=ctx.train_config, checkpoint=ckpt
+    )
     assert rec2["widths"] == rec["widths"]
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), out.model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again.model.state_dict().values(), out.model.state_dict().values(), strict=True)
+    )
 
 
 def test_stage_refuses_wrong_order(tiny_data):
@@ -83,8 +102,17 @@ def test_stage_refuses_wrong_order(tiny_data):
 def test_stage_with_adapted_bn_selection_records_the_ranked_recipes(tiny_data, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = Plain(num_classes=4, c=32)
-    cfg = StructuredConfig(budget_fraction=0.7, runtime="pytorch", threads=1, samples=3, runs=10, max_iters=3, cache_dir=str(tmp_path),
-                           select="adapted_bn", select_images=64)
+    cfg = StructuredConfig(
+        budget_fraction=0.7,
+        runtime="pytorch",
+        threads=1,
+        samples=3,
+        runs=10,
+        max_iters=3,
+        cache_dir=str(tmp_path),
+        select="adapted_bn",
+        select_images=64,
+    )
     import pqd.structured.latency_model as L
     import pqd.structured.search as S
 
@@ -92,14 +120,20 @@ def test_stage_with_adapted_bn_selection_records_the_ranked_recipes(tiny_data, t
     in_process = lambda *a, **k: real(*a, **{**k, "in_process": True})  # noqa: E731
     monkeypatch.setattr(L, "measure_int8", in_process)
     monkeypatch.setattr(S, "measure_int8", in_process)
-    out, rec = structured_prune(Student(model), cfg, data=tiny_data, epochs=0, train_config=TrainConfig(batch_size=32, progress=False))
+    out, rec = structured_prune(
+        Student(model), cfg, data=tiny_data, epochs=0, train_config=TrainConfig(batch_size=32, progress=False)
+    )
     assert rec["select"] == "adapted_bn" and rec["ranked_on"] == "192 training images (no validation split)"
-    assert rec["recipe"] in {c["recipe"] for c in rec["candidates"]} and "uniform" in {c["recipe"] for c in rec["candidates"]}
+    assert rec["recipe"] in {c["recipe"] for c in rec["candidates"]} and "uniform" in {
+        c["recipe"] for c in rec["candidates"]
+    }
     best = max(c["score"] for c in rec["candidates"])
     test = rec["choice_test"]
     if test:  # the best was not uniform: it is kept only if it beat uniform beyond noise on the ranking images
         assert next(c for c in rec["candidates"] if c["recipe"] == test["best"])["score"] == best
-        assert rec["recipe"] == (test["best"] if test["p_value"] < test["alpha"] and test["difference"] > 0 else "uniform")
+        assert rec["recipe"] == (
+            test["best"] if test["p_value"] < test["alpha"] and test["difference"] > 0 else "uniform"
+        )
     else:
         assert next(c for c in rec["candidates"] if c["recipe"] == rec["recipe"])["score"] == best
     assert ChannelGraph(out.model, torch.zeros(2, 3, 16, 16)).widths() == rec["widths"]
@@ -116,10 +150,19 @@ def test_stage_quantizes_its_latency_models_with_the_runs_quantize_settings(tiny
 
     torch.manual_seed(0)
     model = um.Untraceable(num_classes=4)
-    cfg = StructuredConfig(budget_fraction=0.9, runtime="pytorch", threads=1, samples=3, runs=5, max_iters=2, cache_dir=str(tmp_path))
+    cfg = StructuredConfig(
+        budget_fraction=0.9, runtime="pytorch", threads=1, samples=3, runs=5, max_iters=2, cache_dir=str(tmp_path)
+    )
     quant = QuantizeConfig(leaf_modules=("gate",), granularity="per_tensor")
-    ctx = StageContext(data=tiny_data, teacher=None, config=RunConfig(structured=cfg, quantize=quant),
-                       train_config=TrainConfig(batch_size=32, progress=False), seed=0, augment=False, device=torch.device("cpu"))
+    ctx = StageContext(
+        data=tiny_data,
+        teacher=None,
+        config=RunConfig(structured=cfg, quantize=quant),
+        train_config=TrainConfig(batch_size=32, progress=False),
+        seed=0,
+        augment=False,
+        device=torch.device("cpu"),
+    )
     seen = []
     real = L.export_int8
 
@@ -135,5 +178,7 @@ def test_stage_quantizes_its_latency_models_with_the_runs_quantize_settings(tiny
     out = STAGE.run(Student(model), cfg, ctx, epochs=0, checkpoint=None)
     assert out.model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
     assert seen and all(t.leaf_modules == ("gate",) and t.options.granularity == "per_tensor" for t in seen)
-    assert out.records["1_structured"]["latency_model"]["target"]["quantization"] == {"weights": "per_tensor/symmetric",
-                                                                                       "leaf_modules": ["gate"]}
+    assert out.records["1_structured"]["latency_model"]["target"]["quantization"] == {
+        "weights": "per_tensor/symmetric",
+        "leaf_modules": ["gate"],
+    }

@@ -15,7 +15,16 @@ from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 X = torch.randn(2, 3, 32, 32)
 
 
-@pytest.mark.parametrize("factory", [lambda: create_model("resnet18", num_classes=10, width=0.125), um.MobileNetish, um.DenseNetish, SENet, LayerScaleNet])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: create_model("resnet18", num_classes=10, width=0.125),
+        um.MobileNetish,
+        um.DenseNetish,
+        SENet,
+        LayerScaleNet,
+    ],
+)
 def test_restore_pruned_model_from_safetensors(tmp_path, factory):
     torch.manual_seed(0)
     model = factory().eval()

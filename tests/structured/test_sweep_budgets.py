@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_structured_budgets_sweep_config_expands_to_a_budget_grid(capsys):
-    assert main(["sweep", str(ROOT / "configs" / "sweeps" / "structured_budgets.yaml"), "--out", "unused", "--dry-run"]) == 0
+    assert (
+        main(["sweep", str(ROOT / "configs" / "sweeps" / "structured_budgets.yaml"), "--out", "unused", "--dry-run"])
+        == 0
+    )
     out = capsys.readouterr().out
     for seed in (0, 1):
         for b in ("0.75", "0.5", "0.35"):
@@ -35,13 +38,21 @@ def test_sweep_over_budgets_runs_and_reports_measured_latency_per_budget(tmp_pat
             "data": {"dataset": "digits", "train_subset": 128, "test_subset": 64},
             "train": {"batch_size": 32, "progress": False, "threads": 1},
             "teacher": {"epochs": 1, "lr": 0.05},
-            "structured": {"runtime": "pytorch", "threads": 1, "samples": 3, "runs": 10, "max_iters": 2,
-                           "cache_dir": str(tmp_path / "lat")},
+            "structured": {
+                "runtime": "pytorch",
+                "threads": 1,
+                "samples": 3,
+                "runs": 10,
+                "max_iters": 2,
+                "cache_dir": str(tmp_path / "lat"),
+            },
             "measure": {"threads": 1, "warmup": 1, "runs": 3, "batch_sizes": [1], "large_batch_runs": 1},
         },
         "grid": {"seed": [0]},
-        "variants": {"dense": {"stages": ""},
-                     "hybrid": {"stages": "S:1,Q:1", "grid": {"structured.budget_fraction": [0.9, 0.6]}}},
+        "variants": {
+            "dense": {"stages": ""},
+            "hybrid": {"stages": "S:1,Q:1", "grid": {"structured.budget_fraction": [0.9, 0.6]}},
+        },
     }
     rows = {r["run_id"]: r for r in run_sweep(spec, tmp_path / "sweep", progress=False)}
     hybrid = sorted(k for k in rows if k.startswith("hybrid"))

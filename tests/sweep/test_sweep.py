@@ -56,8 +56,16 @@ def test_expand_variants_times_seeds_and_variant_grids(tmp_path):
     }
     sweep = expand(spec, tmp_path)
     ids = [r.run_id for r in sweep.pipelines()]
-    assert ids == ["pqd__seed0", "pqd__seed1", "pqd__seed2", "ptq__seed0", "ptq__seed1", "ptq__seed2",
-                   "sp__seed5__sparsity0.3", "sp__seed5__sparsity0.6"]
+    assert ids == [
+        "pqd__seed0",
+        "pqd__seed1",
+        "pqd__seed2",
+        "ptq__seed0",
+        "ptq__seed1",
+        "ptq__seed2",
+        "sp__seed5__sparsity0.3",
+        "sp__seed5__sparsity0.6",
+    ]
     # one teacher per seed (the teacher identity does not depend on stages / prune / quantize settings)
     teachers = sweep.teachers()
     assert sorted(t.config.seed for t in teachers) == [0, 1, 2, 5]
@@ -75,7 +83,11 @@ def test_expand_variants_times_seeds_and_variant_grids(tmp_path):
     assert all(r.config_dict()["stages"] == "" for r in teachers)
     # execution order: each teacher right before the runs that use it
     order = [r.run_id for r in sweep.ordered()]
-    assert order.index(f"teacher-{by_id['pqd__seed1'].teacher_id}") < order.index("pqd__seed1") < order.index(f"teacher-{by_id['pqd__seed2'].teacher_id}")
+    assert (
+        order.index(f"teacher-{by_id['pqd__seed1'].teacher_id}")
+        < order.index("pqd__seed1")
+        < order.index(f"teacher-{by_id['pqd__seed2'].teacher_id}")
+    )
 
 
 def test_teacher_identity_ignores_stage_settings_but_not_training():
@@ -128,6 +140,7 @@ def swept(tmp_path_factory):
             if die:
                 raise _Killed("simulated kill")
             return real[name](*a, **k)
+
         return f
 
     rows = []
@@ -141,8 +154,10 @@ def swept(tmp_path_factory):
                     run_sweep(SPEC, out, progress=False)
                 rows.append(read_table(out))
                 pd_dir = out / "runs" / "pd__seed0"
-                killed_state = {"prune_done": (pd_dir / "stages" / "1_prune" / "student.safetensors").is_file(),
-                                "metrics": (pd_dir / "metrics.json").exists()}
+                killed_state = {
+                    "prune_done": (pd_dir / "stages" / "1_prune" / "student.safetensors").is_file(),
+                    "metrics": (pd_dir / "metrics.json").exists(),
+                }
             else:
                 rows.append(run_sweep(SPEC, out, progress=False))
     return out, calls, rows, killed_state
@@ -207,7 +222,12 @@ def test_result_table_holds_flat_keys_full_config_and_metrics(swept):
     assert table["qat__seed0"]["lat_final_label"] == "INT8 @ PyTorch TorchScript"
     assert table["qat__seed0"]["lat_speedup_kind"] == "pytorch_eager_vs_compiled"
     dense = next(r for r in table.values() if r["kind"] == "teacher")
-    assert (dense["variant"], dense["stages"], dense["stage_order"], dense["final_form"]) == ("dense", "", "dense", "fp32")
+    assert (dense["variant"], dense["stages"], dense["stage_order"], dense["final_form"]) == (
+        "dense",
+        "",
+        "dense",
+        "fp32",
+    )
     assert dense["size_final_bytes"] == dense["size_teacher_bytes"]
     assert table["qat__seed0"]["size_final_bytes"] < dense["size_final_bytes"]
 
@@ -259,7 +279,9 @@ def test_ray_executor_gives_the_local_table(swept, tmp_path, monkeypatch):
     assert _comparable(ray_rows, tmp_path) == _comparable(rows[-1], out)
     for r in ray_rows:  # metrics equal too, apart from timings
         m = json.loads(r["metrics_json"].replace(str(tmp_path.resolve()), "ROOT"))
-        local = json.loads(next(x for x in rows[-1] if x["run_id"] == r["run_id"])["metrics_json"].replace(str(out.resolve()), "ROOT"))
+        local = json.loads(
+            next(x for x in rows[-1] if x["run_id"] == r["run_id"])["metrics_json"].replace(str(out.resolve()), "ROOT")
+        )
         for k in ("latency", "speedup", "wall_time_s"):  # timings (and which model timed fastest) vary
             m.pop(k), local.pop(k)
         # the workers timed in the same controlled environment; only what each caller had set (and
@@ -292,8 +314,11 @@ def test_cli_sweep_dry_run_and_errors_exit_2(tmp_path, capsys):
 
 
 def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
-    spec = {**SPEC, "base": _base() | {"teacher": {"epochs": 1, "lr": 0.05}},
-            "variants": {"qat": {"stages": "Q:1"}, "bad": {"stages": "D:1"}, "prune": {"stages": "P:1"}}}
+    spec = {
+        **SPEC,
+        "base": _base() | {"teacher": {"epochs": 1, "lr": 0.05}},
+        "variants": {"qat": {"stages": "Q:1"}, "bad": {"stages": "D:1"}, "prune": {"stages": "P:1"}},
+    }
     distill_module = sys.modules["pqd.stages.distill"]
     real = distill_module.distill
 
@@ -303,7 +328,11 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
     monkeypatch.setattr(distill_module, "distill", broken)
     with pytest.raises(PqdError, match=r"1 of 4 runs failed \(bad__seed0: distill exploded\)"):
         run_sweep(spec, tmp_path, progress=False)
-    assert sorted(r["variant"] for r in read_table(tmp_path)) == ["prune", "qat", "teacher"]  # the run after 'bad' ran too
+    assert sorted(r["variant"] for r in read_table(tmp_path)) == [
+        "prune",
+        "qat",
+        "teacher",
+    ]  # the run after 'bad' ran too
     monkeypatch.setattr(distill_module, "distill", real)
     assert len(run_sweep(spec, tmp_path, progress=False)) == 4
 
@@ -312,8 +341,15 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
 
 
 def test_peer_variant_expands_to_a_peer_run_after_its_teacher(tmp_path):
-    spec = {**SPEC, "variants": {"dense": {"stages": ""}, "qat": {"stages": "Q:1"}, "nncf": {"peer": "nncf_ptq"},
-                                 "nncf_long": {"peer": "nncf_ptq", "teacher.epochs": 3}}}
+    spec = {
+        **SPEC,
+        "variants": {
+            "dense": {"stages": ""},
+            "qat": {"stages": "Q:1"},
+            "nncf": {"peer": "nncf_ptq"},
+            "nncf_long": {"peer": "nncf_ptq", "teacher.epochs": 3},
+        },
+    }
     sweep = expand(spec, tmp_path)
     peers = {r.variant: r for r in sweep.peers()}
     assert set(peers) == {"nncf", "nncf_long"}
@@ -353,29 +389,67 @@ def test_peer_runs_in_the_sweep_table_with_runtime_labels_and_failures_do_not_st
         from pathlib import Path
 
         assert Path(config.teacher.weights).is_file(), "the peer runs after its teacher"
-        lat = [{"model": m, "batch": 1, "threads": 1, "median_ms": ms, "p90_ms": ms, "runtime": "openvino", "precision": p,
-                "source_model": s} for m, ms, p, s in (("openvino_fp32", 2.0, "fp32", "teacher"), ("nncf_ptq_int8", 1.0, "int8", "nncf_ptq"))]
+        lat = [
+            {
+                "model": m,
+                "batch": 1,
+                "threads": 1,
+                "median_ms": ms,
+                "p90_ms": ms,
+                "runtime": "openvino",
+                "precision": p,
+                "source_model": s,
+            }
+            for m, ms, p, s in (("openvino_fp32", 2.0, "fp32", "teacher"), ("nncf_ptq_int8", 1.0, "int8", "nncf_ptq"))
+        ]
         ci = {"top1": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 128, "method": "wilson", "confidence": 0.95}
-        m = {"kind": "peer", "peer": peer, "model": "resnet18", "width": 0.125, "dataset": "digits", "stages": "",
-             "final_form": "int8", "accuracy": {"teacher_top1": 0.5, "final_top1": 0.5, "teacher_top1_ci": ci, "final_top1_ci": ci,
-                                                "test_n": 128, "predictions_file": "nncf_int8_predictions.npy"},
-             "size_bytes": {"final": 1000, "final_file": "nncf_int8.xml"}, "latency": lat, "speedup": speedup_summary(lat)}
+        m = {
+            "kind": "peer",
+            "peer": peer,
+            "model": "resnet18",
+            "width": 0.125,
+            "dataset": "digits",
+            "stages": "",
+            "final_form": "int8",
+            "accuracy": {
+                "teacher_top1": 0.5,
+                "final_top1": 0.5,
+                "teacher_top1_ci": ci,
+                "final_top1_ci": ci,
+                "test_n": 128,
+                "predictions_file": "nncf_int8_predictions.npy",
+            },
+            "size_bytes": {"final": 1000, "final_file": "nncf_int8.xml"},
+            "latency": lat,
+            "speedup": speedup_summary(lat),
+        }
         (Path(out_dir) / "metrics.json").write_text(json.dumps(m))
         return m
 
-    spec = {**SPEC, "base": _base() | {"teacher": {"epochs": 1, "lr": 0.05}},
-            "variants": {"nncf": {"peer": "nncf_ptq"}, "dense": {"stages": ""}}}
+    spec = {
+        **SPEC,
+        "base": _base() | {"teacher": {"epochs": 1, "lr": 0.05}},
+        "variants": {"nncf": {"peer": "nncf_ptq"}, "dense": {"stages": ""}},
+    }
     monkeypatch.setattr(pqd.commands.peers, "peer_run", fake_peer_run)
     rows = {r["variant"]: r for r in run_sweep(spec, tmp_path, progress=False)}
     peer, dense = rows["nncf"], rows["dense"]
     assert peer["kind"] == "peer" and peer["peer"] == "nncf_ptq" and peer["stage_order"] == "peer:nncf_ptq"
     assert peer["lat_b1_speedup"] == 2.0 and peer["lat_speedup_kind"] == "same_runtime"
-    assert peer["lat_teacher_label"] == "teacher FP32 @ OpenVINO" and peer["lat_final_label"] == "nncf_ptq INT8 @ OpenVINO"
+    assert (
+        peer["lat_teacher_label"] == "teacher FP32 @ OpenVINO" and peer["lat_final_label"] == "nncf_ptq INT8 @ OpenVINO"
+    )
     assert (peer["final_top1_ci_low"], peer["final_top1_ci_high"], peer["test_n"]) == (0.4, 0.6, 128)
-    assert dense["lat_teacher_label"] == "teacher FP32 @ PyTorch eager" and dense["test_n"] == 128 and dense["test_full_split"] == 0
+    assert (
+        dense["lat_teacher_label"] == "teacher FP32 @ PyTorch eager"
+        and dense["test_n"] == 128
+        and dense["test_full_split"] == 0
+    )
     assert dense["final_top1_ci_low"] < dense["final_top1"] < dense["final_top1_ci_high"]
     # resume: the finished peer run is skipped (its saved config, with the peer key, matches)
-    monkeypatch.setattr(pqd.commands.peers, "peer_run", lambda *a, **k: pytest.fail("a finished peer run must be skipped"))
+    monkeypatch.setattr(
+        pqd.commands.peers, "peer_run", lambda *a, **k: pytest.fail("a finished peer run must be skipped")
+    )
     assert len(run_sweep(spec, tmp_path, progress=False)) == 2
 
     def missing(config, out_dir, *, peer):

@@ -18,10 +18,25 @@ from pqd.train import train  # noqa: E402
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-data = Splits(name="blobs", train=_blobs(256, 4, 16, 0), val=None, test=_blobs(64, 4, 16, 1), mean=(0.5,) * 3, std=(0.25,) * 3, hflip=True)
+data = Splits(
+    name="blobs",
+    train=_blobs(256, 4, 16, 0),
+    val=None,
+    test=_blobs(64, 4, 16, 1),
+    mean=(0.5,) * 3,
+    std=(0.25,) * 3,
+    hflip=True,
+)
 torch.manual_seed(0)
 model = create_model("resnet18", num_classes=4, width=0.125)
-train(model, data, epochs=4, lr=0.02, config=TrainConfig(batch_size=16, progress=False), checkpoint=out / "epoch.safetensors")
+train(
+    model,
+    data,
+    epochs=4,
+    lr=0.02,
+    config=TrainConfig(batch_size=16, progress=False),
+    checkpoint=out / "epoch.safetensors",
+)
 torch.save(model.state_dict(), out / f"rank{rank}.pt")
 if rank == 0:
     (out / "acc.txt").write_text(str(top1(predict(model, data.test, mean=data.mean, std=data.std), data.test.y)))

@@ -86,8 +86,10 @@ def test_pickle_refusal_keeps_the_reason_whole_and_the_code_execution_warning(tm
 
 
 def test_unpickling_reason_strips_colour_codes_and_cuts_at_a_word():
-    err = RuntimeError("Weights only load failed. \x1b[1mdo those steps only if you trust the source\x1b[0m\n"
-                       "(1) Re-running with weights_only=False ...\nWeightsUnpickler error: " + "word " * 200)
+    err = RuntimeError(
+        "Weights only load failed. \x1b[1mdo those steps only if you trust the source\x1b[0m\n"
+        "(1) Re-running with weights_only=False ...\nWeightsUnpickler error: " + "word " * 200
+    )
     reason = ck.unpickling_reason(err)
     assert "\x1b" not in reason and "[0m" not in reason and "(1)" not in reason
     assert reason.startswith("RuntimeError: WeightsUnpickler error: word") and reason.endswith("word ...")

@@ -55,7 +55,9 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_data, tmp_path):
         train(_model(), tiny_data, epochs=3, lr=0.05, config=CFG, seed=1, checkpoint=ckpt, before_epoch=die_at_2)
     assert ckpt.exists()
     calls = []
-    resumed = train(_model(seed=99), tiny_data, epochs=3, lr=0.05, config=CFG, seed=1, checkpoint=ckpt, before_epoch=calls.append)
+    resumed = train(
+        _model(seed=99), tiny_data, epochs=3, lr=0.05, config=CFG, seed=1, checkpoint=ckpt, before_epoch=calls.append
+    )
     assert calls == [2], "only the unfinished epoch may run again"
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
@@ -65,7 +67,15 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_data, tmp_path):
 def test_distributed_two_gloo_processes(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tmp_path),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
@@ -104,8 +114,11 @@ def test_a_dataloader_is_refused_naming_the_adapter():
 
     loader = DataLoader(TensorDataset(torch.rand(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=4)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
-    with pytest.raises(DataError, match=r"pqd.train.train\(model, data\) takes a pqd.data.Splits, got a "
-                                        r"torch.utils.data.dataloader.DataLoader.*pqd.data.adapters.as_splits"):
+    with pytest.raises(
+        DataError,
+        match=r"pqd.train.train\(model, data\) takes a pqd.data.Splits, got a "
+        r"torch.utils.data.dataloader.DataLoader.*pqd.data.adapters.as_splits",
+    ):
         train_fn(model, loader, epochs=1, lr=0.1)
     with pytest.raises(DataError, match=r"structured_prune\(..., data=\) takes a pqd.data.Splits.*as_splits"):
         structured_prune(Student(model), None, data=loader, epochs=1, train_config=None)

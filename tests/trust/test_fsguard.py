@@ -86,7 +86,9 @@ def test_new_empty_marked_and_legacy_folders(tmp_path: Path):
     f.write_text("x")
     with pytest.raises(RunDirError, match="is a file, not a directory"):
         check_writable_run_dir(f, expected_files=RUN_FILES)
-    with pytest.raises(RunDirError, match=r"--out '/proc/self/x' cannot be used as the run directory: creating .* failed"):
+    with pytest.raises(
+        RunDirError, match=r"--out '/proc/self/x' cannot be used as the run directory: creating .* failed"
+    ):
         check_writable_run_dir("/proc/self/x", expected_files=RUN_FILES)
 
 
@@ -146,7 +148,9 @@ HOLDER = textwrap.dedent("""
 
 def test_lock_refuses_second_process_and_dies_with_holder(tmp_path: Path):
     run = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(src=SRC, path=str(run))], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(src=SRC, path=str(run))], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirBusy, match=rf"RUN_DIR '.*r' is in use by pid {proc.pid}"):
@@ -192,7 +196,10 @@ def test_real_enospc_from_dev_full():
 
 
 def test_atomic_output_failure_removes_temp(tmp_path: Path):
-    with pytest.raises(ReadOnlyStorageError, match="read-only file system"), atomic_output(tmp_path / "model.pt") as tmp:
+    with (
+        pytest.raises(ReadOnlyStorageError, match="read-only file system"),
+        atomic_output(tmp_path / "model.pt") as tmp,
+    ):
         tmp.write_bytes(b"half")
         raise OSError(errno.EROFS, "Read-only file system")
     assert list(tmp_path.iterdir()) == []
@@ -201,7 +208,9 @@ def test_atomic_output_failure_removes_temp(tmp_path: Path):
 def test_safetensors_os_error_28():
     from safetensors import SafetensorError
 
-    exc = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    exc = SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
     err = storage_error(exc, "/runs/r/stage1_prune/checkpoint.safetensors")
     assert isinstance(err, DiskFullError) and "checkpoint.safetensors" in str(err)
     assert storage_error(SafetensorError("invalid header"), "x") is None  # not a storage failure: left to the caller

@@ -28,8 +28,11 @@ def test_huge_lr_leaves_nan_model_that_the_guard_catches(tiny_data):
         return
     assert first_nonfinite(model) is not None
     guard = DivergenceGuard("teacher", lr_key="teacher.lr", base_lr=1e6)
-    with pytest.raises(DivergenceError, match=r"teacher: training diverged: .* at epoch 1, step 4 "
-                       r"\(learning rate 3e\+04 at that step; teacher.lr = 1e\+06\).*--set teacher.lr="):
+    with pytest.raises(
+        DivergenceError,
+        match=r"teacher: training diverged: .* at epoch 1, step 4 "
+        r"\(learning rate 3e\+04 at that step; teacher.lr = 1e\+06\).*--set teacher.lr=",
+    ):
         guard.end_epoch(model, epoch=0, step=3, lr=3e4)
 
 
@@ -42,7 +45,9 @@ def _loop(guard: DivergenceGuard, losses, every_epoch_steps=4):
 def test_step_flags_are_read_every_n_steps():
     g = DivergenceGuard("distill", every=2)
     _loop(g, [1.0, 0.9, 0.8, 0.7])
-    with pytest.raises(DivergenceError, match=r"distill: training diverged: the loss became NaN/inf at epoch 1, between steps 3 and 4"):
+    with pytest.raises(
+        DivergenceError, match=r"distill: training diverged: the loss became NaN/inf at epoch 1, between steps 3 and 4"
+    ):
         _loop(DivergenceGuard("distill", every=2), [1.0, 0.9, float("nan"), 0.7])
     with pytest.raises(DivergenceError, match="epoch 2, step 1"):
         _loop(DivergenceGuard("prune", every=1), [1.0, 1.0, 1.0, 1.0, float("inf")])
@@ -65,8 +70,11 @@ def test_explain_turns_observer_error_into_divergence():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = prepare_qat_fx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).train(), get_default_qat_qconfig_mapping("x86"),
-                           (torch.zeros(1, 3, 8, 8),))
+        m = prepare_qat_fx(
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).train(),
+            get_default_qat_qconfig_mapping("x86"),
+            (torch.zeros(1, 3, 8, 8),),
+        )
     with torch.no_grad():
         next(m.parameters()).fill_(float("nan"))
     g = DivergenceGuard("quantize", lr_key="quantize.lr")

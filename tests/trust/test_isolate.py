@@ -23,7 +23,9 @@ def test_returns_json_value_from_another_process():
 
 @pytest.mark.parametrize("func, sig", [("segv", "SIGSEGV"), ("null_deref", "SIGSEGV"), ("abort", "SIGABRT")])
 def test_native_crash_becomes_runtime_crash(func, sig):
-    with pytest.raises(RuntimeCrash, match=rf"runtime openvino / model 'densenet' \({T}:{func}\) crashed with {sig}") as info:
+    with pytest.raises(
+        RuntimeCrash, match=rf"runtime openvino / model 'densenet' \({T}:{func}\) crashed with {sig}"
+    ) as info:
         run_isolated(f"{T}:{func}", {}, timeout=60, runtime="openvino", model="densenet", extra_path=HERE)
     assert info.value.signal == sig and not info.value.timed_out
     if func == "segv":
@@ -57,15 +59,22 @@ def test_errors_cross_the_process_boundary():
 
 
 def test_each_runtime_reports_despite_a_crash():
-    out = isolate_each({
-        "onnxruntime": (f"{T}:add", {"a": 1, "b": 1}),
-        "openvino": (f"{T}:segv", {}),
-        "torch": (f"{T}:add", {"a": 2, "b": 2}),
-    }, timeout=60, model="densenet", extra_path=HERE)
+    out = isolate_each(
+        {
+            "onnxruntime": (f"{T}:add", {"a": 1, "b": 1}),
+            "openvino": (f"{T}:segv", {}),
+            "torch": (f"{T}:add", {"a": 2, "b": 2}),
+        },
+        timeout=60,
+        model="densenet",
+        extra_path=HERE,
+    )
     assert out["onnxruntime"]["ok"] and out["onnxruntime"]["value"]["sum"] == 2
     assert out["torch"]["ok"] and out["torch"]["value"]["sum"] == 4
-    assert out["openvino"] == {"ok": False, "kind": "crash",
-                               "error": out["openvino"]["error"]} and "SIGSEGV" in out["openvino"]["error"]
+    assert (
+        out["openvino"] == {"ok": False, "kind": "crash", "error": out["openvino"]["error"]}
+        and "SIGSEGV" in out["openvino"]["error"]
+    )
 
 
 def test_working_folder_is_not_on_the_childs_path(tmp_path, monkeypatch):
@@ -81,7 +90,9 @@ def test_a_standard_module_planted_in_the_working_folder_does_not_run(tmp_path, 
     marker = tmp_path / "planted-ran"
     hostile = tmp_path / "hostile"
     hostile.mkdir()
-    (hostile / "json.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nraise SystemExit(9)\n")
+    (hostile / "json.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nraise SystemExit(9)\n"
+    )
     monkeypatch.chdir(hostile)
     assert run_isolated(f"{T}:add", {"a": 1, "b": 2}, timeout=60, extra_path=HERE)["sum"] == 3
     assert not marker.exists()
@@ -98,7 +109,9 @@ def test_child_command_keeps_the_working_folder_off_sys_path(tmp_path, monkeypat
         m.setattr(sys, "version_info", version)  # the command Python 3.10 (no -P) would get, run by this Python
         cmd = python_command("site")  # `python -m site` prints sys.path
     assert ("-P" in cmd) == (version >= (3, 11))
-    out = subprocess.run(cmd, check=False, cwd=tmp_path, env=child_environ(), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        cmd, check=False, cwd=tmp_path, env=child_environ(), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     import pqd
 

@@ -31,9 +31,17 @@ from pqd.train.loop import train
 def digits_model():
     data = load_data(DataConfig(dataset="digits", train_subset=600, test_subset=64))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     train(model, data, epochs=3, lr=0.1, config=TrainConfig(batch_size=32, progress=False))
     return model.eval(), data
 
@@ -67,10 +75,17 @@ def _meta(data):
 
 def test_torchscript_file_carries_preprocessing(digits_model, tmp_path: Path):
     model, data = digits_model
-    path = save_torchscript(deployable_torchscript(model, mean=data.mean, std=data.std, class_names=data.test.classes,
-                                                   input_shape=data.image_shape), tmp_path / "model_fp32.pt", meta=_meta(data))
+    path = save_torchscript(
+        deployable_torchscript(
+            model, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape
+        ),
+        tmp_path / "model_fp32.pt",
+        meta=_meta(data),
+    )
     meta = read_torchscript_meta(path)  # from the zip, the model is not loaded
-    assert meta["mean"] == list(data.mean) and meta["class_names"][3] == "3" and meta["input"]["normalization"] == "inside"
+    assert (
+        meta["mean"] == list(data.mean) and meta["class_names"][3] == "3" and meta["input"]["normalization"] == "inside"
+    )
     loaded = torch.jit.load(str(path))
     with torch.no_grad():
         assert torch.equal(loaded(data.test.x).argmax(1), normalised_logits(model, data).argmax(1))
@@ -89,7 +104,9 @@ def test_int8_deployable_takes_raw_images(digits_model, tmp_path: Path):
         for x, _ in batches(data.train.subset(torch.arange(128)), batch_size=64, mean=data.mean, std=data.std):
             prepared(x)
         int8 = convert_student(Student(prepared, {}, "ptq"))
-        ts = deployable_torchscript(int8, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape)
+        ts = deployable_torchscript(
+            int8, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape
+        )
     path = save_torchscript(ts, tmp_path / "model_int8.pt", meta=_meta(data) | {"form": "int8"})
     ref = normalised_logits(int8, data)
     loaded = torch.jit.load(str(path))
@@ -115,8 +132,13 @@ def _write_pngs(data, folder: Path, n: int) -> list[Path]:
 def test_predict_files_and_cli(digits_model, tmp_path: Path, capsys):
     model, data = digits_model
     run = tmp_path / "run"
-    save_torchscript(deployable_torchscript(model, mean=data.mean, std=data.std, class_names=data.test.classes,
-                                            input_shape=data.image_shape), run / "model_int8.pt", meta=_meta(data))
+    save_torchscript(
+        deployable_torchscript(
+            model, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape
+        ),
+        run / "model_int8.pt",
+        meta=_meta(data),
+    )
     images = _write_pngs(data, tmp_path / "imgs", 12)
     out = predict_files(run, images, top_k=3)
     ref = normalised_logits(model, data)[:12]
@@ -142,8 +164,13 @@ def test_predict_files_and_cli(digits_model, tmp_path: Path, capsys):
 
 def test_bad_deployables(digits_model, tmp_path: Path):
     model, data = digits_model
-    good = save_torchscript(deployable_torchscript(model, mean=data.mean, std=data.std, class_names=data.test.classes,
-                                                   input_shape=data.image_shape), tmp_path / "a.pt", meta=_meta(data))
+    good = save_torchscript(
+        deployable_torchscript(
+            model, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape
+        ),
+        tmp_path / "a.pt",
+        meta=_meta(data),
+    )
     truncated = tmp_path / "t.pt"
     truncated.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated"):
@@ -183,8 +210,13 @@ def test_sixteen_bit_images_are_refused_like_training_does(digits_model, tmp_pat
 
     model, data = digits_model
     run = tmp_path / "run"
-    save_torchscript(deployable_torchscript(model, mean=data.mean, std=data.std, class_names=data.test.classes,
-                                            input_shape=data.image_shape), run / "model_int8.pt", meta=_meta(data))
+    save_torchscript(
+        deployable_torchscript(
+            model, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape
+        ),
+        run / "model_int8.pt",
+        meta=_meta(data),
+    )
     deep = tmp_path / "deep.png"
     Image.fromarray((np.arange(1024).reshape(32, 32) * 60).astype(np.uint16)).save(deep)
     assert Image.open(deep).mode.startswith("I")
@@ -201,8 +233,13 @@ def test_top_k_below_one_is_refused(digits_model, tmp_path: Path, capsys, k):
 
     model, data = digits_model
     run = tmp_path / "run"
-    save_torchscript(deployable_torchscript(model, mean=data.mean, std=data.std, class_names=data.test.classes,
-                                            input_shape=data.image_shape), run / "model_int8.pt", meta=_meta(data))
+    save_torchscript(
+        deployable_torchscript(
+            model, mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape
+        ),
+        run / "model_int8.pt",
+        meta=_meta(data),
+    )
     images = _write_pngs(data, tmp_path / "imgs", 1)
     with pytest.raises(SystemExit) as exc:
         predict_main([str(run), str(images[0]), "--top-k", k])

@@ -58,8 +58,11 @@ def test_size_limit_checked_before_reading(tmp_path: Path):
 
 
 def test_invalid_and_non_utf8(tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"^YAML text is not valid YAML at line 1, column 9: while parsing a flow sequence, "
-                                          r"expected ',' or '\]', but got '<stream end>'$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^YAML text is not valid YAML at line 1, column 9: while parsing a flow sequence, "
+        r"expected ',' or '\]', but got '<stream end>'$",
+    ):
         load_yaml("a: [1, 2")
     p = tmp_path / "bin.yaml"
     p.write_bytes(b"a: \xff\xfe\n")
@@ -74,10 +77,24 @@ def test_invalid_and_non_utf8(tmp_path: Path):
         load_yaml("!!python/object/apply:os.system ['true']")
 
 
-@pytest.mark.parametrize("text, value", [
-    ("1e-3", 1e-3), ("-2E5", -2e5), ("+3e+2", 300.0), ("1.0e-3", 1e-3), ("1.5", 1.5), (".5e-1", 0.05),
-    ("10", 10), ("0x10", 16), ("1_000", 1000), (".inf", float("inf")), ("1e", "1e"), ("e5", "e5"), ("1.2.3", "1.2.3"),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-3", 1e-3),
+        ("-2E5", -2e5),
+        ("+3e+2", 300.0),
+        ("1.0e-3", 1e-3),
+        ("1.5", 1.5),
+        (".5e-1", 0.05),
+        ("10", 10),
+        ("0x10", 16),
+        ("1_000", 1000),
+        (".inf", float("inf")),
+        ("1e", "1e"),
+        ("e5", "e5"),
+        ("1.2.3", "1.2.3"),
+    ],
+)
 def test_float_resolver(text, value):
     assert parse_scalar(text) == value
     assert type(parse_scalar(text)) is type(value)
@@ -88,7 +105,9 @@ def test_float_resolver(text, value):
 
 def test_floats_inside_documents():
     assert load_yaml("prune: {lr: 1e-3, sparsity: 5e-1}\nteacher: {lr: [2E-2]}") == {
-        "prune": {"lr": 1e-3, "sparsity": 0.5}, "teacher": {"lr": [0.02]}}
+        "prune": {"lr": 1e-3, "sparsity": 0.5},
+        "teacher": {"lr": [0.02]},
+    }
 
 
 def test_grid_size_guard():

@@ -14,7 +14,10 @@ from pqd.safety.trustpolicy import check_config_code, resolve_model_name
 def test_downloaded_run_folder_with_helpers_module(downloaded_run):
     run, canary = downloaded_run
     config = load_config(run / "config.yaml")
-    with pytest.raises(UntrustedCodeError, match=r"names the model 'helpers:resnet18', an import path.*allow_code=True \(CLI: --allow-code\)"):
+    with pytest.raises(
+        UntrustedCodeError,
+        match=r"names the model 'helpers:resnet18', an import path.*allow_code=True \(CLI: --allow-code\)",
+    ):
         check_config_code(config, allow_code=False, source=str(run / "config.yaml"))
     assert not canary.exists() and "helpers" not in sys.modules
     check_config_code(config, allow_code=True)  # allowed explicitly: passes (importing is the caller's next step)

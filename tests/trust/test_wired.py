@@ -16,7 +16,8 @@ import yaml
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 TINY = {
-    "seed": 0, "stages": "P:1,D:1",
+    "seed": 0,
+    "stages": "P:1,D:1",
     "model": {"name": "resnet18", "width": 0.125},
     "data": {"dataset": "digits", "train_subset": 300, "test_subset": 100},
     "train": {"batch_size": 32, "progress": False, "threads": 1},
@@ -25,11 +26,20 @@ TINY = {
 }
 
 
-def pqd(*args: str, cwd: Path | None = None, umask: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def pqd(
+    *args: str, cwd: Path | None = None, umask: int | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     pre = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.run([sys.executable, "-m", "pqd.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=pre)
+    return subprocess.run(
+        [sys.executable, "-m", "pqd.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=pre,
+    )
 
 
 @pytest.fixture()
@@ -70,13 +80,21 @@ def test_sweep_never_rewrites_users_sweep_file(tiny: Path, tmp_path: Path):
 
 def test_second_process_refused_while_a_run_holds_the_folder(tiny: Path, tmp_path: Path):
     run = tmp_path / "r"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time; sys.path.insert(0, {SRC!r})
         from pqd.safety.fsguard import DirLock, check_writable_run_dir
         check_writable_run_dir({str(run)!r}, expected_files=[])
         with DirLock({str(run)!r}):
             print("locked", flush=True); time.sleep(120)
-        """)], stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         r = pqd("run", str(tiny), "--out", str(run), "--set", "prune.sparsity=0.8")
@@ -108,8 +126,15 @@ def test_yaml_bombs_refused_fast(tiny: Path, tmp_path: Path):
     (tmp_path / "deep.yaml").write_text("[" * 5000 + "]" * 5000)
     r = pqd("run", str(tmp_path / "deep.yaml"), "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "nested deeper than" in r.stderr and "RecursionError" not in r.stderr, r.stderr
-    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"base": TINY, "grid": {"seed": list(range(10 ** 4))},
-                                                     "variants": {"a": {"grid": {"prune.sparsity": [0.1] * 10 ** 4}}}}))
+    (tmp_path / "g.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": TINY,
+                "grid": {"seed": list(range(10**4))},
+                "variants": {"a": {"grid": {"prune.sparsity": [0.1] * 10**4}}},
+            }
+        )
+    )
     r = pqd("sweep", str(tmp_path / "g.yaml"), "--out", str(tmp_path / "gs"), "--dry-run")
     assert r.returncode == 2 and "100,000,000 runs" in r.stderr and "MemoryError" not in r.stderr, r.stderr
     assert time.perf_counter() - t0 < 60
@@ -169,7 +194,11 @@ def test_every_yaml_read_goes_through_safeyaml():
     import re
 
     root = Path(SRC) / "pqd"
-    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if p.name != "safeyaml.py"
-                 for i, line in enumerate(p.read_text().splitlines(), 1)
-                 if re.search(r"yaml\.(safe_load|load|full_load|unsafe_load)\(", line)]
+    offenders = [
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
+        if p.name != "safeyaml.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"yaml\.(safe_load|load|full_load|unsafe_load)\(", line)
+    ]
     assert offenders == [], offenders

@@ -15,8 +15,12 @@ from pqd.run.config import RunConfig
 from pqd.run.rundir import RunDir, comparable_config
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 
-TINY = {"stages": "P:1,D:1", "model": {"name": "resnet18", "width": 0.125},
-        "data": {"dataset": "digits", "train_subset": 100, "test_subset": 50}, "teacher": {"epochs": 1}}
+TINY = {
+    "stages": "P:1,D:1",
+    "model": {"name": "resnet18", "width": 0.125},
+    "data": {"dataset": "digits", "train_subset": 100, "test_subset": 50},
+    "teacher": {"epochs": 1},
+}
 
 
 def test_resume_ignores_missing_keys_and_result_neutral_settings(tmp_path):
@@ -43,7 +47,9 @@ def test_sweep_teacher_path_relative_and_old_absolute(tmp_path):
     teacher.write_bytes(b"x")
     rel = RunConfig.from_dict(TINY | {"teacher": {"weights": "runs/teacher-abc123/teacher.safetensors"}}).to_dict()
     old = RunConfig.from_dict(TINY | {"teacher": {"weights": str(teacher)}}).to_dict()
-    moved = RunConfig.from_dict(TINY | {"teacher": {"weights": "/elsewhere/sw/runs/teacher-abc123/teacher.safetensors"}}).to_dict()
+    moved = RunConfig.from_dict(
+        TINY | {"teacher": {"weights": "/elsewhere/sw/runs/teacher-abc123/teacher.safetensors"}}
+    ).to_dict()
     assert comparable_config(old, teacher_base=tmp_path) == comparable_config(rel, teacher_base=tmp_path)
     assert comparable_config(moved, teacher_base=tmp_path) == comparable_config(rel, teacher_base=tmp_path)
     other = RunConfig.from_dict(TINY | {"teacher": {"weights": "runs/teacher-zzz999/teacher.safetensors"}}).to_dict()
@@ -66,7 +72,13 @@ def test_wrong_stage_checkpoint_is_a_short_message(tmp_path):
     with pytest.raises(CheckpointError) as err:
         run.restore_student(cfg, 0, num_classes=10, image_shape=(3, 32, 32))
     msg = str(err.value)
-    assert "missing key" in msg and "unexpected key" in msg and "another model's tensors" in msg and "delete" not in msg and len(msg) < 1500
+    assert (
+        "missing key" in msg
+        and "unexpected key" in msg
+        and "another model's tensors" in msg
+        and "delete" not in msg
+        and len(msg) < 1500
+    )
 
 
 def test_sqlite_disk_full_is_a_storage_error(tmp_path, monkeypatch):

@@ -74,9 +74,16 @@ def test_report_section_flags_the_configuration():
     f[0:40] = 0
     t[torch.arange(3, 400, 10)] = 0
     d = compare_degradation(_logits(t, labels), _logits(f, labels), labels)
-    aggs = [{"label": "teacher", "kind": "teacher", "stages": "", "runs": []},
-            {"label": "imp", "kind": "pipeline", "stages": "L:6", "runs": [{"metrics_json": json.dumps({"degradation": d})}]},
-            {"label": "old", "kind": "pipeline", "stages": "P:6", "runs": [{"metrics_json": "{}"}]}]
+    aggs = [
+        {"label": "teacher", "kind": "teacher", "stages": "", "runs": []},
+        {
+            "label": "imp",
+            "kind": "pipeline",
+            "stages": "L:6",
+            "runs": [{"metrics_json": json.dumps({"degradation": d})}],
+        },
+        {"label": "old", "kind": "pipeline", "stages": "P:6", "runs": [{"metrics_json": "{}"}]},
+    ]
     rows = degradation_rows(aggs)
     assert [r["label"] for r in rows] == ["imp"] and rows[0]["flagged"] == 1
     doc = _Doc()

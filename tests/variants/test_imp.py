@@ -44,8 +44,14 @@ def test_survivors_are_rewound_and_mask_hits_sparsity(tiny_data, rewind):
     model = _model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     before = reinitialize(model, seed=epoch_seed(0, "imp-init", 0)).state_dict() if rewind == "init" else start
-    out = imp(Student(model), ImpConfig(rounds=2, fraction=0.5, rewind=rewind, lr=0.0), data=tiny_data, epochs=3,
-              train_config=CFG, seed=0)
+    out = imp(
+        Student(model),
+        ImpConfig(rounds=2, fraction=0.5, rewind=rewind, lr=0.0),
+        data=tiny_data,
+        epochs=3,
+        train_config=CFG,
+        seed=0,
+    )
     layers = prunable_layers(out.model, ("@first",))
     assert set(out.masks) == set(layers)
     pruned = sum(int((~m).sum()) for m in out.masks.values()) / sum(m.numel() for m in out.masks.values())
@@ -65,7 +71,9 @@ def test_late_rewind_past_first_segment_is_refused(tiny_data):
 
 
 def test_winning_ticket_mask_survives_qat_and_kd(digits_config, tmp_path):
-    cfg = RunConfig.from_dict(digits_config | {"stages": "L:3,Q:1,D:1", "imp": {"rounds": 2, "fraction": 0.5, "rewind": 1}})
+    cfg = RunConfig.from_dict(
+        digits_config | {"stages": "L:3,Q:1,D:1", "imp": {"rounds": 2, "fraction": 0.5, "rewind": 1}}
+    )
     m = run_pipeline(cfg, tmp_path)
     assert m["stages"] == "L:3,Q:1,D:1" and m["final_form"] == "int8"
     assert m["sparsity"]["target"] == pytest.approx(0.75)
@@ -81,7 +89,15 @@ def test_interrupted_imp_resumes_to_the_same_ticket(tiny_data, tmp_path, monkeyp
     import pqd.stages.imp as imp_module
 
     cfg = ImpConfig(rounds=2, fraction=0.5, rewind=1, lr=0.05)
-    clean = imp(Student(_model()), cfg, data=tiny_data, epochs=3, train_config=CFG, seed=0, checkpoint=tmp_path / "a" / "epoch.safetensors")
+    clean = imp(
+        Student(_model()),
+        cfg,
+        data=tiny_data,
+        epochs=3,
+        train_config=CFG,
+        seed=0,
+        checkpoint=tmp_path / "a" / "epoch.safetensors",
+    )
     assert not list((tmp_path / "a").glob("*.safetensors")), "segment and rewind files are removed at the end"
 
     real_train = imp_module.train
@@ -95,7 +111,9 @@ def test_interrupted_imp_resumes_to_the_same_ticket(tiny_data, tmp_path, monkeyp
     ckpt = tmp_path / "b" / "epoch.safetensors"
     with pytest.raises(KeyboardInterrupt):
         imp(Student(_model()), cfg, data=tiny_data, epochs=3, train_config=CFG, seed=0, checkpoint=ckpt)
-    assert (tmp_path / "b" / "epoch.rewind.safetensors").is_file() and (tmp_path / "b" / "epoch.segment0.safetensors").is_file()
+    assert (tmp_path / "b" / "epoch.rewind.safetensors").is_file() and (
+        tmp_path / "b" / "epoch.segment0.safetensors"
+    ).is_file()
     monkeypatch.setattr(imp_module, "train", real_train)
     resumed = imp(Student(_model()), cfg, data=tiny_data, epochs=3, train_config=CFG, seed=0, checkpoint=ckpt)
     assert all(torch.equal(resumed.masks[k], clean.masks[k]) for k in clean.masks)

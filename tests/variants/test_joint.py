@@ -21,7 +21,9 @@ def _model():
 
 def test_joint_prunes_fake_quantizes_and_distills_in_one_loop(tiny_data):
     teacher = _model().eval()
-    out = joint(Student(_model()), JointConfig(sparsity=0.6), teacher=teacher, data=tiny_data, epochs=2, train_config=CFG)
+    out = joint(
+        Student(_model()), JointConfig(sparsity=0.6), teacher=teacher, data=tiny_data, epochs=2, train_config=CFG
+    )
     assert out.form == "qat" and out.quantized
     assert any("FakeQuantize" in type(m).__name__ for m in out.model.modules())
     pruned = sum(int((~m).sum()) for m in out.masks.values()) / sum(m.numel() for m in out.masks.values())
@@ -44,8 +46,9 @@ def test_joint_config_rules():
 
 
 def test_joint_run_exports_sparse_int8(digits_config, tmp_path):
-    cfg = RunConfig.from_dict(digits_config | {"stages": "J:2", "joint": {"sparsity": 0.5},
-                                               "quantize": {"granularity": "per_tensor"}})
+    cfg = RunConfig.from_dict(
+        digits_config | {"stages": "J:2", "joint": {"sparsity": 0.5}, "quantize": {"granularity": "per_tensor"}}
+    )
     m = run_pipeline(cfg, tmp_path)
     assert m["final_form"] == "int8" and m["quantize_mode"] == "qat" and m["stage_order"] == ["joint"]
     assert m["sparsity"]["target"] == 0.5 and m["prune_criterion"] == "magnitude"
@@ -54,5 +57,10 @@ def test_joint_run_exports_sparse_int8(digits_config, tmp_path):
     assert m["stage_records"][0]["records"]["weights"] == "per_tensor/symmetric"
     deg = Metrics.from_dict(m).degradation  # finalize stores the degradation profile, typed
     assert deg == m["degradation"] and deg["min_slice"] == 25 and isinstance(deg["slice_failure"], bool)
-    assert [lv["slices"] for lv in deg["final"]["levels"]] == [1, 2, 4, 8]  # 200 test images: slices of 200, 100, 50, 25
+    assert [lv["slices"] for lv in deg["final"]["levels"]] == [
+        1,
+        2,
+        4,
+        8,
+    ]  # 200 test images: slices of 200, 100, 50, 25
     assert Metrics.from_dict(m).stage_label == "J"

@@ -113,7 +113,9 @@ def test_each_kind_trains_the_student_and_keeps_its_masks(tiny_data, kind):
     student.masks = dict(pruner.update(0.5))
     before = {k: v.clone() for k, v in student.model.state_dict().items()}
     teacher = _model(width=0.25, seed=1) if kind in ("feature", "attention") else None  # wider teacher: adapters
-    out = distill_variant(student, DistillConfig(kind=kind), teacher=teacher, data=tiny_data, epochs=1, train_config=CFG)
+    out = distill_variant(
+        student, DistillConfig(kind=kind), teacher=teacher, data=tiny_data, epochs=1, train_config=CFG
+    )
     assert out.records["distill"]["kind"] == kind
     assert set(out.model.state_dict()) == set(before), "adapters, heads and peers must not end up in the student"
     assert any(not torch.equal(before[k], v) for k, v in out.model.state_dict().items())
@@ -125,15 +127,19 @@ def test_each_kind_trains_the_student_and_keeps_its_masks(tiny_data, kind):
 
 def test_teacher_kinds_need_a_teacher(tiny_data):
     with pytest.raises(ConfigError, match="needs the dense teacher"):
-        distill_variant(Student(_model()), DistillConfig(kind="feature"), teacher=None, data=tiny_data, epochs=1, train_config=CFG)
+        distill_variant(
+            Student(_model()), DistillConfig(kind="feature"), teacher=None, data=tiny_data, epochs=1, train_config=CFG
+        )
     with pytest.raises(ConfigError, match="distill.kind"):
         DistillConfig(kind="contrastive")
 
 
 @pytest.mark.parametrize("kind", ["feature", "mutual"])
 def test_kind_runs_from_a_config(digits_config, tmp_path, kind):
-    cfg = RunConfig.from_dict(digits_config | {"stages": "P:1,Q:1,D:1", "prune": {"sparsity": 0.5, "schedule": "oneshot"},
-                                               "distill": {"kind": kind}})
+    cfg = RunConfig.from_dict(
+        digits_config
+        | {"stages": "P:1,Q:1,D:1", "prune": {"sparsity": 0.5, "schedule": "oneshot"}, "distill": {"kind": kind}}
+    )
     m = run_pipeline(cfg, tmp_path)
     rec = m["stage_records"][2]["records"]
     assert m["stage_order"] == ["prune", "quantize", "distill"] and rec["kind"] == kind

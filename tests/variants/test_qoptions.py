@@ -26,12 +26,19 @@ def _weight_qschemes(int8):
     return out
 
 
-@pytest.mark.parametrize("granularity, symmetric, expect", [
-    ("per_channel", True, {torch.per_channel_affine}),  # symmetric per-channel is stored as affine with zero points 0
-    ("per_tensor", True, {torch.per_tensor_affine}),
-    ("per_channel", False, {torch.per_channel_affine}),
-    ("per_tensor", False, {torch.per_tensor_affine}),
-])
+@pytest.mark.parametrize(
+    "granularity, symmetric, expect",
+    [
+        (
+            "per_channel",
+            True,
+            {torch.per_channel_affine},
+        ),  # symmetric per-channel is stored as affine with zero points 0
+        ("per_tensor", True, {torch.per_tensor_affine}),
+        ("per_channel", False, {torch.per_channel_affine}),
+        ("per_tensor", False, {torch.per_tensor_affine}),
+    ],
+)
 @pytest.mark.parametrize("mode", ["ptq", "qat"])
 def test_weight_options_reach_the_int8_weights(mode, granularity, symmetric, expect):
     x = torch.randn(8, 3, 16, 16)
@@ -44,7 +51,9 @@ def test_weight_options_reach_the_int8_weights(mode, granularity, symmetric, exp
     zp = conv.q_per_channel_zero_points() if granularity == "per_channel" else torch.tensor([conv.q_zero_point()])
     assert bool((zp == 0).all()) == symmetric  # affine weights get zero points of their own
     if granularity == "per_tensor":
-        assert len({round(m.weight().q_scale(), 12) for m in int8.modules() if callable(getattr(m, "weight", None))}) > 1
+        assert (
+            len({round(m.weight().q_scale(), 12) for m in int8.modules() if callable(getattr(m, "weight", None))}) > 1
+        )
 
 
 def test_dynamic_quantizes_only_linear_layers(tiny_data):
@@ -52,7 +61,9 @@ def test_dynamic_quantizes_only_linear_layers(tiny_data):
     assert out.form == "dynamic" and out.quantized
     int8 = convert(out.model)
     assert type(int8.get_submodule("fc")).__module__.startswith("torch.ao.nn.quantized.dynamic")
-    assert type(int8.get_submodule("conv1")).__name__ in ("Conv2d", "ConvReLU2d") and not hasattr(int8.get_submodule("conv1"), "scale")
+    assert type(int8.get_submodule("conv1")).__name__ in ("Conv2d", "ConvReLU2d") and not hasattr(
+        int8.get_submodule("conv1"), "scale"
+    )
 
 
 def test_config_rules_and_options():
@@ -75,7 +86,9 @@ def test_dynamic_run_measured_like_any_variant(digits_config, tmp_path):
 
 def test_per_tensor_affine_qat_run_reloads(digits_config, tmp_path):
     """The run's weight scheme is rebuilt from its config when the run is loaded again."""
-    cfg = RunConfig.from_dict(digits_config | {"stages": "Q:1", "quantize": {"granularity": "per_tensor", "symmetric": False}})
+    cfg = RunConfig.from_dict(
+        digits_config | {"stages": "Q:1", "quantize": {"granularity": "per_tensor", "symmetric": False}}
+    )
     m = run_pipeline(cfg, tmp_path)
     loaded = load_run(tmp_path)
     scheme = loaded.student.model.get_submodule("layer1.0.conv1").weight_fake_quant.qscheme

@@ -44,7 +44,11 @@ def selected(study: Path) -> list[Path]:
     files = [f for f in sorted(sweep.glob("*")) if f.is_file()]  # sweep.yaml, results.sqlite
     for d in finished:
         for f in sorted(d.iterdir()):
-            if f.is_file() and (f.name in KEEP or f.name.endswith(KEEP_SUFFIX) or (d.name.startswith("teacher-") and f.name == TEACHER_WEIGHTS)):
+            if f.is_file() and (
+                f.name in KEEP
+                or f.name.endswith(KEEP_SUFFIX)
+                or (d.name.startswith("teacher-") and f.name == TEACHER_WEIGHTS)
+            ):
                 files.append(f)
     teacher_loaded = any(d.name.startswith("teacher-") for d in finished)
     src = study / TEACHER_WEIGHTS
@@ -76,7 +80,9 @@ def pack(root: Path, name: str, out: Path, part_mb: float) -> list[Path]:
         if rel.name == "metrics.json":
             results[rel.parent.name] = json.loads((root / rel).read_text())
     (out / f"{name}-results.json").write_text(json.dumps(results, indent=2))
-    print(f"packed {len(files)} files of {study} ({len(results)} finished runs) into {len(parts)} part(s), {len(blob) / 1e6:.1f} MB")
+    print(
+        f"packed {len(files)} files of {study} ({len(results)} finished runs) into {len(parts)} part(s), {len(blob) / 1e6:.1f} MB"
+    )
     if len(blob) > 60 * 2**20:
         print("warning: the state is over 60 MiB; it will not travel to the next chunk with the data", file=sys.stderr)
     return parts
@@ -94,7 +100,11 @@ def unpack(root: Path, name: str, parts_dir: Path) -> bool:
         members = tf.getmembers()
         for m in members:
             target = (root / m.name).resolve()
-            if not m.isfile() or not str(target).startswith(str(root.resolve()) + "/") or not m.name.startswith(f"{name}/"):
+            if (
+                not m.isfile()
+                or not str(target).startswith(str(root.resolve()) + "/")
+                or not m.name.startswith(f"{name}/")
+            ):
                 raise SystemExit(f"gpu_study_state: refusing archive member {m.name!r}")
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tf.extractall(root, members=members, **safe)

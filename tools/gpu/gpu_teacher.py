@@ -57,8 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t1 = time.perf_counter()
-    train(model, data, epochs=cfg.teacher.epochs, lr=cfg.teacher.lr, config=cfg.train, seed=cfg.seed, tag="teacher", amp=True,
-          augment=cfg.data.augment)
+    train(
+        model,
+        data,
+        epochs=cfg.teacher.epochs,
+        lr=cfg.teacher.lr,
+        config=cfg.train,
+        seed=cfg.seed,
+        tag="teacher",
+        amp=True,
+        augment=cfg.data.augment,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_train = time.perf_counter() - t1
@@ -66,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     train_eval = data.train.subset(torch.arange(min(a.train_eval_images, len(data.train))))
 
     def accuracy(m):
-        return (top1(predict(m, data.test, mean=data.mean, std=data.std, batch_size=ebs), data.test.y),
-                top1(predict(m, train_eval, mean=data.mean, std=data.std, batch_size=ebs), train_eval.y))
+        return (
+            top1(predict(m, data.test, mean=data.mean, std=data.std, batch_size=ebs), data.test.y),
+            top1(predict(m, train_eval, mean=data.mean, std=data.std, batch_size=ebs), train_eval.y),
+        )
 
     test_acc, train_acc = accuracy(model)
     rounded = bf16_rounded(model.state_dict())
@@ -75,22 +86,38 @@ def main(argv: list[str] | None = None) -> int:
     test_rounded, train_rounded = accuracy(model)
     rec = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "config": str(a.config), "overrides": a.overrides,
+        "config": str(a.config),
+        "overrides": a.overrides,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "dataset": data.name, "train_images": len(data.train), "test_images": len(data.test),
-        "model": cfg.model.name, "width": cfg.model.width,
-        "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "batch_size": cfg.train.batch_size,
-        "label_smoothing": cfg.train.label_smoothing, "weight_decay": cfg.train.weight_decay,
-        "top1": test_acc, "train_top1": train_acc, "train_eval_images": len(train_eval),
-        "top1_bf16_rounded": test_rounded, "train_top1_bf16_rounded": train_rounded,
-        "data_load_s": round(t_data, 2), "train_s": round(t_train, 2),
-        "train_images_per_s": round(cfg.teacher.epochs * (len(data.train) // cfg.train.batch_size) * cfg.train.batch_size / t_train, 1),
+        "dataset": data.name,
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "model": cfg.model.name,
+        "width": cfg.model.width,
+        "epochs": cfg.teacher.epochs,
+        "lr": cfg.teacher.lr,
+        "batch_size": cfg.train.batch_size,
+        "label_smoothing": cfg.train.label_smoothing,
+        "weight_decay": cfg.train.weight_decay,
+        "top1": test_acc,
+        "train_top1": train_acc,
+        "train_eval_images": len(train_eval),
+        "top1_bf16_rounded": test_rounded,
+        "train_top1_bf16_rounded": train_rounded,
+        "data_load_s": round(t_data, 2),
+        "train_s": round(t_train, 2),
+        "train_images_per_s": round(
+            cfg.teacher.epochs * (len(data.train) // cfg.train.batch_size) * cfg.train.batch_size / t_train, 1
+        ),
     }
     if a.save:
         a.save.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(a.save, {k: v.detach().cpu().contiguous() for k, v in rounded.items()},
-                        {"model": cfg.model.name, "num_classes": data.num_classes, "rounded": "bfloat16"})
+        save_checkpoint(
+            a.save,
+            {k: v.detach().cpu().contiguous() for k, v in rounded.items()},
+            {"model": cfg.model.name, "num_classes": data.num_classes, "rounded": "bfloat16"},
+        )
         rec["saved"] = str(a.save)
     print(json.dumps(rec, indent=2))
     if a.json:

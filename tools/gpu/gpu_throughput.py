@@ -61,7 +61,9 @@ PHASES = ("fp32_bf16", "fp32_tf32", "prune", "qat", "qat_kd")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model and data, a few steps: checks the script, measures nothing")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny model and data, a few steps: checks the script, measures nothing"
+    )
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--width", type=float, default=None, help="default 1.0 (0.125 with --quick)")
@@ -69,24 +71,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=None, help="random training images (default 50000; 32 with --quick)")
     ap.add_argument("--image-size", type=int, default=None, help="random images' side (default 32; 16 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick)")
-    ap.add_argument("--data-root", default=None, help="real data: a CIFAR archive / folder; random CIFAR-shaped data if unset")
+    ap.add_argument(
+        "--data-root", default=None, help="real data: a CIFAR archive / folder; random CIFAR-shaped data if unset"
+    )
     ap.add_argument("--dataset", default="cifar10", help="with --data-root: cifar10, cifar100 or folder")
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--epochs", type=int, default=None, help="loop epochs per phase, the first untimed (default 3; 2 with --quick)")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="loop epochs per phase, the first untimed (default 3; 2 with --quick)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="timed bare steps per ceiling (default 50; 3 with --quick)")
     ap.add_argument("--warmup-steps", type=int, default=None, help="default 10 (1 with --quick)")
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--agree-steps", type=int, default=None, help="QAT steps per run for the bf16 agreement (default 200; 4 quick)")
-    ap.add_argument("--agree-images", type=int, default=None, help="test images the agreement is counted on (default 10000; 64 quick)")
+    ap.add_argument(
+        "--agree-steps", type=int, default=None, help="QAT steps per run for the bf16 agreement (default 200; 4 quick)"
+    )
+    ap.add_argument(
+        "--agree-images",
+        type=int,
+        default=None,
+        help="test images the agreement is counted on (default 10000; 64 quick)",
+    )
     ap.add_argument("--skip-agreement", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd bare steps (FP32 bf16 and QAT); "
-                    "costs about a minute of compilation each")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile'd bare steps (FP32 bf16 and QAT); costs about a minute of compilation each",
+    )
     ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     a = ap.parse_args(argv)
     q = a.quick
-    for name, full, quick in (("width", 1.0, 0.125), ("batch_size", 512, 16), ("images", 50000, 32), ("image_size", 32, 16),
-                              ("epochs", 3, 2), ("steps", 50, 1), ("warmup_steps", 10, 1), ("agree_steps", 200, 2),
-                              ("agree_images", 10000, 32), ("threads", None, 1)):
+    for name, full, quick in (
+        ("width", 1.0, 0.125),
+        ("batch_size", 512, 16),
+        ("images", 50000, 32),
+        ("image_size", 32, 16),
+        ("epochs", 3, 2),
+        ("steps", 50, 1),
+        ("warmup_steps", 10, 1),
+        ("agree_steps", 200, 2),
+        ("agree_images", 10000, 32),
+        ("threads", None, 1),
+    ):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)
     if a.epochs < 2:
@@ -168,8 +193,19 @@ def kd(teacher: nn.Module) -> Callable:
     return loss
 
 
-def time_loop(model: nn.Module, data: Splits, cfg: TrainConfig, *, epochs: int, lr: float, amp: bool, device: torch.device,
-              loss_fn=None, masks=None, hook=None) -> dict[str, Any]:
+def time_loop(
+    model: nn.Module,
+    data: Splits,
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    lr: float,
+    amp: bool,
+    device: torch.device,
+    loss_fn=None,
+    masks=None,
+    hook=None,
+) -> dict[str, Any]:
     """pqd's training loop over ``epochs`` epochs; images/s over all but the first (a warm-up)."""
     marks: list[float] = []
 
@@ -179,19 +215,45 @@ def time_loop(model: nn.Module, data: Splits, cfg: TrainConfig, *, epochs: int, 
         if hook is not None:
             hook(epoch)
 
-    train(model, data, epochs=epochs, lr=lr, config=cfg, loss_fn=loss_fn, masks=masks, before_epoch=before_epoch,
-          seed=0, tag="bench", amp=amp, augment=True)
+    train(
+        model,
+        data,
+        epochs=epochs,
+        lr=lr,
+        config=cfg,
+        loss_fn=loss_fn,
+        masks=masks,
+        before_epoch=before_epoch,
+        seed=0,
+        tag="bench",
+        amp=amp,
+        augment=True,
+    )
     sync(device)
     marks.append(time.perf_counter())
     per_epoch = (len(data.train) // cfg.batch_size) * cfg.batch_size
     epoch_s = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     timed = epoch_s[1:]
-    return {"images_per_s": per_epoch * len(timed) / sum(timed), "epoch_s": [round(t, 4) for t in epoch_s],
-            "images_per_epoch": per_epoch}
+    return {
+        "images_per_s": per_epoch * len(timed) / sum(timed),
+        "epoch_s": [round(t, 4) for t in epoch_s],
+        "images_per_epoch": per_epoch,
+    }
 
 
-def time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn, amp: bool, steps: int, warmup: int,
-               device: torch.device, cfg: TrainConfig, after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+def time_steps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss_fn,
+    amp: bool,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    cfg: TrainConfig,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Bare steps on one batch already on the device: forward, loss, backward, SGD step (+ ``after_step``)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         model.to(memory_format=torch.channels_last)  # as the loop does (it hands the model back contiguous)
@@ -264,10 +326,15 @@ def make_data(a: argparse.Namespace) -> Splits:
     n_test, side = a.agree_images, a.image_size
 
     def ds(n):
-        return Dataset(torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g),
-                       torch.randint(0, 10, (n,), generator=g), tuple(map(str, range(10))))
+        return Dataset(
+            torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n,), generator=g),
+            tuple(map(str, range(10))),
+        )
 
-    return Splits(name="random", train=ds(a.images), val=None, test=ds(n_test), mean=(0.5,) * 3, std=(0.25,) * 3, hflip=True)
+    return Splits(
+        name="random", train=ds(a.images), val=None, test=ds(n_test), mean=(0.5,) * 3, std=(0.25,) * 3, hflip=True
+    )
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -305,17 +372,33 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "phases": {},
     }
     P = res["phases"]
-    xb, yb = next(iter(batches(data.train, batch_size=a.batch_size, mean=data.mean, std=data.std, shuffle=True, augment=True,
-                               generator=torch.Generator().manual_seed(0), device=device, channels_last=cfg.channels_last,
-                               drop_last=True)))
+    xb, yb = next(
+        iter(
+            batches(
+                data.train,
+                batch_size=a.batch_size,
+                mean=data.mean,
+                std=data.std,
+                shuffle=True,
+                augment=True,
+                generator=torch.Generator().manual_seed(0),
+                device=device,
+                channels_last=cfg.channels_last,
+                drop_last=True,
+            )
+        )
+    )
     model.to(memory_format=torch.channels_last)
     steps = dict(steps=a.steps, warmup=a.warmup_steps, device=device, cfg=cfg)
 
     def report(name):
         p = P[name]
         p["fraction_of_ceiling"] = fraction(p["loop"], p["ceiling"])
-        print(f"{name:<10} loop {p['loop'].get('images_per_s', float('nan')):9.0f} img/s   "
-              f"ceiling {p['ceiling'].get('images_per_s', float('nan')):9.0f} img/s   {p['fraction_of_ceiling']}", flush=True)
+        print(
+            f"{name:<10} loop {p['loop'].get('images_per_s', float('nan')):9.0f} img/s   "
+            f"ceiling {p['ceiling'].get('images_per_s', float('nan')):9.0f} img/s   {p['fraction_of_ceiling']}",
+            flush=True,
+        )
         write(res | {"partial": True, "optimisation_ideas": IDEAS}, a.out_dir)  # a run cut off keeps what it measured
 
     # FP32 phase, bf16 autocast (the loop autocasts on CUDA only)
@@ -324,17 +407,22 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     P["fp32_bf16"]["loop"] = time_loop(model, data, cfg, epochs=a.epochs, lr=0.05, amp=True, device=device)
     if cuda:
         with env(DEVICE_DATA_ENV, "0"):
-            P["fp32_bf16"]["loop_host_data"] = time_loop(copy.deepcopy(model), data, cfg, epochs=a.epochs, lr=0.05, amp=True,
-                                                         device=device)
+            P["fp32_bf16"]["loop_host_data"] = time_loop(
+                copy.deepcopy(model), data, cfg, epochs=a.epochs, lr=0.05, amp=True, device=device
+            )
     if a.compile:
-        P["fp32_bf16"]["ceiling_compiled"] = time_steps(torch.compile(copy.deepcopy(model)), xb, yb, loss_fn=ce, amp=cuda, **steps)
+        P["fp32_bf16"]["ceiling_compiled"] = time_steps(
+            torch.compile(copy.deepcopy(model)), xb, yb, loss_fn=ce, amp=cuda, **steps
+        )
     report("fp32_bf16")
     teacher = copy.deepcopy(model).eval()
 
     # FP32 phase, TF32
     with tf32(True):
-        P["fp32_tf32"] = {"ceiling": time_steps(copy.deepcopy(model), xb, yb, loss_fn=ce, amp=False, **steps),
-                          "loop": time_loop(copy.deepcopy(model), data, cfg, epochs=a.epochs, lr=0.05, amp=False, device=device)}
+        P["fp32_tf32"] = {
+            "ceiling": time_steps(copy.deepcopy(model), xb, yb, loss_fn=ce, amp=False, **steps),
+            "loop": time_loop(copy.deepcopy(model), data, cfg, epochs=a.epochs, lr=0.05, amp=False, device=device),
+        }
     report("fp32_tf32")
 
     # prune phase: where the time goes
@@ -350,7 +438,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     pr: dict[str, Any] = {"sparsity": a.sparsity, "schedule": "gradual"}
     P["prune"] = pr
-    pr["loop"] = time_loop(model, data, cfg, epochs=a.epochs, lr=0.01, amp=True, device=device, masks=masks, hook=prune_hook)
+    pr["loop"] = time_loop(
+        model, data, cfg, epochs=a.epochs, lr=0.01, amp=True, device=device, masks=masks, hook=prune_hook
+    )
     pr["loop"]["compute_masks_s_per_epoch"] = mask_s
     bare = time_steps(copy.deepcopy(model), xb, yb, loss_fn=ce, amp=cuda, **steps)
     pr["ceiling"] = bare
@@ -358,17 +448,22 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     m2 = copy.deepcopy(model)
     pr["breakdown"] = {
         "bare_step": bare,
-        "bare_step+apply_masks (today, per step)": time_steps(m1, xb, yb, loss_fn=ce, amp=cuda,
-                                                              after_step=lambda: apply_masks(m1, masks), **steps),
-        "bare_step+foreach_mul cached masks (idea)": time_steps(m2, xb, yb, loss_fn=ce, amp=cuda,
-                                                                after_step=foreach_masker(m2, masks), **steps),
+        "bare_step+apply_masks (today, per step)": time_steps(
+            m1, xb, yb, loss_fn=ce, amp=cuda, after_step=lambda: apply_masks(m1, masks), **steps
+        ),
+        "bare_step+foreach_mul cached masks (idea)": time_steps(
+            m2, xb, yb, loss_fn=ce, amp=cuda, after_step=foreach_masker(m2, masks), **steps
+        ),
     }
     _, t_cpu = timed(lambda: compute_masks(model, layers, a.sparsity, old=masks), device)
     dev_masks, t_dev = timed(lambda: device_threshold_masks(model, layers, a.sparsity), device)
     same = sum(int((dev_masks[p] == masks[p].to(dev_masks[p].device)).sum()) for p in layers)
     total = sum(masks[p].numel() for p in layers)
-    pr["compute_masks"] = {"pqd_cpu_topk_s": round(t_cpu, 4), "device_kthvalue_s (idea)": round(t_dev, 4),
-                           "device_masks_equal_fraction": same / total}
+    pr["compute_masks"] = {
+        "pqd_cpu_topk_s": round(t_cpu, 4),
+        "device_kthvalue_s (idea)": round(t_dev, 4),
+        "device_masks_equal_fraction": same / total,
+    }
     report("prune")
 
     # QAT phase (the pruned student, as the quantize stage trains it)
@@ -378,32 +473,68 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     apply_masks(qat_model, masks)
     qat_start = copy.deepcopy(qat_model)
     student = Student(qat_model, dict(masks), "qat", 0.25)
-    q: dict[str, Any] = {"tf32_default": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}}
+    q: dict[str, Any] = {
+        "tf32_default": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    }
     P["qat"] = q
-    q["ceiling"] = time_steps(copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb, loss_fn=ce, amp=False, **steps)
+    q["ceiling"] = time_steps(
+        copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb, loss_fn=ce, amp=False, **steps
+    )
     with tf32(True):
-        q["ceiling_tf32"] = time_steps(copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb, loss_fn=ce, amp=False,
-                                       **steps)
-    q["ceiling_bf16_autocast"] = time_steps(copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb, loss_fn=ce,
-                                            amp=True, **steps)
+        q["ceiling_tf32"] = time_steps(
+            copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb, loss_fn=ce, amp=False, **steps
+        )
+    q["ceiling_bf16_autocast"] = time_steps(
+        copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb, loss_fn=ce, amp=True, **steps
+    )
     with fake_quant_in_fp32():
-        q["ceiling_bf16_autocast_fp32_fake_quant"] = time_steps(copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb,
-                                                                loss_fn=ce, amp=True, **steps)
-    q["ceiling_contiguous_format"] = time_steps(copy.deepcopy(qat_start), xb.contiguous(), yb, loss_fn=ce, amp=False, **steps)
+        q["ceiling_bf16_autocast_fp32_fake_quant"] = time_steps(
+            copy.deepcopy(qat_start).to(memory_format=torch.channels_last), xb, yb, loss_fn=ce, amp=True, **steps
+        )
+    q["ceiling_contiguous_format"] = time_steps(
+        copy.deepcopy(qat_start), xb.contiguous(), yb, loss_fn=ce, amp=False, **steps
+    )
     if a.compile:
-        q["ceiling_compiled"] = time_steps(torch.compile(copy.deepcopy(qat_start).to(memory_format=torch.channels_last)), xb, yb,
-                                           loss_fn=ce, amp=False, **steps)
-    q["loop"] = time_loop(qat_model, data, cfg, epochs=a.epochs, lr=0.005, amp=False, device=device, masks=student.masks,
-                          hook=qat_epoch_hook(student, a.epochs))
+        q["ceiling_compiled"] = time_steps(
+            torch.compile(copy.deepcopy(qat_start).to(memory_format=torch.channels_last)),
+            xb,
+            yb,
+            loss_fn=ce,
+            amp=False,
+            **steps,
+        )
+    q["loop"] = time_loop(
+        qat_model,
+        data,
+        cfg,
+        epochs=a.epochs,
+        lr=0.005,
+        amp=False,
+        device=device,
+        masks=student.masks,
+        hook=qat_epoch_hook(student, a.epochs),
+    )
     report("qat")
 
     # QAT + KD (the distill stage on the QAT student)
     teacher.to(memory_format=torch.channels_last)
     unfrozen = copy.deepcopy(qat_start)
     P["qat_kd"] = {
-        "ceiling": time_steps(unfrozen.to(memory_format=torch.channels_last), xb, yb, loss_fn=kd(teacher), amp=False, **steps),
-        "loop": time_loop(qat_model, data, cfg, epochs=a.epochs, lr=0.005, amp=False, device=device, loss_fn=kd(teacher),
-                          masks=student.masks, hook=qat_epoch_hook(student, a.epochs)),
+        "ceiling": time_steps(
+            unfrozen.to(memory_format=torch.channels_last), xb, yb, loss_fn=kd(teacher), amp=False, **steps
+        ),
+        "loop": time_loop(
+            qat_model,
+            data,
+            cfg,
+            epochs=a.epochs,
+            lr=0.005,
+            amp=False,
+            device=device,
+            loss_fn=kd(teacher),
+            masks=student.masks,
+            hook=qat_epoch_hook(student, a.epochs),
+        ),
     }
     report("qat_kd")
 
@@ -427,8 +558,18 @@ def bf16_agreement(start: nn.Module, masks, data: Splits, a, device, cfg) -> dic
         m.train()
         done = 0
         while done < a.agree_steps:
-            for x, y in batches(data.train, batch_size=a.batch_size, mean=data.mean, std=data.std, shuffle=True, augment=True,
-                                generator=g, device=device, channels_last=True, drop_last=True):
+            for x, y in batches(
+                data.train,
+                batch_size=a.batch_size,
+                mean=data.mean,
+                std=data.std,
+                shuffle=True,
+                augment=True,
+                generator=g,
+                device=device,
+                channels_last=True,
+                drop_last=True,
+            ):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss = F.cross_entropy(m(x).float(), y)
                 opt.zero_grad(set_to_none=True)
@@ -505,7 +646,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"Command: `{res['command']}`  ",
         f"Device: {res['device']}, torch {res['torch']} (CUDA {res['cuda']}); model {res['model']['name']} width "
         f"{res['model']['width']}, batch {res['batch_size']}, data: {res['data']}, device-resident data: "
-        f"{res['device_resident_data']}" + ("  \n**--quick: a smoke run, the numbers mean nothing.**" if res["quick"] else ""),
+        f"{res['device_resident_data']}"
+        + ("  \n**--quick: a smoke run, the numbers mean nothing.**" if res["quick"] else ""),
         "",
         "| phase | loop images/s | ceiling images/s | loop / ceiling |",
         "| --- | ---: | ---: | ---: |",
@@ -515,7 +657,9 @@ def to_markdown(res: dict[str, Any]) -> str:
     for name in (n for n in PHASES if n in res["phases"]):
         p = res["phases"][name]
         frac = p.get("fraction_of_ceiling")
-        lines.append(f"| {name} | {_ips(p['loop'])} | {_ips(p['ceiling'])} | {'' if frac is None else f'{100 * frac:.1f}%'} |")
+        lines.append(
+            f"| {name} | {_ips(p['loop'])} | {_ips(p['ceiling'])} | {'' if frac is None else f'{100 * frac:.1f}%'} |"
+        )
     f = res["phases"].get("fp32_bf16", {})
     if "loop_host_data" in f:
         lines += ["", f"FP32 (bf16) loop with the host data path: {_ips(f['loop_host_data'])} images/s."]
@@ -525,17 +669,29 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += ["", "## Prune phase", "", "| step | images/s |", "| --- | ---: |"]
     lines += [f"| {k} | {_ips(v)} |" for k, v in pr["breakdown"].items()]
     cm = pr["compute_masks"]
-    lines += ["", f"compute_masks per epoch in the loop (s): {pr['loop'].get('compute_masks_s_per_epoch')}; loop epoch times (s): "
-              f"{pr['loop'].get('epoch_s')}.  ",
-              f"One compute_masks call: pqd (CPU top-k) {cm['pqd_cpu_topk_s']} s, on the device (kthvalue) "
-              f"{cm['device_kthvalue_s (idea)']} s; masks equal on {100 * cm['device_masks_equal_fraction']:.4f}% of weights."]
+    lines += [
+        "",
+        f"compute_masks per epoch in the loop (s): {pr['loop'].get('compute_masks_s_per_epoch')}; loop epoch times (s): "
+        f"{pr['loop'].get('epoch_s')}.  ",
+        f"One compute_masks call: pqd (CPU top-k) {cm['pqd_cpu_topk_s']} s, on the device (kthvalue) "
+        f"{cm['device_kthvalue_s (idea)']} s; masks equal on {100 * cm['device_masks_equal_fraction']:.4f}% of weights.",
+    ]
     q = res["phases"].get("qat")
     if q is None:
         return "\n".join(lines) + "\n"
     lines += ["", "## QAT ceilings", "", "| variant | images/s |", "| --- | ---: |"]
-    lines += [f"| {k} | {_ips(q[k])} |" for k in ("ceiling", "ceiling_tf32", "ceiling_bf16_autocast",
-                                                  "ceiling_bf16_autocast_fp32_fake_quant", "ceiling_contiguous_format",
-                                                  "ceiling_compiled") if k in q]
+    lines += [
+        f"| {k} | {_ips(q[k])} |"
+        for k in (
+            "ceiling",
+            "ceiling_tf32",
+            "ceiling_bf16_autocast",
+            "ceiling_bf16_autocast_fp32_fake_quant",
+            "ceiling_contiguous_format",
+            "ceiling_compiled",
+        )
+        if k in q
+    ]
     if "ceiling_compiled" in f:
         lines += ["", f"FP32 (bf16) bare step under torch.compile: {_ips(f['ceiling_compiled'])} images/s."]
     ag = res.get("qat_bf16_int8_agreement")

@@ -72,11 +72,20 @@ def parse_variant(spec: str, results_dir: Path) -> dict:
     for m in res["models"]:
         for row in m["rows"]:
             if row["variant"] == variant:
-                return {"label": label, "source": f"{path.name}:{variant}", "model": m["model"], "width": m["width"],
-                        "widths": row["widths"], "cpu_measured_ms": row["measured_ms"], "cpu_ratio_to_dense": row["ratio_to_dense"],
-                        "cpu_target": res["args"].get("runtime", "openvino"), "cpu_threads": res["args"].get("threads"),
-                        "cpu_batch": res["args"].get("batch"), "cpu_name": (res.get("env") or {}).get("cpu"),
-                        "cpu_scale_int8_top1": row.get("int8_top1")}
+                return {
+                    "label": label,
+                    "source": f"{path.name}:{variant}",
+                    "model": m["model"],
+                    "width": m["width"],
+                    "widths": row["widths"],
+                    "cpu_measured_ms": row["measured_ms"],
+                    "cpu_ratio_to_dense": row["ratio_to_dense"],
+                    "cpu_target": res["args"].get("runtime", "openvino"),
+                    "cpu_threads": res["args"].get("threads"),
+                    "cpu_batch": res["args"].get("batch"),
+                    "cpu_name": (res.get("env") or {}).get("cpu"),
+                    "cpu_scale_int8_top1": row.get("int8_top1"),
+                }
     raise SystemExit(f"{path}: no variant {variant!r}")
 
 
@@ -91,13 +100,27 @@ def unbits(hexstr: str, n: int) -> np.ndarray:
 def train_variant(model, teacher, data, args, seed: int) -> tuple[torch.Tensor, float, dict]:
     """KD fine-tune (FP32) -> INT8 QAT; per-image correctness of the converted INT8 model on the test split."""
     device = next(teacher.parameters()).device
-    tc = TrainConfig(batch_size=args.batch_size, eval_batch_size=1000, progress=False, channels_last=device.type == "cuda",
-                     warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay)
+    tc = TrainConfig(
+        batch_size=args.batch_size,
+        eval_batch_size=1000,
+        progress=False,
+        channels_last=device.type == "cuda",
+        warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay,
+    )
     times = {}
     t = time.perf_counter()
     st = Student(copy.deepcopy(model).to(device))
     if args.ft_epochs:
-        st = distill(st, DistillConfig(lr=args.ft_lr), teacher=teacher, data=data, epochs=args.ft_epochs, train_config=tc, seed=seed)
+        st = distill(
+            st,
+            DistillConfig(lr=args.ft_lr),
+            teacher=teacher,
+            data=data,
+            epochs=args.ft_epochs,
+            train_config=tc,
+            seed=seed,
+        )
     times["ft_s"] = time.perf_counter() - t
     fp32_top1 = top1(predict(st.model, data.test, mean=data.mean, std=data.std, batch_size=1000), data.test.y)
     t = time.perf_counter()
@@ -137,11 +160,20 @@ def paired_tests(rows: list[dict], n: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True, help="safetensors of the full-width FP32 teacher (e.g. tools/gpu/gpu_teacher.py --save)")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="safetensors of the full-width FP32 teacher (e.g. tools/gpu/gpu_teacher.py --save)",
+    )
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
     p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="LABEL=FILE:VARIANT",
-                   help="FILE is a benchmarks/structured.py result in --results-dir, without .json")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        metavar="LABEL=FILE:VARIANT",
+        help="FILE is a benchmarks/structured.py result in --results-dir, without .json",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--train-subset", type=int, default=None, help="default: the whole training split")
     p.add_argument("--test-subset", type=int, default=None, help="default: the whole test split")
@@ -165,7 +197,9 @@ def main(argv=None) -> int:
     device = default_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = load_data(DataConfig(dataset=args.dataset, root=args.data, train_subset=args.train_subset, test_subset=args.test_subset))
+    data = load_data(
+        DataConfig(dataset=args.dataset, root=args.data, train_subset=args.train_subset, test_subset=args.test_subset)
+    )
     teacher = create_model(model_name, num_classes=data.num_classes, **({"width": width} if width != 1.0 else {}))
     teacher.load_state_dict(load_checkpoint(args.teacher)[0])
     teacher.eval()
@@ -174,10 +208,19 @@ def main(argv=None) -> int:
     scores = group_scores(graph, "l1")
     teacher_dev = teacher.to(device)
     teacher_top1 = top1(predict(teacher_dev, data.test, mean=data.mean, std=data.std, batch_size=1000), data.test.y)
-    rec = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "model": model_name, "width": width, "train_images": len(data.train), "test_images": len(data.test),
-           "teacher_fp32_top1": teacher_top1, "rows": [], "skipped": []}
+    rec = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": model_name,
+        "width": width,
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "teacher_fp32_top1": teacher_top1,
+        "rows": [],
+        "skipped": [],
+    }
 
     def save():
         rec["paired"] = paired_tests([r for r in rec["rows"] if r["seeds"]], len(data.test))
@@ -202,14 +245,27 @@ def main(argv=None) -> int:
         correct, fp32_top1, times = train_variant(pruned, teacher, data, args, seed)
         if v["label"] not in rows:
             rows[v["label"]] = {k: v[k] for k in v if k != "widths"} | {
-                "widths": v["widths"], "params": sum(q.numel() for q in pruned.parameters()), "seeds": []}
+                "widths": v["widths"],
+                "params": sum(q.numel() for q in pruned.parameters()),
+                "seeds": [],
+            }
             rec["rows"].append(rows[v["label"]])
         k = int(correct.sum())
-        rows[v["label"]]["seeds"].append({"seed": seed, "int8_top1": k / len(correct), "int8_top1_ci95": list(wilson_interval(k, len(correct))),
-                                          "fp32_after_ft_top1": fp32_top1, **{a: round(b, 1) for a, b in times.items()},
-                                          "correct_bits": bits(correct)})
-        print(f"[structured_gpu] {v['label']} seed {seed}: INT8 top-1 {k / len(correct):.4f} (FP32 after fine-tune {fp32_top1:.4f}), "
-              f"CPU-measured {v['cpu_ratio_to_dense']:.3f}x dense, {sum(times.values()):.0f}s", flush=True)
+        rows[v["label"]]["seeds"].append(
+            {
+                "seed": seed,
+                "int8_top1": k / len(correct),
+                "int8_top1_ci95": list(wilson_interval(k, len(correct))),
+                "fp32_after_ft_top1": fp32_top1,
+                **{a: round(b, 1) for a, b in times.items()},
+                "correct_bits": bits(correct),
+            }
+        )
+        print(
+            f"[structured_gpu] {v['label']} seed {seed}: INT8 top-1 {k / len(correct):.4f} (FP32 after fine-tune {fp32_top1:.4f}), "
+            f"CPU-measured {v['cpu_ratio_to_dense']:.3f}x dense, {sum(times.values()):.0f}s",
+            flush=True,
+        )
         save()
     save()
     return 0

@@ -103,18 +103,48 @@ def _variants(run, out: Path, runtimes: Sequence[str], batch_sizes: Sequence[int
     fin = "int8" if run.quantized else "fp32"
     fin_name = "int8" if run.quantized else "fp32_final"
     final_onnx = rd.file(rd.INT8_ONNX if run.quantized else rd.FP32_ONNX)
-    vs = [Variant(BASELINE, "pytorch", "fp32", "teacher",
-                  base | {"kind": "eager", "model": cfg.name, "kwargs": kwargs, "num_classes": run.data.num_classes,
-                          "weights": str(rd.teacher_path)})]
+    vs = [
+        Variant(
+            BASELINE,
+            "pytorch",
+            "fp32",
+            "teacher",
+            base
+            | {
+                "kind": "eager",
+                "model": cfg.name,
+                "kwargs": kwargs,
+                "num_classes": run.data.num_classes,
+                "weights": str(rd.teacher_path),
+            },
+        )
+    ]
     if "pytorch" in runtimes:
         if run.quantized:
-            vs.append(Variant("pytorch_int8", "pytorch", "int8", "final", base | {"kind": "torchscript", "path": str(run.deployed_file)}))
+            vs.append(
+                Variant(
+                    "pytorch_int8",
+                    "pytorch",
+                    "int8",
+                    "final",
+                    base | {"kind": "torchscript", "path": str(run.deployed_file)},
+                )
+            )
         else:
-            vs.append(Variant("pytorch_fp32_final", "pytorch", "fp32", "final", base | {"kind": "eager_student", "run_dir": str(out),
-                                                                                         "loader": STUDENT_LOADER}))
+            vs.append(
+                Variant(
+                    "pytorch_fp32_final",
+                    "pytorch",
+                    "fp32",
+                    "final",
+                    base | {"kind": "eager_student", "run_dir": str(out), "loader": STUDENT_LOADER},
+                )
+            )
     for rt in ("onnxruntime", "openvino"):
         if rt in runtimes:
-            vs.append(Variant(f"{rt}_fp32", rt, "fp32", "teacher", base | {"kind": rt, "path": str(rd.file(rd.TEACHER_ONNX))}))
+            vs.append(
+                Variant(f"{rt}_fp32", rt, "fp32", "teacher", base | {"kind": rt, "path": str(rd.file(rd.TEACHER_ONNX))})
+            )
             vs.append(Variant(f"{rt}_{fin_name}", rt, fin, "final", base | {"kind": rt, "path": str(final_onnx)}))
     return vs
 
@@ -146,9 +176,20 @@ def _ratio(base: float, x: float) -> float | None:
 
 
 def bench_run(
-    run_dir: str | Path, *, threads: Sequence[int] | None = None, batch_sizes: Sequence[int] = MEASURE.batch_sizes, warmup: int = MEASURE.warmup,
-    runs: int = MEASURE.runs, large_batch_runs: int = MEASURE.large_batch_runs, runtimes: Sequence[str] | None = None, rss: bool = True,
-    write: bool = True, force_export: bool = False, seed: int = 0, allow_code: bool = False, inherit_env: bool = False,
+    run_dir: str | Path,
+    *,
+    threads: Sequence[int] | None = None,
+    batch_sizes: Sequence[int] = MEASURE.batch_sizes,
+    warmup: int = MEASURE.warmup,
+    runs: int = MEASURE.runs,
+    large_batch_runs: int = MEASURE.large_batch_runs,
+    runtimes: Sequence[str] | None = None,
+    rss: bool = True,
+    write: bool = True,
+    force_export: bool = False,
+    seed: int = 0,
+    allow_code: bool = False,
+    inherit_env: bool = False,
 ) -> dict:
     """Benchmark a finished run in every installed runtime; see the module docstring.
 
@@ -165,13 +206,39 @@ def bench_run(
     from pqd.run.rundir import RunDir
 
     with RunDir(run_dir).claim():
-        return _bench_run(run_dir, threads=threads, batch_sizes=batch_sizes, warmup=warmup, runs=runs,
-                          large_batch_runs=large_batch_runs, runtimes=runtimes, rss=rss, write=write,
-                          force_export=force_export, seed=seed, allow_code=allow_code, inherit_env=inherit_env)
+        return _bench_run(
+            run_dir,
+            threads=threads,
+            batch_sizes=batch_sizes,
+            warmup=warmup,
+            runs=runs,
+            large_batch_runs=large_batch_runs,
+            runtimes=runtimes,
+            rss=rss,
+            write=write,
+            force_export=force_export,
+            seed=seed,
+            allow_code=allow_code,
+            inherit_env=inherit_env,
+        )
 
 
-def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs, runtimes, rss, write, force_export, seed,
-               allow_code, inherit_env) -> dict:
+def _bench_run(
+    run_dir,
+    *,
+    threads,
+    batch_sizes,
+    warmup,
+    runs,
+    large_batch_runs,
+    runtimes,
+    rss,
+    write,
+    force_export,
+    seed,
+    allow_code,
+    inherit_env,
+) -> dict:
     from pqd.commands.export import export_run
     from pqd.measure import environment
     from pqd.measure.latency import LARGE_BATCH_BLOCKS, SMALL_BATCH_BLOCKS, interleave
@@ -190,8 +257,14 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
     onnx_runtimes = [r for r in wanted if r in ("onnxruntime", "openvino")]
     if onnx_runtimes:
         try:
-            export = export_run(out, force=force_export, run=run, openvino="openvino" in wanted, allow_code=allow_code,
-                                runtimes=onnx_runtimes)
+            export = export_run(
+                out,
+                force=force_export,
+                run=run,
+                openvino="openvino" in wanted,
+                allow_code=allow_code,
+                runtimes=onnx_runtimes,
+            )
         except ModelError as exc:  # the ONNX runtimes cannot be timed; PyTorch still is
             log.error("bench: %s not timed: %s", " and ".join(onnx_runtimes), exc)
             export_failed = {rt: f"not timed: {exc}" for rt in onnx_runtimes}
@@ -213,16 +286,31 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
             latency_env[str(t)] = workers_environment(workers)
             for v in variants:
                 info = workers[v.name].info
-                settings.setdefault(v.name, {"runtime": v.runtime, "precision": v.precision, "model": v.model, "by_threads": {}})
-                settings[v.name]["by_threads"][str(t)] = info["settings"] | {"worker_imports_torch": info["imports_torch"]}
-            recs = interleave(workers, batch_sizes=tuple(batch_sizes), threads=t, warmup=warmup, runs=runs,
-                              large_batch_runs=large_batch_runs)
+                settings.setdefault(
+                    v.name, {"runtime": v.runtime, "precision": v.precision, "model": v.model, "by_threads": {}}
+                )
+                settings[v.name]["by_threads"][str(t)] = info["settings"] | {
+                    "worker_imports_torch": info["imports_torch"]
+                }
+            recs = interleave(
+                workers,
+                batch_sizes=tuple(batch_sizes),
+                threads=t,
+                warmup=warmup,
+                runs=runs,
+                large_batch_runs=large_batch_runs,
+            )
             if rss and t == max(threads):
                 for v in variants:
                     info = workers[v.name].info
-                    mb = {"after_import_mb": info["after_import_mb"], "after_load_mb": info["after_load_mb"],
-                          "peak_rss_mb": workers[v.name].rss()["peak_rss_mb"]}
-                    rss_rec[v.name] = {k: (round(x, 1) if x is not None else None) for k, x in mb.items()} | {"threads": t}
+                    mb = {
+                        "after_import_mb": info["after_import_mb"],
+                        "after_load_mb": info["after_load_mb"],
+                        "peak_rss_mb": workers[v.name].rss()["peak_rss_mb"],
+                    }
+                    rss_rec[v.name] = {k: (round(x, 1) if x is not None else None) for k, x in mb.items()} | {
+                        "threads": t
+                    }
         for bs in batch_sizes:
             base = next(r for r in recs if r["batch"] == bs and r["model"] == BASELINE)
             for r in recs:
@@ -232,12 +320,18 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
                     r["x_vs_fp32_eager"] = {k: _ratio(base[f"{k}_ms"], r[f"{k}_ms"]) for k in ("median", "p90", "mean")}
         records += recs
     # on a copy: a PTQ student's observers record every forward pass, and proxies runs one
-    prox = {"teacher": proxies(run.teacher, run.input_shape), "final": proxies(copy.deepcopy(run.student.model), run.input_shape)}
+    prox = {
+        "teacher": proxies(run.teacher, run.input_shape),
+        "final": proxies(copy.deepcopy(run.student.model), run.input_shape),
+    }
     env = environment(max(threads)) | {"runtimes": _versions()}
     thread_flags = slower_with_more_threads(records)
     for f in thread_flags:
-        log.warning("bench: %s; the thread counts are timed one after the other, so host drift can cause this too: "
-                    "re-run to confirm before deploying with more threads", format_thread_flag(f))
+        log.warning(
+            "bench: %s; the thread counts are timed one after the other, so host drift can cause this too: "
+            "re-run to confirm before deploying with more threads",
+            format_thread_flag(f),
+        )
 
     result = {
         "schema": BENCH_SCHEMA,
@@ -245,17 +339,27 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
         # PyTorch eager FP32 vs compiled INT8 only as a labelled extra (every ratio names both sides)
         "speedup_summary": speedup_summary(records),
         "run_dir": str(out),
-        "model": run.config.model.name, "width": run.config.model.width, "stages": run.config.stage_string(),
+        "model": run.config.model.name,
+        "width": run.config.model.width,
+        "stages": run.config.stage_string(),
         "final_form": "int8" if run.quantized else "fp32",
         "input_shape": list(run.input_shape),
-        "settings": {"threads": list(threads), "batch_sizes": list(batch_sizes), "warmup": warmup, "runs_batch1": runs,
-                     "runs_large_batch": large_batch_runs,
-                     "interleaved": "one worker process per variant; rounds in rotating order, one block of consecutive "
-                                    "calls per variant per round, each block starting with settle_ms of untimed calls",
-                     "blocks_batch1": asdict(SMALL_BATCH_BLOCKS), "blocks_large_batch": asdict(LARGE_BATCH_BLOCKS),
-                     "ratio": "x_vs_fp32_eager = PyTorch FP32 eager time / this time (same threads, batch, run); >1 is "
-                              "faster. A PyTorch-eager-vs-this-runtime extra; same-runtime ratios: speedup_summary",
-                     "peak_rss": "VmHWM of each variant's worker process after all its timed calls at the largest thread count" if rss else None},
+        "settings": {
+            "threads": list(threads),
+            "batch_sizes": list(batch_sizes),
+            "warmup": warmup,
+            "runs_batch1": runs,
+            "runs_large_batch": large_batch_runs,
+            "interleaved": "one worker process per variant; rounds in rotating order, one block of consecutive "
+            "calls per variant per round, each block starting with settle_ms of untimed calls",
+            "blocks_batch1": asdict(SMALL_BATCH_BLOCKS),
+            "blocks_large_batch": asdict(LARGE_BATCH_BLOCKS),
+            "ratio": "x_vs_fp32_eager = PyTorch FP32 eager time / this time (same threads, batch, run); >1 is "
+            "faster. A PyTorch-eager-vs-this-runtime extra; same-runtime ratios: speedup_summary",
+            "peak_rss": "VmHWM of each variant's worker process after all its timed calls at the largest thread count"
+            if rss
+            else None,
+        },
         "variants": settings,
         "skipped": skipped | ((export or {}).get("skipped") or {}),
         "failed": failed | export_failed | ((export or {}).get("failed") or {}),
@@ -267,8 +371,13 @@ def _bench_run(run_dir, *, threads, batch_sizes, warmup, runs, large_batch_runs,
         "slower_with_more_threads": thread_flags,
         "proxies": prox,
         "peak_rss_mb": rss_rec,
-        "export": {"route": export.get("route"), "artefacts": export.get("artefacts"),
-                   "checks": {k: v for k, v in export.get("checks", {}).items() if k.split("_")[0] in wanted}} if export else None,
+        "export": {
+            "route": export.get("route"),
+            "artefacts": export.get("artefacts"),
+            "checks": {k: v for k, v in export.get("checks", {}).items() if k.split("_")[0] in wanted},
+        }
+        if export
+        else None,
         "env": env,
     }
     if write:
@@ -288,8 +397,15 @@ def _probe(variants: list, model: str, *, inherit_env: bool) -> dict[str, str]:
     env = worker_environment(1, inherit_env=inherit_env).env
     for v in variants:
         try:
-            run_isolated("pqd.measure.worker:probe", {"spec": v.spec | {"threads": 1}}, timeout=600, runtime=v.name, model=model,
-                         env=env, parent_path=True)
+            run_isolated(
+                "pqd.measure.worker:probe",
+                {"spec": v.spec | {"threads": 1}},
+                timeout=600,
+                runtime=v.name,
+                model=model,
+                env=env,
+                parent_path=True,
+            )
         except (RuntimeCrash, PqdError) as exc:
             if v.name == BASELINE:
                 raise
@@ -332,23 +448,37 @@ def format_markdown(result: dict) -> str:
     env, s, prox = result["env"], result["settings"], result["proxies"]
     from pqd.measure.speedup import format_summary
 
-    lines = [f"# pqd bench: {result['model']} (width {result['width']}, {result['stages']}, final {result['final_form'].upper()})", ""]
+    lines = [
+        f"# pqd bench: {result['model']} (width {result['width']}, {result['stages']}, final {result['final_form'].upper()})",
+        "",
+    ]
     if result.get("speedup_summary"):
         lines += ["## Speed-ups (each names both sides and runtime)", ""]
-        lines += [f"- {line}" if not line.startswith("  ") else f"  - {line.strip()}" for line in format_summary(result["speedup_summary"])]
+        lines += [
+            f"- {line}" if not line.startswith("  ") else f"  - {line.strip()}"
+            for line in format_summary(result["speedup_summary"])
+        ]
         lines += ["", "## Timings", ""]
-    lines.append(f"CPU: {env['cpu_model']} ({env['logical_cpus']} logical CPUs; flags: {', '.join(env['cpu_flags']) or '-'}); "
-                 f"torch {env['torch']}, " + ", ".join(f"{k} {v}" for k, v in env["runtimes"].items() if v))
+    lines.append(
+        f"CPU: {env['cpu_model']} ({env['logical_cpus']} logical CPUs; flags: {', '.join(env['cpu_flags']) or '-'}); "
+        f"torch {env['torch']}, " + ", ".join(f"{k} {v}" for k, v in env["runtimes"].items() if v)
+    )
     lenv = result.get("latency_env")
     if lenv:
         lines.append(format_latency_env(lenv))
     b1, bl = s.get("blocks_batch1"), s.get("blocks_large_batch")
-    how = (f"in rotating rounds of one block per variant ({b1['settle_ms']:g} ms of untimed calls, then {b1['timed']} timed "
-           f"calls at batch 1, {bl['timed']} at larger batches)" if b1 and bl else "round-robin")
-    lines.append(f"Median / p90 / std of {s['runs_batch1']} timed runs at batch 1 ({s['runs_large_batch']} at larger batches) "
-                 f"after {s['warmup']} warm-up runs, each variant in its own worker process, interleaved {how}. "
-                 "\"x PyTorch FP32 eager\" = PyTorch FP32 eager time / this time, same threads and batch (>1 is faster): "
-                 "an extra that mixes precision with runtime; the same-runtime ratios are listed above.")
+    how = (
+        f"in rotating rounds of one block per variant ({b1['settle_ms']:g} ms of untimed calls, then {b1['timed']} timed "
+        f"calls at batch 1, {bl['timed']} at larger batches)"
+        if b1 and bl
+        else "round-robin"
+    )
+    lines.append(
+        f"Median / p90 / std of {s['runs_batch1']} timed runs at batch 1 ({s['runs_large_batch']} at larger batches) "
+        f"after {s['warmup']} warm-up runs, each variant in its own worker process, interleaved {how}. "
+        '"x PyTorch FP32 eager" = PyTorch FP32 eager time / this time, same threads and batch (>1 is faster): '
+        "an extra that mixes precision with runtime; the same-runtime ratios are listed above."
+    )
     lines.append("")
     rss = result.get("peak_rss_mb") or {}
     rows = []
@@ -356,30 +486,81 @@ def format_markdown(result: dict) -> str:
         p = prox[r["proxy_model"]]
         x = r["x_vs_fp32_eager"]
         peak = rss.get(r["model"], {}).get("peak_rss_mb")
-        rows.append([str(r["threads"]), str(r["batch"]), r["model"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['std_ms']:.3f}",
-                     f"{r['images_per_s']:.0f}", f"{x['median']:.2f}x", f"{x['p90']:.2f}x", _fmt_int(p["nonzero_macs"]),
-                     f"{peak:.0f}" if peak else "-"])
-    lines += _table(["threads", "batch", "variant", "median ms", "p90 ms", "std ms", "img/s", "x PyTorch FP32 eager (extra, median)",
-                     "x PyTorch FP32 eager (extra, p90)",
-                     "MACs on non-zero w", "peak RSS MiB"], rows)
-    lines += ["", "Proxies (per image; Conv/Linear only): unstructured zeros cut the MACs on non-zero weights, "
-              "not the work of dense kernels."]
-    lines += _table(["model", "params", "non-zero params", "MACs", "MACs on non-zero weights"],
-                    [[k, _fmt_int(v["params"]), _fmt_int(v["nonzero_params"]), _fmt_int(v["macs"]),
-                      f"{_fmt_int(v['nonzero_macs'])} ({100 * (v['nonzero_mac_fraction'] or 0):.0f}%)"] for k, v in prox.items()])
+        rows.append(
+            [
+                str(r["threads"]),
+                str(r["batch"]),
+                r["model"],
+                f"{r['median_ms']:.3f}",
+                f"{r['p90_ms']:.3f}",
+                f"{r['std_ms']:.3f}",
+                f"{r['images_per_s']:.0f}",
+                f"{x['median']:.2f}x",
+                f"{x['p90']:.2f}x",
+                _fmt_int(p["nonzero_macs"]),
+                f"{peak:.0f}" if peak else "-",
+            ]
+        )
+    lines += _table(
+        [
+            "threads",
+            "batch",
+            "variant",
+            "median ms",
+            "p90 ms",
+            "std ms",
+            "img/s",
+            "x PyTorch FP32 eager (extra, median)",
+            "x PyTorch FP32 eager (extra, p90)",
+            "MACs on non-zero w",
+            "peak RSS MiB",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        "Proxies (per image; Conv/Linear only): unstructured zeros cut the MACs on non-zero weights, "
+        "not the work of dense kernels.",
+    ]
+    lines += _table(
+        ["model", "params", "non-zero params", "MACs", "MACs on non-zero weights"],
+        [
+            [
+                k,
+                _fmt_int(v["params"]),
+                _fmt_int(v["nonzero_params"]),
+                _fmt_int(v["macs"]),
+                f"{_fmt_int(v['nonzero_macs'])} ({100 * (v['nonzero_mac_fraction'] or 0):.0f}%)",
+            ]
+            for k, v in prox.items()
+        ],
+    )
     exp = result.get("export") or {}
     if exp.get("checks"):
         lines += ["", "Exports checked on the test split (top-1 agreement with the PyTorch model they came from):"]
-        lines += _table(["runtime / artefact", "reference", "agreement", "top-1", "reference top-1"],
-                        [[k, c["reference"], f"{100 * c['agreement']:.2f}%", f"{100 * c['top1']:.2f}%", f"{100 * c['reference_top1']:.2f}%"]
-                         for k, c in exp["checks"].items()])
+        lines += _table(
+            ["runtime / artefact", "reference", "agreement", "top-1", "reference top-1"],
+            [
+                [
+                    k,
+                    c["reference"],
+                    f"{100 * c['agreement']:.2f}%",
+                    f"{100 * c['top1']:.2f}%",
+                    f"{100 * c['reference_top1']:.2f}%",
+                ]
+                for k, c in exp["checks"].items()
+            ],
+        )
     ov = [v["by_threads"] for k, v in result["variants"].items() if v["runtime"] == "openvino"]
     if ov:
         hint = next(iter(ov[0].values())).get("inference_precision_hint")
         lines += ["", f"OpenVINO inference precision hint: {hint} (set explicitly)."]
     if rss:
-        lines += ["", "Peak RSS: each variant's own worker process (interpreter + runtime + model + every timed call); "
-                  "ONNX Runtime / OpenVINO workers do not import torch."]
+        lines += [
+            "",
+            "Peak RSS: each variant's own worker process (interpreter + runtime + model + every timed call); "
+            "ONNX Runtime / OpenVINO workers do not import torch.",
+        ]
     if result.get("slower_with_more_threads"):
         from pqd.measure.speedup import format_thread_flag
 
@@ -398,8 +579,11 @@ def format_latency_env(latency_env: dict) -> str:
         parts.append(f"{t} thread{'s' if t != '1' else ''}: {set_}")
     inherited = any(rec.get("inherited") for rec in latency_env.values())
     ignored = next(iter(latency_env.values())).get("ignored_from_caller") or {}
-    how = ("inherited from the caller's environment (--inherit-env)" if inherited else
-           "controlled (the caller's threading variables removed; unset ones are the runtime's default)")
+    how = (
+        "inherited from the caller's environment (--inherit-env)"
+        if inherited
+        else "controlled (the caller's threading variables removed; unset ones are the runtime's default)"
+    )
     line = f"Worker threading environment: {how}; " + "; ".join(parts)
     if ignored:
         line += ". Ignored from the caller: " + ", ".join(f"{k}={v}" for k, v in ignored.items())

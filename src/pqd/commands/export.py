@@ -60,9 +60,15 @@ def _fingerprint(paths: Iterable[Path]) -> dict[str, list[int]]:
 
 def _metadata(run: LoadedRun, form: str) -> dict[str, str]:
     d = run.data
-    return {"pqd_form": form, "pqd_model": run.config.model.name, "pqd_stages": run.config.stage_string(),
-            "input": "float32 NCHW (x/255 - mean)/std", "mean": json.dumps(list(d.mean)), "std": json.dumps(list(d.std)),
-            "classes": json.dumps(list(d.test.classes))}
+    return {
+        "pqd_form": form,
+        "pqd_model": run.config.model.name,
+        "pqd_stages": run.config.stage_string(),
+        "input": "float32 NCHW (x/255 - mean)/std",
+        "mean": json.dumps(list(d.mean)),
+        "std": json.dumps(list(d.std)),
+        "classes": json.dumps(list(d.test.classes)),
+    }
 
 
 def _check(runner: Callable, reference: torch.Tensor, reference_name: str, run: LoadedRun) -> dict:
@@ -71,11 +77,14 @@ def _check(runner: Callable, reference: torch.Tensor, reference_name: str, run: 
 
 def _check_on(runner: Callable, reference: torch.Tensor, reference_name: str, d) -> dict:
     logits = run_logits(runner, d.test, mean=d.mean, std=d.std)
-    return {"reference": reference_name, "n": int(len(d.test)),
-            "agreement": (logits.argmax(1) == reference.argmax(1)).float().mean().item(),
-            "top1": (logits.argmax(1) == d.test.y).float().mean().item(),
-            "reference_top1": (reference.argmax(1) == d.test.y).float().mean().item(),
-            "max_abs_logit_diff": (logits - reference).abs().max().item()}
+    return {
+        "reference": reference_name,
+        "n": int(len(d.test)),
+        "agreement": (logits.argmax(1) == reference.argmax(1)).float().mean().item(),
+        "top1": (logits.argmax(1) == d.test.y).float().mean().item(),
+        "reference_top1": (reference.argmax(1) == d.test.y).float().mean().item(),
+        "max_abs_logit_diff": (logits - reference).abs().max().item(),
+    }
 
 
 def check_runtime(*, run_dir: str, onnx: str, runtime: str, reference: str, reference_name: str, threads: int) -> dict:
@@ -93,8 +102,16 @@ def check_runtime(*, run_dir: str, onnx: str, runtime: str, reference: str, refe
     return _check_on(cls(Path(onnx), threads=threads), ref, reference_name, data)
 
 
-def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, openvino: bool | None = None,
-               run: LoadedRun | None = None, runtimes: Sequence[str] | None = None, allow_code: bool = False) -> dict:
+def export_run(
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    check: bool = True,
+    openvino: bool | None = None,
+    run: LoadedRun | None = None,
+    runtimes: Sequence[str] | None = None,
+    allow_code: bool = False,
+) -> dict:
     """Export a finished run to ONNX (INT8 QDQ and the FP32 teacher) and check the exports.
 
     Writes ``RUN_DIR/model_int8.onnx`` (or ``model_fp32.onnx`` for a run without a quantize
@@ -119,12 +136,29 @@ def export_run(run_dir: str | Path, *, force: bool = False, check: bool = True, 
         elif openvino is None:
             openvino = True
     with rd.claim():
-        return _export_run(rd, out, force=force, check=check, openvino=openvino, run=run, allow_code=allow_code,
-                           ort="onnxruntime" in runtimes if runtimes is not None else True)
+        return _export_run(
+            rd,
+            out,
+            force=force,
+            check=check,
+            openvino=openvino,
+            run=run,
+            allow_code=allow_code,
+            ort="onnxruntime" in runtimes if runtimes is not None else True,
+        )
 
 
-def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bool | None, run: LoadedRun | None,
-                allow_code: bool, ort: bool) -> dict:
+def _export_run(
+    rd: RunDir,
+    out: Path,
+    *,
+    force: bool,
+    check: bool,
+    openvino: bool | None,
+    run: LoadedRun | None,
+    allow_code: bool,
+    ort: bool,
+) -> dict:
     run = run or load_run(rd.path, allow_code=allow_code)
     student_file = run.student_file or run.deployed_file  # a dense run's final model is its FP32 file
     sources = [run.deployed_file, student_file, rd.teacher_path]
@@ -136,8 +170,12 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
     if record_path.is_file() and not force:
         with contextlib.suppress(ValueError):
             old = json.loads(record_path.read_text())
-    fresh = (old.get("schema") == EXPORT_SCHEMA and old.get("sources") == _fingerprint(sources)
-             and (out / final_name).is_file() and (out / TEACHER_ONNX).is_file())
+    fresh = (
+        old.get("schema") == EXPORT_SCHEMA
+        and old.get("sources") == _fingerprint(sources)
+        and (out / final_name).is_file()
+        and (out / TEACHER_ONNX).is_file()
+    )
     if fresh:
         record = old
     else:
@@ -145,27 +183,48 @@ def _export_run(rd: RunDir, out: Path, *, force: bool, check: bool, openvino: bo
         final_model = reference_int8(run.student) if run.quantized else copy.deepcopy(run.student.model).eval()
         final_form = "int8_qdq" if run.quantized else "fp32"
         log.info("export: %s -> %s", student_file.name, final_name)
-        final_rec = export_onnx(final_model, out / final_name, shape, metadata=_metadata(run, final_form) | _predict_meta(run, final_form),
-                                fold=run.quantized, overwrite=force)
+        final_rec = export_onnx(
+            final_model,
+            out / final_name,
+            shape,
+            metadata=_metadata(run, final_form) | _predict_meta(run, final_form),
+            fold=run.quantized,
+            overwrite=force,
+        )
         final_rec.update(form=final_form, source=str(student_file.relative_to(out)))
         if run.quantized:
             zeros = int8_initializer_zeros(out / final_name)
             z, n = sum(v[0] for v in zeros.values()), sum(v[1] for v in zeros.values())
             final_rec["int8_weight_zero_fraction"] = z / n if n else None
         log.info("export: teacher -> %s", TEACHER_ONNX)
-        teacher_rec = export_onnx(run.teacher, out / TEACHER_ONNX, shape, metadata=_metadata(run, "fp32") | _predict_meta(run, "fp32"),
-                                  fold=False, overwrite=force)
+        teacher_rec = export_onnx(
+            run.teacher,
+            out / TEACHER_ONNX,
+            shape,
+            metadata=_metadata(run, "fp32") | _predict_meta(run, "fp32"),
+            fold=False,
+            overwrite=force,
+        )
         teacher_rec.update(form="fp32", source=rd.TEACHER)
         record = {
             "schema": EXPORT_SCHEMA,
-            "route": ("prepared fake-quant student -> FX reference-decomposed INT8 graph -> torch.onnx.export(dynamo=True) "
-                      "-> QDQ ONNX; weight QuantizeLinear folded into int8 initializers") if run.quantized
-                     else "FP32 student -> torch.onnx.export(dynamo=True)",
-            "input": {"name": INPUT_NAME, "shape": ["batch", *shape], "normalize": {"mean": list(run.data.mean), "std": list(run.data.std)}},
+            "route": (
+                "prepared fake-quant student -> FX reference-decomposed INT8 graph -> torch.onnx.export(dynamo=True) "
+                "-> QDQ ONNX; weight QuantizeLinear folded into int8 initializers"
+            )
+            if run.quantized
+            else "FP32 student -> torch.onnx.export(dynamo=True)",
+            "input": {
+                "name": INPUT_NAME,
+                "shape": ["batch", *shape],
+                "normalize": {"mean": list(run.data.mean), "std": list(run.data.std)},
+            },
             "artefacts": {"final": final_rec, "teacher_fp32": teacher_rec},
             "sources": _fingerprint(sources),
-            "torch": torch.__version__, "onnx": require("onnx").__version__,
-            "checks": {}, "skipped": {},
+            "torch": torch.__version__,
+            "onnx": require("onnx").__version__,
+            "checks": {},
+            "skipped": {},
         }
     if check:
         _run_checks(record, run, out, final_name, openvino, ort=ort)
@@ -179,9 +238,17 @@ def _predict_meta(run: LoadedRun, form: str) -> dict[str, str]:
     from pqd.deploy.deployable import deployable_meta, onnx_metadata
 
     d = run.data
-    return onnx_metadata(deployable_meta(mean=d.mean, std=d.std, class_names=d.test.classes, input_shape=d.image_shape,
-                                         normalization="outside", extra={"form": form, "model": run.config.model.name},
-                                         preprocess=d.preprocess))
+    return onnx_metadata(
+        deployable_meta(
+            mean=d.mean,
+            std=d.std,
+            class_names=d.test.classes,
+            input_shape=d.image_shape,
+            normalization="outside",
+            extra={"form": form, "model": run.config.model.name},
+            preprocess=d.preprocess,
+        )
+    )
 
 
 SCRATCH_PREFIX, SCRATCH_SUFFIX = ".pqd-export-", ".tmp"  # hidden, and a name pqd's run-folder guard treats as its own
@@ -199,7 +266,9 @@ def scratch_dir(run_dir: Path) -> Iterator[str]:
         yield tmp
 
 
-def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None, *, ort: bool = True) -> None:
+def _run_checks(
+    record: dict, run: LoadedRun, out: Path, final_name: str, openvino: bool | None, *, ort: bool = True
+) -> None:
     from safetensors.torch import save_file
 
     from pqd.errors import RuntimeCrash
@@ -210,7 +279,9 @@ def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvi
     failed.clear()
     want_ov = available("openvino") if openvino is None else openvino
     if not want_ov and not any(k.startswith("openvino_") for k in checks):
-        skipped["openvino"] = ("not requested" if openvino is False else "openvino is not installed: pip install 'pqd[openvino]'")
+        skipped["openvino"] = (
+            "not requested" if openvino is False else "openvino is not installed: pip install 'pqd[openvino]'"
+        )
     d = run.data
     form = "int8" if run.quantized else "fp32_final"
     todo = ([("onnxruntime", OrtRunner)] if ort else []) + ([("openvino", OpenVinoRunner)] if want_ov else [])
@@ -226,17 +297,37 @@ def _run_checks(record: dict, run: LoadedRun, out: Path, final_name: str, openvi
         save_file({"logits": ref_teacher.contiguous()}, refs["fp32"])
         for rt, _cls in todo:
             skipped.pop(rt, None)
-            for k, onnx_file, ref_name in ((form, final_name, final_ref_name), ("fp32", TEACHER_ONNX, "pytorch_fp32_eager (teacher)")):
+            for k, onnx_file, ref_name in (
+                (form, final_name, final_ref_name),
+                ("fp32", TEACHER_ONNX, "pytorch_fp32_eager (teacher)"),
+            ):
                 if f"{rt}_{k}" in checks:
                     continue
                 try:  # a process of its own: a native crash (segfault) is reported, the other checks go on
                     checks[f"{rt}_{k}"] = run_isolated(
-                        "pqd.commands.export:check_runtime", {"run_dir": str(out), "onnx": str(out / onnx_file), "runtime": rt,
-                                                     "reference": refs[k], "reference_name": ref_name, "threads": threads},
-                        timeout=900, runtime=rt, model=f"{run.config.model.name} ({onnx_file})")
+                        "pqd.commands.export:check_runtime",
+                        {
+                            "run_dir": str(out),
+                            "onnx": str(out / onnx_file),
+                            "runtime": rt,
+                            "reference": refs[k],
+                            "reference_name": ref_name,
+                            "threads": threads,
+                        },
+                        timeout=900,
+                        runtime=rt,
+                        model=f"{run.config.model.name} ({onnx_file})",
+                    )
                 except RuntimeCrash as exc:
                     failed[f"{rt}_{k}"] = str(exc).split("\n--- ")[0]
                     log.error("%s", exc)
                     continue
                 c = checks[f"{rt}_{k}"]
-                log.info("export check: %s_%s agrees with %s on %.2f%% of %d test images", rt, k, c["reference"], 100 * c["agreement"], c["n"])
+                log.info(
+                    "export check: %s_%s agrees with %s on %.2f%% of %d test images",
+                    rt,
+                    k,
+                    c["reference"],
+                    100 * c["agreement"],
+                    c["n"],
+                )

@@ -56,12 +56,16 @@ def load_deployable(source: str | Path) -> Deployable:
         return _load_onnx(path)
     meta = read_torchscript_meta(path)
     if meta is None:
-        raise CheckpointError(f"{where} carries no preprocessing record ({META_NAME}); re-export it with this pqd version")
+        raise CheckpointError(
+            f"{where} carries no preprocessing record ({META_NAME}); re-export it with this pqd version"
+        )
     meta = validate_meta(meta, where)
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:  # torch raises RuntimeError/ValueError for corrupt archives
-        raise CheckpointError(f"{where} is not a loadable TorchScript model ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise CheckpointError(
+            f"{where} is not a loadable TorchScript model ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     if meta["input"]["normalization"] == "outside":
         mean, std = meta["mean"], meta["std"]
         inner = module
@@ -104,7 +108,9 @@ def _load_onnx(path: Path) -> Deployable:
 # --------------------------------------------------------------------------- images
 
 
-def load_image(path: str | Path, *, size: tuple[int, int], channels: int, preprocess: dict[str, Any] | None = None) -> torch.Tensor:
+def load_image(
+    path: str | Path, *, size: tuple[int, int], channels: int, preprocess: dict[str, Any] | None = None
+) -> torch.Tensor:
     """Decode ``path`` to uint8 ``[channels, H, W]``: shorter side resized to fit, then a
     centre crop to ``size`` (H, W). With a deployable's ``preprocess`` record (``data.image_size``
     runs), exactly the evaluation crop of training (:func:`pqd.data.transforms.eval_crop`).
@@ -158,8 +164,9 @@ def _expand(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | Path], *, top_k: int = 1,
-                  batch_size: int = 64) -> list[dict[str, Any]]:
+def predict_files(
+    source: str | Path | Deployable, image_paths: Sequence[str | Path], *, top_k: int = 1, batch_size: int = 64
+) -> list[dict[str, Any]]:
     """Classify image files with a deployable (a run folder, a model file, or a
     :class:`Deployable`). Returns one record per image: ``image``, ``class``, ``probability``
     and ``top`` (the ``top_k`` best ``{"class", "index", "probability"}``)."""
@@ -173,17 +180,22 @@ def predict_files(source: str | Path | Deployable, image_paths: Sequence[str | P
     out: list[dict[str, Any]] = []
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
-            chunk = paths[i:i + batch_size]
-            x = torch.stack([load_image(p, size=(h, w), channels=c, preprocess=dep.meta.get("preprocess")) for p in chunk])
+            chunk = paths[i : i + batch_size]
+            x = torch.stack(
+                [load_image(p, size=(h, w), channels=c, preprocess=dep.meta.get("preprocess")) for p in chunk]
+            )
             logits = dep.run(x)
             if logits.ndim != 2 or logits.shape[1] != len(names):
-                raise CheckpointError(f"{dep.path}: the model gives logits of shape {tuple(logits.shape)} "
-                                      f"for {len(names)} class names")
+                raise CheckpointError(
+                    f"{dep.path}: the model gives logits of shape {tuple(logits.shape)} for {len(names)} class names"
+                )
             prob = torch.softmax(logits.float(), dim=1)
             pv, pi = prob.topk(k, dim=1)
             for p, vals, idx in zip(chunk, pv.tolist(), pi.tolist(), strict=True):
                 top = [{"class": names[j], "index": j, "probability": v} for v, j in zip(vals, idx, strict=True)]
-                out.append({"image": str(p), "class": top[0]["class"], "probability": top[0]["probability"], "top": top})
+                out.append(
+                    {"image": str(p), "class": top[0]["class"], "probability": top[0]["probability"], "top": top}
+                )
     return out
 
 
@@ -199,8 +211,11 @@ def _positive_int(text: str) -> int:
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """``pqd predict RUN_DIR|MODEL IMAGE... [--top-k K] [--json]``."""
-    parser = argparse.ArgumentParser(prog="pqd predict", description="classify images with a finished run's deployable model, "
-                                     "the way a user of the exported file would (preprocessing from the file)")
+    parser = argparse.ArgumentParser(
+        prog="pqd predict",
+        description="classify images with a finished run's deployable model, "
+        "the way a user of the exported file would (preprocessing from the file)",
+    )
     parser.add_argument("model", type=Path, help="run folder, or a model_int8.pt / .onnx file written by pqd")
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
     parser.add_argument("--top-k", type=_positive_int, default=1, help="list the K best classes (K >= 1; default 1)")
@@ -221,4 +236,3 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(predict_main())
-

@@ -151,7 +151,9 @@ def _merge_into(dst: dict, src: Mapping) -> dict:
 
 
 def _is_dense(stages: Any) -> bool:
-    return stages is None or stages == [] or (isinstance(stages, str) and stages.strip().lower() in ("", "dense", "none"))
+    return (
+        stages is None or stages == [] or (isinstance(stages, str) and stages.strip().lower() in ("", "dense", "none"))
+    )
 
 
 def _fmt_axis(key: str, value: Any) -> str:
@@ -209,7 +211,9 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
     global_grid = _grid(spec.get("grid") or {}, "grid")
     variants = spec.get("variants")
     if not isinstance(variants, Mapping) or not variants:
-        raise ConfigError("sweep.variants must be a non-empty mapping of name -> overrides, e.g. {pqd: {stages: 'P:1,Q:2,D:2'}}")
+        raise ConfigError(
+            "sweep.variants must be a non-empty mapping of name -> overrides, e.g. {pqd: {stages: 'P:1,Q:2,D:2'}}"
+        )
 
     expanded: list[tuple[str, tuple, dict, str | None]] = []  # (variant, axes, config dict, peer)
     total = 0
@@ -217,22 +221,28 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
         if not isinstance(vname, str) or not vname.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"sweep.variants: name {vname!r} must be letters, digits, '_' or '-'")
         if over is not None and not isinstance(over, Mapping):
-            raise ConfigError(f"sweep.variants.{vname}: expected a mapping of overrides, e.g. {{stages: 'P:1,Q:2,D:2'}}, got {over!r}")
+            raise ConfigError(
+                f"sweep.variants.{vname}: expected a mapping of overrides, e.g. {{stages: 'P:1,Q:2,D:2'}}, got {over!r}"
+            )
         over = dict(over or {})
         peer = over.pop("peer", None)
         if peer is not None:
             from pqd.commands.peers import PEERS  # no heavy import: NNCF itself is imported when a peer runs
 
             if peer not in PEERS:
-                raise ConfigError(f"sweep.variants.{vname}.peer: {peer!r} is not a known peer baseline; choose one of "
-                                  f"{', '.join(map(repr, PEERS))}")
+                raise ConfigError(
+                    f"sweep.variants.{vname}.peer: {peer!r} is not a known peer baseline; choose one of "
+                    f"{', '.join(map(repr, PEERS))}"
+                )
             over["stages"] = DENSE  # a peer run has no stages of its own: it starts from the teacher
         vgrid = dict(global_grid)
         vgrid.update(_grid(over.pop("grid", None) or {}, f"variants.{vname}.grid"))
         merged = _merge_into(json.loads(json.dumps(base)), _dotted_to_nested(over, f"variants.{vname}"))
         total += grid_size_guard(vgrid, where=f"sweep variants.{vname}.grid")
         if total > MAX_GRID:
-            raise ConfigError(f"sweep: {total:,} runs in all, more than the limit of {MAX_GRID:,}; split the sweep into several files")
+            raise ConfigError(
+                f"sweep: {total:,} runs in all, more than the limit of {MAX_GRID:,}; split the sweep into several files"
+            )
         keys = list(vgrid)
         for values in itertools.product(*(vgrid[k] for k in keys)):
             axes = tuple(zip(keys, values, strict=True))
@@ -274,7 +284,9 @@ def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:
 
 def _teacher_config(rc: RunConfig) -> RunConfig:
     """The teacher run's config: the identity sections and ``measure``; stage settings at defaults."""
-    return RunConfig(seed=rc.seed, stages=(), model=rc.model, data=rc.data, train=rc.train, teacher=rc.teacher, measure=rc.measure)
+    return RunConfig(
+        seed=rc.seed, stages=(), model=rc.model, data=rc.data, train=rc.train, teacher=rc.teacher, measure=rc.measure
+    )
 
 
 def _grid(grid: Any, where: str) -> dict[str, list]:
@@ -313,10 +325,13 @@ def finished_metrics(sweep_dir: str | Path, run: Run) -> dict | None:
     except ConfigError as exc:  # a garbled config.yaml in one run does not block the sweep
         log.warning("%s: treated as not finished (%s)", d.path, exc)
         return None
-    if saved is None or (comparable_config(saved, teacher_base=sweep_dir)
-                         != comparable_config(run.config_dict(), teacher_base=sweep_dir)):
-        raise ConfigError(f"{d.path} holds a finished run with a different config; the sweep file changed. "
-                          "Use a new --out directory, or delete that run directory to redo it")
+    if saved is None or (
+        comparable_config(saved, teacher_base=sweep_dir) != comparable_config(run.config_dict(), teacher_base=sweep_dir)
+    ):
+        raise ConfigError(
+            f"{d.path} holds a finished run with a different config; the sweep file changed. "
+            "Use a new --out directory, or delete that run directory to redo it"
+        )
     metrics = d.read_metrics()
     if not isinstance(metrics, dict) or not isinstance(metrics.get("accuracy"), dict):
         log.warning("%s: its %s is unreadable; treated as not finished", d.path, d.METRICS)
@@ -362,8 +377,9 @@ def _execute_peer(run: Run, out: Path, sweep_dir: str | Path) -> dict:
     assert run.peer is not None  # kind "peer"
     d = RunDir(out)
     saved = d.saved_config_dict()
-    if saved is not None and (comparable_config(saved, teacher_base=sweep_dir)
-                              != comparable_config(run.config_dict(), teacher_base=sweep_dir)):
+    if saved is not None and (
+        comparable_config(saved, teacher_base=sweep_dir) != comparable_config(run.config_dict(), teacher_base=sweep_dir)
+    ):
         raise ConfigError(f"{d.path} holds a peer run with a different config; use a new --out directory or delete it")
     atomic_write_bytes(d.config_path, yaml.safe_dump(run.config_dict(), sort_keys=False).encode())
     return peer_run(with_teacher_base(run.config, sweep_dir), out, peer=run.peer)
@@ -373,23 +389,63 @@ def _execute_peer(run: Run, out: Path, sweep_dir: str | Path) -> dict:
 # results table
 
 
-TIMING_COLUMNS = ("lat_b1_teacher_ms", "lat_b1_final_ms", "lat_b1_speedup", "lat_bmax_teacher_ms", "lat_bmax_final_ms",
-                  "lat_bmax_speedup", "wall_time_s", "recorded_at", "metrics_json")
+TIMING_COLUMNS = (
+    "lat_b1_teacher_ms",
+    "lat_b1_final_ms",
+    "lat_b1_speedup",
+    "lat_bmax_teacher_ms",
+    "lat_bmax_final_ms",
+    "lat_bmax_speedup",
+    "wall_time_s",
+    "recorded_at",
+    "metrics_json",
+)
 COLUMNS = (
-    ("run_id", "TEXT PRIMARY KEY"), ("variant", "TEXT"), ("kind", "TEXT"), ("teacher_id", "TEXT"),
-    ("model", "TEXT"), ("width", "REAL"), ("dataset", "TEXT"), ("stages", "TEXT"), ("stage_order", "TEXT"),
-    ("seed", "INTEGER"), ("sparsity_target", "REAL"), ("sparsity_achieved", "REAL"), ("prune_criterion", "TEXT"),
-    ("quantize_mode", "TEXT"), ("final_form", "TEXT"), ("teacher_epochs", "INTEGER"),
-    ("teacher_top1", "REAL"), ("final_top1", "REAL"), ("size_teacher_bytes", "INTEGER"), ("size_final_bytes", "INTEGER"),
+    ("run_id", "TEXT PRIMARY KEY"),
+    ("variant", "TEXT"),
+    ("kind", "TEXT"),
+    ("teacher_id", "TEXT"),
+    ("model", "TEXT"),
+    ("width", "REAL"),
+    ("dataset", "TEXT"),
+    ("stages", "TEXT"),
+    ("stage_order", "TEXT"),
+    ("seed", "INTEGER"),
+    ("sparsity_target", "REAL"),
+    ("sparsity_achieved", "REAL"),
+    ("prune_criterion", "TEXT"),
+    ("quantize_mode", "TEXT"),
+    ("final_form", "TEXT"),
+    ("teacher_epochs", "INTEGER"),
+    ("teacher_top1", "REAL"),
+    ("final_top1", "REAL"),
+    ("size_teacher_bytes", "INTEGER"),
+    ("size_final_bytes", "INTEGER"),
     ("size_compact_bytes", "INTEGER"),
-    ("lat_b1_teacher_ms", "REAL"), ("lat_b1_final_ms", "REAL"), ("lat_b1_speedup", "REAL"),
-    ("lat_bmax", "INTEGER"), ("lat_bmax_teacher_ms", "REAL"), ("lat_bmax_final_ms", "REAL"), ("lat_bmax_speedup", "REAL"),
-    ("wall_time_s", "REAL"), ("axes_json", "TEXT"), ("config_json", "TEXT"), ("metrics_json", "TEXT"),
-    ("run_dir", "TEXT"), ("recorded_at", "TEXT"),
+    ("lat_b1_teacher_ms", "REAL"),
+    ("lat_b1_final_ms", "REAL"),
+    ("lat_b1_speedup", "REAL"),
+    ("lat_bmax", "INTEGER"),
+    ("lat_bmax_teacher_ms", "REAL"),
+    ("lat_bmax_final_ms", "REAL"),
+    ("lat_bmax_speedup", "REAL"),
+    ("wall_time_s", "REAL"),
+    ("axes_json", "TEXT"),
+    ("config_json", "TEXT"),
+    ("metrics_json", "TEXT"),
+    ("run_dir", "TEXT"),
+    ("recorded_at", "TEXT"),
     # evidence (schema-3 metrics): intervals, the test set, and what the latency ratio compares
-    ("teacher_top1_ci_low", "REAL"), ("teacher_top1_ci_high", "REAL"), ("final_top1_ci_low", "REAL"),
-    ("final_top1_ci_high", "REAL"), ("test_n", "INTEGER"), ("test_full_split", "INTEGER"),
-    ("lat_teacher_label", "TEXT"), ("lat_final_label", "TEXT"), ("lat_speedup_kind", "TEXT"), ("peer", "TEXT"),
+    ("teacher_top1_ci_low", "REAL"),
+    ("teacher_top1_ci_high", "REAL"),
+    ("final_top1_ci_low", "REAL"),
+    ("final_top1_ci_high", "REAL"),
+    ("test_n", "INTEGER"),
+    ("test_full_split", "INTEGER"),
+    ("lat_teacher_label", "TEXT"),
+    ("lat_final_label", "TEXT"),
+    ("lat_speedup_kind", "TEXT"),
+    ("peer", "TEXT"),
 )
 
 # lat_* columns: what each side is (every ratio in the table names both sides and runtime)
@@ -430,22 +486,44 @@ def _peer_row(run: Run, metrics: Mapping[str, Any]) -> dict:
     b1t, b1f = ms(tname, 1), ms(pname, 1)
     bmt, bmf = (ms(tname, bmax), ms(pname, bmax)) if bmax and bmax != 1 else (None, None)
     return {
-        "run_id": run.run_id, "variant": run.variant, "kind": run.kind, "teacher_id": run.teacher_id, "peer": run.peer,
-        "model": metrics.get("model"), "width": metrics.get("width"), "dataset": metrics.get("dataset"),
-        "stages": "", "stage_order": f"peer:{run.peer}", "seed": cfg["seed"],
-        "sparsity_target": 0.0, "sparsity_achieved": None, "prune_criterion": None, "quantize_mode": "ptq",
-        "final_form": metrics.get("final_form", "int8"), "teacher_epochs": cfg["teacher"]["epochs"],
-        "teacher_top1": acc.get("teacher_top1"), "final_top1": acc.get("final_top1"),
-        "size_teacher_bytes": None, "size_final_bytes": (metrics.get("size_bytes") or {}).get("final"), "size_compact_bytes": None,
-        "lat_b1_teacher_ms": b1t, "lat_b1_final_ms": b1f, "lat_b1_speedup": (b1t / b1f) if b1t and b1f else None,
-        "lat_bmax": bmax if bmt is not None else None, "lat_bmax_teacher_ms": bmt, "lat_bmax_final_ms": bmf,
+        "run_id": run.run_id,
+        "variant": run.variant,
+        "kind": run.kind,
+        "teacher_id": run.teacher_id,
+        "peer": run.peer,
+        "model": metrics.get("model"),
+        "width": metrics.get("width"),
+        "dataset": metrics.get("dataset"),
+        "stages": "",
+        "stage_order": f"peer:{run.peer}",
+        "seed": cfg["seed"],
+        "sparsity_target": 0.0,
+        "sparsity_achieved": None,
+        "prune_criterion": None,
+        "quantize_mode": "ptq",
+        "final_form": metrics.get("final_form", "int8"),
+        "teacher_epochs": cfg["teacher"]["epochs"],
+        "teacher_top1": acc.get("teacher_top1"),
+        "final_top1": acc.get("final_top1"),
+        "size_teacher_bytes": None,
+        "size_final_bytes": (metrics.get("size_bytes") or {}).get("final"),
+        "size_compact_bytes": None,
+        "lat_b1_teacher_ms": b1t,
+        "lat_b1_final_ms": b1f,
+        "lat_b1_speedup": (b1t / b1f) if b1t and b1f else None,
+        "lat_bmax": bmax if bmt is not None else None,
+        "lat_bmax_teacher_ms": bmt,
+        "lat_bmax_final_ms": bmf,
         "lat_bmax_speedup": (bmt / bmf) if bmt and bmf else None,
-        "lat_teacher_label": f"teacher FP32 @ {runtime}", "lat_final_label": f"{run.peer} INT8 @ {runtime}",
+        "lat_teacher_label": f"teacher FP32 @ {runtime}",
+        "lat_final_label": f"{run.peer} INT8 @ {runtime}",
         "lat_speedup_kind": "same_runtime",
         "wall_time_s": metrics.get("wall_time_s"),
-        "axes_json": json.dumps(dict(run.axes)), "config_json": json.dumps(cfg, sort_keys=True),
+        "axes_json": json.dumps(dict(run.axes)),
+        "config_json": json.dumps(cfg, sort_keys=True),
         "metrics_json": json.dumps(metrics, sort_keys=True),
-        "run_dir": str(Path("runs") / run.run_id), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run_dir": str(Path("runs") / run.run_id),
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     } | _ci_columns(acc)
 
 
@@ -465,24 +543,44 @@ def row_for(run: Run, metrics: Mapping[str, Any], sweep_dir: str | Path) -> dict
     bmt, bmf = (m.median_ms("teacher_fp32", bmax), m.median_ms(final, bmax)) if bmax and bmax != 1 else (None, None)
     criterion = m.prune_criterion
     return {
-        "run_id": run.run_id, "variant": run.variant, "kind": run.kind, "teacher_id": run.teacher_id,
-        "model": m.model, "width": m.width, "dataset": m.dataset,
-        "stages": m.stages, "stage_order": m.stage_label, "seed": cfg["seed"],
-        "sparsity_target": m.sparsity.target, "sparsity_achieved": m.sparsity.achieved,
-        "prune_criterion": criterion, "quantize_mode": m.quantize_mode,
-        "final_form": m.final_form, "teacher_epochs": cfg["teacher"]["epochs"],
-        "teacher_top1": m.accuracy.teacher_top1, "final_top1": m.accuracy.final_top1,
-        "size_teacher_bytes": m.size_bytes.teacher_fp32, "size_final_bytes": m.size_bytes.final,
+        "run_id": run.run_id,
+        "variant": run.variant,
+        "kind": run.kind,
+        "teacher_id": run.teacher_id,
+        "model": m.model,
+        "width": m.width,
+        "dataset": m.dataset,
+        "stages": m.stages,
+        "stage_order": m.stage_label,
+        "seed": cfg["seed"],
+        "sparsity_target": m.sparsity.target,
+        "sparsity_achieved": m.sparsity.achieved,
+        "prune_criterion": criterion,
+        "quantize_mode": m.quantize_mode,
+        "final_form": m.final_form,
+        "teacher_epochs": cfg["teacher"]["epochs"],
+        "teacher_top1": m.accuracy.teacher_top1,
+        "final_top1": m.accuracy.final_top1,
+        "size_teacher_bytes": m.size_bytes.teacher_fp32,
+        "size_final_bytes": m.size_bytes.final,
         "size_compact_bytes": m.size_bytes.compact_int8,
-        "lat_b1_teacher_ms": b1t, "lat_b1_final_ms": b1f, "lat_b1_speedup": (b1t / b1f) if b1t and b1f else None,
-        "lat_bmax": bmax if bmt is not None else None, "lat_bmax_teacher_ms": bmt, "lat_bmax_final_ms": bmf,
+        "lat_b1_teacher_ms": b1t,
+        "lat_b1_final_ms": b1f,
+        "lat_b1_speedup": (b1t / b1f) if b1t and b1f else None,
+        "lat_bmax": bmax if bmt is not None else None,
+        "lat_bmax_teacher_ms": bmt,
+        "lat_bmax_final_ms": bmf,
         "lat_bmax_speedup": (bmt / bmf) if bmt and bmf else None,
         "wall_time_s": m.wall_time_s,
-        "axes_json": json.dumps(dict(run.axes)), "config_json": json.dumps(cfg, sort_keys=True),
+        "axes_json": json.dumps(dict(run.axes)),
+        "config_json": json.dumps(cfg, sort_keys=True),
         "metrics_json": json.dumps(metrics, sort_keys=True),
-        "run_dir": str(Path("runs") / run.run_id), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "lat_teacher_label": PIPELINE_LATENCY[m.final_form][0], "lat_final_label": PIPELINE_LATENCY[m.final_form][1],
-        "lat_speedup_kind": PIPELINE_LATENCY[m.final_form][2], "peer": None,
+        "run_dir": str(Path("runs") / run.run_id),
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "lat_teacher_label": PIPELINE_LATENCY[m.final_form][0],
+        "lat_final_label": PIPELINE_LATENCY[m.final_form][1],
+        "lat_speedup_kind": PIPELINE_LATENCY[m.final_form][2],
+        "peer": None,
     } | _ci_columns(metrics.get("accuracy") or {})
 
 
@@ -510,8 +608,10 @@ class ResultTable:
     def upsert(self, row: Mapping[str, Any]) -> None:
         names = [n for n, _ in COLUMNS]
         with storage_errors(self.path), contextlib.closing(self._connect()) as conn, conn as db:
-            db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                       [row.get(n) for n in names])
+            db.execute(
+                f"INSERT OR REPLACE INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [row.get(n) for n in names],
+            )
         record_written(self.path)
 
     def rows(self) -> list[dict]:
@@ -544,7 +644,9 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="sweep runs", unit="run", disable=not enabled, dynamic_ncols=True)
 
 
-def _local(todo: list[Run], sweep_dir: str, on_done: Callable[[Run, dict], None], on_fail: Callable[[Run, BaseException], None]) -> None:
+def _local(
+    todo: list[Run], sweep_dir: str, on_done: Callable[[Run, dict], None], on_fail: Callable[[Run, BaseException], None]
+) -> None:
     failed_teachers: set[str] = set()
     for run in todo:
         if run.kind != "teacher" and run.teacher_id in failed_teachers:
@@ -560,8 +662,15 @@ def _local(todo: list[Run], sweep_dir: str, on_done: Callable[[Run, dict], None]
         on_done(run, metrics)
 
 
-def _ray(todo: list[Run], sweep_dir: str, on_done: Callable[[Run, dict], None], on_fail: Callable[[Run, BaseException], None], *,
-         address: str | None, cpus_per_run: float | None) -> None:
+def _ray(
+    todo: list[Run],
+    sweep_dir: str,
+    on_done: Callable[[Run, dict], None],
+    on_fail: Callable[[Run, BaseException], None],
+    *,
+    address: str | None,
+    cpus_per_run: float | None,
+) -> None:
     try:
         import ray
     except ImportError:
@@ -625,15 +734,28 @@ def run_sweep(
         keep = set(only)
         unknown = keep - {r.variant for r in runs}
         if unknown:
-            raise ConfigError(f"--only: no variant named {sorted(unknown)}; variants: {sorted({r.variant for r in runs})}")
+            raise ConfigError(
+                f"--only: no variant named {sorted(unknown)}; variants: {sorted({r.variant for r in runs})}"
+            )
         tids = {r.teacher_id for r in runs if r.variant in keep}
         runs = [r for r in runs if r.variant in keep or (r.kind == "teacher" and r.teacher_id in tids)]
     with claim_dir(out, kind="sweep"):
-        return _run_sweep(spec, out, sweep, runs, executor=executor, address=address, cpus_per_run=cpus_per_run, progress=progress)
+        return _run_sweep(
+            spec, out, sweep, runs, executor=executor, address=address, cpus_per_run=cpus_per_run, progress=progress
+        )
 
 
-def _run_sweep(spec: Mapping[str, Any], out: Path, sweep: Sweep, runs: list[Run], *, executor: str, address: str | None,
-               cpus_per_run: float | None, progress: bool) -> list[dict]:
+def _run_sweep(
+    spec: Mapping[str, Any],
+    out: Path,
+    sweep: Sweep,
+    runs: list[Run],
+    *,
+    executor: str,
+    address: str | None,
+    cpus_per_run: float | None,
+    progress: bool,
+) -> list[dict]:
     # never over a user's file: in a folder pqd did not write, sweep.yaml is refused (pqd.safety.fsguard)
     safe_replace(out / "sweep.yaml", yaml.safe_dump(json.loads(json.dumps(dict(spec))), sort_keys=False).encode())
     table = ResultTable(out / "results.sqlite")
@@ -675,7 +797,9 @@ def _run_sweep(spec: Mapping[str, Any], out: Path, sweep: Sweep, runs: list[Run]
         bar.close()
     if failures:
         listing = "; ".join(f"{rid}: {msg[:200]}" for rid, msg in failures)
-        raise PqdError(f"{len(failures)} of {len(runs)} runs failed ({listing}). The others are in {out / 'results.sqlite'}; "
-                       f"see each failed run's log.txt, fix the cause and re-run the same command to finish them")
+        raise PqdError(
+            f"{len(failures)} of {len(runs)} runs failed ({listing}). The others are in {out / 'results.sqlite'}; "
+            f"see each failed run's log.txt, fix the cause and re-run the same command to finish them"
+        )
     ids = {r.run_id for r in runs}
     return [r for r in table.rows() if r["run_id"] in ids]

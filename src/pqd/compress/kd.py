@@ -14,8 +14,15 @@ from pqd.errors import ConfigError
 __all__ = ["KDLoss", "distillation_loss", "kd_loss", "teacher_logits"]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor, *, temperature: float,
-            alpha: float, kd_weight: float = 1.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    target: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    kd_weight: float = 1.0,
+) -> torch.Tensor:
     """``kd_weight · T² · KL(softmax(t/T) ‖ softmax(s/T)) + alpha · CE(s, y)``.
 
     With ``kd_weight == 0`` the teacher term is left out entirely (``teacher_logits`` may be None).
@@ -26,7 +33,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, t
     if teacher_logits is None:
         raise ValueError("kd_loss: teacher_logits is None but kd_weight is not 0")
     t = temperature
-    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return kd_weight * kl * t * t + ce
 
 
@@ -58,15 +70,27 @@ class KDLoss(nn.Module):
         """The distillation term alone: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``."""
         t = self.temperature
         teacher_logits = teacher_logits.detach().to(device=student_logits.device, dtype=torch.float32)
-        kl = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                      reduction="batchmean", log_target=True)
+        kl = F.kl_div(
+            F.log_softmax(student_logits.float() / t, dim=1),
+            F.log_softmax(teacher_logits / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
         return self.kd_weight * kl * t * t
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
+    ) -> torch.Tensor:
         if teacher_logits is not None:
             teacher_logits = teacher_logits.detach().to(device=student_logits.device, dtype=torch.float32)
-        return kd_loss(student_logits.float(), teacher_logits, target, temperature=self.temperature, alpha=self.alpha,
-                       kd_weight=self.kd_weight)
+        return kd_loss(
+            student_logits.float(),
+            teacher_logits,
+            target,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            kd_weight=self.kd_weight,
+        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, kd_weight={self.kd_weight}"
@@ -79,7 +103,9 @@ def teacher_logits(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def distillation_loss(kd: KDLoss, teacher: nn.Module | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def distillation_loss(
+    kd: KDLoss, teacher: nn.Module | None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training loop's loss ``(logits, images, labels) -> loss`` for ``kd`` against ``teacher``
     (put in eval mode). With ``kd.kd_weight == 0`` (the KD-off control) the teacher is never run."""
     if not kd.needs_teacher:

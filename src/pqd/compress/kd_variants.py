@@ -40,7 +40,13 @@ from pqd.compress.kd import kd_loss
 from pqd.errors import ConfigError, ModelError
 
 __all__ = [
-    "AttentionLoss", "FeatureTaps", "HintLoss", "MutualLearningLoss", "SelfDistillationLoss", "attention_map", "auto_layers",
+    "AttentionLoss",
+    "FeatureTaps",
+    "HintLoss",
+    "MutualLearningLoss",
+    "SelfDistillationLoss",
+    "attention_map",
+    "auto_layers",
     "feature_shapes",
 ]
 
@@ -78,8 +84,10 @@ class FeatureTaps:
     def get(self) -> list[torch.Tensor]:
         missing = [p for p in self.layers if p not in self.features]
         if missing:
-            raise ModelError(f"KD layer(s) {missing} produced no tensor in the last forward pass; choose modules that run "
-                             "(in a quantization-prepared model, leaf modules such as 'layer1.1.relu2')")
+            raise ModelError(
+                f"KD layer(s) {missing} produced no tensor in the last forward pass; choose modules that run "
+                "(in a quantization-prepared model, leaf modules such as 'layer1.1.relu2')"
+            )
         return [self.features[p] for p in self.layers]
 
     def clear(self) -> None:
@@ -103,10 +111,12 @@ def _fired(model: nn.Module, example: torch.Tensor) -> list[tuple[str, tuple[int
     handles = []
     for name, m in model.named_modules():
         if name:
+
             def hook(module, args, output, name=name):
                 if isinstance(output, torch.Tensor):
                     seen.pop(name, None)
                     seen[name] = tuple(output.shape)
+
             handles.append(m.register_forward_hook(hook))
     was_training = model.training
     try:
@@ -135,8 +145,10 @@ def auto_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
         whole = [p for p, _ in mine if p == name]
         out.append(whole[0] if whole else mine[-1][0])
     if not out:
-        raise ModelError(f"cannot pick feature layers of {type(model).__name__} automatically (no top-level block with a "
-                         "4-D output); set distill.layers to module paths")
+        raise ModelError(
+            f"cannot pick feature layers of {type(model).__name__} automatically (no top-level block with a "
+            "4-D output); set distill.layers to module paths"
+        )
     return out
 
 
@@ -169,7 +181,9 @@ class HintLoss(nn.Module):
         if len(student_channels) != len(teacher_channels) or not student_channels:
             raise ConfigError("HintLoss needs one (student, teacher) channel pair per layer")
         self.adapters = nn.ModuleList(
-            nn.Identity() if s == t else nn.Conv2d(s, t, 1, bias=False) for s, t in zip(student_channels, teacher_channels, strict=True))
+            nn.Identity() if s == t else nn.Conv2d(s, t, 1, bias=False)
+            for s, t in zip(student_channels, teacher_channels, strict=True)
+        )
 
     def forward(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
         total = torch.zeros(())  # a 0-dim CPU scalar: adds to a loss on any device
@@ -216,8 +230,16 @@ class MutualLearningLoss(nn.Module):
         total = torch.zeros(())  # a 0-dim CPU scalar: adds to a loss on any device
         for i, zi in enumerate(logits):
             zi = zi.float()
-            mimic = sum(F.kl_div(F.log_softmax(zi / t, 1), F.log_softmax(zj.detach().float() / t, 1), reduction="batchmean",
-                                 log_target=True) for j, zj in enumerate(logits) if j != i)
+            mimic = sum(
+                F.kl_div(
+                    F.log_softmax(zi / t, 1),
+                    F.log_softmax(zj.detach().float() / t, 1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                for j, zj in enumerate(logits)
+                if j != i
+            )
             total = total + F.cross_entropy(zi, target) + t * t * mimic / (k - 1)
         return total
 
@@ -226,15 +248,26 @@ class SelfDistillationLoss(nn.Module):
     """Self-distillation with auxiliary heads (see the module doc). ``forward(final_logits,
     features, labels)``; ``features``: the tapped shallower feature maps, one per head."""
 
-    def __init__(self, channels: Sequence[int], num_classes: int, *, temperature: float = 4.0, alpha: float = 0.5,
-                 beta: float = 1.0):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        num_classes: int,
+        *,
+        temperature: float = 4.0,
+        alpha: float = 0.5,
+        beta: float = 1.0,
+    ):
         super().__init__()
         if not channels:
             raise ConfigError("self-distillation needs at least one shallower layer for an auxiliary head")
-        self.heads = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)) for c in channels)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)) for c in channels
+        )
         self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
 
-    def forward(self, final_logits: torch.Tensor, features: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, final_logits: torch.Tensor, features: Sequence[torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
         z = final_logits.float()
         soft = z.detach()
         total = F.cross_entropy(z, target)

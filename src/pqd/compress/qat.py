@@ -42,8 +42,23 @@ if TYPE_CHECKING:  # imported at run time only after fx_modules() has set the en
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 
 __all__ = [
-    "BACKEND", "FreezeCheck", "backend_config", "calibrate", "convert", "float_modules", "freeze", "frozen", "fx_modules",
-    "model_device", "prepare", "prepare_ptq", "prepare_qat", "qconfig_mapping", "to_torchscript", "trace", "unfreeze",
+    "BACKEND",
+    "FreezeCheck",
+    "backend_config",
+    "calibrate",
+    "convert",
+    "float_modules",
+    "freeze",
+    "frozen",
+    "fx_modules",
+    "model_device",
+    "prepare",
+    "prepare_ptq",
+    "prepare_qat",
+    "qconfig_mapping",
+    "to_torchscript",
+    "trace",
+    "unfreeze",
 ]
 
 BACKEND = "x86"
@@ -71,7 +86,9 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: QuantOptions | None = None) -> QConfigMapping:
+def qconfig_mapping(
+    mode: str = "qat", *, reduce_range: bool = False, options: QuantOptions | None = None
+) -> QConfigMapping:
     """PyTorch's x86 mapping with the global activation range set by ``reduce_range``.
 
     PyTorch's default (``reduce_range=True``) simulates 7-bit activations so that u8×s8
@@ -95,7 +112,8 @@ def qconfig_mapping(mode: str = "qat", *, reduce_range: bool = False, options: Q
     if mode == "qat":
         mapping: QConfigMapping = tq.get_default_qat_qconfig_mapping(BACKEND)
         act = fq.FusedMovingAvgObsFakeQuantize.with_args(
-            observer=ob.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=reduce_range)
+            observer=ob.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=reduce_range
+        )
         weight = weight_fake_quant(options)
     else:
         mapping = tq.get_default_qconfig_mapping(BACKEND)
@@ -120,7 +138,10 @@ def backend_config() -> BackendConfig:
     shape_op = next(c for c in config.configs if c.pattern == "reshape")
     for pattern in (nn.Flatten, "flatten"):
         config.set_backend_pattern_config(
-            BackendPatternConfig(pattern).set_observation_type(shape_op.observation_type).set_dtype_configs(shape_op.dtype_configs))
+            BackendPatternConfig(pattern)
+            .set_observation_type(shape_op.observation_type)
+            .set_dtype_configs(shape_op.dtype_configs)
+        )
     return config
 
 
@@ -142,15 +163,25 @@ def _leaf_config(leaf_modules: Sequence[str]) -> PrepareCustomConfig | None:
         try:
             cls = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as exc:
-            raise ModelError(f"quantize.leaf_modules: {entry!r} cannot be imported ({type(exc).__name__}: {exc})") from None
+            raise ModelError(
+                f"quantize.leaf_modules: {entry!r} cannot be imported ({type(exc).__name__}: {exc})"
+            ) from None
         if not isinstance(cls, type):
             raise ModelError(f"quantize.leaf_modules: {entry!r} is not a class")
         classes.append(cls)
     return PrepareCustomConfig().set_non_traceable_module_names(names).set_non_traceable_module_classes(classes)
 
 
-def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduce_range: bool = False,
-            options: QuantOptions | None = None, inplace: bool = False, leaf_modules: Sequence[str] = ()) -> nn.Module:
+def prepare(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str = "qat",
+    reduce_range: bool = False,
+    options: QuantOptions | None = None,
+    inplace: bool = False,
+    leaf_modules: Sequence[str] = (),
+) -> nn.Module:
     """A fake-quant (``qat``, train mode) or observer (``ptq`` / ``dynamic``, eval mode) copy of
     ``model`` on ``model``'s device. ``model`` itself is neither changed nor moved.
 
@@ -169,14 +200,18 @@ def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduc
     example = example.to(device)
     try:
         if mode == "qat":
-            prepared = qfx.prepare_qat_fx(model.train(), mapping, (example,), prepare_custom_config=custom,
-                                          backend_config=backend)
+            prepared = qfx.prepare_qat_fx(
+                model.train(), mapping, (example,), prepare_custom_config=custom, backend_config=backend
+            )
         else:
-            prepared = qfx.prepare_fx(model.eval(), mapping, (example,), prepare_custom_config=custom,
-                                      backend_config=backend)
+            prepared = qfx.prepare_fx(
+                model.eval(), mapping, (example,), prepare_custom_config=custom, backend_config=backend
+            )
     except Exception as exc:  # torch.fx raises many types for untraceable code
         culprit = _untraceable_submodule(model)
-        where = f" The first module that cannot be traced on its own is {culprit[0]!r} ({culprit[1]})." if culprit else ""
+        where = (
+            f" The first module that cannot be traced on its own is {culprit[0]!r} ({culprit[1]})." if culprit else ""
+        )
         raise ModelError(
             f"cannot quantize {type(model).__name__}: torch.fx could not trace it ({type(exc).__name__}: {str(exc)[:300]}).{where} "
             "Make forward() free of data-dependent Python control flow, or keep the offending submodule whole (it stays FP32): "
@@ -188,15 +223,22 @@ def prepare(model: nn.Module, example: torch.Tensor, *, mode: str = "qat", reduc
     return on_device
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False, inplace: bool = False,
-                leaf_modules: Sequence[str] = ()) -> nn.Module:
+def prepare_qat(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    reduce_range: bool = False,
+    inplace: bool = False,
+    leaf_modules: Sequence[str] = (),
+) -> nn.Module:
     """A trainable fake-quant copy of ``model`` on the same device (observers on); see :func:`prepare`
     (``leaf_modules``: submodules kept whole and FP32, as ``quantize.leaf_modules`` in a run config)."""
     return prepare(model, example, mode="qat", reduce_range=reduce_range, inplace=inplace, leaf_modules=leaf_modules)
 
 
-def prepare_ptq(model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False,
-                leaf_modules: Sequence[str] = ()) -> nn.Module:
+def prepare_ptq(
+    model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False, leaf_modules: Sequence[str] = ()
+) -> nn.Module:
     """An observer copy of ``model`` on the same device, to :func:`calibrate` then :func:`convert`
     (``leaf_modules`` as in :func:`prepare_qat`)."""
     return prepare(model, example, mode="ptq", reduce_range=reduce_range, leaf_modules=leaf_modules)
@@ -232,7 +274,9 @@ def calibrate(model: nn.Module, data: Iterable[Any], *, num_batches: int | None 
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a {x.dtype} tensor"
-                raise ModelError(f"calibrate needs batches of float image tensors (normalised as in training), got {got}")
+                raise ModelError(
+                    f"calibrate needs batches of float image tensors (normalised as in training), got {got}"
+                )
             model(x.to(device))
             n += 1
     if n == 0:
@@ -267,9 +311,15 @@ class FreezeCheck:
     ``held_out``: ``(images, labels)`` the model does not train on, already as the model takes them.
     """
 
-    def __init__(self, model: nn.Module, held_out: tuple[torch.Tensor, torch.Tensor], *, max_drop: float = 0.1,
-                 advice: str = "lower the learning rate after freeze() (a tenth is a good start), or keep training with "
-                               "observers and BN statistics live and freeze only for the last steps") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        held_out: tuple[torch.Tensor, torch.Tensor],
+        *,
+        max_drop: float = 0.1,
+        advice: str = "lower the learning rate after freeze() (a tenth is a good start), or keep training with "
+        "observers and BN statistics live and freeze only for the last steps",
+    ) -> None:
         self.model, self.max_drop, self.advice = model, max_drop, advice
         self.x, self.y = held_out
         self.before: tuple[float, float] | None = None
@@ -299,12 +349,16 @@ class FreezeCheck:
         (acc0, loss0), (acc1, loss1) = self.before, self.after
         if acc0 - acc1 <= self.max_drop and math.isfinite(loss1):
             return None
-        return (f"training after freezing observers and BN statistics collapsed the model: held-out accuracy "
-                f"{100 * acc0:.1f}% -> {100 * acc1:.1f}%, loss {loss0:.3f} -> {loss1:.3f}; {self.advice}")
+        return (
+            f"training after freezing observers and BN statistics collapsed the model: held-out accuracy "
+            f"{100 * acc0:.1f}% -> {100 * acc1:.1f}%, loss {loss0:.3f} -> {loss1:.3f}; {self.advice}"
+        )
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module, held_out: tuple[torch.Tensor, torch.Tensor], *, max_drop: float = 0.1) -> Iterator[FreezeCheck]:
+def frozen(
+    model: nn.Module, held_out: tuple[torch.Tensor, torch.Tensor], *, max_drop: float = 0.1
+) -> Iterator[FreezeCheck]:
     """Freeze ``model`` (:func:`freeze`) for the block and warn (:class:`pqd.errors.CollapseWarning`)
     when training inside it collapsed the model on ``held_out`` (:class:`FreezeCheck`)."""
     check = FreezeCheck(model, held_out, max_drop=max_drop).start()
@@ -337,13 +391,18 @@ def _flatten_quantized(int8_model: torch.fx.GraphModule) -> torch.fx.GraphModule
     modules = dict(int8_model.named_modules())
     graph, changed = int8_model.graph, False
     for node in list(graph.nodes):
-        flat = ((node.op == "call_method" and node.target == "flatten")
-                or (node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten)))
+        flat = (node.op == "call_method" and node.target == "flatten") or (
+            node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten)
+        )
         if not flat or not node.args:
             continue
         source, users = node.args[0], list(node.users)
-        if not (isinstance(source, torch.fx.Node) and source.target in _DEQUANTIZE and len(users) == 1
-                and users[0].target is torch.quantize_per_tensor):
+        if not (
+            isinstance(source, torch.fx.Node)
+            and source.target in _DEQUANTIZE
+            and len(users) == 1
+            and users[0].target is torch.quantize_per_tensor
+        ):
             continue
         node.replace_input_with(source, source.args[0])
         users[0].replace_all_uses_with(node)
@@ -364,7 +423,9 @@ def _is_fake_quant_or_observer(m: nn.Module) -> bool:
 def to_torchscript(int8_model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """Trace and freeze for deployment (freezing folds constants and inlines the integer ops)."""
     with torch.no_grad():
-        frozen_model: torch.jit.ScriptModule = torch.jit.freeze(trace(int8_model.eval(), example))  # freeze is untyped in torch
+        frozen_model: torch.jit.ScriptModule = torch.jit.freeze(
+            trace(int8_model.eval(), example)
+        )  # freeze is untyped in torch
     return frozen_model
 
 
@@ -398,7 +459,10 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
             f"tracing for TorchScript froze data-dependent control flow in {where} at {os.path.basename(w.filename)}:{w.lineno}: "
             f"the saved model always takes the branch the example input took ({str(w.message).splitlines()[0][:160]}). "
             "Write that code with tensor operations (torch.where) instead of Python if/loops on tensor values, "
-            "or check the deployed model's outputs on real inputs", FrozenBranchWarning, stacklevel=2)
+            "or check the deployed model's outputs on real inputs",
+            FrozenBranchWarning,
+            stacklevel=2,
+        )
     return traced
 
 
@@ -413,7 +477,9 @@ def _module_at(model: nn.Module, filename: str, lineno: int) -> tuple[str | None
             source = inspect.getsourcefile(forward)
         except (OSError, TypeError):
             continue
-        inside = source and os.path.abspath(source) == os.path.abspath(filename) and start <= lineno < start + len(lines)
+        inside = (
+            source and os.path.abspath(source) == os.path.abspath(filename) and start <= lineno < start + len(lines)
+        )
         if inside and len(name) > depth:
             found, depth = (name or type(module).__name__, type(module).__name__), len(name)
     return found
@@ -441,7 +507,11 @@ def float_modules(int8_model: nn.Module) -> list[dict[str, str]]:
             continue
         if node.target in _DEQUANTIZE:
             floating.add(node)
-        elif node.target not in _QUANTIZE and node.target not in _SHAPE_ONLY and any(a in floating for a in node.all_input_nodes):
+        elif (
+            node.target not in _QUANTIZE
+            and node.target not in _SHAPE_ONLY
+            and any(a in floating for a in node.all_input_nodes)
+        ):
             floating.add(node)
             if node.op == "call_module":
                 out.append({"name": str(node.target), "type": type(modules[node.target]).__name__})

@@ -32,7 +32,15 @@ from pqd.errors import ModelError
 if TYPE_CHECKING:  # imported lazily at run time (torch.ao.quantization warns on import)
     from torch.ao.quantization import QConfigMapping
 
-__all__ = ["GRANULARITIES", "MODES", "QuantOptions", "dynamic_qconfig_mapping", "quant_options", "weight_fake_quant", "weight_observer"]
+__all__ = [
+    "GRANULARITIES",
+    "MODES",
+    "QuantOptions",
+    "dynamic_qconfig_mapping",
+    "quant_options",
+    "weight_fake_quant",
+    "weight_observer",
+]
 
 MODES = ("qat", "ptq", "dynamic")
 GRANULARITIES = ("per_channel", "per_tensor")
@@ -82,8 +90,9 @@ def weight_fake_quant(options: QuantOptions = QuantOptions()):
     per_channel = options.granularity == "per_channel"
     obs = ob.MovingAveragePerChannelMinMaxObserver if per_channel else ob.MovingAverageMinMaxObserver
     kwargs = {"ch_axis": 0} if per_channel else {}
-    return fq.FusedMovingAvgObsFakeQuantize.with_args(observer=obs, quant_min=-128, quant_max=127, dtype=torch.qint8,
-                                                      qscheme=options.qscheme, **kwargs)
+    return fq.FusedMovingAvgObsFakeQuantize.with_args(
+        observer=obs, quant_min=-128, quant_max=127, dtype=torch.qint8, qscheme=options.qscheme, **kwargs
+    )
 
 
 def dynamic_qconfig_mapping(options: QuantOptions = QuantOptions()) -> QConfigMapping:
@@ -100,4 +109,6 @@ def dynamic_qconfig_mapping(options: QuantOptions = QuantOptions()) -> QConfigMa
 
 def quant_options(config) -> QuantOptions:
     """The weight options of a ``quantize`` config section (:class:`pqd.stages.quantize.QuantizeConfig`)."""
-    return QuantOptions(granularity=getattr(config, "granularity", "per_channel"), symmetric=getattr(config, "symmetric", True))
+    return QuantOptions(
+        granularity=getattr(config, "granularity", "per_channel"), symmetric=getattr(config, "symmetric", True)
+    )

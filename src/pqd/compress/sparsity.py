@@ -27,8 +27,17 @@ from torch.utils.hooks import RemovableHandle
 from pqd.errors import ConfigError, ModelError
 
 __all__ = [
-    "GlobalPruner", "Importance", "MagnitudeImportance", "Masks", "RandomImportance", "agp_sparsity",
-    "global_sparsity", "masked_weight", "oneshot_sparsity", "prunable_layers", "sparsity_at",
+    "GlobalPruner",
+    "Importance",
+    "MagnitudeImportance",
+    "Masks",
+    "RandomImportance",
+    "agp_sparsity",
+    "global_sparsity",
+    "masked_weight",
+    "oneshot_sparsity",
+    "prunable_layers",
+    "sparsity_at",
 ]
 
 _PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
@@ -57,7 +66,11 @@ def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str
     ``exclude`` holds glob patterns on module paths; '@first' and '@last' name the first
     and the last such layer in definition order.
     """
-    paths = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    paths = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, _PRUNABLE) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]
     if not paths:
         raise ModelError(f"{type(model).__name__} has no Conv/Linear layers to prune")
     drop = set()
@@ -69,7 +82,9 @@ def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str
         else:
             hits = fnmatch.filter(paths, pat)
             if not hits:
-                raise ConfigError(f"prune.exclude: pattern {pat!r} matches no prunable layer; layers are: {', '.join(paths)}")
+                raise ConfigError(
+                    f"prune.exclude: pattern {pat!r} matches no prunable layer; layers are: {', '.join(paths)}"
+                )
             drop.update(hits)
     kept = [p for p in paths if p not in drop]
     if not kept:
@@ -213,7 +228,9 @@ def oneshot_sparsity(step: int, *, target: float) -> float:
     return target
 
 
-def sparsity_at(epoch: int, *, epochs: int, target: float, schedule: str = "gradual", prune_fraction: float = 0.75) -> float:
+def sparsity_at(
+    epoch: int, *, epochs: int, target: float, schedule: str = "gradual", prune_fraction: float = 0.75
+) -> float:
     """Target sparsity in force during ``epoch`` (0-based). Gradual: cubic ramp reaching
     ``target`` after ``prune_fraction`` of the epochs, then fixed for fine-tuning."""
     if schedule == "oneshot" or epochs <= 1:
@@ -236,9 +253,15 @@ class GlobalPruner:
     """
 
     def __init__(
-        self, model: nn.Module, *, importance: Importance = MagnitudeImportance(), layers: list[str] | None = None,
-        exclude: tuple[str, ...] = (), schedule: Callable[[int], float] | None = None,
-        masks: Mapping[str, torch.Tensor] | None = None, generator: torch.Generator | None = None,
+        self,
+        model: nn.Module,
+        *,
+        importance: Importance = MagnitudeImportance(),
+        layers: list[str] | None = None,
+        exclude: tuple[str, ...] = (),
+        schedule: Callable[[int], float] | None = None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ):
         self.model = model
         self.importance = importance
@@ -270,7 +293,7 @@ class GlobalPruner:
             keep[torch.topk(flat, n_prune, largest=False, sorted=False).indices] = False
         out, offset = {}, 0
         for path, w in zip(self.layers, weights, strict=True):
-            out[path] = keep[offset: offset + w.numel()].view(w.shape)
+            out[path] = keep[offset : offset + w.numel()].view(w.shape)
             offset += w.numel()
         return out
 
@@ -283,7 +306,9 @@ class GlobalPruner:
     def step(self) -> Masks:
         """Prune to ``schedule(n)`` at the n-th call (n counts from 0)."""
         if self.schedule is None:
-            raise ConfigError("GlobalPruner.step() needs a schedule, e.g. schedule=lambda n: agp_sparsity(n, total_steps=10, target=0.8)")
+            raise ConfigError(
+                "GlobalPruner.step() needs a schedule, e.g. schedule=lambda n: agp_sparsity(n, total_steps=10, target=0.8)"
+            )
         out = self.update(self.schedule(self.steps))
         self.steps += 1
         return out

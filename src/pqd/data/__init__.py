@@ -68,8 +68,12 @@ def load_data(cfg: DataConfig, *, seed: int = 0) -> Splits:
     if cfg.val_fraction > 0:
         keep, held = stratified_split(train.y, cfg.val_fraction, _rng(seed, _VAL_SPLIT))
         train, val = train.subset(keep), train.subset(held)
-    mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean is not None and cfg.std is not None else channel_stats(train.x)
-    log.debug("%s: train %d, val %d, test %d, image %s", name, len(train), len(val or ()), len(test), tuple(train.x.shape[1:]))
+    mean, std = (
+        (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean is not None and cfg.std is not None else channel_stats(train.x)
+    )
+    log.debug(
+        "%s: train %d, val %d, test %d, image %s", name, len(train), len(val or ()), len(test), tuple(train.x.shape[1:])
+    )
     return Splits(name, train, val, test, mean, std, hflip)
 
 
@@ -83,7 +87,10 @@ def load_sized_folder(cfg: DataConfig, *, seed: int = 0) -> Splits:
     path = Path(str(cfg.root)).expanduser()
     classes, entries = list_image_folder(path)
     workers = default_workers() if cfg.workers is None else cfg.workers
-    train, test = (make_file_dataset(entries[s], classes, image_size=size, resize_size=resize, workers=workers) for s in ("train", "test"))
+    train, test = (
+        make_file_dataset(entries[s], classes, image_size=size, resize_size=resize, workers=workers)
+        for s in ("train", "test")
+    )
     if cfg.train_subset is not None:
         train = train.subset(stratified_subset(train.y, cfg.train_subset, _rng(seed, _TRAIN_SUBSET)))
     if cfg.test_subset is not None:
@@ -96,17 +103,35 @@ def load_sized_folder(cfg: DataConfig, *, seed: int = 0) -> Splits:
     need = sum(d.nbytes for d in parts.values() if d is not None)
     budget = cfg.max_memory_gb * 1e9
     if need <= budget:
-        log.info("data: %d images at %dx%d need %.2f GB decoded, within data.max_memory_gb=%g: decoding them into memory "
-                 "(%d workers)", sum(len(d) for d in parts.values() if d is not None), size, size, need / 1e9, cfg.max_memory_gb, workers)
+        log.info(
+            "data: %d images at %dx%d need %.2f GB decoded, within data.max_memory_gb=%g: decoding them into memory "
+            "(%d workers)",
+            sum(len(d) for d in parts.values() if d is not None),
+            size,
+            size,
+            need / 1e9,
+            cfg.max_memory_gb,
+            workers,
+        )
         mem_train = decode_to_memory(train, desc="decoding train")
         mem_val = decode_to_memory(val, desc="decoding val") if val is not None else None
         splits: tuple[Dataset | FileDataset, Dataset | FileDataset | None, Dataset | FileDataset] = (
-            mem_train, mem_val, decode_to_memory(test, desc="decoding test"))
+            mem_train,
+            mem_val,
+            decode_to_memory(test, desc="decoding test"),
+        )
         stats_from: Dataset | None = mem_train
     else:
-        log.info("data: %d images at %dx%d would need %.2f GB decoded, over data.max_memory_gb=%g: streaming them from disk "
-                 "with %d workers (decode + augment in the workers); raise data.max_memory_gb to hold them in memory",
-                 sum(len(d) for d in parts.values() if d is not None), size, size, need / 1e9, cfg.max_memory_gb, workers)
+        log.info(
+            "data: %d images at %dx%d would need %.2f GB decoded, over data.max_memory_gb=%g: streaming them from disk "
+            "with %d workers (decode + augment in the workers); raise data.max_memory_gb to hold them in memory",
+            sum(len(d) for d in parts.values() if d is not None),
+            size,
+            size,
+            need / 1e9,
+            cfg.max_memory_gb,
+            workers,
+        )
         splits = (train, val, test)
         stats_from = sample_stats(train) if cfg.mean is None else None
     if cfg.mean is not None and cfg.std is not None:
@@ -114,8 +139,15 @@ def load_sized_folder(cfg: DataConfig, *, seed: int = 0) -> Splits:
     else:
         assert stats_from is not None  # DataConfig takes data.mean and data.std together or neither
         mean, std = channel_stats(stats_from.x)
-    return Splits(f"folder:{cfg.root}", *splits, mean, std, True,
-                  preprocess=preprocess_record(size, resize), crop_scale=(float(cfg.scale[0]), float(cfg.scale[1])))
+    return Splits(
+        f"folder:{cfg.root}",
+        *splits,
+        mean,
+        std,
+        True,
+        preprocess=preprocess_record(size, resize),
+        crop_scale=(float(cfg.scale[0]), float(cfg.scale[1])),
+    )
 
 
 def _read(cfg: DataConfig) -> tuple[Raw, str, bool]:
@@ -128,7 +160,9 @@ def _read(cfg: DataConfig) -> tuple[Raw, str, bool]:
         return cached(cache, f"{spec.name}-{kind}", path, lambda: read_cifar(spec, kind, path)), spec.name, True
     path = Path(str(cfg.root)).expanduser()
     if not path.exists():
-        raise DataError(f"data.root {cfg.root!r} does not exist; set it to a directory or .tar.gz with train/<class>/* and test/<class>/*")
+        raise DataError(
+            f"data.root {cfg.root!r} does not exist; set it to a directory or .tar.gz with train/<class>/* and test/<class>/*"
+        )
     return cached(cache, "folder", path, lambda: read_image_folder(path)), f"folder:{cfg.root}", True
 
 

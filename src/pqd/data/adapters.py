@@ -37,14 +37,17 @@ def _to_uint8(x: torch.Tensor, normalized_with: tuple[Sequence[float], Sequence[
         mean, std = normalized_with
         c = x.shape[1]
         if len(mean) != c or len(std) != c:
-            raise DataError(f"normalized_with needs {c} mean and {c} std values (one per channel), got {len(mean)} and {len(std)}")
+            raise DataError(
+                f"normalized_with needs {c} mean and {c} std values (one per channel), got {len(mean)} and {len(std)}"
+            )
         x = x * torch.tensor(std).view(1, c, 1, 1) + torch.tensor(mean).view(1, c, 1, 1)
     lo, hi = float(x.min()), float(x.max())
     if lo < -_TOLERANCE or hi > 1 + _TOLERANCE:
         raise DataError(
             f"float images must lie in [0, 1] (as ToTensor() gives), but these span [{lo:.3f}, {hi:.3f}]. If your "
             "transform normalises them, pass normalized_with=(mean, std) with the values of its Normalize, or drop Normalize: "
-            "pqd normalises with statistics of the training images itself")
+            "pqd normalises with statistics of the training images itself"
+        )
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -69,7 +72,8 @@ def _batches(data: Any, batch_size: int):
     except TypeError:
         raise DataError(
             f"cannot read images from a {type(data).__name__}: pass a torch Dataset or DataLoader yielding (image, label), "
-            "an (images, labels) pair of tensors, or a pqd Splits/Dataset") from None
+            "an (images, labels) pair of tensors, or a pqd Splits/Dataset"
+        ) from None
     while True:
         try:
             batch = next(it)
@@ -78,14 +82,18 @@ def _batches(data: Any, batch_size: int):
         except TypeError as exc:  # default_collate on PIL images and other non-tensors
             raise DataError(
                 f"cannot batch the samples of {type(data).__name__} ({exc}). Return tensors: add torchvision's "
-                "transforms.PILToTensor() (uint8) or ToTensor() (float in [0, 1]) to its transform") from None
+                "transforms.PILToTensor() (uint8) or ToTensor() (float in [0, 1]) to its transform"
+            ) from None
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise DataError(f"each batch must be (images, labels, ...), got a {type(batch).__name__}")
         yield batch[0], batch[1]
 
 
 def as_dataset(
-    data: Any, *, classes: Sequence[str] | None = None, normalized_with: tuple[Sequence[float], Sequence[float]] | None = None,
+    data: Any,
+    *,
+    classes: Sequence[str] | None = None,
+    normalized_with: tuple[Sequence[float], Sequence[float]] | None = None,
     batch_size: int = 256,
 ) -> Dataset:
     """A :class:`pqd.data.Dataset` holding every image of ``data`` in order (uint8 in memory).
@@ -108,7 +116,9 @@ def as_dataset(
     xs, ys = [], []
     for x, y in pairs:
         if not isinstance(x, torch.Tensor):
-            raise DataError(f"images must be tensors, got {type(x).__name__}; add transforms.PILToTensor() or ToTensor()")
+            raise DataError(
+                f"images must be tensors, got {type(x).__name__}; add transforms.PILToTensor() or ToTensor()"
+            )
         xs.append(_to_uint8(x, normalized_with))
         ys.append(_labels(y, len(x)))
     x, y = torch.cat(xs), torch.cat(ys)
@@ -128,13 +138,21 @@ def require_splits(data: Any, *, where: str) -> Splits:
     ``AttributeError`` deep inside training."""
     if isinstance(data, Splits):
         return data
-    raise DataError(f"{where} takes a pqd.data.Splits, got a {type(data).__module__}.{type(data).__name__}; wrap your data "
-                    "with pqd.data.adapters.as_splits(train_loader, test=test_loader) first")
+    raise DataError(
+        f"{where} takes a pqd.data.Splits, got a {type(data).__module__}.{type(data).__name__}; wrap your data "
+        "with pqd.data.adapters.as_splits(train_loader, test=test_loader) first"
+    )
 
 
 def as_splits(
-    train: Any, *, test: Any = None, val: Any = None, classes: Sequence[str] | None = None,
-    normalized_with: tuple[Sequence[float], Sequence[float]] | None = None, augment: bool = False, hflip: bool = False,
+    train: Any,
+    *,
+    test: Any = None,
+    val: Any = None,
+    classes: Sequence[str] | None = None,
+    normalized_with: tuple[Sequence[float], Sequence[float]] | None = None,
+    augment: bool = False,
+    hflip: bool = False,
     name: str = "user",
 ) -> Splits:
     """:class:`pqd.data.Splits` from user data (a Splits is returned as is). Each of ``train``,
@@ -149,15 +167,26 @@ def as_splits(
     if isinstance(train, Splits):
         return train
     if train is None:
-        raise DataError("pqd needs training data: pass a Splits, a torch Dataset or DataLoader, or (images, labels) tensors")
+        raise DataError(
+            "pqd needs training data: pass a Splits, a torch Dataset or DataLoader, or (images, labels) tensors"
+        )
     tr = as_dataset(train, classes=classes, normalized_with=normalized_with)
     classes = tr.classes
-    te = as_dataset(test, classes=classes, normalized_with=normalized_with) if test is not None else tr.subset(torch.zeros(0, dtype=torch.int64))
+    te = (
+        as_dataset(test, classes=classes, normalized_with=normalized_with)
+        if test is not None
+        else tr.subset(torch.zeros(0, dtype=torch.int64))
+    )
     va = as_dataset(val, classes=classes, normalized_with=normalized_with) if val is not None else None
     for label, ds in (("test", te), ("val", va)):
         if ds is not None and len(ds) and ds.x.shape[1:] != tr.x.shape[1:]:
-            raise DataError(f"{label} images are {tuple(ds.x.shape[1:])} but training images are {tuple(tr.x.shape[1:])}")
+            raise DataError(
+                f"{label} images are {tuple(ds.x.shape[1:])} but training images are {tuple(tr.x.shape[1:])}"
+            )
     c = int(tr.x.shape[1])
-    mean, std = (tuple(map(float, normalized_with[0])), tuple(map(float, normalized_with[1]))) if normalized_with is not None \
+    mean, std = (
+        (tuple(map(float, normalized_with[0])), tuple(map(float, normalized_with[1])))
+        if normalized_with is not None
         else ((0.0,) * c, (1.0,) * c)
+    )
     return Splits(name, tr, va, te, mean, std, hflip, augment=augment)

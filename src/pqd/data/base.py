@@ -30,8 +30,10 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise DataError(f"Dataset.x must be uint8 [N, C, H, W], got {self.x.dtype} {tuple(self.x.shape)}; for float images "
-                            "or a DataLoader use pqd.data.adapters.as_dataset / as_splits, which convert them")
+            raise DataError(
+                f"Dataset.x must be uint8 [N, C, H, W], got {self.x.dtype} {tuple(self.x.shape)}; for float images "
+                "or a DataLoader use pqd.data.adapters.as_dataset / as_splits, which convert them"
+            )
         if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
             raise DataError(f"Dataset.y must be int64 [{self.x.shape[0]}], got {self.y.dtype} {tuple(self.y.shape)}")
         object.__setattr__(self, "x", self.x.contiguous())
@@ -97,6 +99,8 @@ class Raw(NamedTuple):
 
     def to_datasets(self) -> tuple[Dataset, Dataset]:
         def ds(x: np.ndarray, y: np.ndarray) -> Dataset:
-            return Dataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)), self.classes)
+            return Dataset(
+                torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)), self.classes
+            )
 
         return ds(self.x_train, self.y_train), ds(self.x_test, self.y_test)

@@ -55,7 +55,9 @@ def cached(root: Path, kind: str, source: Path, decode: Callable[[], Raw]) -> Ra
     try:
         _save(entry, raw)
     except OSError as exc:
-        log.warning("could not write the data cache %s (%s); set data.cache_dir or PQD_CACHE to a writable folder", entry, exc)
+        log.warning(
+            "could not write the data cache %s (%s); set data.cache_dir or PQD_CACHE to a writable folder", entry, exc
+        )
     return raw
 
 

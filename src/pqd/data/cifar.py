@@ -44,14 +44,34 @@ class CifarSpec:
 
 SPECS = {
     "cifar10": CifarSpec(
-        "cifar10", "CIFAR-10", "cifar-10-python.tar.gz", "cifar-10-batches-py", "cifar10-jpeg.tar.gz",
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", 10,
-        tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta", "labels", "label_names",
+        "cifar10",
+        "CIFAR-10",
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        "cifar10-jpeg.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        10,
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+        "labels",
+        "label_names",
     ),
     "cifar100": CifarSpec(
-        "cifar100", "CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python", "cifar100-jpeg.tar.gz",
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", 100,
-        ("train",), ("test",), "meta", "fine_labels", "fine_label_names",
+        "cifar100",
+        "CIFAR-100",
+        "cifar-100-python.tar.gz",
+        "cifar-100-python",
+        "cifar100-jpeg.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        100,
+        ("train",),
+        ("test",),
+        "meta",
+        "fine_labels",
+        "fine_label_names",
     ),
 }
 _PYTHON_FILES = {f for s in SPECS.values() for f in s.files}
@@ -75,7 +95,11 @@ def _numpy_core(module: str, name: str) -> Callable[[], Any]:
 _ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
-    **{(f"numpy.{core}.multiarray", n): _numpy_core("multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")},
+    **{
+        (f"numpy.{core}.multiarray", n): _numpy_core("multiarray", n)
+        for core in ("core", "_core")
+        for n in ("_reconstruct", "scalar")
+    },
     **{(f"numpy.{core}.numeric", "_frombuffer"): _numpy_core("numeric", "_frombuffer") for core in ("core", "_core")},
 }
 
@@ -102,8 +126,19 @@ def restricted_loads(data: bytes, where: str) -> Any:
         raise DataError(
             f"refusing to load {where}: {exc}; it is not a genuine CIFAR batch. Delete it and use the official archive"
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
-        raise DataError(f"{where} is not a readable CIFAR batch ({type(exc).__name__}: {exc}); download the archive again") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+    ) as exc:
+        raise DataError(
+            f"{where} is not a readable CIFAR batch ({type(exc).__name__}: {exc}); download the archive again"
+        ) from None
 
 
 def _batch(blob: bytes, where: str) -> dict[str, Any]:
@@ -134,7 +169,9 @@ def read_python(spec: CifarSpec, path: Path) -> Raw:
     meta = _batch(blobs[spec.meta_file], f"{path}:{spec.meta_file}")
     names = meta.get(spec.names_key)
     if not isinstance(names, list) or len(names) != spec.num_classes:
-        raise DataError(f"{path}:{spec.meta_file} has no list of {spec.num_classes} '{spec.names_key}'; download the archive again")
+        raise DataError(
+            f"{path}:{spec.meta_file} has no list of {spec.num_classes} '{spec.names_key}'; download the archive again"
+        )
     classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
 
     def split(files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +184,9 @@ def read_python(spec: CifarSpec, path: Path) -> Raw:
                 raise DataError(f"{where}: 'data' is not a uint8 [N, 3072] array; download the archive again")
             y = np.asarray(y, dtype=np.int64)
             if y.shape != (len(x),) or (len(y) and (y.min() < 0 or y.max() >= spec.num_classes)):
-                raise DataError(f"{where}: '{spec.label_key}' does not hold {len(x)} labels in [0, {spec.num_classes}); download the archive again")
+                raise DataError(
+                    f"{where}: '{spec.label_key}' does not hold {len(x)} labels in [0, {spec.num_classes}); download the archive again"
+                )
             xs.append(x.reshape(-1, 3, 32, 32))
             ys.append(y)
         return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
@@ -168,7 +207,9 @@ def find_source(spec: CifarSpec, where: Path) -> tuple[str, Path] | None:
     """``("python" | "folder", path)`` for the first CIFAR copy found at ``where`` (file or dir)."""
     if where.is_file():
         if not is_archive(where):
-            raise DataError(f"data.root {where} is a file but not a tar/.tar.gz archive; point it at {spec.archive}, {spec.jpeg} or a folder")
+            raise DataError(
+                f"data.root {where} is a file but not a tar/.tar.gz archive; point it at {spec.archive}, {spec.jpeg} or a folder"
+            )
         return ("python" if _is_python_archive(where) else "folder", where)
     if not where.is_dir():
         return None

@@ -29,8 +29,10 @@ def check_bit_depth(im: Image.Image, name: str) -> None:
     """Refuse a 16-bit or floating-point image: PIL's ``convert("RGB")`` would clip it to 0/255 (a
     silently white image). The one rule for training data and ``pqd predict``."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        raise DataError(f"image {name} has {im.mode} pixels (16-bit or floating point); pqd reads 8-bit images "
-                        "and would clip it. Convert it to 8-bit RGB (or grey) first.")
+        raise DataError(
+            f"image {name} has {im.mode} pixels (16-bit or floating point); pqd reads 8-bit images "
+            "and would clip it. Convert it to 8-bit RGB (or grey) first."
+        )
 
 
 def decode_image(data: bytes, name: str, *, crop: tuple[int, int] | None = None) -> np.ndarray:
@@ -61,7 +63,8 @@ def iter_tar(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, boo
                         if m.size > MAX_MEMBER_BYTES:  # never read a member whole into memory past the cap
                             raise DataError(
                                 f"archive {path}: member {m.name} is {m.size:,} bytes, more than the "
-                                f"{MAX_MEMBER_BYTES >> 20} MiB an image file may have; remove it from the archive")
+                                f"{MAX_MEMBER_BYTES >> 20} MiB an image file may have; remove it from the archive"
+                            )
                         data = tf.extractfile(m).read(MAX_MEMBER_BYTES + 1)  # type: ignore[union-attr]
                     yield m.name, False, data
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
@@ -96,7 +99,9 @@ def _find_base(path: Path) -> Path:
     """``path`` itself or its single sub-directory that holds train/ and test/ (a wrapper folder)."""
     if any((path / s).is_dir() for s in SPLITS):
         return path
-    subs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and any((d / s).is_dir() for s in SPLITS)]
+    subs = [
+        d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and any((d / s).is_dir() for s in SPLITS)
+    ]
     return subs[0] if len(subs) == 1 else path
 
 
@@ -138,7 +143,7 @@ def _scan_tar(path: Path) -> tuple[_Files, dict[str, set[str]]]:
             prefix = parts[:k]
         if parts[: len(prefix)] != prefix or len(parts) <= len(prefix) or parts[len(prefix)] not in SPLITS:
             return None
-        return parts[len(prefix):]
+        return parts[len(prefix) :]
 
     def want(name: str) -> bool:
         rest = locate(name)
@@ -168,8 +173,14 @@ def list_image_folder(path: Path) -> tuple[tuple[str, ...], dict[str, list[tuple
     else:
         raise DataError(f"{path} is neither a directory nor a tar/.tar.gz archive; data.root needs {LAYOUT}")
     classes = _check_classes(path, files, dirs)
-    out = {split: [(name, src, label) for label, cls in enumerate(classes)
-                   for name, src in sorted(files[split][cls], key=lambda t: t[0])] for split in SPLITS}
+    out = {
+        split: [
+            (name, src, label)
+            for label, cls in enumerate(classes)
+            for name, src in sorted(files[split][cls], key=lambda t: t[0])
+        ]
+        for split in SPLITS
+    }
     return classes, out
 
 
@@ -179,7 +190,9 @@ def _check_classes(path: Path, files: _Files, dirs: dict[str, set[str]]) -> tupl
             raise DataError(f"{path} has no {split}/ folder with class sub-folders; expected {LAYOUT}")
         for cls in sorted(dirs[split]):
             if not files[split].get(cls):
-                raise DataError(f"class folder {split}/{cls} in {path} is empty; add images or remove the folder from both train/ and test/")
+                raise DataError(
+                    f"class folder {split}/{cls} in {path} is empty; add images or remove the folder from both train/ and test/"
+                )
     train_cls, test_cls = set(dirs["train"]), set(dirs["test"])
     if train_cls != test_cls:
         diff = []
@@ -187,11 +200,15 @@ def _check_classes(path: Path, files: _Files, dirs: dict[str, set[str]]) -> tupl
             diff.append(f"only in train/: {', '.join(sorted(train_cls - test_cls))}")
         if test_cls - train_cls:
             diff.append(f"only in test/: {', '.join(sorted(test_cls - train_cls))}")
-        raise DataError(f"train/ and test/ in {path} have different classes ({'; '.join(diff)}); both need the same class folders")
+        raise DataError(
+            f"train/ and test/ in {path} have different classes ({'; '.join(diff)}); both need the same class folders"
+        )
     classes = tuple(sorted(train_cls))
     if len(classes) < 2:
-        raise DataError(f"{path} has one class folder ({classes[0]}); a classifier needs at least 2 classes. "
-                        f"Add a folder per class under both train/ and test/ ({LAYOUT})")
+        raise DataError(
+            f"{path} has one class folder ({classes[0]}); a classifier needs at least 2 classes. "
+            f"Add a folder per class under both train/ and test/ ({LAYOUT})"
+        )
     return classes
 
 
@@ -219,7 +236,9 @@ def _assemble(path: Path, files: _Files, dirs: dict[str, set[str]]) -> Raw:
                     first = (name, img.shape)
                 elif img.shape != first[1]:
                     (h, w, _), (fh, fw, _) = img.shape, first[1]
-                    raise DataError(f"image {name} is {w}x{h} but {first[0]} is {fw}x{fh}; all images must share one size: set data.image_size (e.g. 224) to resize and crop them")
+                    raise DataError(
+                        f"image {name} is {w}x{h} but {first[0]} is {fw}x{fh}; all images must share one size: set data.image_size (e.g. 224) to resize and crop them"
+                    )
                 images.append(img)
                 labels.append(label)
         out[split] = (np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)), np.asarray(labels, dtype=np.int64))

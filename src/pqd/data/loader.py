@@ -41,7 +41,9 @@ def _cap_mb(max_mb: float | None) -> float:
         try:
             max_mb = float(raw) if raw.strip() else DEFAULT_DEVICE_DATA_MB
         except ValueError:
-            raise ValueError(f"${DEVICE_DATA_ENV}={raw!r}: expected a number of megabytes (0 turns the device data path off)") from None
+            raise ValueError(
+                f"${DEVICE_DATA_ENV}={raw!r}: expected a number of megabytes (0 turns the device data path off)"
+            ) from None
     if max_mb < 0:
         raise ValueError(f"the device data limit must be >= 0 MB, got {max_mb}")
     return max_mb
@@ -81,7 +83,9 @@ def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: in
     return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
 
-def epoch_order(n: int, *, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+def epoch_order(
+    n: int, *, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
     """Image order for one epoch on ``rank``: a strided shard of one permutation shared by all ranks.
 
     With ``world_size > 1`` every rank gets ``n // world_size`` images and the ``n % world_size``
@@ -118,7 +122,9 @@ def crop_flip_grid(draws: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, t
     return _reflect(dy + torch.arange(h, device=dev), h), _reflect(dx + j, w)
 
 
-def crop_flip_index(b: int, h: int, w: int, *, hflip: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_flip_index(
+    b: int, h: int, w: int, *, hflip: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Source ``rows [b, h]`` and ``cols [b, w]`` of a random reflect-padded crop (+ optional flip) per image."""
     return crop_flip_grid(draw_crop_flip(b, h, w, hflip=hflip, generator=generator), h, w)
 
@@ -166,11 +172,24 @@ def batches(
     bias = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device).view(1, c, 1, 1)
     order = epoch_order(len(ds), shuffle=shuffle, generator=generator, rank=rank, world_size=world_size)
     if isinstance(ds, FileDataset):
-        return stream_batches(ds, order, batch_size=batch_size, scale=scale, bias=bias, augment=augment, hflip=hflip,
-                              crop_scale=crop_scale, generator=generator, device=device, channels_last=channels_last,
-                              drop_last=drop_last)
+        return stream_batches(
+            ds,
+            order,
+            batch_size=batch_size,
+            scale=scale,
+            bias=bias,
+            augment=augment,
+            hflip=hflip,
+            crop_scale=crop_scale,
+            generator=generator,
+            device=device,
+            channels_last=channels_last,
+            drop_last=drop_last,
+        )
     if augment and crop_scale is not None:
-        return _iterate_rrc(ds, order, batch_size, scale, bias, tuple(crop_scale), hflip, generator, device, channels_last, drop_last)
+        return _iterate_rrc(
+            ds, order, batch_size, scale, bias, tuple(crop_scale), hflip, generator, device, channels_last, drop_last
+        )
     if resident is None:
         resident = resident_default(ds, device)
     run = _iterate_resident if resident else _iterate

@@ -59,8 +59,15 @@ class FileDataset:
 
     def subset(self, index: torch.Tensor | np.ndarray) -> FileDataset:
         idx = torch.as_tensor(index, dtype=torch.int64).tolist()
-        return FileDataset(tuple(self.sources[i] for i in idx), tuple(self.names[i] for i in idx), self.y[idx].clone(),
-                           self.classes, self.image_size, self.resize_size, self.workers)
+        return FileDataset(
+            tuple(self.sources[i] for i in idx),
+            tuple(self.names[i] for i in idx),
+            self.y[idx].clone(),
+            self.classes,
+            self.image_size,
+            self.resize_size,
+            self.workers,
+        )
 
     def class_counts(self) -> list[int]:
         return torch.bincount(self.y, minlength=len(self.classes)).tolist()
@@ -91,9 +98,15 @@ def _worker_init(_: int) -> None:
 
 def _loader(ds: FileDataset, batch_sampler, *, pin: bool = False) -> torch.utils.data.DataLoader:
     workers = max(0, int(ds.workers))
-    return torch.utils.data.DataLoader(_Decode(ds), batch_sampler=batch_sampler, num_workers=workers,
-                                       worker_init_fn=_worker_init if workers else None, pin_memory=pin,
-                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(
+        _Decode(ds),
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=pin,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def decode_to_memory(ds: FileDataset, *, desc: str, progress: bool = True, batch_size: int = 64) -> Dataset:
@@ -115,9 +128,21 @@ def sample_stats(ds: FileDataset, *, limit: int = STAT_IMAGES, seed: int = 0) ->
     return decode_to_memory(ds, desc="mean/std", progress=False)
 
 
-def stream_batches(ds: FileDataset, order: torch.Tensor, *, batch_size: int, scale: torch.Tensor, bias: torch.Tensor,
-                   augment: bool, hflip: bool, crop_scale: Sequence[float] | None, generator: torch.Generator | None,
-                   device: torch.device, channels_last: bool, drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stream_batches(
+    ds: FileDataset,
+    order: torch.Tensor,
+    *,
+    batch_size: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    augment: bool,
+    hflip: bool,
+    crop_scale: Sequence[float] | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+    channels_last: bool,
+    drop_last: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``ds`` in ``order``, decoded by its workers; the same values as
     :func:`pqd.data.batches` gives for the decoded images (augmentation: RandomResizedCrop +
     flip with ``crop_scale``, drawn here per batch from ``generator``)."""
@@ -126,7 +151,7 @@ def stream_batches(ds: FileDataset, order: torch.Tensor, *, batch_size: int, sca
 
     def sampler():
         for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size].tolist()
+            idx = order[start : start + batch_size].tolist()
             if augment:
                 draws = draw_rrc(len(idx), ds.image_size, scale=rrc, hflip=hflip, generator=generator)
                 yield list(zip(idx, draws, strict=True))
@@ -149,10 +174,11 @@ def default_workers() -> int:
     return max(1, min(4, cpus))
 
 
-def make_file_dataset(entries: list, classes: tuple[str, ...], *, image_size: int, resize_size: int, workers: int) -> FileDataset:
+def make_file_dataset(
+    entries: list, classes: tuple[str, ...], *, image_size: int, resize_size: int, workers: int
+) -> FileDataset:
     """A :class:`FileDataset` of ``(name, bytes or path, label)`` entries (:func:`pqd.data.folder.list_image_folder`)."""
     names = tuple(e[0] for e in entries)
     sources = tuple(e[1] for e in entries)
     y = torch.tensor([e[2] for e in entries], dtype=torch.int64)
     return FileDataset(sources, names, y, classes, image_size, resize_size, workers)
-

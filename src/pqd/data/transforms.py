@@ -32,7 +32,12 @@ def default_resize(image_size: int) -> int:
 
 def preprocess_record(image_size: int, resize_size: int) -> dict[str, Any]:
     """What a deployable carries to reproduce :func:`eval_crop` (``meta["preprocess"]``)."""
-    return {"resize_shorter": int(resize_size), "center_crop": int(image_size), "interpolation": "bilinear", "mode": "RGB"}
+    return {
+        "resize_shorter": int(resize_size),
+        "center_crop": int(image_size),
+        "interpolation": "bilinear",
+        "mode": "RGB",
+    }
 
 
 def eval_crop(img: Image.Image, *, image_size: int, resize_size: int) -> np.ndarray:
@@ -47,7 +52,9 @@ def eval_crop(img: Image.Image, *, image_size: int, resize_size: int) -> np.ndar
     return np.asarray(img.crop((left, top, left + image_size, top + image_size)))
 
 
-def draw_rrc(b: int, size: int, *, scale: tuple[float, float], hflip: bool, generator: torch.Generator | None) -> torch.Tensor:
+def draw_rrc(
+    b: int, size: int, *, scale: tuple[float, float], hflip: bool, generator: torch.Generator | None
+) -> torch.Tensor:
     """RandomResizedCrop boxes on a ``size`` x ``size`` image, torchvision's algorithm: ``[b, 5]`` int64
     columns ``top, left, height, width, flip`` (flip always 0 without ``hflip``, which draws nothing)."""
     area = size * size

@@ -83,12 +83,21 @@ _MAX_RAW = 8 << 30  # refuse files that claim more than 8 GiB of raw tensor data
 _DENSE_ABOVE = 0.5  # density above which ``dense`` is also tried (below it never won: Huffman spends >= 1 bit on zero)
 
 _DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
     "bool": torch.bool,
 }
 _QDTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {  # quantized dtype -> (itself, its int_repr dtype)
-    "qint8": (torch.qint8, torch.int8), "quint8": (torch.quint8, torch.uint8), "qint32": (torch.qint32, torch.int32),
+    "qint8": (torch.qint8, torch.int8),
+    "quint8": (torch.quint8, torch.uint8),
+    "qint32": (torch.qint32, torch.int32),
 }
 _DTYPE_VALUES = {**{k: v for k, v in _DTYPES.items()}, **{k: v[0] for k, v in _QDTYPES.items()}}
 _NAME_OF = {v: k for k, v in _DTYPE_VALUES.items()}
@@ -192,8 +201,13 @@ def _chshift_decode(data: bytes, pos: np.ndarray, n: int, rows: int) -> np.ndarr
 
 
 def encode_int8(
-    flat: np.ndarray, rows: int, *, codec: str = "zstd", level: int | None = None,
-    positions: str | None = None, values: str | None = None,
+    flat: np.ndarray,
+    rows: int,
+    *,
+    codec: str = "zstd",
+    level: int | None = None,
+    positions: str | None = None,
+    values: str | None = None,
 ) -> tuple[dict, list[tuple[str, bytes, int]], dict[str, int]]:
     """Code a flat int8 array: try every candidate coding, keep the smallest.
 
@@ -333,7 +347,9 @@ def _encode_value(v: Any, w: _Writer, key: str, report: dict) -> dict:
         return {"t": "int", "v": v}
     if isinstance(v, float):
         return {"t": "float", "v": v}
-    raise ModelError(f"{key}: cannot store a {type(v).__name__} in a compact checkpoint (tensors, dtypes, tuples and numbers only)")
+    raise ModelError(
+        f"{key}: cannot store a {type(v).__name__} in a compact checkpoint (tensors, dtypes, tuples and numbers only)"
+    )
 
 
 def _encode_qtensor(q: torch.Tensor, w: _Writer, key: str, report: dict) -> dict:
@@ -344,12 +360,18 @@ def _encode_qtensor(q: torch.Tensor, w: _Writer, key: str, report: dict) -> dict
     spec: dict[str, Any] = {"t": "qtensor", "dtype": name, "shape": list(q.shape)}
     scheme = q.qscheme()
     if scheme == torch.per_channel_affine:
-        spec.update(qscheme="per_channel_affine", axis=int(q.q_per_channel_axis()),
-                    scales=w.raw_tensor(q.q_per_channel_scales()), zero_points=w.raw_tensor(q.q_per_channel_zero_points()))
+        spec.update(
+            qscheme="per_channel_affine",
+            axis=int(q.q_per_channel_axis()),
+            scales=w.raw_tensor(q.q_per_channel_scales()),
+            zero_points=w.raw_tensor(q.q_per_channel_zero_points()),
+        )
     elif scheme == torch.per_tensor_affine:
         spec.update(qscheme="per_tensor_affine", scale=float(q.q_scale()), zero_point=int(q.q_zero_point()))
     else:
-        raise ModelError(f"{key}: quantization scheme {scheme} is not supported (per-channel or per-tensor affine only)")
+        raise ModelError(
+            f"{key}: quantization scheme {scheme} is not supported (per-channel or per-tensor affine only)"
+        )
     ints = q.int_repr().contiguous()
     n = ints.numel()
     if name == "qint8":
@@ -362,8 +384,14 @@ def _encode_qtensor(q: torch.Tensor, w: _Writer, key: str, report: dict) -> dict
         streams, cands = [(c, data, len(raw))], {"raw": len(data)}
     coding["streams"] = [w.add(data, c, raw_len) for c, data, raw_len in streams]
     spec["ints"] = coding
-    report[key] = {"numel": n, "nnz": coding["nnz"], "positions": coding["positions"], "values": coding["values"],
-                   "bytes": sum(len(s[1]) for s in streams), "candidates": cands}
+    report[key] = {
+        "numel": n,
+        "nnz": coding["nnz"],
+        "positions": coding["positions"],
+        "values": coding["values"],
+        "bytes": sum(len(s[1]) for s in streams),
+        "candidates": cands,
+    }
     return spec
 
 
@@ -381,8 +409,12 @@ def _state_of(model: nn.Module | Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def save_compact(
-    int8_model: nn.Module | Mapping[str, Any], path: str | Path, *, meta: Mapping[str, Any] | None = None,
-    codec: str = "zstd", level: int | None = None,
+    int8_model: nn.Module | Mapping[str, Any],
+    path: str | Path,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    codec: str = "zstd",
+    level: int | None = None,
 ) -> dict:
     """Write ``int8_model``'s whole state (or a state_dict) to ``path`` atomically.
 
@@ -407,15 +439,30 @@ def save_compact(
         warnings.simplefilter("ignore")
         entries = [[k, _encode_value(v, w, k, tensors)] for k, v in state.items()]
     blobs, payload = w.finish()
-    header = {"format": FORMAT, "version": VERSION, "codec": codec, "level": level, "byteorder": "little",
-              "meta": meta_json, "blobs": blobs, "entries": entries, "module_versions": _module_versions(state)}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "codec": codec,
+        "level": level,
+        "byteorder": "little",
+        "meta": meta_json,
+        "blobs": blobs,
+        "entries": entries,
+        "module_versions": _module_versions(state),
+    }
     data = _pack(header, payload)
     from pqd.train.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, data)
-    return {"bytes": len(data), "header_bytes": _PRELUDE.size + _prelude_header_len(data) + _DIGEST,
-            "misc_bytes": blobs[0]["n"], "int_bytes": sum(t["bytes"] for t in tensors.values()), "codec": codec,
-            "level": level, "tensors": tensors}
+    return {
+        "bytes": len(data),
+        "header_bytes": _PRELUDE.size + _prelude_header_len(data) + _DIGEST,
+        "misc_bytes": blobs[0]["n"],
+        "int_bytes": sum(t["bytes"] for t in tensors.values()),
+        "codec": codec,
+        "level": level,
+        "tensors": tensors,
+    }
 
 
 def _module_versions(state: Mapping[str, Any]) -> dict[str, int]:
@@ -473,7 +520,7 @@ class _Reader:
             raise CheckpointError(f"reference to blob {i!r}, which does not exist")
         if i not in self.cache:
             b = self.blobs[i]
-            self.cache[i] = _decompress(self.payload[b["o"]: b["o"] + b["n"]], b["c"], b["r"], self.level)
+            self.cache[i] = _decompress(self.payload[b["o"] : b["o"] + b["n"]], b["c"], b["r"], self.level)
         return self.cache[i]
 
 
@@ -491,14 +538,18 @@ def _raw_tensor(spec: Any, r: _Reader) -> torch.Tensor:
     shape, n = _shape(spec)
     at = spec.get("at")
     misc = r.blob(0)
-    if not (isinstance(at, list) and len(at) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in at)):
+    if not (
+        isinstance(at, list)
+        and len(at) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in at)
+    ):
         raise CheckpointError(f"tensor record has a bad location {at!r}")
     off, nbytes = at
     if nbytes != n * stored.itemsize or off + nbytes > len(misc):
         raise CheckpointError(f"tensor of shape {shape} ({spec.get('dtype')}) does not match its {nbytes} stored bytes")
     if n == 0:
         return torch.empty(shape, dtype=dtype)
-    t = torch.frombuffer(bytearray(misc[off: off + nbytes]), dtype=stored).reshape(shape)
+    t = torch.frombuffer(bytearray(misc[off : off + nbytes]), dtype=stored).reshape(shape)
     return t.to(dtype)
 
 
@@ -521,13 +572,18 @@ def _decode_value(spec: Any, r: _Reader, key: str) -> Any:
         return None
     if t in ("int", "float", "bool"):
         v: Any = spec.get("v")  # untrusted: checked below
-        ok = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool), "bool": lambda x: isinstance(x, bool),
-              "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)}[t](v)
+        ok = {
+            "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+            "bool": lambda x: isinstance(x, bool),
+            "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+        }[t](v)
         if not ok:
             raise CheckpointError(f"{key}: {t} record holds {v!r}")
         return float(v) if t == "float" else v
-    raise CheckpointError(f"{key}: refusing entry type {t!r}; a pqd compact file holds only tensors, "
-                          "quantized tensors, tuples, dtypes and numbers (never pickled objects or code)")
+    raise CheckpointError(
+        f"{key}: refusing entry type {t!r}; a pqd compact file holds only tensors, "
+        "quantized tensors, tuples, dtypes and numbers (never pickled objects or code)"
+    )
 
 
 def _decode_qtensor(spec: dict, r: _Reader, key: str) -> torch.Tensor:
@@ -542,19 +598,33 @@ def _decode_qtensor(spec: dict, r: _Reader, key: str) -> torch.Tensor:
     else:
         if coding.get("positions") != "raw" or len(streams) != 1 or len(streams[0]) != n * idtype.itemsize:
             raise CheckpointError(f"{key}: bad dense integer stream")
-        ints = (torch.frombuffer(bytearray(streams[0]), dtype=idtype) if n else torch.empty(0, dtype=idtype)).reshape(shape)
+        ints = (torch.frombuffer(bytearray(streams[0]), dtype=idtype) if n else torch.empty(0, dtype=idtype)).reshape(
+            shape
+        )
     scheme = spec.get("qscheme")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if scheme == "per_channel_affine":
             axis = _int(spec, "axis", 0, max(len(shape) - 1, 0))
             scales, zps = _raw_tensor(spec.get("scales"), r), _raw_tensor(spec.get("zero_points"), r)
-            if scales.dtype != torch.float64 or zps.dtype != torch.int64 or scales.shape != (shape[axis],) or zps.shape != scales.shape:
-                raise CheckpointError(f"{key}: per-channel scales / zero points do not fit shape {shape} on axis {axis}")
+            if (
+                scales.dtype != torch.float64
+                or zps.dtype != torch.int64
+                or scales.shape != (shape[axis],)
+                or zps.shape != scales.shape
+            ):
+                raise CheckpointError(
+                    f"{key}: per-channel scales / zero points do not fit shape {shape} on axis {axis}"
+                )
             return torch._make_per_channel_quantized_tensor(ints, scales, zps, axis)
         if scheme == "per_tensor_affine":
             scale, zp = spec.get("scale"), spec.get("zero_point")
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or isinstance(zp, bool) or not isinstance(zp, int):
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, (int, float))
+                or isinstance(zp, bool)
+                or not isinstance(zp, int)
+            ):
                 raise CheckpointError(f"{key}: bad per-tensor scale / zero point")
             q = torch._make_per_tensor_quantized_tensor(ints, float(scale), zp)
             if q.dtype != qdtype:
@@ -579,16 +649,23 @@ def _check_meta_sizes(meta: Mapping[str, Any], state: Mapping[str, Any]) -> None
     stored = sum(_numel(v) for v in state.values())
     c = meta.get("num_classes")
     if c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= max(stored, 1)):
-        raise CheckpointError(f"meta 'num_classes' = {str(c)[:40]} does not fit the file, which stores {stored:,} weights in all; "
-                              "the file is damaged or was not written by pqd: export it again from its run")
+        raise CheckpointError(
+            f"meta 'num_classes' = {str(c)[:40]} does not fit the file, which stores {stored:,} weights in all; "
+            "the file is damaged or was not written by pqd: export it again from its run"
+        )
     shape = meta.get("image_shape")
     if shape is not None:
-        ok = (isinstance(shape, list) and 1 <= len(shape) <= 4
-              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape))
+        ok = (
+            isinstance(shape, list)
+            and 1 <= len(shape) <= 4
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        )
         if not ok or math.prod(shape) > _MAX_IMAGE_VALUES:
-            raise CheckpointError(f"meta 'image_shape' = {str(shape)[:60]} is not an image shape pqd can build a model for "
-                                  f"(1 to 4 positive sizes, at most {_MAX_IMAGE_VALUES:,} values); the file is damaged or was "
-                                  "not written by pqd: export it again from its run")
+            raise CheckpointError(
+                f"meta 'image_shape' = {str(shape)[:60]} is not an image shape pqd can build a model for "
+                f"(1 to 4 positive sizes, at most {_MAX_IMAGE_VALUES:,} values); the file is damaged or was "
+                "not written by pqd: export it again from its run"
+            )
 
 
 def read_compact(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -616,7 +693,12 @@ def read_compact(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if hcodec not in _HEADER_CODECS or hraw > _MAX_HEADER:
         raise CheckpointError(f"{where}: refusing header codec {hcodec} / size {hraw}")
     try:
-        raw = _decompress(data[_PRELUDE.size: _PRELUDE.size + hlen], _HEADER_CODECS[hcodec], hraw, _LEVELS.get(_HEADER_CODECS[hcodec], 0))
+        raw = _decompress(
+            data[_PRELUDE.size : _PRELUDE.size + hlen],
+            _HEADER_CODECS[hcodec],
+            hraw,
+            _LEVELS.get(_HEADER_CODECS[hcodec], 0),
+        )
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
             raise CheckpointError(f"header is not a {FORMAT} v{VERSION} header")
@@ -625,12 +707,14 @@ def read_compact(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if header.get("codec") not in _CODECS:
             raise CheckpointError(f"refusing codec {header.get('codec')!r}; known: {', '.join(_CODECS)}")
         level = _int(header, "level", 0, 22)
-        reader = _Reader(header.get("blobs"), data[_PRELUDE.size + hlen: -_DIGEST], level)
+        reader = _Reader(header.get("blobs"), data[_PRELUDE.size + hlen : -_DIGEST], level)
         entries, meta = header.get("entries"), header.get("meta", {})
         if not isinstance(entries, list) or not isinstance(meta, dict):
             raise CheckpointError("header 'entries' must be a list and 'meta' a record")
         versions = header.get("module_versions", {})
-        if not isinstance(versions, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions.values()):
+        if not isinstance(versions, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in versions.values()
+        ):
             raise CheckpointError("header 'module_versions' must map module paths to integers")
         state: dict[str, Any] = OrderedDict()
         state._metadata = OrderedDict((k, {"version": v}) for k, v in versions.items())  # type: ignore[attr-defined]
@@ -643,7 +727,16 @@ def read_compact(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         _check_meta_sizes(meta, state)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError, RecursionError, UnicodeDecodeError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        RuntimeError,
+        RecursionError,
+        UnicodeDecodeError,
+    ) as exc:
         raise CheckpointError(f"{where} has a malformed header ({type(exc).__name__}: {str(exc)[:200]})") from None
     return state, meta
 
@@ -661,9 +754,11 @@ def _same(a: Any, b: Any) -> bool:
             return False
         if a.qscheme() == torch.per_tensor_affine:
             return a.q_scale() == b.q_scale() and a.q_zero_point() == b.q_zero_point()
-        return (a.q_per_channel_axis() == b.q_per_channel_axis()
-                and torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
-                and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points()))
+        return (
+            a.q_per_channel_axis() == b.q_per_channel_axis()
+            and torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+            and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points())
+        )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
@@ -701,10 +796,15 @@ def load_compact(path: str | Path, skeleton: nn.Module) -> nn.Module:
     missing, extra = sorted(set(have) - set(state)), sorted(set(state) - set(have))
     wrong = [k for k in state if k in have and _signature(state[k]) != _signature(have[k])]
     if missing or extra or wrong:
-        parts = [f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", extra), ("different dtype/shape", wrong)) if keys]
-        raise CheckpointError(f"compact checkpoint {str(path)!r} does not fit the skeleton {type(skeleton).__name__} "
-                              f"({'; '.join(parts)}); build the skeleton with the run's model, width, classes and quantize mode")
+        parts = [
+            f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", extra), ("different dtype/shape", wrong))
+            if keys
+        ]
+        raise CheckpointError(
+            f"compact checkpoint {str(path)!r} does not fit the skeleton {type(skeleton).__name__} "
+            f"({'; '.join(parts)}); build the skeleton with the run's model, width, classes and quantize mode"
+        )
     if not getattr(state, "_metadata", None):
         state._metadata = getattr(have, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     try:
@@ -754,6 +854,15 @@ def entropy_bound(model: nn.Module | Mapping[str, Any]) -> dict[str, float]:
         val_t += nz.size * _h(h) / 8
         n_all, nnz_all, hist = n_all + q.size, nnz_all + nz.size, hist + h
     mask_g, val_g = n_all * _h2(nnz_all / max(n_all, 1)) / 8, nnz_all * _h(hist) / 8
-    return {"numel": n_all, "nnz": nnz_all, "density": nnz_all / max(n_all, 1), "value_entropy_bits": _h(hist),
-            "per_tensor": mask_t + val_t, "per_tensor_mask": mask_t, "per_tensor_values": val_t,
-            "global": mask_g + val_g, "global_mask": mask_g, "global_values": val_g}
+    return {
+        "numel": n_all,
+        "nnz": nnz_all,
+        "density": nnz_all / max(n_all, 1),
+        "value_entropy_bits": _h(hist),
+        "per_tensor": mask_t + val_t,
+        "per_tensor_mask": mask_t,
+        "per_tensor_values": val_t,
+        "global": mask_g + val_g,
+        "global_mask": mask_g,
+        "global_values": val_g,
+    }

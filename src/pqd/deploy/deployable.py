@@ -50,7 +50,9 @@ class Preprocessed(nn.Module):
         scale_f: torch.Tensor
         bias: torch.Tensor
 
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str]) -> None:
+    def __init__(
+        self, model: nn.Module, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str]
+    ) -> None:
         super().__init__()
         if len(mean) != len(std) or not len(mean):
             raise ValueError(f"mean and std need one value per channel, got {list(mean)} and {list(std)}")
@@ -106,19 +108,30 @@ def deployable_meta(
         raise ValueError(f"normalization must be 'inside' or 'outside', got {normalization!r}")
     raw = "uint8 [0, 255] or float32 [0, 1]"
     return {
-        "format": FORMAT, "version": VERSION,
-        "input": {"layout": "NCHW", "shape": [int(s) for s in input_shape],
-                  "dtype": raw if normalization == "inside" else "float32, normalised: (x / 255 - mean) / std",
-                  "normalization": normalization},
-        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "format": FORMAT,
+        "version": VERSION,
+        "input": {
+            "layout": "NCHW",
+            "shape": [int(s) for s in input_shape],
+            "dtype": raw if normalization == "inside" else "float32, normalised: (x / 255 - mean) / std",
+            "normalization": normalization,
+        },
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
         "class_names": [str(n) for n in class_names],
         **({"preprocess": dict(preprocess)} if preprocess else {}),
         **(extra or {}),
     }
 
 
-def deployable_torchscript(model: nn.Module, *, mean: Sequence[float], std: Sequence[float], class_names: Sequence[str],
-                           input_shape: Sequence[int]) -> torch.jit.ScriptModule:
+def deployable_torchscript(
+    model: nn.Module,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
+    input_shape: Sequence[int],
+) -> torch.jit.ScriptModule:
     """Trace + freeze ``model`` (FP32 or converted INT8, on normalised input), then script
     :class:`Preprocessed` around it: a TorchScript module that takes raw images."""
     example = torch.zeros(1, *input_shape)
@@ -129,7 +142,9 @@ def deployable_torchscript(model: nn.Module, *, mean: Sequence[float], std: Sequ
         return torch.jit.freeze(scripted, preserved_attrs=["class_names", "mean", "std", "forward_normalized"])
 
 
-def save_torchscript(module: torch.jit.ScriptModule, path: str | Path, *, meta: dict[str, Any], overwrite: bool = False) -> Path:
+def save_torchscript(
+    module: torch.jit.ScriptModule, path: str | Path, *, meta: dict[str, Any], overwrite: bool = False
+) -> Path:
     """Save ``module`` with ``meta`` as the extra file ``pqd.json`` (atomically, never over a
     file pqd did not write unless ``overwrite``; see :func:`pqd.safety.fsguard.safe_replace`)."""
     from pqd.safety.fsguard import safe_replace
@@ -151,10 +166,14 @@ def read_torchscript_meta(path: str | Path) -> dict[str, Any] | None:
                 return None
             info = z.getinfo(names[0])
             if info.file_size > 1 << 20:
-                raise CheckpointError(f"{str(path)!r}: its {META_NAME} record is {info.file_size} bytes; not a pqd file")
+                raise CheckpointError(
+                    f"{str(path)!r}: its {META_NAME} record is {info.file_size} bytes; not a pqd file"
+                )
             meta = json.loads(z.read(info).decode("utf-8"))
     except (zipfile.BadZipFile, EOFError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not a readable TorchScript file ({exc}); it may be truncated: export it again") from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable TorchScript file ({exc}); it may be truncated: export it again"
+        ) from None
     except OSError as exc:
         raise CheckpointError(f"{str(path)!r} cannot be read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
@@ -166,8 +185,13 @@ def read_torchscript_meta(path: str | Path) -> dict[str, Any] | None:
 
 def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
     """ONNX ``metadata_props`` for ``meta`` (pass to ``pqd.deploy.onnx.export_onnx(metadata=...)``)."""
-    return {"pqd": json.dumps(meta), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
-            "classes": json.dumps(meta["class_names"]), "input_normalization": meta["input"]["normalization"]}
+    return {
+        "pqd": json.dumps(meta),
+        "mean": json.dumps(meta["mean"]),
+        "std": json.dumps(meta["std"]),
+        "classes": json.dumps(meta["class_names"]),
+        "input_normalization": meta["input"]["normalization"],
+    }
 
 
 # --------------------------------------------------------------------------- loading
@@ -193,12 +217,15 @@ class Deployable:
 def validate_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
     try:
         c = len(meta["mean"])
-        ok = (len(meta["std"]) == c and len(meta["input"]["shape"]) == 3 and meta["input"]["shape"][0] == c
-              and meta["input"]["normalization"] in ("inside", "outside") and len(meta["class_names"]) >= 1)
+        ok = (
+            len(meta["std"]) == c
+            and len(meta["input"]["shape"]) == 3
+            and meta["input"]["shape"][0] == c
+            and meta["input"]["normalization"] in ("inside", "outside")
+            and len(meta["class_names"]) >= 1
+        )
     except (KeyError, TypeError):
         ok = False
     if not ok:
         raise CheckpointError(f"{where}: malformed {FORMAT} record {json.dumps(meta)[:200]}")
     return meta
-
-

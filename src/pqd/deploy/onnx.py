@@ -58,8 +58,10 @@ def reference_int8(student) -> nn.Module:
 
     fn = getattr(qfx, "_convert_to_reference_decomposed_fx", None)
     if fn is None:
-        raise ModelError(f"torch {torch.__version__} has no torch.ao.quantization.quantize_fx._convert_to_reference_decomposed_fx, "
-                         "which the ONNX INT8 export needs")
+        raise ModelError(
+            f"torch {torch.__version__} has no torch.ao.quantization.quantize_fx._convert_to_reference_decomposed_fx, "
+            "which the ONNX INT8 export needs"
+        )
     model = copy.deepcopy(student.model).cpu().eval()
     apply_masks(model, student.masks)
     return fn(model)
@@ -165,8 +167,15 @@ def first_useful_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, str] | None = None,
-                fold: bool = True, overwrite: bool = False) -> dict:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_shape: Sequence[int],
+    *,
+    metadata: dict[str, str] | None = None,
+    fold: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Export ``model`` (FP32 or FX reference INT8) to ONNX with a dynamic batch dimension.
 
     Returns a small record: file name, bytes on disk, opset, node counts by type and, for a
@@ -182,12 +191,22 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with _quiet_exporter(), torch.no_grad():
-            prog = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                     dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+            prog = torch.onnx.export(
+                model.eval(),
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                optimize=True,
+                verbose=False,
+            )
     except Exception as exc:  # the exporter raises many types
         detail = ANSI.sub("", str(exc))
         log.debug("ONNX export of %s failed; the exporter's full message:\n%s", type(model).__name__, detail)
-        err = ModelError(f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}): {first_useful_line(detail)}")
+        err = ModelError(
+            f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}): {first_useful_line(detail)}"
+        )
         err.detail = detail
         raise err from None
     if prog is None:  # dynamo=True always returns a program; None is the legacy exporter's return
@@ -207,7 +226,13 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
     for n in proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"file": path.name, "bytes": path.stat().st_size, "opset": opset, "ops": dict(sorted(ops.items())), "int8_weights": folded}
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "opset": opset,
+        "ops": dict(sorted(ops.items())),
+        "int8_weights": folded,
+    }
 
 
 def int8_initializer_zeros(path: str | Path) -> dict[str, tuple[int, int]]:

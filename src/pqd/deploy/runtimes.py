@@ -63,9 +63,16 @@ class OrtRunner:
         so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        self.settings = {"runtime": "onnxruntime", "version": ort.__version__, "file": Path(path).name,
-                         "providers": self.session.get_providers(), "intra_op_num_threads": threads,
-                         "inter_op_num_threads": 1, "allow_spinning": spinning, "graph_optimization_level": "ORT_ENABLE_ALL"}
+        self.settings = {
+            "runtime": "onnxruntime",
+            "version": ort.__version__,
+            "file": Path(path).name,
+            "providers": self.session.get_providers(),
+            "intra_op_num_threads": threads,
+            "inter_op_num_threads": 1,
+            "allow_spinning": spinning,
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+        }
 
     def __call__(self, x) -> np.ndarray:
         arr = np.asarray(x)
@@ -83,17 +90,34 @@ class OpenVinoRunner:
 
     runtime = "openvino"
 
-    def __init__(self, path: str | Path, *, threads: int, batch_sizes: Iterable[int] = (), precision: str = OPENVINO_PRECISION,
-                 dynamic_batch: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        threads: int,
+        batch_sizes: Iterable[int] = (),
+        precision: str = OPENVINO_PRECISION,
+        dynamic_batch: bool = False,
+    ):
         ov = require("openvino")
         self._ov, self.path, self.core = ov, str(path), ov.Core()
         self.dynamic_batch, self._compiled = dynamic_batch, None
-        self.config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
-                       "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+        self.config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "ENABLE_CPU_PINNING": False,
+        }
         self._requests: dict[tuple, Any] = {}
-        self.settings = {"runtime": "openvino", "version": ov.get_version(), "file": Path(path).name, "device": "CPU",
-                         "config": {k: str(v) for k, v in self.config.items()},
-                         "batch_shape": "dynamic" if dynamic_batch else "static"}
+        self.settings = {
+            "runtime": "openvino",
+            "version": ov.get_version(),
+            "file": Path(path).name,
+            "device": "CPU",
+            "config": {k: str(v) for k, v in self.config.items()},
+            "batch_shape": "dynamic" if dynamic_batch else "static",
+        }
         for bs in batch_sizes:
             self._request((bs,))
 
@@ -106,14 +130,18 @@ class OpenVinoRunner:
                 shape = list(model.inputs[0].get_partial_shape())
                 # static: one compilation per batch size (what a deployment with a fixed batch does); dynamic:
                 # one compilation for every batch, the fallback for models whose static compile crashes
-                model.reshape({model.inputs[0]: [-1 if self.dynamic_batch else key[0], *[d.get_length() for d in shape[1:]]]})
+                model.reshape(
+                    {model.inputs[0]: [-1 if self.dynamic_batch else key[0], *[d.get_length() for d in shape[1:]]]}
+                )
                 compiled = self.core.compile_model(model, "CPU", self.config)
                 if self.dynamic_batch:
                     self._compiled = compiled
             req = self._requests[key] = compiled.create_infer_request()
             if "inference_precision_hint" not in self.settings:
                 hint = compiled.get_property("INFERENCE_PRECISION_HINT")
-                self.settings["inference_precision_hint"] = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+                self.settings["inference_precision_hint"] = (
+                    hint.to_string() if hasattr(hint, "to_string") else str(hint)
+                )
                 self.settings["int8_layers"] = _ov_int8_layers(compiled)
         return req
 
@@ -133,7 +161,10 @@ def _ov_int8_layers(compiled) -> int | None:
             keys = set(rt.keys())
             kind = rt["layerType"].astype(str) if "layerType" in keys else ""
             prec = rt["runtimePrecision"].astype(str) if "runtimePrecision" in keys else ""
-            n += kind not in ("Const", "Input", "Output", "Parameter", "Result", "Reorder") and prec.lower() in ("u8", "i8")
+            n += kind not in ("Const", "Input", "Output", "Parameter", "Result", "Reorder") and prec.lower() in (
+                "u8",
+                "i8",
+            )
         return n
     except Exception:  # runtime-model rt_info is not a stable API
         return None

@@ -27,7 +27,9 @@ def predict(model: nn.Module, data: Iterable) -> tuple[torch.Tensor, torch.Tenso
                 raise DataError(f"evaluation needs (images, labels) batches of tensors, got {type(batch).__name__}")
             x, y = batch[0], torch.as_tensor(batch[1])
             if not x.is_floating_point():
-                raise DataError(f"evaluation feeds images to the model as the loader yields them; got {x.dtype}, the model needs float")
+                raise DataError(
+                    f"evaluation feeds images to the model as the loader yields them; got {x.dtype}, the model needs float"
+                )
             logits.append(model(x.to(device)).float().cpu())
             labels.append(y.cpu())
     if not logits:

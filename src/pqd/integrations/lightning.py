@@ -45,7 +45,9 @@ else:
         try:
             import pytorch_lightning as pl
         except ImportError:
-            raise ImportError("pqd.integrations.lightning needs PyTorch Lightning: pip install 'pqd[lightning]' (or pip install lightning)") from None
+            raise ImportError(
+                "pqd.integrations.lightning needs PyTorch Lightning: pip install 'pqd[lightning]' (or pip install lightning)"
+            ) from None
 
 __all__ = ["PQDCallback"]
 
@@ -57,10 +59,20 @@ class PQDCallback(pl.Callback):
     ``sparsity=0`` skips pruning, ``qat_epoch=None`` skips QAT, ``teacher=None`` skips KD."""
 
     def __init__(
-        self, *, attr: str = "model", sparsity: float = 0.0, prune_epochs: int = 1, exclude: tuple[str, ...] = ("@first",),
-        importance: Importance = _MAGNITUDE, qat_epoch: int | None = None, freeze_epoch: int | None = None,
-        example: torch.Tensor | None = None, reduce_range: bool = False, teacher: nn.Module | None = None,
-        temperature: float = 4.0, alpha: float = 0.5,
+        self,
+        *,
+        attr: str = "model",
+        sparsity: float = 0.0,
+        prune_epochs: int = 1,
+        exclude: tuple[str, ...] = ("@first",),
+        importance: Importance = _MAGNITUDE,
+        qat_epoch: int | None = None,
+        freeze_epoch: int | None = None,
+        example: torch.Tensor | None = None,
+        reduce_range: bool = False,
+        teacher: nn.Module | None = None,
+        temperature: float = 4.0,
+        alpha: float = 0.5,
     ):
         super().__init__()
         if not 0.0 <= sparsity < 1.0:
@@ -88,7 +100,9 @@ class PQDCallback(pl.Callback):
     def _net(self, pl_module) -> nn.Module:
         net = getattr(pl_module, self.attr, None)
         if not isinstance(net, nn.Module):
-            raise ModelError(f"PQDCallback: the LightningModule has no nn.Module attribute {self.attr!r}; pass attr= the name of its network")
+            raise ModelError(
+                f"PQDCallback: the LightningModule has no nn.Module attribute {self.attr!r}; pass attr= the name of its network"
+            )
         return net
 
     def _capture(self, net: nn.Module) -> None:
@@ -140,7 +154,9 @@ class PQDCallback(pl.Callback):
         net = self._net(pl_module)
         example = self.example if self.example is not None else getattr(pl_module, "example_input_array", None)
         if not isinstance(example, torch.Tensor):
-            raise ModelError("PQDCallback: QAT needs an example input: pass example= or set the LightningModule's example_input_array")
+            raise ModelError(
+                "PQDCallback: QAT needs an example input: pass example= or set the LightningModule's example_input_array"
+            )
         prepared = qat.prepare_qat(net, example, reduce_range=self.reduce_range, inplace=True)
         setattr(pl_module, self.attr, prepared)
         if self.masks is not None:

@@ -6,10 +6,18 @@ runs inside this package and must not import torch to time an ONNX file."""
 from importlib import import_module
 
 _LAZY = {
-    "agreement": "pqd.measure.accuracy", "predict": "pqd.measure.accuracy", "top1": "pqd.measure.accuracy",
-    "environment": "pqd.measure.env", "faithfulness": "pqd.measure.faithfulness", "mcnemar": "pqd.measure.faithfulness",
-    "Blocks": "pqd.measure.latency", "measure_latency": "pqd.measure.latency", "proxies": "pqd.measure.proxies",
-    "file_bytes": "pqd.measure.size", "speedup_summary": "pqd.measure.speedup", "mcnemar_paired": "pqd.measure.stats",
+    "agreement": "pqd.measure.accuracy",
+    "predict": "pqd.measure.accuracy",
+    "top1": "pqd.measure.accuracy",
+    "environment": "pqd.measure.env",
+    "faithfulness": "pqd.measure.faithfulness",
+    "mcnemar": "pqd.measure.faithfulness",
+    "Blocks": "pqd.measure.latency",
+    "measure_latency": "pqd.measure.latency",
+    "proxies": "pqd.measure.proxies",
+    "file_bytes": "pqd.measure.size",
+    "speedup_summary": "pqd.measure.speedup",
+    "mcnemar_paired": "pqd.measure.stats",
     "top1_record": "pqd.measure.stats",
 }
 

@@ -9,11 +9,15 @@ from pqd.data import Dataset, batches
 from pqd.data.stream import FileDataset
 
 
-def predict(model: Callable[[torch.Tensor], torch.Tensor], ds: Dataset | FileDataset, *, mean, std, batch_size: int = 500) -> torch.Tensor:
+def predict(
+    model: Callable[[torch.Tensor], torch.Tensor], ds: Dataset | FileDataset, *, mean, std, batch_size: int = 500
+) -> torch.Tensor:
     """Logits of ``model`` (a module in eval mode, or any callable) on every image of ``ds``, in order, on CPU."""
     if isinstance(model, nn.Module):
         model.eval()
-    device = next(iter(model.parameters()), torch.empty(0)).device if isinstance(model, nn.Module) else torch.device("cpu")
+    device = (
+        next(iter(model.parameters()), torch.empty(0)).device if isinstance(model, nn.Module) else torch.device("cpu")
+    )
     out = []
     with torch.inference_mode():
         for x, _ in batches(ds, batch_size=batch_size, mean=mean, std=std, device=device):

@@ -72,16 +72,34 @@ def _profile(correct: torch.Tensor, min_slice: int) -> dict[str, Any]:
     for bounds in slice_bounds(len(correct), min_slice=min_slice):
         accs = [correct[a:b].float().mean().item() for a, b in bounds]
         size = bounds[0][1] - bounds[0][0]
-        levels.append({"fraction": size / len(correct), "size": size, "slices": len(bounds),
-                       "min": min(accs), "mean": sum(accs) / len(accs), "max": max(accs)})
+        levels.append(
+            {
+                "fraction": size / len(correct),
+                "size": size,
+                "slices": len(bounds),
+                "min": min(accs),
+                "mean": sum(accs) / len(accs),
+                "max": max(accs),
+            }
+        )
     worst = min(lv["min"] for lv in levels)
-    return {"top1": full, "min_slice": min_slice, "levels": levels,
-            "degradation_factor": (1.0 - worst / full) if full > 0 else 0.0}
+    return {
+        "top1": full,
+        "min_slice": min_slice,
+        "levels": levels,
+        "degradation_factor": (1.0 - worst / full) if full > 0 else 0.0,
+    }
 
 
 def compare_degradation(
-    teacher_logits: torch.Tensor, final_logits: torch.Tensor, labels: torch.Tensor, *, min_slice: int = 25,
-    mean_tol: float = 0.01, slice_tol: float = 0.05, alpha: float = 0.05,
+    teacher_logits: torch.Tensor,
+    final_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    min_slice: int = 25,
+    mean_tol: float = 0.01,
+    slice_tol: float = 0.05,
+    alpha: float = 0.05,
 ) -> dict[str, Any]:
     """The final model's profile, the teacher's, the worst paired slice and the flag (module doc).
 
@@ -98,19 +116,33 @@ def compare_degradation(
             if gap <= 0:
                 continue
             test = mcnemar(int(((ts == 1) & (fs == 0)).sum()), int(((ts == 0) & (fs == 1)).sum()))
-            cand = {"level": k, "slice": j, "start": a, "size": b - a, "teacher_top1": ts.float().mean().item(),
-                    "final_top1": fs.float().mean().item(), "gap": gap, "p_value": test["p_value"]}
+            cand = {
+                "level": k,
+                "slice": j,
+                "start": a,
+                "size": b - a,
+                "teacher_top1": ts.float().mean().item(),
+                "final_top1": fs.float().mean().item(),
+                "gap": gap,
+                "p_value": test["p_value"],
+            }
             if worst is None or (cand["p_value"], -cand["gap"]) < (worst["p_value"], -worst["gap"]):
                 worst = cand
     if worst is not None:
         worst["p_adjusted"] = min(1.0, worst["p_value"] * tested)
     mean_gap = teacher["top1"] - final["top1"]
-    flag = bool(worst is not None and mean_gap <= mean_tol and worst["gap"] >= slice_tol and worst["p_adjusted"] < alpha)
+    flag = bool(
+        worst is not None and mean_gap <= mean_tol and worst["gap"] >= slice_tol and worst["p_adjusted"] < alpha
+    )
     return {
-        "min_slice": min_slice, "slices_tested": tested,
+        "min_slice": min_slice,
+        "slices_tested": tested,
         "final": {k: final[k] for k in ("degradation_factor", "levels")},
         "teacher": {k: teacher[k] for k in ("degradation_factor", "levels")},
-        "degradation_factor": final["degradation_factor"], "teacher_degradation_factor": teacher["degradation_factor"],
-        "mean_gap": mean_gap, "worst_slice": worst, "slice_failure": flag,
+        "degradation_factor": final["degradation_factor"],
+        "teacher_degradation_factor": teacher["degradation_factor"],
+        "mean_gap": mean_gap,
+        "worst_slice": worst,
+        "slice_failure": flag,
         "rule": {"mean_tol": mean_tol, "slice_tol": slice_tol, "alpha": alpha},
     }

@@ -28,7 +28,9 @@ def _topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return (top == labels[:, None]).any(1).float().mean().item()
 
 
-def _per_class(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, names: Sequence[str]) -> dict[str, float | None]:
+def _per_class(
+    pred: torch.Tensor, labels: torch.Tensor, num_classes: int, names: Sequence[str]
+) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for c in range(num_classes):
         sel = labels == c
@@ -38,8 +40,12 @@ def _per_class(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, names
 
 
 def faithfulness(
-    teacher_logits: torch.Tensor, final_logits: torch.Tensor, labels: torch.Tensor, *,
-    class_names: Sequence[str] | None = None, k: int = 5,
+    teacher_logits: torch.Tensor,
+    final_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    class_names: Sequence[str] | None = None,
+    k: int = 5,
 ) -> dict:
     """Accuracy of both models, their agreement, and McNemar's test (teacher vs final).
 
@@ -47,8 +53,14 @@ def faithfulness(
     Per-class accuracy is keyed by ``class_names`` (or the class index); a class with no
     test image gets ``None``.
     """
-    if teacher_logits.shape != final_logits.shape or teacher_logits.dim() != 2 or labels.shape != teacher_logits.shape[:1]:
-        raise ValueError(f"shape mismatch: teacher {tuple(teacher_logits.shape)}, final {tuple(final_logits.shape)}, labels {tuple(labels.shape)}")
+    if (
+        teacher_logits.shape != final_logits.shape
+        or teacher_logits.dim() != 2
+        or labels.shape != teacher_logits.shape[:1]
+    ):
+        raise ValueError(
+            f"shape mismatch: teacher {tuple(teacher_logits.shape)}, final {tuple(final_logits.shape)}, labels {tuple(labels.shape)}"
+        )
     labels = labels.long().cpu()
     teacher_logits, final_logits = teacher_logits.float().cpu(), final_logits.float().cpu()
     num_classes = teacher_logits.shape[1]
@@ -62,8 +74,11 @@ def faithfulness(
     c = int((~t_ok & f_ok).sum())  # teacher wrong, compressed right
 
     def acc(logits: torch.Tensor, pred: torch.Tensor) -> dict:
-        return {"top1": (pred == labels).float().mean().item(), "top5": _topk(logits, labels, kk),
-                "per_class": _per_class(pred, labels, num_classes, names)}
+        return {
+            "top1": (pred == labels).float().mean().item(),
+            "top5": _topk(logits, labels, kk),
+            "per_class": _per_class(pred, labels, num_classes, names),
+        }
 
     return {
         "n": int(labels.numel()),
@@ -71,6 +86,11 @@ def faithfulness(
         "teacher": acc(teacher_logits, tp),
         "final": acc(final_logits, fp),
         "agreement_with_teacher": (tp == fp).float().mean().item(),
-        "contingency": {"both_right": int((t_ok & f_ok).sum()), "teacher_only": b, "final_only": c, "both_wrong": int((~t_ok & ~f_ok).sum())},
+        "contingency": {
+            "both_right": int((t_ok & f_ok).sum()),
+            "teacher_only": b,
+            "final_only": c,
+            "both_wrong": int((~t_ok & ~f_ok).sum()),
+        },
         "mcnemar": mcnemar(b, c),
     }

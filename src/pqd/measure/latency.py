@@ -43,7 +43,9 @@ class Blocks:
 
     def __post_init__(self):
         if self.timed < 1 or not self.settle_ms >= 0:
-            raise ValueError(f"Blocks(timed={self.timed}, settle_ms={self.settle_ms}): need timed >= 1 and settle_ms >= 0")
+            raise ValueError(
+                f"Blocks(timed={self.timed}, settle_ms={self.settle_ms}): need timed >= 1 and settle_ms >= 0"
+            )
 
 
 #: Batch 1: 25 timed calls per block after 50 ms of settle calls. On the 2-core reference
@@ -110,8 +112,10 @@ def interleave(
     if not names:
         raise ValueError("measure_latency needs at least one model")
     if runs < 1 or large_batch_runs < 1 or warmup < 0:
-        raise ValueError(f"measure_latency: runs ({runs}) and large_batch_runs ({large_batch_runs}) must be >= 1, "
-                         f"warmup ({warmup}) >= 0")
+        raise ValueError(
+            f"measure_latency: runs ({runs}) and large_batch_runs ({large_batch_runs}) must be >= 1, "
+            f"warmup ({warmup}) >= 0"
+        )
     records: list[dict] = []
     for bs in batch_sizes:
         n, blk = (runs, blocks) if bs == 1 else (large_batch_runs, large_batch_blocks)
@@ -129,13 +133,22 @@ def interleave(
         for k in names:
             ts = times[k]
             med = statistics.median(ts)
-            records.append({
-                "model": k, "batch": bs, "threads": threads, "runs": len(ts),
-                "median_ms": med * 1e3, "p90_ms": _percentile(ts, 0.9) * 1e3,
-                "mean_ms": statistics.fmean(ts) * 1e3, "std_ms": statistics.pstdev(ts) * 1e3,
-                "images_per_s": bs / med, "ratio_to_baseline": base / med,
-                "blocks": asdict(blk) | {"rounds": len(settles[k]), "settle_calls_median": statistics.median(settles[k])},
-            })
+            records.append(
+                {
+                    "model": k,
+                    "batch": bs,
+                    "threads": threads,
+                    "runs": len(ts),
+                    "median_ms": med * 1e3,
+                    "p90_ms": _percentile(ts, 0.9) * 1e3,
+                    "mean_ms": statistics.fmean(ts) * 1e3,
+                    "std_ms": statistics.pstdev(ts) * 1e3,
+                    "images_per_s": bs / med,
+                    "ratio_to_baseline": base / med,
+                    "blocks": asdict(blk)
+                    | {"rounds": len(settles[k]), "settle_calls_median": statistics.median(settles[k])},
+                }
+            )
     return records
 
 
@@ -164,8 +177,15 @@ def measure_latency(
         gen = torch.Generator().manual_seed(seed)
         inputs = {bs: torch.randn(bs, *input_shape, generator=gen) for bs in batch_sizes}
         with torch.inference_mode():
-            return interleave({k: InProcess(f, inputs) for k, f in models.items()}, batch_sizes=batch_sizes, threads=threads,
-                              warmup=warmup, runs=runs, large_batch_runs=large_batch_runs, blocks=blocks,
-                              large_batch_blocks=large_batch_blocks)
+            return interleave(
+                {k: InProcess(f, inputs) for k, f in models.items()},
+                batch_sizes=batch_sizes,
+                threads=threads,
+                warmup=warmup,
+                runs=runs,
+                large_batch_runs=large_batch_runs,
+                blocks=blocks,
+                large_batch_blocks=large_batch_blocks,
+            )
     finally:
         torch.set_num_threads(old_threads)

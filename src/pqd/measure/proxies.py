@@ -54,6 +54,7 @@ def proxies(model: nn.Module, input_shape: tuple[int, ...], *, per_layer: bool =
         def fn(m: nn.Linear | nn.modules.conv._ConvNd, args, out) -> None:
             dense, nz = _layer_macs(m, args[0], out)
             layers.append({"layer": name, "type": type(m).__name__, "macs": dense, "nonzero_macs": nz})
+
         return fn
 
     for name, m in model.named_modules():
@@ -70,7 +71,10 @@ def proxies(model: nn.Module, input_shape: tuple[int, ...], *, per_layer: bool =
     macs = sum(r["macs"] for r in layers)
     nz_macs = sum(r["nonzero_macs"] for r in layers)
     out = {
-        "params": params, "nonzero_params": nonzero, "macs": macs, "nonzero_macs": nz_macs,
+        "params": params,
+        "nonzero_params": nonzero,
+        "macs": macs,
+        "nonzero_macs": nz_macs,
         "nonzero_mac_fraction": nz_macs / macs if macs else None,
     }
     if per_layer:

@@ -90,8 +90,18 @@ def deployments(records: Iterable[Mapping[str, Any]]) -> list[Deployment]:
         form = ""
         if runtime == "pytorch":
             form = "TorchScript" if precision == "int8" else "eager"
-        out.append(Deployment(str(r["model"]), source, runtime, precision, form, int(r["batch"]), int(r["threads"]),
-                              {s: r.get(f"{s}_ms") for s in STATS}))
+        out.append(
+            Deployment(
+                str(r["model"]),
+                source,
+                runtime,
+                precision,
+                form,
+                int(r["batch"]),
+                int(r["threads"]),
+                {s: r.get(f"{s}_ms") for s in STATS},
+            )
+        )
     return out
 
 
@@ -106,9 +116,19 @@ def ratio_record(numerator: Deployment, denominator: Deployment, *, stat: str = 
     if (numerator.batch, numerator.threads) != (denominator.batch, denominator.threads):
         raise ValueError(f"ratio of {numerator.label} and {denominator.label} at different batch/threads")
     tn, td = numerator.time(stat), denominator.time(stat)
-    return {"ratio": (tn / td) if tn and td else None, "numerator": numerator.label, "denominator": denominator.label,
-            "numerator_ms": tn, "denominator_ms": td, "numerator_variant": numerator.name, "denominator_variant": denominator.name,
-            "batch": numerator.batch, "threads": numerator.threads, "stat": stat, "kind": kind}
+    return {
+        "ratio": (tn / td) if tn and td else None,
+        "numerator": numerator.label,
+        "denominator": denominator.label,
+        "numerator_ms": tn,
+        "denominator_ms": td,
+        "numerator_variant": numerator.name,
+        "denominator_variant": denominator.name,
+        "batch": numerator.batch,
+        "threads": numerator.threads,
+        "stat": stat,
+        "kind": kind,
+    }
 
 
 def _groups(deps: Sequence[Deployment]) -> dict[tuple[int, int], list[Deployment]]:
@@ -131,7 +151,9 @@ def same_runtime_ratios(records: Iterable[Mapping[str, Any]], *, stat: str = "me
         for d in deps:
             if d.source == "teacher":
                 continue
-            base = next((t for t in deps if t.source == "teacher" and t.precision == "fp32" and t.runtime == d.runtime), None)
+            base = next(
+                (t for t in deps if t.source == "teacher" and t.precision == "fp32" and t.runtime == d.runtime), None
+            )
             if base is None:
                 continue
             kind = "same_runtime" if base.form == d.form else f"{d.runtime}_{base.form.lower()}_vs_compiled"
@@ -157,8 +179,9 @@ def _ms(d: Deployment, stat: str) -> float:
     return t
 
 
-def best_deployment_ratios(records: Iterable[Mapping[str, Any]], *, stat: str = "median",
-                           sources: Sequence[str] = ("final", "nncf_ptq")) -> list[dict]:
+def best_deployment_ratios(
+    records: Iterable[Mapping[str, Any]], *, stat: str = "median", sources: Sequence[str] = ("final", "nncf_ptq")
+) -> list[dict]:
     """Fastest INT8 deployment of each model in ``sources`` (over runtimes) vs the fastest FP32 teacher deployment."""
     _check_stat(stat)
     out = []
@@ -187,18 +210,30 @@ def fastest_deployments(records: Iterable[Mapping[str, Any]], *, stat: str = "me
         fp32 = _fastest((d for d in deps if d.precision == "fp32"), stat)
         int8 = _fastest((d for d in deps if d.precision == "int8"), stat)
         runner = next((d for d in ranked[1:] if d.label != best.label), None)
-        out.append({"batch": bs, "threads": th, "stat": stat, "fastest": best.label, "fastest_variant": best.name,
-                    "fastest_ms": best.time(stat), "fastest_precision": best.precision,
-                    "fastest_fp32": fp32.label if fp32 else None, "fastest_int8": int8.label if int8 else None,
-                    "int8_is_fastest": best.precision == "int8",
-                    "vs_runner_up": ratio_record(runner, best, stat=stat, kind="fastest_vs_runner_up") if runner else None,
-                    "faster_with_fewer_threads": _faster_with_fewer(best, every, stat)})
+        out.append(
+            {
+                "batch": bs,
+                "threads": th,
+                "stat": stat,
+                "fastest": best.label,
+                "fastest_variant": best.name,
+                "fastest_ms": best.time(stat),
+                "fastest_precision": best.precision,
+                "fastest_fp32": fp32.label if fp32 else None,
+                "fastest_int8": int8.label if int8 else None,
+                "int8_is_fastest": best.precision == "int8",
+                "vs_runner_up": ratio_record(runner, best, stat=stat, kind="fastest_vs_runner_up") if runner else None,
+                "faster_with_fewer_threads": _faster_with_fewer(best, every, stat),
+            }
+        )
     return out
 
 
 def _faster_with_fewer(best: Deployment, every: Sequence[Deployment], stat: str) -> dict | None:
     """The same deployment at fewer threads, when it timed faster there: ``{"threads", "ms"}``."""
-    fewer = _fastest((d for d in every if d.name == best.name and d.batch == best.batch and d.threads < best.threads), stat)
+    fewer = _fastest(
+        (d for d in every if d.name == best.name and d.batch == best.batch and d.threads < best.threads), stat
+    )
     if fewer is None or _ms(fewer, stat) >= _ms(best, stat):
         return None
     return {"threads": fewer.threads, "ms": fewer.time(stat)}
@@ -213,8 +248,9 @@ def _thread_label(n: int) -> str:
     return f"{n} thread{'s' if n != 1 else ''}"
 
 
-def slower_with_more_threads(records: Iterable[Mapping[str, Any]], *, stat: str = "median",
-                             margin: float = THREAD_SLOWDOWN_MARGIN) -> list[dict]:
+def slower_with_more_threads(
+    records: Iterable[Mapping[str, Any]], *, stat: str = "median", margin: float = THREAD_SLOWDOWN_MARGIN
+) -> list[dict]:
     """Each (deployment, batch, thread count) whose ``stat`` is more than ``margin`` times the
     fastest reading of the same deployment and batch at fewer threads."""
     _check_stat(stat)
@@ -227,16 +263,30 @@ def slower_with_more_threads(records: Iterable[Mapping[str, Any]], *, stat: str 
         for d in sorted(deps, key=lambda x: x.threads):
             fewer = _fastest((x for x in deps if x.threads < d.threads), stat)
             if fewer is not None and _ms(d, stat) > margin * _ms(fewer, stat):
-                out.append({"variant": d.name, "deployment": d.label, "runtime": d.runtime, "precision": d.precision,
-                            "batch": batch, "threads": d.threads, "ms": d.time(stat), "fewer_threads": fewer.threads,
-                            "fewer_threads_ms": fewer.time(stat), "ratio": _ms(d, stat) / _ms(fewer, stat), "stat": stat})
+                out.append(
+                    {
+                        "variant": d.name,
+                        "deployment": d.label,
+                        "runtime": d.runtime,
+                        "precision": d.precision,
+                        "batch": batch,
+                        "threads": d.threads,
+                        "ms": d.time(stat),
+                        "fewer_threads": fewer.threads,
+                        "fewer_threads_ms": fewer.time(stat),
+                        "ratio": _ms(d, stat) / _ms(fewer, stat),
+                        "stat": stat,
+                    }
+                )
     return out
 
 
 def format_thread_flag(f: Mapping[str, Any]) -> str:
     """One line for a :func:`slower_with_more_threads` entry."""
-    return (f"{f['deployment']} is {f['ratio']:.2f}x slower with {_thread_label(f['threads'])} than with "
-            f"{_thread_label(f['fewer_threads'])} (batch {f['batch']}, {f['stat']} {f['ms']:.3f} vs {f['fewer_threads_ms']:.3f} ms)")
+    return (
+        f"{f['deployment']} is {f['ratio']:.2f}x slower with {_thread_label(f['threads'])} than with "
+        f"{_thread_label(f['fewer_threads'])} (batch {f['batch']}, {f['stat']} {f['ms']:.3f} vs {f['fewer_threads_ms']:.3f} ms)"
+    )
 
 
 def fastest_over_threads(records: Iterable[Mapping[str, Any]], *, stat: str = "median") -> list[dict]:
@@ -252,8 +302,17 @@ def fastest_over_threads(records: Iterable[Mapping[str, Any]], *, stat: str = "m
         counts = sorted({d.threads for d in deps})
         if best is None or len(counts) < 2:
             continue
-        out.append({"batch": bs, "stat": stat, "threads_timed": counts, "fastest": best.label, "fastest_variant": best.name,
-                    "threads": best.threads, "fastest_ms": best.time(stat)})
+        out.append(
+            {
+                "batch": bs,
+                "stat": stat,
+                "threads_timed": counts,
+                "fastest": best.label,
+                "fastest_variant": best.name,
+                "threads": best.threads,
+                "fastest_ms": best.time(stat),
+            }
+        )
     return out
 
 
@@ -263,12 +322,15 @@ def speedup_summary(records: Iterable[Mapping[str, Any]], *, stat: str = "median
     thread count) and ``fastest_over_threads`` (per batch, naming the thread count)."""
     recs = list(records)
     same = same_runtime_ratios(recs, stat=stat)
-    return {"stat": stat, "ratio": "numerator time / denominator time (>1: the denominator is faster)",
-            "same_runtime": [r for r in same if r["kind"] == "same_runtime"],
-            "best_deployment": best_deployment_ratios(recs, stat=stat),
-            "pytorch_eager_extra": [r for r in same if r["kind"] != "same_runtime"],
-            "fastest": fastest_deployments(recs, stat=stat),
-            "fastest_over_threads": fastest_over_threads(recs, stat=stat)}
+    return {
+        "stat": stat,
+        "ratio": "numerator time / denominator time (>1: the denominator is faster)",
+        "same_runtime": [r for r in same if r["kind"] == "same_runtime"],
+        "best_deployment": best_deployment_ratios(recs, stat=stat),
+        "pytorch_eager_extra": [r for r in same if r["kind"] != "same_runtime"],
+        "fastest": fastest_deployments(recs, stat=stat),
+        "fastest_over_threads": fastest_over_threads(recs, stat=stat),
+    }
 
 
 def format_ratio(r: Mapping[str, Any]) -> str:
@@ -278,15 +340,20 @@ def format_ratio(r: Mapping[str, Any]) -> str:
         return f"n/a: {r['denominator']} vs {r['numerator']} ({where})"
     x = r["ratio"]
     how = f"{x:.2f}x faster" if x >= 1 else f"{1 / x:.2f}x slower"
-    return (f"{how}: {r['denominator']} vs {r['numerator']} ({where}, {r['stat']} {r['denominator_ms']:.3f} vs "
-            f"{r['numerator_ms']:.3f} ms)")
+    return (
+        f"{how}: {r['denominator']} vs {r['numerator']} ({where}, {r['stat']} {r['denominator_ms']:.3f} vs "
+        f"{r['numerator_ms']:.3f} ms)"
+    )
 
 
 def format_summary(summary: Mapping[str, Any]) -> list[str]:
     """Console / README lines for :func:`speedup_summary`'s dict, headline first."""
     lines = []
-    titles = (("same_runtime", "Same runtime, INT8 vs FP32 teacher:"), ("best_deployment", "Best deployment vs best FP32 deployment:"),
-              ("pytorch_eager_extra", "Extra (PyTorch eager FP32 vs compiled INT8; includes leaving eager mode):"))
+    titles = (
+        ("same_runtime", "Same runtime, INT8 vs FP32 teacher:"),
+        ("best_deployment", "Best deployment vs best FP32 deployment:"),
+        ("pytorch_eager_extra", "Extra (PyTorch eager FP32 vs compiled INT8; includes leaving eager mode):"),
+    )
     for key, title in titles:
         if summary.get(key):
             lines.append(title)
@@ -303,6 +370,8 @@ def format_summary(summary: Mapping[str, Any]) -> list[str]:
             line += f" - faster with {_thread_label(few['threads'])} ({few['ms']:.3f} ms)"
         lines.append(line)
     for f in summary.get("fastest_over_threads") or []:
-        lines.append(f"Fastest measured deployment at batch {f['batch']} over {', '.join(map(str, f['threads_timed']))} threads: "
-                     f"{f['fastest']} with {_thread_label(f['threads'])} ({f['fastest_ms']:.3f} ms {f['stat']})")
+        lines.append(
+            f"Fastest measured deployment at batch {f['batch']} over {', '.join(map(str, f['threads_timed']))} threads: "
+            f"{f['fastest']} with {_thread_label(f['threads'])} ({f['fastest_ms']:.3f} ms {f['stat']})"
+        )
     return lines

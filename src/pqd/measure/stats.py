@@ -62,7 +62,9 @@ def _as_vector(values: Any, name: str) -> np.ndarray:
     return a
 
 
-def bootstrap_interval(values: Any, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    values: Any, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (one number per image).
 
     ``resamples`` resamples of ``len(values)`` images drawn with replacement from a
@@ -80,7 +82,7 @@ def bootstrap_interval(values: Any, *, confidence: float = 0.95, resamples: int 
     chunk = max(1, 2_000_000 // len(x))  # bound the index matrix's memory
     for s in range(0, resamples, chunk):
         m = min(chunk, resamples - s)
-        means[s:s + m] = x[rng.integers(0, len(x), size=(m, len(x)))].mean(axis=1)
+        means[s : s + m] = x[rng.integers(0, len(x), size=(m, len(x)))].mean(axis=1)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(low), float(high)
@@ -117,11 +119,22 @@ def mcnemar(b: int, c: int, *, exact: bool | None = None, mid_p: bool = False) -
     n = b + c
     use_exact = n < EXACT_BELOW if exact is None else exact
     if use_exact:
-        return {"b": b, "c": c, "method": "exact_binomial_mid_p" if mid_p else "exact_binomial", "statistic": float(min(b, c)),
-                "p_value": _binom_two_sided(min(b, c), n, mid_p=mid_p)}
+        return {
+            "b": b,
+            "c": c,
+            "method": "exact_binomial_mid_p" if mid_p else "exact_binomial",
+            "statistic": float(min(b, c)),
+            "p_value": _binom_two_sided(min(b, c), n, mid_p=mid_p),
+        }
     stat = 0.0 if n == 0 else max(abs(b - c) - 1, 0) ** 2 / n
     # chi-squared with 1 degree of freedom: P(X > s) = erfc(sqrt(s / 2))
-    return {"b": b, "c": c, "method": "chi2_continuity_corrected", "statistic": stat, "p_value": math.erfc(math.sqrt(stat / 2))}
+    return {
+        "b": b,
+        "c": c,
+        "method": "chi2_continuity_corrected",
+        "statistic": stat,
+        "p_value": math.erfc(math.sqrt(stat / 2)),
+    }
 
 
 def _bool_vector(values: Any, name: str) -> np.ndarray:
@@ -155,17 +168,31 @@ def mcnemar_paired(correct_a: Any, correct_b: Any, *, exact: bool | None = None,
     n = int(len(a))
     rec = mcnemar(b, c, exact=exact, mid_p=mid_p)
     ta, tb = (float(a.mean()), float(b_.mean())) if n else (float("nan"), float("nan"))
-    return rec | {"n": n, "top1_a": ta, "top1_b": tb, "difference": ta - tb,
-                  "table": {"both_right": int((a & b_).sum()), "a_only": b, "b_only": c, "both_wrong": int((~a & ~b_).sum())}}
+    return rec | {
+        "n": n,
+        "top1_a": ta,
+        "top1_b": tb,
+        "difference": ta - tb,
+        "table": {"both_right": int((a & b_).sum()), "a_only": b, "b_only": c, "both_wrong": int((~a & ~b_).sum())},
+    }
 
 
 def counts_record(k: int, n: int, *, confidence: float = 0.95) -> dict:
     """``{top1, ci_low, ci_high, n, method, confidence}`` from counts (Wilson interval)."""
     low, high = wilson_interval(k, n, confidence=confidence)
-    return {"top1": k / n if n else None, "ci_low": low, "ci_high": high, "n": n, "method": "wilson", "confidence": confidence}
+    return {
+        "top1": k / n if n else None,
+        "ci_low": low,
+        "ci_high": high,
+        "n": n,
+        "method": "wilson",
+        "confidence": confidence,
+    }
 
 
-def top1_record(correct: Any, *, method: str = "wilson", confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
+def top1_record(
+    correct: Any, *, method: str = "wilson", confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict:
     """Top-1 with its interval from a per-image correctness vector (bools or 0/1).
 
     ``method``: 'wilson' (default; no randomness) or 'bootstrap' (percentile, ``resamples``
@@ -177,8 +204,16 @@ def top1_record(correct: Any, *, method: str = "wilson", confidence: float = 0.9
     if method == "wilson":
         return counts_record(int(x.sum()), int(len(x)), confidence=confidence)
     low, high = bootstrap_interval(x, confidence=confidence, resamples=resamples, seed=seed)
-    return {"top1": float(x.mean()), "ci_low": low, "ci_high": high, "n": int(len(x)), "method": "bootstrap",
-            "confidence": confidence, "resamples": resamples, "seed": seed}
+    return {
+        "top1": float(x.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "n": int(len(x)),
+        "method": "bootstrap",
+        "confidence": confidence,
+        "resamples": resamples,
+        "seed": seed,
+    }
 
 
 def mcnemar_pooled(tables: Any, *, exact: bool | None = None, mid_p: bool = False) -> dict:
@@ -193,12 +228,22 @@ def mcnemar_pooled(tables: Any, *, exact: bool | None = None, mid_p: bool = Fals
     if not pairs:
         raise ValueError("mcnemar_pooled needs at least one (b, c) table")
     rec = mcnemar(sum(b for b, _ in pairs), sum(c for _, c in pairs), exact=exact, mid_p=mid_p)
-    return rec | {"strata": [{"b": b, "c": c} for b, c in pairs],
-                  "strata_a_better": sum(b > c for b, c in pairs), "strata_b_better": sum(c > b for b, c in pairs)}
+    return rec | {
+        "strata": [{"b": b, "c": c} for b, c in pairs],
+        "strata_a_better": sum(b > c for b, c in pairs),
+        "strata_b_better": sum(c > b for b, c in pairs),
+    }
 
 
-def paired_difference_interval(correct_a: Any, correct_b: Any, *, confidence: float = 0.95, method: str = "wald",
-                               resamples: int = 2000, seed: int = 0) -> dict:
+def paired_difference_interval(
+    correct_a: Any,
+    correct_b: Any,
+    *,
+    confidence: float = 0.95,
+    method: str = "wald",
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Interval for ``top1_a - top1_b`` of two models on the same images.
 
     'wald': ``d ± z · sqrt(b + c - (b - c)² / n) / n`` (the paired-proportions normal
@@ -215,7 +260,9 @@ def paired_difference_interval(correct_a: Any, correct_b: Any, *, confidence: fl
         half = _z(confidence) * math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
         low, high = d - half, d + half
     elif method == "bootstrap":
-        low, high = bootstrap_interval(a.astype(np.int8) - b_.astype(np.int8), confidence=confidence, resamples=resamples, seed=seed)
+        low, high = bootstrap_interval(
+            a.astype(np.int8) - b_.astype(np.int8), confidence=confidence, resamples=resamples, seed=seed
+        )
     else:
         raise ValueError(f"method {method!r} is not valid; choose 'wald' or 'bootstrap'")
     return {"difference": d, "ci_low": low, "ci_high": high, "n": n, "method": method, "confidence": confidence}

@@ -95,8 +95,13 @@ def build(spec: dict):
             model = getattr(model, "forward_normalized", model)
         if isinstance(model, torch.nn.Module):
             model.eval()
-        settings = {"runtime": "pytorch", "version": torch.__version__, "form": kind, "threads": torch.get_num_threads(),
-                    "quantized_engine": torch.backends.quantized.engine}
+        settings = {
+            "runtime": "pytorch",
+            "version": torch.__version__,
+            "form": kind,
+            "threads": torch.get_num_threads(),
+            "quantized_engine": torch.backends.quantized.engine,
+        }
         return model, torch.from_numpy, settings, torch.inference_mode()
     if kind == "onnxruntime":
         from pqd.deploy.runtimes import OrtRunner
@@ -106,9 +111,16 @@ def build(spec: dict):
     if kind == "openvino":
         from pqd.deploy.runtimes import OpenVinoRunner
 
-        ov = OpenVinoRunner(spec["path"], threads=threads, batch_sizes=spec["batch_sizes"], dynamic_batch=bool(spec.get("dynamic_batch")))
+        ov = OpenVinoRunner(
+            spec["path"],
+            threads=threads,
+            batch_sizes=spec["batch_sizes"],
+            dynamic_batch=bool(spec.get("dynamic_batch")),
+        )
         return ov, np.ascontiguousarray, ov.settings, contextlib.nullcontext()
-    raise ValueError(f"unknown worker kind {kind!r}; expected one of {', '.join((*TORCH_KINDS, 'onnxruntime', 'openvino'))}")
+    raise ValueError(
+        f"unknown worker kind {kind!r}; expected one of {', '.join((*TORCH_KINDS, 'onnxruntime', 'openvino'))}"
+    )
 
 
 def probe(*, spec: dict) -> dict:
@@ -134,11 +146,21 @@ def serve(spec: dict, proto) -> None:
         send({"error": f"{type(exc).__name__}: {exc}"})
         return
     rng = np.random.default_rng(spec.get("seed", 0))
-    inputs = {bs: to_input(rng.standard_normal((bs, *spec["input_shape"]), dtype=np.float32)) for bs in spec["batch_sizes"]}
+    inputs = {
+        bs: to_input(rng.standard_normal((bs, *spec["input_shape"]), dtype=np.float32)) for bs in spec["batch_sizes"]
+    }
     prefixes = tuple(spec.get("report_env") or ())
-    send({"ready": True, "settings": settings, "pid": os.getpid(), "imports_torch": "torch" in sys.modules,
-          "after_import_mb": after_import, "after_load_mb": status_mb("VmRSS"),
-          "thread_env": {k: v for k, v in sorted(os.environ.items()) if prefixes and k.startswith(prefixes)}})
+    send(
+        {
+            "ready": True,
+            "settings": settings,
+            "pid": os.getpid(),
+            "imports_torch": "torch" in sys.modules,
+            "after_import_mb": after_import,
+            "after_load_mb": status_mb("VmRSS"),
+            "thread_env": {k: v for k, v in sorted(os.environ.items()) if prefixes and k.startswith(prefixes)},
+        }
+    )
     with ctx:
         for line in sys.stdin:
             cmd = json.loads(line)

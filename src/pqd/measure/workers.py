@@ -38,11 +38,32 @@ log = logging.getLogger("pqd.measure")
 #: Variables that change how a runtime's threads or kernels run on the CPU: OpenMP (GNU and Intel,
 #: as in PyTorch), MKL, oneDNN, OpenBLAS/BLIS, numexpr, PyTorch's kernel selection. A name matches
 #: when it starts with one of these.
-THREAD_ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "MKLDNN_", "DNNL_", "ONEDNN_", "OPENBLAS_", "GOTO_NUM_THREADS", "BLIS_",
-                       "VECLIB_MAXIMUM_THREADS", "NUMEXPR_", "ATEN_CPU_CAPABILITY")
+THREAD_ENV_PREFIXES = (
+    "OMP_",
+    "GOMP_",
+    "KMP_",
+    "MKL_",
+    "MKLDNN_",
+    "DNNL_",
+    "ONEDNN_",
+    "OPENBLAS_",
+    "GOTO_NUM_THREADS",
+    "BLIS_",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_",
+    "ATEN_CPU_CAPABILITY",
+)
 #: Shown in every record, ``None`` when unset (the runtime's default).
-THREAD_ENV_SHOWN = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "GOMP_SPINCOUNT",
-                    "KMP_BLOCKTIME", "KMP_AFFINITY")
+THREAD_ENV_SHOWN = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "OMP_PROC_BIND",
+    "OMP_PLACES",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+    "KMP_AFFINITY",
+)
 
 
 class WorkerError(PqdError):
@@ -80,13 +101,20 @@ class WorkerEnvironment:
         """The JSON record: ``inherited``, ``variables`` (``seen``, the worker's own report, else
         ``env``'s; every :data:`THREAD_ENV_SHOWN` name present, None = unset), ``ignored_from_caller``."""
         variables = dict.fromkeys(THREAD_ENV_SHOWN) | thread_variables(self.env if seen is None else seen)
-        return {"inherited": self.inherited, "variables": variables, "ignored_from_caller": dict(self.ignored),
-                "policy": "the caller's environment, unchanged (inherit_env)" if self.inherited else
-                          "controlled: threading variables of the caller removed; OMP_NUM_THREADS and MKL_NUM_THREADS "
-                          "= the threads timed; each runtime's own thread count set"}
+        return {
+            "inherited": self.inherited,
+            "variables": variables,
+            "ignored_from_caller": dict(self.ignored),
+            "policy": "the caller's environment, unchanged (inherit_env)"
+            if self.inherited
+            else "controlled: threading variables of the caller removed; OMP_NUM_THREADS and MKL_NUM_THREADS "
+            "= the threads timed; each runtime's own thread count set",
+        }
 
 
-def worker_environment(threads: int, *, inherit_env: bool = False, environ: Mapping[str, str] | None = None) -> WorkerEnvironment:
+def worker_environment(
+    threads: int, *, inherit_env: bool = False, environ: Mapping[str, str] | None = None
+) -> WorkerEnvironment:
     """The environment every latency worker starts with (see the module docstring): ``environ``
     (default: this process's) less every threading variable, plus ``OMP_NUM_THREADS`` and
     ``MKL_NUM_THREADS`` = ``threads``; with ``inherit_env``, ``environ`` unchanged."""
@@ -102,7 +130,8 @@ def worker_environment(threads: int, *, inherit_env: bool = False, environ: Mapp
 def this_process_environment() -> dict:
     """The record of timing in this process (the in-process fallback): its own variables, inherited."""
     return WorkerEnvironment(0, True, dict(os.environ), {}).record() | {
-        "policy": "this process's own environment (timed in-process, not in a worker)"}
+        "policy": "this process's own environment (timed in-process, not in a worker)"
+    }
 
 
 class Worker:
@@ -112,10 +141,18 @@ class Worker:
         self.name, self.spec, self.timeout = name, spec, timeout
         self.started_env = worker_environment(int(spec["threads"]), inherit_env=inherit_env)
         request = spec | {"report_env": list(THREAD_ENV_PREFIXES)}
-        self.proc = subprocess.Popen(python_command("pqd.measure.worker", json.dumps(request)), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                     env=child_environ(env=self.started_env.env, parent_path=True))
-        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None  # PIPE above
+        self.proc = subprocess.Popen(
+            python_command("pqd.measure.worker", json.dumps(request)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=child_environ(env=self.started_env.env, parent_path=True),
+        )
+        assert (
+            self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        )  # PIPE above
         self.stdin, self.stdout, self.stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self.info: dict = {}
 
@@ -137,9 +174,11 @@ class Worker:
             sig = signal_name(rc)
             what = f"bench worker for {self.name!r} (runtime {rt}{', file ' + Path(self.spec['path']).name if self.spec.get('path') else ''})"
             if sig:
-                msg = (f"{what} crashed with {sig} (exit status {rc}) {'while loading' if not self.info else 'while timing'}: "
-                       f"a native crash in {rt}, not in pqd. Measure on another runtime (structured.runtime: onnxruntime "
-                       "or pytorch; pqd bench --runtimes), or report the model to the runtime's developers")
+                msg = (
+                    f"{what} crashed with {sig} (exit status {rc}) {'while loading' if not self.info else 'while timing'}: "
+                    f"a native crash in {rt}, not in pqd. Measure on another runtime (structured.runtime: onnxruntime "
+                    "or pytorch; pqd bench --runtimes), or report the model to the runtime's developers"
+                )
             else:
                 msg = f"{what} exited with status {rc} without answering"
             err = WorkerError(msg + (f"; its last stderr lines: {' | '.join(tail)}" if tail else ""))
@@ -200,8 +239,11 @@ def start_workers(specs: Mapping[str, dict], *, inherit_env: bool = False) -> It
                     raise
                 # OpenVINO crashes compiling some INT8 models at a static batch that it compiles with a
                 # dynamic one: the crash killed only that worker, so load the model again with a dynamic batch
-                log.warning("OpenVINO crashed (%s) compiling %r at a static batch; timing it with a dynamic batch instead",
-                            exc.signal, name)
+                log.warning(
+                    "OpenVINO crashed (%s) compiling %r at a static batch; timing it with a dynamic batch instead",
+                    exc.signal,
+                    name,
+                )
                 w.close()
                 workers[name] = Worker(name, dict(w.spec, dynamic_batch=True), inherit_env=inherit_env)
                 workers[name].wait_ready()

@@ -39,7 +39,9 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:  # ImportError, or any error raised by the module's own code while importing
-            raise ModelError(f"cannot import module {module_name!r} for model {name!r}: {type(exc).__name__}: {exc}") from exc
+            raise ModelError(
+                f"cannot import module {module_name!r} for model {name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         try:
             factory: Callable[..., nn.Module] = getattr(module, attr)  # create_model checks what it builds
         except AttributeError:
@@ -68,7 +70,9 @@ def create_model(name: str, *, num_classes: int = 10, **kwargs: Any) -> nn.Modul
     try:
         model = factory(num_classes=num_classes, **kwargs)
     except TypeError as exc:
-        raise ModelError(f"model {name!r} rejected its arguments {kwargs | {'num_classes': num_classes}}: {exc}") from exc
+        raise ModelError(
+            f"model {name!r} rejected its arguments {kwargs | {'num_classes': num_classes}}: {exc}"
+        ) from exc
     except Exception as exc:  # a user factory's own failure: name the model rather than show a traceback
         raise ModelError(f"model factory {name!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):

@@ -111,17 +111,33 @@ class RunConfig(Section):
     measure: MeasureConfig
     sections: tuple[tuple[str, Section], ...]  # (key, section) of every registered stage section, in registration order
 
-    def __init__(self, seed: int = 0, stages: Any = "P:20,Q:40,D:40", model: ModelConfig | None = None,
-                 data: DataConfig | None = None, train: TrainConfig | None = None, teacher: TeacherConfig | None = None,
-                 measure: MeasureConfig | None = None, sections: Any = (), **stage_sections: Section):
+    def __init__(
+        self,
+        seed: int = 0,
+        stages: Any = "P:20,Q:40,D:40",
+        model: ModelConfig | None = None,
+        data: DataConfig | None = None,
+        train: TrainConfig | None = None,
+        teacher: TeacherConfig | None = None,
+        measure: MeasureConfig | None = None,
+        sections: Any = (),
+        **stage_sections: Section,
+    ):
         given = dict(sections) | stage_sections
         known = protocol.sections()
         for key in given:
             if key not in known:
                 fail(key, f"unknown section; valid keys: {', '.join((*_BASE, *known))}")
-        values = {"seed": seed, "stages": stages, "model": model or ModelConfig(), "data": data or DataConfig(),
-                  "train": train or TrainConfig(), "teacher": teacher or TeacherConfig(), "measure": measure or MeasureConfig(),
-                  "sections": tuple((key, given.get(key) or cls()) for key, cls in known.items())}
+        values = {
+            "seed": seed,
+            "stages": stages,
+            "model": model or ModelConfig(),
+            "data": data or DataConfig(),
+            "train": train or TrainConfig(),
+            "teacher": teacher or TeacherConfig(),
+            "measure": measure or MeasureConfig(),
+            "sections": tuple((key, given.get(key) or cls()) for key, cls in known.items()),
+        }
         for key, value in values.items():
             object.__setattr__(self, key, value)
         self.__post_init__()
@@ -148,8 +164,11 @@ class RunConfig(Section):
         if ":" not in self.model.name and self.model.name not in (names := list_models()):
             name = self.model.name
             dotted = "." in name and all(p.isidentifier() for p in name.split("."))
-            hint = (f"; for your own model give its factory too: '{name}:factory'" if dotted
-                    else "; or your own model as an import path 'package.module:factory'")
+            hint = (
+                f"; for your own model give its factory too: '{name}:factory'"
+                if dotted
+                else "; or your own model as an import path 'package.module:factory'"
+            )
             fail("model.name", f"{name!r} is not valid; choose one of {', '.join(map(repr, names))}{hint}")
         in_range("seed", self.seed, 0, 2**63 - 1)  # torch.manual_seed overflows beyond 64 bits
         if isinstance(self.stages, str) or (self.stages and not isinstance(self.stages[0], StageSpec)):
@@ -157,14 +176,21 @@ class RunConfig(Section):
         kinds = [protocol.get_stage(s.stage) for s in self.stages]
         quantizing = [i for i, k in enumerate(kinds) if k.quantizes]
         if len(quantizing) > 1:
-            fail("stages", f"{self.stage_string()} quantizes {len(quantizing)} times; a student is quantized once, "
-                            "so keep one quantizing stage")
+            fail(
+                "stages",
+                f"{self.stage_string()} quantizes {len(quantizing)} times; a student is quantized once, "
+                "so keep one quantizing stage",
+            )
         structural = [i for i, k in enumerate(kinds) if k.structural]
         if quantizing and structural and max(structural) > quantizing[0]:
-            works = ([s for s, k in zip(self.stages, kinds, strict=True) if k.structural]
-                     + [s for s, k in zip(self.stages, kinds, strict=True) if not k.structural])
-            fail("stages", f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
-                            f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}")
+            works = [s for s, k in zip(self.stages, kinds, strict=True) if k.structural] + [
+                s for s, k in zip(self.stages, kinds, strict=True) if not k.structural
+            ]
+            fail(
+                "stages",
+                f"{self.stage_string()} changes layer shapes after quantizing; structural stages must come before "
+                f"any quantizing stage, e.g. {','.join(f'{s.letter}:{s.epochs}' for s in works)}",
+            )
         for spec, stage in zip(self.stages, kinds, strict=True):
             stage.validate(self, spec)
 
@@ -177,7 +203,9 @@ class RunConfig(Section):
         ``config.section_as("quantize", QuantizeConfig)``: ``config.quantize`` for the type checker."""
         section = getattr(self, key)
         if not isinstance(section, cls):
-            raise TypeError(f"section {key!r} is a {type(section).__name__}, not a {cls.__name__}")  # a registry bug, not user input
+            raise TypeError(
+                f"section {key!r} is a {type(section).__name__}, not a {cls.__name__}"
+            )  # a registry bug, not user input
         return section
 
     @classmethod

@@ -68,7 +68,9 @@ def load_run(run_dir: str | Path, *, data: Any = None, allow_code: bool = False)
     for need in (self.teacher_path, student_file, deployed_file):
         if need is not None and not need.is_file():
             shown = need.relative_to(self.path) if need.is_relative_to(self.path) else need
-            raise CheckpointError(f"{self.path} is not a finished run: {shown} is missing; finish it with the same 'pqd run' command")
+            raise CheckpointError(
+                f"{self.path} is not a finished run: {shown} is missing; finish it with the same 'pqd run' command"
+            )
     torch.backends.quantized.engine = BACKEND  # before any INT8 model is loaded
     data = data if data is not None else load_data(config.data, seed=config.seed)
     teacher = self.load_teacher(config, data.num_classes).eval()
@@ -84,11 +86,14 @@ def load_run(run_dir: str | Path, *, data: Any = None, allow_code: bool = False)
         try:
             deployed = normalized_callable(torch.jit.load(str(self.int8_path), map_location="cpu"))
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError for damaged files
-            raise CheckpointError(f"{self.int8_path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                                  "delete it and re-run the same 'pqd run' command to rewrite it") from None
+            raise CheckpointError(
+                f"{self.int8_path} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                "delete it and re-run the same 'pqd run' command to rewrite it"
+            ) from None
     else:
         deployed = student.model
     return LoadedRun(self.path, config, data, teacher, student, deployed, deployed_file, student_file)
+
 
 def run_facts(self: RunDir, meta: Mapping[str, Any] | None = None) -> tuple[int, tuple[int, ...]]:
     """num_classes and image shape of the run in ``self`` without loading data: ``meta`` (e.g. a compact file's), then
@@ -100,14 +105,19 @@ def run_facts(self: RunDir, meta: Mapping[str, Any] | None = None) -> tuple[int,
     if not facts.get("num_classes") and self.teacher_path.is_file():
         facts["num_classes"] = load_checkpoint(self.teacher_path)[1].get("num_classes")
     if not facts.get("num_classes"):
-        raise CheckpointError(f"{self.path}: cannot tell the number of classes (no compact meta, metrics.json or teacher metadata)")
+        raise CheckpointError(
+            f"{self.path}: cannot tell the number of classes (no compact meta, metrics.json or teacher metadata)"
+        )
     shape = tuple(facts.get("image_shape") or ())
     if not shape:
         dataset = self.read_config().data.dataset
         if dataset not in _IMAGE_SHAPES:
-            raise CheckpointError(f"{self.path}: cannot tell the image shape of dataset {dataset!r}; pass meta={{'image_shape': ...}}")
+            raise CheckpointError(
+                f"{self.path}: cannot tell the image shape of dataset {dataset!r}; pass meta={{'image_shape': ...}}"
+            )
         shape = _IMAGE_SHAPES[dataset]
     return int(facts["num_classes"]), shape
+
 
 def int8_skeleton(self: RunDir, meta: Mapping[str, Any] | None = None, *, allow_code: bool = False) -> nn.Module:
     """A converted INT8 model of the run's architecture (untrained, uncalibrated), ready for

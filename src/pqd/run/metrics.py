@@ -135,12 +135,17 @@ class LatencyRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _drop_none({"model": self.model, "batch": self.batch, "median_ms": self.median_ms, "p90_ms": self.p90_ms}) | self.extra
+        return (
+            _drop_none({"model": self.model, "batch": self.batch, "median_ms": self.median_ms, "p90_ms": self.p90_ms})
+            | self.extra
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LatencyRecord:
         core = ("model", "batch", "median_ms", "p90_ms")
-        return cls(d["model"], d["batch"], d["median_ms"], d.get("p90_ms"), extra={k: v for k, v in d.items() if k not in core})
+        return cls(
+            d["model"], d["batch"], d["median_ms"], d.get("p90_ms"), extra={k: v for k, v in d.items() if k not in core}
+        )
 
 
 @dataclass
@@ -251,16 +256,24 @@ class Metrics:
     def from_dict(cls, d: Mapping[str, Any]) -> Metrics:
         """Read a metrics.json of this schema; older schemas (pre-release pqd) are refused."""
         if d.get("schema") not in READABLE:
-            raise CheckpointError(f"metrics.json has schema {d.get('schema')!r}, and this pqd reads schemas "
-                                  f"{', '.join(map(str, READABLE))} (an older run folder); run the same config again with "
-                                  "`pqd run CONFIG --out RUN_DIR` to measure it anew")
+            raise CheckpointError(
+                f"metrics.json has schema {d.get('schema')!r}, and this pqd reads schemas "
+                f"{', '.join(map(str, READABLE))} (an older run folder); run the same config again with "
+                "`pqd run CONFIG --out RUN_DIR` to measure it anew"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         order = list(d.get("stage_order") or [])
         acc = d.get("accuracy") or {}
         return cls(
-            model=d["model"], width=d.get("width", 1.0), dataset=d["dataset"], num_classes=d.get("num_classes", 0),
-            stages=d.get("stages", ""), stage_order=order, epochs=dict(d.get("epochs") or {}),
-            teacher_source=d.get("teacher_source", "trained"), final_form=d.get("final_form", "fp32"),
+            model=d["model"],
+            width=d.get("width", 1.0),
+            dataset=d["dataset"],
+            num_classes=d.get("num_classes", 0),
+            stages=d.get("stages", ""),
+            stage_order=order,
+            epochs=dict(d.get("epochs") or {}),
+            teacher_source=d.get("teacher_source", "trained"),
+            final_form=d.get("final_form", "fp32"),
             accuracy=Accuracy.from_dict(acc),
             sparsity=Sparsity.from_dict(d.get("sparsity") or {"target": 0.0, "achieved": 0.0}),
             size_bytes=Sizes.from_dict(d["size_bytes"]),

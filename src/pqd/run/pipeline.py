@@ -54,12 +54,27 @@ from pqd.train.tracking import make_tracker
 
 log = logging.getLogger("pqd")
 
-__all__ = ["build_model", "finalize", "init_distributed", "measure_run_latency", "model_kwargs", "preflight", "run_pipeline"]
+__all__ = [
+    "build_model",
+    "finalize",
+    "init_distributed",
+    "measure_run_latency",
+    "model_kwargs",
+    "preflight",
+    "run_pipeline",
+]
 
 
-def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, teacher_path: Path,
-                        deployed: Callable[[torch.Tensor], torch.Tensor],
-                        deployed_path: Path, final_name: str) -> tuple[list[dict], dict]:
+def measure_run_latency(
+    config: RunConfig,
+    data: Splits,
+    *,
+    teacher: nn.Module,
+    teacher_path: Path,
+    deployed: Callable[[torch.Tensor], torch.Tensor],
+    deployed_path: Path,
+    final_name: str,
+) -> tuple[list[dict], dict]:
     """Teacher vs deployed model latency, each timed from its file in a worker process of its own;
     returns (latency records, the record of the threading environment they were timed in).
 
@@ -74,21 +89,48 @@ def measure_run_latency(config: RunConfig, data: Splits, *, teacher: nn.Module, 
     from pqd.measure.latency import interleave
 
     m = config.measure
-    base = {"input_shape": list(data.image_shape), "batch_sizes": list(m.batch_sizes), "seed": config.seed, "threads": m.threads}
-    eager = base | {"kind": "eager", "model": config.model.name, "kwargs": model_kwargs(config), "num_classes": data.num_classes}
-    specs = {"teacher_fp32": eager | {"weights": str(teacher_path)},
-             final_name: (base | {"kind": "torchscript", "path": str(deployed_path)}) if deployed_path.suffix == ".pt"
-             else eager | {"weights": str(deployed_path)}}
+    base = {
+        "input_shape": list(data.image_shape),
+        "batch_sizes": list(m.batch_sizes),
+        "seed": config.seed,
+        "threads": m.threads,
+    }
+    eager = base | {
+        "kind": "eager",
+        "model": config.model.name,
+        "kwargs": model_kwargs(config),
+        "num_classes": data.num_classes,
+    }
+    specs = {
+        "teacher_fp32": eager | {"weights": str(teacher_path)},
+        final_name: (base | {"kind": "torchscript", "path": str(deployed_path)})
+        if deployed_path.suffix == ".pt"
+        else eager | {"weights": str(deployed_path)},
+    }
     try:
         with start_workers(specs, inherit_env=m.inherit_env) as workers:
             env = workers_environment(workers)
-            recs = interleave(workers, batch_sizes=tuple(m.batch_sizes), threads=m.threads, warmup=m.warmup, runs=m.runs,
-                              large_batch_runs=m.large_batch_runs)
+            recs = interleave(
+                workers,
+                batch_sizes=tuple(m.batch_sizes),
+                threads=m.threads,
+                warmup=m.warmup,
+                runs=m.runs,
+                large_batch_runs=m.large_batch_runs,
+            )
         return [r | {"harness": "worker processes"} for r in recs], env | {"harness": "worker processes"}
     except WorkerError as exc:
         log.warning("measure: timing in this process instead of worker processes (%s)", exc)
-    recs = measure_latency({"teacher_fp32": teacher, final_name: deployed}, input_shape=data.image_shape, batch_sizes=m.batch_sizes,
-                           threads=m.threads, warmup=m.warmup, runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed)
+    recs = measure_latency(
+        {"teacher_fp32": teacher, final_name: deployed},
+        input_shape=data.image_shape,
+        batch_sizes=m.batch_sizes,
+        threads=m.threads,
+        warmup=m.warmup,
+        runs=m.runs,
+        large_batch_runs=m.large_batch_runs,
+        seed=config.seed,
+    )
     return [r | {"harness": "in-process"} for r in recs], this_process_environment() | {"harness": "in-process"}
 
 
@@ -98,7 +140,11 @@ def preflight(config: RunConfig, data: Splits) -> None:
     ``preflight(model, config, example)``: prune.exclude matches layers, torch.fx traces the
     model, ...), and every training epoch gets at least one batch. Leaves the RNG untouched."""
     trains = (config.teacher.epochs > 0 and not config.teacher.weights) or any(s.epochs > 0 for s in config.stages)
-    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    world = (
+        torch.distributed.get_world_size()
+        if torch.distributed.is_available() and torch.distributed.is_initialized()
+        else 1
+    )
     if trains and len(data.train) // world < config.train.batch_size:
         raise ConfigError(
             f"train.batch_size: {config.train.batch_size} is more than the {len(data.train)} training images"
@@ -112,12 +158,16 @@ def preflight(config: RunConfig, data: Splits) -> None:
             with torch.no_grad():
                 y = model.eval()(example)
         except Exception as exc:
-            raise ModelError(f"model {config.model.name!r} fails on a batch of {tuple(example.shape)} images: "
-                             f"{type(exc).__name__}: {str(exc)[:300]}") from None
+            raise ModelError(
+                f"model {config.model.name!r} fails on a batch of {tuple(example.shape)} images: "
+                f"{type(exc).__name__}: {str(exc)[:300]}"
+            ) from None
         if not isinstance(y, torch.Tensor) or tuple(y.shape) != (2, data.num_classes):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ModelError(f"model {config.model.name!r} returns {got} for a batch of 2 images; expected logits of shape "
-                             f"(2, {data.num_classes}) for the {data.num_classes} classes of {data.name}")
+            raise ModelError(
+                f"model {config.model.name!r} returns {got} for a batch of 2 images; expected logits of shape "
+                f"(2, {data.num_classes}) for the {data.num_classes} classes of {data.name}"
+            )
         checked = set()
         for spec in config.stages:
             stage = get_stage(spec.stage)
@@ -143,17 +193,31 @@ def _teacher(config: RunConfig, data: Splits, run: RunDir, device: torch.device,
             raise CheckpointError(
                 f"teacher.weights {config.teacher.weights!r} has {state[head].shape[0]} outputs at {head!r}, but dataset "
                 f"{data.name} has {data.num_classes} classes ({shown}); give weights trained on these classes, or leave "
-                "teacher.weights unset to train the teacher")
+                "teacher.weights unset to train the teacher"
+            )
         mismatch = state_dict_mismatch(model, state)
         if mismatch:
-            raise CheckpointError(f"teacher.weights {config.teacher.weights!r} does not fit model {config.model.name!r} "
-                                  f"with {data.num_classes} classes: {mismatch}. Give weights saved from this architecture "
-                                  "(model.name, model.width) as a state_dict")
+            raise CheckpointError(
+                f"teacher.weights {config.teacher.weights!r} does not fit model {config.model.name!r} "
+                f"with {data.num_classes} classes: {mismatch}. Give weights saved from this architecture "
+                "(model.name, model.width) as a state_dict"
+            )
         model.load_state_dict(state)
     else:
-        train(model, data, epochs=config.teacher.epochs, lr=config.teacher.lr, config=config.train,
-              checkpoint=run.teacher_epoch_path, seed=config.seed, tag="teacher", lr_key="teacher.lr", amp=True, augment=config.data.augment,
-              tracker=tracker)
+        train(
+            model,
+            data,
+            epochs=config.teacher.epochs,
+            lr=config.teacher.lr,
+            config=config.train,
+            checkpoint=run.teacher_epoch_path,
+            seed=config.seed,
+            tag="teacher",
+            lr_key="teacher.lr",
+            amp=True,
+            augment=config.data.augment,
+            tracker=tracker,
+        )
     if config.stages:  # before the save: a diverged teacher is not worth resuming from
         try:
             warning = _check_teacher(config, data, model)
@@ -185,15 +249,25 @@ def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str |
 
     bad = first_nonfinite(teacher)
     if bad is not None:
-        raise DivergenceError(f"teacher: {bad!r} holds NaN/inf values; lower teacher.lr (--set teacher.lr=...) or check "
-                              "teacher.weights, then re-run")
-    ds = data.val if data.val is not None and len(data.val) else \
-        data.train.subset(torch.arange(min(2000, len(data.train))))
+        raise DivergenceError(
+            f"teacher: {bad!r} holds NaN/inf values; lower teacher.lr (--set teacher.lr=...) or check "
+            "teacher.weights, then re-run"
+        )
+    ds = (
+        data.val
+        if data.val is not None and len(data.val)
+        else data.train.subset(torch.arange(min(2000, len(data.train))))
+    )
     was = teacher.training
     logits = predict(teacher, ds, mean=data.mean, std=data.std, batch_size=config.train.eval_batch_size)
     teacher.train(was)
-    return check_teacher_quality(top1(logits, ds.y), data.num_classes, where="teacher", strict=False,
-                                 pred_counts=torch.bincount(logits.argmax(1).cpu(), minlength=data.num_classes))
+    return check_teacher_quality(
+        top1(logits, ds.y),
+        data.num_classes,
+        where="teacher",
+        strict=False,
+        pred_counts=torch.bincount(logits.argmax(1).cpu(), minlength=data.num_classes),
+    )
 
 
 def _barrier() -> None:
@@ -217,8 +291,13 @@ def _on_device(student: Student, device: torch.device) -> Student:
     return student
 
 
-def run_pipeline(config: RunConfig, out_dir: str | Path, *, device: torch.device | str | None = None,
-                 teacher_base: str | Path | None = None) -> dict:
+def run_pipeline(
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    teacher_base: str | Path | None = None,
+) -> dict:
     """Run (or resume) a whole compression run into ``out_dir``; return the metrics (as a dict).
 
     ``device``: where teacher and student train (default: CUDA if available, else CPU); every
@@ -248,12 +327,21 @@ def _run_pipeline(config: RunConfig, run: RunDir, *, device, teacher_base) -> di
     device = torch.device(device) if device is not None else default_device()
     if main:
         # this process's threading variables, and those the latency workers will get (updated once they ran)
-        run.write_env(environment(config.measure.threads) | {
-            "train_threads": torch.get_num_threads(), "thread_env": thread_variables(os.environ),
-            "latency_env": worker_environment(config.measure.threads, inherit_env=config.measure.inherit_env).record()})
+        run.write_env(
+            environment(config.measure.threads)
+            | {
+                "train_threads": torch.get_num_threads(),
+                "thread_env": thread_variables(os.environ),
+                "latency_env": worker_environment(
+                    config.measure.threads, inherit_env=config.measure.inherit_env
+                ).record(),
+            }
+        )
 
     data = load_data(config.data, seed=config.seed)
-    log.info("data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes)
+    log.info(
+        "data: %s, %d train / %d test images, %d classes", data.name, len(data.train), len(data.test), data.num_classes
+    )
     preflight(config, data)
     tracker = make_tracker(config.train.tracker, config.train.tracker_dir or run.file(run.TRACKER)) if main else None
     try:
@@ -270,22 +358,40 @@ def _run_stages(config: RunConfig, data: Splits, run: RunDir, device: torch.devi
 
     last = run.last_finished_stage(config)
     if last >= 0:
-        student = run.restore_student(config, last, num_classes=data.num_classes, image_shape=data.image_shape, device=device)
+        student = run.restore_student(
+            config, last, num_classes=data.num_classes, image_shape=data.image_shape, device=device
+        )
         log.info("resuming after stage %d (%s)", last + 1, config.stages[last].stage)
     else:
         student = Student(build_model(config, data.num_classes).to(device))
         student.model.load_state_dict(teacher.state_dict())
 
-    ctx = StageContext(data=data, teacher=teacher, config=config, train_config=config.train, seed=config.seed,
-                       augment=config.data.augment, device=device, tracker=tracker)
+    ctx = StageContext(
+        data=data,
+        teacher=teacher,
+        config=config,
+        train_config=config.train,
+        seed=config.seed,
+        augment=config.data.augment,
+        device=device,
+        tracker=tracker,
+    )
     times: dict[int, float] = {}
     for i in range(last + 1, len(config.stages)):
         spec = config.stages[i]
         stage = get_stage(spec.stage)
         log.info("stage %d/%d: %s for %d epochs", i + 1, len(config.stages), stage.name, spec.epochs)
         t0 = time.perf_counter()
-        student = _on_device(stage.run(student, config.section(stage.section), dataclasses.replace(ctx, index=i), epochs=spec.epochs,
-                                       checkpoint=run.stage_epoch_path(i, stage.name)), device)
+        student = _on_device(
+            stage.run(
+                student,
+                config.section(stage.section),
+                dataclasses.replace(ctx, index=i),
+                epochs=spec.epochs,
+                checkpoint=run.stage_epoch_path(i, stage.name),
+            ),
+            device,
+        )
         times[i] = round(time.perf_counter() - t0, 2)
         if main:
             run.save_student(i, stage.name, student)
@@ -314,20 +420,41 @@ def _stage_records(config: RunConfig, student: Student, stage_times: dict[int, f
         stage = get_stage(spec.stage)
         label = f"{i + 1}_{stage.name}"
         rec = dict(records.get(label) or records.get(stage.name) or {})
-        out.append(StageRecord(index=i, stage=stage.name, letter=stage.letter, epochs=spec.epochs, quantizes=stage.quantizes,
-                               structural=stage.structural, records=rec, wall_time_s=stage_times.get(i)))
+        out.append(
+            StageRecord(
+                index=i,
+                stage=stage.name,
+                letter=stage.letter,
+                epochs=spec.epochs,
+                quantizes=stage.quantizes,
+                structural=stage.structural,
+                records=rec,
+                wall_time_s=stage_times.get(i),
+            )
+        )
     return out
 
 
-def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Student, run: RunDir, *,
-             stage_times: dict[int, float] | None = None) -> Metrics:
+def finalize(
+    config: RunConfig,
+    data: Splits,
+    teacher: nn.Module,
+    student: Student,
+    run: RunDir,
+    *,
+    stage_times: dict[int, float] | None = None,
+) -> Metrics:
     """Export the deployable model, then measure accuracy, sparsity, size and latency.
 
     Works on CPU copies: the live teacher and student stay on their device.
     """
     teacher = copy.deepcopy(teacher).cpu().eval()
-    final = Student(copy.deepcopy(student.model).cpu().eval(), {k: v.cpu() for k, v in student.masks.items()}, student.form,
-                    student.freeze_fraction)
+    final = Student(
+        copy.deepcopy(student.model).cpu().eval(),
+        {k: v.cpu() for k, v in student.masks.items()},
+        student.form,
+        student.freeze_fraction,
+    )
     mean, std, ebs = data.mean, data.std, config.train.eval_batch_size
     # Convert before evaluating: a PTQ student's observers have no off switch, so running it on
     # the test set first would re-calibrate it on test data (and a resumed run would differ).
@@ -342,41 +469,76 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
         # self-contained deployable: takes raw images (normalisation inside), carries pqd.json and class names
         with warnings.catch_warnings(record=True) as caught:  # control flow frozen by tracing: into metrics.json
             warnings.simplefilter("always", FrozenBranchWarning)
-            scripted = deployable_torchscript(int8, mean=mean, std=std, class_names=data.test.classes, input_shape=data.image_shape)
+            scripted = deployable_torchscript(
+                int8, mean=mean, std=std, class_names=data.test.classes, input_shape=data.image_shape
+            )
         for w in caught:
             if issubclass(w.category, FrozenBranchWarning):
                 _note(f"export: {w.message}")
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         save_torchscript(scripted, deployed_path, meta=_deploy_meta(config, data, form="int8"), overwrite=True)
-        deployed = normalized_callable(torch.jit.load(str(deployed_path), map_location="cpu"))  # bare model: same logits
+        deployed = normalized_callable(
+            torch.jit.load(str(deployed_path), map_location="cpu")
+        )  # bare model: same logits
         d_logits = predict(deployed, data.test, mean=mean, std=std, batch_size=ebs)
         if final.form == "qat":
-            extra_acc = {"fake_quant_top1": top1(s_logits, data.test.y), "int8_vs_fake_quant_agreement": agreement(d_logits, s_logits)}
+            extra_acc = {
+                "fake_quant_top1": top1(s_logits, data.test.y),
+                "int8_vs_fake_quant_agreement": agreement(d_logits, s_logits),
+            }
         else:  # PTQ: the pre-conversion model is the calibrated FP32 model, not a fake-quant one
-            extra_acc = {"pre_conversion_fp32_top1": top1(s_logits, data.test.y), "int8_vs_fp32_agreement": agreement(d_logits, s_logits)}
+            extra_acc = {
+                "pre_conversion_fp32_top1": top1(s_logits, data.test.y),
+                "int8_vs_fp32_agreement": agreement(d_logits, s_logits),
+            }
         final_name, measured = "final_int8", int8_sparsity(int8, final)
-        save_compact(int8, run.compact_path, meta={
-            "model": config.model.name, "width": config.model.width, "num_classes": data.num_classes,
-            "image_shape": list(data.image_shape), "quantize_mode": final.form, "dataset": data.name,
-            "mean": list(data.mean), "std": list(data.std), "class_names": [str(c) for c in data.test.classes],
-            **({"preprocess": data.preprocess} if data.preprocess else {})})
+        save_compact(
+            int8,
+            run.compact_path,
+            meta={
+                "model": config.model.name,
+                "width": config.model.width,
+                "num_classes": data.num_classes,
+                "image_shape": list(data.image_shape),
+                "quantize_mode": final.form,
+                "dataset": data.name,
+                "mean": list(data.mean),
+                "std": list(data.std),
+                "class_names": [str(c) for c in data.test.classes],
+                **({"preprocess": data.preprocess} if data.preprocess else {}),
+            },
+        )
         verify_compact(run.compact_path, int8)  # decodes it and compares bit for bit
         compact = {"compact_int8": file_bytes(run.compact_path), "compact_file": run.compact_path.name}
         quantization = Quantization(backend="x86", float_modules=float_modules(int8))
         if quantization.float_modules:
-            log.warning("quantize: %d operation(s) stay FP32 in the INT8 model (no x86 integer kernel; dequantized around): %s",
-                        len(quantization.float_modules), ", ".join(f"{f['name']} ({f['type']})" for f in quantization.float_modules))
+            log.warning(
+                "quantize: %d operation(s) stay FP32 in the INT8 model (no x86 integer kernel; dequantized around): %s",
+                len(quantization.float_modules),
+                ", ".join(f"{f['name']} ({f['type']})" for f in quantization.float_modules),
+            )
     else:
         deployed_path = run.deployed_path(config)
         if deployed_path != run.teacher_path:  # a dense run deploys the teacher's own file
             save_checkpoint(deployed_path, final.model.state_dict(), {"form": "fp32"})
         deployed, d_logits, final_name = final.model, s_logits, "final_fp32"
         measured = None
-    accuracy = Accuracy(teacher_top1=top1(t_logits, data.test.y), final_top1=top1(d_logits, data.test.y),
-                        final_vs_teacher_agreement=agreement(d_logits, t_logits), **extra_acc,
-                        **_accuracy_evidence(config, data, run, t_logits=t_logits, d_logits=d_logits, s_logits=s_logits,
-                                             form=final.form if int8 is not None else None))
+    accuracy = Accuracy(
+        teacher_top1=top1(t_logits, data.test.y),
+        final_top1=top1(d_logits, data.test.y),
+        final_vs_teacher_agreement=agreement(d_logits, t_logits),
+        **extra_acc,
+        **_accuracy_evidence(
+            config,
+            data,
+            run,
+            t_logits=t_logits,
+            d_logits=d_logits,
+            s_logits=s_logits,
+            form=final.form if int8 is not None else None,
+        ),
+    )
 
     # what the run's pruning stages declare: target sparsity, criterion, layers left dense
     pruning = [(stage, config.section(stage.section)) for stage in (get_stage(s.stage) for s in config.stages)]
@@ -385,28 +547,59 @@ def finalize(config: RunConfig, data: Splits, teacher: nn.Module, student: Stude
     excludes = [e for stage, section in pruning if (e := stage.prune_exclude(section)) is not None]
     layers = list(final.masks) or prunable_layers(final.model, excludes[0] if excludes else DEFAULT_EXCLUDE)
     target = max(targets, default=0.0)
-    sparsity = Sparsity(target=target, achieved=global_sparsity(final.model, layers),
-                        achieved_int8=measured, prunable_layers=len(layers))
-    lat, lat_env = measure_run_latency(config, data, teacher=teacher, teacher_path=run.teacher_path, deployed=deployed,
-                                       deployed_path=deployed_path, final_name=final_name)
+    sparsity = Sparsity(
+        target=target,
+        achieved=global_sparsity(final.model, layers),
+        achieved_int8=measured,
+        prunable_layers=len(layers),
+    )
+    lat, lat_env = measure_run_latency(
+        config,
+        data,
+        teacher=teacher,
+        teacher_path=run.teacher_path,
+        deployed=deployed,
+        deployed_path=deployed_path,
+        final_name=final_name,
+    )
     _record_latency_env(run, lat_env)
-    lat = [r | {"runtime": "pytorch", "precision": "fp32" if r["model"].endswith("fp32") else "int8",
-                "form": "eager" if r["model"].endswith("fp32") else "TorchScript"} for r in lat]
+    lat = [
+        r
+        | {
+            "runtime": "pytorch",
+            "precision": "fp32" if r["model"].endswith("fp32") else "int8",
+            "form": "eager" if r["model"].endswith("fp32") else "TorchScript",
+        }
+        for r in lat
+    ]
     epochs = {"teacher": 0 if config.teacher.weights else config.teacher.epochs}
     for s in config.stages:
         epochs[s.stage] = epochs.get(s.stage, 0) + s.epochs
     return Metrics(
-        model=config.model.name, width=config.model.width, dataset=data.name, num_classes=data.num_classes,
-        stages=config.stage_string(), stage_order=[s.stage for s in config.stages], epochs=epochs,
+        model=config.model.name,
+        width=config.model.width,
+        dataset=data.name,
+        num_classes=data.num_classes,
+        stages=config.stage_string(),
+        stage_order=[s.stage for s in config.stages],
+        epochs=epochs,
         teacher_source=f"weights:{config.teacher.weights}" if config.teacher.weights else "trained",
-        final_form="int8" if final.quantized else "fp32", accuracy=accuracy, sparsity=sparsity,
-        size_bytes=Sizes(teacher_fp32=file_bytes(run.teacher_path), final=file_bytes(deployed_path), final_file=deployed_path.name,
-                         **compact),
+        final_form="int8" if final.quantized else "fp32",
+        accuracy=accuracy,
+        sparsity=sparsity,
+        size_bytes=Sizes(
+            teacher_fp32=file_bytes(run.teacher_path),
+            final=file_bytes(deployed_path),
+            final_file=deployed_path.name,
+            **compact,
+        ),
         latency=[LatencyRecord.from_dict(r) for r in lat],
-        pruned=bool(final.masks), quantize_mode=final.form if final.quantized else None,
+        pruned=bool(final.masks),
+        quantize_mode=final.form if final.quantized else None,
         prune_criterion=next((c for c in criteria if c != "magnitude"), criteria[0] if criteria else None),
         image_shape=list(data.image_shape),
-        quantization=quantization, faithfulness=faithfulness(t_logits, d_logits, data.test.y, class_names=data.test.classes),
+        quantization=quantization,
+        faithfulness=faithfulness(t_logits, d_logits, data.test.y, class_names=data.test.classes),
         stage_records=_stage_records(config, student, stage_times or {}),
         degradation=compare_degradation(t_logits, d_logits, data.test.y),
         speedup=speedup_summary(lat),
@@ -424,15 +617,24 @@ def _record_latency_env(run: RunDir, record: dict) -> None:
         run.write_env(env | {"latency_env": record})
 
 
-def _accuracy_evidence(config: RunConfig, data: Splits, run: RunDir, *, t_logits: torch.Tensor, d_logits: torch.Tensor,
-                       s_logits: torch.Tensor, form: str | None) -> dict:
+def _accuracy_evidence(
+    config: RunConfig,
+    data: Splits,
+    run: RunDir,
+    *,
+    t_logits: torch.Tensor,
+    d_logits: torch.Tensor,
+    s_logits: torch.Tensor,
+    form: str | None,
+) -> dict:
     """Wilson intervals beside every top-1, which test images were used, and the prediction files
     (teacher and deployed model, int16 argmax in test-split order) for paired tests between runs."""
     y = data.test.y.cpu().numpy()
     out: dict = {
         "teacher_top1_ci": top1_record(correct_vector(t_logits.numpy(), y)),
         "final_top1_ci": top1_record(correct_vector(d_logits.numpy(), y)),
-        "test_n": int(len(y)), "test_full_split": config.data.test_subset is None,
+        "test_n": int(len(y)),
+        "test_full_split": config.data.test_subset is None,
         "test_subset_seed": None if config.data.test_subset is None else TEST_SUBSET_SEED,
     }
     if form == "qat":
@@ -450,8 +652,15 @@ def _deploy_meta(config: RunConfig, data: Splits, *, form: str | None = None, no
     from pqd.deploy.deployable import deployable_meta
 
     extra = {"model": config.model.name, "stages": config.stage_string()} | ({"form": form} if form else {})
-    return deployable_meta(mean=data.mean, std=data.std, class_names=data.test.classes, input_shape=data.image_shape,
-                           normalization=normalization, extra=extra, preprocess=data.preprocess)
+    return deployable_meta(
+        mean=data.mean,
+        std=data.std,
+        class_names=data.test.classes,
+        input_shape=data.image_shape,
+        normalization=normalization,
+        extra=extra,
+        preprocess=data.preprocess,
+    )
 
 
 def int8_sparsity(int8: nn.Module, student: Student) -> float | None:

@@ -52,7 +52,6 @@ from pqd.train.loop import process_rank
 log = logging.getLogger("pqd")
 
 
-
 def model_kwargs(config: RunConfig) -> dict[str, Any]:
     """The keyword arguments ``create_model`` gets for this run's model (beyond num_classes)."""
     kw: dict[str, Any] = {}
@@ -70,15 +69,47 @@ def build_model(config: RunConfig, num_classes: int) -> nn.Module:
 
 # Every top-level name pqd writes into a run / sweep folder (fnmatch patterns): anything else in
 # an --out folder is a user's file, and pqd refuses to write there (pqd.safety.fsguard).
-RUN_DIR_FILES = ("config.yaml", "env.json", "log.txt", "metrics.json", "teacher.safetensors", "teacher.epoch.safetensors",
-                 "stages", "tracker", "model_*.pt", "model_*.pqdz", "model_*.safetensors", "*.onnx", "export.json", "bench.json",
-                 "bench.md")
-SWEEP_DIR_FILES = ("sweep.yaml", "results.sqlite", "results.sqlite-*", "runs", "log.txt", "report.md", "report.html", "plots")
+RUN_DIR_FILES = (
+    "config.yaml",
+    "env.json",
+    "log.txt",
+    "metrics.json",
+    "teacher.safetensors",
+    "teacher.epoch.safetensors",
+    "stages",
+    "tracker",
+    "model_*.pt",
+    "model_*.pqdz",
+    "model_*.safetensors",
+    "*.onnx",
+    "export.json",
+    "bench.json",
+    "bench.md",
+)
+SWEEP_DIR_FILES = (
+    "sweep.yaml",
+    "results.sqlite",
+    "results.sqlite-*",
+    "runs",
+    "log.txt",
+    "report.md",
+    "report.html",
+    "plots",
+)
 REPORT_FILES = ("report.md", "report.html", "plots")
 
 # Settings that change no trained result: a resume ignores differences in them (item 4 of issue 11).
-RESULT_NEUTRAL_KEYS = ("train.progress", "train.tracker", "train.tracker_dir", "train.threads", "train.eval_batch_size",
-                       "data.cache_dir", "data.workers", "data.max_memory_gb", "measure")
+RESULT_NEUTRAL_KEYS = (
+    "train.progress",
+    "train.tracker",
+    "train.tracker_dir",
+    "train.threads",
+    "train.eval_batch_size",
+    "data.cache_dir",
+    "data.workers",
+    "data.max_memory_gb",
+    "measure",
+)
 
 _SHARED_TEACHER = re.compile(r"(^|/)(runs/teacher-[0-9A-Za-z_-]+/teacher\.safetensors)$")
 
@@ -105,8 +136,9 @@ def with_teacher_base(config: RunConfig, teacher_base: str | Path | None) -> Run
         return config
     import dataclasses
 
-    return dataclasses.replace(config, teacher=dataclasses.replace(
-        config.teacher, weights=str(Path(teacher_base) / config.teacher.weights)))
+    return dataclasses.replace(
+        config, teacher=dataclasses.replace(config.teacher, weights=str(Path(teacher_base) / config.teacher.weights))
+    )
 
 
 def comparable_config(saved: Mapping[str, Any], *, teacher_base: str | Path | None = None) -> dict:
@@ -150,8 +182,11 @@ def _state_mismatch(path: Path, model: nn.Module, state: Mapping[str, Any], exc:
     built = model.state_dict()
     have, want = set(state), set(built)
     missing, unexpected = sorted(want - have), sorted(have - want)
-    shapes = [f"{k} saved {tuple(state[k].shape)} vs built {tuple(built[k].shape)}" for k in sorted(have & want)
-              if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(built[k].shape)]
+    shapes = [
+        f"{k} saved {tuple(state[k].shape)} vs built {tuple(built[k].shape)}"
+        for k in sorted(have & want)
+        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(built[k].shape)
+    ]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:5])}")
@@ -162,11 +197,15 @@ def _state_mismatch(path: Path, model: nn.Module, state: Mapping[str, Any], exc:
     if not parts:
         parts.append(str(exc).splitlines()[0][:300] if str(exc) else "shapes differ")
     if missing or unexpected:
-        cause = ("the file holds another model's tensors: check that config.yaml's model (name, width, leaf modules) "
-                 "is the one this run trained")
+        cause = (
+            "the file holds another model's tensors: check that config.yaml's model (name, width, leaf modules) "
+            "is the one this run trained"
+        )
     else:
-        cause = ("the file has this model's tensors but pqd could not rebuild their shapes; the file is intact: "
-                 "check that config.yaml's model is the one this run trained, and report the model if it is")
+        cause = (
+            "the file has this model's tensors but pqd could not rebuild their shapes; the file is intact: "
+            "check that config.yaml's model is the one this run trained, and report the model if it is"
+        )
     return f"checkpoint {str(path)!r} does not fit this stage's model ({'; '.join(parts)}): {cause}"
 
 
@@ -238,7 +277,9 @@ class RunDir:
 
     # ------------------------------------------------------------------ config
     def has_results(self) -> bool:
-        return any(p.exists() for p in (self.teacher_path, self.teacher_epoch_path, self.path / self.STAGES, self.metrics_path))
+        return any(
+            p.exists() for p in (self.teacher_path, self.teacher_epoch_path, self.path / self.STAGES, self.metrics_path)
+        )
 
     def saved_config_dict(self) -> dict | None:
         if not self.config_path.exists():
@@ -246,9 +287,13 @@ class RunDir:
         try:
             data = load_yaml(self.config_path)
         except ConfigError as exc:
-            raise ConfigError(f"{self.config_path} cannot be read ({exc}); restore it or choose a new --out directory") from None
+            raise ConfigError(
+                f"{self.config_path} cannot be read ({exc}); restore it or choose a new --out directory"
+            ) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{self.config_path} does not hold a config mapping; restore it or choose a new --out directory")
+            raise ConfigError(
+                f"{self.config_path} does not hold a config mapping; restore it or choose a new --out directory"
+            )
         return data
 
     def claim(self, *, kind: str = "run"):
@@ -264,19 +309,26 @@ class RunDir:
         """
         want = config.to_dict()
         have = self.saved_config_dict()
-        same = have is not None and (have == want or comparable_config(have, teacher_base=teacher_base)
-                                     == comparable_config(want, teacher_base=teacher_base))
+        same = have is not None and (
+            have == want
+            or comparable_config(have, teacher_base=teacher_base) == comparable_config(want, teacher_base=teacher_base)
+        )
         if have is None:
             self.path.mkdir(parents=True, exist_ok=True)
         elif not same and self.has_results():
-            diff = sorted(_diff_keys(comparable_config(have, teacher_base=teacher_base),
-                                     comparable_config(want, teacher_base=teacher_base)))
+            diff = sorted(
+                _diff_keys(
+                    comparable_config(have, teacher_base=teacher_base),
+                    comparable_config(want, teacher_base=teacher_base),
+                )
+            )
             if self._restart_unfinished_for_lr(config, diff):
                 atomic_write_bytes(self.config_path, yaml.safe_dump(want, sort_keys=False).encode())
                 return
             raise ConfigError(
                 f"{self.path} holds a run with a different config (differs at: {', '.join(diff) or '?'}); "
-                "re-run with the same config to resume, or choose a new --out directory")
+                "re-run with the same config to resume, or choose a new --out directory"
+            )
         elif not same:
             log.info("%s holds no results yet; replacing its config.yaml", self.path)
         else:
@@ -306,13 +358,19 @@ class RunDir:
         for p in stale:
             p.unlink(missing_ok=True)
         where = "the teacher" if start < 0 else f"stage {start + 1} ({names[start]})"
-        log.info("%s: new learning rate (%s) for an unfinished stage: %s and later stages restart, earlier results are kept",
-                 self.path, ", ".join(diff), where)
+        log.info(
+            "%s: new learning rate (%s) for an unfinished stage: %s and later stages restart, earlier results are kept",
+            self.path,
+            ", ".join(diff),
+            where,
+        )
         return True
 
     def read_config(self, *, allow_code: bool = True) -> RunConfig:
         if not self.config_path.is_file():
-            raise CheckpointError(f"{self.path} is not a pqd run directory (no {self.CONFIG}); make one with 'pqd run' or 'pqd demo'")
+            raise CheckpointError(
+                f"{self.path} is not a pqd run directory (no {self.CONFIG}); make one with 'pqd run' or 'pqd demo'"
+            )
         config = load_config(self.config_path)
         if not allow_code:
             check_config_code(config, allow_code=False, source=str(self.config_path))
@@ -335,8 +393,11 @@ class RunDir:
         """The output of stage ``index``: weights, masks, form and the student's records."""
         tensors = {f"model.{k}": v for k, v in student.model.state_dict().items()}
         tensors.update({f"mask.{k}": v for k, v in student.masks.items()})
-        save_checkpoint(self.student_path(index, name), tensors,
-                        {"form": student.form, "records": dict(getattr(student, "records", {}) or {})})
+        save_checkpoint(
+            self.student_path(index, name),
+            tensors,
+            {"form": student.form, "records": dict(getattr(student, "records", {}) or {})},
+        )
         self.stage_epoch_path(index, name).unlink(missing_ok=True)
 
     def last_finished_stage(self, config: RunConfig) -> int:
@@ -344,8 +405,15 @@ class RunDir:
         done = [i for i, s in enumerate(config.stages) if self.student_path(i, s.stage).exists()]
         return max(done, default=-1)
 
-    def rebuild_model(self, config: RunConfig, *, num_classes: int, image_shape: tuple[int, ...], form: str = "fp32",
-                      state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    def rebuild_model(
+        self,
+        config: RunConfig,
+        *,
+        num_classes: int,
+        image_shape: tuple[int, ...],
+        form: str = "fp32",
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> nn.Module:
         """The run's model in ``form`` (untrained): build → fit layer shapes to ``state`` → prepare (FX)
         if quantized. The one rebuild path of students, skeletons and restores."""
         model = build_model(config, num_classes)
@@ -357,9 +425,14 @@ class RunDir:
             fit_to_state_dict(model, state)
         if form != "fp32":
             quantize = config.section_as("quantize", QuantizeConfig)
-            model = prepare(model, torch.zeros(2, *image_shape), mode=form, reduce_range=quantize.reduce_range,
-                            options=quant_options(quantize),
-                            leaf_modules=quantize.leaf_modules)
+            model = prepare(
+                model,
+                torch.zeros(2, *image_shape),
+                mode=form,
+                reduce_range=quantize.reduce_range,
+                options=quant_options(quantize),
+                leaf_modules=quantize.leaf_modules,
+            )
         return model
 
     def structural_state(self, config: RunConfig) -> dict[str, torch.Tensor] | None:
@@ -372,18 +445,28 @@ class RunDir:
         tensors, _ = load_checkpoint(self.student_path(last, config.stages[last].stage))
         return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
 
-    def restore_student(self, config: RunConfig, index: int, *, num_classes: int, image_shape: tuple[int, ...],
-                        device: torch.device | str = "cpu") -> Student:
+    def restore_student(
+        self,
+        config: RunConfig,
+        index: int,
+        *,
+        num_classes: int,
+        image_shape: tuple[int, ...],
+        device: torch.device | str = "cpu",
+    ) -> Student:
         """The student as it was after stage ``index``, rebuilt from that stage's output file."""
         tensors, meta = load_checkpoint(self.student_path(index, config.stages[index].stage))
         state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         form = meta.get("form", "fp32")
-        model = self.rebuild_model(config, num_classes=num_classes, image_shape=image_shape, form=form,
-                                   state=state if form == "fp32" else None)
+        model = self.rebuild_model(
+            config, num_classes=num_classes, image_shape=image_shape, form=form, state=state if form == "fp32" else None
+        )
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise CheckpointError(_state_mismatch(self.student_path(index, config.stages[index].stage), model, state, exc)) from None
+            raise CheckpointError(
+                _state_mismatch(self.student_path(index, config.stages[index].stage), model, state, exc)
+            ) from None
         masks = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("mask.")}
         if form == "qat":
             freeze(model)  # every stage ends frozen; BN freezing is module state, not in the state_dict
@@ -416,8 +499,13 @@ class RunDir:
         ``name``: another file of the run (a peer's predictions file named in its metrics)."""
         import numpy as np
 
-        path = self.path / name if name else (self.test_labels_path if labels else
-                                              self.teacher_predictions_path if teacher else self.predictions_path)
+        path = (
+            self.path / name
+            if name
+            else (
+                self.test_labels_path if labels else self.teacher_predictions_path if teacher else self.predictions_path
+            )
+        )
         if Path(name or "").name != (name or "") or not path.is_file():
             return None
         return np.load(path, allow_pickle=False)
@@ -436,7 +524,9 @@ class RunDir:
         """metrics.json, typed."""
         d = self.read_metrics()
         if d is None:
-            raise CheckpointError(f"{self.path} has no readable {self.METRICS}; finish the run with the same 'pqd run' command")
+            raise CheckpointError(
+                f"{self.path} has no readable {self.METRICS}; finish the run with the same 'pqd run' command"
+            )
         return Metrics.from_dict(d)
 
     def write_metrics(self, metrics: Metrics) -> dict:

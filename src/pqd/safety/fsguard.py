@@ -67,9 +67,24 @@ VERSION = 1
 _ALWAYS_OURS = (MARKER, LOCK, ".*.tmp")  # marker, lock, and temp files of an interrupted atomic write
 
 __all__ = [
-    "MARKER", "LOCK", "file_mode", "current_umask", "atomic_write_bytes", "atomic_output", "safe_replace",
-    "record_written", "commit_file", "rescue_write", "check_path_encodable", "mark_dir", "read_marker", "check_writable_run_dir",
-    "check_replaceable", "DirLock", "storage_error", "storage_errors",
+    "MARKER",
+    "LOCK",
+    "file_mode",
+    "current_umask",
+    "atomic_write_bytes",
+    "atomic_output",
+    "safe_replace",
+    "record_written",
+    "commit_file",
+    "rescue_write",
+    "check_path_encodable",
+    "mark_dir",
+    "read_marker",
+    "check_writable_run_dir",
+    "check_replaceable",
+    "DirLock",
+    "storage_error",
+    "storage_errors",
 ]
 
 # --------------------------------------------------------------------------- modes
@@ -122,8 +137,10 @@ def _human(n: float) -> str:
 
 
 # where to write instead; not every command has --out (export and bench write into the run folder)
-_ELSEWHERE = ("write to a folder you can write to instead (run/sweep: another --out; export/bench: copy the run "
-              "folder to a writable place first)")
+_ELSEWHERE = (
+    "write to a folder you can write to instead (run/sweep: another --out; export/bench: copy the run "
+    "folder to a writable place first)"
+)
 
 
 def _from_errno(code: int | None, path: Path, action: str, detail: str) -> StorageError | None:
@@ -134,35 +151,46 @@ def _from_errno(code: int | None, path: Path, action: str, detail: str) -> Stora
         return DiskFullError(
             f"no space left on the device while {action} {where}{left}; nothing partial was kept. "
             "Free some space (or write to a folder on another disk) and re-run: finished steps are kept and resume.",
-            path=str(path))
+            path=str(path),
+        )
     if code == errno.EROFS:
         return ReadOnlyStorageError(
-            f"{action} {where} failed: the folder is on a read-only file system; {_ELSEWHERE}",
-            path=str(path))
+            f"{action} {where} failed: the folder is on a read-only file system; {_ELSEWHERE}", path=str(path)
+        )
     if code in (errno.EACCES, errno.EPERM):
         return ReadOnlyStorageError(
-            f"permission denied {action} {where}; fix the folder's permissions, or {_ELSEWHERE}",
-            path=str(path))
+            f"permission denied {action} {where}; fix the folder's permissions, or {_ELSEWHERE}", path=str(path)
+        )
     if code == errno.ELOOP:
-        return StorageError(f"{where}: too many levels of symbolic links (a symlink loop); remove the loop", path=str(path))
+        return StorageError(
+            f"{where}: too many levels of symbolic links (a symlink loop); remove the loop", path=str(path)
+        )
     if code == errno.ENAMETOOLONG:
-        return StorageError(f"{where}: the file name is too long for this file system; choose a shorter path", path=str(path))
+        return StorageError(
+            f"{where}: the file name is too long for this file system; choose a shorter path", path=str(path)
+        )
     if code == errno.EIO:
-        return StorageError(f"I/O error {action} {where}: the storage may be failing; check the disk and re-run", path=str(path))
+        return StorageError(
+            f"I/O error {action} {where}: the storage may be failing; check the disk and re-run", path=str(path)
+        )
     if code is not None:
         name = errno.errorcode.get(code, str(code))
         return StorageError(f"{action} {where} failed: {detail or os.strerror(code)} ({name})", path=str(path))
     return None
 
 
-def storage_error(exc: BaseException, path: str | os.PathLike | None, *, action: str = "writing") -> StorageError | None:
+def storage_error(
+    exc: BaseException, path: str | os.PathLike | None, *, action: str = "writing"
+) -> StorageError | None:
     """The :class:`StorageError` that explains ``exc`` (raised while ``action`` ``path``, e.g.
     "writing"/"reading"), or None when ``exc`` is not a storage failure."""
     path = Path(os.fsdecode(path)) if path is not None else Path("?")
     if isinstance(exc, StorageError):
         return exc
     if isinstance(exc, OSError):
-        return _from_errno(exc.errno, Path(os.fsdecode(exc.filename)) if exc.filename else path, action, exc.strerror or "")
+        return _from_errno(
+            exc.errno, Path(os.fsdecode(exc.filename)) if exc.filename else path, action, exc.strerror or ""
+        )
     if type(exc).__name__ == "SafetensorError":  # safetensors' Rust io::Error text carries the errno
         m = _SAFETENSORS_OS.search(str(exc))
         if m:
@@ -176,26 +204,38 @@ def storage_error(exc: BaseException, path: str | os.PathLike | None, *, action:
             return DatabaseLockedError(
                 f"the database {str(path)!r} stayed locked by another process ({exc}); another pqd sweep or a "
                 "database browser may hold it. Close it and re-run: finished runs are kept and not recomputed.",
-                path=str(path))
+                path=str(path),
+            )
         if "readonly" in msg or "read-only" in msg:
             return _from_errno(errno.EROFS, path, action, str(exc))
         if "unable to open" in msg:
-            return StorageError(f"cannot open the database {str(path)!r} ({exc}); check that its folder exists and is writable",
-                                path=str(path))
+            return StorageError(
+                f"cannot open the database {str(path)!r} ({exc}); check that its folder exists and is writable",
+                path=str(path),
+            )
         if "disk i/o error" in msg:
             return _from_errno(errno.EIO, path, action, str(exc))
         return None
     if isinstance(exc, sqlite3.DatabaseError):  # "file is not a database", "database disk image is malformed"
-        return StorageError(f"{str(path)!r} is not a readable SQLite database ({exc}); move it away to start a new table",
-                            path=str(path))
-    if isinstance(exc, (UnicodeEncodeError, UnicodeDecodeError)) and exc.encoding.replace("-", "").lower() in ("utf8", "ascii"):
+        return StorageError(
+            f"{str(path)!r} is not a readable SQLite database ({exc}); move it away to start a new table",
+            path=str(path),
+        )
+    if isinstance(exc, (UnicodeEncodeError, UnicodeDecodeError)) and exc.encoding.replace("-", "").lower() in (
+        "utf8",
+        "ascii",
+    ):
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        return StorageError(f"the path {shown!r} cannot be encoded ({exc.reason}); use a folder name in UTF-8", path=shown)
+        return StorageError(
+            f"the path {shown!r} cannot be encoded ({exc.reason}); use a folder name in UTF-8", path=shown
+        )
     return None
 
 
 @contextmanager
-def storage_errors(path: str | os.PathLike, *, action: str = "writing", cleanup: Iterable[str | os.PathLike] = ()) -> Iterator[None]:
+def storage_errors(
+    path: str | os.PathLike, *, action: str = "writing", cleanup: Iterable[str | os.PathLike] = ()
+) -> Iterator[None]:
     """Convert storage failures inside the block into :class:`StorageError` (see
     :func:`storage_error`), deleting the ``cleanup`` files (partial outputs) first. Other
     exceptions pass through unchanged."""
@@ -222,8 +262,11 @@ def check_path_encodable(path: str | os.PathLike, *, what: str = "--out") -> Non
         raw.decode("utf-8")
     except UnicodeDecodeError:
         shown = raw.decode("utf-8", "backslashreplace")
-        raise StorageError(f"{what} '{shown}' is not a UTF-8 path; pqd records paths in JSON and SQLite, which need "
-                           "UTF-8. Rename the folder.", path=shown) from None
+        raise StorageError(
+            f"{what} '{shown}' is not a UTF-8 path; pqd records paths in JSON and SQLite, which need "
+            "UTF-8. Rename the folder.",
+            path=shown,
+        ) from None
 
 
 # --------------------------------------------------------------------------- marker + manifest
@@ -272,8 +315,13 @@ def mark_dir(folder: str | os.PathLike, *, kind: str) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
     rec = read_marker(folder)
     if rec is None:
-        rec = {"format": FORMAT, "version": VERSION, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "files": {}}
+        rec = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": {},
+        }
     _write_marker(folder, rec)
     return rec
 
@@ -404,8 +452,11 @@ def rescue_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
                 f.write(data)
         except OSError:
             raise exc from None
-        raise type(exc)(f"{exc} The data was saved to {rescue}; copy it to {str(path)!r} once there is room.",
-                        path=exc.path, rescue_path=rescue) from exc
+        raise type(exc)(
+            f"{exc} The data was saved to {rescue}; copy it to {str(path)!r} once there is room.",
+            path=exc.path,
+            rescue_path=rescue,
+        ) from exc
 
 
 def commit_file(tmp: str | os.PathLike, path: str | os.PathLike, *, _rec: dict[str, Any] | None = None) -> Path:
@@ -478,7 +529,9 @@ def check_writable_run_dir(
         rec = read_marker(folder)
         if rec is not None:
             if rec.get("kind") != kind:
-                raise RunDirError(f"{shown} holds pqd {rec.get('kind')} output, not {kind} output; choose another folder")
+                raise RunDirError(
+                    f"{shown} holds pqd {rec.get('kind')} output, not {kind} output; choose another folder"
+                )
             return "pqd"
         entries = sorted(e.name for e in folder.iterdir())
     if not [e for e in entries if not _matches(e, _ALWAYS_OURS)]:
@@ -552,8 +605,12 @@ class DirLock:
                 if err is None:
                     raise
                 raise err from exc
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "argv": sys.argv[:6]}
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "argv": sys.argv[:6],
+            }
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(info).encode(), 0)

@@ -72,16 +72,23 @@ def _tail(text: str, n: int = _STDERR_LINES) -> str:
 
 def _crash(message: str, *, returncode: int | None, sig: str | None, timed_out: bool, stderr: str) -> RuntimeCrash:
     tail = _tail(stderr)
-    return RuntimeCrash(message + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""),
-                        returncode=returncode, signal=sig, timed_out=timed_out, stderr=stderr)
+    return RuntimeCrash(
+        message + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""),
+        returncode=returncode,
+        signal=sig,
+        timed_out=timed_out,
+        stderr=stderr,
+    )
 
 
 #: The child's copy of the folders this process added to ``sys.path``, appended there by :func:`adopt_parent_path`.
 PARENT_PATH_VAR = "PQD_PARENT_SYS_PATH"
 
 # Python 3.10 has no -P: run the module from -c after dropping the '' (current folder) entry -c puts first
-_NO_CWD_RUNNER = ("import sys; del sys.path[0]; sys.argv = sys.argv[1:]; import runpy; "
-                  "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+_NO_CWD_RUNNER = (
+    "import sys; del sys.path[0]; sys.argv = sys.argv[1:]; import runpy; "
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
 
 
 def python_command(module: str, *args: str) -> list[str]:
@@ -95,12 +102,18 @@ def _parent_additions() -> list[str]:
     """What this process has on ``sys.path`` beyond a fresh interpreter's defaults (its prefixes) and PYTHONPATH."""
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     inherited = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
-    return [os.path.abspath(p) for p in sys.path if p and os.path.abspath(p) not in inherited
-            and not any(os.path.realpath(p).startswith(pre) for pre in prefixes)]
+    return [
+        os.path.abspath(p)
+        for p in sys.path
+        if p
+        and os.path.abspath(p) not in inherited
+        and not any(os.path.realpath(p).startswith(pre) for pre in prefixes)
+    ]
 
 
-def child_environ(*, extra_path: Sequence[str | os.PathLike] = (), env: Mapping[str, str] | None = None,
-                  parent_path: bool = False) -> dict[str, str]:
+def child_environ(
+    *, extra_path: Sequence[str | os.PathLike] = (), env: Mapping[str, str] | None = None, parent_path: bool = False
+) -> dict[str, str]:
     """The environment of a Python child started with :func:`python_command`: ``env`` (default: this
     process's) with ``PYTHONPATH`` = ``extra_path``, this pqd's folder, the inherited entries; with
     ``parent_path``, this process's other ``sys.path`` folders too, for :func:`adopt_parent_path`."""
@@ -153,8 +166,14 @@ def run_isolated(
             # the current folder is not on the child's sys.path, so a stray pqd/ or a module named
             # like the target (or like a standard module) in the working folder is never imported in its place
             python_command("pqd.safety.isolate", target, str(result)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=child_environ(extra_path=extra_path, env=env, parent_path=parent_path), cwd=cwd, start_new_session=True, text=True, errors="replace",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_environ(extra_path=extra_path, env=env, parent_path=parent_path),
+            cwd=cwd,
+            start_new_session=True,
+            text=True,
+            errors="replace",
         )
         try:
             _, stderr = proc.communicate(payload, timeout=timeout)
@@ -164,8 +183,13 @@ def run_isolated(
             except (ProcessLookupError, PermissionError):
                 proc.kill()
             _, stderr = proc.communicate()
-            raise _crash(f"{label} did not finish within {timeout:g} s and was stopped; the other checks go on",
-                         returncode=proc.returncode, sig=None, timed_out=True, stderr=stderr or "") from None
+            raise _crash(
+                f"{label} did not finish within {timeout:g} s and was stopped; the other checks go on",
+                returncode=proc.returncode,
+                sig=None,
+                timed_out=True,
+                stderr=stderr or "",
+            ) from None
         rc = proc.returncode
         try:
             record = json.loads(result.read_text(encoding="utf-8"))
@@ -174,15 +198,25 @@ def run_isolated(
     if record is None:
         sig = signal_name(rc)
         how = f"crashed with {sig} (exit status {rc})" if sig else f"exited with status {rc} without a result"
-        raise _crash(f"{label} {how}: a native crash in that runtime, not in pqd; the other checks go on",
-                     returncode=rc, sig=sig, timed_out=False, stderr=stderr or "")
+        raise _crash(
+            f"{label} {how}: a native crash in that runtime, not in pqd; the other checks go on",
+            returncode=rc,
+            sig=sig,
+            timed_out=False,
+            stderr=stderr or "",
+        )
     if record.get("ok"):
         return record.get("value")
     cls = getattr(errors, record.get("pqd_class") or "", None)
     if isinstance(cls, type) and issubclass(cls, PqdError):
         raise cls(record.get("message", ""))
-    raise _crash(f"{label} failed: {record.get('type')}: {record.get('message')}", returncode=rc, sig=None,
-                 timed_out=False, stderr=(stderr or "") + "\n" + record.get("traceback", ""))
+    raise _crash(
+        f"{label} failed: {record.get('type')}: {record.get('message')}",
+        returncode=rc,
+        sig=None,
+        timed_out=False,
+        stderr=(stderr or "") + "\n" + record.get("traceback", ""),
+    )
 
 
 def isolate_each(
@@ -198,8 +232,10 @@ def isolate_each(
     out: dict[str, dict[str, Any]] = {}
     for name, (target, args) in jobs.items():
         try:
-            out[name] = {"ok": True, "value": run_isolated(target, args, timeout=timeout, runtime=name, model=model,
-                                                           extra_path=extra_path)}
+            out[name] = {
+                "ok": True,
+                "value": run_isolated(target, args, timeout=timeout, runtime=name, model=model, extra_path=extra_path),
+            }
         except RuntimeCrash as exc:
             kind = "timeout" if exc.timed_out else "crash" if exc.signal else "error"
             out[name] = {"ok": False, "error": str(exc).split("\n--- ")[0], "kind": kind}
@@ -228,9 +264,13 @@ def _child(argv: list[str]) -> int:
         value = fn(**args)
         text = json.dumps({"ok": True, "value": value})
     except BaseException as exc:  # report everything (SystemExit too) to the parent
-        record = {"ok": False, "type": type(exc).__name__, "message": str(exc),
-                  "pqd_class": next((c.__name__ for c in type(exc).__mro__ if c.__module__ == "pqd.errors"), None),
-                  "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+        record = {
+            "ok": False,
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "pqd_class": next((c.__name__ for c in type(exc).__mro__ if c.__module__ == "pqd.errors"), None),
+            "traceback": "".join(traceback.format_exception(exc))[-4000:],
+        }
         _write_result(result, record)
         return 1
     tmp = result.with_suffix(".tmp")

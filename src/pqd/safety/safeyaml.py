@@ -36,7 +36,16 @@ from yaml.nodes import MappingNode, ScalarNode
 
 from pqd.errors import ConfigError
 
-__all__ = ["load_yaml", "parse_scalar", "grid_size_guard", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "MAX_ALIASES", "MAX_GRID"]
+__all__ = [
+    "load_yaml",
+    "parse_scalar",
+    "grid_size_guard",
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_NODES",
+    "MAX_ALIASES",
+    "MAX_GRID",
+]
 
 MAX_BYTES = 1 << 20  # a config or sweep file is a few KB; 1 MiB leaves room for long grids
 MAX_DEPTH = 64
@@ -113,7 +122,6 @@ class _BoundedLoader(yaml.SafeLoader):
         self._weight[id(node)] = self._count - start
         return node
 
-
     def construct_mapping(self, node, deep=False):  # noqa: ANN001 (PyYAML's signature)
         # A key given twice in one mapping is almost always a mistake (the second silently wins).
         if isinstance(node, MappingNode):
@@ -128,7 +136,6 @@ class _BoundedLoader(yaml.SafeLoader):
                         )
                     seen[k] = key.start_mark.line
         return super().construct_mapping(node, deep=deep)
-
 
     def construct_yaml_int(self, node):  # noqa: ANN001 (PyYAML's signature)
         # Python refuses int() of more than 4,300 digits with a bare ValueError; no pqd setting needs 100.
@@ -155,7 +162,9 @@ def _read_bounded(path: Path, max_bytes: int, where: str) -> str:
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise ConfigError(f"{where}: {size:,} bytes, more than the {max_bytes:,} a pqd YAML file may hold; refusing it")
+            raise ConfigError(
+                f"{where}: {size:,} bytes, more than the {max_bytes:,} a pqd YAML file may hold; refusing it"
+            )
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
     except OSError as exc:
@@ -165,7 +174,9 @@ def _read_bounded(path: Path, max_bytes: int, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{where} cannot be read as text: it is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise ConfigError(
+            f"{where} cannot be read as text: it is not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def load_yaml(
@@ -200,7 +211,9 @@ def load_yaml(
         raise TypeError(f"load_yaml: expected a pathlib.Path or YAML text (str), got {type(source).__name__}")
     loader = None
     try:
-        loader = _BoundedLoader(text, _Limits(max_depth, max_nodes, max_aliases, where))  # the reader checks characters here
+        loader = _BoundedLoader(
+            text, _Limits(max_depth, max_nodes, max_aliases, where)
+        )  # the reader checks characters here
         return loader.get_single_data()
     except ConfigError:
         raise
@@ -210,7 +223,9 @@ def load_yaml(
         detail = ", ".join(str(x) for x in (exc.context, exc.problem) if x)
         raise ConfigError(f"{where} is not valid YAML{at}: {detail}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ConfigError(
+            f"{where} is not valid YAML: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     except RecursionError:  # a safety net: the depth limit should have caught it
         raise ConfigError(f"{where}: YAML nested too deeply; refusing it") from None
     finally:

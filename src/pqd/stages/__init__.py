@@ -13,5 +13,6 @@ from pqd.stages import distill  # noqa: E402,F401
 from pqd.stages import structured  # noqa: E402,F401
 from pqd.stages import imp  # noqa: E402,F401
 from pqd.stages import joint  # noqa: E402,F401
+
 # isort: on
 __all__ = ["Stage", "StageContext", "Student", "get_stage", "list_stages", "register_stage"]

@@ -24,6 +24,7 @@ from pqd.train.tracking import Tracker
 
 __all__ = ["DistillConfig", "DistillStage", "distill"]
 
+
 @dataclass(frozen=True)
 class DistillConfig(Section):
     """Response-based KD: ``kd_weight · T² · KL(softmax(t/T) || softmax(s/T)) + alpha · CE``.
@@ -58,14 +59,24 @@ class DistillConfig(Section):
         in_range("distill.lr", self.lr, 0.0)
         in_range("distill.kd_weight", self.kd_weight, 0.0)
         if self.kd_weight == 0 and self.alpha == 0:
-            fail("distill.kd_weight", "kd_weight 0 and alpha 0 together leave no loss; set alpha > 0 for the KD-off "
-                  "control (cross-entropy only) or kd_weight > 0")
-
+            fail(
+                "distill.kd_weight",
+                "kd_weight 0 and alpha 0 together leave no loss; set alpha > 0 for the KD-off "
+                "control (cross-entropy only) or kd_weight > 0",
+            )
 
 
 def distill(
-    student: Student, config: DistillConfig, *, teacher: nn.Module, data: Splits, epochs: int,
-    train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
+    student: Student,
+    config: DistillConfig,
+    *,
+    teacher: nn.Module,
+    data: Splits,
+    epochs: int,
+    train_config: TrainConfig = TrainConfig(),
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    augment: bool = True,
     tracker: Tracker | None = None,
 ) -> Student:
     """Train ``student`` for ``epochs`` against the frozen ``teacher``'s soft targets.
@@ -80,9 +91,23 @@ def distill(
 
     data = as_splits(data)
     check = freeze_check(student, data, lr_key="distill.lr")
-    train(student.model, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=student.masks,
-          before_epoch=qat_epoch_hook(student, epochs, check), checkpoint=checkpoint, seed=seed, tag="distill", lr_key="distill.lr", tracker=tracker,
-          amp=not student.quantized, augment=augment)
+    train(
+        student.model,
+        data,
+        epochs=epochs,
+        lr=config.lr,
+        config=train_config,
+        loss_fn=loss,
+        masks=student.masks,
+        before_epoch=qat_epoch_hook(student, epochs, check),
+        checkpoint=checkpoint,
+        seed=seed,
+        tag="distill",
+        lr_key="distill.lr",
+        tracker=tracker,
+        amp=not student.quantized,
+        augment=augment,
+    )
     note_freeze_check(student, check, tag="distill")
     if student.quantized:
         freeze(student.model)
@@ -99,17 +124,44 @@ class DistillStage(Stage):
         if spec.epochs == 0:
             fail("stages", "distill needs at least one epoch, e.g. 'D:10'")
 
-    def run(self, student: Student, section_config: DistillConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
+    def run(
+        self,
+        student: Student,
+        section_config: DistillConfig,
+        ctx: StageContext,
+        *,
+        epochs: int,
+        checkpoint: Path | None,
+    ) -> Student:
         if section_config.kind != "response":  # feature / attention / mutual / self
             from pqd.stages.distill_variants import distill_variant
 
-            return distill_variant(student, section_config, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
-                                   train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment,
-                                   tracker=ctx.tracker)
+            return distill_variant(
+                student,
+                section_config,
+                teacher=ctx.teacher,
+                data=ctx.data,
+                epochs=epochs,
+                train_config=ctx.train_config,
+                checkpoint=checkpoint,
+                seed=ctx.seed,
+                augment=ctx.augment,
+                tracker=ctx.tracker,
+            )
         if ctx.teacher is None:
             raise ConfigError("stages: distill needs the dense teacher, and this context has none")
-        return distill(student, section_config, teacher=ctx.teacher, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                       checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+        return distill(
+            student,
+            section_config,
+            teacher=ctx.teacher,
+            data=ctx.data,
+            epochs=epochs,
+            train_config=ctx.train_config,
+            checkpoint=checkpoint,
+            seed=ctx.seed,
+            augment=ctx.augment,
+            tracker=ctx.tracker,
+        )
 
 
 register_stage(DistillStage())

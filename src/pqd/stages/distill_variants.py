@@ -90,8 +90,16 @@ class Bundle(nn.Module):
 
 
 def distill_variant(
-    student: Student, config: VariantConfig, *, teacher: nn.Module | None, data: Splits, epochs: int,
-    train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True,
+    student: Student,
+    config: VariantConfig,
+    *,
+    teacher: nn.Module | None,
+    data: Splits,
+    epochs: int,
+    train_config: TrainConfig = TrainConfig(),
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    augment: bool = True,
     tracker: Tracker | None = None,
 ) -> Student:
     """Train ``student`` for ``epochs`` with the KD variant ``config.kind`` (``config``: the distill section; module doc)."""
@@ -139,12 +147,15 @@ def distill_variant(
             return out
     elif kind == "self":
         if len(layers) < 2 and not config.layers:
-            raise ConfigError(f"distill.kind 'self' needs at least two blocks to tap; {type(model).__name__} has {layers}")
+            raise ConfigError(
+                f"distill.kind 'self' needs at least two blocks to tap; {type(model).__name__} has {layers}"
+            )
         shallow = layers[:-1] if not config.layers else layers
         shapes = feature_shapes(model, shallow, example)
         num_classes = _eval_out(model, example)
-        sd = SelfDistillationLoss([s[1] for s in shapes], num_classes, temperature=config.temperature, alpha=config.alpha,
-                                  beta=beta).to(device)
+        sd = SelfDistillationLoss(
+            [s[1] for s in shapes], num_classes, temperature=config.temperature, alpha=config.alpha, beta=beta
+        ).to(device)
         aux = sd
         s_taps = FeatureTaps(model, shallow)
         taps.append(s_taps)
@@ -160,9 +171,23 @@ def distill_variant(
     masks = {f"main.{k}": v for k, v in student.masks.items()}
     qat_hook = qat_epoch_hook(student, epochs)
     try:
-        train(bundle, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss, masks=masks,
-              before_epoch=qat_hook, checkpoint=checkpoint, seed=seed, tag=f"distill-{kind}", lr_key="distill.lr",
-              tracker=tracker, amp=not student.quantized, augment=augment)
+        train(
+            bundle,
+            data,
+            epochs=epochs,
+            lr=config.lr,
+            config=train_config,
+            loss_fn=loss,
+            masks=masks,
+            before_epoch=qat_hook,
+            checkpoint=checkpoint,
+            seed=seed,
+            tag=f"distill-{kind}",
+            lr_key="distill.lr",
+            tracker=tracker,
+            amp=not student.quantized,
+            augment=augment,
+        )
     finally:
         for t in taps:
             t.remove()

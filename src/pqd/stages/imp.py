@@ -52,6 +52,7 @@ __all__ = ["ImpStage", "imp", "reinitialize", "segments"]
 
 log = logging.getLogger("pqd.imp")
 
+
 @dataclass(frozen=True)
 class ImpConfig(Section):
     """Iterative magnitude pruning with rewinding (lottery tickets; stage 'imp' / 'L').
@@ -87,11 +88,12 @@ class ImpConfig(Section):
         return 1.0 - (1.0 - self.fraction) ** self.rounds
 
 
-
 def segments(epochs: int, rounds: int) -> list[int]:
     """Epochs of each of the ``rounds + 1`` training segments (the remainder goes to the last)."""
     if epochs < rounds + 1:
-        raise ConfigError(f"imp: {rounds} rounds need at least {rounds + 1} epochs (one per training segment), got {epochs}")
+        raise ConfigError(
+            f"imp: {rounds} rounds need at least {rounds + 1} epochs (one per training segment), got {epochs}"
+        )
     base = epochs // (rounds + 1)
     return [base] * rounds + [epochs - base * rounds]
 
@@ -116,8 +118,16 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def imp(
-    student: Student, config: ImpConfig, *, data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(),
-    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
+    student: Student,
+    config: ImpConfig,
+    *,
+    data: Splits,
+    epochs: int,
+    train_config: TrainConfig = TrainConfig(),
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    augment: bool = True,
+    tracker: Tracker | None = None,
 ) -> Student:
     """Run ``config.rounds`` rounds of train → prune ``config.fraction`` of the remaining weights
     → rewind, then train on the final mask; ``epochs`` in all. Returns the student with the
@@ -127,8 +137,10 @@ def imp(
     segs = segments(epochs, config.rounds)
     rewind = config.rewind
     if isinstance(rewind, int) and rewind > segs[0]:
-        raise ConfigError(f"imp.rewind: epoch {rewind} is past the first training segment ({segs[0]} epochs of {epochs}); "
-                          f"use an epoch <= {segs[0]}, 'start' or 'init'")
+        raise ConfigError(
+            f"imp.rewind: epoch {rewind} is past the first training segment ({segs[0]} epochs of {epochs}); "
+            f"use an epoch <= {segs[0]}, 'start' or 'init'"
+        )
     pruner = GlobalPruner(model, importance=MagnitudeImportance(), exclude=config.exclude, masks=student.masks)
     s0 = global_sparsity(model, pruner.layers) if pruner.masks else 0.0
     ckpt = Path(checkpoint) if checkpoint else None
@@ -157,9 +169,22 @@ def imp(
     for r, n in enumerate(segs):
         seg_ckpt = ckpt.with_name(f"{ckpt.stem}.segment{r}.safetensors") if ckpt else None
         hooks = chain(qat_epoch_hook(student, n), take_rewind if r == 0 else None)
-        train(model, data, epochs=n, lr=config.lr, config=train_config, masks=pruner.masks, before_epoch=hooks,
-              checkpoint=seg_ckpt, seed=seed, tag=f"imp{r}", lr_key="imp.lr", tracker=tracker,
-              amp=not student.quantized, augment=augment)
+        train(
+            model,
+            data,
+            epochs=n,
+            lr=config.lr,
+            config=train_config,
+            masks=pruner.masks,
+            before_epoch=hooks,
+            checkpoint=seg_ckpt,
+            seed=seed,
+            tag=f"imp{r}",
+            lr_key="imp.lr",
+            tracker=tracker,
+            amp=not student.quantized,
+            augment=augment,
+        )
         if r == 0:
             take_rewind(n)  # rewind == segment length: the weights at the end of segment 0
         if r == len(segs) - 1:
@@ -177,8 +202,15 @@ def imp(
     if ckpt is not None and rewind_file is not None:  # the pipeline removes the stage's own epoch file; these are ours
         for f in [rewind_file, *(ckpt.with_name(f"{ckpt.stem}.segment{r}.safetensors") for r in range(len(segs)))]:
             f.unlink(missing_ok=True)
-    records = dict(student.records) | {"imp": {"rounds": config.rounds, "fraction": config.fraction, "rewind": str(rewind),
-                                               "segments": segs, "history": history}}
+    records = dict(student.records) | {
+        "imp": {
+            "rounds": config.rounds,
+            "fraction": config.fraction,
+            "rewind": str(rewind),
+            "segments": segs,
+            "history": history,
+        }
+    }
     return replace(student, model=model, masks=dict(pruner.masks), records=records)
 
 
@@ -198,8 +230,10 @@ class ImpStage(Stage):
             if s.stage == self.name:
                 segs = segments(s.epochs, config.imp.rounds)
                 if isinstance(config.imp.rewind, int) and config.imp.rewind > segs[0]:
-                    raise ConfigError(f"imp.rewind: epoch {config.imp.rewind} is past the first training segment "
-                                      f"({segs[0]} of {s.epochs} epochs)")
+                    raise ConfigError(
+                        f"imp.rewind: epoch {config.imp.rewind} is past the first training segment "
+                        f"({segs[0]} of {s.epochs} epochs)"
+                    )
 
     def target_sparsity(self, section_config: ImpConfig) -> float:
         return section_config.sparsity
@@ -210,9 +244,20 @@ class ImpStage(Stage):
     def prune_exclude(self, section_config: ImpConfig) -> tuple[str, ...]:
         return section_config.exclude
 
-    def run(self, student: Student, section_config: ImpConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
-        return imp(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                   checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+    def run(
+        self, student: Student, section_config: ImpConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None
+    ) -> Student:
+        return imp(
+            student,
+            section_config,
+            data=ctx.data,
+            epochs=epochs,
+            train_config=ctx.train_config,
+            checkpoint=checkpoint,
+            seed=ctx.seed,
+            augment=ctx.augment,
+            tracker=ctx.tracker,
+        )
 
 
 register_stage(ImpStage())

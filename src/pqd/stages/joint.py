@@ -53,6 +53,7 @@ __all__ = ["JointStage", "joint"]
 
 log = logging.getLogger("pqd.joint")
 
+
 @dataclass(frozen=True)
 class JointConfig(Section):
     """Joint compression (JPQD-like; stage 'joint' / 'J'): in one training loop, global magnitude
@@ -76,11 +77,19 @@ class JointConfig(Section):
         in_range("joint.alpha", self.alpha, 0.0)
 
 
-
 def joint(
-    student: Student, config: JointConfig, *, quantize: QuantizeConfig | None = None, teacher: nn.Module | None,
-    data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(), checkpoint: str | Path | None = None,
-    seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
+    student: Student,
+    config: JointConfig,
+    *,
+    quantize: QuantizeConfig | None = None,
+    teacher: nn.Module | None,
+    data: Splits,
+    epochs: int,
+    train_config: TrainConfig = TrainConfig(),
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    augment: bool = True,
+    tracker: Tracker | None = None,
 ) -> Student:
     """Prune (AGP) + fake-quantize + distill ``student`` at once for ``epochs``; returns a QAT student.
     The input model is not modified (QAT preparation copies it)."""
@@ -92,8 +101,13 @@ def joint(
         raise ModelError("joint.kd is on but there is no teacher; pass teacher= or set joint.kd: false")
     quantize = quantize or QuantizeConfig()
     data = as_splits(data)
-    model = prepare(student.model, torch.zeros(2, *data.image_shape), mode="qat", reduce_range=quantize.reduce_range,
-                    options=quant_options(quantize))
+    model = prepare(
+        student.model,
+        torch.zeros(2, *data.image_shape),
+        mode="qat",
+        reduce_range=quantize.reduce_range,
+        options=quant_options(quantize),
+    )
     masks = Masks(model, student.masks)
     masks.apply()
     out = replace(student, model=model, masks=dict(masks), form="qat", freeze_fraction=quantize.freeze_fraction)
@@ -108,13 +122,28 @@ def joint(
     if config.kd:
         loss_fn = distillation_loss(KDLoss(temperature=config.temperature, alpha=config.alpha), teacher)
 
-    train(model, data, epochs=epochs, lr=config.lr, config=train_config, loss_fn=loss_fn, masks=pruner.masks,
-          before_epoch=chain(qat_epoch_hook(out, epochs), prune_hook), checkpoint=checkpoint, seed=seed, tag="joint",
-          lr_key="joint.lr", tracker=tracker, amp=False, augment=augment)
+    train(
+        model,
+        data,
+        epochs=epochs,
+        lr=config.lr,
+        config=train_config,
+        loss_fn=loss_fn,
+        masks=pruner.masks,
+        before_epoch=chain(qat_epoch_hook(out, epochs), prune_hook),
+        checkpoint=checkpoint,
+        seed=seed,
+        tag="joint",
+        lr_key="joint.lr",
+        tracker=tracker,
+        amp=False,
+        augment=augment,
+    )
     freeze(model)
     out.masks = dict(pruner.masks)
-    out.records = dict(out.records) | {"joint": {"target_sparsity": config.sparsity, "kd": config.kd,
-                                                 "weights": quant_options(quantize).label()}}
+    out.records = dict(out.records) | {
+        "joint": {"target_sparsity": config.sparsity, "kd": config.kd, "weights": quant_options(quantize).label()}
+    }
     return out
 
 
@@ -133,7 +162,13 @@ class JointStage(Stage):
 
     def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         prunable_layers(model, config.joint.exclude)
-        prepare(model, example, mode="qat", reduce_range=config.quantize.reduce_range, options=quant_options(config.quantize))
+        prepare(
+            model,
+            example,
+            mode="qat",
+            reduce_range=config.quantize.reduce_range,
+            options=quant_options(config.quantize),
+        )
 
     def target_sparsity(self, section_config: JointConfig) -> float:
         return section_config.sparsity
@@ -144,9 +179,22 @@ class JointStage(Stage):
     def prune_exclude(self, section_config: JointConfig) -> tuple[str, ...]:
         return section_config.exclude
 
-    def run(self, student: Student, section_config: JointConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
-        return joint(student, section_config, quantize=ctx.config.quantize, teacher=ctx.teacher, data=ctx.data, epochs=epochs,
-                     train_config=ctx.train_config, checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+    def run(
+        self, student: Student, section_config: JointConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None
+    ) -> Student:
+        return joint(
+            student,
+            section_config,
+            quantize=ctx.config.quantize,
+            teacher=ctx.teacher,
+            data=ctx.data,
+            epochs=epochs,
+            train_config=ctx.train_config,
+            checkpoint=checkpoint,
+            seed=ctx.seed,
+            augment=ctx.augment,
+            tracker=ctx.tracker,
+        )
 
 
 register_stage(JointStage())

@@ -70,7 +70,9 @@ class Stage:
     structural: bool = False  # the stage changes layer shapes (must come before any quantizing stage)
     aliases: tuple[str, ...] = ()  # other names accepted in stage lists
 
-    def run(self, student: Student, section_config: Any, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
+    def run(
+        self, student: Student, section_config: Any, ctx: StageContext, *, epochs: int, checkpoint: Path | None
+    ) -> Student:
         raise NotImplementedError
 
     def validate(self, config: RunConfig, spec: StageSpec) -> None:
@@ -108,11 +110,19 @@ def register_stage(stage: Stage, *, replace: bool = False) -> Stage:
     if (stage.section is None) != (stage.config_class is None):
         raise ValueError(f"stage {stage.name!r}: a section needs its config_class and a config_class its section")
     for other in list_stages():
-        if stage.section is not None and other.name != stage.name and other.section == stage.section \
-                and other.config_class is not stage.config_class:
-            raise ValueError(f"stage {stage.name!r}: section {stage.section!r} is stage {other.name!r}'s, with other options")
+        if (
+            stage.section is not None
+            and other.name != stage.name
+            and other.section == stage.section
+            and other.config_class is not stage.config_class
+        ):
+            raise ValueError(
+                f"stage {stage.name!r}: section {stage.section!r} is stage {other.name!r}'s, with other options"
+            )
     if not stage.name.isidentifier() or len(stage.letter) != 1 or not stage.letter.isalpha():
-        raise ValueError(f"stage {stage.name!r}: the name must be an identifier and the letter one letter, got {stage.letter!r}")
+        raise ValueError(
+            f"stage {stage.name!r}: the name must be an identifier and the letter one letter, got {stage.letter!r}"
+        )
     for key in _keys(stage):
         existing = _STAGES.get(key)
         if existing is not None and existing.name != stage.name:

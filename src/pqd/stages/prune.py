@@ -32,6 +32,7 @@ __all__ = ["compute_masks", "global_sparsity", "prunable_layers", "prune", "spar
 
 log = logging.getLogger("pqd.prune")
 
+
 @dataclass(frozen=True)
 class PruneConfig(Section):
     """Global unstructured pruning of conv/linear weights.
@@ -56,10 +57,14 @@ class PruneConfig(Section):
         in_range("prune.prune_fraction", self.prune_fraction, 0.0, 1.0)
 
 
-
 def compute_masks(
-    model: nn.Module, layers: list[str], sparsity: float, *, criterion: str = "magnitude",
-    old: dict[str, torch.Tensor] | None = None, generator: torch.Generator | None = None,
+    model: nn.Module,
+    layers: list[str],
+    sparsity: float,
+    *,
+    criterion: str = "magnitude",
+    old: dict[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """One global threshold over all ``layers``: the ``sparsity`` fraction of lowest-scoring
     weights is pruned. Weights pruned before (``old``) stay pruned. ``model`` is not changed."""
@@ -68,8 +73,16 @@ def compute_masks(
 
 
 def prune(
-    student: Student, config: PruneConfig, *, data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(),
-    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
+    student: Student,
+    config: PruneConfig,
+    *,
+    data: Splits,
+    epochs: int,
+    train_config: TrainConfig = TrainConfig(),
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    augment: bool = True,
+    tracker: Tracker | None = None,
 ) -> Student:
     """Prune ``student`` to ``config.sparsity`` (global, unstructured) while fine-tuning for
     ``epochs`` on the student's device. Works in any form (FP32 or fake-quant); returns the
@@ -78,16 +91,31 @@ def prune(
     pruner = GlobalPruner(model, importance=importance(config.criterion), exclude=config.exclude, masks=student.masks)
 
     def before_epoch(epoch: int) -> None:
-        target = sparsity_at(epoch, epochs=epochs, target=config.sparsity, schedule=config.schedule, prune_fraction=config.prune_fraction)
+        target = sparsity_at(
+            epoch, epochs=epochs, target=config.sparsity, schedule=config.schedule, prune_fraction=config.prune_fraction
+        )
         pruner.update(target, generator=torch.Generator().manual_seed(epoch_seed(seed, "prune-random", epoch)))
         log.info("prune epoch %d: target sparsity %.4f", epoch + 1, target)
 
     if epochs == 0:
         before_epoch(0)
     else:
-        train(model, as_splits(data), epochs=epochs, lr=config.lr, config=train_config, masks=pruner.masks,
-              before_epoch=chain(qat_epoch_hook(student, epochs), before_epoch),
-              checkpoint=checkpoint, seed=seed, tag="prune", lr_key="prune.lr", tracker=tracker, amp=not student.quantized, augment=augment)
+        train(
+            model,
+            as_splits(data),
+            epochs=epochs,
+            lr=config.lr,
+            config=train_config,
+            masks=pruner.masks,
+            before_epoch=chain(qat_epoch_hook(student, epochs), before_epoch),
+            checkpoint=checkpoint,
+            seed=seed,
+            tag="prune",
+            lr_key="prune.lr",
+            tracker=tracker,
+            amp=not student.quantized,
+            augment=augment,
+        )
     if student.quantized:
         freeze(model)
     return replace(student, model=model, masks=dict(pruner.masks))
@@ -100,7 +128,10 @@ class PruneStage(Stage):
 
     def validate(self, config: RunConfig, spec: StageSpec) -> None:
         if spec.epochs == 0 and config.prune.schedule == "gradual":
-            fail("prune.schedule", "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning")
+            fail(
+                "prune.schedule",
+                "'gradual' needs prune epochs ('P:N' with N>0); use schedule 'oneshot' for no fine-tuning",
+            )
 
     def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         """prune.exclude matches layers of the model (raises ConfigError otherwise)."""
@@ -115,9 +146,20 @@ class PruneStage(Stage):
     def prune_exclude(self, section_config: PruneConfig) -> tuple[str, ...]:
         return section_config.exclude
 
-    def run(self, student: Student, section_config: PruneConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
-        return prune(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                     checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+    def run(
+        self, student: Student, section_config: PruneConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None
+    ) -> Student:
+        return prune(
+            student,
+            section_config,
+            data=ctx.data,
+            epochs=epochs,
+            train_config=ctx.train_config,
+            checkpoint=checkpoint,
+            seed=ctx.seed,
+            augment=ctx.augment,
+            tracker=ctx.tracker,
+        )
 
 
 register_stage(PruneStage())

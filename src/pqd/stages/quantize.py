@@ -29,6 +29,7 @@ __all__ = ["QuantizeConfig", "QuantizeStage", "freeze_check", "note_freeze_check
 
 log = logging.getLogger("pqd.quantize")
 
+
 @dataclass(frozen=True)
 class QuantizeConfig(Section):
     """INT8 quantization for x86: per-channel symmetric weights, per-tensor affine
@@ -64,10 +65,17 @@ def freeze_check(student: Student, data: Splits, *, lr_key: str, batch_size: int
     if student.form != "qat":
         return None
     ds = data.val if data.val is not None and len(data.val) else data.train
-    x, y = next(iter(batches(ds.subset(torch.arange(min(batch_size, len(ds)))), batch_size=batch_size, mean=data.mean,
-                             std=data.std)))
-    advice = (f"lower {lr_key} (a tenth is a good start) or quantize.freeze_fraction, then re-run "
-              "(see docs/TROUBLESHOOTING.md, \"Training that went wrong\")")
+    x, y = next(
+        iter(
+            batches(
+                ds.subset(torch.arange(min(batch_size, len(ds)))), batch_size=batch_size, mean=data.mean, std=data.std
+            )
+        )
+    )
+    advice = (
+        f"lower {lr_key} (a tenth is a good start) or quantize.freeze_fraction, then re-run "
+        '(see docs/TROUBLESHOOTING.md, "Training that went wrong")'
+    )
     return qat.FreezeCheck(student.model, (x, y), advice=advice)
 
 
@@ -83,18 +91,31 @@ def note_freeze_check(student: Student, check: qat.FreezeCheck | None, *, tag: s
         rec["warnings"] = [*rec.get("warnings", []), message]
 
 
-
 def quantize(
-    student: Student, config: QuantizeConfig, *, data: Splits, epochs: int, train_config: TrainConfig = TrainConfig(),
-    checkpoint: str | Path | None = None, seed: int = 0, augment: bool = True, tracker: Tracker | None = None,
+    student: Student,
+    config: QuantizeConfig,
+    *,
+    data: Splits,
+    epochs: int,
+    train_config: TrainConfig = TrainConfig(),
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    augment: bool = True,
+    tracker: Tracker | None = None,
 ) -> Student:
     """QAT for ``epochs`` (``config.mode == 'qat'``) or static calibration (``'ptq'``), on the
     device the student's model is on. The input model is not modified."""
     if student.quantized:
         raise ModelError("the student is already quantized; quantize runs once per pipeline")
     data = as_splits(data)
-    model = prepare(student.model, torch.zeros(2, *data.image_shape), mode=config.mode, reduce_range=config.reduce_range,
-                    options=quant_options(config), leaf_modules=config.leaf_modules)
+    model = prepare(
+        student.model,
+        torch.zeros(2, *data.image_shape),
+        mode=config.mode,
+        reduce_range=config.reduce_range,
+        options=quant_options(config),
+        leaf_modules=config.leaf_modules,
+    )
     masks = Masks(model, student.masks)
     masks.apply()
     if config.mode == "dynamic":  # weights only: the scales come from the weights at conversion, no calibration
@@ -105,8 +126,22 @@ def quantize(
         return replace(student, model=model, masks=dict(masks), form="ptq")
     out = replace(student, model=model, masks=dict(masks), form="qat", freeze_fraction=config.freeze_fraction)
     check = freeze_check(out, data, lr_key="quantize.lr")
-    train(model, data, epochs=epochs, lr=config.lr, config=train_config, masks=masks, before_epoch=qat_epoch_hook(out, epochs, check),
-          checkpoint=checkpoint, seed=seed, tag="quantize", lr_key="quantize.lr", tracker=tracker, amp=False, augment=augment)
+    train(
+        model,
+        data,
+        epochs=epochs,
+        lr=config.lr,
+        config=train_config,
+        masks=masks,
+        before_epoch=qat_epoch_hook(out, epochs, check),
+        checkpoint=checkpoint,
+        seed=seed,
+        tag="quantize",
+        lr_key="quantize.lr",
+        tracker=tracker,
+        amp=False,
+        augment=augment,
+    )
     note_freeze_check(out, check, tag="quantize")
     # Observers left on would keep re-estimating ranges on every later forward, evaluation
     # included, so the model would drift from what conversion sees: a stage ends frozen.
@@ -131,20 +166,50 @@ class QuantizeStage(Stage):
         mode = config.quantize.mode
         if mode in ("ptq", "dynamic"):
             if config.stages[-1].stage != self.name:
-                fail("quantize.mode", f"{mode!r} calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing")
+                fail(
+                    "quantize.mode",
+                    f"{mode!r} calibrates without training, so quantize must be the last stage; use mode 'qat' to train after quantizing",
+                )
             if spec.epochs:
                 fail("stages", f"quantize.mode {mode!r} takes no epochs; write 'Q:0' (or 'Q') or use mode 'qat'")
         elif spec.epochs == 0:
-            fail("stages", "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only")
+            fail(
+                "stages",
+                "quantize.mode 'qat' needs epochs ('Q:N' with N>0); use quantize.mode 'ptq' for calibration only",
+            )
 
     def preflight(self, model: nn.Module, config: RunConfig, example: torch.Tensor) -> None:
         """torch.fx can trace the model (raises ModelError naming the untraceable submodule)."""
         q = config.quantize
-        prepare(model, example, mode=q.mode, reduce_range=q.reduce_range, options=quant_options(q), leaf_modules=q.leaf_modules)
+        prepare(
+            model,
+            example,
+            mode=q.mode,
+            reduce_range=q.reduce_range,
+            options=quant_options(q),
+            leaf_modules=q.leaf_modules,
+        )
 
-    def run(self, student: Student, section_config: QuantizeConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
-        return quantize(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                        checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, tracker=ctx.tracker)
+    def run(
+        self,
+        student: Student,
+        section_config: QuantizeConfig,
+        ctx: StageContext,
+        *,
+        epochs: int,
+        checkpoint: Path | None,
+    ) -> Student:
+        return quantize(
+            student,
+            section_config,
+            data=ctx.data,
+            epochs=epochs,
+            train_config=ctx.train_config,
+            checkpoint=checkpoint,
+            seed=ctx.seed,
+            augment=ctx.augment,
+            tracker=ctx.tracker,
+        )
 
 
 register_stage(QuantizeStage())

@@ -101,20 +101,30 @@ class StructuredConfig(Section):
 
     def __post_init__(self) -> None:
         if (self.budget_ms is None) == (self.budget_fraction is None):
-            _sfail("budget_fraction", "give exactly one of structured.budget_fraction and structured.budget_ms "
-                  "(set the other to null)")
+            _sfail(
+                "budget_fraction",
+                "give exactly one of structured.budget_fraction and structured.budget_ms (set the other to null)",
+            )
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
             _sfail("budget_fraction", f"{self.budget_fraction!r} must be in (0, 1]")
         if not 0 <= self.margin < 0.5:
-            _sfail("margin", f"{self.margin!r} must be in [0, 0.5): the share of the budget kept free for run-to-run spread")
+            _sfail(
+                "margin",
+                f"{self.margin!r} must be in [0, 0.5): the share of the budget kept free for run-to-run spread",
+            )
         if self.budget_ms is not None and not self.budget_ms > 0:
             _sfail("budget_ms", f"{self.budget_ms!r} must be > 0")
         if self.size_budget_mb is not None and not self.size_budget_mb > 0:
             _sfail("size_budget_mb", f"{self.size_budget_mb!r} must be > 0")
         if self.runtime not in STRUCTURED_RUNTIMES:
-            _sfail("runtime", f"{self.runtime!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_RUNTIMES))}")
+            _sfail(
+                "runtime", f"{self.runtime!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_RUNTIMES))}"
+            )
         if self.importance not in STRUCTURED_CRITERIA:
-            _sfail("importance", f"{self.importance!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_CRITERIA))}")
+            _sfail(
+                "importance",
+                f"{self.importance!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_CRITERIA))}",
+            )
         for k in ("batch", "threads", "round_to", "samples", "runs", "max_iters"):
             if getattr(self, k) < 1:
                 _sfail(k, f"{getattr(self, k)!r} must be >= 1")
@@ -144,15 +154,30 @@ def deployment_target(cfg: StructuredConfig, quantize_config: QuantizeConfig | N
     target = Target(cfg.runtime, cfg.batch, cfg.threads)
     if quantize_config is None:
         return target
-    return replace(target, reduce_range=quantize_config.reduce_range, options=quant_options(quantize_config),
-                   leaf_modules=tuple(quantize_config.leaf_modules))
+    return replace(
+        target,
+        reduce_range=quantize_config.reduce_range,
+        options=quant_options(quantize_config),
+        leaf_modules=tuple(quantize_config.leaf_modules),
+    )
 
 
-def structured_prune(student: Student, cfg: StructuredConfig, *, data: Splits, epochs: int, train_config: TrainConfig,
-                     checkpoint: Path | None = None, seed: int = 0, augment: bool = True, device: torch.device | None = None,
-                     teacher: nn.Module | None = None, distill_config: DistillConfig | None = None,
-                     tracker: Tracker | None = None, quantize_config: QuantizeConfig | None = None,
-                     ) -> tuple[Student, dict[str, Any]]:
+def structured_prune(
+    student: Student,
+    cfg: StructuredConfig,
+    *,
+    data: Splits,
+    epochs: int,
+    train_config: TrainConfig,
+    checkpoint: Path | None = None,
+    seed: int = 0,
+    augment: bool = True,
+    device: torch.device | None = None,
+    teacher: nn.Module | None = None,
+    distill_config: DistillConfig | None = None,
+    tracker: Tracker | None = None,
+    quantize_config: QuantizeConfig | None = None,
+) -> tuple[Student, dict[str, Any]]:
     """Search widths under ``cfg``'s budget, prune, fine-tune; returns (new student, search record).
 
     ``quantize_config`` (:class:`pqd.stages.quantize.QuantizeConfig`): how the later quantize stage will
@@ -168,7 +193,9 @@ def structured_prune(student: Student, cfg: StructuredConfig, *, data: Splits, e
     if student.quantized:
         raise ModelError(f"the student is already quantized ({student.form}): {ORDER_HINT}")
     if student.masks:
-        raise ModelError("the student has unstructured pruning masks: structured pruning must come before prune, e.g. S:5,P:20,Q:40,D:40")
+        raise ModelError(
+            "the student has unstructured pruning masks: structured pruning must come before prune, e.g. S:5,P:20,Q:40,D:40"
+        )
     check_prunable(student.model)
     model = copy.deepcopy(student.model).cpu().eval()
     input_shape = data.image_shape
@@ -182,8 +209,18 @@ def structured_prune(student: Student, cfg: StructuredConfig, *, data: Splits, e
         log.info("structured: resumed widths from %s", state)
     else:
         target = deployment_target(cfg, quantize_config)
-        lm = build(model, graph, target=target, input_shape=input_shape, samples=cfg.samples, runs=cfg.runs,
-                   round_to=cfg.round_to, min_keep=cfg.min_keep, cache_dir=cfg.cache_dir, seed=seed)
+        lm = build(
+            model,
+            graph,
+            target=target,
+            input_shape=input_shape,
+            samples=cfg.samples,
+            runs=cfg.runs,
+            round_to=cfg.round_to,
+            min_keep=cfg.min_keep,
+            cache_dir=cfg.cache_dir,
+            seed=seed,
+        )
         sens = None
         if cfg.sensitivity:
             from pqd.structured.sensitivity import read_csv
@@ -195,14 +232,33 @@ def structured_prune(student: Student, cfg: StructuredConfig, *, data: Splits, e
             from pqd.structured.search import cost_function
             from pqd.structured.select import stage_ranker, width_recipes
 
-            recipes = width_recipes(graph, scores, cost=cost_function(graph, scores, sens), round_to=cfg.round_to, min_keep=cfg.min_keep)
-            rank, ranked_on = stage_ranker(model, scores, data, example=example, calib_images=cfg.select_images, seed=seed,
-                                           ignore=cfg.ignore)
-        pruned, record = search(model, lm, graph, target=target, input_shape=input_shape, budget_ms=cfg.budget_ms,
-                                budget_fraction=cfg.budget_fraction, dense_ms=dense_ms, size_budget_mb=cfg.size_budget_mb,
-                                scores=scores, sensitivity=sens, round_to=cfg.round_to, min_keep=cfg.min_keep,
-                                max_iters=cfg.max_iters, runs=cfg.runs, margin=cfg.margin, cache_dir=cfg.cache_dir,
-                                recipes=recipes, rank=rank)
+            recipes = width_recipes(
+                graph, scores, cost=cost_function(graph, scores, sens), round_to=cfg.round_to, min_keep=cfg.min_keep
+            )
+            rank, ranked_on = stage_ranker(
+                model, scores, data, example=example, calib_images=cfg.select_images, seed=seed, ignore=cfg.ignore
+            )
+        pruned, record = search(
+            model,
+            lm,
+            graph,
+            target=target,
+            input_shape=input_shape,
+            budget_ms=cfg.budget_ms,
+            budget_fraction=cfg.budget_fraction,
+            dense_ms=dense_ms,
+            size_budget_mb=cfg.size_budget_mb,
+            scores=scores,
+            sensitivity=sens,
+            round_to=cfg.round_to,
+            min_keep=cfg.min_keep,
+            max_iters=cfg.max_iters,
+            runs=cfg.runs,
+            margin=cfg.margin,
+            cache_dir=cfg.cache_dir,
+            recipes=recipes,
+            rank=rank,
+        )
         record["importance"] = cfg.importance
         record["select"] = cfg.select
         if ranked_on:
@@ -220,10 +276,25 @@ def structured_prune(student: Student, cfg: StructuredConfig, *, data: Splits, e
         loss_fn = None
         if cfg.distill and teacher is not None:
             dc = distill_config or DistillConfig()
-            loss_fn = distillation_loss(KDLoss(temperature=dc.temperature, alpha=dc.alpha, kd_weight=dc.kd_weight), teacher)
+            loss_fn = distillation_loss(
+                KDLoss(temperature=dc.temperature, alpha=dc.alpha, kd_weight=dc.kd_weight), teacher
+            )
 
-        train(pruned, data, epochs=epochs, lr=cfg.lr, config=train_config, loss_fn=loss_fn, checkpoint=checkpoint, seed=seed,
-              tag="structured", lr_key="structured.lr", tracker=tracker, amp=True, augment=augment)
+        train(
+            pruned,
+            data,
+            epochs=epochs,
+            lr=cfg.lr,
+            config=train_config,
+            loss_fn=loss_fn,
+            checkpoint=checkpoint,
+            seed=seed,
+            tag="structured",
+            lr_key="structured.lr",
+            tracker=tracker,
+            amp=True,
+            augment=augment,
+        )
     pruned.eval()
     return Student(pruned, {}, student.form, student.freeze_fraction), record
 
@@ -232,10 +303,12 @@ def missed_budget_message(record: dict[str, Any]) -> str:
     """What a search record that missed its budget says: both numbers of the same timing run, why, and what was kept."""
     dense, budget = record["dense_ms_same_run"], record["budget_ms_same_run"]
     why = record.get("missed_because") or "no measured model met the budget"
-    return (f"structured: budget missed: the kept model measured {record['measured_ms']:.3f} ms against a budget of "
-            f"{budget:.3f} ms (dense {dense:.3f} ms in the same timing run, {record['measured_ms'] / dense:.2f}x dense); "
-            f"{why}. Kept the fastest measured model (iteration {record['chosen_iteration']}); raise the budget, or lower "
-            "structured.min_keep / structured.round_to")
+    return (
+        f"structured: budget missed: the kept model measured {record['measured_ms']:.3f} ms against a budget of "
+        f"{budget:.3f} ms (dense {dense:.3f} ms in the same timing run, {record['measured_ms'] / dense:.2f}x dense); "
+        f"{why}. Kept the fastest measured model (iteration {record['chosen_iteration']}); raise the budget, or lower "
+        "structured.min_keep / structured.round_to"
+    )
 
 
 class StructuredStage(Stage):
@@ -248,14 +321,36 @@ class StructuredStage(Stage):
         """The target runtime loads and runs the model's INT8 form (raises ModelError otherwise)."""
         from pqd.structured.latency_model import check_runtime
 
-        check_runtime(copy.deepcopy(model).cpu().eval(), target=deployment_target(config.structured, config.quantize),
-                      input_shape=tuple(example.shape[1:]))
+        check_runtime(
+            copy.deepcopy(model).cpu().eval(),
+            target=deployment_target(config.structured, config.quantize),
+            input_shape=tuple(example.shape[1:]),
+        )
 
-    def run(self, student: Student, section_config: StructuredConfig, ctx: StageContext, *, epochs: int, checkpoint: Path | None) -> Student:
-        out, record = structured_prune(student, section_config, data=ctx.data, epochs=epochs, train_config=ctx.train_config,
-                                       checkpoint=checkpoint, seed=ctx.seed, augment=ctx.augment, device=ctx.device,
-                                       teacher=ctx.teacher, distill_config=ctx.config.distill, tracker=ctx.tracker,
-                                       quantize_config=ctx.config.quantize)
+    def run(
+        self,
+        student: Student,
+        section_config: StructuredConfig,
+        ctx: StageContext,
+        *,
+        epochs: int,
+        checkpoint: Path | None,
+    ) -> Student:
+        out, record = structured_prune(
+            student,
+            section_config,
+            data=ctx.data,
+            epochs=epochs,
+            train_config=ctx.train_config,
+            checkpoint=checkpoint,
+            seed=ctx.seed,
+            augment=ctx.augment,
+            device=ctx.device,
+            teacher=ctx.teacher,
+            distill_config=ctx.config.distill,
+            tracker=ctx.tracker,
+            quantize_config=ctx.config.quantize,
+        )
         return _with_record(student, out.model, f"{ctx.index + 1}_{self.name}", record)
 
 

@@ -97,7 +97,9 @@ class Target:
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
-            raise ConfigError(f"structured.runtime: {self.runtime!r} is not valid; choose one of {', '.join(map(repr, RUNTIMES))}")
+            raise ConfigError(
+                f"structured.runtime: {self.runtime!r} is not valid; choose one of {', '.join(map(repr, RUNTIMES))}"
+            )
         if self.batch < 1 or self.threads < 1:
             raise ConfigError(f"structured: batch ({self.batch}) and threads ({self.threads}) must be >= 1")
 
@@ -105,12 +107,20 @@ class Target:
 # --------------------------------------------------------------------------- measuring
 
 
-def export_int8(model: nn.Module, example: torch.Tensor, runtime: str, path: Path, *, target: Target | None = None) -> dict:
+def export_int8(
+    model: nn.Module, example: torch.Tensor, runtime: str, path: Path, *, target: Target | None = None
+) -> dict:
     """Quantize ``model`` (static INT8, random calibration, with ``target``'s quantize settings) and
     write what ``runtime`` runs; returns a worker spec part."""
     target = target or Target(runtime)
-    prepared = prepare(model.cpu().eval(), example, mode="ptq", reduce_range=target.reduce_range, options=target.options,
-                       leaf_modules=target.leaf_modules)
+    prepared = prepare(
+        model.cpu().eval(),
+        example,
+        mode="ptq",
+        reduce_range=target.reduce_range,
+        options=target.options,
+        leaf_modules=target.leaf_modules,
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _ in range(2):
@@ -153,13 +163,23 @@ def check_runtime(model: nn.Module, *, target: Target, input_shape: Sequence[int
     name = runtime_name(target.runtime)
     with tempfile.TemporaryDirectory(prefix="pqd_rtcheck_") as tmp:
         part = export_int8(model, torch.zeros(2, *input_shape), target.runtime, Path(tmp) / "dense", target=target)
-        spec = part | {"threads": target.threads, "input_shape": list(input_shape), "batch_sizes": [target.batch], "seed": 0}
+        spec = part | {
+            "threads": target.threads,
+            "input_shape": list(input_shape),
+            "batch_sizes": [target.batch],
+            "seed": 0,
+        }
         shapes = ("static", "dynamic") if target.runtime == "openvino" else ("static",)
         failure = None
         for shape in shapes:
             try:
-                run_isolated(RUNTIME_PROBE, {"spec": spec | {"dynamic_batch": shape == "dynamic"}}, timeout=timeout,
-                             runtime=target.runtime, model=type(model).__name__)
+                run_isolated(
+                    RUNTIME_PROBE,
+                    {"spec": spec | {"dynamic_batch": shape == "dynamic"}},
+                    timeout=timeout,
+                    runtime=target.runtime,
+                    model=type(model).__name__,
+                )
             except RuntimeCrash as exc:
                 if failure is None:
                     failure = exc
@@ -167,15 +187,24 @@ def check_runtime(model: nn.Module, *, target: Target, input_shape: Sequence[int
                     break
                 continue
             if failure is not None:  # the static batch crashed, the dynamic one runs
-                log.warning("structured: %s crashed (%s) compiling this model's INT8 form at a static batch; its candidates are "
-                            "timed with a dynamic batch", name, failure.signal)
+                log.warning(
+                    "structured: %s crashed (%s) compiling this model's INT8 form at a static batch; its candidates are "
+                    "timed with a dynamic batch",
+                    name,
+                    failure.signal,
+                )
             return {"batch_shape": shape}
     assert failure is not None  # the loop returns as soon as a batch shape runs
-    how = f"it crashed with {failure.signal}" if failure.signal else failing_operation(str(failure).split(" failed: ", 1)[-1])
+    how = (
+        f"it crashed with {failure.signal}"
+        if failure.signal
+        else failing_operation(str(failure).split(" failed: ", 1)[-1])
+    )
     raise ModelError(
         f"structured.runtime: {target.runtime}: {name} cannot run this model's INT8 form ({how}). The S stage times every "
         f"candidate on that runtime, so the run stops here, before training. Set structured.runtime: onnxruntime "
-        f"(or pytorch) to measure latency on a runtime that takes this model")
+        f"(or pytorch) to measure latency on a runtime that takes this model"
+    )
 
 
 def measure_int8(
@@ -208,9 +237,18 @@ def measure_int8(
         fns = {}
         with tempfile.TemporaryDirectory(prefix="pqd_lat_", dir=workdir) as tmp:
             for i, (name, m) in enumerate(models.items()):
-                fns[name] = torch.jit.load(export_int8(m, example, "pytorch", Path(tmp) / f"m{i}", target=target)["path"])
-        recs = measure_latency(fns, input_shape=tuple(input_shape), batch_sizes=(target.batch,), threads=target.threads,
-                               warmup=warmup, runs=runs, large_batch_runs=max(3, runs // 5))
+                fns[name] = torch.jit.load(
+                    export_int8(m, example, "pytorch", Path(tmp) / f"m{i}", target=target)["path"]
+                )
+        recs = measure_latency(
+            fns,
+            input_shape=tuple(input_shape),
+            batch_sizes=(target.batch,),
+            threads=target.threads,
+            warmup=warmup,
+            runs=runs,
+            large_batch_runs=max(3, runs // 5),
+        )
         return {r["model"]: r["median_ms"] for r in recs}
     from pqd.measure.workers import start_workers
 
@@ -218,10 +256,21 @@ def measure_int8(
         specs = {}
         for i, (name, m) in enumerate(models.items()):
             part = export_int8(m, example, target.runtime, Path(tmp) / f"m{i}", target=target)
-            specs[name] = part | {"threads": target.threads, "input_shape": list(input_shape), "batch_sizes": [target.batch], "seed": 0}
+            specs[name] = part | {
+                "threads": target.threads,
+                "input_shape": list(input_shape),
+                "batch_sizes": [target.batch],
+                "seed": 0,
+            }
         with start_workers(specs) as workers:
-            recs = interleave(workers, batch_sizes=(target.batch,), threads=target.threads, warmup=warmup, runs=runs,
-                              large_batch_runs=max(3, runs // 5))
+            recs = interleave(
+                workers,
+                batch_sizes=(target.batch,),
+                threads=target.threads,
+                warmup=warmup,
+                runs=runs,
+                large_batch_runs=max(3, runs // 5),
+            )
     return {r["model"]: r["median_ms"] for r in recs}
 
 
@@ -286,8 +335,10 @@ class LatencyModel:
         """``anchored`` (every sample has same-run dense and floor readings), ``relative`` (dense only) or ``ms``."""
         if not self.samples or not all(s.get("dense_ms") for s in self.samples):
             return "ms"
-        if (all(s.get("floor_ms") is not None and s["dense_ms"] > s["floor_ms"] for s in self.samples)
-                and len({s.get("floor_round_to", 8) for s in self.samples}) == 1):
+        if (
+            all(s.get("floor_ms") is not None and s["dense_ms"] > s["floor_ms"] for s in self.samples)
+            and len({s.get("floor_round_to", 8) for s in self.samples}) == 1
+        ):
             return "anchored"
         return "relative"
 
@@ -348,7 +399,9 @@ class LatencyModel:
             self.fit(graph)
         return float(self._x(graph, widths) @ self.coef) * self.scale + self.offset
 
-    def predict_in_run(self, graph, widths: Mapping[str, int], *, dense_ms: float, floor_ms: float | None = None) -> float:
+    def predict_in_run(
+        self, graph, widths: Mapping[str, int], *, dense_ms: float, floor_ms: float | None = None
+    ) -> float:
         """Predicted ms in a run whose dense (and floor) models read ``dense_ms`` (``floor_ms``): what a
         measurement in that run is compared with. A model fitted in ms ignores the readings."""
         if self.coef is None:
@@ -366,17 +419,27 @@ class LatencyModel:
         predicted in its own run's reference readings (as the search compares a measurement)."""
         errs = []
         for i in range(len(self.samples)):
-            rest = LatencyModel(self.key, self.samples[:i] + self.samples[i + 1:], self.pad)
+            rest = LatencyModel(self.key, self.samples[:i] + self.samples[i + 1 :], self.pad)
             if len(rest.samples) < 2:
                 break
             rest.fit(graph)
             s = self.samples[i]
-            pred = rest.predict_in_run(graph, s["widths"], dense_ms=s.get("dense_ms") or 0.0, floor_ms=s.get("floor_ms"))
+            pred = rest.predict_in_run(
+                graph, s["widths"], dense_ms=s.get("dense_ms") or 0.0, floor_ms=s.get("floor_ms")
+            )
             errs.append(pred / s["ms"] - 1)
         return errs
 
-    def add(self, widths: Mapping[str, int], ms: float, source: str, *, dense_ms: float | None = None,
-            floor_ms: float | None = None, floor_round_to: int = ROUND_TO) -> None:
+    def add(
+        self,
+        widths: Mapping[str, int],
+        ms: float,
+        source: str,
+        *,
+        dense_ms: float | None = None,
+        floor_ms: float | None = None,
+        floor_round_to: int = ROUND_TO,
+    ) -> None:
         """One measurement; ``dense_ms`` / ``floor_ms``: the dense and floor models (``floor_widths(graph,
         floor_round_to)``) timed in the same run."""
         sample = {"widths": dict(widths), "ms": float(ms), "source": source}
@@ -389,8 +452,15 @@ class LatencyModel:
         self.coef = None
 
     def to_dict(self) -> dict:
-        return {"schema": CACHE_SCHEMA, "key": self.key, "pad": self.pad, "samples": self.samples, "fit": self.fit_kind,
-                "features": list(FEATURES), "coef": None if self.coef is None else self.coef.tolist()}
+        return {
+            "schema": CACHE_SCHEMA,
+            "key": self.key,
+            "pad": self.pad,
+            "samples": self.samples,
+            "fit": self.fit_kind,
+            "features": list(FEATURES),
+            "coef": None if self.coef is None else self.coef.tolist(),
+        }
 
 
 def cache_key(graph, target: Target, input_shape: Sequence[int]) -> dict:
@@ -408,8 +478,16 @@ def cache_key(graph, target: Target, input_shape: Sequence[int]) -> dict:
         rt_version = onnxruntime.__version__
     layers = [(r.name, r.kind, r.cin, r.cout, r.groups, r.kernel, r.out_hw) for r in graph.layers]
     arch = hashlib.sha256(json.dumps([list(input_shape), layers]).encode()).hexdigest()[:16]
-    key = {"cpu_model": env["cpu_model"], "runtime": target.runtime, "runtime_version": rt_version, "torch": torch.__version__,
-           "threads": target.threads, "batch": target.batch, "input_shape": list(input_shape), "architecture": arch}
+    key = {
+        "cpu_model": env["cpu_model"],
+        "runtime": target.runtime,
+        "runtime_version": rt_version,
+        "torch": torch.__version__,
+        "threads": target.threads,
+        "batch": target.batch,
+        "input_shape": list(input_shape),
+        "architecture": arch,
+    }
     if target.quantization:  # only non-default settings: the keys of caches made with the defaults stay valid
         key["quantization"] = target.quantization
     return key
@@ -419,7 +497,9 @@ def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
     from pqd.data.cache import cache_root
 
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root(None if cache_dir is None else str(cache_dir)) / "structured_latency" / f"{key['runtime']}_{h}.json"
+    return (
+        cache_root(None if cache_dir is None else str(cache_dir)) / "structured_latency" / f"{key['runtime']}_{h}.json"
+    )
 
 
 def save(model: LatencyModel, cache_dir: str | Path | None = None) -> Path:
@@ -445,7 +525,9 @@ def load(key: dict, cache_dir: str | Path | None = None) -> LatencyModel | None:
     return LatencyModel(key, d["samples"], d.get("pad", 16))
 
 
-def sample_widths(graph, n: int, *, round_to: int = ROUND_TO, min_keep: float = MIN_KEEP, seed: int = 0) -> list[dict[str, int]]:
+def sample_widths(
+    graph, n: int, *, round_to: int = ROUND_TO, min_keep: float = MIN_KEEP, seed: int = 0
+) -> list[dict[str, int]]:
     """Width configurations to measure: dense, uniform scalings, and random per-group ratios."""
     from pqd.compress.channels.graph import round_width
 
@@ -461,7 +543,9 @@ def sample_widths(graph, n: int, *, round_to: int = ROUND_TO, min_keep: float = 
     return out
 
 
-def reference_models(model: nn.Module, graph, *, example: torch.Tensor, round_to: int = ROUND_TO, skip=()) -> dict[str, nn.Module]:
+def reference_models(
+    model: nn.Module, graph, *, example: torch.Tensor, round_to: int = ROUND_TO, skip=()
+) -> dict[str, nn.Module]:
     """``{"dense": model, "floor": the floor model}`` to time beside samples, less widths already in ``skip``
     (and no floor when it is the dense model itself: a model whose groups are all at most ``round_to`` wide)."""
     from pqd.compress.channels.graph import prune_to_widths
@@ -473,9 +557,11 @@ def reference_models(model: nn.Module, graph, *, example: torch.Tensor, round_to
     return out
 
 
-def reference_readings(ms: Mapping[str, float], todo: Sequence[Mapping[str, int]], chans: Mapping[str, int],
-                       floor: Mapping[str, int]) -> tuple[float, float | None]:
+def reference_readings(
+    ms: Mapping[str, float], todo: Sequence[Mapping[str, int]], chans: Mapping[str, int], floor: Mapping[str, int]
+) -> tuple[float, float | None]:
     """(dense ms, floor ms or None) of one run from its readings: the reference models', or a sample with their widths."""
+
     def reading(name: str, widths) -> float | None:
         if name in ms:
             return ms[name]
@@ -512,7 +598,9 @@ def build(
     lm = lm or LatencyModel(key)
     example = torch.zeros(2, *input_shape)
     chans = graph.widths()
-    todo = sample_widths(graph, samples, round_to=round_to, min_keep=min_keep, seed=seed + len(lm.samples))[len(lm.samples):]
+    todo = sample_widths(graph, samples, round_to=round_to, min_keep=min_keep, seed=seed + len(lm.samples))[
+        len(lm.samples) :
+    ]
     models = {f"s{i}": prune_to_widths(model, w, example=example, round_to=1) for i, w in enumerate(todo)}
     models |= reference_models(model, graph, example=example, round_to=round_to, skip=todo)
     ms = measure_int8(models, target=target, input_shape=input_shape, runs=runs, in_process=in_process)
@@ -520,8 +608,7 @@ def build(
     for i, w in enumerate(todo):
         lm.add(w, ms[f"s{i}"], "calibration", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=round_to)
     if "dense" in ms:
-        lm.add(chans, run_dense, "calibration_dense", dense_ms=run_dense, floor_ms=run_floor,
-               floor_round_to=round_to)
+        lm.add(chans, run_dense, "calibration_dense", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=round_to)
     lm.fit(graph)
     if use_cache:
         save(lm, cache_dir)
@@ -533,10 +620,16 @@ def report(lm: LatencyModel, graph) -> dict:
     errs = lm.loo_errors(graph)
     coef = lm.coef if lm.coef is not None else lm.fit(graph).coef
     assert coef is not None  # fit() sets it
-    return {"key": lm.key, "samples": len(lm.samples), "features": list(FEATURES),
-            "coef": [float(c) for c in coef],
-            "loo_abs_error_mean": float(np.mean(np.abs(errs))) if errs else None,
-            "loo_abs_error_max": float(np.max(np.abs(errs))) if errs else None,
-            "fit": lm.fit_kind, "relative": lm.relative, "dense_ms_median": lm.dense_ms(graph) if lm.relative else None,
-            "floor_ms_median": lm.offset if lm.fit_kind == "anchored" else None,
-            "target": {k: lm.key[k] for k in ("runtime", "batch", "threads", "quantization") if k in lm.key}}
+    return {
+        "key": lm.key,
+        "samples": len(lm.samples),
+        "features": list(FEATURES),
+        "coef": [float(c) for c in coef],
+        "loo_abs_error_mean": float(np.mean(np.abs(errs))) if errs else None,
+        "loo_abs_error_max": float(np.max(np.abs(errs))) if errs else None,
+        "fit": lm.fit_kind,
+        "relative": lm.relative,
+        "dense_ms_median": lm.dense_ms(graph) if lm.relative else None,
+        "floor_ms_median": lm.offset if lm.fit_kind == "anchored" else None,
+        "target": {k: lm.key[k] for k in ("runtime", "batch", "threads", "quantization") if k in lm.key},
+    }

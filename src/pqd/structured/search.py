@@ -52,8 +52,13 @@ def _interp(points: Sequence[tuple[float, float]], r: float) -> float:
     return 0.0
 
 
-def cost_function(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None, sensitivity: Sequence[dict] | None, *,
-                  per_group: bool = False):
+def cost_function(
+    graph: ChannelGraph,
+    scores: Mapping[str, torch.Tensor] | None,
+    sensitivity: Sequence[dict] | None,
+    *,
+    per_group: bool = False,
+):
     """``cost(group_id, k) -> float``: predicted loss of keeping ``k`` channels of a group.
 
     From ``scores``: the dropped channels' importance over the whole model's channel count; with
@@ -67,7 +72,9 @@ def cost_function(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None
                 table.setdefault(row["group"], []).append((float(row["keep_ratio"]), max(0.0, float(row["drop"]))))
         missing = [g for g in chans if g not in table]
         if missing:
-            raise ModelError(f"the sensitivity table has no rows for group(s) {', '.join(missing[:5])}; re-run the analysis on this model")
+            raise ModelError(
+                f"the sensitivity table has no rows for group(s) {', '.join(missing[:5])}; re-run the analysis on this model"
+            )
         return lambda g, k: _interp(table[g], k / chans[g])
     if scores is None:
         raise ModelError("search needs importance scores or a sensitivity table")
@@ -111,7 +118,9 @@ def greedy_widths(
             trial[g] = nk
             p = lm.predict(graph, trial)
             dc = cost(g, nk) - cost(g, k)
-            saved = pred - p if pred > target_ms else params(widths) - params(trial)  # else only the size budget is left
+            saved = (
+                pred - p if pred > target_ms else params(widths) - params(trial)
+            )  # else only the size budget is left
             if saved > 1e-12 and dc / saved < best_score:
                 best, best_score, best_pred = (g, nk), dc / saved, p
             if dc < fallback_cost:
@@ -119,16 +128,21 @@ def greedy_widths(
         if best is None and fallback is not None:
             best, best_pred = fallback, fallback_pred
         if best is None:
-            log.warning("structured search: every group is at its floor (min_keep %.2f); predicted %.3f ms > target %.3f ms",
-                        min_keep, pred, target_ms)
+            log.warning(
+                "structured search: every group is at its floor (min_keep %.2f); predicted %.3f ms > target %.3f ms",
+                min_keep,
+                pred,
+                target_ms,
+            )
             break
         widths[best[0]] = best[1]
         pred = best_pred
     return widths
 
 
-def refill_widths(graph: ChannelGraph, lm: LatencyModel, cost, start: Mapping[str, int], target_ms: float, *,
-                  round_to: int = ROUND_TO) -> dict[str, int]:
+def refill_widths(
+    graph: ChannelGraph, lm: LatencyModel, cost, start: Mapping[str, int], target_ms: float, *, round_to: int = ROUND_TO
+) -> dict[str, int]:
     """The greedy run upwards: from ``start`` (e.g. uniform widths that leave part of the target unused,
     because latency rises in steps), add one ``round_to`` step at a time to the group where it restores the
     most importance per predicted millisecond added, while the prediction stays <= ``target_ms``. A step that
@@ -171,13 +185,26 @@ class Choice:
     test: dict | None = None
 
 
-def propose(lm: LatencyModel, graph: ChannelGraph, target_ms: float, *, cost, round_to: int, min_keep: float,
-            size_params: int | None, recipes: Mapping[str, Callable] | None, rank, choice: Choice) -> dict[str, int]:
+def propose(
+    lm: LatencyModel,
+    graph: ChannelGraph,
+    target_ms: float,
+    *,
+    cost,
+    round_to: int,
+    min_keep: float,
+    size_params: int | None,
+    recipes: Mapping[str, Callable] | None,
+    rank,
+    choice: Choice,
+) -> dict[str, int]:
     """Propose step: the widths for ``target_ms``. The greedy on ``cost`` without recipes; with them,
     every recipe proposes at the first target, ``rank`` scores them and :func:`choose` picks one
     (recorded in ``choice``), whose recipe alone proposes after that."""
     if recipes is None:
-        return greedy_widths(graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params)
+        return greedy_widths(
+            graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params
+        )
     if choice.recipe is not None:
         return recipes[choice.recipe](lm, target_ms)
     proposals = {name: recipe(lm, target_ms) for name, recipe in recipes.items()}
@@ -187,18 +214,45 @@ def propose(lm: LatencyModel, graph: ChannelGraph, target_ms: float, *, cost, ro
     scored = dict(rank({name: proposals[name] for name in unique.values()}))
     correct = {name: scored[unique[tuple(sorted(w.items()))]] for name, w in proposals.items()}
     choice.recipe, choice.test = choose(correct)
-    choice.candidates = [{"recipe": name, "score": float(correct[name].float().mean()), "predicted_ms": lm.predict(graph, w),
-                          "macs": sum(r.macs for r in graph.layer_shapes(w)), "widths": dict(w)} for name, w in proposals.items()]
+    choice.candidates = [
+        {
+            "recipe": name,
+            "score": float(correct[name].float().mean()),
+            "predicted_ms": lm.predict(graph, w),
+            "macs": sum(r.macs for r in graph.layer_shapes(w)),
+            "widths": dict(w),
+        }
+        for name, w in proposals.items()
+    ]
     test = choice.test
-    log.info("structured search: recipes ranked %s; chose %s%s", ", ".join(f"{c['recipe']} {c['score']:.3f}" for c in choice.candidates),
-             choice.recipe, f" (best {test['best']} vs {test['vs']}: p = {test['p_value']:.3g})" if test else "")
+    log.info(
+        "structured search: recipes ranked %s; chose %s%s",
+        ", ".join(f"{c['recipe']} {c['score']:.3f}" for c in choice.candidates),
+        choice.recipe,
+        f" (best {test['best']} vs {test['vs']}: p = {test['p_value']:.3g})" if test else "",
+    )
     return proposals[choice.recipe]
 
 
-def measure_widths(model: nn.Module, lm: LatencyModel, graph: ChannelGraph, widths: Mapping[str, int], refs: Mapping[str, nn.Module], *,
-                   target: Target, input_shape: Sequence[int], runs: int, in_process: bool, budget_ms: float,
-                   budget_fraction: float | None, margin: float, floor_round_to: int, scores, iteration: int,
-                   target_ms: float) -> tuple[nn.Module, dict]:
+def measure_widths(
+    model: nn.Module,
+    lm: LatencyModel,
+    graph: ChannelGraph,
+    widths: Mapping[str, int],
+    refs: Mapping[str, nn.Module],
+    *,
+    target: Target,
+    input_shape: Sequence[int],
+    runs: int,
+    in_process: bool,
+    budget_ms: float,
+    budget_fraction: float | None,
+    margin: float,
+    floor_round_to: int,
+    scores,
+    iteration: int,
+    target_ms: float,
+) -> tuple[nn.Module, dict]:
     """Measure step: prune ``model`` to ``widths`` and time it beside the dense and floor models in one
     interleaved run; the readings join the latency model's samples. Returns (pruned model, iteration record)."""
     example = torch.zeros(2, *input_shape)
@@ -207,19 +261,40 @@ def measure_widths(model: nn.Module, lm: LatencyModel, graph: ChannelGraph, widt
     # the dense and floor models are timed in the same interleaved run: a fraction is checked against that
     # dense reading (a ratio measured side by side survives machine drift between runs; absolute ms do not),
     # and both anchor the latency model's sample (pqd.structured.latency_model)
-    ms = measure_int8({"chosen": pruned} | dict(refs), target=target, input_shape=input_shape, runs=runs, in_process=in_process)
+    ms = measure_int8(
+        {"chosen": pruned} | dict(refs), target=target, input_shape=input_shape, runs=runs, in_process=in_process
+    )
     measured, run_dense, run_floor = ms["chosen"], ms["dense"], ms.get("floor")
     run_budget = budget_ms if budget_fraction is None else budget_fraction * run_dense
     pred_run = lm.predict_in_run(graph, widths, dense_ms=run_dense, floor_ms=run_floor)
-    lm.add(graph.widths(), run_dense, "search_dense", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_round_to)
+    lm.add(
+        graph.widths(), run_dense, "search_dense", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_round_to
+    )
     goal = run_budget * (1 - margin)
-    record = {"iteration": iteration, "target_ms": target_ms, "predicted_ms": pred, "measured_ms": measured,
-              "dense_ms_same_run": run_dense, "budget_ms_same_run": run_budget, "met": measured <= run_budget,
-              "goal_ms_same_run": goal, "floor_ms_same_run": run_floor,
-              "predicted_ms_same_run": pred_run, "prediction_error_same_run": pred_run / measured - 1,
-              "widths": dict(widths), "prediction_error": pred / measured - 1}
-    log.info("structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms, dense %.3f ms in the same run)",
-             iteration, target_ms, pred, measured, run_budget, run_dense)
+    record = {
+        "iteration": iteration,
+        "target_ms": target_ms,
+        "predicted_ms": pred,
+        "measured_ms": measured,
+        "dense_ms_same_run": run_dense,
+        "budget_ms_same_run": run_budget,
+        "met": measured <= run_budget,
+        "goal_ms_same_run": goal,
+        "floor_ms_same_run": run_floor,
+        "predicted_ms_same_run": pred_run,
+        "prediction_error_same_run": pred_run / measured - 1,
+        "widths": dict(widths),
+        "prediction_error": pred / measured - 1,
+    }
+    log.info(
+        "structured search %d: target %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms, dense %.3f ms in the same run)",
+        iteration,
+        target_ms,
+        pred,
+        measured,
+        run_budget,
+        run_dense,
+    )
     lm.add(widths, measured, "search", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_round_to)
     return pruned, record
 
@@ -231,8 +306,13 @@ def next_target(record: Mapping[str, Any], target_ms: float) -> tuple[float, str
     measured, goal = record["measured_ms"], record["goal_ms_same_run"]
     if goal * (1 - UNDERSHOOT) <= measured <= goal:
         return target_ms, ""
-    if measured > goal and record["predicted_ms"] > target_ms:  # every group is at its floor: tightening cannot change the widths
-        return target_ms, "every group at its floor (min_keep / round_to); the budget is below what channel pruning reaches"
+    if (
+        measured > goal and record["predicted_ms"] > target_ms
+    ):  # every group is at its floor: tightening cannot change the widths
+        return (
+            target_ms,
+            "every group at its floor (min_keep / round_to); the budget is below what channel pruning reaches",
+        )
     return target_ms * goal / measured * 0.98, None
 
 
@@ -287,17 +367,26 @@ def search(
     if (recipes is None) != (rank is None):
         raise ConfigError("structured search: give recipes and rank together")
     if recipes is not None and size_budget_mb is not None:
-        raise ConfigError("structured.select 'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb")
+        raise ConfigError(
+            "structured.select 'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb"
+        )
     example = torch.zeros(2, *input_shape)
     # the floor model the latency model's samples were anchored to (the search's rounding, for a model without samples)
     floor_rt = next((int(s["floor_round_to"]) for s in lm.samples if "floor_round_to" in s), round_to)
     if budget_ms is None:
         assert budget_fraction is not None  # exactly one of the two, checked above
         if dense_ms is None:
-            ms = measure_int8(reference_models(model, graph, example=example, round_to=floor_rt), target=target,
-                              input_shape=input_shape, runs=runs, in_process=in_process)
+            ms = measure_int8(
+                reference_models(model, graph, example=example, round_to=floor_rt),
+                target=target,
+                input_shape=input_shape,
+                runs=runs,
+                in_process=in_process,
+            )
             dense_ms = ms["dense"]
-            lm.add(graph.widths(), dense_ms, "dense", dense_ms=dense_ms, floor_ms=ms.get("floor"), floor_round_to=floor_rt)
+            lm.add(
+                graph.widths(), dense_ms, "dense", dense_ms=dense_ms, floor_ms=ms.get("floor"), floor_round_to=floor_rt
+            )
             lm.fit(graph)
         budget_ms = budget_fraction * dense_ms
     size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
@@ -310,19 +399,46 @@ def search(
     best, pruned_by_iteration = None, []
     for it in range(max_iters):
         lm.fit(graph)
-        widths = propose(lm, graph, target_ms, cost=cost, round_to=round_to, min_keep=min_keep, size_params=size_params,
-                         recipes=recipes, rank=rank, choice=choice)
+        widths = propose(
+            lm,
+            graph,
+            target_ms,
+            cost=cost,
+            round_to=round_to,
+            min_keep=min_keep,
+            size_params=size_params,
+            recipes=recipes,
+            rank=rank,
+            choice=choice,
+        )
         seen = next((i for i in iterations if i["widths"] == widths), None)
         if seen is not None:  # widths step: the corrected target gives widths already measured
             if seen["measured_ms"] <= seen["goal_ms_same_run"]:  # loosening came back to a model that met the goal
                 iterations[-1]["stopped"] = "the loosened target gives widths already measured"
                 break
             # it missed: tighten below these widths' own prediction, so the next widths are new, without measuring again
-            target_ms = min(target_ms * seen["goal_ms_same_run"] / seen["measured_ms"] * 0.98, lm.predict(graph, widths) * 0.99)
+            target_ms = min(
+                target_ms * seen["goal_ms_same_run"] / seen["measured_ms"] * 0.98, lm.predict(graph, widths) * 0.99
+            )
             continue
-        pruned, record = measure_widths(model, lm, graph, widths, refs, target=target, input_shape=input_shape, runs=runs,
-                                        in_process=in_process, budget_ms=budget_ms, budget_fraction=budget_fraction, margin=margin,
-                                        floor_round_to=floor_rt, scores=scores, iteration=it, target_ms=target_ms)
+        pruned, record = measure_widths(
+            model,
+            lm,
+            graph,
+            widths,
+            refs,
+            target=target,
+            input_shape=input_shape,
+            runs=runs,
+            in_process=in_process,
+            budget_ms=budget_ms,
+            budget_fraction=budget_fraction,
+            margin=margin,
+            floor_round_to=floor_rt,
+            scores=scores,
+            iteration=it,
+            target_ms=target_ms,
+        )
         pruned_by_iteration.append(pruned)
         iterations.append(record)
         measured, goal = record["measured_ms"], record["goal_ms_same_run"]
@@ -336,29 +452,54 @@ def search(
     if use_cache:
         save(lm, cache_dir)
     # the measured model nearest under the goal; when none met it, the fastest relative to dense in its own run
-    pick = best[1] if best is not None else \
-        min(range(len(iterations)), key=lambda i: iterations[i]["measured_ms"] / iterations[i]["dense_ms_same_run"])
+    pick = (
+        best[1]
+        if best is not None
+        else min(
+            range(len(iterations)), key=lambda i: iterations[i]["measured_ms"] / iterations[i]["dense_ms_same_run"]
+        )
+    )
     pruned, widths, last = pruned_by_iteration[pick], iterations[pick]["widths"], iterations[pick]
     record = {
         "target": {"runtime": target.runtime, "batch": target.batch, "threads": target.threads},
-        "budget_ms": budget_ms, "budget_fraction": budget_fraction, "dense_ms": dense_ms, "size_budget_mb": size_budget_mb, "margin": margin,
-        "met": last["met"], "budget_ms_same_run": last["budget_ms_same_run"], "dense_ms_same_run": last["dense_ms_same_run"], "predicted_ms": last["predicted_ms"], "measured_ms": last["measured_ms"],
-        "prediction_error": last["prediction_error"], "predicted_ms_same_run": last["predicted_ms_same_run"],
-        "prediction_error_same_run": last["prediction_error_same_run"], "iterations": iterations, "chosen_iteration": pick,
+        "budget_ms": budget_ms,
+        "budget_fraction": budget_fraction,
+        "dense_ms": dense_ms,
+        "size_budget_mb": size_budget_mb,
+        "margin": margin,
+        "met": last["met"],
+        "budget_ms_same_run": last["budget_ms_same_run"],
+        "dense_ms_same_run": last["dense_ms_same_run"],
+        "predicted_ms": last["predicted_ms"],
+        "measured_ms": last["measured_ms"],
+        "prediction_error": last["prediction_error"],
+        "predicted_ms_same_run": last["predicted_ms_same_run"],
+        "prediction_error_same_run": last["prediction_error_same_run"],
+        "iterations": iterations,
+        "chosen_iteration": pick,
         "widths": dict(widths),
-        "dense_widths": chans, "keep_ratio": {g: widths[g] / chans[g] for g in chans},
-        "macs": sum(r.macs for r in graph.layer_shapes(widths)), "dense_macs": sum(r.macs for r in graph.layers),
-        "round_to": round_to, "criterion": "sensitivity" if sensitivity else "importance",
-        "recipe": choice.recipe, "candidates": choice.candidates, "choice_test": choice.test if recipes is not None else None,
+        "dense_widths": chans,
+        "keep_ratio": {g: widths[g] / chans[g] for g in chans},
+        "macs": sum(r.macs for r in graph.layer_shapes(widths)),
+        "dense_macs": sum(r.macs for r in graph.layers),
+        "round_to": round_to,
+        "criterion": "sensitivity" if sensitivity else "importance",
+        "recipe": choice.recipe,
+        "candidates": choice.candidates,
+        "choice_test": choice.test if recipes is not None else None,
         "latency_model": report(lm, graph),
     }
     if not last["met"]:
-        record["missed_because"] = iterations[-1].get("stopped") or \
-            f"structured.max_iters ({max_iters}) iterations ran out before a measured model met the budget"
+        record["missed_because"] = (
+            iterations[-1].get("stopped")
+            or f"structured.max_iters ({max_iters}) iterations ran out before a measured model met the budget"
+        )
     return pruned, record
 
 
-def choose(correct: Mapping[str, torch.Tensor], *, prefer: str | None = "uniform", alpha: float = 0.05) -> tuple[str, dict]:
+def choose(
+    correct: Mapping[str, torch.Tensor], *, prefer: str | None = "uniform", alpha: float = 0.05
+) -> tuple[str, dict]:
     """The candidate with the most images right; but ``prefer`` (uniform scaling) unless the best beats it
     on these images by McNemar's paired test at ``alpha``: a proxy difference inside its own noise
     decides nothing, and then the simplest recipe is kept. Ties go to the one listed first.

@@ -43,8 +43,7 @@ from pqd.compress.channels.graph import ChannelGraph, prune_to_widths, round_wid
 from pqd.structured.latency_model import LatencyModel
 from pqd.structured.search import choose, cost_function, greedy_widths, refill_widths
 
-__all__ = ["adapt_bn", "adapted_bn_ranker", "choose", "fit_scale", "normalized_images", "stage_ranker",
-           "width_recipes"]
+__all__ = ["adapt_bn", "adapted_bn_ranker", "choose", "fit_scale", "normalized_images", "stage_ranker", "width_recipes"]
 
 Widths = dict[str, int]
 Recipe = Callable[[LatencyModel, float], Widths]
@@ -55,8 +54,16 @@ def _scaled(graph: ChannelGraph, ratios: Mapping[str, float], s: float, *, round
     return {g: round_width(max(min_keep, min(1.0, s * ratios[g])) * c, c, round_to) for g, c in chans.items()}
 
 
-def fit_scale(graph: ChannelGraph, lm: LatencyModel, ratios: Mapping[str, float], target_ms: float, *,
-              round_to: int, min_keep: float, steps: int = 30) -> Widths:
+def fit_scale(
+    graph: ChannelGraph,
+    lm: LatencyModel,
+    ratios: Mapping[str, float],
+    target_ms: float,
+    *,
+    round_to: int,
+    min_keep: float,
+    steps: int = 30,
+) -> Widths:
     """Per-group keep ratios ``ratios`` scaled by one factor, the largest whose predicted latency is <= ``target_ms``.
 
     Bisection on the factor (the prediction grows with every width). If even the smallest
@@ -74,14 +81,22 @@ def fit_scale(graph: ChannelGraph, lm: LatencyModel, ratios: Mapping[str, float]
     return _scaled(graph, ratios, lo, round_to=round_to, min_keep=min_keep)
 
 
-def width_recipes(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None, *, cost=None, round_to: int = 8,
-                  min_keep: float = 0.1, blends: Sequence[float] = (0.5,)) -> dict[str, Recipe]:
+def width_recipes(
+    graph: ChannelGraph,
+    scores: Mapping[str, torch.Tensor] | None,
+    *,
+    cost=None,
+    round_to: int = 8,
+    min_keep: float = 0.1,
+    blends: Sequence[float] = (0.5,),
+) -> dict[str, Recipe]:
     """The recipes named in the module docstring. ``cost`` is the search's own greedy cost (default:
     from ``scores``); ``greedy_fraction`` needs ``scores``."""
     chans = graph.widths()
     base_cost = cost if cost is not None else cost_function(graph, scores, None)
     greedy: dict[str, Recipe] = {
-        "greedy": lambda lm, t: greedy_widths(graph, lm, base_cost, t, round_to=round_to, min_keep=min_keep)}
+        "greedy": lambda lm, t: greedy_widths(graph, lm, base_cost, t, round_to=round_to, min_keep=min_keep)
+    }
     if scores is not None:
         fc = cost_function(graph, scores, None, per_group=True)
         greedy["greedy_fraction"] = lambda lm, t: greedy_widths(graph, lm, fc, t, round_to=round_to, min_keep=min_keep)
@@ -94,12 +109,15 @@ def width_recipes(graph: ChannelGraph, scores: Mapping[str, torch.Tensor] | None
             u, w = recipes["uniform"](lm, t), greedy[name](lm, t)
             ratios = {g: (1 - tw) * u[g] / chans[g] + tw * w[g] / chans[g] for g in chans}
             return fit_scale(graph, lm, ratios, t, round_to=round_to, min_keep=min_keep)
+
         return make
 
     for name in greedy:
         for tw in blends:
             recipes[f"blend{tw:g}_{name}"] = blend(name, tw)
-    recipes["uniform_refill"] = lambda lm, t: refill_widths(graph, lm, base_cost, recipes["uniform"](lm, t), t, round_to=round_to)
+    recipes["uniform_refill"] = lambda lm, t: refill_widths(
+        graph, lm, base_cost, recipes["uniform"](lm, t), t, round_to=round_to
+    )
     return recipes
 
 
@@ -113,15 +131,23 @@ def adapt_bn(model: nn.Module, images: torch.Tensor, *, batch_size: int = 128) -
         m.momentum = None  # a cumulative average over the calibration batches
     model.train()
     for i in range(0, len(images), batch_size):
-        model(images[i:i + batch_size])
+        model(images[i : i + batch_size])
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     return model.eval()
 
 
-def adapted_bn_ranker(model: nn.Module, scores: Mapping[str, torch.Tensor] | None, *, example: torch.Tensor,
-                      calib: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int = 250,
-                      ignore: Sequence[str] = ()) -> Callable[[Mapping[str, Widths]], dict[str, torch.Tensor]]:
+def adapted_bn_ranker(
+    model: nn.Module,
+    scores: Mapping[str, torch.Tensor] | None,
+    *,
+    example: torch.Tensor,
+    calib: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    batch_size: int = 250,
+    ignore: Sequence[str] = (),
+) -> Callable[[Mapping[str, Widths]], dict[str, torch.Tensor]]:
     """``rank({name: widths}) -> {name: per-image correctness}`` (bool, in ``val_y``'s order): each candidate
     pruned from ``model`` (channels kept by ``scores``), BN re-estimated on ``calib``, then run on ``val_x``.
     Images are normalised float tensors on the CPU; ``model`` is not modified."""
@@ -130,9 +156,11 @@ def adapted_bn_ranker(model: nn.Module, scores: Mapping[str, torch.Tensor] | Non
     def rank(candidates: Mapping[str, Widths]) -> dict[str, torch.Tensor]:
         out = {}
         for name, widths in candidates.items():
-            m = adapt_bn(prune_to_widths(base, widths, example=example, round_to=1, scores=scores, ignore=ignore), calib)
+            m = adapt_bn(
+                prune_to_widths(base, widths, example=example, round_to=1, scores=scores, ignore=ignore), calib
+            )
             with torch.inference_mode():
-                pred = torch.cat([m(val_x[i:i + batch_size]).argmax(1) for i in range(0, len(val_x), batch_size)])
+                pred = torch.cat([m(val_x[i : i + batch_size]).argmax(1) for i in range(0, len(val_x), batch_size)])
             out[name] = pred == val_y
         return out
 
@@ -147,20 +175,33 @@ def normalized_images(ds, index: torch.Tensor, *, mean, std) -> tuple[torch.Tens
     return next(iter(batches(sub, batch_size=len(sub), mean=mean, std=std)))
 
 
-def stage_ranker(model: nn.Module, scores, data, *, example: torch.Tensor, calib_images: int, val_images: int = 1000,
-                 seed: int = 0, ignore: Sequence[str] = ()) -> tuple[Callable, str]:
+def stage_ranker(
+    model: nn.Module,
+    scores,
+    data,
+    *,
+    example: torch.Tensor,
+    calib_images: int,
+    val_images: int = 1000,
+    seed: int = 0,
+    ignore: Sequence[str] = (),
+) -> tuple[Callable, str]:
     """The ranker the structured stage uses: BN re-estimated on ``calib_images`` seeded training images, top-1 on
     up to ``val_images`` images of the validation split, or, without one, on other training images (said in the
     returned label)."""
     perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
     calib, _ = normalized_images(data.train, perm[:calib_images], mean=data.mean, std=data.std)
     if data.val is not None and len(data.val):
-        val_x, val_y = normalized_images(data.val, torch.arange(min(val_images, len(data.val))), mean=data.mean, std=data.std)
+        val_x, val_y = normalized_images(
+            data.val, torch.arange(min(val_images, len(data.val))), mean=data.mean, std=data.std
+        )
         where = f"{len(val_y)} validation images"
     else:
-        rest = perm[calib_images:calib_images + val_images]
+        rest = perm[calib_images : calib_images + val_images]
         if len(rest) == 0:
             rest = perm[:val_images]
         val_x, val_y = normalized_images(data.train, rest, mean=data.mean, std=data.std)
         where = f"{len(val_y)} training images (no validation split)"
-    return adapted_bn_ranker(model, scores, example=example, calib=calib, val_x=val_x, val_y=val_y, ignore=ignore), where
+    return adapted_bn_ranker(
+        model, scores, example=example, calib=calib, val_x=val_x, val_y=val_y, ignore=ignore
+    ), where

@@ -40,7 +40,9 @@ def _accuracy(model: nn.Module, ds, data, batch_size: int) -> float:
     return top1(predict(model, ds, mean=data.mean, std=data.std, batch_size=batch_size), ds.y)
 
 
-def _quantize_one(model: nn.Module, layer: str, example: torch.Tensor, data, calib_batches: int, batch_size: int) -> nn.Module:
+def _quantize_one(
+    model: nn.Module, layer: str, example: torch.Tensor, data, calib_batches: int, batch_size: int
+) -> nn.Module:
     import warnings
 
     from torch.ao.quantization import QConfigMapping
@@ -101,8 +103,20 @@ def analyze(
                 pruned = prune_to_widths(model, {g.id: k}, example=example, round_to=1, scores=scores, ignore=ignore)
                 acc = _accuracy(pruned, ds, data, batch_size)
                 macs = sum(x.macs for x in graph.layer_shapes({g.id: k}))
-                rows.append({"kind": "prune", "group": g.id, "layer": g.id, "channels": g.channels, "keep_ratio": k / g.channels,
-                             "kept": k, "macs": macs, "accuracy": acc, "baseline": base, "drop": base - acc})
+                rows.append(
+                    {
+                        "kind": "prune",
+                        "group": g.id,
+                        "layer": g.id,
+                        "channels": g.channels,
+                        "keep_ratio": k / g.channels,
+                        "kept": k,
+                        "macs": macs,
+                        "accuracy": acc,
+                        "baseline": base,
+                        "drop": base - acc,
+                    }
+                )
     if quantize:
         from pqd.compress.channels.graph import trace_layers
 
@@ -110,10 +124,24 @@ def analyze(
             try:
                 q = _quantize_one(model, layer.name, example, data, calib_batches, batch_size)
             except Exception as exc:  # torch.fx raises many types
-                raise ModelError(f"analyze: cannot quantize layer {layer.name!r} alone ({type(exc).__name__}: {str(exc)[:200]})") from None
+                raise ModelError(
+                    f"analyze: cannot quantize layer {layer.name!r} alone ({type(exc).__name__}: {str(exc)[:200]})"
+                ) from None
             acc = _accuracy(q, ds, data, batch_size)
-            rows.append({"kind": "quantize", "group": "", "layer": layer.name, "channels": layer.cout, "keep_ratio": 1.0,
-                         "kept": layer.cout, "macs": layer.macs, "accuracy": acc, "baseline": base, "drop": base - acc})
+            rows.append(
+                {
+                    "kind": "quantize",
+                    "group": "",
+                    "layer": layer.name,
+                    "channels": layer.cout,
+                    "keep_ratio": 1.0,
+                    "kept": layer.cout,
+                    "macs": layer.macs,
+                    "accuracy": acc,
+                    "baseline": base,
+                    "drop": base - acc,
+                }
+            )
     return rows
 
 
@@ -147,7 +175,11 @@ def plot(rows: Sequence[dict], path: str | Path) -> Path | None:
     for g, pts in groups.items():
         pts = sorted(pts + [(1.0, 0.0)])
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=g)
-    axes[0].set(xlabel="keep ratio (channels kept in the group)", ylabel="top-1 drop (points)", title="Channel pruning, one group at a time")
+    axes[0].set(
+        xlabel="keep ratio (channels kept in the group)",
+        ylabel="top-1 drop (points)",
+        title="Channel pruning, one group at a time",
+    )
     if len(groups) <= 20:
         axes[0].legend(fontsize=6)
     axes[1].bar(range(len(quant_rows)), [100 * r["drop"] for r in quant_rows])
@@ -198,7 +230,9 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pqd analyze", description="per-group pruning and per-layer INT8 sensitivity")
     p.add_argument("--model", default="resnet18", help="registry name or package.module:factory")
     p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--weights", help="safetensors state dict (e.g. a run's teacher.safetensors); without it the model is untrained")
+    p.add_argument(
+        "--weights", help="safetensors state dict (e.g. a run's teacher.safetensors); without it the model is untrained"
+    )
     p.add_argument("--dataset", default="digits")
     p.add_argument("--root")
     p.add_argument("--train-subset", type=int)
@@ -211,8 +245,15 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-prune", action="store_true")
     p.add_argument("--out", default="sensitivity")
     a = p.parse_args(argv)
-    data = load_data(DataConfig(dataset=a.dataset, root=a.root, train_subset=a.train_subset, test_subset=a.test_subset,
-                                val_fraction=a.val_fraction))
+    data = load_data(
+        DataConfig(
+            dataset=a.dataset,
+            root=a.root,
+            train_subset=a.train_subset,
+            test_subset=a.test_subset,
+            val_fraction=a.val_fraction,
+        )
+    )
     kwargs = {"width": a.width} if a.width != 1.0 else {}
     model = create_model(a.model, num_classes=data.num_classes, **kwargs)
     if a.weights:
@@ -224,8 +265,15 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
         model.load_state_dict(state)
     else:
         log.warning("no --weights: analysing an untrained model")
-    rows = analyze(model, data, keep_ratios=tuple(float(x) for x in a.keep_ratios.split(",")), criterion=a.criterion,
-                   prune=not a.no_prune, quantize=not a.no_quantize, max_images=a.max_images)
+    rows = analyze(
+        model,
+        data,
+        keep_ratios=tuple(float(x) for x in a.keep_ratios.split(",")),
+        criterion=a.criterion,
+        prune=not a.no_prune,
+        quantize=not a.no_quantize,
+        max_images=a.max_images,
+    )
     paths = write(rows, a.out)
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0

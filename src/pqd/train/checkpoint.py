@@ -78,8 +78,11 @@ def load_checkpoint(path: str | Path, *, user_file: bool = False) -> tuple[dict[
     user passed (e.g. ``pqd analyze --weights``), not one a run recomputes: a damaged one is never
     to be deleted, so the advice says to copy it again instead."""
     path = Path(path)
-    remedy = ("copy it again from where it came (pqd never changes or deletes your file)" if user_file
-              else "delete it to recompute")
+    remedy = (
+        "copy it again from where it came (pqd never changes or deletes your file)"
+        if user_file
+        else "delete it to recompute"
+    )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -89,7 +92,9 @@ def load_checkpoint(path: str | Path, *, user_file: bool = False) -> tuple[dict[
             raw = (f.metadata() or {}).get(_META_KEY)
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc}); {remedy}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a readable safetensors file ({exc}); {remedy}"
+        ) from None
     if raw is None:
         raise CheckpointError(f"checkpoint {str(path)!r} has no pqd metadata; it was not written by pqd")
     try:
@@ -105,8 +110,17 @@ def load_checkpoint(path: str | Path, *, user_file: bool = False) -> tuple[dict[
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # torch's own advice around the reason (its substance is in pqd's message: never weights_only=False unless trusted)
-_TORCH_BOILERPLATE = ("Weights only load failed", "In PyTorch", "Re-running", "Check the documentation", "(1)", "(2)",
-                      "Do it only", "You can use", "This file can still be loaded")
+_TORCH_BOILERPLATE = (
+    "Weights only load failed",
+    "In PyTorch",
+    "Re-running",
+    "Check the documentation",
+    "(1)",
+    "(2)",
+    "Do it only",
+    "You can use",
+    "This file can still be loaded",
+)
 
 
 def unpickling_reason(exc: BaseException) -> str:
@@ -154,11 +168,18 @@ def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], 
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
 
     def cut(items: list[str]) -> str:
         return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
-    parts = [f"missing keys: {cut(missing)}" if missing else "", f"unexpected keys: {cut(unexpected)}" if unexpected else "",
-             f"shapes differ (file vs model): {cut(shapes)}" if shapes else ""]
+    parts = [
+        f"missing keys: {cut(missing)}" if missing else "",
+        f"unexpected keys: {cut(unexpected)}" if unexpected else "",
+        f"shapes differ (file vs model): {cut(shapes)}" if shapes else "",
+    ]
     return "; ".join(p for p in parts if p) or None

@@ -48,8 +48,15 @@ class DivergenceGuard:
     counts as divergence (None: only NaN/inf).
     """
 
-    def __init__(self, stage: str, *, lr_key: str | None = None, base_lr: float | None = None, every: int = 50,
-                 max_loss: float | None = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        *,
+        lr_key: str | None = None,
+        base_lr: float | None = None,
+        every: int = 50,
+        max_loss: float | None = None,
+    ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.stage, self.lr_key, self.base_lr, self.every, self.max_loss = stage, lr_key, base_lr, every, max_loss
@@ -63,7 +70,9 @@ class DivergenceGuard:
         rates = "; ".join(r for r in (f"learning rate {lr:.3g} at that step" if lr is not None else "", base) if r)
         key = f" (--set {self.lr_key}=...)" if self.lr_key else ""
         return (
-            f"{self.stage}: training diverged: {what} at epoch {epoch + 1}, {steps}" + (f" ({rates})" if rates else "") + ". "
+            f"{self.stage}: training diverged: {what} at epoch {epoch + 1}, {steps}"
+            + (f" ({rates})" if rates else "")
+            + ". "
             f"Lower the learning rate{key}, check the input data and the teacher, then re-run. "
             "No checkpoint of the diverged epoch was saved."
         )
@@ -87,16 +96,25 @@ class DivergenceGuard:
         the same answer (all_reduce MAX), so all raise together and none waits in a collective."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = self._device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
-            flag = (self._bad.to(device=device, dtype=torch.int32) if self._bad is not None
-                    else torch.zeros((), dtype=torch.int32, device=device)).reshape(())
+            device = self._device or (
+                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            )
+            flag = (
+                self._bad.to(device=device, dtype=torch.int32)
+                if self._bad is not None
+                else torch.zeros((), dtype=torch.int32, device=device)
+            ).reshape(())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return bool(flag)
         return self._bad is not None and bool(self._bad)
 
     def _flush(self, *, epoch: int, step: int, lr: float | None) -> None:
         if self._any_bad():
-            what = "the loss became NaN/inf" if self.max_loss is None else f"the loss became NaN/inf or exceeded {self.max_loss:g}"
+            what = (
+                "the loss became NaN/inf"
+                if self.max_loss is None
+                else f"the loss became NaN/inf or exceeded {self.max_loss:g}"
+            )
             steps = f"step {step + 1}" if self._since == step else f"between steps {self._since + 1} and {step + 1}"
             self._bad = None
             raise DivergenceError(self._message(what, epoch=epoch, steps=steps, lr=lr))
@@ -111,17 +129,26 @@ class DivergenceGuard:
     def check_model(self, model: nn.Module, *, epoch: int, step: int, lr: float | None = None) -> None:
         name = first_nonfinite(model)
         if name is not None:
-            raise DivergenceError(self._message(f"{name!r} holds NaN/inf values", epoch=epoch, steps=f"step {step + 1}", lr=lr))
+            raise DivergenceError(
+                self._message(f"{name!r} holds NaN/inf values", epoch=epoch, steps=f"step {step + 1}", lr=lr)
+            )
 
-    def explain(self, exc: BaseException, model: nn.Module, *, epoch: int, step: int, lr: float | None = None) -> DivergenceError | None:
+    def explain(
+        self, exc: BaseException, model: nn.Module, *, epoch: int, step: int, lr: float | None = None
+    ) -> DivergenceError | None:
         """A :class:`DivergenceError` when ``exc`` (raised by a forward/backward pass) came
         from non-finite weights, else None: raise it ``from e``, or re-raise ``e`` on None."""
         name = first_nonfinite(model)
         if name is None:
             return None
-        err = DivergenceError(self._message(
-            f"{name!r} holds NaN/inf values ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})",
-            epoch=epoch, steps=f"step {step + 1}", lr=lr))
+        err = DivergenceError(
+            self._message(
+                f"{name!r} holds NaN/inf values ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})",
+                epoch=epoch,
+                steps=f"step {step + 1}",
+                lr=lr,
+            )
+        )
         err.__cause__ = exc
         return err
 
@@ -146,18 +173,24 @@ def check_teacher_quality(
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     chance = 1.0 / num_classes
-    remedy = ("Compressing it would waste the run: check teacher.lr (a diverged teacher lands exactly at chance), "
-              "teacher.epochs, teacher.weights and the data, then re-run.")
+    remedy = (
+        "Compressing it would waste the run: check teacher.lr (a diverged teacher lands exactly at chance), "
+        "teacher.epochs, teacher.weights and the data, then re-run."
+    )
     message = None
     if not math.isfinite(top1) or top1 <= min_ratio * chance:
-        message = (f"{where}: top-1 {100 * top1:.2f}% is at chance level ({100 * chance:.2f}% for {num_classes} classes; "
-                   f"needs more than {100 * min_ratio * chance:.2f}%). {remedy}")
+        message = (
+            f"{where}: top-1 {100 * top1:.2f}% is at chance level ({100 * chance:.2f}% for {num_classes} classes; "
+            f"needs more than {100 * min_ratio * chance:.2f}%). {remedy}"
+        )
     elif pred_counts is not None:
         counts = torch.as_tensor(pred_counts, dtype=torch.float64)
         total = float(counts.sum())
         if total > 0 and float(counts.max()) / total > max_one_class:
-            message = (f"{where}: predicts class {int(counts.argmax())} for {100 * float(counts.max()) / total:.1f}% of the "
-                       f"images (top-1 {100 * top1:.2f}%); the model has collapsed. {remedy}")
+            message = (
+                f"{where}: predicts class {int(counts.argmax())} for {100 * float(counts.max()) / total:.1f}% of the "
+                f"images (top-1 {100 * top1:.2f}%); the model has collapsed. {remedy}"
+            )
     if message is not None and strict:
         raise DivergenceError(message)
     return message

@@ -121,7 +121,9 @@ def train(
     rank, world = _dist()
     if config.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes memory_format; torch's overloads omit it
-    opt = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=lr, momentum=config.momentum, nesterov=config.nesterov)
+    opt = torch.optim.SGD(
+        _param_groups(model, config.weight_decay), lr=lr, momentum=config.momentum, nesterov=config.nesterov
+    )
     hook = masks.attach(opt)
     steps_per_epoch = max(1, len(data.train) // (config.batch_size * world))
     total = steps_per_epoch * epochs
@@ -137,7 +139,9 @@ def train(
         try:
             start = int(meta["epoch"]) + 1
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} has malformed pqd metadata (no epoch); delete it to recompute") from None
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r} has malformed pqd metadata (no epoch); delete it to recompute"
+            ) from None
         log.info("%s: resumed from %s after epoch %d/%d", tag, ckpt, start, epochs)
 
     ddp = model
@@ -156,13 +160,35 @@ def train(
             _sync(masks, caller_masks)
         masks.apply()
         model.train()
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
-        it = batches(
-            data.train, batch_size=config.batch_size, mean=data.mean, std=data.std, shuffle=True,
-            augment=augment and data.augment, hflip=data.hflip, generator=gen, device=device, crop_scale=getattr(data, "crop_scale", None),
-            channels_last=config.channels_last, drop_last=True, rank=rank, world_size=world,
+        t0, seen, loss_sum, correct = (
+            time.perf_counter(),
+            0,
+            torch.zeros((), device=device),
+            torch.zeros((), device=device),
         )
-        bar = tqdm(it, total=steps_per_epoch, desc=f"{tag} {epoch + 1}/{epochs}", leave=False, disable=not config.progress or rank != 0 or None)
+        it = batches(
+            data.train,
+            batch_size=config.batch_size,
+            mean=data.mean,
+            std=data.std,
+            shuffle=True,
+            augment=augment and data.augment,
+            hflip=data.hflip,
+            generator=gen,
+            device=device,
+            crop_scale=getattr(data, "crop_scale", None),
+            channels_last=config.channels_last,
+            drop_last=True,
+            rank=rank,
+            world_size=world,
+        )
+        bar = tqdm(
+            it,
+            total=steps_per_epoch,
+            desc=f"{tag} {epoch + 1}/{epochs}",
+            leave=False,
+            disable=not config.progress or rank != 0 or None,
+        )
         for i, (x, y) in enumerate(bar):
             step_lr = lr_at(epoch * steps_per_epoch + i, total_steps=total, base_lr=lr, warmup_steps=warmup)
             for g in opt.param_groups:
@@ -187,11 +213,30 @@ def train(
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step_lr:.4f}")
         guard.end_epoch(model, epoch=epoch, step=i, lr=step_lr)  # before the checkpoint: never save a NaN model
         dt = time.perf_counter() - t0
-        epoch_loss, epoch_acc, speed = (loss_sum / max(seen, 1)).item(), (correct / max(seen, 1)).item(), seen * world / dt
-        log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, %.0f img/s", tag, epoch + 1, epochs, epoch_loss, 100 * epoch_acc, speed)
+        epoch_loss, epoch_acc, speed = (
+            (loss_sum / max(seen, 1)).item(),
+            (correct / max(seen, 1)).item(),
+            seen * world / dt,
+        )
+        log.info(
+            "%s epoch %d/%d: loss %.4f, train acc %.2f%%, %.0f img/s",
+            tag,
+            epoch + 1,
+            epochs,
+            epoch_loss,
+            100 * epoch_acc,
+            speed,
+        )
         if tracker is not None and rank == 0:
-            tracker.log_metrics({f"{tag}.loss": epoch_loss, f"{tag}.train_top1": epoch_acc, f"{tag}.images_per_s": speed,
-                                 f"{tag}.lr": opt.param_groups[0]["lr"]}, step=epoch)
+            tracker.log_metrics(
+                {
+                    f"{tag}.loss": epoch_loss,
+                    f"{tag}.train_top1": epoch_acc,
+                    f"{tag}.images_per_s": speed,
+                    f"{tag}.lr": opt.param_groups[0]["lr"],
+                },
+                step=epoch,
+            )
         if world > 1:  # DDP syncs buffers at each forward; make BN statistics identical after the last one
             for b in model.buffers():
                 torch.distributed.broadcast(b, 0)

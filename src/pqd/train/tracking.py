@@ -57,8 +57,10 @@ class TensorBoardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("tracker 'tensorboard' needs the tensorboard package: pip install tensorboard "
-                              "(or pqd's 'tracking' extra)") from None
+            raise ConfigError(
+                "tracker 'tensorboard' needs the tensorboard package: pip install tensorboard "
+                "(or pqd's 'tracking' extra)"
+            ) from None
         self.path = Path(path)
         self._writer = SummaryWriter(log_dir=str(self.path))
 
@@ -78,8 +80,10 @@ class MLflowTracker:
         try:
             import mlflow
         except ImportError:
-            raise ConfigError("tracker 'mlflow' needs the mlflow package, which is not installed: pip install mlflow "
-                              "(or pqd's 'tracking' extra), or use tracker 'tensorboard'") from None
+            raise ConfigError(
+                "tracker 'mlflow' needs the mlflow package, which is not installed: pip install mlflow "
+                "(or pqd's 'tracking' extra), or use tracker 'tensorboard'"
+            ) from None
         self.path = Path(path).resolve()
         self._mlflow = mlflow
         self._client = mlflow.tracking.MlflowClient(tracking_uri=self.path.as_uri())

@@ -52,7 +52,10 @@ ARTEFACTS = {"openvino": "nncf_int8.xml", "onnx": "nncf_int8.onnx"}
 PREDICTIONS = "nncf_int8_predictions.npy"  # int16 [N]: argmax per test image, test-split order
 RECORD = "nncf_ptq.json"
 BACKENDS = tuple(ARTEFACTS)
-RUNTIME = {"openvino": "openvino", "onnx": "onnxruntime"}  # where each backend's file is evaluated (pqd.measure.worker kind)
+RUNTIME = {
+    "openvino": "openvino",
+    "onnx": "onnxruntime",
+}  # where each backend's file is evaluated (pqd.measure.worker kind)
 PRESETS = ("performance", "mixed")
 
 
@@ -90,8 +93,10 @@ def _require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise PqdError(f"the NNCF peer baseline needs {module}, which is not installed ({exc}); "
-                       f"install it with: pip install 'pqd[{extra}]'") from None
+        raise PqdError(
+            f"the NNCF peer baseline needs {module}, which is not installed ({exc}); "
+            f"install it with: pip install 'pqd[{extra}]'"
+        ) from None
 
 
 def require_nncf():
@@ -118,13 +123,13 @@ def calibration_images(data, *, size: int, seed: int = 0) -> list[np.ndarray]:
     from pqd.data import batches
 
     n = len(data.train)
-    idx = np.sort(np.random.default_rng(seed).permutation(n)[:min(size, n)])
+    idx = np.sort(np.random.default_rng(seed).permutation(n)[: min(size, n)])
     if size > n:
         log.warning("nncf_ptq: %d calibration images asked for, the training split has %d; using all", size, n)
     subset = data.train.subset(idx)
     out: list[np.ndarray] = []
     for x, _ in batches(subset, batch_size=256, mean=data.mean, std=data.std):
-        out += [np.ascontiguousarray(x[i:i + 1].float().cpu().numpy()) for i in range(x.shape[0])]
+        out += [np.ascontiguousarray(x[i : i + 1].float().cpu().numpy()) for i in range(x.shape[0])]
     return out
 
 
@@ -135,7 +140,7 @@ def _from_iterable(items: Iterable, size: int) -> list[np.ndarray]:
         arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
         if arr.ndim == 3:
             arr = arr[None]
-        out += [np.ascontiguousarray(arr[i:i + 1]) for i in range(arr.shape[0])]
+        out += [np.ascontiguousarray(arr[i : i + 1]) for i in range(arr.shape[0])]
         if len(out) >= size:
             break
     if not out:
@@ -146,7 +151,9 @@ def _from_iterable(items: Iterable, size: int) -> list[np.ndarray]:
 def _export_teacher(teacher: nn.Module, path: Path, input_shape: Sequence[int]) -> None:
     from pqd.deploy.onnx import export_onnx
 
-    export_onnx(teacher.cpu().eval(), path, input_shape, metadata={"pqd_form": "fp32", "pqd_peer_source": "teacher"}, fold=False)
+    export_onnx(
+        teacher.cpu().eval(), path, input_shape, metadata={"pqd_form": "fp32", "pqd_peer_source": "teacher"}, fold=False
+    )
 
 
 def _quantize(onnx_path: Path, images: list[np.ndarray], out: Path, cfg: NncfPtqConfig) -> tuple[Path, dict]:
@@ -187,8 +194,15 @@ def _bytes(path: Path) -> int:
 
 
 def nncf_ptq(
-    teacher: nn.Module, data, out_dir: str | Path, *, config: NncfPtqConfig = NncfPtqConfig(),
-    calibration: Iterable | None = None, teacher_onnx: str | Path | None = None, evaluate: bool = True, write: bool = True,
+    teacher: nn.Module,
+    data,
+    out_dir: str | Path,
+    *,
+    config: NncfPtqConfig = NncfPtqConfig(),
+    calibration: Iterable | None = None,
+    teacher_onnx: str | Path | None = None,
+    evaluate: bool = True,
+    write: bool = True,
 ) -> dict:
     """Quantize ``teacher`` with NNCF PTQ, save the deployable file in ``out_dir``, evaluate it.
 
@@ -224,8 +238,11 @@ def nncf_ptq(
             if not onnx_path.is_file():
                 raise PqdError(f"nncf_ptq: teacher ONNX file {str(onnx_path)!r} does not exist")
         t = time.perf_counter()
-        images = (_from_iterable(calibration, config.calibration_size) if calibration is not None
-                  else calibration_images(data, size=config.calibration_size, seed=config.seed))
+        images = (
+            _from_iterable(calibration, config.calibration_size)
+            if calibration is not None
+            else calibration_images(data, size=config.calibration_size, seed=config.seed)
+        )
         timings["calibration_data_s"] = time.perf_counter() - t
         t = time.perf_counter()
         try:
@@ -233,18 +250,23 @@ def nncf_ptq(
         except PqdError:
             raise
         except Exception as exc:  # NNCF raises many types
-            raise PqdError(f"nncf_ptq: nncf.quantize failed on {onnx_path.name} ({type(exc).__name__}): {str(exc)[:600]}") from None
+            raise PqdError(
+                f"nncf_ptq: nncf.quantize failed on {onnx_path.name} ({type(exc).__name__}): {str(exc)[:600]}"
+            ) from None
         timings["quantize_s"] = time.perf_counter() - t
         record: dict[str, Any] = {
             "peer": PEER_NAME,
             "tool": {"nncf": nncf.__version__, **versions},
             "config": asdict(config),
             "route": f"teacher -> FP32 ONNX ({onnx_path.name}) -> nncf.quantize ({config.backend} backend, preset "
-                     f"{config.preset}, {len(images)} calibration images, one per item) -> {dest.name}",
+            f"{config.preset}, {len(images)} calibration images, one per item) -> {dest.name}",
             "backend": config.backend,
             "runtime": RUNTIME[config.backend],
             "precision": "int8",
-            "calibration": {"images": len(images), "source": "iterable" if calibration is not None else f"train split, seed {config.seed}"},
+            "calibration": {
+                "images": len(images),
+                "source": "iterable" if calibration is not None else f"train split, seed {config.seed}",
+            },
             "teacher_onnx": str(onnx_path),
             "artefact": {"file": dest.name, "path": str(dest), "bytes": _bytes(dest)},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -255,13 +277,17 @@ def nncf_ptq(
             threads = config.threads or max(1, torch.get_num_threads())
             t = time.perf_counter()
             y = data.test.y.numpy()
-            q_logits = run_logits(_runner(dest, config.backend, threads), data.test, mean=data.mean, std=data.std).numpy()
+            q_logits = run_logits(
+                _runner(dest, config.backend, threads), data.test, mean=data.mean, std=data.std
+            ).numpy()
             t_logits = run_logits(teacher.cpu().eval(), data.test, mean=data.mean, std=data.std).numpy()
             q_ok, t_ok = correct_vector(q_logits, y), correct_vector(t_logits, y)
             np.save(out / PREDICTIONS, q_logits.argmax(1).astype(np.int16))
             record["evaluation"] = {
-                "split": "test", "n": int(len(y)),
-                "top1": top1_record(q_ok), "teacher_top1": top1_record(t_ok),
+                "split": "test",
+                "n": int(len(y)),
+                "top1": top1_record(q_ok),
+                "teacher_top1": top1_record(t_ok),
                 "agreement_with_teacher": float((q_logits.argmax(1) == t_logits.argmax(1)).mean()),
                 "mcnemar_vs_teacher": mcnemar_paired(q_ok, t_ok),  # a = NNCF INT8, b = teacher FP32
                 "predictions_file": PREDICTIONS,
@@ -277,15 +303,30 @@ def nncf_ptq(
         torch.set_num_threads(old_threads)
 
 
-def peer_worker_spec(record: dict, *, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 64), seed: int = 0) -> dict:
+def peer_worker_spec(
+    record: dict, *, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 64), seed: int = 0
+) -> dict:
     """A :mod:`pqd.measure.worker` spec (without ``threads``) that times the NNCF model, as ``pqd bench``'s variants do."""
-    return {"kind": record["runtime"], "path": record["artefact"]["path"], "input_shape": list(input_shape),
-            "batch_sizes": list(batch_sizes), "seed": seed}
+    return {
+        "kind": record["runtime"],
+        "path": record["artefact"]["path"],
+        "input_shape": list(input_shape),
+        "batch_sizes": list(batch_sizes),
+        "seed": seed,
+    }
 
 
 def time_peer(
-    record: dict, *, input_shape: Sequence[int], threads: Sequence[int] = (1, 2), batch_sizes: Sequence[int] = (1, 64),
-    warmup: int = 20, runs: int = 200, large_batch_runs: int = 20, seed: int = 0, inherit_env: bool = False,
+    record: dict,
+    *,
+    input_shape: Sequence[int],
+    threads: Sequence[int] = (1, 2),
+    batch_sizes: Sequence[int] = (1, 64),
+    warmup: int = 20,
+    runs: int = 200,
+    large_batch_runs: int = 20,
+    seed: int = 0,
+    inherit_env: bool = False,
 ) -> list[dict]:
     """Time the NNCF INT8 model against its FP32 teacher ONNX in the same runtime.
 
@@ -300,15 +341,23 @@ def time_peer(
 
     rt = record["runtime"]
     base = {"input_shape": list(input_shape), "batch_sizes": list(batch_sizes), "seed": seed}
-    specs = {f"{rt}_fp32": base | {"kind": rt, "path": record["teacher_onnx"]},
-             f"{PEER_NAME}_int8": peer_worker_spec(record, input_shape=input_shape, batch_sizes=batch_sizes, seed=seed)}
+    specs = {
+        f"{rt}_fp32": base | {"kind": rt, "path": record["teacher_onnx"]},
+        f"{PEER_NAME}_int8": peer_worker_spec(record, input_shape=input_shape, batch_sizes=batch_sizes, seed=seed),
+    }
     meta = {f"{rt}_fp32": ("fp32", "teacher"), f"{PEER_NAME}_int8": ("int8", PEER_NAME)}
     out: list[dict] = []
     for t in threads:
         with start_workers({k: v | {"threads": t} for k, v in specs.items()}, inherit_env=inherit_env) as workers:
             env = workers_environment(workers)
-            recs = interleave(workers, batch_sizes=tuple(batch_sizes), threads=t, warmup=warmup, runs=runs,
-                              large_batch_runs=large_batch_runs)
+            recs = interleave(
+                workers,
+                batch_sizes=tuple(batch_sizes),
+                threads=t,
+                warmup=warmup,
+                runs=runs,
+                large_batch_runs=large_batch_runs,
+            )
         for r in recs:
             r["runtime"], (r["precision"], r["source_model"]) = rt, meta[r["model"]]
             r["latency_env"] = env

@@ -22,8 +22,15 @@ PEERS = (PEER_NAME,)
 PEER_METRICS_SCHEMA = 1
 
 
-def peer_run(config, out_dir: str | Path, *, peer: str = PEER_NAME, teacher_weights: str | Path | None = None,
-             nncf: NncfPtqConfig | None = None, write: bool = True) -> dict:
+def peer_run(
+    config,
+    out_dir: str | Path,
+    *,
+    peer: str = PEER_NAME,
+    teacher_weights: str | Path | None = None,
+    nncf: NncfPtqConfig | None = None,
+    write: bool = True,
+) -> dict:
     """Run peer baseline ``peer`` on ``config``'s teacher into ``out_dir``; return the metrics dict.
 
     ``config``: the variant's :class:`pqd.run.config.RunConfig` (model, data, seed, measure are
@@ -42,8 +49,10 @@ def peer_run(config, out_dir: str | Path, *, peer: str = PEER_NAME, teacher_weig
         raise ConfigError(f"peer {peer!r} is not known; choose from {', '.join(PEERS)}")
     weights = Path(teacher_weights or config.teacher.weights or "")
     if not weights.is_file():
-        raise CheckpointError(f"peer run: teacher weights {str(weights)!r} not found; the peer baseline quantizes a trained "
-                              "teacher (run the variant's teacher run first, or set teacher.weights)")
+        raise CheckpointError(
+            f"peer run: teacher weights {str(weights)!r} not found; the peer baseline quantizes a trained "
+            "teacher (run the variant's teacher run first, or set teacher.weights)"
+        )
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,8 +69,17 @@ def peer_run(config, out_dir: str | Path, *, peer: str = PEER_NAME, teacher_weig
     torch.manual_seed(config.seed)
     rec = nncf_ptq(teacher, data, out, config=cfg, write=write)
     m = config.measure
-    lat = time_peer(rec, input_shape=data.image_shape, threads=(m.threads,), batch_sizes=tuple(m.batch_sizes), warmup=m.warmup,
-                    runs=m.runs, large_batch_runs=m.large_batch_runs, seed=config.seed, inherit_env=m.inherit_env)
+    lat = time_peer(
+        rec,
+        input_shape=data.image_shape,
+        threads=(m.threads,),
+        batch_sizes=tuple(m.batch_sizes),
+        warmup=m.warmup,
+        runs=m.runs,
+        large_batch_runs=m.large_batch_runs,
+        seed=config.seed,
+        inherit_env=m.inherit_env,
+    )
     ev = rec["evaluation"]
     metrics = {
         "schema": PEER_METRICS_SCHEMA,
@@ -74,11 +92,17 @@ def peer_run(config, out_dir: str | Path, *, peer: str = PEER_NAME, teacher_weig
         "stages": "",
         "final_form": "int8",
         "epochs": {"teacher": config.teacher.epochs},
-        "accuracy": {"teacher_top1": ev["teacher_top1"]["top1"], "final_top1": ev["top1"]["top1"],
-                     "teacher_top1_ci": ev["teacher_top1"], "final_top1_ci": ev["top1"],
-                     "final_vs_teacher_agreement": ev["agreement_with_teacher"], "mcnemar_vs_teacher": ev["mcnemar_vs_teacher"],
-                     "test_n": ev["n"], "test_full_split": config.data.test_subset is None,
-                     "predictions_file": ev["predictions_file"]},
+        "accuracy": {
+            "teacher_top1": ev["teacher_top1"]["top1"],
+            "final_top1": ev["top1"]["top1"],
+            "teacher_top1_ci": ev["teacher_top1"],
+            "final_top1_ci": ev["top1"],
+            "final_vs_teacher_agreement": ev["agreement_with_teacher"],
+            "mcnemar_vs_teacher": ev["mcnemar_vs_teacher"],
+            "test_n": ev["n"],
+            "test_full_split": config.data.test_subset is None,
+            "predictions_file": ev["predictions_file"],
+        },
         "size_bytes": {"final": rec["artefact"]["bytes"], "final_file": rec["artefact"]["file"]},
         "latency": lat,
         "speedup": speedup_summary(lat),

@@ -55,8 +55,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups[(r["dataset"], r["model"], r["width"], config_label(r))].append(r)
     out = []
     for (dataset, model, width, label), rs in groups.items():
-        rel = [r["lat_b1_final_ms"] / r["lat_b1_teacher_ms"] for r in rs if r["lat_b1_final_ms"] and r["lat_b1_teacher_ms"]]
-        relmax = [r["lat_bmax_final_ms"] / r["lat_bmax_teacher_ms"] for r in rs if r["lat_bmax_final_ms"] and r["lat_bmax_teacher_ms"]]
+        rel = [
+            r["lat_b1_final_ms"] / r["lat_b1_teacher_ms"] for r in rs if r["lat_b1_final_ms"] and r["lat_b1_teacher_ms"]
+        ]
+        relmax = [
+            r["lat_bmax_final_ms"] / r["lat_bmax_teacher_ms"]
+            for r in rs
+            if r["lat_bmax_final_ms"] and r["lat_bmax_teacher_ms"]
+        ]
         acc, acc_sd, n = _mean_std(100 * r["final_top1"] for r in rs if r["final_top1"] is not None)
         t_acc, _, _ = _mean_std(100 * r["teacher_top1"] for r in rs if r["teacher_top1"] is not None)
         rl, rl_sd, _ = _mean_std(rel)
@@ -64,22 +70,50 @@ def aggregate(rows: list[dict]) -> list[dict]:
         counted = [(r["final_top1"], int(r["test_n"])) for r in rs if r["final_top1"] is not None and r.get("test_n")]
         # Wilson interval of the pooled correct count over seeds (every seed tested on the same images)
         pooled = counts_record(round(sum(t * n for t, n in counted)), sum(n for _, n in counted)) if counted else None
-        out.append({
-            "dataset": dataset, "model": model, "width": width, "label": label, "n": n, "seeds": sorted(r["seed"] for r in rs),
-            "kind": first["kind"], "stages": first["stages"], "order": first["stage_order"], "criterion": first["prune_criterion"],
-            "qmode": first["quantize_mode"], "sparsity": first["sparsity_target"] or 0.0,
-            "sparsity_achieved": _mean_std(r["sparsity_achieved"] for r in rs)[0],
-            "acc": acc, "acc_sd": acc_sd, "teacher_acc": t_acc, "acc_ci": pooled,
-            "test_n": first.get("test_n"), "test_full_split": first.get("test_full_split"),
-            "lat_sides": _lat_sides(first),
-            "size_mb": _mean_std(r["size_final_bytes"] / 1e6 for r in rs if r["size_final_bytes"])[0],
-            "compact_mb": _mean_std(c / 1e6 for c in map(_compact_bytes, rs) if c)[0],
-            "teacher_mb": _mean_std(r["size_teacher_bytes"] / 1e6 for r in rs if r["size_teacher_bytes"])[0],
-            "lat_ms": _mean_std(r["lat_b1_final_ms"] for r in rs)[0], "teacher_lat_ms": _mean_std(r["lat_b1_teacher_ms"] for r in rs)[0],
-            "rel_lat": rl, "rel_lat_sd": rl_sd, "rel_lat_bmax": _mean_std(relmax)[0], "bmax": first["lat_bmax"],
-            "runs": rs,
-        })
-    out.sort(key=lambda a: (a["dataset"], a["model"], a["width"], a["kind"] != "teacher", len(a["order"].split(">")), a["label"]))
+        out.append(
+            {
+                "dataset": dataset,
+                "model": model,
+                "width": width,
+                "label": label,
+                "n": n,
+                "seeds": sorted(r["seed"] for r in rs),
+                "kind": first["kind"],
+                "stages": first["stages"],
+                "order": first["stage_order"],
+                "criterion": first["prune_criterion"],
+                "qmode": first["quantize_mode"],
+                "sparsity": first["sparsity_target"] or 0.0,
+                "sparsity_achieved": _mean_std(r["sparsity_achieved"] for r in rs)[0],
+                "acc": acc,
+                "acc_sd": acc_sd,
+                "teacher_acc": t_acc,
+                "acc_ci": pooled,
+                "test_n": first.get("test_n"),
+                "test_full_split": first.get("test_full_split"),
+                "lat_sides": _lat_sides(first),
+                "size_mb": _mean_std(r["size_final_bytes"] / 1e6 for r in rs if r["size_final_bytes"])[0],
+                "compact_mb": _mean_std(c / 1e6 for c in map(_compact_bytes, rs) if c)[0],
+                "teacher_mb": _mean_std(r["size_teacher_bytes"] / 1e6 for r in rs if r["size_teacher_bytes"])[0],
+                "lat_ms": _mean_std(r["lat_b1_final_ms"] for r in rs)[0],
+                "teacher_lat_ms": _mean_std(r["lat_b1_teacher_ms"] for r in rs)[0],
+                "rel_lat": rl,
+                "rel_lat_sd": rl_sd,
+                "rel_lat_bmax": _mean_std(relmax)[0],
+                "bmax": first["lat_bmax"],
+                "runs": rs,
+            }
+        )
+    out.sort(
+        key=lambda a: (
+            a["dataset"],
+            a["model"],
+            a["width"],
+            a["kind"] != "teacher",
+            len(a["order"].split(">")),
+            a["label"],
+        )
+    )
     return out
 
 
@@ -153,11 +187,15 @@ class Doc:
         return "\n".join(out)
 
     def html(self, title: str) -> str:
-        css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-               "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-               "th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}"
-               "code{background:#f5f5f5;padding:1px 3px}")
-        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>"]
+        css = (
+            "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+            "th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}"
+            "code{background:#f5f5f5;padding:1px 3px}"
+        )
+        out = [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>"
+        ]
         for kind, val in self.blocks:
             if kind == "h":
                 out.append(f"<h{val[0]}>{html.escape(val[1])}</h{val[0]}>")
@@ -225,21 +263,43 @@ def plot_tradeoffs(aggs: list[dict], front: set[int], title: str) -> bytes:
     plt = _mpl()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     keys: list[str] = []
-    for ax, key, xlabel in ((axes[0], "rel_lat", "batch-1 latency relative to the FP32 teacher (lower is faster)"),
-                            (axes[1], "size_mb", "file size on disk, MB (log scale)")):
+    for ax, key, xlabel in (
+        (axes[0], "rel_lat", "batch-1 latency relative to the FP32 teacher (lower is faster)"),
+        (axes[1], "size_mb", "file size on disk, MB (log scale)"),
+    ):
         for n in sorted({_n_stages(a) for a in aggs}):
-            pts = [(a[key], a["acc"]) for a in aggs if _n_stages(a) == n and a[key] is not None and a["acc"] is not None]
+            pts = [
+                (a[key], a["acc"]) for a in aggs if _n_stages(a) == n and a[key] is not None and a["acc"] is not None
+            ]
             if pts:
                 name = {0: "dense FP32", 1: "one technique", 2: "two stages", 3: "three stages"}[n]
                 ax.scatter(*zip(*pts, strict=True), s=28, color=_COLORS[n], alpha=0.75, label=name, zorder=2)
         # frontier: ringed, numbered by accuracy; the numbers are keyed in a box (labels never overlap the points)
-        fr = sorted(((aggs[i][key], aggs[i]["acc"], aggs[i]["label"]) for i in front if aggs[i][key] is not None), key=lambda t: -t[1])
+        fr = sorted(
+            ((aggs[i][key], aggs[i]["acc"], aggs[i]["label"]) for i in front if aggs[i][key] is not None),
+            key=lambda t: -t[1],
+        )
         if fr:
-            ax.scatter([x for x, _, _ in fr], [y for _, y, _ in fr], s=130, facecolors="none", edgecolors="red", linewidths=1.6,
-                       label="Pareto frontier (acc↑ size↓ latency↓)", zorder=3)
+            ax.scatter(
+                [x for x, _, _ in fr],
+                [y for _, y, _ in fr],
+                s=130,
+                facecolors="none",
+                edgecolors="red",
+                linewidths=1.6,
+                label="Pareto frontier (acc↑ size↓ latency↓)",
+                zorder=3,
+            )
             for k, (x, y, _) in enumerate(fr, 1):
-                ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(-4 - 7 * (k % 2), 6 if k % 2 else -12),
-                            fontsize=8, color="darkred", weight="bold")
+                ax.annotate(
+                    str(k),
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(-4 - 7 * (k % 2), 6 if k % 2 else -12),
+                    fontsize=8,
+                    color="darkred",
+                    weight="bold",
+                )
             keys.append("   ".join(f"{k}: {lab.replace('__', ' ')}" for k, (_, _, lab) in enumerate(fr, 1)))
         if key == "size_mb":
             from matplotlib.ticker import FuncFormatter
@@ -252,9 +312,19 @@ def plot_tradeoffs(aggs: list[dict], front: set[int], title: str) -> bytes:
         ax.set_ylabel("top-1 accuracy, % (mean over seeds)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.04), frameon=False)
+    fig.legend(
+        handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.04), frameon=False
+    )
     if keys:
-        fig.text(0.5, -0.09, "frontier (numbered by accuracy): " + keys[0], ha="center", fontsize=8, color="darkred", wrap=True)
+        fig.text(
+            0.5,
+            -0.09,
+            "frontier (numbered by accuracy): " + keys[0],
+            ha="center",
+            fontsize=8,
+            color="darkred",
+            wrap=True,
+        )
     fig.suptitle(title)
     return _png(fig)
 
@@ -265,7 +335,9 @@ def plot_sparsity(series: dict[str, list[dict]], title: str) -> bytes:
     for name, aggs in series.items():
         aggs = sorted(aggs, key=lambda a: a["sparsity"])
         xs = [100 * a["sparsity"] for a in aggs]
-        a1.errorbar(xs, [a["acc"] for a in aggs], yerr=[a["acc_sd"] or 0 for a in aggs], marker="o", capsize=3, label=name)
+        a1.errorbar(
+            xs, [a["acc"] for a in aggs], yerr=[a["acc_sd"] or 0 for a in aggs], marker="o", capsize=3, label=name
+        )
         a2.plot(xs, [a["rel_lat"] for a in aggs], marker="o", label=name)
     a1.set_xlabel("target sparsity, %")
     a1.set_ylabel("top-1 accuracy, %")
@@ -324,22 +396,34 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     doc.h(1, f"pqd sweep report: {sweep_dir.resolve().name}")
     env = _env(sweep_dir, rows)
     n_cfg = len({config_label(r) for r in rows})
-    doc.p(f"{len(rows)} finished runs ({n_cfg} configurations). CPU: {env.get('cpu_model', '?')}, "
-          f"{env.get('threads', '?')} threads for latency, torch {env.get('torch', '?')}, "
-          f"engine {env.get('quantized_engine', '?')}, git {str(env.get('git_commit'))[:10]}.")
+    doc.p(
+        f"{len(rows)} finished runs ({n_cfg} configurations). CPU: {env.get('cpu_model', '?')}, "
+        f"{env.get('threads', '?')} threads for latency, torch {env.get('torch', '?')}, "
+        f"engine {env.get('quantized_engine', '?')}, git {str(env.get('git_commit'))[:10]}."
+    )
     tests = sorted({(r["dataset"], r.get("test_n"), r.get("test_full_split")) for r in rows}, key=str)
-    test_text = "; ".join(f"{d}: " + ("test split size not recorded" if n is None else
-                                     f"full test split, n={n}" if full else f"test subset, n={n} (not the full split)")
-                          for d, n, full in tests)
-    doc.p(f"Accuracy is top-1 of the deployed model (INT8 TorchScript or FP32) on the test set ({test_text}); "
-          "[low, high] is the Wilson 95% interval (of the correct count pooled over seeds for a configuration). Size is "
-          "bytes of the deployable file on disk (Pareto size axis); **compact** is the compact INT8 checkpoint where pqd "
-          "wrote one. Latency is the batch-1 median; **rel. latency** = final / teacher median, both timed interleaved in "
-          "the same run (robust to machine load), in the runtimes the **latency sides** column names: for pqd runs that "
-          "is TorchScript INT8 vs PyTorch eager FP32, a *PyTorch eager vs compiled* ratio that mixes INT8 with leaving "
-          "eager mode (an extra, not a same-runtime speed-up; run `pqd bench` for those); a peer run's two sides share "
-          "its runtime. ± is the std over seeds; n = seeds. Points in plots and the Pareto frontier are configurations "
-          "averaged over seeds; peer runs (timed in another runtime) are left out of the frontier.")
+    test_text = "; ".join(
+        f"{d}: "
+        + (
+            "test split size not recorded"
+            if n is None
+            else f"full test split, n={n}"
+            if full
+            else f"test subset, n={n} (not the full split)"
+        )
+        for d, n, full in tests
+    )
+    doc.p(
+        f"Accuracy is top-1 of the deployed model (INT8 TorchScript or FP32) on the test set ({test_text}); "
+        "[low, high] is the Wilson 95% interval (of the correct count pooled over seeds for a configuration). Size is "
+        "bytes of the deployable file on disk (Pareto size axis); **compact** is the compact INT8 checkpoint where pqd "
+        "wrote one. Latency is the batch-1 median; **rel. latency** = final / teacher median, both timed interleaved in "
+        "the same run (robust to machine load), in the runtimes the **latency sides** column names: for pqd runs that "
+        "is TorchScript INT8 vs PyTorch eager FP32, a *PyTorch eager vs compiled* ratio that mixes INT8 with leaving "
+        "eager mode (an extra, not a same-runtime speed-up; run `pqd bench` for those); a peer run's two sides share "
+        "its runtime. ± is the std over seeds; n = seeds. Points in plots and the Pareto frontier are configurations "
+        "averaged over seeds; peer runs (timed in another runtime) are left out of the frontier."
+    )
 
     aggs_all = aggregate(rows)
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -349,35 +433,79 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     for (dataset, model, width), aggs in groups.items():
         gname = f"{dataset} · {model} (width {width:g})"
         slug = f"{dataset}_{model}_w{width:g}".replace(".", "p")
-        ok = [i for i, a in enumerate(aggs) if None not in (a["acc"], a["size_mb"], a["rel_lat"]) and a["kind"] != "peer"]
+        ok = [
+            i for i, a in enumerate(aggs) if None not in (a["acc"], a["size_mb"], a["rel_lat"]) and a["kind"] != "peer"
+        ]
         pts = [(aggs[i]["acc"], aggs[i]["size_mb"], aggs[i]["rel_lat"]) for i in ok]
         front = {ok[i] for i in pareto_front(pts, SENSES)}
         dom = {ok[i]: [ok[j] for j in js] for i, js in dominators(pts, SENSES).items()}
         doc.h(2, gname)
         doc.table(
-            ["configuration", "stages", "n", "sparsity", "top-1 % [95% CI]", "size MB", "compression", "compact MB", "b1 ms",
-             "rel. latency b1", f"rel. latency b{aggs[0]['bmax'] or '-'}", "latency sides (final / teacher)", "Pareto"],
-            [[a["label"], f"peer: {a['runs'][0].get('peer')}" if a["kind"] == "peer" else a["stages"] or "dense", a["n"],
-              f"{100 * a['sparsity']:.0f}%", _f(a["acc"], ".2f", a["acc_sd"]) + _ci(a["acc_ci"]),
-              _f(a["size_mb"], ".3f"), _f(a["teacher_mb"] / a["size_mb"] if a["size_mb"] and a["teacher_mb"] else None, ".1f") + "x",
-              _f(a["compact_mb"], ".3f"),
-              _f(a["lat_ms"], ".3f"), _f(a["rel_lat"], ".3f", a["rel_lat_sd"]), _f(a["rel_lat_bmax"], ".3f"), a["lat_sides"],
-              "**yes**" if i in front else ""] for i, a in enumerate(aggs)],
+            [
+                "configuration",
+                "stages",
+                "n",
+                "sparsity",
+                "top-1 % [95% CI]",
+                "size MB",
+                "compression",
+                "compact MB",
+                "b1 ms",
+                "rel. latency b1",
+                f"rel. latency b{aggs[0]['bmax'] or '-'}",
+                "latency sides (final / teacher)",
+                "Pareto",
+            ],
+            [
+                [
+                    a["label"],
+                    f"peer: {a['runs'][0].get('peer')}" if a["kind"] == "peer" else a["stages"] or "dense",
+                    a["n"],
+                    f"{100 * a['sparsity']:.0f}%",
+                    _f(a["acc"], ".2f", a["acc_sd"]) + _ci(a["acc_ci"]),
+                    _f(a["size_mb"], ".3f"),
+                    _f(a["teacher_mb"] / a["size_mb"] if a["size_mb"] and a["teacher_mb"] else None, ".1f") + "x",
+                    _f(a["compact_mb"], ".3f"),
+                    _f(a["lat_ms"], ".3f"),
+                    _f(a["rel_lat"], ".3f", a["rel_lat_sd"]),
+                    _f(a["rel_lat_bmax"], ".3f"),
+                    a["lat_sides"],
+                    "**yes**" if i in front else "",
+                ]
+                for i, a in enumerate(aggs)
+            ],
         )
-        self_ratios = [r["lat_b1_final_ms"] / r["lat_b1_teacher_ms"] for a in aggs if a["kind"] == "teacher" for r in a["runs"]
-                       if r["lat_b1_final_ms"] and r["lat_b1_teacher_ms"]]
+        self_ratios = [
+            r["lat_b1_final_ms"] / r["lat_b1_teacher_ms"]
+            for a in aggs
+            if a["kind"] == "teacher"
+            for r in a["runs"]
+            if r["lat_b1_final_ms"] and r["lat_b1_teacher_ms"]
+        ]
         if self_ratios:
-            doc.p(f"Latency noise floor: the dense runs time the teacher against itself; their b1 ratios are "
-                  f"{', '.join(f'{x:.3f}' for x in self_ratios)} (1.000 = no noise). Latency differences of that order "
-                  "are not resolved, and they can decide frontier membership among models of equal size.")
+            doc.p(
+                f"Latency noise floor: the dense runs time the teacher against itself; their b1 ratios are "
+                f"{', '.join(f'{x:.3f}' for x in self_ratios)} (1.000 = no noise). Latency differences of that order "
+                "are not resolved, and they can decide frontier membership among models of equal size."
+            )
         name = f"tradeoffs_{slug}.png"
         doc.image(name, plot_tradeoffs(aggs, front, gname), f"accuracy vs latency and size, {gname}")
         doc.h(3, "Pareto frontier (accuracy↑, size↓, relative latency↓)")
         doc.p("On the frontier: " + ", ".join(f"`{aggs[i]['label']}`" for i in sorted(front)) + ".")
         if dom:
-            doc.table(["dominated configuration", "top-1 %", "size MB", "rel. latency", "dominated by"],
-                      [[aggs[i]["label"], _f(aggs[i]["acc"]), _f(aggs[i]["size_mb"], ".3f"), _f(aggs[i]["rel_lat"], ".3f"),
-                        ", ".join(aggs[j]["label"] for j in js)] for i, js in sorted(dom.items())])
+            doc.table(
+                ["dominated configuration", "top-1 %", "size MB", "rel. latency", "dominated by"],
+                [
+                    [
+                        aggs[i]["label"],
+                        _f(aggs[i]["acc"]),
+                        _f(aggs[i]["size_mb"], ".3f"),
+                        _f(aggs[i]["rel_lat"], ".3f"),
+                        ", ".join(aggs[j]["label"] for j in js),
+                    ]
+                    for i, js in sorted(dom.items())
+                ],
+            )
         _paired_tests(doc, aggs, sweep_dir)
         _ordering(doc, aggs, gname)
         _sparsity(doc, aggs, gname, slug)
@@ -386,14 +514,41 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         degradation_section(doc, aggs)
 
     doc.h(2, "All runs")
-    doc.table(["run", "seed", "stages", "top-1 % [95% CI]", "teacher % [95% CI]", "test n", "size bytes", "b1 ms", "teacher b1 ms",
-               "teacher / final b1", "latency sides (final / teacher)", "wall s"],
-              [[r["run_id"], r["seed"], f"peer: {r.get('peer')}" if r["kind"] == "peer" else r["stages"] or "dense",
+    doc.table(
+        [
+            "run",
+            "seed",
+            "stages",
+            "top-1 % [95% CI]",
+            "teacher % [95% CI]",
+            "test n",
+            "size bytes",
+            "b1 ms",
+            "teacher b1 ms",
+            "teacher / final b1",
+            "latency sides (final / teacher)",
+            "wall s",
+        ],
+        [
+            [
+                r["run_id"],
+                r["seed"],
+                f"peer: {r.get('peer')}" if r["kind"] == "peer" else r["stages"] or "dense",
                 _f(100 * r["final_top1"]) + _row_ci(r, "final_top1"),
                 _f(100 * r["teacher_top1"]) + _row_ci(r, "teacher_top1"),
-                "–" if r.get("test_n") is None else f"{r['test_n']}{'' if r.get('test_full_split') in (1, None) else ' (subset)'}",
-                r["size_final_bytes"], _f(r["lat_b1_final_ms"], ".3f"), _f(r["lat_b1_teacher_ms"], ".3f"),
-                _f(r["lat_b1_speedup"], ".2f"), _lat_sides(r), _f(r["wall_time_s"], ".0f")] for r in rows])
+                "–"
+                if r.get("test_n") is None
+                else f"{r['test_n']}{'' if r.get('test_full_split') in (1, None) else ' (subset)'}",
+                r["size_final_bytes"],
+                _f(r["lat_b1_final_ms"], ".3f"),
+                _f(r["lat_b1_teacher_ms"], ".3f"),
+                _f(r["lat_b1_speedup"], ".2f"),
+                _lat_sides(r),
+                _f(r["wall_time_s"], ".0f"),
+            ]
+            for r in rows
+        ],
+    )
 
     from pqd.safety.fsguard import atomic_write_bytes, safe_replace
 
@@ -434,9 +589,31 @@ def _ordering(doc: Doc, aggs: list[dict], gname: str) -> None:
         group = sorted(group, key=lambda a: -(a["acc"] or 0))
         doc.h(3, f"Stage order ablation ({', '.join(epochs)}; sparsity {100 * sp:.0f}%, {crit} pruning, {qmode})")
         doc.p("Each stage keeps its epochs wherever it moves. Sorted by accuracy.")
-        doc.table(["order", "configuration", "stages", "n", "top-1 % (mean ± std)", "size MB", "rel. latency b1", "achieved sparsity"],
-                  [[a["order"], a["label"], a["stages"], a["n"], _f(a["acc"], ".2f", a["acc_sd"]), _f(a["size_mb"], ".3f"),
-                    _f(a["rel_lat"], ".3f", a["rel_lat_sd"]), _f(a["sparsity_achieved"], ".3f")] for a in group])
+        doc.table(
+            [
+                "order",
+                "configuration",
+                "stages",
+                "n",
+                "top-1 % (mean ± std)",
+                "size MB",
+                "rel. latency b1",
+                "achieved sparsity",
+            ],
+            [
+                [
+                    a["order"],
+                    a["label"],
+                    a["stages"],
+                    a["n"],
+                    _f(a["acc"], ".2f", a["acc_sd"]),
+                    _f(a["size_mb"], ".3f"),
+                    _f(a["rel_lat"], ".3f", a["rel_lat_sd"]),
+                    _f(a["sparsity_achieved"], ".3f"),
+                ]
+                for a in group
+            ],
+        )
 
 
 def _sparsity(doc: Doc, aggs: list[dict], gname: str, slug: str) -> None:
@@ -448,10 +625,23 @@ def _sparsity(doc: Doc, aggs: list[dict], gname: str, slug: str) -> None:
     if not series:
         return
     doc.h(3, "Sparsity sweep (magnitude pruning)")
-    doc.table(["stages", "target sparsity", "achieved", "n", "top-1 %", "size MB", "compact MB", "rel. latency b1"],
-              [[k, f"{100 * a['sparsity']:.0f}%", _f(a["sparsity_achieved"], ".3f"), a["n"], _f(a["acc"], ".2f", a["acc_sd"]),
-                _f(a["size_mb"], ".3f"), _f(a["compact_mb"], ".3f"), _f(a["rel_lat"], ".3f", a["rel_lat_sd"])]
-               for k, v in series.items() for a in sorted(v, key=lambda a: a["sparsity"])])
+    doc.table(
+        ["stages", "target sparsity", "achieved", "n", "top-1 %", "size MB", "compact MB", "rel. latency b1"],
+        [
+            [
+                k,
+                f"{100 * a['sparsity']:.0f}%",
+                _f(a["sparsity_achieved"], ".3f"),
+                a["n"],
+                _f(a["acc"], ".2f", a["acc_sd"]),
+                _f(a["size_mb"], ".3f"),
+                _f(a["compact_mb"], ".3f"),
+                _f(a["rel_lat"], ".3f", a["rel_lat_sd"]),
+            ]
+            for k, v in series.items()
+            for a in sorted(v, key=lambda a: a["sparsity"])
+        ],
+    )
     name = f"sparsity_{slug}.png"
     doc.image(name, plot_sparsity(series, f"sparsity sweep, {gname}"), f"accuracy and latency vs sparsity, {gname}")
 
@@ -470,12 +660,18 @@ def _proxy_section(doc: Doc, aggs: list[dict], sweep_dir: Path) -> None:
     names = sorted({k for _, px in per_run for k in px})
     table = []
     for k in names:
-        pairs = [(px[k], r["lat_b1_final_ms"], r["size_final_bytes"]) for r, px in per_run if k in px and r["lat_b1_final_ms"]]
+        pairs = [
+            (px[k], r["lat_b1_final_ms"], r["size_final_bytes"])
+            for r, px in per_run
+            if k in px and r["lat_b1_final_ms"]
+        ]
         rho_lat = spearman([p for p, _, _ in pairs], [m for _, m, _ in pairs])
         rho_size = spearman([p for p, _, _ in pairs], [s for _, _, s in pairs])
         table.append([k, len(pairs), _f(rho_lat, ".2f"), _f(rho_size, ".2f")])
-    doc.p("Spearman rank correlation across runs between each proxy and the measured batch-1 latency / file size "
-          "(1 = ranks runs exactly as the measurement does).")
+    doc.p(
+        "Spearman rank correlation across runs between each proxy and the measured batch-1 latency / file size "
+        "(1 = ranks runs exactly as the measurement does)."
+    )
     doc.table(["proxy", "runs", "ρ vs measured b1 latency", "ρ vs measured size"], table)
 
 
@@ -538,12 +734,14 @@ def paired_tests(aggs: list[dict], sweep_dir: Path) -> tuple[list[dict], list[st
             preds.setdefault(i, {})[r["seed"]] = (_test_set(r), p == y)
     missing = [a["label"] for i, a in enumerate(aggs) if i not in preds]
     if missing:
-        notes.append("no per-image predictions (runs made before pqd saved them, or missing files): "
-                     + ", ".join(f"`{m}`" for m in missing))
+        notes.append(
+            "no per-image predictions (runs made before pqd saved them, or missing files): "
+            + ", ".join(f"`{m}`" for m in missing)
+        )
     out = []
     idx = sorted(preds)
     for x, i in enumerate(idx):
-        for j in idx[x + 1:]:
+        for j in idx[x + 1 :]:
             seeds = sorted(s for s in preds[i] if s in preds[j] and preds[i][s][0] == preds[j][s][0])
             if not seeds:
                 continue
@@ -553,8 +751,18 @@ def paired_tests(aggs: list[dict], sweep_dir: Path) -> tuple[list[dict], list[st
                 tables.append((int((ca & ~cb).sum()), int((~ca & cb).sum())))
                 n, right_a, right_b = n + len(ca), right_a + int(ca.sum()), right_b + int(cb.sum())
             rec = mcnemar_pooled(tables)
-            out.append(rec | {"a": aggs[i]["label"], "b_label": aggs[j]["label"], "seeds": seeds, "n": n,
-                              "top1_a": right_a / n, "top1_b": right_b / n, "difference": (right_a - right_b) / n})
+            out.append(
+                rec
+                | {
+                    "a": aggs[i]["label"],
+                    "b_label": aggs[j]["label"],
+                    "seeds": seeds,
+                    "n": n,
+                    "top1_a": right_a / n,
+                    "top1_b": right_b / n,
+                    "difference": (right_a - right_b) / n,
+                }
+            )
     for rec, adj in zip(out, holm([r["p_value"] for r in out]), strict=True):
         rec["p_holm"] = adj
     return out, notes
@@ -565,14 +773,31 @@ def _paired_tests(doc: Doc, aggs: list[dict], sweep_dir: Path) -> None:
     if not recs and not notes:
         return
     doc.h(3, "Paired comparisons (McNemar, per-image predictions on the same test images)")
-    doc.p("For every two configurations tested on the same images: b = images A gets right and B wrong, c = the reverse, "
-          "summed over the seeds both ran (McNemar's test pooled over seeds; per-seed signs in 'seeds A/B better'). "
-          "Holm-adjusted p over all comparisons in this table (one family; a claim that needs fewer comparisons may "
-          "correct over its own family instead). Difference = top-1 A − top-1 B in points, over the pooled images.")
+    doc.p(
+        "For every two configurations tested on the same images: b = images A gets right and B wrong, c = the reverse, "
+        "summed over the seeds both ran (McNemar's test pooled over seeds; per-seed signs in 'seeds A/B better'). "
+        "Holm-adjusted p over all comparisons in this table (one family; a claim that needs fewer comparisons may "
+        "correct over its own family instead). Difference = top-1 A − top-1 B in points, over the pooled images."
+    )
     if recs:
-        doc.table(["A", "B", "seeds", "top-1 A %", "top-1 B %", "A − B (pts)", "b", "c", "seeds A/B better", "p", "p (Holm)"],
-                  [[r["a"], r["b_label"], ",".join(map(str, r["seeds"])), _f(100 * r["top1_a"]), _f(100 * r["top1_b"]),
-                    _f(100 * r["difference"], "+.2f"), r["b"], r["c"], f"{r['strata_a_better']}/{r['strata_b_better']}",
-                    _f(r["p_value"], ".3g"), _f(r["p_holm"], ".3g")] for r in recs])
+        doc.table(
+            ["A", "B", "seeds", "top-1 A %", "top-1 B %", "A − B (pts)", "b", "c", "seeds A/B better", "p", "p (Holm)"],
+            [
+                [
+                    r["a"],
+                    r["b_label"],
+                    ",".join(map(str, r["seeds"])),
+                    _f(100 * r["top1_a"]),
+                    _f(100 * r["top1_b"]),
+                    _f(100 * r["difference"], "+.2f"),
+                    r["b"],
+                    r["c"],
+                    f"{r['strata_a_better']}/{r['strata_b_better']}",
+                    _f(r["p_value"], ".3g"),
+                    _f(r["p_holm"], ".3g"),
+                ]
+                for r in recs
+            ],
+        )
     for note in notes:
         doc.p(f"Note: {note}.")

@@ -29,16 +29,20 @@ def degradation_rows(aggs: list[dict]) -> list[dict[str, Any]]:
         if not recs:
             continue
         worst = [d["worst_slice"] for d in recs if d.get("worst_slice")]
-        out.append({
-            "label": a["label"], "stages": a["stages"], "n": len(recs),
-            "df": statistics.fmean(d["degradation_factor"] for d in recs),
-            "teacher_df": statistics.fmean(d["teacher_degradation_factor"] for d in recs),
-            "mean_gap": statistics.fmean(d["mean_gap"] for d in recs),
-            "worst_gap": max((w["gap"] for w in worst), default=None),
-            "worst_p": min((w["p_adjusted"] for w in worst), default=None),
-            "min_slice": recs[0].get("min_slice"),
-            "flagged": sum(bool(d.get("slice_failure")) for d in recs),
-        })
+        out.append(
+            {
+                "label": a["label"],
+                "stages": a["stages"],
+                "n": len(recs),
+                "df": statistics.fmean(d["degradation_factor"] for d in recs),
+                "teacher_df": statistics.fmean(d["teacher_degradation_factor"] for d in recs),
+                "mean_gap": statistics.fmean(d["mean_gap"] for d in recs),
+                "worst_gap": max((w["gap"] for w in worst), default=None),
+                "worst_p": min((w["p_adjusted"] for w in worst), default=None),
+                "min_slice": recs[0].get("min_slice"),
+                "flagged": sum(bool(d.get("slice_failure")) for d in recs),
+            }
+        )
     return out
 
 
@@ -48,13 +52,37 @@ def degradation_section(doc: Any, aggs: list[dict]) -> None:
     if not rows:
         return
     doc.h(3, "Degradation on contiguous test slices")
-    doc.p(f"The test set, in its fixed order, is cut into 1, 2, 4, ... contiguous slices down to about {rows[0]['min_slice']} "
-          "images each. **DF** (degradation factor) = 1 - worst slice accuracy / whole-set accuracy (0 = uniform). "
-          "**worst gap** = the largest teacher-minus-final accuracy gap on one slice (paired, same images), with McNemar's p "
-          "Bonferroni-adjusted over all slices. **flag**: runs that keep the mean (gap ≤ 1 point) but lose ≥ 5 points "
-          "on a slice with adjusted p < 0.05. Means over seeds.")
-    doc.table(["configuration", "stages", "n", "DF", "teacher DF", "mean gap (pts)", "worst slice gap (pts)", "adj. p", "flag"],
-              [[r["label"], r["stages"] or "dense", r["n"], f"{r['df']:.3f}", f"{r['teacher_df']:.3f}", f"{100 * r['mean_gap']:.2f}",
+    doc.p(
+        f"The test set, in its fixed order, is cut into 1, 2, 4, ... contiguous slices down to about {rows[0]['min_slice']} "
+        "images each. **DF** (degradation factor) = 1 - worst slice accuracy / whole-set accuracy (0 = uniform). "
+        "**worst gap** = the largest teacher-minus-final accuracy gap on one slice (paired, same images), with McNemar's p "
+        "Bonferroni-adjusted over all slices. **flag**: runs that keep the mean (gap ≤ 1 point) but lose ≥ 5 points "
+        "on a slice with adjusted p < 0.05. Means over seeds."
+    )
+    doc.table(
+        [
+            "configuration",
+            "stages",
+            "n",
+            "DF",
+            "teacher DF",
+            "mean gap (pts)",
+            "worst slice gap (pts)",
+            "adj. p",
+            "flag",
+        ],
+        [
+            [
+                r["label"],
+                r["stages"] or "dense",
+                r["n"],
+                f"{r['df']:.3f}",
+                f"{r['teacher_df']:.3f}",
+                f"{100 * r['mean_gap']:.2f}",
                 "-" if r["worst_gap"] is None else f"{100 * r['worst_gap']:.1f}",
                 "-" if r["worst_p"] is None else f"{r['worst_p']:.3g}",
-                f"**{r['flagged']}/{r['n']} flagged**" if r["flagged"] else ""] for r in rows])
+                f"**{r['flagged']}/{r['n']} flagged**" if r["flagged"] else "",
+            ]
+            for r in rows
+        ],
+    )

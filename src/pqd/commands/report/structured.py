@@ -18,8 +18,11 @@ __all__ = ["structured_rows", "structured_section", "plot_structured"]
 
 
 def _records(metrics: dict) -> list[dict]:
-    return [s["records"] for s in metrics.get("stage_records") or []
-            if s.get("stage") == "structured" and isinstance(s.get("records"), dict) and s["records"].get("widths")]
+    return [
+        s["records"]
+        for s in metrics.get("stage_records") or []
+        if s.get("stage") == "structured" and isinstance(s.get("records"), dict) and s["records"].get("widths")
+    ]
 
 
 def structured_rows(aggs: list[dict], metrics_of: Callable[[dict], dict]) -> list[dict[str, Any]]:
@@ -38,16 +41,29 @@ def structured_rows(aggs: list[dict], metrics_of: Callable[[dict], dict]) -> lis
             return x.get("dense_ms_same_run") or x.get("dense_ms")
 
         t = recs[0].get("target") or {}
-        out.append({
-            "label": a["label"], "stages": a["stages"], "n": len(recs), "acc": a.get("acc"), "rel_lat": a.get("rel_lat"),
-            "target": f"{t.get('runtime', '?')} INT8, batch {t.get('batch', '?')}, {t.get('threads', '?')} threads",
-            "budget_fraction": recs[0].get("budget_fraction"), "budget_ms": mean(lambda x: x.get("budget_ms")),
-            "measured_ms": mean(lambda x: x.get("measured_ms")), "predicted_ms": mean(lambda x: x.get("predicted_ms_same_run", x.get("predicted_ms"))),
-            "dense_ms": mean(dense), "prediction_error": mean(lambda x: x.get("prediction_error_same_run", x.get("prediction_error"))),
-            "met": sum(bool(x.get("met")) for x in recs),
-            "macs_cut": mean(lambda x: 1 - x["macs"] / x["dense_macs"] if x.get("macs") and x.get("dense_macs") else None),
-            "latency_cut": mean(lambda x: 1 - x["measured_ms"] / dense(x) if x.get("measured_ms") and dense(x) else None),
-        })
+        out.append(
+            {
+                "label": a["label"],
+                "stages": a["stages"],
+                "n": len(recs),
+                "acc": a.get("acc"),
+                "rel_lat": a.get("rel_lat"),
+                "target": f"{t.get('runtime', '?')} INT8, batch {t.get('batch', '?')}, {t.get('threads', '?')} threads",
+                "budget_fraction": recs[0].get("budget_fraction"),
+                "budget_ms": mean(lambda x: x.get("budget_ms")),
+                "measured_ms": mean(lambda x: x.get("measured_ms")),
+                "predicted_ms": mean(lambda x: x.get("predicted_ms_same_run", x.get("predicted_ms"))),
+                "dense_ms": mean(dense),
+                "prediction_error": mean(lambda x: x.get("prediction_error_same_run", x.get("prediction_error"))),
+                "met": sum(bool(x.get("met")) for x in recs),
+                "macs_cut": mean(
+                    lambda x: 1 - x["macs"] / x["dense_macs"] if x.get("macs") and x.get("dense_macs") else None
+                ),
+                "latency_cut": mean(
+                    lambda x: 1 - x["measured_ms"] / dense(x) if x.get("measured_ms") and dense(x) else None
+                ),
+            }
+        )
     return out
 
 
@@ -64,7 +80,13 @@ def plot_structured(rows: list[dict], title: str, plt) -> Any:
     ax.plot([0, 100], [0, 100], color="grey", lw=1, ls="--", label="latency cut = MACs cut")
     ax.scatter([100 * r["macs_cut"] for r in pts], [100 * r["latency_cut"] for r in pts], color="tab:blue", zorder=3)
     for r in pts:
-        ax.annotate(r["label"], (100 * r["macs_cut"], 100 * r["latency_cut"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            r["label"],
+            (100 * r["macs_cut"], 100 * r["latency_cut"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xlim(0, 100), ax.set_ylim(0, 100)
     ax.set_xlabel("MACs removed, % of dense (proxy)")
     ax.set_ylabel("measured INT8 latency removed, % of dense")
@@ -74,7 +96,13 @@ def plot_structured(rows: list[dict], title: str, plt) -> Any:
     pts = [r for r in rows if r["acc"] is not None and r["measured_ms"] and r["dense_ms"]]
     ax.scatter([r["measured_ms"] / r["dense_ms"] for r in pts], [r["acc"] for r in pts], color="tab:orange", zorder=3)
     for r in pts:
-        ax.annotate(r["label"], (r["measured_ms"] / r["dense_ms"], r["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            r["label"],
+            (r["measured_ms"] / r["dense_ms"], r["acc"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("measured INT8 latency / dense INT8 latency (target runtime, same run)")
     ax.set_ylabel("top-1 % of the deployed model")
     ax.set_title("accuracy vs measured latency", fontsize=10)
@@ -83,22 +111,57 @@ def plot_structured(rows: list[dict], title: str, plt) -> Any:
     return fig
 
 
-def structured_section(doc, aggs: list[dict], metrics_of: Callable[[dict], dict], gname: str, slug: str, *, plt, png) -> None:
+def structured_section(
+    doc, aggs: list[dict], metrics_of: Callable[[dict], dict], gname: str, slug: str, *, plt, png
+) -> None:
     """Append the structured-pruning table and plot to ``doc`` (nothing when no run has a structured stage)."""
     rows = structured_rows(aggs, metrics_of)
     if not rows:
         return
     doc.h(3, "Structured pruning: latency budgets, measured")
-    doc.p("Per configuration with a structured stage (mean over seeds): the budget, the chosen model's INT8 latency "
-          "measured on the target runtime beside the dense model in the same run, the latency model's prediction for that run "
-          "(anchored to the dense and floor models' readings in it) and its error (predicted / measured − 1), how many seeds met the budget, and the share of MACs (a proxy) and of "
-          "measured latency that the pruning removed. Top-1 and rel. latency are the deployed model's, as in the table above.")
-    doc.table(["configuration", "stages", "n", "target", "budget", "dense ms", "measured ms", "predicted ms", "pred. error",
-               "met", "MACs cut", "latency cut", "top-1 %"],
-              [[r["label"], r["stages"], r["n"], r["target"],
+    doc.p(
+        "Per configuration with a structured stage (mean over seeds): the budget, the chosen model's INT8 latency "
+        "measured on the target runtime beside the dense model in the same run, the latency model's prediction for that run "
+        "(anchored to the dense and floor models' readings in it) and its error (predicted / measured − 1), how many seeds met the budget, and the share of MACs (a proxy) and of "
+        "measured latency that the pruning removed. Top-1 and rel. latency are the deployed model's, as in the table above."
+    )
+    doc.table(
+        [
+            "configuration",
+            "stages",
+            "n",
+            "target",
+            "budget",
+            "dense ms",
+            "measured ms",
+            "predicted ms",
+            "pred. error",
+            "met",
+            "MACs cut",
+            "latency cut",
+            "top-1 %",
+        ],
+        [
+            [
+                r["label"],
+                r["stages"],
+                r["n"],
+                r["target"],
                 (f"{r['budget_fraction']:g}× dense = " if r["budget_fraction"] else "") + _f(r["budget_ms"]) + " ms",
-                _f(r["dense_ms"]), _f(r["measured_ms"]), _f(r["predicted_ms"]), _f(r["prediction_error"], "+.3f"),
-                f"{r['met']}/{r['n']}", _f(None if r["macs_cut"] is None else 100 * r["macs_cut"], ".1f") + "%",
-                _f(None if r["latency_cut"] is None else 100 * r["latency_cut"], ".1f") + "%", _f(r["acc"], ".2f")] for r in rows])
-    doc.image(f"structured_{slug}.png", png(plot_structured(rows, f"structured pruning, {gname}", plt)),
-              f"MACs cut vs measured latency cut, and accuracy vs measured latency, {gname}")
+                _f(r["dense_ms"]),
+                _f(r["measured_ms"]),
+                _f(r["predicted_ms"]),
+                _f(r["prediction_error"], "+.3f"),
+                f"{r['met']}/{r['n']}",
+                _f(None if r["macs_cut"] is None else 100 * r["macs_cut"], ".1f") + "%",
+                _f(None if r["latency_cut"] is None else 100 * r["latency_cut"], ".1f") + "%",
+                _f(r["acc"], ".2f"),
+            ]
+            for r in rows
+        ],
+    )
+    doc.image(
+        f"structured_{slug}.png",
+        png(plot_structured(rows, f"structured pruning, {gname}", plt)),
+        f"MACs cut vs measured latency cut, and accuracy vs measured latency, {gname}",
+    )

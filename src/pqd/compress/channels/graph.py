@@ -36,7 +36,9 @@ def require_torch_pruning():
     try:
         import torch_pruning as tp
     except ImportError:
-        raise ModelError("structured pruning needs torch-pruning: pip install 'pqd[structured]' (torch-pruning==1.6.1)") from None
+        raise ModelError(
+            "structured pruning needs torch-pruning: pip install 'pqd[structured]' (torch-pruning==1.6.1)"
+        ) from None
     return tp
 
 
@@ -50,9 +52,12 @@ def check_prunable(model: nn.Module) -> None:
 
     for name, m in model.named_modules():
         mod = type(m).__module__
-        if isinstance(m, (FakeQuantizeBase, ObserverBase)) or mod.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
-                                                                               "torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat")):
-            raise ModelError(f"cannot prune channels of a quantized model (module {name or '<root>'!r} is {type(m).__name__}): {ORDER_HINT}")
+        if isinstance(m, (FakeQuantizeBase, ObserverBase)) or mod.startswith(
+            ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat")
+        ):
+            raise ModelError(
+                f"cannot prune channels of a quantized model (module {name or '<root>'!r} is {type(m).__name__}): {ORDER_HINT}"
+            )
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError(f"cannot prune channels of a TorchScript model: {ORDER_HINT}")
 
@@ -99,10 +104,29 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> list[Layer]:
 
     def hook(m, inp, out):
         if isinstance(m, nn.Linear):
-            rows.append(Layer(names[m], "linear", m.in_features, m.out_features, 1, 1, max(1, out.numel() // out.shape[0] // m.out_features)))
+            rows.append(
+                Layer(
+                    names[m],
+                    "linear",
+                    m.in_features,
+                    m.out_features,
+                    1,
+                    1,
+                    max(1, out.numel() // out.shape[0] // m.out_features),
+                )
+            )
         else:
-            rows.append(Layer(names[m], _kind(m), m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size),
-                              math.prod(out.shape[2:])))
+            rows.append(
+                Layer(
+                    names[m],
+                    _kind(m),
+                    m.in_channels,
+                    m.out_channels,
+                    m.groups,
+                    math.prod(m.kernel_size),
+                    math.prod(out.shape[2:]),
+                )
+            )
 
     for m in model.modules():
         if isinstance(m, (nn.Linear, *CONVS)):
@@ -181,8 +205,10 @@ class ChannelGraph:
             self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example[:1])
             raw = list(self.dg.get_all_groups(ignored_layers=ignored, root_module_types=[*CONVS, nn.Linear]))
         except Exception as exc:  # the tracer raises many types
-            raise ModelError(f"cannot build the channel dependency graph of {type(self.model).__name__} "
-                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
+            raise ModelError(
+                f"cannot build the channel dependency graph of {type(self.model).__name__} "
+                f"({type(exc).__name__}: {str(exc)[:300]})"
+            ) from None
         by_layer = {r.name: r for r in self.layers}
         ignored_names = {self._names[m] for m in ignored}
         self.groups = []
@@ -208,8 +234,16 @@ class ChannelGraph:
             if any(n in ignored_names for n, _ in outs):
                 continue
             touched = {n for n, _ in outs} | {n for n, _ in ins}
-            self.groups.append(Group(gid, len(g[0].idxs), tuple(layers), tuple(dict(outs).items()), tuple(dict(ins).items()),
-                                     sum(by_layer[n].macs for n in touched)))
+            self.groups.append(
+                Group(
+                    gid,
+                    len(g[0].idxs),
+                    tuple(layers),
+                    tuple(dict(outs).items()),
+                    tuple(dict(ins).items()),
+                    sum(by_layer[n].macs for n in touched),
+                )
+            )
             self._handlers[gid] = g[0].dep.handler
         self.groups.sort(key=lambda gr: [r.name for r in self.layers].index(gr.id) if gr.id in by_layer else 10**9)
 
@@ -291,7 +325,9 @@ def prune_to_widths(
     graph = ChannelGraph(work, example.cpu(), tuple(ignore))
     unknown = [k for k in keep if k not in {g.id for g in graph.groups}]
     if unknown:
-        raise ModelError(f"prune_to_widths: unknown group(s) {', '.join(map(repr, unknown))}; groups: {', '.join(g.id for g in graph.groups)}")
+        raise ModelError(
+            f"prune_to_widths: unknown group(s) {', '.join(map(repr, unknown))}; groups: {', '.join(g.id for g in graph.groups)}"
+        )
     if scores is None:
         if importance is None:  # L1 filter norm, as pqd.compress.channels.importance.get_importance("l1")
             importance = require_torch_pruning().importance.GroupMagnitudeImportance(p=1, normalizer="mean")
@@ -307,7 +343,9 @@ def prune_to_widths(
         drop = sorted(torch.argsort(s, descending=True)[k:].tolist())
         tg = graph.dg.get_pruning_group(mods[g.id], graph._handlers[g.id], drop)
         if not graph.dg.check_pruning_group(tg):
-            raise ModelError(f"Torch-Pruning refused to prune group {g.id!r} to {k} channels (a layer would be left empty)")
+            raise ModelError(
+                f"Torch-Pruning refused to prune group {g.id!r} to {k} channels (a layer would be left empty)"
+            )
         tg.prune()
     work.eval()
     return work

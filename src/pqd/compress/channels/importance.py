@@ -54,14 +54,19 @@ def accumulate_gradients(model: nn.Module, data, *, batches: int = 4, batch_size
     model.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    for i, (x, y) in enumerate(iterate(data.train, batch_size=batch_size, mean=data.mean, std=data.std, shuffle=True,
-                                       generator=gen, device=device)):
+    for i, (x, y) in enumerate(
+        iterate(
+            data.train, batch_size=batch_size, mean=data.mean, std=data.std, shuffle=True, generator=gen, device=device
+        )
+    ):
         if i >= batches:
             break
         nn.functional.cross_entropy(model(x), y).backward()
 
 
-def group_scores(graph, criterion: str, *, data=None, batches: int = 4, batch_size: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+def group_scores(
+    graph, criterion: str, *, data=None, batches: int = 4, batch_size: int = 64, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Per-channel scores of every group of a :class:`pqd.compress.channels.graph.ChannelGraph`."""
     if criterion == "taylor":
         if data is None:
@@ -88,7 +93,9 @@ def uniform_widths(channels: Mapping[str, int], keep_ratio: float, *, round_to: 
     return {g: round_width(c * keep_ratio, c, round_to) for g, c in channels.items()}
 
 
-def global_widths(scores: Mapping[str, torch.Tensor], keep_ratio: float, *, round_to: int = ROUND_TO, min_keep: float = 0.05) -> dict[str, int]:
+def global_widths(
+    scores: Mapping[str, torch.Tensor], keep_ratio: float, *, round_to: int = ROUND_TO, min_keep: float = 0.05
+) -> dict[str, int]:
     """Global ranking: keep the ``keep_ratio`` most important channels of the whole model.
 
     Each group keeps at least ``min_keep`` of its channels (and one ``round_to`` step).

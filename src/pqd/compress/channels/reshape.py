@@ -61,7 +61,9 @@ def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn
             if tuple(m.weight.shape) == shape:
                 continue
             if len(shape) != m.weight.dim() or tuple(shape[2:]) != tuple(m.weight.shape[2:]):
-                raise CheckpointError(f"{prefix}weight: saved shape {shape} does not fit {type(m).__name__} {tuple(m.weight.shape)}")
+                raise CheckpointError(
+                    f"{prefix}weight: saved shape {shape} does not fit {type(m).__name__} {tuple(m.weight.shape)}"
+                )
             transposed = getattr(m, "transposed", False)
             depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
             if transposed:
@@ -98,7 +100,9 @@ def fit_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn
             if n == m.num_channels:
                 continue
             if n % m.num_groups:
-                raise CheckpointError(f"{prefix}weight: {n} channels do not divide into GroupNorm's {m.num_groups} groups")
+                raise CheckpointError(
+                    f"{prefix}weight: {n} channels do not divide into GroupNorm's {m.num_groups} groups"
+                )
             m.num_channels = n
             if m.affine:
                 m.weight, m.bias = _param(m.weight, (n,)), _param(m.bias, (n,))
@@ -127,7 +131,8 @@ def _fit_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
                     raise CheckpointError(
                         f"{prefix}{key}: the saved {kind} has shape {tuple(saved.shape)} but {type(m).__name__} builds "
                         f"{tuple(old.shape)} (another number of dimensions, so it was not written by pruning this model's "
-                        "channels): check that config.yaml's model is the one this run trained")
+                        "channels): check that config.yaml's model is the one this run trained"
+                    )
                 if kind == "parameter":
                     table[key] = _param(old, tuple(saved.shape))
                 else:
