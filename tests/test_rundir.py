@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -199,29 +198,3 @@ def test_a_lower_lr_for_an_unfinished_stage_resumes_and_restarts_only_that_stage
     with pytest.raises(ConfigError, match="teacher.lr"):  # the teacher finished
         run.check_config(RunConfig.from_dict(cfg | {"quantize": {"lr": 0.0005}, "teacher": {"lr": 0.01}}))
     assert names and run.student_path(0, "prune").exists()
-
-
-def test_torchscript_size_depends_on_the_process_counter_not_the_weights():
-    """Why a resumed run's model_int8.pt can differ by a few bytes (docs/TROUBLESHOOTING.md,
-    Reproducibility): the same module saved after more compilations in the process gets longer
-    mangled class names; the weights are equal."""
-    import io
-    import re
-
-    def saved(m):
-        buf = io.BytesIO()
-        torch.jit.save(torch.jit.trace(m, torch.zeros(1, 4)), buf)
-        return buf.getvalue()
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
-    first = saved(model)
-    for _ in range(120):  # the other models an uninterrupted run compiles before its last one
-        saved(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
-    later = saved(model)
-    counters = [sorted({int(x) for x in re.findall(rb"___torch_mangle_(\d+)", b)}) for b in (first, later)]
-    assert counters[0] != counters[1] and len(first) != len(later)
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "TROUBLESHOOTING.md").read_text()
-    assert (
-        "whether interrupted or not, and the same `model_int8.pqdz` size" in doc and "`size_bytes`, whether" not in doc
-    )

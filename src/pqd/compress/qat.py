@@ -123,18 +123,20 @@ def qconfig_mapping(
 
 
 def backend_config() -> BackendConfig:
-    """PyTorch's x86 backend config, plus ``nn.Flatten`` and ``Tensor.flatten`` as shape ops.
+    """PyTorch's native backend config (what FX uses when given none: it quantizes LayerNorm and
+    GroupNorm, which the x86 config leaves in float), plus ``nn.Flatten`` and ``Tensor.flatten`` as
+    shape ops.
 
-    x86 already lets ``torch.flatten``, ``view`` and ``reshape`` pass a quantized tensor through
+    It already lets ``torch.flatten``, ``view`` and ``reshape`` pass a quantized tensor through
     (the output shares its input's scale and zero point); the module and method spellings of the
     same flatten are missing, so FX would wrap them in a dequantize/quantize pair and run them in
     float. Every prepare and convert of pqd uses this config.
     """
     from torch.ao.quantization.backend_config import BackendPatternConfig
-    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+    from torch.ao.quantization.backend_config.native import get_native_backend_config
 
     fx_modules()  # imports the backend_config package whole (its utils module)
-    config = get_x86_backend_config()
+    config = get_native_backend_config()
     shape_op = next(c for c in config.configs if c.pattern == "reshape")
     for pattern in (nn.Flatten, "flatten"):
         config.set_backend_pattern_config(
