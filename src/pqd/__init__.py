@@ -17,6 +17,8 @@ _LAZY = {
     "StructuredConfig": "pqd.stages.structured",
     "ImpConfig": "pqd.stages.imp",
     "JointConfig": "pqd.stages.joint",
+    "TuneConfig": "pqd.commands.tune",
+    "tune": "pqd.commands.tune",
 }
 
 
@@ -49,8 +51,10 @@ __all__ = [
     "StructuredConfig",
     "TeacherConfig",
     "TrainConfig",
+    "TuneConfig",
     "create_model",
     "list_models",
     "load_config",
     "register_model",
+    "tune",
 ]

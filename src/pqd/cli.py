@@ -129,6 +129,20 @@ def _run(config, out: Path) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from pqd.commands.tune import load_tune_config, tune
+    from pqd.run.rundir import claim_dir
+
+    config, tune_config = load_tune_config(args.config, args.overrides)
+    with claim_dir(args.out, kind="tune"):
+        _setup_logging(args.out, args.quiet)
+        record = tune(config, args.out, tune_config=tune_config, executor=args.executor, address=args.address)
+    choice = record["choice"]
+    print(("" if choice["met"] else "NOT MET: ") + choice["message"])
+    print(f"tune directory: {args.out}  (winner/, report.md, report.html, tune.json)")
+    return 0 if choice["winner"] else 1
+
+
 def _add_sweep_parsers(sub) -> None:
     p = sub.add_parser(
         "sweep", help="run a sweep file (base config x variants x grid) into one results table; resumable"
@@ -382,6 +396,16 @@ def _main(argv: list[str]) -> int:
     p_cfg = sub.add_parser("config", help="print the fully resolved config (defaults filled in) as YAML")
     p_cfg.add_argument("config", type=Path, nargs="?")
     p_cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_tune = sub.add_parser(
+        "tune",
+        help="the fastest deployable INT8 model within tune.max_drop of your trained model (resumable)",
+    )
+    p_tune.add_argument("config", type=Path, help="run config without stages, plus a tune: section (docs/TUNE.md)")
+    p_tune.add_argument("--out", type=Path, required=True, help="tune directory (re-run the same command to resume)")
+    p_tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_tune.add_argument("--executor", choices=("local", "ray"), default="local", help="ray: structured probes at once")
+    p_tune.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p_tune.add_argument("--quiet", action="store_true")
     _add_sweep_parsers(sub)
     _add_bench_parsers(sub)
     args = parser.parse_args(argv)
@@ -403,6 +427,8 @@ def _main(argv: list[str]) -> int:
             return _sweep_or_report(args)
         if args.cmd in ("bench", "export"):
             return _bench_or_export(args)
+        if args.cmd == "tune":
+            return _tune(args)
         if args.cmd == "demo":
             with resources.as_file(resources.files("pqd.recipes") / "demo.yaml") as path:
                 config = load_config(path, args.overrides)

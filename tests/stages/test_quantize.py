@@ -77,6 +77,30 @@ def test_ptq_calibrates_without_training(tiny_data, trained):
     assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items()), "input model must be untouched"
 
 
+def test_float_modules_stay_fp32_inside_the_int8_model(tiny_data, trained):
+    q = quantize(
+        Student(_copy(trained)),
+        QuantizeConfig(mode="ptq", calibration_batches=2, float_modules=("conv1", "layer1.0.conv2")),
+        data=tiny_data,
+        epochs=0,
+        train_config=CFG,
+    )
+    int8 = convert_student(q)
+    kinds = {n: type(m).__module__ for n, m in int8.named_modules()}
+    assert ".quantized." not in kinds["conv1"] and ".quantized." not in kinds["layer1.0.conv2"]
+    assert ".quantized." in kinds["layer1.0.conv1"]  # its neighbour is still INT8
+    x = torch.randn(2, *tiny_data.image_shape)
+    assert torch.isfinite(int8(x)).all()
+    with pytest.raises(ModelError, match="float_modules: 'nope' is not a submodule path"):
+        quantize(
+            Student(_copy(trained)),
+            QuantizeConfig(mode="ptq", float_modules=("nope",)),
+            data=tiny_data,
+            epochs=0,
+            train_config=CFG,
+        )
+
+
 def test_quantize_twice_and_convert_fp32_are_errors(tiny_data, trained):
     with pytest.raises(ModelError, match="quantize stage first"):
         convert_student(Student(trained))

@@ -81,7 +81,8 @@ class Variant:
     spec: dict  # how a worker process builds it (pqd.measure.worker)
 
 
-def _versions() -> dict[str, str | None]:
+def runtime_versions() -> dict[str, str | None]:
+    """Installed versions of the export and runtime packages (None: not installed)."""
     from importlib import metadata
 
     out: dict[str, str | None] = {}
@@ -324,7 +325,7 @@ def _bench_run(
         "teacher": proxies(run.teacher, run.input_shape),
         "final": proxies(copy.deepcopy(run.student.model), run.input_shape),
     }
-    env = environment(max(threads)) | {"runtimes": _versions()}
+    env = environment(max(threads)) | {"runtimes": runtime_versions()}
     thread_flags = slower_with_more_threads(records)
     for f in thread_flags:
         log.warning(

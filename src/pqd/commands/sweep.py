@@ -644,7 +644,7 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="sweep runs", unit="run", disable=not enabled, dynamic_ncols=True)
 
 
-def _local(
+def run_local(
     todo: list[Run], sweep_dir: str, on_done: Callable[[Run, dict], None], on_fail: Callable[[Run, BaseException], None]
 ) -> None:
     failed_teachers: set[str] = set()
@@ -662,7 +662,7 @@ def _local(
         on_done(run, metrics)
 
 
-def _ray(
+def run_ray(
     todo: list[Run],
     sweep_dir: str,
     on_done: Callable[[Run, dict], None],
@@ -788,9 +788,9 @@ def _run_sweep(
 
     try:
         if executor == "local":
-            _local(todo, str(out), on_done, on_fail)
+            run_local(todo, str(out), on_done, on_fail)
         elif executor == "ray":
-            _ray(todo, str(out), on_done, on_fail, address=address, cpus_per_run=cpus_per_run)
+            run_ray(todo, str(out), on_done, on_fail, address=address, cpus_per_run=cpus_per_run)
         else:
             raise ConfigError(f"executor {executor!r} is not valid; choose 'local' or 'ray'")
     finally:

@@ -183,6 +183,7 @@ def prepare(
     options: QuantOptions | None = None,
     inplace: bool = False,
     leaf_modules: Sequence[str] = (),
+    float_modules: Sequence[str] = (),
 ) -> nn.Module:
     """A fake-quant (``qat``, train mode) or observer (``ptq`` / ``dynamic``, eval mode) copy of
     ``model`` on ``model``'s device. ``model`` itself is neither changed nor moved.
@@ -191,11 +192,21 @@ def prepare(
     optimizer built on ``model`` keeps training the prepared model (use the result, not ``model``).
     ``leaf_modules``: submodules torch.fx must not trace into (paths like 'layer3.0' or classes
     'package.module:Class'); they stay FP32 inside the INT8 model.
+    ``float_modules``: submodule paths traced but not quantized (no qconfig: they run in FP32
+    between a dequantize and a quantize), the per-layer fallback of a layer too sensitive to INT8.
     """
     _, qfx = fx_modules()
     custom = _leaf_config(leaf_modules)
     device = model_device(model)
     mapping = qconfig_mapping(mode, reduce_range=reduce_range, options=options)
+    names = dict(model.named_modules())
+    for name in float_modules:
+        if name not in names or not name:
+            raise ModelError(
+                f"quantize.float_modules: {name!r} is not a submodule path of {type(model).__name__} "
+                "(paths as in model.named_modules(), e.g. 'layer1.0.conv1')"
+            )
+        mapping.set_module_name(name, None)
     backend = backend_config()
     if not inplace:
         model = copy.deepcopy(model)  # FX fusion shares parameters with its input: keep the caller's model intact
@@ -232,18 +243,35 @@ def prepare_qat(
     reduce_range: bool = False,
     inplace: bool = False,
     leaf_modules: Sequence[str] = (),
+    float_modules: Sequence[str] = (),
 ) -> nn.Module:
     """A trainable fake-quant copy of ``model`` on the same device (observers on); see :func:`prepare`
-    (``leaf_modules``: submodules kept whole and FP32, as ``quantize.leaf_modules`` in a run config)."""
-    return prepare(model, example, mode="qat", reduce_range=reduce_range, inplace=inplace, leaf_modules=leaf_modules)
+    (``leaf_modules``: submodules kept whole and FP32, as ``quantize.leaf_modules`` in a run config;
+    ``float_modules``: traced but left FP32, as ``quantize.float_modules``)."""
+    return prepare(
+        model,
+        example,
+        mode="qat",
+        reduce_range=reduce_range,
+        inplace=inplace,
+        leaf_modules=leaf_modules,
+        float_modules=float_modules,
+    )
 
 
 def prepare_ptq(
-    model: nn.Module, example: torch.Tensor, *, reduce_range: bool = False, leaf_modules: Sequence[str] = ()
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    reduce_range: bool = False,
+    leaf_modules: Sequence[str] = (),
+    float_modules: Sequence[str] = (),
 ) -> nn.Module:
     """An observer copy of ``model`` on the same device, to :func:`calibrate` then :func:`convert`
-    (``leaf_modules`` as in :func:`prepare_qat`)."""
-    return prepare(model, example, mode="ptq", reduce_range=reduce_range, leaf_modules=leaf_modules)
+    (``leaf_modules`` and ``float_modules`` as in :func:`prepare_qat`)."""
+    return prepare(
+        model, example, mode="ptq", reduce_range=reduce_range, leaf_modules=leaf_modules, float_modules=float_modules
+    )
 
 
 def _untraceable_submodule(model: nn.Module) -> tuple[str, str] | None:

@@ -97,6 +97,18 @@ SWEEP_DIR_FILES = (
     "plots",
 )
 REPORT_FILES = ("report.md", "report.html", "plots")
+TUNE_DIR_FILES = (
+    "tune.yaml",
+    "tune.json",
+    "runs",
+    "teacher",
+    "cache",
+    "winner",
+    "log.txt",
+    "report.md",
+    "report.html",
+    "plots",
+)
 
 # Settings that change no trained result: a resume ignores differences in them (item 4 of issue 11).
 RESULT_NEUTRAL_KEYS = (
@@ -122,10 +134,10 @@ def claim_dir(path: str | Path, *, kind: str = "run") -> Any:
     if process_rank() != 0:
         yield None
         return
-    files = {"run": RUN_DIR_FILES, "sweep": SWEEP_DIR_FILES, "report": REPORT_FILES}[kind]
+    files = {"run": RUN_DIR_FILES, "sweep": SWEEP_DIR_FILES, "report": REPORT_FILES, "tune": TUNE_DIR_FILES}[kind]
     check_path_encodable(path)
     check_writable_run_dir(path, expected_files=files, kind=kind)
-    with DirLock(path, what={"run": "RUN_DIR", "sweep": "SWEEP_DIR"}.get(kind, "folder")) as lock:
+    with DirLock(path, what={"run": "RUN_DIR", "sweep": "SWEEP_DIR", "tune": "TUNE_DIR"}.get(kind, "folder")) as lock:
         yield lock
 
 
@@ -432,6 +444,7 @@ class RunDir:
                 reduce_range=quantize.reduce_range,
                 options=quant_options(quantize),
                 leaf_modules=quantize.leaf_modules,
+                float_modules=quantize.float_modules,
             )
         return model
 

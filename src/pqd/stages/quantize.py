@@ -40,7 +40,9 @@ class QuantizeConfig(Section):
     time; convolutions stay FP32). ``granularity`` ('per_channel' | 'per_tensor') and
     ``symmetric`` choose the weight scheme (see :mod:`pqd.compress.qoptions`, docs/QUANTIZATION.md).
     ``leaf_modules``: submodules torch.fx must not trace into (an untraceable user block):
-    submodule paths ('layer3.0') or classes ('package.module:Class'); they stay FP32."""
+    submodule paths ('layer3.0') or classes ('package.module:Class'); they stay FP32.
+    ``float_modules``: submodule paths traced but left FP32 inside the INT8 model (per-layer
+    fallback of the layers most sensitive to INT8; ``pqd analyze`` ranks them, ``pqd tune`` uses it)."""
 
     mode: str = "qat"
     lr: float = 0.005
@@ -50,6 +52,7 @@ class QuantizeConfig(Section):
     granularity: str = "per_channel"
     symmetric: bool = True
     leaf_modules: tuple[str, ...] = ()
+    float_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         choice("quantize.mode", self.mode, MODES)
@@ -115,6 +118,7 @@ def quantize(
         reduce_range=config.reduce_range,
         options=quant_options(config),
         leaf_modules=config.leaf_modules,
+        float_modules=config.float_modules,
     )
     masks = Masks(model, student.masks)
     masks.apply()
@@ -188,6 +192,7 @@ class QuantizeStage(Stage):
             reduce_range=q.reduce_range,
             options=quant_options(q),
             leaf_modules=q.leaf_modules,
+            float_modules=q.float_modules,
         )
 
     def run(
