@@ -11,6 +11,7 @@ from pqd.commands.tune.ladder import (
     Outcome,
     choose,
     fallback_counts,
+    looks_memorised,
     passes,
     plan,
     split_epochs,
@@ -190,3 +191,25 @@ def test_tune_config_is_validated():
         split_tune_dict({"tune": {"max_dorp": 1}})
     config, tune = split_tune_dict({"model": {"name": "resnet18"}, "tune": {"max_drop": 0.5, "relative": True}})
     assert config.stage_string() == "" and tune.max_drop_points(0.9) == pytest.approx(0.45)
+
+
+def test_validation_images_seen_in_training_are_flagged():
+    def rec(top1, half):
+        return {"top1": top1, "ci_low": top1 - half, "ci_high": top1 + half}
+
+    assert looks_memorised(rec(0.978, 0.004), rec(0.896, 0.006))  # the CIFAR-10 teacher's 97.8 vs 89.6
+    assert not looks_memorised(rec(0.905, 0.008), rec(0.896, 0.006))  # intervals overlap: same distribution
+    assert not looks_memorised(rec(0.60, 0.001), rec(0.59, 0.001))  # apart, but by less than 2 points
+
+
+def test_a_budget_below_the_floor_model_stops_the_structured_rung():
+    tune = TuneConfig(fractions=(0.75, 0.5), max_structured=5, min_step=0.01)
+    ptq = (Candidate("ptq", "ptq", "Q:0", 0), Outcome(ok=True, passed=True, drop=0.1, size_mb=1.0))
+    floor_hit = Outcome(ok=True, passed=False, drop=20.0, size_mb=0.5, floor_fraction=0.97)
+    done = [ptq, (Candidate("s0.75", "structured", "S:1,Q:1,D:1", 3, fraction=0.75), floor_hit)]
+    step = plan(tune, done, candidate_epochs=3, budget_epochs=100)
+    assert step.candidates == () and "reaches only 0.97" in step.note  # bisection midpoint 0.875 is under the floor
+    floor_hit = Outcome(ok=True, passed=False, drop=20.0, size_mb=0.5, floor_fraction=0.6)
+    done = [ptq, (Candidate("s0.5", "structured", "S:1,Q:1,D:1", 3, fraction=0.5), floor_hit)]
+    step = plan(tune, done, candidate_epochs=3, budget_epochs=100)
+    assert [c.fraction for c in step.candidates] == [0.75]  # above the floor: still worth a candidate

@@ -30,6 +30,7 @@ from typing import Any
 from pqd.commands.tune.config import TuneConfig
 
 RUNGS = ("ptq", "qat", "structured", "unstructured")
+DENSE = "dense_fp32"  # the dense FP32 model's name in the choice, the timing and the report (never a run of its own)
 SMALLEST_FRACTION = 0.05  # below this a latency budget is under any model's fixed per-layer cost
 
 
@@ -65,6 +66,7 @@ class Outcome:
     drop: float | None = None
     size_mb: float | None = None
     error: str | None = None
+    floor_fraction: float | None = None  # structured: its budget was below the floor model, measured at this fraction
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +88,14 @@ def passes(drop: float, drop_upper: float, *, tolerance: float, rule: str) -> bo
     """Within the tolerance (points): the measured drop (rule 'point') or the upper end of its
     95% interval (rule 'upper') is at most ``tolerance``."""
     return (drop if rule == "point" else drop_upper) <= tolerance + 1e-9
+
+
+def looks_memorised(val: Mapping[str, float], test: Mapping[str, float], *, gap_points: float = 2.0) -> bool:
+    """The dense model is clearly better on the validation split than on the test split (intervals apart
+    and at least ``gap_points`` between them): its validation images were likely part of its training data,
+    so drops measured there overstate those on unseen images. ``val``/``test``: top-1 records
+    (``top1``, ``ci_low``, ``ci_high`` as fractions)."""
+    return val["ci_low"] > test["ci_high"] and 100 * (val["top1"] - test["top1"]) >= gap_points
 
 
 def split_epochs(total: int, shares: Sequence[float]) -> list[int]:
@@ -229,12 +239,20 @@ def _structured_step(
     )
     cost = structured_candidate(0.5, candidate_epochs).epochs
     room = min(tune.max_structured - len(tried), left // cost if cost else 0)
+    floor = max((o.floor_fraction for _, o in tried if o.floor_fraction is not None), default=0.0)
+    at_floor = Plan(
+        (),
+        f"structured: channel pruning reaches only {floor:.2f} of dense INT8 latency on this model (every group at "
+        "its floor): smaller budgets give the same model",
+    )
     if lo is None:
-        nxt = [f for f in _probes(tune, latency_cap) if f < hi and round(f, 4) not in fractions]
+        nxt = [f for f in _probes(tune, latency_cap) if floor < f < hi and round(f, 4) not in fractions]
         if not nxt:  # every probe passed: keep cutting by a third while above the smallest useful fraction
             f = round(hi * 2 / 3, 4)
             nxt = [f] if f >= SMALLEST_FRACTION and round(f, 4) not in fractions else []
         if not nxt:
+            if floor:
+                return at_floor
             return Plan((), f"structured: every fraction down to {hi:g} of dense INT8 latency passed")
         why = f"structured: {nxt[0]:g} of dense INT8 latency" + (
             f" (the smallest passing so far: {hi:g})" if hi < 1 else ""
@@ -243,6 +261,8 @@ def _structured_step(
         if hi - lo <= tune.min_step + 1e-9:
             return Plan((), f"structured: bisection converged, {hi:g} passes and {lo:g} fails")
         mid = round((hi + lo) / 2, 4)
+        if mid <= floor:
+            return at_floor
         if mid in fractions:
             return Plan((), f"structured: bisection converged, {hi:g} passes and {lo:g} fails")
         nxt, why = [mid], f"structured: bisection between {hi:g} (passes) and {lo:g} (fails)"

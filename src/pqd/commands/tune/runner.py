@@ -26,11 +26,13 @@ from pqd.commands.export import export_run
 from pqd.commands.sweep import Run, run_dir, run_local, run_ray
 from pqd.commands.tune.config import TuneConfig
 from pqd.commands.tune.ladder import (
+    DENSE,
     Candidate,
     Choice,
     Measured,
     Outcome,
     choose,
+    looks_memorised,
     passes,
     plan,
     qat_candidate,
@@ -207,6 +209,7 @@ def evaluate(run_path: Path, data: Splits, tune: TuneConfig, ref: Reference) -> 
     lat = [r for r in metrics.get("latency", []) if r.get("model") != "teacher_fp32" and r.get("batch") == tune.batch]
     out["size_mb"] = deployed_file(run_path, tune.runtime).stat().st_size / 1e6
     out["run_latency_ms"] = lat[-1]["median_ms"] if lat else None
+    out["floor_fraction"] = floor_fraction(metrics)
     out["passed"] = passes(
         out["val"]["drop_points"], out["val"]["drop_ci_points"][1], tolerance=ref.tolerance, rule=tune.rule
     )
@@ -358,7 +361,13 @@ def _tune(config: RunConfig, tc: TuneConfig, out: Path, *, executor: str, addres
             if ref is None:
                 ref = _reference(runs_dir / "ptq", data, tc)
             ev = evaluate(run_dir(out, _as_run(c, configs[c.name])), data, tc, ref)
-            outcome = Outcome(ok=True, passed=ev["passed"], drop=ev["val"]["drop_points"], size_mb=ev["size_mb"])
+            outcome = Outcome(
+                ok=True,
+                passed=ev["passed"],
+                drop=ev["val"]["drop_points"],
+                size_mb=ev["size_mb"],
+                floor_fraction=ev["floor_fraction"],
+            )
             log.info(
                 "%s: validation top-1 %.2f%%, drop %+.2f points [%+.2f, %+.2f]: %s",
                 c.name,
@@ -375,6 +384,16 @@ def _tune(config: RunConfig, tc: TuneConfig, out: Path, *, executor: str, addres
             "tune: the dense PTQ candidate did not finish; nothing to compare against (see runs/ptq/log.txt)"
         )
     state.data["dense"] = ref.record()
+    dense = state.data["dense"]
+    dense["val_looks_seen"] = looks_memorised(dense["val"], dense["test"])
+    if dense["val_looks_seen"]:
+        log.warning(
+            "the dense model scores %.2f%% on the validation split but %.2f%% on the test split: its validation "
+            "images look like part of its training data, so the drops measured there overstate those on unseen "
+            "images (the test drop is reported beside; docs/TUNE.md)",
+            100 * dense["val"]["top1"],
+            100 * dense["test"]["top1"],
+        )
     result = _finish(state, config, tc, data, out, weights)
     return result
 
@@ -418,6 +437,16 @@ def _reference(ptq_dir: Path, data: Splits, tc: TuneConfig) -> Reference:
     val = correct_vector(run_logits(teacher, val_ds, mean=data.mean, std=data.std), val_ds.y)
     test = correct_vector(run_logits(teacher, data.test, mean=data.mean, std=data.std), data.test.y)
     return Reference(val, test, tc.max_drop_points(float(val.mean())) if tc.relative else tc.max_drop)
+
+
+def floor_fraction(metrics: dict) -> float | None:
+    """The fraction of dense INT8 latency a structured run's floor model measured at, when its S stage missed the
+    budget because every group was at its floor (None otherwise)."""
+    for rec in metrics.get("stage_records", []):
+        r = rec.get("records") or {}
+        if r.get("met") is False and "floor" in str(r.get("missed_because", "")) and r.get("dense_ms_same_run"):
+            return float(r["measured_ms"]) / float(r["dense_ms_same_run"])
+    return None
 
 
 def _sensitive_layers(ptq_dir: Path, data: Splits, config: RunConfig) -> list[str]:
@@ -472,7 +501,7 @@ def latency_specs(state: State, out: Path, tc: TuneConfig, config: RunConfig, da
         }
     else:
         dense = {"kind": tc.runtime, "path": str(ptq / "teacher_fp32.onnx")}
-    specs = {"dense_fp32": base | dense}
+    specs = {DENSE: base | dense}
     for c in state.data["candidates"]:
         if c["outcome"]["ok"]:
             path = deployed_file(out / RUNS / c["candidate"]["name"], tc.runtime)
@@ -512,7 +541,7 @@ def _finish(state: State, config: RunConfig, tc: TuneConfig, data: Splits, out: 
         c["latency"] = {
             "median_ms": by[name]["median_ms"],
             "p90_ms": by[name]["p90_ms"],
-            "x_vs_dense_fp32": by["dense_fp32"]["median_ms"] / by[name]["median_ms"],
+            "x_vs_dense_fp32": by[DENSE]["median_ms"] / by[name]["median_ms"],
             "x_vs_dense_int8": dense_int8["median_ms"] / by[name]["median_ms"] if dense_int8 else None,
         }
         rows.append(
@@ -524,43 +553,74 @@ def _finish(state: State, config: RunConfig, tc: TuneConfig, data: Splits, out: 
                 c["eval"]["size_mb"],
             )
         )
+    dense = state.data["dense"]
+    base = by["dense_fp32"]
+    dense["size_mb"] = dense_file(out, tc.runtime).stat().st_size / 1e6
+    dense["latency"] = {
+        "median_ms": base["median_ms"],
+        "p90_ms": base["p90_ms"],
+        "x_vs_dense_fp32": 1.0,
+        "x_vs_dense_int8": dense_int8["median_ms"] / base["median_ms"] if dense_int8 else None,
+    }
+    # the dense FP32 model is the ladder's first rung: on a model too small for INT8 kernels to pay, it is the fastest
+    rows.insert(0, Measured(DENSE, True, 0.0, base["median_ms"], dense["size_mb"]))
     budget_ms = tc.latency_budget_ms
     if budget_ms is None and tc.latency_budget_fraction is not None and dense_int8:
         budget_ms = tc.latency_budget_fraction * dense_int8["median_ms"]
     choice = choose(rows, latency_budget_ms=budget_ms, size_budget_mb=tc.size_budget_mb)
     for c in state.data["candidates"]:
         c["verdict"] = choice.verdicts.get(c["candidate"]["name"], f"failed: {c['outcome'].get('error')}")
+    dense["verdict"] = choice.verdicts.get(DENSE, "")
     state.data["choice"] = {"winner": choice.winner, "met": choice.met, "message": choice.message}
     if choice.winner is not None:
-        state.data["choice"]["files"] = hand_over(out / RUNS / choice.winner, out / "winner", tc.runtime)
+        state.data["choice"]["files"] = hand_over(out, choice.winner, tc.runtime)
     state.save()
     paths = write_report(state.data, out)
     _announce(choice, state.data, paths)
     return state.data
 
 
-def hand_over(run_path: Path, dest: Path, runtime: str) -> list[str]:
-    """Copy the winner's deployables (TorchScript INT8 with its preprocessing for ``pqd predict``, the
-    ONNX file, and for OpenVINO its IR) into ``dest``; returns the file names."""
+def dense_file(out: Path, runtime: str) -> Path:
+    """The dense FP32 model as the target runtime loads it (the teacher's ONNX file, or its weights for PyTorch)."""
+    ptq = out / RUNS / "ptq"
+    return ptq / (RunDir.TEACHER if runtime == "pytorch" else "teacher_fp32.onnx")
+
+
+def hand_over(out: Path, winner: str, runtime: str) -> list[str]:
+    """Copy the winner's deployables into ``out/winner``: for an INT8 winner the TorchScript INT8 model with
+    its preprocessing (``pqd predict``), the ONNX file and, for OpenVINO, its IR; for the dense FP32 model
+    its ONNX file (with the preprocessing record ``pqd predict`` reads) and IR. Returns the file names."""
+    dest = out / "winner"
     dest.mkdir(parents=True, exist_ok=True)
-    names = ["model_int8.pt"] + ([] if runtime == "pytorch" else ["model_int8.onnx"])
-    for name in names:
-        atomic_write_bytes(dest / name, (run_path / name).read_bytes())
+    if winner == DENSE:
+        src_dir, form, copies = out / RUNS / "ptq", "fp32", {"model_fp32.onnx": "teacher_fp32.onnx"}
+    else:
+        src_dir, form = out / RUNS / winner, "int8"
+        copies = {"model_int8.pt": "model_int8.pt"} | (
+            {} if runtime == "pytorch" else {"model_int8.onnx": "model_int8.onnx"}
+        )
+    for name, src in copies.items():
+        atomic_write_bytes(dest / name, (src_dir / src).read_bytes())
+    names = list(copies)
     if runtime == "openvino":
         ov = require("openvino")
-        model = ov.convert_model(str(run_path / "model_int8.onnx"))
-        ov.save_model(model, str(dest / "model_int8.xml"), compress_to_fp16=False)
-        names += ["model_int8.xml", "model_int8.bin"]
-    shutil.copy2(run_path / RunDir.CONFIG, dest / "run_config.yaml")
+        model = ov.convert_model(str(dest / f"model_{form}.onnx"))
+        ov.save_model(model, str(dest / f"model_{form}.xml"), compress_to_fp16=False)
+        names += [f"model_{form}.xml", f"model_{form}.bin"]
+    shutil.copy2(src_dir / RunDir.CONFIG, dest / "run_config.yaml")
     return names + ["run_config.yaml"]
 
 
 def _announce(choice: Choice, record: dict, paths: dict[str, Path]) -> None:
-    winner = next((c for c in record["candidates"] if c["candidate"]["name"] == choice.winner), None)
-    if winner is None:
-        log.error("%s", choice.message)
-        return
-    lat, ev = winner["latency"], winner["eval"]
+    dense = record["dense"]
+    if choice.winner == DENSE:
+        lat, ev = dense["latency"], {"val": {"drop_points": 0.0}, "test": dense["test"], "size_mb": dense["size_mb"]}
+    else:
+        winner = next((c for c in record["candidates"] if c["candidate"]["name"] == choice.winner), None)
+        if winner is None:
+            log.error("%s", choice.message)
+            return
+        lat, ev = winner["latency"], winner["eval"]
     speed = f"{lat['x_vs_dense_fp32']:.2f}x faster than dense FP32"
     if lat.get("x_vs_dense_int8"):
         speed += f", {lat['x_vs_dense_int8']:.2f}x than dense INT8"
