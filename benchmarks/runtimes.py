@@ -58,7 +58,7 @@ from pqd.train.loop import apply_masks
 
 DEFAULT_MODELS = ("resnet18", "vgg16_bn", "wrn_28_10")
 DEFAULT_WIDTHS = {"wrn_28_10": 0.5}  # full width (36.5 M params, 5.2 GMACs) alone takes ~10 min here
-SHAPE = (3, 32, 32)
+SHAPE = [3, 32, 32]  # CIFAR input; --image-size sets the height and width (e.g. 224 for the imagenet_* models)
 BEGIN, END = "<!-- runtimes:begin -->", "<!-- runtimes:end -->"
 
 
@@ -87,7 +87,7 @@ def build(
         "model": name,
         "width": width,
         "sparsity": sparsity,
-        "proxies": proxies(model, SHAPE),
+        "proxies": proxies(model, tuple(SHAPE)),
         "quantize_s": round(quant_s, 1),
     }
     tag = f"{name}_w{width}_s{int(round(sparsity * 100))}"
@@ -325,6 +325,7 @@ def main() -> None:
         "--widths", default="", help="per-model width, e.g. wrn_28_10=1.0 (default: wrn_28_10=0.5, others 1.0)"
     )
     ap.add_argument("--sparsities", default="0,0.9")
+    ap.add_argument("--image-size", type=int, default=32, help="input height and width (224 for the imagenet_* models)")
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: all cores)")
     ap.add_argument("--batch-sizes", default="1")
     ap.add_argument("--runs", type=int, default=200)
@@ -337,8 +338,9 @@ def main() -> None:
         "--write-docs", type=Path, default=None, metavar="MARKDOWN", help="also (re)write the section in this file"
     )
     args = ap.parse_args()
+    SHAPE[1:] = [args.image_size, args.image_size]
     warnings.filterwarnings("ignore")
-    from pqd.commands.bench import _versions, default_threads
+    from pqd.commands.bench import default_threads, runtime_versions
 
     args.threads = [int(x) for x in args.threads.split(",")] if args.threads else [max(default_threads())]
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -380,7 +382,7 @@ def main() -> None:
             "warmup": args.warmup,
             "runtimes": runtimes,
         },
-        "env": environment(max(args.threads)) | {"runtimes": _versions()},
+        "env": environment(max(args.threads)) | {"runtimes": runtime_versions()},
         "models": infos,
         "rows": rows,
     }

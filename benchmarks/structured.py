@@ -114,6 +114,13 @@ def run_model(name: str, data, args, partial=None) -> dict:
     )  # a re-run after a cut-off reuses the teacher
     if args.teacher_weights or (cached and cached.exists()):
         teacher.load_state_dict(load_checkpoint(args.teacher_weights or cached)[0])
+    elif args.no_train and args.image_size:  # latency only at another input size: the weights' values do not matter
+        log.info(
+            "%s: latency only at %dx%d: untrained weights (L1 importance of the initialisation)",
+            name,
+            args.image_size,
+            args.image_size,
+        )
     else:
         train(
             teacher,
@@ -127,7 +134,7 @@ def run_model(name: str, data, args, partial=None) -> dict:
             save_checkpoint(cached, teacher.state_dict(), {"model": name, "epochs": args.teacher_epochs})
     teacher.eval()
     teacher_top1 = top1(predict(teacher, data.test, mean=data.mean, std=data.std), data.test.y)
-    shape = data.image_shape
+    shape = (data.image_shape[0], args.image_size, args.image_size) if args.image_size else data.image_shape
     example = torch.zeros(2, *shape)
     graph = ChannelGraph(copy.deepcopy(teacher), example)
     scores = group_scores(graph, "l1")
@@ -464,11 +471,18 @@ def main(argv=None) -> int:
     p.add_argument("--baselines", nargs="*", default=["uniform", "macs"], choices=["uniform", "macs"])
     p.add_argument("--no-train", action="store_true", help="latency only: skip fine-tuning and accuracy")
     p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="with --no-train: time models at this input size (e.g. 224 for the imagenet_* models) instead of the data's",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="tiny: ResNet-18 x0.25, 400 train / 200 test images, 1 epoch each, 6 samples",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--stem", default=None, help="result file name stem (default: structured / structured_quick)")
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a result JSON this script wrote")
     a = p.parse_args(argv)
     if a.render:
@@ -485,6 +499,10 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "structured_quick" if a.quick else "structured"
+    if a.image_size and not a.no_train:
+        p.error("--image-size is for latency-only runs (--no-train): training data stays at its own size")
+    if a.stem:
+        stem = a.stem
     result = {
         "command": "python benchmarks/structured.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(a),

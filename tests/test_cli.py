@@ -209,6 +209,9 @@ def test_sigint_during_pqd_run_is_one_line_exit_130(tiny_config, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # a shell without job control starts background jobs with SIGINT ignored, and children inherit that:
+        # give the run the default disposition a terminal's Ctrl-C meets, however this test was started
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     target = out / "teacher.epoch.safetensors"
     deadline = time.time() + 240

@@ -28,6 +28,18 @@ def test_full_width_parameter_counts(name, params):
     assert sum(p.numel() for p in model.parameters()) == params
 
 
+# torchvision's published counts (1000 classes): the ImageNet-style models are its architectures, layer for layer
+@pytest.mark.parametrize(
+    "name, params",
+    [("imagenet_resnet18", 11_689_512), ("imagenet_resnet50", 25_557_032), ("imagenet_mobilenet_v2", 3_504_872)],
+)
+def test_imagenet_models_match_torchvision_parameter_counts(name, params):
+    model = create_model(name, num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == params
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
 def test_resnet18_is_the_cifar_variant():
     m = create_model("resnet18")
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
