@@ -5,7 +5,7 @@
     python benchmarks/runtimes.py --models resnet18 --runs 100
     python benchmarks/runtimes.py --widths wrn_28_10=1.0 --write-docs docs/BENCHMARKS.md
 
-For each model (CIFAR 32x32, 10 classes, untrained weights: this is about speed) and each
+For each model (32x32 inputs, or ``--image-size``; 10 classes; untrained weights: this is about speed) and each
 sparsity: global magnitude pruning (``compute_masks`` + ``apply_masks``) of every conv and
 linear layer, PTQ calibration on 4 random batches of 16 (``prepare(mode="ptq")`` +
 ``convert``), TorchScript freezing, and ONNX export of the FP32 model and of the INT8 model
@@ -200,7 +200,7 @@ def markdown(result: dict) -> str:
         + (f" ({a['large_batch_runs']} at larger batches)" if any(b > 1 for b in a["batch_sizes"]) else "")
         + " after "
         f"{a['warmup']} warm-up runs; all variants of one model (both sparsities) each in its own worker process, interleaved in rotating rounds of one block per variant (50 ms of untimed calls, then consecutive timed calls); "
-        "untrained weights, CIFAR 32x32, 10 classes. *x FP32*: PyTorch FP32 eager of the same model and sparsity ÷ this "
+        f"untrained weights, {a.get('image_size', 32)}x{a.get('image_size', 32)} inputs, 10 classes. *x FP32*: PyTorch FP32 eager of the same model and sparsity ÷ this "
         "(>1 is faster); *x dense*: the dense model's PyTorch FP32 eager ÷ this. *MACs (non-zero)*: multiply-accumulates "
         "per image that touch a non-zero weight (conv/linear).",
         "",
@@ -381,6 +381,7 @@ def main() -> None:
             "large_batch_runs": args.large_batch_runs,
             "warmup": args.warmup,
             "runtimes": runtimes,
+            "image_size": args.image_size,
         },
         "env": environment(max(args.threads)) | {"runtimes": runtime_versions()},
         "models": infos,
