@@ -99,6 +99,12 @@ def test_tune_killed_mid_rung_resumes_and_hands_over_a_winner(tmp_path, tiny_con
     preds = predict_files(winner, [img])
     assert len(preds) == 1 and preds[0]["class"] in [str(i) for i in range(10)]
 
+    again = tune(config, out, tune_config=tune_config)  # a finished ladder resumes into a fresh timing and report
+    assert [c["candidate"]["name"] for c in again["candidates"]] == names
+    assert again["choice"]["winner"] in [*names, "dense_fp32"] and again["dense"] == record["dense"] | {
+        k: again["dense"][k] for k in ("latency", "size_mb", "verdict")
+    }
+
     md = (out / "report.md").read_text()
     for name in names:
         assert f"| {name} |" in md

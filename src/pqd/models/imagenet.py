@@ -13,11 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pqd.models.registry import register_model
-
-
-def _ch(c: int, width: float) -> int:
-    return max(8, int(round(c * width)))
+from pqd.models.registry import register_model, scaled_channels
 
 
 class BasicBlock(nn.Module):
@@ -69,7 +65,7 @@ def _downsample(cin: int, cout: int, stride: int) -> nn.Module:
 class ImageNetResNet(nn.Module):
     def __init__(self, block: type[BasicBlock | Bottleneck], blocks: tuple[int, ...], num_classes: int, width: float):
         super().__init__()
-        planes = [_ch(c, width) for c in (64, 128, 256, 512)]
+        planes = [scaled_channels(c, width) for c in (64, 128, 256, 512)]
         self.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)

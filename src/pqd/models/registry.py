@@ -22,6 +22,12 @@ from pqd.models.external import create_external
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
+def scaled_channels(channels: int, width: float) -> int:
+    """A layer's channel count at width multiplier ``width`` (rounded, at least 8): the rule every built-in
+    ResNet, VGG and WRN follows."""
+    return max(8, int(round(channels * width)))
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register ``fn`` under its ``__name__``; it must accept ``num_classes`` and ``width``."""
     _MODELS[fn.__name__] = fn

@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pqd.models.registry import register_model
-
-
-def _ch(c: int, width: float) -> int:
-    return max(8, int(round(c * width)))
+from pqd.models.registry import register_model, scaled_channels
 
 
 class BasicBlock(nn.Module):
@@ -34,7 +30,7 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, blocks: tuple[int, ...], num_classes: int, width: float, in_chans: int = 3):
         super().__init__()
-        widths = [_ch(c, width) for c in (64, 128, 256, 512)]
+        widths = [scaled_channels(c, width) for c in (64, 128, 256, 512)]
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pqd.models.registry import register_model
+from pqd.models.registry import register_model, scaled_channels
 
 _CFG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -19,7 +19,7 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                cout = max(8, int(round(v * width)))
+                cout = scaled_channels(v, width)
                 layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
                 cin = cout
         self.features = nn.Sequential(*layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pqd.models.registry import register_model
+from pqd.models.registry import register_model, scaled_channels
 
 
 class WideBlock(nn.Module):
@@ -35,7 +35,7 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
-        chans = [max(8, int(round(c * width))) for c in (16, 16 * widen, 32 * widen, 64 * widen)]
+        chans = [scaled_channels(c, width) for c in (16, 16 * widen, 32 * widen, 64 * widen)]
         self.conv1 = nn.Conv2d(in_chans, chans[0], 3, 1, 1, bias=False)
         blocks, cin = [], chans[0]
         for i, cout in enumerate(chans[1:]):

@@ -248,21 +248,25 @@ class RunConfig(Section):
         return any(protocol.get_stage(s.stage).quantizes for s in self.stages)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config file (or the defaults when ``path`` is None), apply overrides, validate.
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (empty for an empty file), read with
+    :func:`pqd.safety.safeyaml.load_yaml` (size, depth, node and alias limits: YAML bombs are refused);
+    nothing named in it is imported here. Raises ConfigError for a missing, unreadable or non-mapping file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
+    try:
+        data = load_yaml(p, where=f"config file {str(p)!r}")
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read as text: {exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return data
 
-    The file is read with :func:`pqd.safety.safeyaml.load_yaml` (size, depth, node and alias limits:
-    YAML bombs are refused); nothing named in it is imported here."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
-        try:
-            data = load_yaml(p, where=f"config file {str(p)!r}")
-        except OSError as exc:
-            raise ConfigError(f"config file {str(p)!r} cannot be read as text: {exc}") from None
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config file (:func:`read_config_file`; the defaults when ``path`` is None), apply
+    overrides, validate."""
+    data = read_config_file(path) if path is not None else {}
     return RunConfig.from_dict(apply_overrides(data, overrides))

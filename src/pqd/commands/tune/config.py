@@ -9,8 +9,7 @@ from typing import Any
 
 from pqd.config import Section, apply_overrides, choice, fail, in_range
 from pqd.errors import ConfigError
-from pqd.run.config import RunConfig
-from pqd.safety.safeyaml import load_yaml
+from pqd.run.config import RunConfig, read_config_file
 
 TUNE_RUNTIMES = ("openvino", "onnxruntime", "pytorch")
 PASS_RULES = ("point", "upper")
@@ -106,14 +105,4 @@ def split_tune_dict(data: dict[str, Any]) -> tuple[RunConfig, TuneConfig]:
 
 def load_tune_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[RunConfig, TuneConfig]:
     """Read a ``pqd tune`` YAML file (the run config's sections plus ``tune:``), apply ``--set`` overrides."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} {'is a directory' if p.is_dir() else 'does not exist'}")
-    try:
-        data = load_yaml(p, where=f"config file {str(p)!r}")
-    except OSError as exc:
-        raise ConfigError(f"config file {str(p)!r} cannot be read as text: {exc}") from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
-    return split_tune_dict(apply_overrides(data, overrides))
+    return split_tune_dict(apply_overrides(read_config_file(path), overrides))

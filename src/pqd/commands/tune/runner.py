@@ -321,6 +321,10 @@ def _tune(config: RunConfig, tc: TuneConfig, out: Path, *, executor: str, addres
     latency_cap = tc.latency_budget_fraction
     while True:
         done = state.done()
+        if ref is None and any(c.name == "ptq" and o.ok for c, o in done):  # a resumed tune
+            ref = _reference(runs_dir / "ptq", data, tc)
+        if latency_cap is None and tc.latency_budget_ms is not None and ref is not None:
+            latency_cap = _budget_fraction(state, out, tc, data)
         step = plan(
             tc,
             done,
@@ -377,8 +381,6 @@ def _tune(config: RunConfig, tc: TuneConfig, out: Path, *, executor: str, addres
                 "within the tolerance" if ev["passed"] else "outside the tolerance",
             )
             state.add(c, outcome, ev, step.note)
-        if latency_cap is None and tc.latency_budget_ms is not None and ref is not None:
-            latency_cap = _budget_fraction(state, out, tc, data)
     if ref is None:
         raise PqdError(
             "tune: the dense PTQ candidate did not finish; nothing to compare against (see runs/ptq/log.txt)"
