@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 from pqd.compress.channels.graph import ChannelGraph, prune_to_widths
 from pqd.compress.channels.importance import group_scores
 from pqd.config import DataConfig
 from pqd.data import load_data
+from pqd.measure.stats import mcnemar_pooled, paired_difference_interval
 from pqd.models.registry import create_model
 from pqd.structured import latency_model as L
 from pqd.structured.select import adapted_bn_ranker, normalized_images
@@ -59,3 +61,40 @@ def bench_ranker(teacher, scores, example, data, args):
     calib, _ = normalized_images(data.train, perm[: args.select_images], mean=data.mean, std=data.std)
     val_x, val_y = normalized_images(val, torch.arange(len(val)), mean=data.mean, std=data.std)
     return adapted_bn_ranker(teacher, scores, example=example, calib=calib, val_x=val_x, val_y=val_y)
+
+
+ALPHA = 0.05
+
+
+def verdict(diff: float, p_holm: float, hi: float, seeds_against: int) -> str:
+    """A claim's verdict (docs/RESULTS_TEMPLATE.md): holds / does not hold / not resolved at this scale."""
+    if diff > 0 and p_holm < ALPHA and seeds_against == 0:
+        return "holds"
+    if (diff < 0 and p_holm < ALPHA) or hi < 0.005:
+        return "does not hold"
+    return "not resolved at this scale"
+
+
+def paired_comparison(ca: dict[int, np.ndarray], cb: dict[int, np.ndarray]) -> dict | None:
+    """A vs B on the same test images, pooled over the seeds both ran: the difference in top-1 (fraction) with
+    its 95% paired interval (Wald), McNemar's stratified test on the discordant images, seeds pointing each way."""
+    seeds = sorted(set(ca) & set(cb))
+    if not seeds:
+        return None
+    tables = [(int((ca[s] & ~cb[s]).sum()), int((~ca[s] & cb[s]).sum())) for s in seeds]
+    rec = mcnemar_pooled(tables)
+    iv = paired_difference_interval(np.concatenate([ca[s] for s in seeds]), np.concatenate([cb[s] for s in seeds]))
+    n = sum(len(ca[s]) for s in seeds)
+    return {
+        "seeds": seeds,
+        "n": n,
+        "top1_a": sum(int(ca[s].sum()) for s in seeds) / n,
+        "top1_b": sum(int(cb[s].sum()) for s in seeds) / n,
+        "difference": iv["difference"],
+        "ci": [iv["ci_low"], iv["ci_high"]],
+        "p": rec["p_value"],
+        "b": rec["b"],
+        "c": rec["c"],
+        "seeds_a_better": rec["strata_a_better"],
+        "seeds_b_better": rec["strata_b_better"],
+    }

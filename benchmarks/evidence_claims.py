@@ -25,15 +25,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from bench_common import paired_comparison, verdict
 
 from pqd.commands.report.build import aggregate
 from pqd.commands.sweep import read_table
-from pqd.measure.stats import holm, mcnemar_pooled, paired_difference_interval
+from pqd.measure.stats import holm, wilson_interval
 from pqd.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
-
-ALPHA = 0.05
 
 
 def _vs(a: str, bs: list[str]) -> list[tuple[str, str]]:
@@ -62,14 +61,6 @@ CLAIMS = {
 SPEED = ["dense", "PQD", "qat_only", "ptq", "prune_only", "kd_only", "sparsity__sparsity0.0", "nncf_ptq"]
 
 
-def verdict(diff: float, p_holm: float, hi: float, seeds_against: int) -> str:
-    if diff > 0 and p_holm < ALPHA and seeds_against == 0:
-        return "holds"
-    if (diff < 0 and p_holm < ALPHA) or hi < 0.005:
-        return "does not hold"
-    return "not resolved at this scale"
-
-
 def correctness(sweep: Path, aggs: list[dict]) -> dict[str, dict[int, np.ndarray]]:
     """label -> seed -> per-image correctness (the deployed model's predictions vs the test labels)."""
     out: dict[str, dict[int, np.ndarray]] = {}
@@ -88,29 +79,6 @@ def correctness(sweep: Path, aggs: list[dict]) -> dict[str, dict[int, np.ndarray
                 continue
             out.setdefault(a["label"], {})[r["seed"]] = pred == labels
     return out
-
-
-def compare(ca: dict[int, np.ndarray], cb: dict[int, np.ndarray]) -> dict | None:
-    seeds = sorted(set(ca) & set(cb))
-    if not seeds:
-        return None
-    tables = [(int((ca[s] & ~cb[s]).sum()), int((~ca[s] & cb[s]).sum())) for s in seeds]
-    rec = mcnemar_pooled(tables)
-    iv = paired_difference_interval(np.concatenate([ca[s] for s in seeds]), np.concatenate([cb[s] for s in seeds]))
-    n = sum(len(ca[s]) for s in seeds)
-    return {
-        "seeds": seeds,
-        "n": n,
-        "top1_a": sum(int(ca[s].sum()) for s in seeds) / n,
-        "top1_b": sum(int(cb[s].sum()) for s in seeds) / n,
-        "difference": iv["difference"],
-        "ci": [iv["ci_low"], iv["ci_high"]],
-        "p": rec["p_value"],
-        "b": rec["b"],
-        "c": rec["c"],
-        "seeds_a_better": rec["strata_a_better"],
-        "seeds_b_better": rec["strata_b_better"],
-    }
 
 
 def main(argv=None) -> int:
@@ -135,8 +103,6 @@ def main(argv=None) -> int:
         if g["label"] in corr:
             k = sum(int(v.sum()) for v in corr[g["label"]].values())
             n = sum(len(v) for v in corr[g["label"]].values())
-            from pqd.measure.stats import wilson_interval
-
             ci = [k / n, *wilson_interval(k, n), n]
         result["configs"][g["label"]] = {
             "stages": g["stages"],
@@ -153,7 +119,7 @@ def main(argv=None) -> int:
         recs = []
         for lab_a, lab_b in pairs:
             if lab_a in corr and lab_b in corr:
-                rec = compare(corr[lab_a], corr[lab_b])
+                rec = paired_comparison(corr[lab_a], corr[lab_b])
                 if rec:
                     recs.append(rec | {"a": lab_a, "b_label": lab_b})
         for rec, adj in zip(recs, holm([r["p"] for r in recs]), strict=True):

@@ -24,6 +24,7 @@ def test_shared_cifar10_jpeg(cache_dir, caplog):
     assert s.mean == pytest.approx((0.491, 0.482, 0.447), abs=0.005)  # the well-known CIFAR-10 means
     # how long decoding takes is a benchmark's business (a timed assert fails on a busy machine); that the
     # second load reads the decoded cache instead of decoding again is this test's
+    caplog.clear()  # only the second load's records (the first's are captured too when another test raised the level)
     with caplog.at_level(logging.DEBUG, logger="pqd.data"):
         again = load_data(cfg)
     assert "cache hit" in caplog.text and "decoding" not in caplog.text

@@ -17,8 +17,8 @@ import pqd.structured.search as S
 from pqd.commands.export import export_run
 from pqd.commands.predict import load_deployable, predict_files
 from pqd.run.config import load_config
+from pqd.run.loader import load_run
 from pqd.run.pipeline import run_pipeline
-from pqd.run.rundir import RunDir
 
 try:  # a torchvision built for another torch raises RuntimeError on import: skip, as for a missing one
     import timm  # noqa: F401
@@ -79,7 +79,7 @@ def test_architecture_through_stages_export_and_predict(tmp_path, monkeypatch, n
     assert (run / "model_int8.onnx").is_file() and record
     onnx_pred = [r["top"][0]["index"] for r in predict_files(run / "model_int8.onnx", test_files)]
     # the ONNX file on the run's own uint8 evaluation tensors gives the same answers
-    data = RunDir(run).load().data
+    data = load_run(run).data
     assert onnx_pred == load_deployable(run / "model_int8.onnx").run(data.test.x).argmax(1).tolist()
     meta = torch.jit.load(str(run / "model_int8.pt")).class_names
     assert list(meta) == list(mixedfolder.CLASSES)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pqd.compress.channels.graph import ChannelGraph
+from pqd.compress.channels.graph import ChannelGraph, prune_to_widths
 from pqd.compress.channels.importance import group_scores, uniform_widths
 from pqd.errors import ConfigError
 from pqd.models.registry import create_model
@@ -168,7 +168,6 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
     first measurement miss; a stand-in ranker prefers the uniform recipe. The record lists every
     candidate; later iterations keep the uniform recipe."""
     import pqd.structured.search as S
-    from pqd.compress.channels.graph import prune_to_widths
 
     model, graph, scores = resnet
 
@@ -215,7 +214,7 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
         w = it["widths"]
         assert len({round(w[g] / c, 1) for g, c in graph.widths().items()}) <= 2  # uniform throughout
     json.dumps(rec)
-    with pytest.raises(ConfigError, match="together"):
+    with pytest.raises(ConfigError, match="need rank"):
         search(
             model,
             lm,
@@ -235,7 +234,58 @@ def test_structured_config_select_is_validated():
     assert StructuredConfig(select="adapted_bn").select == "adapted_bn"
     with pytest.raises(ConfigError, match="select"):
         StructuredConfig(select="best")
-    with pytest.raises(ConfigError, match="size budget"):
-        StructuredConfig(select="adapted_bn", size_budget_mb=1.0)
+    assert StructuredConfig(select="uniform").select == "uniform"
+    for select in ("adapted_bn", "uniform"):
+        with pytest.raises(ConfigError, match="size budget"):
+            StructuredConfig(select=select, size_budget_mb=1.0)
     with pytest.raises(ConfigError, match="select_images"):
         StructuredConfig(select_images=4)
+
+
+def test_select_uniform_is_one_recipe_corrected_against_the_stopwatch(resnet, monkeypatch):
+    """select 'uniform' (the control for the other recipes): no ranking, one keep ratio everywhere in every
+    iteration, and the measured model meets the budget the stand-in stopwatch sets."""
+    import pqd.structured.search as S
+
+    model, graph, scores = resnet
+
+    def macs(m):
+        return sum(r.macs for r in ChannelGraph(m, X).layers) / 1e6
+
+    overhead = 0.6 * macs(model)
+    monkeypatch.setattr(S, "measure_int8", lambda models, **kw: {k: macs(m) + overhead for k, m in models.items()})
+    lm = _macs_model()
+    for ratio in (1.0, 0.5):
+        w = uniform_widths(graph.widths(), ratio, round_to=8)
+        lm.add(w, macs(prune_to_widths(model, w, example=X, round_to=1, scores=scores)), "sample")
+    dense = macs(model) + overhead
+    only = {"uniform": width_recipes(graph, scores, round_to=8, min_keep=0.1)["uniform"]}
+    _, rec = search(
+        model,
+        lm,
+        graph,
+        target=L.Target("pytorch", 1, 1),
+        input_shape=(3, 32, 32),
+        budget_fraction=0.6,
+        dense_ms=dense,
+        scores=scores,
+        max_iters=6,
+        use_cache=False,
+        recipes=only,
+    )
+    assert rec["recipe"] == "uniform" and rec["candidates"] is None and rec["met"]
+    assert rec["measured_ms"] <= 0.6 * dense
+    for it in rec["iterations"]:
+        assert len({round(it["widths"][g] / c, 1) for g, c in graph.widths().items()}) <= 2
+    with pytest.raises(ConfigError, match="rank"):
+        search(
+            model,
+            lm,
+            graph,
+            target=L.Target("pytorch", 1, 1),
+            input_shape=(3, 32, 32),
+            budget_fraction=0.6,
+            dense_ms=dense,
+            scores=scores,
+            recipes={**only, "greedy": only["uniform"]},
+        )

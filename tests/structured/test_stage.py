@@ -182,3 +182,77 @@ def test_stage_quantizes_its_latency_models_with_the_runs_quantize_settings(tiny
         "weights": "per_tensor/symmetric",
         "leaf_modules": ["gate"],
     }
+
+
+def test_reinit_trains_the_chosen_widths_from_a_fresh_initialisation(tiny_data, tmp_path, monkeypatch):
+    """structured.reinit (the trained-from-scratch control): the same widths as without it, none of the
+    teacher's kept weights, and the same fresh weights for the same seed."""
+    import pqd.structured.latency_model as L
+    import pqd.structured.search as S
+
+    real = L.measure_int8
+    in_process = lambda *a, **k: real(*a, **{**k, "in_process": True})  # noqa: E731
+    monkeypatch.setattr(L, "measure_int8", in_process)
+    monkeypatch.setattr(S, "measure_int8", in_process)
+    torch.manual_seed(0)
+    model = Plain(num_classes=4, c=32)
+    tc = TrainConfig(batch_size=32, progress=False)
+    common = dict(budget_fraction=0.7, runtime="pytorch", threads=1, samples=3, runs=10, max_iters=2)
+    kept, rec = structured_prune(
+        Student(model),
+        StructuredConfig(**common, cache_dir=str(tmp_path / "a")),
+        data=tiny_data,
+        epochs=0,
+        train_config=tc,
+    )
+    runs = [
+        structured_prune(
+            Student(model),
+            StructuredConfig(**common, reinit=True, cache_dir=str(tmp_path / "a")),
+            data=tiny_data,
+            epochs=0,
+            train_config=tc,
+            checkpoint=tmp_path / f"r{i}.safetensors",
+        )
+        for i in range(2)
+    ]
+    (fresh, rec_fresh), (again, _) = runs
+    assert rec_fresh["reinitialized"] and rec_fresh["widths"] == rec["widths"]
+    convs = [k for k, v in kept.model.state_dict().items() if k.endswith("weight") and v.dim() == 4]
+    assert convs and all(not torch.equal(kept.model.state_dict()[k], fresh.model.state_dict()[k]) for k in convs)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.model.state_dict().values(), again.model.state_dict().values(), strict=True)
+    )
+
+
+def test_widths_from_a_finished_run_are_used_without_a_search(tiny_data, tmp_path, monkeypatch):
+    import pqd.structured.latency_model as L
+    import pqd.structured.search as S
+
+    never = lambda *a, **k: pytest.fail("widths_from must not measure")  # noqa: E731
+    monkeypatch.setattr(L, "measure_int8", never)
+    monkeypatch.setattr(S, "measure_int8", never)
+    model = Plain(num_classes=4, c=32)
+    dense = ChannelGraph(model, torch.zeros(2, 3, 16, 16)).widths()
+    half = {g: max(8, c // 2) for g, c in dense.items()}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(
+        json.dumps({"stage_records": [{"stage": "structured", "records": {"widths": half, "measured_ms": 0.1}}]})
+    )
+    tc = TrainConfig(batch_size=32, progress=False)
+    out, rec = structured_prune(
+        Student(model), StructuredConfig(widths_from=str(run)), data=tiny_data, epochs=0, train_config=tc
+    )
+    assert ChannelGraph(out.model, torch.zeros(2, 3, 16, 16)).widths() == half
+    assert rec["widths_from"] == str(run) and rec["measured_ms"] == 0.1
+    (run / "metrics.json").write_text(json.dumps({"stage_records": [{"records": {"widths": {**half, "nope": 8}}}]}))
+    with pytest.raises(ConfigError, match="do not fit"):
+        structured_prune(
+            Student(model), StructuredConfig(widths_from=str(run)), data=tiny_data, epochs=0, train_config=tc
+        )
+    with pytest.raises(ConfigError, match="not a finished run folder"):
+        structured_prune(
+            Student(model), StructuredConfig(widths_from=str(tmp_path)), data=tiny_data, epochs=0, train_config=tc
+        )

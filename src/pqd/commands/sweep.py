@@ -190,9 +190,25 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         if not bp.is_file():
             raise ConfigError(f"sweep base config {str(bp)!r} does not exist")
         base = load_yaml(bp, where=f"sweep base config {str(bp)!r}") or {}
-    spec = dict(spec, base=apply_overrides(_dotted_to_nested(base, "base"), overrides))
+    spec = dict(spec, base=_user_weights_absolute(apply_overrides(_dotted_to_nested(base, "base"), overrides)))
+    variants = spec.get("variants")
+    if isinstance(variants, Mapping):
+        spec["variants"] = {n: _user_weights_absolute(o) if isinstance(o, Mapping) else o for n, o in variants.items()}
     spec.setdefault("name", p.stem)
     return spec
+
+
+def _user_weights_absolute(config: Mapping[str, Any]) -> dict:
+    """``config`` with a relative ``teacher.weights`` the user wrote resolved against the working directory,
+    as ``pqd run`` reads it; relative paths in a sweep's own run configs are its teacher runs' files,
+    relative to the sweep folder (:func:`pqd.run.rundir.with_teacher_base`)."""
+    out = dict(config)
+    if isinstance(out.get("teacher.weights"), str) and out["teacher.weights"]:  # a variant's dotted override
+        out["teacher.weights"] = str(Path(out["teacher.weights"]).absolute())
+    teacher = out.get("teacher")
+    if isinstance(teacher, Mapping) and isinstance(teacher.get("weights"), str) and teacher["weights"]:
+        out["teacher"] = dict(teacher, weights=str(Path(teacher["weights"]).absolute()))
+    return out
 
 
 def expand(spec: Mapping[str, Any], out_dir: str | Path | None = None) -> Sweep:

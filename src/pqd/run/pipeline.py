@@ -253,10 +253,13 @@ def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str |
             f"teacher: {bad!r} holds NaN/inf values; lower teacher.lr (--set teacher.lr=...) or check "
             "teacher.weights, then re-run"
         )
-    ds = (
+    n = len(data.train)
+    ds = (  # a seeded sample of the training split: an image folder's training split is sorted by class
         data.val
         if data.val is not None and len(data.val)
-        else data.train.subset(torch.arange(min(2000, len(data.train))))
+        else data.train.subset(
+            torch.randperm(n, generator=torch.Generator().manual_seed(0))[: min(2000, n)].sort().values
+        )
     )
     was = teacher.training
     logits = predict(teacher, ds, mean=data.mean, std=data.std, batch_size=config.train.eval_batch_size)
@@ -267,6 +270,7 @@ def _check_teacher(config: RunConfig, data: Splits, teacher: nn.Module) -> str |
         where="teacher",
         strict=False,
         pred_counts=torch.bincount(logits.argmax(1).cpu(), minlength=data.num_classes),
+        label_counts=torch.bincount(torch.as_tensor(ds.y).cpu(), minlength=data.num_classes),
     )
 
 

@@ -110,7 +110,7 @@ TUNE_DIR_FILES = (
     "plots",
 )
 
-# Settings that change no trained result: a resume ignores differences in them (item 4 of issue 11).
+# Settings that change no trained result: a resume ignores differences in them.
 RESULT_NEUTRAL_KEYS = (
     "train.progress",
     "train.tracker",

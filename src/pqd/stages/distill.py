@@ -17,6 +17,7 @@ from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
+from pqd.stages.distill_variants import DEFAULT_BETA, NEEDS_TEACHER, distill_variant
 from pqd.stages.protocol import RunConfig, Stage, StageContext, StageSpec, register_stage
 from pqd.stages.quantize import freeze_check, note_freeze_check
 from pqd.train.loop import train
@@ -50,7 +51,7 @@ class DistillConfig(Section):
     kd_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        choice("distill.kind", self.kind, ("response", "feature", "attention", "mutual", "self"))
+        choice("distill.kind", self.kind, ("response", *DEFAULT_BETA))
         if self.beta is not None:
             in_range("distill.beta", self.beta, 0.0)
         in_range("distill.peers", self.peers, 1, 8)
@@ -70,7 +71,7 @@ def distill(
     student: Student,
     config: DistillConfig,
     *,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     data: Splits,
     epochs: int,
     train_config: TrainConfig = TrainConfig(),
@@ -79,11 +80,27 @@ def distill(
     augment: bool = True,
     tracker: Tracker | None = None,
 ) -> Student:
-    """Train ``student`` for ``epochs`` against the frozen ``teacher``'s soft targets.
+    """Train ``student`` for ``epochs`` with the KD ``config.kind`` names: against the frozen ``teacher``'s
+    soft targets ('response'), or one of :mod:`pqd.stages.distill_variants`' kinds (one entry point for all).
 
     ``config.kd_weight == 0`` is the KD-off control: same loop, lr and schedule, cross-entropy
     alone, and the teacher is never run.
     """
+    if config.kind != "response":
+        return distill_variant(
+            student,
+            config,
+            teacher=teacher,
+            data=data,
+            epochs=epochs,
+            train_config=train_config,
+            checkpoint=checkpoint,
+            seed=seed,
+            augment=augment,
+            tracker=tracker,
+        )
+    if teacher is None:
+        raise ConfigError("distill: response KD needs the dense teacher")
     kd = KDLoss(temperature=config.temperature, alpha=config.alpha, kd_weight=config.kd_weight)
     if kd.needs_teacher and train_config.channels_last:
         teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack Module.to(memory_format=)
@@ -133,23 +150,10 @@ class DistillStage(Stage):
         epochs: int,
         checkpoint: Path | None,
     ) -> Student:
-        if section_config.kind != "response":  # feature / attention / mutual / self
-            from pqd.stages.distill_variants import distill_variant
-
-            return distill_variant(
-                student,
-                section_config,
-                teacher=ctx.teacher,
-                data=ctx.data,
-                epochs=epochs,
-                train_config=ctx.train_config,
-                checkpoint=checkpoint,
-                seed=ctx.seed,
-                augment=ctx.augment,
-                tracker=ctx.tracker,
+        if section_config.kind in NEEDS_TEACHER and ctx.teacher is None:
+            raise ConfigError(
+                f"stages: distill.kind {section_config.kind!r} needs the dense teacher, and this context has none"
             )
-        if ctx.teacher is None:
-            raise ConfigError("stages: distill needs the dense teacher, and this context has none")
         return distill(
             student,
             section_config,

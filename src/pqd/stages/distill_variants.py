@@ -45,7 +45,7 @@ from pqd.config import TrainConfig
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
-from pqd.stages.imp import reinitialize
+from pqd.models.reinit import reinitialize
 from pqd.train.loop import epoch_seed, train
 from pqd.train.tracking import Tracker
 

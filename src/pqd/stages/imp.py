@@ -28,7 +28,6 @@ next to the stage's, and the rewind weights are saved once taken.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,12 +42,13 @@ from pqd.config import Section, TrainConfig, choice, fail, in_range
 from pqd.data import Splits
 from pqd.data.adapters import as_splits
 from pqd.errors import ConfigError
+from pqd.models.reinit import reinitialize
 from pqd.stages.protocol import RunConfig, Stage, StageContext, StageSpec, register_stage
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.loop import epoch_seed, train
 from pqd.train.tracking import Tracker
 
-__all__ = ["ImpStage", "imp", "reinitialize", "segments"]
+__all__ = ["ImpStage", "imp", "segments"]
 
 log = logging.getLogger("pqd.imp")
 
@@ -96,21 +96,6 @@ def segments(epochs: int, rounds: int) -> list[int]:
         )
     base = epochs // (rounds + 1)
     return [base] * rounds + [epochs - base * rounds]
-
-
-def reinitialize(model: nn.Module, *, seed: int) -> nn.Module:
-    """A copy of ``model`` with every submodule's ``reset_parameters()`` re-run under ``seed``
-    (a fresh random initialisation of the same architecture, on the same device)."""
-    fresh = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in fresh.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset):
-                reset()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-    return fresh
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

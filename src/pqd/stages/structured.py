@@ -32,6 +32,7 @@ from pqd.compress.student import Student
 from pqd.config import Section
 from pqd.data.adapters import require_splits
 from pqd.errors import ConfigError, ModelError
+from pqd.models.reinit import reinitialize
 from pqd.stages.distill import DistillConfig
 from pqd.stages.protocol import RunConfig, Stage, StageContext, register_stage
 
@@ -49,7 +50,7 @@ log = logging.getLogger("pqd.structured")
 
 STRUCTURED_RUNTIMES = ("openvino", "onnxruntime", "pytorch")
 STRUCTURED_CRITERIA = ("l1", "l2", "bn", "taylor", "random")
-STRUCTURED_SELECT = ("greedy", "adapted_bn")
+STRUCTURED_SELECT = ("greedy", "adapted_bn", "uniform")
 
 
 def _sfail(key: str, msg: str) -> NoReturn:
@@ -70,11 +71,17 @@ class StructuredConfig(Section):
     measurement; ``max_iters``: measure-and-correct rounds; ``margin``: correct until the
     measured latency is at most (1 - margin) × the budget, room for the measurement's
     run-to-run spread. ``select``: 'greedy' (one greedy on the importance or sensitivity
-    cost) or 'adapted_bn' (several width recipes under the same target, uniform scaling among
+    cost), 'adapted_bn' (several width recipes under the same target, uniform scaling among
     them, ranked by top-1 after re-estimating BN statistics on ``select_images`` training
-    images; :mod:`pqd.structured.select`). The stage then fine-tunes for
+    images; :mod:`pqd.structured.select`) or 'uniform' (one keep ratio for every group, the
+    largest that meets the measured budget: the control for the other two). The stage then fine-tunes for
     its epochs at ``lr``, against the dense teacher's soft targets when ``distill`` is true
-    (temperature and alpha of the ``distill`` section), else with cross-entropy. ``ignore``:
+    (temperature and alpha of the ``distill`` section), else with cross-entropy. ``reinit``: train
+    the chosen widths from a fresh, seeded initialisation instead of the teacher's kept weights:
+    the trained-from-scratch control of Liu et al. ("Rethinking the Value of Network Pruning",
+    ICLR 2019), which asks whether the pruned weights are worth anything. ``widths_from``: a
+    finished run folder whose structured record gives the widths (no search, no measurement; that
+    run's record is kept, e.g. to train another run's architecture from scratch). ``ignore``:
     module paths whose output channels are never pruned.
     """
 
@@ -96,6 +103,8 @@ class StructuredConfig(Section):
     select_images: int = 512
     lr: float = 0.01
     distill: bool = True
+    reinit: bool = False
+    widths_from: str | None = None
     ignore: tuple[str, ...] = ()
     cache_dir: str | None = None
 
@@ -138,8 +147,10 @@ class StructuredConfig(Section):
             _sfail("select", f"{self.select!r} is not valid; choose one of {', '.join(map(repr, STRUCTURED_SELECT))}")
         if self.select_images < 16:
             _sfail("select_images", f"{self.select_images!r} must be >= 16 (BN statistics are re-estimated on them)")
-        if self.select == "adapted_bn" and self.size_budget_mb is not None:
-            _sfail("select", "'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb")
+        if self.select != "greedy" and self.size_budget_mb is not None:
+            _sfail(
+                "select", f"{self.select!r} does not take a size budget yet; use select 'greedy' with size_budget_mb"
+            )
 
 
 def _with_record(student: Student, model: nn.Module, key: str, record: dict[str, Any]) -> Student:
@@ -188,7 +199,7 @@ def structured_prune(
     from pqd.compress.channels.importance import group_scores
     from pqd.structured.latency_model import build
     from pqd.structured.search import search
-    from pqd.train.loop import train
+    from pqd.train.loop import epoch_seed, train
 
     if student.quantized:
         raise ModelError(f"the student is already quantized ({student.form}): {ORDER_HINT}")
@@ -207,6 +218,13 @@ def structured_prune(
         record = json.loads(state.read_text())
         pruned = prune_to_widths(model, record["widths"], example=example, round_to=1, scores=scores, ignore=cfg.ignore)
         log.info("structured: resumed widths from %s", state)
+    elif cfg.widths_from:
+        record = widths_record(cfg.widths_from, graph.widths())
+        pruned = prune_to_widths(model, record["widths"], example=example, round_to=1, scores=scores, ignore=cfg.ignore)
+        log.info("structured: widths of %s", cfg.widths_from)
+        if state is not None:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text(json.dumps(record, indent=1))
     else:
         target = deployment_target(cfg, quantize_config)
         lm = build(
@@ -228,16 +246,19 @@ def structured_prune(
             sens = read_csv(cfg.sensitivity)
         dense_ms = lm.dense_ms(graph)
         recipes = rank = ranked_on = None
-        if cfg.select == "adapted_bn":
+        if cfg.select != "greedy":
             from pqd.structured.search import cost_function
             from pqd.structured.select import stage_ranker, width_recipes
 
             recipes = width_recipes(
                 graph, scores, cost=cost_function(graph, scores, sens), round_to=cfg.round_to, min_keep=cfg.min_keep
             )
-            rank, ranked_on = stage_ranker(
-                model, scores, data, example=example, calib_images=cfg.select_images, seed=seed, ignore=cfg.ignore
-            )
+            if cfg.select == "uniform":
+                recipes = {"uniform": recipes["uniform"]}
+            else:
+                rank, ranked_on = stage_ranker(
+                    model, scores, data, example=example, calib_images=cfg.select_images, seed=seed, ignore=cfg.ignore
+                )
         pruned, record = search(
             model,
             lm,
@@ -270,6 +291,9 @@ def structured_prune(
         message = missed_budget_message(record)
         log.warning("%s", message)
         record["warnings"] = [message]
+    if cfg.reinit:
+        pruned = reinitialize(pruned, seed=epoch_seed(seed, "structured-reinit", 0))
+        record["reinitialized"] = True
     if device is not None:
         pruned.to(device)
     if epochs > 0:
@@ -297,6 +321,25 @@ def structured_prune(
         )
     pruned.eval()
     return Student(pruned, {}, student.form, student.freeze_fraction), record
+
+
+def widths_record(run: str | Path, dense: dict[str, int]) -> dict[str, Any]:
+    """The structured record of the finished run folder ``run`` (its metrics.json), checked against this
+    model's channel groups ``dense``; ``widths_from`` is added."""
+    metrics = Path(run) / "metrics.json"
+    if not metrics.is_file():
+        raise ConfigError(f"structured.widths_from: {str(run)!r} is not a finished run folder (no metrics.json)")
+    records = [s.get("records") or {} for s in json.loads(metrics.read_text()).get("stage_records") or []]
+    record = next((r for r in records if "widths" in r), None)
+    if record is None:
+        raise ConfigError(f"structured.widths_from: run {str(run)!r} has no structured stage")
+    widths = record["widths"]
+    if set(widths) != set(dense) or any(not 0 < widths[g] <= dense[g] for g in dense):
+        raise ConfigError(
+            f"structured.widths_from: the widths of {str(run)!r} do not fit this model's channel groups "
+            f"({len(widths)} groups there, {len(dense)} here)"
+        )
+    return dict(record, widths_from=str(run))
 
 
 def missed_budget_message(record: dict[str, Any]) -> str:

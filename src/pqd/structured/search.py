@@ -205,6 +205,8 @@ def propose(
         return greedy_widths(
             graph, lm, cost, target_ms, round_to=round_to, min_keep=min_keep, size_budget_params=size_params
         )
+    if choice.recipe is None and len(recipes) == 1:  # one recipe: nothing to rank
+        choice.recipe = next(iter(recipes))
     if choice.recipe is not None:
         return recipes[choice.recipe](lm, target_ms)
     proposals = {name: recipe(lm, target_ms) for name, recipe in recipes.items()}
@@ -355,8 +357,8 @@ def search(
     correctness}``, e.g. :func:`pqd.structured.select.adapted_bn_ranker`): at the first target every
     recipe proposes widths, ``rank`` scores them, :func:`choose` picks one
     (uniform unless another is better beyond noise), and that recipe alone makes the widths of
-    every later correction; the record lists the candidates with their scores. Without them, the greedy
-    on ``scores`` / ``sensitivity`` decides.
+    every later correction; the record lists the candidates with their scores. A single recipe needs no
+    ``rank`` (e.g. uniform scaling alone). Without recipes, the greedy on ``scores`` / ``sensitivity`` decides.
     """
     if not 0 <= margin < 0.5:
         raise ConfigError(f"structured.margin: {margin} must be in [0, 0.5)")
@@ -364,11 +366,13 @@ def search(
         raise ConfigError("structured: give exactly one of budget_ms and budget_fraction")
     if budget_fraction is not None and not 0 < budget_fraction <= 1:
         raise ConfigError(f"structured.budget_fraction: {budget_fraction} must be in (0, 1]")
-    if (recipes is None) != (rank is None):
-        raise ConfigError("structured search: give recipes and rank together")
+    if recipes is None and rank is not None:
+        raise ConfigError("structured search: rank needs recipes")
+    if recipes is not None and rank is None and len(recipes) != 1:
+        raise ConfigError("structured search: several recipes need rank to choose among them")
     if recipes is not None and size_budget_mb is not None:
         raise ConfigError(
-            "structured.select 'adapted_bn' does not take a size budget yet; use select 'greedy' with size_budget_mb"
+            "structured.select 'adapted_bn' / 'uniform' does not take a size budget yet; use select 'greedy' with size_budget_mb"
         )
     example = torch.zeros(2, *input_shape)
     # the floor model the latency model's samples were anchored to (the search's rounding, for a model without samples)

@@ -159,6 +159,7 @@ def check_teacher_quality(
     *,
     min_ratio: float = 1.5,
     pred_counts: Sequence[int] | torch.Tensor | None = None,
+    label_counts: Sequence[int] | torch.Tensor | None = None,
     max_one_class: float = 0.9,
     where: str = "teacher",
     strict: bool = True,
@@ -168,7 +169,9 @@ def check_teacher_quality(
 
     ``top1`` (a fraction in [0, 1], on held-out data) must exceed ``min_ratio`` times chance
     (1 / ``num_classes``). ``pred_counts`` (how often each class was predicted) also flags
-    a teacher that answers one class for more than ``max_one_class`` of the images.
+    a teacher that answers one class for more than ``max_one_class`` of the images, unless
+    ``label_counts`` (the same images' labels) hold that class as often: a slice of one class is
+    answered with that class by a good model.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -186,7 +189,11 @@ def check_teacher_quality(
     elif pred_counts is not None:
         counts = torch.as_tensor(pred_counts, dtype=torch.float64)
         total = float(counts.sum())
-        if total > 0 and float(counts.max()) / total > max_one_class:
+        share = float(counts.max()) / total if total > 0 else 0.0
+        if label_counts is not None and total > 0:
+            labels = torch.as_tensor(label_counts, dtype=torch.float64)
+            share = share if float(labels[int(counts.argmax())]) / total <= max_one_class else 0.0
+        if share > max_one_class:
             message = (
                 f"{where}: predicts class {int(counts.argmax())} for {100 * float(counts.max()) / total:.1f}% of the "
                 f"images (top-1 {100 * top1:.2f}%); the model has collapsed. {remedy}"

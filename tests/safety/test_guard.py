@@ -17,15 +17,17 @@ from pqd.train.loop import train
 CFG = TrainConfig(batch_size=64, progress=False)
 
 
-def test_huge_lr_leaves_nan_model_that_the_guard_catches(tiny_data):
-    # teacher.lr=1e6 trains "successfully" into a NaN model
+def test_a_huge_lr_is_stopped_by_the_training_loops_guard(tiny_data):
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=4, width=0.125)
-    try:
+    with pytest.raises(DivergenceError, match=r"training diverged.*epoch 1"):
         train(model, tiny_data, epochs=1, lr=1e6, config=CFG)
-    except DivergenceError as exc:  # once the guard is wired into the loop (lead's step)
-        assert "training diverged" in str(exc) and "epoch 1" in str(exc)
-        return
+
+
+def test_a_nan_model_at_the_end_of_an_epoch_names_the_lr_to_lower():
+    model = create_model("resnet18", num_classes=4, width=0.125)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
     assert first_nonfinite(model) is not None
     guard = DivergenceGuard("teacher", lr_key="teacher.lr", base_lr=1e6)
     with pytest.raises(
@@ -93,6 +95,10 @@ def test_teacher_quality():
     with pytest.raises(DivergenceError, match="predicts class 3 for 95.0%"):
         check_teacher_quality(0.5, 2, min_ratio=0.5, pred_counts=[5, 0, 0, 95])
     check_teacher_quality(0.97, 10, pred_counts=[10] * 10)
+    # a slice that is almost all one class, answered right: not a collapse; answered with that class regardless: one
+    assert check_teacher_quality(0.99, 10, pred_counts=[99, 1] + [0] * 8, label_counts=[99, 1] + [0] * 8) is None
+    with pytest.raises(DivergenceError, match="collapsed"):
+        check_teacher_quality(0.5, 10, pred_counts=[95, 5] + [0] * 8, label_counts=[10] * 10)
     assert "chance level" in check_teacher_quality(0.1, 10, strict=False)
     assert check_teacher_quality(0.9, 10, strict=False) is None
     check_teacher_quality(0.2, 100)

@@ -1,4 +1,4 @@
-"""Functions run by tests/trust/test_isolate.py in child processes."""
+"""Functions run by tests/safety/test_isolate.py in child processes."""
 
 import ctypes
 import os

@@ -6,10 +6,11 @@ from pqd.compress.student import Student
 from pqd.config import TrainConfig
 from pqd.errors import ConfigError
 from pqd.models.registry import create_model
+from pqd.models.reinit import reinitialize
 from pqd.run.config import RunConfig
 from pqd.run.metrics import Metrics
 from pqd.run.pipeline import run_pipeline
-from pqd.stages.imp import ImpConfig, imp, reinitialize, segments
+from pqd.stages.imp import ImpConfig, imp, segments
 from pqd.stages.protocol import get_stage
 from pqd.train.loop import epoch_seed
 

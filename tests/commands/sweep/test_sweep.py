@@ -372,7 +372,7 @@ def test_evidence_sweeps_dry_run(name, capsys):
 
     from pqd.cli import main
 
-    path = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[3] / "configs" / "sweeps" / f"{name}.yaml"
     assert main(["sweep", str(path), "--out", "unused", "--dry-run"]) == 0
     out = capsys.readouterr().out
     for run in ("PQD_kdoff__seed2", "ft_ce2__seed0", "nncf_ptq__seed1", "nncf_ptq_long__seed0"):
@@ -483,3 +483,21 @@ def test_a_full_disk_never_leaves_an_empty_results_table(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite3, "connect", real)
     table = ResultTable(tmp_path / "results.sqlite")  # space freed: the same command makes it
     assert table.rows() == [] and sorted(p.name for p in tmp_path.iterdir()) == ["results.sqlite"]
+
+
+def test_a_relative_teacher_weights_path_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    """As `pqd run` reads it, not against the sweep folder (where a sweep keeps its own teachers' files)."""
+    from pqd.commands.sweep import load_sweep
+
+    (tmp_path / "w").mkdir()
+    spec_file = tmp_path / "sweep.yaml"
+    spec_file.write_text(
+        "base: {model: {name: resnet18}, teacher: {weights: w/teacher.safetensors}}\n"
+        "variants:\n  a: {stages: 'Q:1'}\n  b: {stages: 'Q:1', teacher.weights: w/other.safetensors}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(spec_file)
+    assert spec["base"]["teacher"]["weights"] == str(tmp_path / "w" / "teacher.safetensors")
+    assert spec["variants"]["b"]["teacher.weights"] == str(tmp_path / "w" / "other.safetensors")
+    over = load_sweep(spec_file, ["teacher.weights=w/third.safetensors"])
+    assert over["base"]["teacher"]["weights"] == str(tmp_path / "w" / "third.safetensors")

@@ -34,7 +34,12 @@ def test_pqd_run_resnet18_on_cifar10(shared_data_dir, tmp_path):
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__))
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     for f in (
