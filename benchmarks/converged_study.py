@@ -4,14 +4,14 @@ budget, and the claims C1-C5 of docs/RESULTS_TEMPLATE.md.
     pqd sweep configs/sweeps/converged_r18x05.yaml --set data.root=../shared/data/cifar10-jpeg.tar.gz --out runs/converged
     pqd sweep configs/sweeps/converged_r18x05.yaml --set data.root=... --out runs/converged_scratch --only scratch
     python benchmarks/converged_study.py runs/converged runs/converged_scratch --data ../shared/data/cifar10-jpeg.tar.gz \\
-        --out benchmarks/results/converged_r18x05
+        --out benchmarks/results/converged_r18x05 --plot docs/results/converged_r18x05.png
 
 Accuracy: every INT8 model is exported (QDQ ONNX) and run by OpenVINO on the full 10,000-image test split
 (NNCF's IR as NNCF wrote it); per-image correctness is cached under SWEEP/study/ so a second call only times.
 Latency: one interleaved run per group (the structured budgets, and the dense arms), each model in its own
 worker in the controlled environment: dense FP32 (OpenVINO FP32), dense INT8 (pqd PTQ) and the floor model
 (8 channels per group) beside the arms; OpenVINO at batch 1 and 64 (throughput), ONNX Runtime at batch 1;
-2 threads. Run it on a quiet machine. Writes OUT.json, OUT.md and OUT.png (accuracy vs measured latency).
+2 threads. Run it on a quiet machine. Writes OUT.json, OUT.md and the plot of accuracy vs measured latency (--plot).
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("sweeps", nargs="+", help="the sweep folder, then any more (e.g. the scratch arm's)")
     ap.add_argument("--data", required=True, help="CIFAR-10 (the sweep's data.root)")
     ap.add_argument("--out", required=True, help="path without suffix")
+    ap.add_argument("--plot", default=None, help="the frontier plot (default: OUT.png)")
     ap.add_argument("--runs", type=int, default=200, help="timed batch-1 calls per model and runtime")
     ap.add_argument("--no-latency", action="store_true", help="accuracy and claims only (reuses OUT.json's timing)")
     a = ap.parse_args(argv)
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     out.with_suffix(".md").write_text(to_markdown(result))
-    plot(result, out.with_suffix(".png"))
+    plot(result, Path(a.plot) if a.plot else out.with_suffix(".png"))
     print(to_markdown(result))
     return 0
 

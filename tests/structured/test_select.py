@@ -163,10 +163,9 @@ def test_choose_keeps_uniform_unless_the_best_beats_it_beyond_noise():
     assert choose({"uniform": plus(5), "greedy": base}) == ("uniform", {})
 
 
-def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypatch):
-    """A stand-in stopwatch (MACs plus a fixed overhead the latency model does not know of) makes the
-    first measurement miss; a stand-in ranker prefers the uniform recipe. The record lists every
-    candidate; later iterations keep the uniform recipe."""
+def _stand_in_stopwatch(resnet, monkeypatch):
+    """A stand-in stopwatch for the search (MACs plus a fixed overhead the latency model does not know of,
+    so the first measurement misses) and a latency model sampled without that overhead; returns (model, dense)."""
     import pqd.structured.search as S
 
     model, graph, scores = resnet
@@ -175,22 +174,26 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
         return sum(r.macs for r in ChannelGraph(m, X).layers) / 1e6
 
     overhead = 0.6 * macs(model)
+    monkeypatch.setattr(S, "measure_int8", lambda models, **kw: {k: macs(m) + overhead for k, m in models.items()})
+    lm = _macs_model()
+    for ratio in (1.0, 0.5):  # samples without the overhead: the model's first prediction is too optimistic
+        w = uniform_widths(graph.widths(), ratio, round_to=8)
+        lm.add(w, macs(prune_to_widths(model, w, example=X, round_to=1, scores=scores)), "sample")
+    return lm, macs(model) + overhead
 
-    def stopwatch(models, **kw):
-        return {k: macs(m) + overhead for k, m in models.items()}
 
-    monkeypatch.setattr(S, "measure_int8", stopwatch)
+def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypatch):
+    """A stand-in stopwatch (MACs plus a fixed overhead the latency model does not know of) makes the
+    first measurement miss; a stand-in ranker prefers the uniform recipe. The record lists every
+    candidate; later iterations keep the uniform recipe."""
+    model, graph, scores = resnet
+    lm, dense = _stand_in_stopwatch(resnet, monkeypatch)
     calls = []
 
     def rank(cands):  # uniform gets all 200 images right, every other recipe half of them
         calls.append(sorted(cands))
         return {n: torch.ones(200, dtype=torch.bool) if n == "uniform" else torch.arange(200) % 2 == 0 for n in cands}
 
-    lm = _macs_model()
-    for ratio in (1.0, 0.5):  # samples without the overhead: the model's first prediction is too optimistic
-        w = uniform_widths(graph.widths(), ratio, round_to=8)
-        lm.add(w, macs(prune_to_widths(model, w, example=X, round_to=1, scores=scores)), "sample")
-    dense = stopwatch({"d": model})["d"]
     recipes = width_recipes(graph, scores, round_to=8, min_keep=0.1)
     _, rec = search(
         model,
@@ -245,20 +248,8 @@ def test_structured_config_select_is_validated():
 def test_select_uniform_is_one_recipe_corrected_against_the_stopwatch(resnet, monkeypatch):
     """select 'uniform' (the control for the other recipes): no ranking, one keep ratio everywhere in every
     iteration, and the measured model meets the budget the stand-in stopwatch sets."""
-    import pqd.structured.search as S
-
     model, graph, scores = resnet
-
-    def macs(m):
-        return sum(r.macs for r in ChannelGraph(m, X).layers) / 1e6
-
-    overhead = 0.6 * macs(model)
-    monkeypatch.setattr(S, "measure_int8", lambda models, **kw: {k: macs(m) + overhead for k, m in models.items()})
-    lm = _macs_model()
-    for ratio in (1.0, 0.5):
-        w = uniform_widths(graph.widths(), ratio, round_to=8)
-        lm.add(w, macs(prune_to_widths(model, w, example=X, round_to=1, scores=scores)), "sample")
-    dense = macs(model) + overhead
+    lm, dense = _stand_in_stopwatch(resnet, monkeypatch)
     only = {"uniform": width_recipes(graph, scores, round_to=8, min_keep=0.1)["uniform"]}
     _, rec = search(
         model,
