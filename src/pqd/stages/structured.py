@@ -214,17 +214,16 @@ def structured_prune(
     graph = ChannelGraph(copy.deepcopy(model), example, tuple(cfg.ignore))
     scores = group_scores(graph, cfg.importance, data=data, seed=seed)
     state = Path(str(checkpoint) + ".structured.json") if checkpoint else None
+    given: dict[str, Any] | None = None  # widths decided without a search: resumed, or another run's
     if state is not None and state.exists():
-        record = json.loads(state.read_text())
-        pruned = prune_to_widths(model, record["widths"], example=example, round_to=1, scores=scores, ignore=cfg.ignore)
+        given = json.loads(state.read_text())
         log.info("structured: resumed widths from %s", state)
     elif cfg.widths_from:
-        record = widths_record(cfg.widths_from, graph.widths())
-        pruned = prune_to_widths(model, record["widths"], example=example, round_to=1, scores=scores, ignore=cfg.ignore)
+        given = widths_record(cfg.widths_from, graph.widths())
         log.info("structured: widths of %s", cfg.widths_from)
-        if state is not None:
-            state.parent.mkdir(parents=True, exist_ok=True)
-            state.write_text(json.dumps(record, indent=1))
+    if given is not None:
+        record = given
+        pruned = prune_to_widths(model, record["widths"], example=example, round_to=1, scores=scores, ignore=cfg.ignore)
     else:
         target = deployment_target(cfg, quantize_config)
         lm = build(
@@ -284,9 +283,9 @@ def structured_prune(
         record["select"] = cfg.select
         if ranked_on:
             record["ranked_on"] = ranked_on
-        if state is not None:
-            state.parent.mkdir(parents=True, exist_ok=True)
-            state.write_text(json.dumps(record, indent=1))
+    if state is not None and not state.exists():
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps(record, indent=1))
     if not record.get("met", True):
         message = missed_budget_message(record)
         log.warning("%s", message)
