@@ -27,15 +27,22 @@ def recorded_target(res: dict) -> L.Target:
     return L.Target(args["runtime"], args["batch"], args["threads"])
 
 
-def recorded_models(entry: dict, *, teacher_weights: str | None = None, keep=lambda variant: True) -> dict:
+def recorded_shape(res: dict) -> tuple[int, int, int]:
+    """The input shape a benchmarks/structured.py result JSON was timed at (``--image-size``, else 32x32)."""
+    size = res["args"].get("image_size")
+    return (3, size, size) if size else SHAPE
+
+
+def recorded_models(entry: dict, *, shape=SHAPE, teacher_weights: str | None = None, keep=lambda variant: True) -> dict:
     """``{variant: model}`` pruned to the widths one model entry of a result JSON recorded (rows ``keep``
-    selects); untrained weights unless ``teacher_weights`` (widths alone decide latency)."""
+    selects), for inputs of ``shape``; untrained weights unless ``teacher_weights`` (widths alone decide
+    latency)."""
     torch.manual_seed(0)
     teacher = create_model(entry["model"], num_classes=10)
     if teacher_weights:
         teacher.load_state_dict(load_checkpoint(teacher_weights)[0])
     teacher.eval()
-    example = torch.zeros(2, *SHAPE)
+    example = torch.zeros(2, *shape)
     scores = group_scores(ChannelGraph(copy.deepcopy(teacher), example), "l1")
     return {
         r["variant"]: prune_to_widths(teacher, r["widths"], example=example, round_to=1, scores=scores)

@@ -3,11 +3,16 @@ budget, and the claims C1-C5 of docs/RESULTS_TEMPLATE.md.
 
     pqd sweep configs/sweeps/converged_r18x05.yaml --set data.root=../shared/data/cifar10-jpeg.tar.gz --out runs/converged
     pqd sweep configs/sweeps/converged_r18x05.yaml --set data.root=... --out runs/converged_scratch --only scratch
-    python benchmarks/converged_study.py runs/converged runs/converged_scratch --data ../shared/data/cifar10-jpeg.tar.gz \\
-        --out benchmarks/results/converged_r18x05 --plot docs/results/converged_r18x05.png
+    pqd sweep configs/sweeps/converged_r18x05.yaml --set data.root=... --set structured.cache_dir=NEW_CACHE \\
+        --out runs/converged_quiet --only S --only U        # the searches again, on a quiet machine
+    python benchmarks/converged_study.py runs/converged runs/converged_quiet runs/converged_scratch \\
+        --data ../shared/data/cifar10-jpeg.tar.gz --out benchmarks/results/converged_r18x05 \\
+        --plot docs/results/converged_r18x05.png
+
+A later sweep folder's arms replace an earlier one's of the same label and seed.
 
 Accuracy: every INT8 model is exported (QDQ ONNX) and run by OpenVINO on the full 10,000-image test split
-(NNCF's IR as NNCF wrote it); per-image correctness is cached under SWEEP/study/ so a second call only times.
+(NNCF's IR as NNCF wrote it); per-image correctness is cached under each run's SWEEP/study/ so a second call only times.
 Latency: one interleaved run per group (the structured budgets, and the dense arms), each model in its own
 worker in the controlled environment: dense FP32 (OpenVINO FP32), dense INT8 (pqd PTQ) and the floor model
 (8 channels per group) beside the arms; OpenVINO at batch 1 and 64 (throughput), ONNX Runtime at batch 1;
@@ -46,8 +51,8 @@ from pqd.train.checkpoint import load_weights
 
 BUDGETS = (0.75, 0.5, 0.35)
 DENSE_ARMS = ("ptq", "nncf_ptq", "QD", "PQD", "QPD")
-SCRATCH = {0.5: ("scratch",)}
-LATENCY_MATCH = 0.05  # C4: S and uniform count as timed at the same latency when their same-run ratios differ by <= 5%  # budget -> the trained-from-scratch arms of that architecture
+SCRATCH = {0.5: ("scratch", "U0.5_same_widths")}  # budget -> the trained-from-scratch arm and its pruned twin
+LATENCY_MATCH = 0.05  # C4: S and uniform count as timed at the same latency when their same-run ratios differ by <= 5%
 THREADS = 2
 
 
@@ -58,18 +63,28 @@ def label_of(row: dict) -> str:
 
 
 def arms(sweeps: list[Path]) -> dict[str, dict[int, Path]]:
-    """label -> seed -> run folder, finished runs only (the first sweep's teacher run of seed 0 is 'dense')."""
+    """label -> seed -> run folder, finished runs only (the first sweep's teacher run of seed 0 is 'dense').
+
+    A later sweep's arm replaces an earlier one's of the same label and seed. The scratch arm's pruned twin, the run
+    whose widths it trained from scratch (its ``structured.widths_from``), is kept as ``U0.5_same_widths``: C5
+    compares the two at the same architecture even when a later sweep re-ran U0.5.
+    """
     out: dict[str, dict[int, Path]] = {}
     for i, sweep in enumerate(sweeps):
         for r in read_table(sweep):
             if r["kind"] == "teacher" and (r["seed"] != 0 or i > 0):
                 continue
-            out.setdefault(label_of(r), {})[int(r["seed"])] = sweep / r["run_dir"]
+            run = sweep / r["run_dir"]
+            out.setdefault(label_of(r), {})[int(r["seed"])] = run
+            if r["variant"] == "scratch":
+                twin = Path(read_config_file(run / "config.yaml")["structured"]["widths_from"])
+                out.setdefault("U0.5_same_widths", {})[int(r["seed"])] = twin
     return out
 
 
-def test_correctness(label: str, run: Path, data, cache: Path) -> np.ndarray:
-    """Per-image correctness on the test split in OpenVINO (cached)."""
+def test_correctness(label: str, run: Path, data) -> np.ndarray:
+    """Per-image correctness on the test split in OpenVINO (cached in the run's own sweep folder, SWEEP/study/)."""
+    cache = run.parent.parent / "study"
     f = cache / f"{run.name}.npy"
     if f.exists():
         return np.load(f)
@@ -153,10 +168,7 @@ def main(argv=None) -> int:
     data = load_data(DataConfig(dataset="cifar10", root=a.data))
     found = arms(sweeps)
     runs_dir = sweep / "runs"
-    cache = sweep / "study"
-    correct = {
-        lab: {s: test_correctness(lab, p, data, cache) for s, p in seeds.items()} for lab, seeds in found.items()
-    }
+    correct = {lab: {s: test_correctness(lab, p, data) for s, p in seeds.items()} for lab, seeds in found.items()}
     result: dict = {
         "command": "python benchmarks/converged_study.py " + " ".join(argv or sys.argv[1:]),
         "sweeps": [str(p) for p in sweeps],
@@ -318,26 +330,37 @@ def decide(result: dict, correct: dict) -> None:
         r["x_pair_vs_dense_int8"] = [xa, xb]
         if xa and xb and abs(xa / xb - 1) > LATENCY_MATCH:
             r["verdict"] = f"not decided: latency not matched ({xa:.2f}x vs {xb:.2f}x dense INT8)"
+            if r["p_holm"] < ALPHA:  # reported beside the rule: one arm both faster and more accurate
+                faster_better = (xa > xb) == (r["difference"] > 0)
+                r["dominance"] = (
+                    f"{r['a'] if r['difference'] > 0 else r['b']} is faster and more accurate"
+                    if faster_better
+                    else None
+                )
+                if faster_better:
+                    r["verdict"] += f"; {r['dominance']}"
     holds = sum(r["verdict"] == "holds" for r in c4)
     loses = sum(r["difference"] < 0 and r["p_holm"] < ALPHA and not r["verdict"].startswith("not decided") for r in c4)
     result["claims"]["C4"] = {
         "rows": c4,
         "verdict": c4_verdict(c4, holds, loses),
     }
-    result["claims"]["C5"] = {"rows": family([("S0.5", "scratch"), ("U0.5", "scratch")])}
+    result["claims"]["C5"] = {"rows": family([("S0.5", "scratch"), ("U0.5_same_widths", "scratch")])}
     if not result["claims"]["C5"]["rows"]:
         result["claims"]["C5"]["verdict"] = "not run: no trained-from-scratch arm in the sweep"
 
 
 def c4_verdict(rows: list[dict], holds: int, loses: int) -> str:
-    """C4 overall: holds at >= 2 budgets and loses at none; budgets whose arms were not timed alike decide nothing."""
+    """C4 overall: holds at >= 2 budgets and loses at none; budgets whose arms were not timed alike decide nothing,
+    so the claim is undecided only while they could still make it hold."""
     if not rows:
         return "not run"
     if holds >= 2 and loses == 0:
         return "holds"
-    if loses:
+    undecided = sum(r["verdict"].startswith("not decided") for r in rows)
+    if loses or holds + undecided < 2:
         return "does not hold"
-    if any(r["verdict"].startswith("not decided") for r in rows):
+    if undecided:
         return "not decided: the arms were not timed at the same latency"
     return "not resolved at this scale"
 
@@ -394,6 +417,11 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def colour(label: str) -> str:
+    """S arms blue, uniform orange, the trained-from-scratch arm red, the dense arms green."""
+    return "C3" if label == "scratch" else "C0" if label.startswith("S") else "C1" if label.startswith("U") else "C2"
+
+
 def plot(r: dict, path: Path) -> None:
     import matplotlib
 
@@ -406,14 +434,16 @@ def plot(r: dict, path: Path) -> None:
         if x is None:
             continue
         for t in a["top1_per_seed"].values():
-            ax.scatter(x, 100 * t, color="C0" if lab.startswith("S") else "C1" if lab.startswith("U") else "C2", s=18)
+            ax.scatter(x, 100 * t, color=colour(lab), s=18)
         ax.annotate(lab, (x, 100 * a["top1_pooled"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if "ptq" in r["arms"]:
         ax.axhline(100 * r["arms"]["ptq"]["top1_pooled"] - 1, ls="--", lw=0.8, color="grey")
     ax.set_xlabel("speed-up over dense INT8, OpenVINO batch 1, 2 threads (same run)")
     ax.set_ylabel("test top-1 % (10,000 images)")
     ax.set_title(
-        "From a converged ResNet-18 x0.5 teacher (blue: S, orange: uniform, green: dense INT8 arms)", fontsize=9
+        "From a converged ResNet-18 x0.5 teacher (blue: S, orange: uniform, red: trained from scratch,\n"
+        "green: dense INT8 arms)",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)

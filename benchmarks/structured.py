@@ -44,7 +44,7 @@ from pqd.models.registry import create_model
 from pqd.stages.distill import DistillConfig, distill
 from pqd.stages.quantize import QuantizeConfig, quantize
 from pqd.structured import latency_model as L
-from pqd.structured.search import cost_function, greedy_widths, search
+from pqd.structured.search import Budget, SearchOptions, Selection, cost_function, greedy_widths, search
 from pqd.train.checkpoint import load_checkpoint, save_checkpoint
 from pqd.train.loop import train
 
@@ -189,18 +189,16 @@ def run_model(name: str, data, args, partial=None) -> dict:
             graph,
             target=target,
             input_shape=shape,
-            budget_fraction=b,
             dense_ms=dense_ms,
-            scores=scores,
-            sensitivity=sensitivity,
-            round_to=args.round_to,
-            min_keep=args.min_keep,
-            max_iters=args.max_iters,
-            runs=args.runs,
-            margin=args.margin,
-            cache_dir=args.cache_dir,
-            recipes=recipes,
-            rank=rank,
+            budget=Budget(fraction=b, margin=args.margin),
+            selection=Selection(scores=scores, sensitivity=sensitivity, recipes=recipes, rank=rank),
+            options=SearchOptions(
+                round_to=args.round_to,
+                min_keep=args.min_keep,
+                max_iters=args.max_iters,
+                runs=args.runs,
+                cache_dir=args.cache_dir,
+            ),
         )
         searches[b] = rec
         variants[f"structured@{b}"] = (rec["widths"], {"budget": b})

@@ -14,6 +14,18 @@ from pqd.run.pipeline import build_model, run_pipeline
 from pqd.train.checkpoint import save_checkpoint
 from pqd.train.loop import train
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest worker per core (pyproject's ``-n auto``): each computes on one thread, and so do the pqd
+    # processes the tests start (latency workers set their own threads in their controlled environment)
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run first: with one worker per core the short ones then fill in around them,
+    instead of one worker finishing a long test alone at the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 def _blobs(n: int, num_classes: int, size: int, seed: int) -> Dataset:
     """Learnable synthetic images: each class has its own colour (crop/flip invariant) plus noise."""
@@ -39,7 +51,7 @@ TINY_CONFIG = {
     "stages": "P:2,Q:2,D:2",
     "model": {"name": "resnet18", "width": 0.125},
     "data": {"dataset": "digits", "train_subset": 600, "test_subset": 200},
-    "train": {"batch_size": 32, "progress": False, "threads": 2},
+    "train": {"batch_size": 32, "progress": False},
     "teacher": {"epochs": 4, "lr": 0.05},
     "prune": {"sparsity": 0.5},
     "measure": {"threads": 1, "warmup": 2, "runs": 5, "batch_sizes": [1], "large_batch_runs": 2},
@@ -61,7 +73,6 @@ def tiny_teacher(tmp_path_factory) -> dict:
     not about training the teacher use ``tiny_config | {"teacher": tiny_teacher}``.
     """
     cfg = RunConfig.from_dict(TINY_CONFIG | {"stages": ""})
-    torch.set_num_threads(cfg.train.threads)
     data = load_data(cfg.data, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.num_classes)

@@ -47,7 +47,7 @@ def _pqd(*args):
 @pytest.mark.slow
 def test_kill_mid_stage_then_resume(tiny_config, tiny_teacher, tmp_path):
     """SIGKILL `pqd run` once a stage has checkpointed an epoch; the same command resumes."""
-    cfg = tiny_config | {"stages": "P:3,Q:3,D:3", "teacher": tiny_teacher}
+    cfg = tiny_config | {"stages": "P:1,Q:2,D:1", "teacher": tiny_teacher}
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"

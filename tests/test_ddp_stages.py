@@ -97,6 +97,7 @@ def _run(tmp_path, backend: str) -> tuple[dict, dict]:
     return tuple(torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
 
 
+@pytest.mark.slow
 def test_ddp_stages_keep_every_buffer_identical_across_ranks(tmp_path):
     _check(*_run(tmp_path, "gloo"))
 

@@ -97,6 +97,7 @@ def test_openvino_runs_the_export_in_int8_with_an_f32_hint(int8_run):
     assert r(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # another batch size compiles on first use
 
 
+@pytest.mark.slow
 def test_export_never_replaces_files_pqd_did_not_write(int8_run, tmp_path):
     """The user's own model_int8.onnx / teacher_fp32.onnx / export.json in a run folder are
     refused before any work (the rule of bench and report); --force replaces them, and files

@@ -78,6 +78,7 @@ def _user_factories():
     return {"depthwise": pqd_user_models.mobilenet, "se": structured_user_models.SENet}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["depthwise", "se"])
 def test_plain_loop_recipe_keeps_the_fake_quant_accuracy_on_depthwise_and_se_models(arch, tmp_path, monkeypatch):
     """The example, on digits and a trained depthwise / SE model: it ends within 2 points of the
@@ -89,7 +90,7 @@ def test_plain_loop_recipe_keeps_the_fake_quant_accuracy_on_depthwise_and_se_mod
     x_test, y_test = data.test.x.float() / 255, data.test.y
     teacher = _user_factories()[arch](10)
     optimizer = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(8):
+    for _ in range(12):
         for xb, yb in DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, drop_last=True):
             optimizer.zero_grad()
             F.cross_entropy(teacher(xb), yb).backward()
@@ -157,6 +158,7 @@ def test_frozen_warns_when_training_after_freezing_collapses_the_model():
             pass  # nothing trained: no drop, no warning
 
 
+@pytest.mark.slow
 def test_structured_pruning_example_runs_and_removes_channels(tmp_path, monkeypatch):
     pytest.importorskip("torch_pruning", reason="structured pruning needs the 'structured' extra (Torch-Pruning)")
     pytest.importorskip("onnxruntime", reason="the example times its models in ONNX Runtime")

@@ -17,6 +17,7 @@ from pqd.run.pipeline import run_pipeline
 from pqd.train.checkpoint import load_checkpoint
 
 
+@pytest.mark.slow
 def test_two_runs_of_one_command_give_identical_metrics(tmp_path):
     """Two fresh `pqd run` processes, same config and seed, two directories: accuracy, sparsity,
     file sizes and the float-op report agree exactly (latency and wall time are measurements)."""

@@ -22,7 +22,7 @@ def test_pqd_run_resnet18_on_cifar10(shared_data_dir, tmp_path):
         "--set",
         f"data.root={shared_data_dir / 'cifar10-jpeg.tar.gz'}",
         "--set",
-        "data.train_subset=4000",
+        "data.train_subset=2500",
         "--set",
         "data.test_subset=1000",
         "--set",
@@ -31,6 +31,8 @@ def test_pqd_run_resnet18_on_cifar10(shared_data_dir, tmp_path):
         "stages=P:1,Q:1,D:1",
         "--set",
         "measure.runs=50",
+        "--set",
+        "measure.batch_sizes=[1]",
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run(

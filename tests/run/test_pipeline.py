@@ -24,6 +24,7 @@ def _check_common(m, cfg):
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in m["latency"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ORDERS)
 def test_every_stage_order_runs(order, tiny_config, tiny_teacher, finished_run):
     cfg = RunConfig.from_dict(tiny_config | {"teacher": tiny_teacher, "stages": order})

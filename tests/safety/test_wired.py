@@ -156,6 +156,7 @@ def test_load_run_imports_no_code(downloaded_run):
     assert not canary.exists()
 
 
+@pytest.mark.slow
 def test_outputs_follow_umask_and_predict_runs_the_deployable(tiny: Path, tmp_path: Path):
     from PIL import Image
 

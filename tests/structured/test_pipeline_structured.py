@@ -3,6 +3,7 @@ deployed, and a finished run is rebuilt from disk (shapes from the structural st
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import pqd.structured.latency_model as L
@@ -47,6 +48,7 @@ def test_structured_then_quantized_run_deploys_and_rebuilds(tmp_path, monkeypatc
     assert loaded.deployed(x).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_run_with_pruned_layer_scale_parameters_reloads_and_resumes(tmp_path, monkeypatch):
     """A bare per-channel parameter (ConvNeXt-style layer scale) pruned with its channels: the run
     is rebuilt from disk (export/bench load it), and a re-run resumes from the saved S output."""

@@ -12,7 +12,7 @@ from pqd.compress.channels.importance import group_scores
 from pqd.errors import ConfigError, ModelError
 from pqd.models.registry import create_model
 from pqd.structured import latency_model as L
-from pqd.structured.search import cost_function, greedy_widths, search
+from pqd.structured.search import Budget, SearchOptions, Selection, cost_function, greedy_widths, search
 
 X = torch.zeros(2, 3, 32, 32)
 
@@ -95,13 +95,10 @@ def test_search_meets_a_measured_budget(tmp_path):
         graph,
         target=target,
         input_shape=(3, 32, 32),
-        budget_fraction=0.6,
         dense_ms=dense,
-        scores=group_scores(graph, "l1"),
-        runs=20,
-        max_iters=4,
-        cache_dir=tmp_path,
-        in_process=True,
+        budget=Budget(fraction=0.6),
+        selection=Selection(scores=group_scores(graph, "l1")),
+        options=SearchOptions(runs=20, max_iters=4, cache_dir=tmp_path, in_process=True),
     )
     assert rec["budget_ms"] == pytest.approx(0.6 * dense)
     # met = measured <= 0.6 x the dense model timed side by side in the same run
@@ -208,8 +205,7 @@ def test_budget_arguments_are_checked():
             graph,
             target=L.Target("pytorch"),
             input_shape=(3, 32, 32),
-            budget_ms=1.0,
-            budget_fraction=0.5,
+            budget=Budget(ms=1.0, fraction=0.5),
         )
     with pytest.raises(ConfigError, match="runtime"):
         L.Target("tensorrt")
@@ -234,11 +230,9 @@ def test_margin_keeps_correcting_until_the_measured_latency_leaves_room(monkeypa
     kw = dict(
         target=L.Target("pytorch", 1, 1),
         input_shape=(3, 32, 32),
-        budget_fraction=0.6,
         dense_ms=dense,
-        scores=scores,
-        max_iters=6,
-        use_cache=False,
+        selection=Selection(scores=scores),
+        options=SearchOptions(max_iters=6, use_cache=False),
     )
     from pqd.compress.channels.graph import prune_to_widths
     from pqd.compress.channels.importance import uniform_widths
@@ -251,11 +245,11 @@ def test_margin_keeps_correcting_until_the_measured_latency_leaves_room(monkeypa
             m.add(w, stopwatch({"m": prune_to_widths(model, w, example=X, round_to=1, scores=scores)})["m"], "sample")
         return m
 
-    _, plain = search(model, lm(), graph, **kw)
+    _, plain = search(model, lm(), graph, budget=Budget(fraction=0.6), **kw)
     # a margin the plain result does not leave: the search has to go further
     margin = round(1 - plain["measured_ms"] / plain["budget_ms_same_run"] + 0.05, 3)
     assert 0 < margin < 0.5
-    _, roomy = search(model, lm(), graph, margin=margin, **kw)
+    _, roomy = search(model, lm(), graph, budget=Budget(fraction=0.6, margin=margin), **kw)
     for rec in (plain, roomy):
         assert rec["met"] and rec["measured_ms"] <= rec["budget_ms_same_run"] == pytest.approx(0.6 * dense)
     assert plain["margin"] == 0.0 and roomy["margin"] == margin
@@ -266,7 +260,7 @@ def test_margin_keeps_correcting_until_the_measured_latency_leaves_room(monkeypa
         for it in roomy["iterations"][:-1]
     )
     with pytest.raises(ConfigError, match="margin"):
-        search(model, _macs_model(graph), graph, margin=0.5, **kw)
+        search(model, _macs_model(graph), graph, budget=Budget(fraction=0.6, margin=0.5), **kw)
 
 
 def test_search_grows_a_model_measured_far_under_its_goal(monkeypatch):
@@ -297,11 +291,10 @@ def test_search_grows_a_model_measured_far_under_its_goal(monkeypatch):
         graph,
         target=L.Target("pytorch", 1, 1),
         input_shape=(3, 32, 32),
-        budget_fraction=0.6,
         dense_ms=dense,
-        scores=scores,
-        max_iters=6,
-        use_cache=False,
+        budget=Budget(fraction=0.6),
+        selection=Selection(scores=scores),
+        options=SearchOptions(max_iters=6, use_cache=False),
     )
     first = rec["iterations"][0]
     assert (
@@ -361,11 +354,10 @@ def test_a_missed_budget_keeps_the_fastest_model_relative_to_dense_and_says_why(
         graph,
         target=L.Target("pytorch", 1, 1),
         input_shape=(3, 32, 32),
-        budget_fraction=0.3,
         dense_ms=dense,
-        scores=scores,
-        max_iters=3,
-        use_cache=False,
+        budget=Budget(fraction=0.3),
+        selection=Selection(scores=scores),
+        options=SearchOptions(max_iters=3, use_cache=False),
     )
     its = rec["iterations"]
     assert len(its) >= 2 and not any(it["met"] for it in its) and not rec["met"]

@@ -14,7 +14,7 @@ from pqd.compress.channels.importance import group_scores, uniform_widths
 from pqd.errors import ConfigError
 from pqd.models.registry import create_model
 from pqd.structured import latency_model as L
-from pqd.structured.search import cost_function, refill_widths, search
+from pqd.structured.search import Budget, SearchOptions, Selection, cost_function, refill_widths, search
 from pqd.structured.select import adapt_bn, adapted_bn_ranker, choose, fit_scale, normalized_images, width_recipes
 
 X = torch.zeros(2, 3, 32, 32)
@@ -201,13 +201,10 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
         graph,
         target=L.Target("pytorch", 1, 1),
         input_shape=(3, 32, 32),
-        budget_fraction=0.5,
         dense_ms=dense,
-        scores=scores,
-        max_iters=6,
-        use_cache=False,
-        recipes=recipes,
-        rank=rank,
+        budget=Budget(fraction=0.5),
+        selection=Selection(scores=scores, recipes=recipes, rank=rank),
+        options=SearchOptions(max_iters=6, use_cache=False),
     )
     assert len(calls) == 1  # ranked once
     assert rec["recipe"] == "uniform"
@@ -224,10 +221,9 @@ def test_search_ranks_recipes_once_and_corrects_with_the_winner(resnet, monkeypa
             graph,
             target=L.Target("pytorch", 1, 1),
             input_shape=(3, 32, 32),
-            budget_fraction=0.5,
             dense_ms=dense,
-            scores=scores,
-            recipes=recipes,
+            budget=Budget(fraction=0.5),
+            selection=Selection(scores=scores, recipes=recipes),
         )
 
 
@@ -257,12 +253,10 @@ def test_select_uniform_is_one_recipe_corrected_against_the_stopwatch(resnet, mo
         graph,
         target=L.Target("pytorch", 1, 1),
         input_shape=(3, 32, 32),
-        budget_fraction=0.6,
         dense_ms=dense,
-        scores=scores,
-        max_iters=6,
-        use_cache=False,
-        recipes=only,
+        budget=Budget(fraction=0.6),
+        selection=Selection(scores=scores, recipes=only),
+        options=SearchOptions(max_iters=6, use_cache=False),
     )
     assert rec["recipe"] == "uniform" and rec["candidates"] is None and rec["met"]
     assert rec["measured_ms"] <= 0.6 * dense
@@ -275,8 +269,7 @@ def test_select_uniform_is_one_recipe_corrected_against_the_stopwatch(resnet, mo
             graph,
             target=L.Target("pytorch", 1, 1),
             input_shape=(3, 32, 32),
-            budget_fraction=0.6,
             dense_ms=dense,
-            scores=scores,
-            recipes={**only, "greedy": only["uniform"]},
+            budget=Budget(fraction=0.6),
+            selection=Selection(scores=scores, recipes={**only, "greedy": only["uniform"]}),
         )

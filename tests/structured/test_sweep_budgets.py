@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import pqd.structured.latency_model as L
 import pqd.structured.search as S
 from pqd.cli import main
@@ -25,6 +27,7 @@ def test_structured_budgets_sweep_config_expands_to_a_budget_grid(capsys):
         assert f"pq_dense__seed{seed}" in out
 
 
+@pytest.mark.slow
 def test_sweep_over_budgets_runs_and_reports_measured_latency_per_budget(tmp_path, monkeypatch):
     real = L.measure_int8
     in_process = lambda *a, **k: real(*a, **{**k, "in_process": True})  # noqa: E731  (no worker processes in a unit test)

@@ -35,6 +35,7 @@ from pqd.errors import ConfigError, ModelError
 from pqd.models.reinit import reinitialize
 from pqd.stages.distill import DistillConfig
 from pqd.stages.protocol import RunConfig, Stage, StageContext, register_stage
+from pqd.structured.search import MAX_ITERS, RUNS, Budget, SearchOptions, Selection, search
 
 if TYPE_CHECKING:
     from torch import nn
@@ -96,8 +97,8 @@ class StructuredConfig(Section):
     round_to: int = ROUND_TO
     min_keep: float = MIN_KEEP
     samples: int = 12
-    runs: int = 100
-    max_iters: int = 4
+    runs: int = RUNS
+    max_iters: int = MAX_ITERS
     margin: float = 0.0
     select: str = "greedy"
     select_images: int = 512
@@ -198,7 +199,6 @@ def structured_prune(
     from pqd.compress.channels.graph import ORDER_HINT, ChannelGraph, check_prunable, prune_to_widths
     from pqd.compress.channels.importance import group_scores
     from pqd.structured.latency_model import build
-    from pqd.structured.search import search
     from pqd.train.loop import epoch_seed, train
 
     if student.quantized:
@@ -264,20 +264,18 @@ def structured_prune(
             graph,
             target=target,
             input_shape=input_shape,
-            budget_ms=cfg.budget_ms,
-            budget_fraction=cfg.budget_fraction,
+            budget=Budget(
+                ms=cfg.budget_ms, fraction=cfg.budget_fraction, size_mb=cfg.size_budget_mb, margin=cfg.margin
+            ),
             dense_ms=dense_ms,
-            size_budget_mb=cfg.size_budget_mb,
-            scores=scores,
-            sensitivity=sens,
-            round_to=cfg.round_to,
-            min_keep=cfg.min_keep,
-            max_iters=cfg.max_iters,
-            runs=cfg.runs,
-            margin=cfg.margin,
-            cache_dir=cfg.cache_dir,
-            recipes=recipes,
-            rank=rank,
+            selection=Selection(scores=scores, sensitivity=sens, recipes=recipes, rank=rank),
+            options=SearchOptions(
+                round_to=cfg.round_to,
+                min_keep=cfg.min_keep,
+                max_iters=cfg.max_iters,
+                runs=cfg.runs,
+                cache_dir=cfg.cache_dir,
+            ),
         )
         record["importance"] = cfg.importance
         record["select"] = cfg.select

@@ -1,8 +1,9 @@
 """Per-group channel counts under a latency budget, with the hardware in the loop.
 
-1. The budget: ``budget_ms``, or ``budget_fraction`` × the dense model's INT8 latency
-   measured on the target (runtime, batch, threads); optionally ``size_budget_mb`` for the
-   INT8 weights (1 byte per weight).
+1. The budget (:class:`Budget`): ``ms``, or ``fraction`` × the dense model's INT8 latency
+   measured on the target (runtime, batch, threads); optionally ``size_mb`` for the
+   INT8 weights (1 byte per weight). How widths are ranked is a :class:`Selection`; the search's
+   knobs (rounding, iterations, timed calls) are :class:`SearchOptions`.
 2. Propose (:func:`propose`): greedy choice on the fitted latency model (:mod:`pqd.structured.latency_model`): from
    full width, repeatedly take one ``round_to`` step off the group whose step costs the least
    per millisecond saved — cost = lost importance (sum of the dropped channels'
@@ -174,6 +175,9 @@ def refill_widths(
 #: A measured model more than this share under the search's goal is grown back toward it (while
 #: iterations remain): a prediction made in another machine state can land far under the budget.
 UNDERSHOOT = 0.15
+#: Measure-and-correct rounds, and timed calls per model in each round (``structured.max_iters`` / ``runs``).
+MAX_ITERS = 4
+RUNS = 100
 
 
 @dataclass
@@ -245,18 +249,17 @@ def measure_widths(
     *,
     target: Target,
     input_shape: Sequence[int],
-    runs: int,
-    in_process: bool,
+    budget: Budget,
     budget_ms: float,
-    budget_fraction: float | None,
-    margin: float,
+    options: SearchOptions,
     floor_round_to: int,
     scores,
     iteration: int,
     target_ms: float,
 ) -> tuple[nn.Module, dict]:
     """Measure step: prune ``model`` to ``widths`` and time it beside the dense and floor models in one
-    interleaved run; the readings join the latency model's samples. Returns (pruned model, iteration record)."""
+    interleaved run; the readings join the latency model's samples. ``budget_ms``: the budget resolved
+    against the dense reading the search started from. Returns (pruned model, iteration record)."""
     example = torch.zeros(2, *input_shape)
     pred = lm.predict(graph, widths)
     pruned = prune_to_widths(model, widths, example=example, round_to=1, scores=scores)
@@ -264,15 +267,19 @@ def measure_widths(
     # dense reading (a ratio measured side by side survives machine drift between runs; absolute ms do not),
     # and both anchor the latency model's sample (pqd.structured.latency_model)
     ms = measure_int8(
-        {"chosen": pruned} | dict(refs), target=target, input_shape=input_shape, runs=runs, in_process=in_process
+        {"chosen": pruned} | dict(refs),
+        target=target,
+        input_shape=input_shape,
+        runs=options.runs,
+        in_process=options.in_process,
     )
     measured, run_dense, run_floor = ms["chosen"], ms["dense"], ms.get("floor")
-    run_budget = budget_ms if budget_fraction is None else budget_fraction * run_dense
+    run_budget = budget_ms if budget.fraction is None else budget.fraction * run_dense
     pred_run = lm.predict_in_run(graph, widths, dense_ms=run_dense, floor_ms=run_floor)
     lm.add(
         graph.widths(), run_dense, "search_dense", dense_ms=run_dense, floor_ms=run_floor, floor_round_to=floor_round_to
     )
-    goal = run_budget * (1 - margin)
+    goal = run_budget * (1 - budget.margin)
     record = {
         "iteration": iteration,
         "target_ms": target_ms,
@@ -318,6 +325,68 @@ def next_target(record: Mapping[str, Any], target_ms: float) -> tuple[float, str
     return target_ms * goal / measured * 0.98, None
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What the chosen model must meet: ``ms``, or ``fraction`` × the dense model's INT8 latency measured
+    on the target in the same run (exactly one); optionally ``size_mb`` of INT8 weights (1 byte per
+    weight). ``margin``: keep correcting until the measured latency is at most ``(1 - margin)`` × the
+    budget, so a model that meets its budget in one run still meets it in the next, whose measurement
+    differs by the harness's run-to-run spread (docs/STRUCTURED.md, "Budgets and predictions, measured");
+    ``met`` in the record is against the budget itself."""
+
+    ms: float | None = None
+    fraction: float | None = None
+    size_mb: float | None = None
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.margin < 0.5:
+            raise ConfigError(f"structured.margin: {self.margin} must be in [0, 0.5)")
+        if (self.ms is None) == (self.fraction is None):
+            raise ConfigError("structured: give exactly one of budget_ms and budget_fraction")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"structured.budget_fraction: {self.fraction} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How widths are ranked. Without ``recipes``, the greedy on a cost from ``scores`` (per-channel
+    importance) or ``sensitivity`` (a ``pqd analyze`` table). ``recipes`` (``{name: recipe(lm, target_ms)
+    -> widths}``, e.g. :func:`pqd.structured.select.width_recipes`) with ``rank`` (``{name: widths} ->
+    {name: per-image correctness}``, e.g. :func:`pqd.structured.select.adapted_bn_ranker`): at the first
+    target every recipe proposes widths, ``rank`` scores them, :func:`choose` picks one (uniform unless
+    another is better beyond noise), and that recipe alone makes the widths of every later correction; the
+    record lists the candidates with their scores. A single recipe needs no ``rank`` (uniform scaling alone).
+    ``scores`` also decide which channels of a group are kept."""
+
+    scores: Mapping[str, torch.Tensor] | None = None
+    sensitivity: Sequence[dict] | None = None
+    recipes: Mapping[str, Callable] | None = None
+    rank: Callable[[Mapping[str, dict]], Mapping[str, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.recipes is None and self.rank is not None:
+            raise ConfigError("structured search: rank needs recipes")
+        if self.recipes is not None and self.rank is None and len(self.recipes) != 1:
+            raise ConfigError("structured search: several recipes need rank to choose among them")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The search's knobs: channel counts are multiples of ``round_to`` and a group keeps at least
+    ``min_keep`` of its channels; up to ``max_iters`` measure-and-correct rounds of ``runs`` timed calls
+    per model (``in_process``: time in this process, for tests); the latency model is saved to
+    ``cache_dir`` unless ``use_cache`` is false."""
+
+    round_to: int = ROUND_TO
+    min_keep: float = MIN_KEEP
+    max_iters: int = MAX_ITERS
+    runs: int = RUNS
+    in_process: bool = False
+    cache_dir: str | None = None
+    use_cache: bool = True
+
+
 def search(
     model: nn.Module,
     lm: LatencyModel,
@@ -325,94 +394,59 @@ def search(
     *,
     target: Target,
     input_shape: Sequence[int],
-    budget_ms: float | None = None,
-    budget_fraction: float | None = None,
+    budget: Budget,
     dense_ms: float | None = None,
-    size_budget_mb: float | None = None,
-    scores: Mapping[str, torch.Tensor] | None = None,
-    sensitivity: Sequence[dict] | None = None,
-    round_to: int = ROUND_TO,
-    min_keep: float = MIN_KEEP,
-    max_iters: int = 4,
-    runs: int = 100,
-    margin: float = 0.0,
-    cache_dir=None,
-    use_cache: bool = True,
-    in_process: bool = False,
-    recipes: Mapping[str, Callable] | None = None,
-    rank: Callable[[Mapping[str, dict]], Mapping[str, torch.Tensor]] | None = None,
+    selection: Selection = Selection(),
+    options: SearchOptions = SearchOptions(),
 ) -> tuple[nn.Module, dict]:
-    """Choose widths under the budget, measure, correct; returns (pruned model, JSON-able record).
+    """Choose widths under ``budget``, measure, correct; returns (pruned model, JSON-able record).
 
-    ``margin``: keep correcting until the measured latency is at most ``(1 - margin)`` × the
-    budget, so a model that meets its budget in one run still meets it in the next, whose
-    measurement differs by the harness's run-to-run spread (docs/STRUCTURED.md, "Budgets and
-    predictions, measured"). ``met`` in the record is against the budget itself. A model measured more
+    The steps are :func:`propose`, :func:`measure_widths` and :func:`next_target`. A model measured more
     than ``UNDERSHOOT`` under the goal is grown back toward it while iterations remain; the measured
-    model nearest under the goal is returned (``chosen_iteration``), else the last one. Every run
-    times the dense and floor models beside the chosen one (:func:`pqd.structured.latency_model.reference_models`).
-
-    ``recipes`` (``{name: recipe(lm, target_ms) -> widths}``, e.g.
-    :func:`pqd.structured.select.width_recipes`) with ``rank`` (``{name: widths} -> {name: per-image
-    correctness}``, e.g. :func:`pqd.structured.select.adapted_bn_ranker`): at the first target every
-    recipe proposes widths, ``rank`` scores them, :func:`choose` picks one
-    (uniform unless another is better beyond noise), and that recipe alone makes the widths of
-    every later correction; the record lists the candidates with their scores. A single recipe needs no
-    ``rank`` (e.g. uniform scaling alone). Without recipes, the greedy on ``scores`` / ``sensitivity`` decides.
+    model nearest under the goal is returned (``chosen_iteration``), else the last one. Every run times
+    the dense and floor models beside the chosen one (:func:`pqd.structured.latency_model.reference_models`).
+    ``dense_ms``: the dense model's INT8 latency when the caller has it (else it is measured).
     """
-    if not 0 <= margin < 0.5:
-        raise ConfigError(f"structured.margin: {margin} must be in [0, 0.5)")
-    if (budget_ms is None) == (budget_fraction is None):
-        raise ConfigError("structured: give exactly one of budget_ms and budget_fraction")
-    if budget_fraction is not None and not 0 < budget_fraction <= 1:
-        raise ConfigError(f"structured.budget_fraction: {budget_fraction} must be in (0, 1]")
-    if recipes is None and rank is not None:
-        raise ConfigError("structured search: rank needs recipes")
-    if recipes is not None and rank is None and len(recipes) != 1:
-        raise ConfigError("structured search: several recipes need rank to choose among them")
-    if recipes is not None and size_budget_mb is not None:
+    if selection.recipes is not None and budget.size_mb is not None:
         raise ConfigError(
             "structured.select 'adapted_bn' / 'uniform' does not take a size budget yet; use select 'greedy' with size_budget_mb"
         )
     example = torch.zeros(2, *input_shape)
     # the floor model the latency model's samples were anchored to (the search's rounding, for a model without samples)
-    floor_rt = next((int(s["floor_round_to"]) for s in lm.samples if "floor_round_to" in s), round_to)
-    if budget_ms is None:
-        assert budget_fraction is not None  # exactly one of the two, checked above
-        if dense_ms is None:
-            ms = measure_int8(
-                reference_models(model, graph, example=example, round_to=floor_rt),
-                target=target,
-                input_shape=input_shape,
-                runs=runs,
-                in_process=in_process,
-            )
-            dense_ms = ms["dense"]
-            lm.add(
-                graph.widths(), dense_ms, "dense", dense_ms=dense_ms, floor_ms=ms.get("floor"), floor_round_to=floor_rt
-            )
-            lm.fit(graph)
-        budget_ms = budget_fraction * dense_ms
-    size_params = None if size_budget_mb is None else int(size_budget_mb * 1e6)  # INT8: one byte per weight
-    cost = cost_function(graph, scores, sensitivity)
-    target_ms = budget_ms * (1 - margin)
+    floor_rt = next((int(s["floor_round_to"]) for s in lm.samples if "floor_round_to" in s), options.round_to)
+    refs = reference_models(model, graph, example=example, round_to=floor_rt)
+    if budget.fraction is not None and dense_ms is None:
+        ms = measure_int8(
+            refs, target=target, input_shape=input_shape, runs=options.runs, in_process=options.in_process
+        )
+        dense_ms = ms["dense"]
+        lm.add(graph.widths(), dense_ms, "dense", dense_ms=dense_ms, floor_ms=ms.get("floor"), floor_round_to=floor_rt)
+        lm.fit(graph)
+    if budget.fraction is None:
+        assert budget.ms is not None  # Budget holds exactly one of the two
+        budget_ms = budget.ms
+    else:
+        assert dense_ms is not None  # measured above when the caller had none
+        budget_ms = budget.fraction * dense_ms
+    size_params = None if budget.size_mb is None else int(budget.size_mb * 1e6)  # INT8: one byte per weight
+    cost = cost_function(graph, selection.scores, selection.sensitivity)
+    target_ms = budget_ms * (1 - budget.margin)
     iterations: list[dict[str, Any]] = []
     chans = graph.widths()
-    refs = reference_models(model, graph, example=example, round_to=floor_rt)
     choice = Choice()
     best, pruned_by_iteration = None, []
-    for it in range(max_iters):
+    for it in range(options.max_iters):
         lm.fit(graph)
         widths = propose(
             lm,
             graph,
             target_ms,
             cost=cost,
-            round_to=round_to,
-            min_keep=min_keep,
+            round_to=options.round_to,
+            min_keep=options.min_keep,
             size_params=size_params,
-            recipes=recipes,
-            rank=rank,
+            recipes=selection.recipes,
+            rank=selection.rank,
             choice=choice,
         )
         seen = next((i for i in iterations if i["widths"] == widths), None)
@@ -433,13 +467,11 @@ def search(
             refs,
             target=target,
             input_shape=input_shape,
-            runs=runs,
-            in_process=in_process,
+            budget=budget,
             budget_ms=budget_ms,
-            budget_fraction=budget_fraction,
-            margin=margin,
+            options=options,
             floor_round_to=floor_rt,
-            scores=scores,
+            scores=selection.scores,
             iteration=it,
             target_ms=target_ms,
         )
@@ -453,8 +485,8 @@ def search(
             if stopped:
                 record["stopped"] = stopped
             break
-    if use_cache:
-        save(lm, cache_dir)
+    if options.use_cache:
+        save(lm, options.cache_dir)
     # the measured model nearest under the goal; when none met it, the fastest relative to dense in its own run
     pick = (
         best[1]
@@ -467,10 +499,10 @@ def search(
     record = {
         "target": {"runtime": target.runtime, "batch": target.batch, "threads": target.threads},
         "budget_ms": budget_ms,
-        "budget_fraction": budget_fraction,
+        "budget_fraction": budget.fraction,
         "dense_ms": dense_ms,
-        "size_budget_mb": size_budget_mb,
-        "margin": margin,
+        "size_budget_mb": budget.size_mb,
+        "margin": budget.margin,
         "met": last["met"],
         "budget_ms_same_run": last["budget_ms_same_run"],
         "dense_ms_same_run": last["dense_ms_same_run"],
@@ -486,17 +518,17 @@ def search(
         "keep_ratio": {g: widths[g] / chans[g] for g in chans},
         "macs": sum(r.macs for r in graph.layer_shapes(widths)),
         "dense_macs": sum(r.macs for r in graph.layers),
-        "round_to": round_to,
-        "criterion": "sensitivity" if sensitivity else "importance",
+        "round_to": options.round_to,
+        "criterion": "sensitivity" if selection.sensitivity else "importance",
         "recipe": choice.recipe,
         "candidates": choice.candidates,
-        "choice_test": choice.test if recipes is not None else None,
+        "choice_test": choice.test if selection.recipes is not None else None,
         "latency_model": report(lm, graph),
     }
     if not last["met"]:
         record["missed_because"] = (
             iterations[-1].get("stopped")
-            or f"structured.max_iters ({max_iters}) iterations ran out before a measured model met the budget"
+            or f"structured.max_iters ({options.max_iters}) iterations ran out before a measured model met the budget"
         )
     return pruned, record
 

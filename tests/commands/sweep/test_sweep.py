@@ -20,7 +20,7 @@ def _base():
         "seed": 0,
         "model": {"name": "resnet18", "width": 0.125},
         "data": {"dataset": "digits", "train_subset": 256, "test_subset": 128},
-        "train": {"batch_size": 64, "progress": False, "threads": 2},
+        "train": {"batch_size": 64, "progress": False},
         "teacher": {"epochs": 2, "lr": 0.05},
         "prune": {"sparsity": 0.5},
         "measure": {"threads": 1, "warmup": 1, "runs": 3, "batch_sizes": [1], "large_batch_runs": 1},
@@ -313,6 +313,7 @@ def test_cli_sweep_dry_run_and_errors_exit_2(tmp_path, capsys):
     assert "no results table" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_failing_run_does_not_stop_the_others(tmp_path, monkeypatch):
     spec = {
         **SPEC,
@@ -380,6 +381,7 @@ def test_evidence_sweeps_dry_run(name, capsys):
     assert "peer:nncf_ptq" in out
 
 
+@pytest.mark.slow
 def test_peer_runs_in_the_sweep_table_with_runtime_labels_and_failures_do_not_stop_it(tmp_path, monkeypatch):
     import pqd.commands.peers
     from pqd.measure.speedup import speedup_summary

@@ -1,7 +1,10 @@
+import pytest
+
 from pqd.commands.report.build import build_report
 from pqd.commands.sweep import read_table, run_sweep
 
 
+@pytest.mark.slow
 def test_variants_are_labelled_in_the_sweep_table_and_the_report(digits_config, tmp_path):
     base = digits_config | {"data": {"dataset": "digits", "train_subset": 300, "test_subset": 100}}
     spec = {

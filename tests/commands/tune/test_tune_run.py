@@ -54,6 +54,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
     raise AssertionError(f"{path} did not appear within {timeout} s")
 
 
+@pytest.mark.slow
 def test_tune_killed_mid_rung_resumes_and_hands_over_a_winner(tmp_path, tiny_config, tiny_teacher):
     cfg_path, out = tmp_path / "tune.yaml", tmp_path / "tune"
     cfg_path.write_text(yaml.safe_dump(tune_dict(tiny_config, tiny_teacher)))
@@ -111,6 +112,7 @@ def test_tune_killed_mid_rung_resumes_and_hands_over_a_winner(tmp_path, tiny_con
     assert "Why the ladder stopped" in md and (out / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_a_budget_nothing_meets_still_hands_over_a_model_and_says_so(tmp_path, tiny_config, tiny_teacher, monkeypatch):
     monkeypatch.setattr(runner, "passes", lambda *a, **k: False)  # every INT8 candidate outside the tolerance
     config, tune_config = split_tune_dict(
