@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import SHAPE, recorded_models, recorded_target
+from bench_common import recorded_models, recorded_shape, recorded_target
 
 from pqd.measure.latency import interleave
 from pqd.measure.workers import start_workers
@@ -102,15 +102,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result", help="a benchmarks/structured.py result JSON (its widths are timed)")
     ap.add_argument("--variants", default="structured@", help="prefix of the rows timed beside dense")
+    ap.add_argument("--model", default=None, help="the result's model entry to time (default: its first)")
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     a = ap.parse_args(argv)
     res = json.loads(Path(a.result).read_text())
     target = recorded_target(res)
-    shape = SHAPE
-    m = res["models"][0]
-    models = recorded_models(m, keep=lambda v: v == "dense" or v.startswith(a.variants))
+    shape = recorded_shape(res)
+    m = next(e for e in res["models"] if a.model in (None, e["model"]))
+    models = recorded_models(m, shape=shape, keep=lambda v: v == "dense" or v.startswith(a.variants))
     names = list(models)
     levels: dict[str, list] = {"same_workers": [], "same_files": [], "fresh": []}
     hashes = []
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         "levels": {k: {"reps": v, "summary": summarize(v, names)} for k, v in levels.items()},
     }
     stem = Path(a.out)
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1, default=str))
     lines = [
         f"# Spread of measured latency ratios: {m['model']}, {target.runtime}, batch {target.batch}, {target.threads} threads",
         "",

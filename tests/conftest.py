@@ -22,9 +22,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` run first: with one worker per core the short ones then fill in around them,
-    instead of one worker finishing a long test alone at the end of the run."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Test files holding a test marked ``slow`` run first: with one worker per core the short ones then
+    fill in around them, instead of one worker finishing a long test alone at the end of the run. A
+    file's tests stay together, so a fixture shared by a file's tests is built once per worker."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 def _blobs(n: int, num_classes: int, size: int, seed: int) -> Dataset:

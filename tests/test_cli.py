@@ -75,16 +75,9 @@ def test_kill_mid_stage_then_resume(tiny_config, tiny_teacher, tmp_path):
     assert "teacher epoch" not in r.stderr and "prune epoch" not in r.stderr, "finished work was recomputed"
     assert (out / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
     assert (out / "stages" / "1_prune" / "student.safetensors").stat().st_mtime_ns == prune_mtime
-    resumed = json.loads((out / "metrics.json").read_text())
-
-    fresh = tmp_path / "fresh"
-    r = subprocess.run(
-        _pqd("run", str(cfg_path), "--out", str(fresh)), env=env, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    clean = json.loads((fresh / "metrics.json").read_text())
-    assert resumed["accuracy"] == clean["accuracy"], "an interrupted run must end where an uninterrupted one does"
-    assert resumed["sparsity"] == clean["sparsity"]
+    # that the resumed run ends exactly where an uninterrupted one does, tensor for tensor, is
+    # tests/robustness/test_interrupt.py's (kill points in every phase)
+    assert json.loads((out / "metrics.json").read_text())["final_form"] == "int8"
 
 
 @pytest.mark.slow

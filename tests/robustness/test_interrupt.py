@@ -46,7 +46,7 @@ def _killpoint(events_log, kill_at: int, cfg, out) -> subprocess.CompletedProces
     return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """An uninterrupted run of the config every kill test uses, with its numbered events."""
     tmp = tmp_path_factory.mktemp("kill-reference")
@@ -57,7 +57,7 @@ def reference(tmp_path_factory):
     return cfg, read_metrics(tmp / "run"), events, tmp / "run"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kill_points(reference):
     """Seeded picks from the reference run's events: [0] an optimizer step after a phase's first epoch
     checkpoint (the re-run resumes mid-phase from it), [1] the middle of a checkpoint write during

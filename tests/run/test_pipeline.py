@@ -11,7 +11,7 @@ from pqd.errors import ConfigError
 from pqd.run.config import RunConfig
 from pqd.run.pipeline import build_model, measure_run_latency, run_pipeline
 
-ORDERS = [",".join(f"{s}:2" for s in perm) for perm in itertools.permutations("PQD")]
+ORDERS = [",".join(f"{s}:1" for s in perm) for perm in itertools.permutations("PQD")]
 
 
 def _check_common(m, cfg):
@@ -76,7 +76,7 @@ def test_teacher_from_weights_file_and_changed_config_refused(tiny_config, tiny_
 
 
 def test_rerun_of_finished_run_recomputes_nothing(tiny_config, tiny_teacher, finished_run, tmp_path, monkeypatch):
-    cfg = RunConfig.from_dict(tiny_config | {"teacher": tiny_teacher})
+    cfg = RunConfig.from_dict(tiny_config | {"teacher": tiny_teacher, "stages": ORDERS[0]})
     m1, done = finished_run(cfg)
     shutil.copytree(done, tmp_path, dirs_exist_ok=True)
 
