@@ -1,3 +1,4 @@
+import shutil
 import sys
 
 import numpy as np
@@ -51,6 +52,20 @@ def test_onnx_int8_agrees_with_pytorch_int8(int8_run):
     mtime = (int8_run / INT8_ONNX).stat().st_mtime_ns
     assert export_run(int8_run, openvino=False)["artefacts"] == rec["artefacts"]
     assert (int8_run / INT8_ONNX).stat().st_mtime_ns == mtime
+
+
+def test_export_without_the_teacher_then_with_it(int8_run, tmp_path):
+    """``teacher=False`` writes and checks the final model only; a later export that wants the teacher adds it."""
+    run = tmp_path / "run"
+    shutil.copytree(int8_run, run, ignore=shutil.ignore_patterns("*.onnx", "export.json"))
+    rec = export_run(run, openvino=False, teacher=False)
+    assert set(rec["artefacts"]) == {"final"} and not (run / TEACHER_ONNX).exists()
+    assert set(rec["checks"]) == {"onnxruntime_int8"} and rec["checks"]["onnxruntime_int8"]["agreement"] >= 0.99
+    mtime = (run / INT8_ONNX).stat().st_mtime_ns
+    assert export_run(run, check=False, teacher=False)["artefacts"] == rec["artefacts"]  # reused, not redone
+    assert (run / INT8_ONNX).stat().st_mtime_ns == mtime
+    rec = export_run(run, check=False)
+    assert set(rec["artefacts"]) == {"final", "teacher_fp32"} and (run / TEACHER_ONNX).is_file()
 
 
 @pytest.mark.slow

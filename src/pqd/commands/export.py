@@ -111,6 +111,7 @@ def export_run(
     run: LoadedRun | None = None,
     runtimes: Sequence[str] | None = None,
     allow_code: bool = False,
+    teacher: bool = True,
 ) -> dict:
     """Export a finished run to ONNX (INT8 QDQ and the FP32 teacher) and check the exports.
 
@@ -122,7 +123,9 @@ def export_run(
     runtime's check runs in a process of its own, so a native crash becomes an entry of
     ``record["failed"]`` naming runtime and model while the others still report. ``runtimes``:
     a subset of ("onnxruntime", "openvino"). The run folder is locked while exporting; a config
-    naming model code by import path is refused unless ``allow_code``.
+    naming model code by import path is refused unless ``allow_code``. ``teacher=False`` leaves the
+    teacher out (no ``teacher_fp32.onnx``, no check of it): for callers that share one teacher export
+    across many runs, as ``pqd tune``'s candidates share the PTQ run's.
     """
     require("onnx"), require("onnxscript"), require("onnxruntime")
     out = Path(run_dir)
@@ -145,6 +148,7 @@ def export_run(
             run=run,
             allow_code=allow_code,
             ort="onnxruntime" in runtimes if runtimes is not None else True,
+            teacher=teacher,
         )
 
 
@@ -158,6 +162,7 @@ def _export_run(
     run: LoadedRun | None,
     allow_code: bool,
     ort: bool,
+    teacher: bool,
 ) -> dict:
     run = run or load_run(rd.path, allow_code=allow_code)
     student_file = run.student_file or run.deployed_file  # a dense run's final model is its FP32 file
@@ -165,7 +170,7 @@ def _export_run(
     final_name = INT8_ONNX if run.quantized else FINAL_FP32_ONNX
     record_path = out / EXPORT_JSON
     # before any work: never replace an export.json or ONNX file pqd did not write (the user's own)
-    check_replaceable([record_path, out / final_name, out / TEACHER_ONNX], overwrite=force)
+    check_replaceable([record_path, out / final_name, *([out / TEACHER_ONNX] if teacher else [])], overwrite=force)
     old: dict = {}
     if record_path.is_file() and not force:
         with contextlib.suppress(ValueError):
@@ -174,7 +179,7 @@ def _export_run(
         old.get("schema") == EXPORT_SCHEMA
         and old.get("sources") == _fingerprint(sources)
         and (out / final_name).is_file()
-        and (out / TEACHER_ONNX).is_file()
+        and (not teacher or ("teacher_fp32" in old.get("artefacts", {}) and (out / TEACHER_ONNX).is_file()))
     )
     if fresh:
         record = old
@@ -196,16 +201,18 @@ def _export_run(
             zeros = int8_initializer_zeros(out / final_name)
             z, n = sum(v[0] for v in zeros.values()), sum(v[1] for v in zeros.values())
             final_rec["int8_weight_zero_fraction"] = z / n if n else None
-        log.info("export: teacher -> %s", TEACHER_ONNX)
-        teacher_rec = export_onnx(
-            run.teacher,
-            out / TEACHER_ONNX,
-            shape,
-            metadata=_metadata(run, "fp32") | _predict_meta(run, "fp32"),
-            fold=False,
-            overwrite=force,
-        )
-        teacher_rec.update(form="fp32", source=rd.TEACHER)
+        artefacts = {"final": final_rec}
+        if teacher:
+            log.info("export: teacher -> %s", TEACHER_ONNX)
+            teacher_rec = export_onnx(
+                run.teacher,
+                out / TEACHER_ONNX,
+                shape,
+                metadata=_metadata(run, "fp32") | _predict_meta(run, "fp32"),
+                fold=False,
+                overwrite=force,
+            )
+            artefacts["teacher_fp32"] = teacher_rec | {"form": "fp32", "source": rd.TEACHER}
         record = {
             "schema": EXPORT_SCHEMA,
             "route": (
@@ -219,7 +226,7 @@ def _export_run(
                 "shape": ["batch", *shape],
                 "normalize": {"mean": list(run.data.mean), "std": list(run.data.std)},
             },
-            "artefacts": {"final": final_rec, "teacher_fp32": teacher_rec},
+            "artefacts": artefacts,
             "sources": _fingerprint(sources),
             "torch": torch.__version__,
             "onnx": require("onnx").__version__,
@@ -285,22 +292,20 @@ def _run_checks(
     d = run.data
     form = "int8" if run.quantized else "fp32_final"
     todo = ([("onnxruntime", OrtRunner)] if ort else []) + ([("openvino", OpenVinoRunner)] if want_ov else [])
-    if all(f"{rt}_{k}" in checks for rt, _ in todo for k in (form, "fp32")):
-        return
-    ref_final = run_logits(run.deployed, d.test, mean=d.mean, std=d.std)
-    ref_teacher = run_logits(run.teacher, d.test, mean=d.mean, std=d.std)
     final_ref_name = "pytorch_int8 (model_int8.pt)" if run.quantized else "pytorch_fp32 (final student)"
+    exported = [(form, final_name, final_ref_name, run.deployed)]  # (kind, file, reference name, reference model)
+    if "teacher_fp32" in record["artefacts"]:
+        exported.append(("fp32", TEACHER_ONNX, "pytorch_fp32_eager (teacher)", run.teacher))
+    if all(f"{rt}_{e[0]}" in checks for rt, _ in todo for e in exported):
+        return
     threads = max(1, torch.get_num_threads())
     with scratch_dir(out) as tmp:
-        refs = {form: str(Path(tmp) / "final.safetensors"), "fp32": str(Path(tmp) / "teacher.safetensors")}
-        save_file({"logits": ref_final.contiguous()}, refs[form])
-        save_file({"logits": ref_teacher.contiguous()}, refs["fp32"])
+        refs = {k: str(Path(tmp) / f"{k}.safetensors") for k, *_ in exported}
+        for k, _, _, model in exported:
+            save_file({"logits": run_logits(model, d.test, mean=d.mean, std=d.std).contiguous()}, refs[k])
         for rt, _cls in todo:
             skipped.pop(rt, None)
-            for k, onnx_file, ref_name in (
-                (form, final_name, final_ref_name),
-                ("fp32", TEACHER_ONNX, "pytorch_fp32_eager (teacher)"),
-            ):
+            for k, onnx_file, ref_name, _ in exported:
                 if f"{rt}_{k}" in checks:
                     continue
                 try:  # a process of its own: a native crash (segfault) is reported, the other checks go on

@@ -86,6 +86,9 @@ def test_tune_killed_mid_rung_resumes_and_hands_over_a_winner(tmp_path, tiny_con
         assert ev["val"]["n"] == record["dense"]["val"]["n"]  # paired on the same validation images
         assert c["latency"]["median_ms"] > 0 and c["latency"]["x_vs_dense_fp32"] > 0
         assert c["verdict"]
+    # the dense FP32 model every candidate is judged against is the PTQ run's teacher, exported there only
+    assert (out / "runs" / "ptq" / "teacher_fp32.onnx").is_file()
+    assert not (out / "runs" / "s0.7" / "teacher_fp32.onnx").exists()
     timed = {r["model"] for r in record["latency"]["records"]}
     assert timed == {"dense_fp32", "ptq", "s0.7"}  # one interleaved run, dense FP32 first
     assert record["latency"]["records"][0]["model"] == "dense_fp32"

@@ -159,11 +159,14 @@ def deployed_file(run_path: Path, runtime: str) -> Path:
     return run_path / ("model_int8.pt" if runtime == "pytorch" else "model_int8.onnx")
 
 
-def runtime_model(run_path: Path, runtime: str, threads: int, loaded: Any) -> Callable[[torch.Tensor], Any]:
-    """The candidate as the target runtime runs it (normalised float input), exported first if needed."""
+def runtime_model(
+    run_path: Path, runtime: str, threads: int, loaded: Any, *, teacher: bool
+) -> Callable[[torch.Tensor], Any]:
+    """The candidate as the target runtime runs it (normalised float input), exported first if needed;
+    ``teacher``: export the dense FP32 teacher beside it (the PTQ run's is every candidate's dense model)."""
     if runtime == "pytorch":
         return normalized_callable(loaded.deployed)
-    export_run(run_path, check=False, run=loaded, runtimes=[runtime], allow_code=OWN_RUNS)
+    export_run(run_path, check=False, run=loaded, runtimes=[runtime], allow_code=OWN_RUNS, teacher=teacher)
     cls = OpenVinoRunner if runtime == "openvino" else OrtRunner
     return cls(deployed_file(run_path, runtime), threads=threads)
 
@@ -191,11 +194,11 @@ class Reference:
         }
 
 
-def evaluate(run_path: Path, data: Splits, tune: TuneConfig, ref: Reference) -> dict:
+def evaluate(run_path: Path, data: Splits, tune: TuneConfig, ref: Reference, *, teacher: bool) -> dict:
     """Validation and test top-1 in the target runtime, the paired drop against dense FP32, the size
     of the deployed file, and the run's own quick latency reading."""
     loaded = load_run(run_path, data=data, allow_code=OWN_RUNS)
-    model = runtime_model(run_path, tune.runtime, tune.threads, loaded)
+    model = runtime_model(run_path, tune.runtime, tune.threads, loaded, teacher=teacher)
     out: dict[str, Any] = {}
     for split, dense in (("val", ref.val), ("test", ref.test)):
         ds = validation(data) if split == "val" else data.test
@@ -364,7 +367,7 @@ def _tune(config: RunConfig, tc: TuneConfig, out: Path, *, executor: str, addres
                 continue
             if ref is None:
                 ref = _reference(runs_dir / "ptq", data, tc)
-            ev = evaluate(run_dir(out, _as_run(c, configs[c.name])), data, tc, ref)
+            ev = evaluate(run_dir(out, _as_run(c, configs[c.name])), data, tc, ref, teacher=c.name == "ptq")
             outcome = Outcome(
                 ok=True,
                 passed=ev["passed"],
@@ -502,7 +505,7 @@ def latency_specs(state: State, out: Path, tc: TuneConfig, config: RunConfig, da
             "weights": str(ptq / RunDir.TEACHER),
         }
     else:
-        dense = {"kind": tc.runtime, "path": str(ptq / "teacher_fp32.onnx")}
+        dense = {"kind": tc.runtime, "path": str(ptq / RunDir.TEACHER_ONNX)}
     specs = {DENSE: base | dense}
     for c in state.data["candidates"]:
         if c["outcome"]["ok"]:
@@ -585,7 +588,7 @@ def _finish(state: State, config: RunConfig, tc: TuneConfig, data: Splits, out: 
 def dense_file(out: Path, runtime: str) -> Path:
     """The dense FP32 model as the target runtime loads it (the teacher's ONNX file, or its weights for PyTorch)."""
     ptq = out / RUNS / "ptq"
-    return ptq / (RunDir.TEACHER if runtime == "pytorch" else "teacher_fp32.onnx")
+    return ptq / (RunDir.TEACHER if runtime == "pytorch" else RunDir.TEACHER_ONNX)
 
 
 def hand_over(out: Path, winner: str, runtime: str) -> list[str]:
@@ -595,7 +598,7 @@ def hand_over(out: Path, winner: str, runtime: str) -> list[str]:
     dest = out / "winner"
     dest.mkdir(parents=True, exist_ok=True)
     if winner == DENSE:
-        src_dir, form, copies = out / RUNS / "ptq", "fp32", {"model_fp32.onnx": "teacher_fp32.onnx"}
+        src_dir, form, copies = out / RUNS / "ptq", "fp32", {"model_fp32.onnx": RunDir.TEACHER_ONNX}
     else:
         src_dir, form = out / RUNS / winner, "int8"
         copies = {"model_int8.pt": "model_int8.pt"} | (
